@@ -1,0 +1,182 @@
+//! The REST API under `/api/v1`, `/healthz`, `/version` and the Swagger UI
+//! at `/docs`. Handlers are thin: parse, call [`crate::service::Cluster`],
+//! map the result. The OpenAPI document is derived from them by utoipa;
+//! `openapi.yaml` at the repository root is its committed copy.
+
+mod agents;
+mod events;
+mod meta;
+mod nodes;
+mod topology;
+
+use std::future::{Ready, ready};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, web};
+use corral_proto as proto;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::auth::{self, Caller};
+use crate::error::{ApiError, json_error, path_error, query_error};
+use crate::service::Cluster;
+
+pub use agents::parse_wait;
+
+/// Largest JSON body the API reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "corral",
+        description = "Control plane of a web cluster: nginx load balancers, TodoMVC webapps, PostgreSQL with failover, Consul. Every /api/v1 call but enrollment needs `Authorization: Bearer <token>`: the admin token, or a node's agent token for that node's agent endpoints.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    paths(
+        topology::get_topology,
+        topology::put_topology,
+        nodes::list_nodes,
+        nodes::create_node,
+        nodes::get_node,
+        nodes::delete_node,
+        nodes::list_orders,
+        events::list_events,
+        events::stream_events,
+        agents::enroll,
+        agents::poll_orders,
+        agents::order_result,
+        agents::heartbeat,
+        meta::healthz,
+        meta::version,
+    ),
+    components(schemas(proto::ErrorBody)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "topology", description = "The desired shape of the cluster"),
+        (name = "nodes", description = "Nodes, their lifecycle and their work orders"),
+        (name = "events", description = "The audit log, listed or streamed live"),
+        (name = "agents", description = "What node agents call: enroll, long-poll orders, report"),
+        (name = "meta", description = "Liveness and version"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The admin token, or a node's agent token"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document as YAML, exactly as committed in `openapi.yaml`.
+pub fn openapi_yaml() -> String {
+    ApiDoc::openapi()
+        .to_yaml()
+        .expect("the OpenAPI document serialises to YAML")
+}
+
+/// Registers every route and the extractor configuration on an app.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(MAX_BODY_BYTES)
+            .content_type_required(true)
+            .error_handler(|err, _| json_error(err).into()),
+    )
+    .app_data(web::QueryConfig::default().error_handler(|err, _| query_error(err).into()))
+    .app_data(web::PathConfig::default().error_handler(|err, _| path_error(err).into()))
+    .service(
+        web::scope("/api/v1")
+            .wrap(actix_web::middleware::from_fn(authenticate))
+            .configure(topology::routes)
+            .configure(nodes::routes)
+            .configure(events::routes)
+            .configure(agents::routes)
+            .default_service(web::to(not_found)),
+    )
+    .configure(meta::routes)
+    .service(web::redirect("/docs", "/docs/"))
+    .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", ApiDoc::openapi()));
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!(
+        "no such endpoint: {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// Paths under `/api/v1` reachable without a token.
+const PUBLIC: &[&str] = &["/api/v1/agents/enroll"];
+
+/// Resolves the bearer token before anything else runs, so a request
+/// without valid credentials gets 401 whatever else is wrong with it.
+async fn authenticate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if !PUBLIC.contains(&req.path()) {
+        let token = auth::bearer(req.request())?.to_string();
+        let cluster = req
+            .app_data::<web::Data<Cluster>>()
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("cluster state missing from app".into()))?;
+        let caller = cluster.authenticate(&token).await?;
+        req.extensions_mut().insert(caller);
+    }
+    next.call(req).await
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(req.extensions().get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::Unauthorized("an Authorization: Bearer token is required".into())
+        }))
+    }
+}
+
+/// `201 Created` with a `Location` header.
+fn created<T: serde::Serialize>(location: String, body: &T) -> HttpResponse {
+    HttpResponse::Created()
+        .insert_header((actix_web::http::header::LOCATION, location))
+        .json(body)
+}
+
+/// Parses a list limit: absent means `default`, otherwise 1..=1000.
+fn limit(value: Option<u64>, default: u64) -> Result<u64, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(n) if (1..=crate::service::MAX_LIST_LIMIT).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "limit={n} is out of range 1..={}",
+            crate::service::MAX_LIST_LIMIT
+        ))),
+    }
+}
+
+fn non_negative(name: &str, value: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match value {
+        Some(v) if v < 0 => Err(ApiError::BadRequest(format!(
+            "{name}={v} must not be negative"
+        ))),
+        other => Ok(other),
+    }
+}

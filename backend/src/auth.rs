@@ -1,0 +1,318 @@
+//! Who is calling. The admin token (made at first start, kept in the state
+//! directory with mode 0600) reaches the whole API; each node's agent token
+//! (stored only as a SHA-256 hash) reaches that node's agent endpoints and
+//! nothing else. The cluster join token is traded for an agent token at
+//! enrollment.
+
+use std::collections::HashMap;
+use std::fs;
+use std::future::{Ready, ready};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, web};
+use base64::Engine;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+
+/// Random bytes in every token: 256 bits, beyond guessing, so a fast hash
+/// is the right way to store them (no password stretching needed).
+const TOKEN_BYTES: usize = 32;
+
+pub fn new_token(prefix: &str) -> String {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn same_hash(a: &str, b: &str) -> bool {
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
+/// The secrets a control plane keeps in its state directory.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    pub admin_token_hash: String,
+    pub join_token: String,
+    pub gossip_key: String,
+    pub db_password: String,
+    /// Set only when this start created the admin token: it is shown once.
+    pub new_admin_token: Option<String>,
+    pub admin_token_path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} must not be readable by group or others (mode {mode:o}); chmod 600 it")]
+    TooOpen { path: PathBuf, mode: u32 },
+    #[error("{path} is empty or malformed")]
+    Malformed { path: PathBuf },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretsError + '_ {
+    move |source| SecretsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads a secret file, or creates it with `make()` and mode 0600.
+fn secret_file(path: &Path, make: impl FnOnce() -> String) -> Result<(String, bool), SecretsError> {
+    match fs::read_to_string(path) {
+        Ok(s) => {
+            let mode = fs::metadata(path)
+                .map_err(io_err(path))?
+                .permissions()
+                .mode()
+                & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(SecretsError::TooOpen {
+                    path: path.to_path_buf(),
+                    mode,
+                });
+            }
+            let value = s.trim().to_string();
+            if value.is_empty() {
+                return Err(SecretsError::Malformed {
+                    path: path.to_path_buf(),
+                });
+            }
+            Ok((value, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let value = make();
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io_err(path))?;
+            writeln!(f, "{value}").map_err(io_err(path))?;
+            f.sync_all().map_err(io_err(path))?;
+            Ok((value, true))
+        }
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+impl Secrets {
+    pub fn load_or_create(state_dir: &Path) -> Result<Self, SecretsError> {
+        fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
+        let admin_token_path = state_dir.join("admin-token");
+        let (admin, created) = secret_file(&admin_token_path, || new_token("corral-admin-"))?;
+        let (join_token, _) =
+            secret_file(&state_dir.join("join-token"), || new_token("corral-join-"))?;
+        let (gossip_key, _) = secret_file(&state_dir.join("gossip-key"), || {
+            let mut key = [0u8; 32];
+            rand::rng().fill_bytes(&mut key);
+            base64::engine::general_purpose::STANDARD.encode(key)
+        })?;
+        let (db_password, _) = secret_file(&state_dir.join("db-password"), || {
+            let mut bytes = [0u8; 24];
+            rand::rng().fill_bytes(&mut bytes);
+            hex::encode(bytes)
+        })?;
+        Ok(Self {
+            admin_token_hash: hash_token(&admin),
+            join_token,
+            gossip_key,
+            db_password,
+            new_admin_token: created.then_some(admin),
+            admin_token_path,
+        })
+    }
+
+    pub fn is_admin(&self, token: &str) -> bool {
+        same_hash(&hash_token(token), &self.admin_token_hash)
+    }
+
+    pub fn is_join_token(&self, token: &str) -> bool {
+        same_hash(&hash_token(token), &hash_token(&self.join_token))
+    }
+}
+
+/// A node an agent token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRef {
+    pub id: i32,
+    pub name: String,
+}
+
+/// Agent token hash -> node, so 10,000 long polls don't each cost a query
+/// to authenticate. Entries go when a node re-enrolls or is removed.
+#[derive(Default)]
+pub struct TokenCache {
+    by_hash: Mutex<HashMap<String, NodeRef>>,
+}
+
+impl TokenCache {
+    pub fn get(&self, hash: &str) -> Option<NodeRef> {
+        self.by_hash
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(hash)
+            .cloned()
+    }
+
+    pub fn insert(&self, hash: String, node: NodeRef) {
+        self.by_hash
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(hash, node);
+    }
+
+    pub fn forget_node(&self, node_id: i32) {
+        self.by_hash
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, n| n.id != node_id);
+    }
+}
+
+/// The authenticated caller of an API request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    Agent(NodeRef),
+}
+
+impl Caller {
+    /// The audit-log name of the caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Admin => "admin".into(),
+            Caller::Agent(node) => format!("agent:{}", node.name),
+        }
+    }
+
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Agent(node) => Err(ApiError::Forbidden(format!(
+                "the agent token of {} reaches only that node's agent endpoints",
+                node.name
+            ))),
+        }
+    }
+
+    /// Admin, or the agent of `node` itself.
+    pub fn require_node(&self, node: &str) -> Result<(), ApiError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Agent(own) if own.name == node => Ok(()),
+            Caller::Agent(own) => Err(ApiError::Forbidden(format!(
+                "the agent token of {} does not reach node {node}",
+                own.name
+            ))),
+        }
+    }
+}
+
+/// The bearer token of a request, if it carries one.
+pub fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
+    let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::Unauthorized("an Authorization: Bearer token is required".into())
+    })?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::Unauthorized("the Authorization header is not valid text".into()))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+        })?;
+    Ok(token)
+}
+
+/// Extracted from every authenticated request. Resolving an agent token may
+/// need the database, so the extractor only checks the admin token and the
+/// cache; [`crate::service::Cluster::authenticate`] does the rest.
+pub struct Credentials(pub String);
+
+impl FromRequest for Credentials {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(bearer(req).map(|t| Credentials(t.to_string())))
+    }
+}
+
+/// Convenience for handlers: authenticate with the cluster in app data.
+pub async fn caller(
+    cluster: &web::Data<crate::service::Cluster>,
+    creds: &Credentials,
+) -> Result<Caller, ApiError> {
+    cluster.authenticate(&creds.0).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_created_once_with_mode_0600() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Secrets::load_or_create(dir.path()).expect("create");
+        let token = first.new_admin_token.clone().expect("new token shown once");
+        assert!(token.starts_with("corral-admin-"));
+        let mode = fs::metadata(dir.path().join("admin-token"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let second = Secrets::load_or_create(dir.path()).expect("load");
+        assert!(
+            second.new_admin_token.is_none(),
+            "printed only at first start"
+        );
+        assert!(second.is_admin(&token));
+        assert!(!second.is_admin("corral-admin-wrong"));
+        assert_eq!(second.join_token, first.join_token);
+        assert_eq!(second.gossip_key, first.gossip_key);
+    }
+
+    #[test]
+    fn world_readable_token_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Secrets::load_or_create(dir.path()).expect("create");
+        let path = dir.path().join("admin-token");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = Secrets::load_or_create(dir.path()).unwrap_err();
+        assert!(matches!(err, SecretsError::TooOpen { .. }), "{err}");
+    }
+
+    #[test]
+    fn agents_reach_only_their_own_node() {
+        let agent = Caller::Agent(NodeRef {
+            id: 1,
+            name: "nginx1".into(),
+        });
+        assert!(agent.require_node("nginx1").is_ok());
+        assert!(matches!(
+            agent.require_node("nginx2"),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(matches!(agent.require_admin(), Err(ApiError::Forbidden(_))));
+        assert!(Caller::Admin.require_node("nginx2").is_ok());
+    }
+}

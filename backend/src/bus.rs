@@ -1,0 +1,150 @@
+//! In-process notifications: a long poll waits on its node's channel and is
+//! woken the moment an order for that node is committed, carrying the new
+//! orders with it so most wake-ups answer without touching the database.
+//! Events go out on a broadcast channel to every server-sent-events stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use corral_proto::{Event, Order};
+use tokio::sync::{broadcast, watch};
+
+/// Orders just filed for one node, in `seq` order without gaps.
+#[derive(Debug)]
+pub struct OrderBatch {
+    pub orders: Vec<Order>,
+}
+
+impl OrderBatch {
+    pub fn first_seq(&self) -> i64 {
+        self.orders.first().map_or(0, |o| o.seq)
+    }
+
+    pub fn last_seq(&self) -> i64 {
+        self.orders.last().map_or(0, |o| o.seq)
+    }
+
+    /// The orders after `after`, if this batch holds every one of them.
+    pub fn after(&self, after: i64) -> Option<Vec<Order>> {
+        if self.orders.is_empty() || self.first_seq() > after + 1 {
+            return None;
+        }
+        Some(
+            self.orders
+                .iter()
+                .filter(|o| o.seq > after)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+type Slot = watch::Sender<Option<Arc<OrderBatch>>>;
+
+/// One watch channel per node id, created on first use.
+#[derive(Default)]
+pub struct OrderBus {
+    nodes: Mutex<HashMap<i32, Slot>>,
+}
+
+impl OrderBus {
+    /// A receiver that sees every batch published after this call.
+    pub fn subscribe(&self, node_id: i32) -> watch::Receiver<Option<Arc<OrderBatch>>> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes
+            .entry(node_id)
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// Wakes every long poll of the node. Called after the commit.
+    pub fn publish(&self, node_id: i32, batch: OrderBatch) {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = nodes.get(&node_id) {
+            slot.send_replace(Some(Arc::new(batch)));
+        }
+    }
+
+    /// Forgets a removed node; its waiting polls see the channel close.
+    pub fn remove(&self, node_id: i32) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes.remove(&node_id);
+    }
+}
+
+/// Fan-out of committed audit events to live streams.
+pub struct EventBus {
+    tx: broadcast::Sender<Arc<Event>>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self {
+            tx: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl EventBus {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.tx.subscribe()
+    }
+
+    pub fn publish(&self, event: Event) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.tx.send(Arc::new(event));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use corral_proto::{OrderStatus, WorkOrder};
+
+    fn order(seq: i64) -> Order {
+        Order {
+            node: "nginx1".into(),
+            seq,
+            payload: WorkOrder::Drain,
+            status: OrderStatus::Pending,
+            result: None,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn batch_answers_only_when_it_covers_everything_after() {
+        let batch = OrderBatch {
+            orders: vec![order(4), order(5)],
+        };
+        assert_eq!(batch.after(3).map(|o| o.len()), Some(2));
+        assert_eq!(batch.after(4).map(|o| o.len()), Some(1));
+        assert_eq!(batch.after(5).map(|o| o.len()), Some(0));
+        // Order 3 is not in the batch: the caller must ask the database.
+        assert!(batch.after(2).is_none());
+    }
+
+    #[tokio::test]
+    async fn subscribers_are_woken_by_a_publish() {
+        let bus = OrderBus::default();
+        let mut rx = bus.subscribe(7);
+        bus.publish(
+            7,
+            OrderBatch {
+                orders: vec![order(1)],
+            },
+        );
+        rx.changed().await.expect("changed");
+        assert_eq!(rx.borrow().as_ref().map(|b| b.last_seq()), Some(1));
+    }
+
+    #[tokio::test]
+    async fn removing_a_node_closes_its_channel() {
+        let bus = OrderBus::default();
+        let mut rx = bus.subscribe(7);
+        bus.remove(7);
+        assert!(rx.changed().await.is_err());
+    }
+}

@@ -1,0 +1,182 @@
+//! The REST client behind the CLI: every command goes through the API, never
+//! to the database.
+
+use std::time::Duration;
+
+use corral_proto::{
+    CreateNode, ErrorBody, Event, Node, Order, Topology, TopologyChange, TopologyUpdate,
+};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach corral at {url}: {source}")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("{message} ({code}, HTTP {status})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected answer from {url}: {detail}")]
+    Protocol { url: String, detail: String },
+}
+
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// The result of removing a node.
+pub enum Removed {
+    Draining(Box<Node>),
+    Gone,
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        req
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let url = self.base.clone();
+        let res = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable { url, source })?;
+        if res.status().is_success() {
+            return Ok(res);
+        }
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => ClientError::Api {
+                status,
+                code: body.error,
+                message: body.message,
+            },
+            Err(_) => ClientError::Api {
+                status,
+                code: "http".into(),
+                message: if text.is_empty() {
+                    "no details".into()
+                } else {
+                    text
+                },
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let res = self.send(req).await?;
+        let url = res.url().to_string();
+        res.json().await.map_err(|e| ClientError::Protocol {
+            url,
+            detail: e.to_string(),
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.json(self.request(Method::GET, path)).await
+    }
+
+    async fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.json(self.request(method, path).json(body)).await
+    }
+
+    pub async fn topology(&self) -> Result<Topology, ClientError> {
+        self.get("/api/v1/topology").await
+    }
+
+    pub async fn set_topology(&self, spec: &TopologyUpdate) -> Result<TopologyChange, ClientError> {
+        self.send_json(Method::PUT, "/api/v1/topology", spec).await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<Node>, ClientError> {
+        self.get("/api/v1/nodes").await
+    }
+
+    pub async fn node(&self, name: &str) -> Result<Node, ClientError> {
+        self.get(&format!("/api/v1/nodes/{name}")).await
+    }
+
+    pub async fn add_node(&self, req: &CreateNode) -> Result<Node, ClientError> {
+        self.send_json(Method::POST, "/api/v1/nodes", req).await
+    }
+
+    pub async fn remove_node(&self, name: &str, force: bool) -> Result<Removed, ClientError> {
+        let req = self
+            .request(Method::DELETE, &format!("/api/v1/nodes/{name}"))
+            .query(&[("force", force)]);
+        let res = self.send(req).await?;
+        if res.status() == StatusCode::NO_CONTENT {
+            return Ok(Removed::Gone);
+        }
+        let url = res.url().to_string();
+        let node = res.json().await.map_err(|e| ClientError::Protocol {
+            url,
+            detail: e.to_string(),
+        })?;
+        Ok(Removed::Draining(Box::new(node)))
+    }
+
+    pub async fn orders(
+        &self,
+        node: &str,
+        after: i64,
+        limit: u64,
+    ) -> Result<Vec<Order>, ClientError> {
+        self.json(
+            self.request(Method::GET, &format!("/api/v1/nodes/{node}/orders"))
+                .query(&[("after", after.to_string()), ("limit", limit.to_string())]),
+        )
+        .await
+    }
+
+    pub async fn events(&self, after: Option<i64>, limit: u64) -> Result<Vec<Event>, ClientError> {
+        let mut req = self
+            .request(Method::GET, "/api/v1/events")
+            .query(&[("limit", limit)]);
+        if let Some(after) = after {
+            req = req.query(&[("after", after)]);
+        }
+        self.json(req).await
+    }
+
+    /// Opens the live event stream after `after` (all new events if none).
+    pub async fn event_stream(&self, after: Option<i64>) -> Result<reqwest::Response, ClientError> {
+        let mut req = self
+            .request(Method::GET, "/api/v1/events/stream")
+            .header("Accept", "text/event-stream");
+        if let Some(after) = after {
+            req = req.header("Last-Event-ID", after.to_string());
+        }
+        self.send(req).await
+    }
+}

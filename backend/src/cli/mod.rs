@@ -1,0 +1,344 @@
+//! The `corral` command: `serve` runs the control plane; every other
+//! subcommand is a thin client of its REST API.
+
+mod client;
+mod output;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use corral_proto::{CreateNode, Event, LbPolicy, Provider, ReplicationMode, Role, TopologyUpdate};
+use futures_util::StreamExt;
+
+use crate::api::parse_wait;
+use crate::reconcile::AddressPlan;
+use crate::startup::{Application, Config};
+use client::{Client, Removed};
+use output::Output;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "corral",
+    version,
+    about = "Control plane for a web cluster: nginx, TodoMVC, PostgreSQL, Consul"
+)]
+pub struct Cli {
+    /// URL of the corral server.
+    #[arg(
+        long,
+        global = true,
+        env = "CORRAL_URL",
+        default_value = "http://127.0.11.5:7000"
+    )]
+    url: String,
+    /// Admin token (default: the admin-token file in --state-dir, if readable).
+    #[arg(long, global = true, env = "CORRAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, env = "CORRAL_OUTPUT", value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// State directory of the server (holds the database and tokens).
+    #[arg(
+        long,
+        global = true,
+        env = "CORRAL_STATE_DIR",
+        default_value = "./.corral"
+    )]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane server.
+    Serve(ServeArgs),
+    /// List, add, show or remove nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    /// The work orders of a node.
+    Orders {
+        node: String,
+        /// Only orders after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+    /// The audit log.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only events after this id.
+        #[arg(long)]
+        after: Option<i64>,
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+    },
+    /// Show or change the desired topology.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Print the OpenAPI document (YAML) the server serves.
+    Openapi,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CORRAL_LISTEN", default_value = "127.0.11.5:7000")]
+    listen: String,
+    /// PostgreSQL URL for the state; SQLite in --state-dir when unset.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Address base and block of the nodes: seed addresses are base+5
+    /// (adm1), base+11.. (pg), base+21.. (nginx); more come from base+30 on.
+    #[arg(long, env = "CORRAL_NETWORK", default_value = "127.0.11.0/24")]
+    network: AddressPlan,
+    /// Provider of nodes added without one.
+    #[arg(long, env = "CORRAL_PROVIDER", default_value = "local")]
+    provider: Provider,
+    /// Consul datacenter name.
+    #[arg(long, default_value = "corral")]
+    datacenter: String,
+    /// Longest a long poll may hold, e.g. 60s.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    max_poll_wait: Duration,
+    /// A node is stale after this long without a heartbeat.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    heartbeat_stale_after: Duration,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// List every node.
+    List,
+    /// Add a node: it gets the next name and address of its role.
+    Add {
+        #[arg(long)]
+        role: Role,
+        /// Where the node comes from (default: the server's --provider).
+        #[arg(long)]
+        provider: Option<Provider>,
+    },
+    /// Show one node with what its agent observed.
+    Show { name: String },
+    /// Remove a node: drain, then remove.
+    Remove {
+        name: String,
+        /// Remove at once without draining.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopologyCommand {
+    /// Show the desired topology.
+    Get,
+    /// Change the desired topology; unspecified fields keep their value.
+    Set {
+        #[arg(long)]
+        web: Option<u32>,
+        #[arg(long)]
+        db: Option<u32>,
+        #[arg(long)]
+        lb_policy: Option<LbPolicy>,
+        #[arg(long)]
+        replication: Option<ReplicationMode>,
+        /// Start from the seed topology (2 web, 2 db) instead of the current one.
+        #[arg(long)]
+        seed: bool,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_wait(s).map_err(|e| e.to_string())
+}
+
+impl Cli {
+    fn client(&self) -> Client {
+        let token = self.token.clone().or_else(|| {
+            std::fs::read_to_string(self.state_dir.join("admin-token"))
+                .ok()
+                .map(|s| s.trim().to_string())
+        });
+        Client::new(&self.url, token)
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = Output::new(cli.output);
+    match &cli.command {
+        Command::Serve(args) => serve(&cli, args).await,
+        Command::Openapi => {
+            print!("{}", crate::api::openapi_yaml());
+            Ok(())
+        }
+        Command::Nodes(cmd) => {
+            let client = cli.client();
+            match cmd {
+                NodesCommand::List => out.nodes(&client.nodes().await?),
+                NodesCommand::Show { name } => out.node(&client.node(name).await?),
+                NodesCommand::Add { role, provider } => {
+                    let node = client
+                        .add_node(&CreateNode {
+                            role: *role,
+                            provider: *provider,
+                        })
+                        .await?;
+                    out.node(&node)
+                }
+                NodesCommand::Remove { name, force } => {
+                    match client.remove_node(name, *force).await? {
+                        Removed::Gone => out.message(&format!("{name} removed")),
+                        Removed::Draining(node) => {
+                            out.message(&format!(
+                                "{name} is draining; it is removed once its agent has drained"
+                            ))?;
+                            out.node(&node)
+                        }
+                    }
+                }
+            }
+        }
+        Command::Orders { node, after, limit } => {
+            out.orders(&cli.client().orders(node, *after, *limit).await?)
+        }
+        Command::Events {
+            follow,
+            after,
+            limit,
+        } => {
+            let client = cli.client();
+            let events = client.events(*after, *limit).await?;
+            out.events(&events)?;
+            if *follow {
+                let last = events.last().map(|e| e.id).or(*after);
+                follow_events(&client, &out, last).await?;
+            }
+            Ok(())
+        }
+        Command::Topology(cmd) => {
+            let client = cli.client();
+            match cmd {
+                TopologyCommand::Get => out.topology(&client.topology().await?),
+                TopologyCommand::Set {
+                    web,
+                    db,
+                    lb_policy,
+                    replication,
+                    seed,
+                } => {
+                    let mut spec = if *seed {
+                        TopologyUpdate::seed()
+                    } else {
+                        TopologyUpdate::from(&client.topology().await?)
+                    };
+                    if let Some(v) = web {
+                        spec.web = *v;
+                    }
+                    if let Some(v) = db {
+                        spec.db = *v;
+                    }
+                    if let Some(v) = lb_policy {
+                        spec.lb_policy = *v;
+                    }
+                    if let Some(v) = replication {
+                        spec.replication = *v;
+                    }
+                    out.change(&client.set_topology(&spec).await?)
+                }
+            }
+        }
+    }
+}
+
+/// Prints events from the live stream, reconnecting (with `Last-Event-ID`)
+/// when the connection drops, until interrupted.
+async fn follow_events(client: &Client, out: &Output, mut last: Option<i64>) -> anyhow::Result<()> {
+    loop {
+        let res = match client.event_stream(last).await {
+            Ok(res) => res,
+            Err(e) => {
+                eprintln!("event stream: {e}; retrying in 2s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        let mut body = res.bytes_stream();
+        let mut buf = String::new();
+        while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let frame: String = buf.drain(..end + 2).collect();
+                for line in frame.lines() {
+                    if let Some(data) = line.strip_prefix("data: ")
+                        && let Ok(event) = serde_json::from_str::<Event>(data)
+                    {
+                        last = Some(event.id);
+                        out.events(std::slice::from_ref(&event))?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::new(&cli.state_dir);
+    config.listen = args.listen.clone();
+    config.database_url = args.database_url.clone();
+    config.network = args.network;
+    config.default_provider = args.provider;
+    config.datacenter = args.datacenter.clone();
+    config.max_poll_wait = args.max_poll_wait;
+    config.heartbeat_stale_after = args.heartbeat_stale_after;
+    config.workers = args.workers;
+    if args.max_poll_wait.is_zero() {
+        bail!("--max-poll-wait must be more than 0");
+    }
+    let app = Application::build(config)
+        .await
+        .context("starting the corral server")?;
+    let url = app.url();
+    eprintln!("corral {} serving on {url}", corral_proto::VERSION);
+    eprintln!(
+        "  state:     {} ({})",
+        cli.state_dir.display(),
+        app.database()
+    );
+    eprintln!("  network:   {}", args.network);
+    eprintln!("  API docs:  {url}/docs/");
+    match app.new_admin_token() {
+        Some(token) => {
+            eprintln!(
+                "  admin token (shown once; also in {}):",
+                app.secrets().admin_token_path.display()
+            );
+            println!("{token}");
+        }
+        None => eprintln!(
+            "  admin token: in {}",
+            app.secrets().admin_token_path.display()
+        ),
+    }
+    eprintln!(
+        "  join token for agents: in {}",
+        cli.state_dir.join("join-token").display()
+    );
+    app.run_until_stopped().await?;
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! How the CLI prints: aligned tables for people, JSON for scripts.
+
+use corral_proto::{Event, Node, Order, Topology, TopologyChange};
+use serde::Serialize;
+
+use super::Format;
+
+pub struct Output {
+    format: Format,
+}
+
+fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints rows under headers, each column as wide as its widest cell.
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn ago(at: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    match at {
+        None => "-".into(),
+        Some(at) => {
+            let secs = (chrono::Utc::now() - at).num_seconds().max(0);
+            match secs {
+                0..=119 => format!("{secs}s ago"),
+                120..=7199 => format!("{}m ago", secs / 60),
+                _ => format!("{}h ago", secs / 3600),
+            }
+        }
+    }
+}
+
+impl Output {
+    pub fn new(format: Format) -> Self {
+        Self { format }
+    }
+
+    pub fn message(&self, text: &str) -> anyhow::Result<()> {
+        if self.format == Format::Table {
+            eprintln!("{text}");
+        }
+        Ok(())
+    }
+
+    pub fn nodes(&self, nodes: &[Node]) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return print_json(nodes);
+        }
+        let rows: Vec<Vec<String>> = nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.role.to_string(),
+                    n.address.clone(),
+                    n.provider.to_string(),
+                    n.state.to_string(),
+                    format!("{:?}", n.health).to_lowercase(),
+                    n.last_seq.to_string(),
+                    ago(n.last_heartbeat),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "NAME",
+                "ROLE",
+                "ADDRESS",
+                "PROVIDER",
+                "STATE",
+                "HEALTH",
+                "ORDERS",
+                "HEARTBEAT",
+            ],
+            &rows,
+        );
+        Ok(())
+    }
+
+    pub fn node(&self, node: &Node) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return print_json(node);
+        }
+        self.nodes(std::slice::from_ref(node))?;
+        if let Some(observed) = &node.observed {
+            println!();
+            for s in &observed.services {
+                println!(
+                    "  {:<10} {:?}{}",
+                    s.name,
+                    s.state,
+                    s.detail
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(r) = &observed.replication {
+                println!("  replication: {:?}, lag {:?} bytes", r.role, r.lag_bytes);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn orders(&self, orders: &[Order]) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return print_json(orders);
+        }
+        let rows: Vec<Vec<String>> = orders
+            .iter()
+            .map(|o| {
+                let mut payload = serde_json::to_value(&o.payload).unwrap_or_default();
+                if let Some(map) = payload.as_object_mut() {
+                    map.remove("kind");
+                    // Secrets stay out of terminal scrollback.
+                    for secret in ["password", "encrypt"] {
+                        if map.contains_key(secret) {
+                            map.insert(secret.into(), "***".into());
+                        }
+                    }
+                }
+                vec![
+                    o.seq.to_string(),
+                    o.payload.kind().to_string(),
+                    o.status.to_string(),
+                    o.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    payload.to_string(),
+                ]
+            })
+            .collect();
+        table(&["SEQ", "KIND", "STATUS", "FILED", "SPEC"], &rows);
+        Ok(())
+    }
+
+    pub fn events(&self, events: &[Event]) -> anyhow::Result<()> {
+        match self.format {
+            Format::Json => {
+                for e in events {
+                    println!("{}", serde_json::to_string(e)?);
+                }
+            }
+            Format::Table => {
+                for e in events {
+                    println!(
+                        "{:>6}  {}  {:<16} {:<18} {}",
+                        e.id,
+                        e.at.format("%Y-%m-%d %H:%M:%S"),
+                        e.actor,
+                        e.kind,
+                        e.message
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn topology(&self, t: &Topology) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return print_json(t);
+        }
+        table(
+            &["WEB", "DB", "LB_POLICY", "REPLICATION", "UPDATED"],
+            &[vec![
+                t.web.to_string(),
+                t.db.to_string(),
+                t.lb_policy.to_string(),
+                t.replication.to_string(),
+                t.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            ]],
+        );
+        Ok(())
+    }
+
+    pub fn change(&self, c: &TopologyChange) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return print_json(c);
+        }
+        self.topology(&c.topology)?;
+        if !c.created.is_empty() {
+            println!("created:  {}", c.created.join(", "));
+        }
+        if !c.draining.is_empty() {
+            println!("draining: {}", c.draining.join(", "));
+        }
+        println!("orders filed: {}", c.orders_filed);
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! The one place where what went wrong becomes an HTTP status and the JSON
+//! body `{"error": code, "message": text}`. Every error a user can cause has
+//! its own variant; nothing a user sends may end up as `Internal`.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use corral_proto::ErrorBody;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed request: bad JSON, a query parameter of the wrong type.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Authenticated, but not allowed here (an agent outside its node).
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request clashes with the current state.
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Well-formed but breaks a rule: an unknown field, a value out of range.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The database cannot be reached; try again later.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict { code, .. } => code,
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Unprocessable(_) => "unprocessable_entity",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ApiError::Conflict {
+            code: "conflict",
+            message: message.into(),
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let message = match self {
+            // Details of internal failures go to the log, not to the caller.
+            ApiError::Internal(_) => "internal error; see the server log".to_string(),
+            other => other.to_string(),
+        };
+        ErrorBody {
+            error: self.code().to_string(),
+            message,
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Internal(detail) = self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        match self {
+            ApiError::Unauthorized(_) => {
+                response.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"corral\""),
+                ));
+            }
+            ApiError::Unavailable(_) => {
+                response.insert_header((header::RETRY_AFTER, HeaderValue::from_static("5")));
+            }
+            _ => {}
+        }
+        response.json(self.body())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        if e.is_unique_violation() {
+            ApiError::conflict(format!("the change clashes with an existing record: {e}"))
+        } else if e.is_unavailable() {
+            ApiError::Unavailable(format!("the state database is unavailable: {e}"))
+        } else {
+            ApiError::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<sea_orm::DbErr> for ApiError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        StoreError::from(e).into()
+    }
+}
+
+/// Maps actix's JSON body errors onto ours: syntax errors are 400, a body
+/// that parses but does not fit the schema is 422.
+pub fn json_error(err: actix_web::error::JsonPayloadError) -> ApiError {
+    use actix_web::error::JsonPayloadError as E;
+    match err {
+        E::OverflowKnownLength { length, limit } => ApiError::PayloadTooLarge(format!(
+            "body of {length} bytes exceeds the limit of {limit}"
+        )),
+        E::Overflow { limit } => {
+            ApiError::PayloadTooLarge(format!("body exceeds the limit of {limit} bytes"))
+        }
+        E::ContentType => ApiError::UnsupportedMediaType(
+            "the body must be JSON (Content-Type: application/json)".into(),
+        ),
+        E::Deserialize(e) if e.is_data() => ApiError::Unprocessable(format!("invalid body: {e}")),
+        E::Deserialize(e) => ApiError::BadRequest(format!("malformed JSON: {e}")),
+        other => ApiError::BadRequest(format!("could not read the body: {other}")),
+    }
+}
+
+pub fn query_error(err: actix_web::error::QueryPayloadError) -> ApiError {
+    ApiError::BadRequest(format!("invalid query string: {err}"))
+}
+
+pub fn path_error(err: actix_web::error::PathError) -> ApiError {
+    ApiError::BadRequest(format!("invalid path: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_details_stay_out_of_the_body() {
+        let body = ApiError::Internal("password=hunter2".into()).body();
+        assert_eq!(body.error, "internal");
+        assert!(!body.message.contains("hunter2"));
+    }
+
+    #[test]
+    fn statuses_match_codes() {
+        assert_eq!(
+            ApiError::Unprocessable("x".into()).status_code(),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(ApiError::conflict("x").code(), "conflict");
+        assert_eq!(
+            ApiError::PayloadTooLarge("x".into()).status_code(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+}

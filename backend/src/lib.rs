@@ -1,0 +1,15 @@
+//! corral's control plane: the desired state of the cluster in its own
+//! database, the reconciler that turns it into work orders, and the REST API
+//! the web UI, the CLI and every node agent talk to.
+
+pub mod api;
+pub mod auth;
+pub mod bus;
+pub mod cli;
+pub mod error;
+pub mod reconcile;
+pub mod service;
+pub mod startup;
+pub mod store;
+
+pub use startup::{Application, Config};

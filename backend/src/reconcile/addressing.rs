@@ -1,0 +1,208 @@
+//! Where nodes live on the network. The seed scheme puts `adm1` at base+5,
+//! `pg1..pg9` at base+11.., `nginx1..nginx9` at base+21..; further nodes take
+//! the lowest free address from base+30 to the end of the block.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use corral_proto::Role;
+
+/// The first address of the overflow pool, relative to the base.
+const POOL_START: u32 = 30;
+
+/// An address base and the block it lives in, e.g. `127.0.11.0/24` (the
+/// default, loopback) or `192.168.11.0/24` (the seed's VirtualBox network).
+/// The base need not be the block's first address: `127.0.11.0/16` keeps the
+/// seed addresses and lets the pool run on to 127.0.255.254.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressPlan {
+    base: u32,
+    last: u32,
+}
+
+impl AddressPlan {
+    pub fn new(base: Ipv4Addr, prefix_len: u8) -> Result<Self, String> {
+        if prefix_len > 32 {
+            return Err(format!("prefix length /{prefix_len} is longer than 32"));
+        }
+        let base = u32::from(base);
+        let mask = if prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix_len)
+        };
+        let broadcast = (base & mask) | !mask;
+        let last = broadcast.saturating_sub(1);
+        if base
+            .checked_add(POOL_START)
+            .is_none_or(|start| start > last)
+        {
+            return Err(format!(
+                "{}/{prefix_len} leaves no room for the seed addresses (base+5 .. base+{POOL_START})",
+                Ipv4Addr::from(base)
+            ));
+        }
+        Ok(Self { base, last })
+    }
+
+    /// The seed-scheme address of a node, if it has one.
+    pub fn seed_address(&self, role: Role, index: u32) -> Option<Ipv4Addr> {
+        let offset = match (role, index) {
+            (Role::Adm, 1) => 5,
+            (Role::Db, 1..=9) => 10 + index,
+            (Role::Web, 1..=9) => 20 + index,
+            _ => return None,
+        };
+        Some(Ipv4Addr::from(self.base + offset))
+    }
+
+    /// The address for a new node: its seed address when free, else the
+    /// lowest free pool address; `None` when the block is full.
+    pub fn allocate(&self, role: Role, index: u32, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+        self.allocator(used.clone()).allocate(role, index)
+    }
+
+    /// An allocator for many addresses in a row, given those in use.
+    pub fn allocator(&self, used: HashSet<Ipv4Addr>) -> Allocator {
+        Allocator {
+            plan: *self,
+            used,
+            cursor: self.base + POOL_START,
+        }
+    }
+
+    /// How many nodes the plan can ever hold.
+    pub fn capacity(&self) -> u32 {
+        // adm1, 9 db, 9 web seed addresses plus the pool.
+        19 + (self.last - (self.base + POOL_START) + 1)
+    }
+}
+
+/// Hands out addresses one after another. The pool cursor only moves
+/// forward, so allocating n addresses costs O(n), not O(n²).
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    plan: AddressPlan,
+    used: HashSet<Ipv4Addr>,
+    cursor: u32,
+}
+
+impl Allocator {
+    pub fn allocate(&mut self, role: Role, index: u32) -> Option<Ipv4Addr> {
+        if let Some(addr) = self.plan.seed_address(role, index)
+            && self.used.insert(addr)
+        {
+            return Some(addr);
+        }
+        while self.cursor <= self.plan.last {
+            let addr = Ipv4Addr::from(self.cursor);
+            self.cursor += 1;
+            if self.used.insert(addr) {
+                return Some(addr);
+            }
+        }
+        None
+    }
+}
+
+impl Default for AddressPlan {
+    fn default() -> Self {
+        Self::new(Ipv4Addr::new(127, 0, 11, 0), 24).expect("the default plan is valid")
+    }
+}
+
+impl FromStr for AddressPlan {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = s.split_once('/').ok_or_else(|| {
+            format!("{s:?} is not of the form ADDRESS/PREFIX, e.g. 127.0.11.0/24")
+        })?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .map_err(|_| format!("{prefix:?} is not a prefix length"))?;
+        Self::new(addr, prefix)
+    }
+}
+
+impl fmt::Display for AddressPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let span = (self.last + 1) ^ self.base;
+        let prefix = 32 - (32 - span.leading_zeros());
+        write!(f, "{}/{}", Ipv4Addr::from(self.base), prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn seed_nodes_get_seed_addresses() {
+        let plan = AddressPlan::default();
+        let used = HashSet::new();
+        assert_eq!(plan.allocate(Role::Adm, 1, &used), Some(ip("127.0.11.5")));
+        assert_eq!(plan.allocate(Role::Db, 1, &used), Some(ip("127.0.11.11")));
+        assert_eq!(plan.allocate(Role::Db, 2, &used), Some(ip("127.0.11.12")));
+        assert_eq!(plan.allocate(Role::Web, 1, &used), Some(ip("127.0.11.21")));
+        assert_eq!(plan.allocate(Role::Web, 9, &used), Some(ip("127.0.11.29")));
+    }
+
+    #[test]
+    fn virtualbox_base_gives_the_seed_network() {
+        let plan: AddressPlan = "192.168.11.0/24".parse().expect("plan");
+        assert_eq!(plan.seed_address(Role::Web, 2), Some(ip("192.168.11.22")));
+    }
+
+    #[test]
+    fn tenth_node_of_a_role_goes_to_the_pool() {
+        let plan = AddressPlan::default();
+        let mut used = HashSet::new();
+        assert_eq!(plan.allocate(Role::Web, 10, &used), Some(ip("127.0.11.30")));
+        used.insert(ip("127.0.11.30"));
+        assert_eq!(plan.allocate(Role::Db, 10, &used), Some(ip("127.0.11.31")));
+    }
+
+    #[test]
+    fn a_full_block_allocates_nothing() {
+        let plan: AddressPlan = "10.0.0.0/27".parse().expect("plan");
+        let used: HashSet<_> = (30..=30)
+            .map(|i| Ipv4Addr::from(u32::from(ip("10.0.0.0")) + i))
+            .collect();
+        assert_eq!(plan.allocate(Role::Web, 10, &used), None);
+        assert_eq!(plan.capacity(), 20);
+    }
+
+    #[test]
+    fn base_inside_a_larger_block_extends_the_pool_across_octets() {
+        let plan: AddressPlan = "127.0.11.0/16".parse().expect("plan");
+        let used: HashSet<_> = (30..=254).map(|i| Ipv4Addr::new(127, 0, 11, i)).collect();
+        assert_eq!(
+            plan.allocate(Role::Web, 500, &used),
+            Some(ip("127.0.11.255"))
+        );
+        assert_eq!(plan.to_string(), "127.0.11.0/16");
+        assert_eq!(AddressPlan::default().to_string(), "127.0.11.0/24");
+    }
+
+    #[test]
+    fn malformed_plans_are_refused() {
+        for bad in [
+            "127.0.11.0",
+            "127.0.11.0/33",
+            "x/24",
+            "127.0.11.240/24",
+            "10.0.0.0/28",
+        ] {
+            assert!(bad.parse::<AddressPlan>().is_err(), "{bad} accepted");
+        }
+    }
+}

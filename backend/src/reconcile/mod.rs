@@ -1,0 +1,534 @@
+//! Desired state -> work orders. [`plan`] is a pure function of the topology
+//! spec, the nodes as they are (with what their agents observed) and the last
+//! order of each kind each node was given; it decides which nodes to create
+//! or drain and which orders to file. It is idempotent: planning again over
+//! the result of a plan files nothing.
+
+pub mod addressing;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use corral_proto::{
+    ConsulSpec, LoadBalancerSpec, NodeState, ObservedState, OrderKind, PostgresSpec, Provider,
+    ReplicationRole, Role, TopologyUpdate, WEBAPP_SERVICE, WebappSpec, WorkOrder, ports,
+};
+
+pub use addressing::AddressPlan;
+
+/// A node as the reconciler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    pub role: Role,
+    pub index: u32,
+    pub address: Ipv4Addr,
+    pub state: NodeState,
+    pub observed: Option<ObservedState>,
+}
+
+/// Cluster-wide settings that end up in orders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub addressing: AddressPlan,
+    pub datacenter: String,
+    /// Consul gossip encryption key.
+    pub gossip_key: String,
+    /// Password of the application's database role.
+    pub db_password: String,
+}
+
+pub const DB_NAME: &str = "todomvc";
+pub const DB_USER: &str = "todomvc";
+/// Consul KV key the PostgreSQL primary holds its session lock on.
+pub const LEADER_KEY: &str = "service/postgres/leader";
+
+/// A node the plan creates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewNode {
+    pub name: String,
+    pub role: Role,
+    pub index: u32,
+    pub address: Ipv4Addr,
+    pub provider: Provider,
+}
+
+/// What to change to make the desired state true.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub create: Vec<NewNode>,
+    /// Names of nodes to put into `draining`.
+    pub drain: Vec<String>,
+    /// Orders to file, per node, in filing order.
+    pub orders: Vec<(String, WorkOrder)>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.create.is_empty() && self.drain.is_empty() && self.orders.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("no free address left in {plan} for {name}")]
+    AddressPoolExhausted { plan: String, name: String },
+}
+
+/// The last order of each kind filed for each node.
+pub type LastOrders = HashMap<(String, OrderKind), WorkOrder>;
+
+/// Plans the changes that make `nodes` match `spec`.
+///
+/// New nodes take the lowest free index of their role and its address;
+/// surplus nodes are drained highest index first. Every live node then gets
+/// the orders of its role, filed only where they differ from the last order
+/// of that kind; a draining node gets one `Drain` order and nothing else.
+pub fn plan(
+    spec: &TopologyUpdate,
+    nodes: &[NodeView],
+    last: &LastOrders,
+    settings: &ClusterSettings,
+    provider: Provider,
+) -> Result<Plan, PlanError> {
+    let mut plan = Plan::default();
+    let mut addresses = settings
+        .addressing
+        .allocator(nodes.iter().map(|n| n.address).collect());
+    // Live (not draining) nodes of the outcome, by role and index.
+    let mut live: BTreeMap<(Role, u32), (String, Ipv4Addr)> = nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Draining)
+        .map(|n| ((n.role, n.index), (n.name.clone(), n.address)))
+        .collect();
+    let taken_indexes: HashSet<(Role, u32)> = nodes.iter().map(|n| (n.role, n.index)).collect();
+
+    for (role, wanted) in [(Role::Adm, 1), (Role::Db, spec.db), (Role::Web, spec.web)] {
+        let wanted = wanted as usize;
+        let have: Vec<u32> = live
+            .keys()
+            .filter(|(r, _)| *r == role)
+            .map(|(_, i)| *i)
+            .collect();
+        if have.len() > wanted {
+            for index in have.iter().rev().take(have.len() - wanted) {
+                if let Some((name, _)) = live.remove(&(role, *index)) {
+                    plan.drain.push(name);
+                }
+            }
+        }
+        let mut index = 0;
+        for _ in have.len()..wanted {
+            index = (index + 1..)
+                .find(|i| !taken_indexes.contains(&(role, *i)) && !live.contains_key(&(role, *i)))
+                .unwrap_or(u32::MAX);
+            let name = format!("{}{index}", role.name_prefix());
+            let address =
+                addresses
+                    .allocate(role, index)
+                    .ok_or_else(|| PlanError::AddressPoolExhausted {
+                        plan: settings.addressing.to_string(),
+                        name: name.clone(),
+                    })?;
+            live.insert((role, index), (name.clone(), address));
+            plan.create.push(NewNode {
+                name,
+                role,
+                index,
+                address,
+                provider,
+            });
+        }
+    }
+    plan.drain.sort();
+
+    // Consul servers: the first live node of each role.
+    let mut servers: Vec<Ipv4Addr> = Role::ALL
+        .iter()
+        .filter_map(|role| {
+            live.range((*role, 0)..=(*role, u32::MAX))
+                .next()
+                .map(|(_, (_, addr))| *addr)
+        })
+        .collect();
+    servers.sort();
+    let server_set: HashSet<Ipv4Addr> = servers.iter().copied().collect();
+
+    // A new db node may bootstrap an empty cluster only if no db node has
+    // ever been given PostgreSQL or been seen running it.
+    let db_cluster_exists = nodes.iter().any(|n| {
+        n.role == Role::Db
+            && (last.contains_key(&(n.name.clone(), OrderKind::Postgres))
+                || n.observed.as_ref().is_some_and(|o| {
+                    o.replication.as_ref().is_some_and(|r| {
+                        matches!(r.role, ReplicationRole::Primary | ReplicationRole::Replica)
+                    })
+                }))
+    });
+    let first_db = live
+        .range((Role::Db, 0)..=(Role::Db, u32::MAX))
+        .next()
+        .map(|(_, (name, _))| name.clone());
+
+    let mut file = |name: &str, order: WorkOrder| {
+        let key = (name.to_string(), order.kind());
+        if last.get(&key) != Some(&order) {
+            plan.orders.push((name.to_string(), order));
+        }
+    };
+
+    for ((role, _), (name, address)) in &live {
+        file(
+            name,
+            WorkOrder::Consul(ConsulSpec {
+                datacenter: settings.datacenter.clone(),
+                bind: address.to_string(),
+                server: server_set.contains(address),
+                bootstrap_expect: servers.len() as u32,
+                retry_join: servers.iter().map(ToString::to_string).collect(),
+                ui: *role == Role::Adm,
+                encrypt: settings.gossip_key.clone(),
+            }),
+        );
+        match role {
+            Role::Web => {
+                file(
+                    name,
+                    WorkOrder::Webapp(WebappSpec {
+                        port: ports::WEBAPP,
+                        database: DB_NAME.into(),
+                        user: DB_USER.into(),
+                        password: settings.db_password.clone(),
+                    }),
+                );
+                file(
+                    name,
+                    WorkOrder::LoadBalancer(LoadBalancerSpec {
+                        port: ports::NGINX,
+                        service: WEBAPP_SERVICE.into(),
+                        policy: spec.lb_policy,
+                    }),
+                );
+            }
+            Role::Db => {
+                // Once given, the bootstrap flag never changes: it only says
+                // who may initialise an empty cluster.
+                let bootstrap = match last.get(&(name.clone(), OrderKind::Postgres)) {
+                    Some(WorkOrder::Postgres(previous)) => previous.bootstrap,
+                    _ => !db_cluster_exists && first_db.as_deref() == Some(name.as_str()),
+                };
+                file(
+                    name,
+                    WorkOrder::Postgres(PostgresSpec {
+                        port: ports::POSTGRES,
+                        replication: spec.replication,
+                        bootstrap,
+                        leader_key: LEADER_KEY.into(),
+                        database: DB_NAME.into(),
+                        user: DB_USER.into(),
+                        password: settings.db_password.clone(),
+                    }),
+                );
+            }
+            Role::Adm => {}
+        }
+    }
+
+    let draining = nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Draining)
+        .map(|n| n.name.clone())
+        .chain(plan.drain.iter().cloned())
+        .collect::<Vec<_>>();
+    for name in draining {
+        file(&name, WorkOrder::Drain);
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::{LbPolicy, ReplicationMode, ReplicationStatus};
+
+    fn settings() -> ClusterSettings {
+        ClusterSettings {
+            addressing: AddressPlan::default(),
+            datacenter: "corral".into(),
+            gossip_key: "a2V5".into(),
+            db_password: "secret".into(),
+        }
+    }
+
+    fn spec(web: u32, db: u32) -> TopologyUpdate {
+        TopologyUpdate {
+            web,
+            db,
+            lb_policy: LbPolicy::RoundRobin,
+            replication: ReplicationMode::Async,
+        }
+    }
+
+    /// Applies a plan to the inputs, as the store would.
+    fn apply(nodes: &mut Vec<NodeView>, last: &mut LastOrders, plan: &Plan) {
+        for new in &plan.create {
+            nodes.push(NodeView {
+                name: new.name.clone(),
+                role: new.role,
+                index: new.index,
+                address: new.address,
+                state: NodeState::Provisioning,
+                observed: None,
+            });
+        }
+        for name in &plan.drain {
+            if let Some(n) = nodes.iter_mut().find(|n| &n.name == name) {
+                n.state = NodeState::Draining;
+            }
+        }
+        for (name, order) in &plan.orders {
+            last.insert((name.clone(), order.kind()), order.clone());
+        }
+    }
+
+    fn converge(spec: &TopologyUpdate) -> (Vec<NodeView>, LastOrders, Plan) {
+        let mut nodes = Vec::new();
+        let mut last = LastOrders::new();
+        let first = plan(spec, &nodes, &last, &settings(), Provider::Local).expect("plan");
+        apply(&mut nodes, &mut last, &first);
+        (nodes, last, first)
+    }
+
+    fn orders_of<'a>(plan: &'a Plan, node: &str) -> Vec<&'a WorkOrder> {
+        plan.orders
+            .iter()
+            .filter(|(n, _)| n == node)
+            .map(|(_, o)| o)
+            .collect()
+    }
+
+    #[test]
+    fn seed_topology_creates_the_five_seed_nodes() {
+        let (nodes, _, plan) = converge(&spec(2, 2));
+        let mut names: Vec<_> = plan
+            .create
+            .iter()
+            .map(|n| (n.name.as_str(), n.address.to_string()))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                ("adm1", "127.0.11.5".to_string()),
+                ("nginx1", "127.0.11.21".to_string()),
+                ("nginx2", "127.0.11.22".to_string()),
+                ("pg1", "127.0.11.11".to_string()),
+                ("pg2", "127.0.11.12".to_string()),
+            ]
+        );
+        assert_eq!(nodes.len(), 5);
+        // Web nodes run consul, the webapp and nginx; db nodes consul and
+        // postgres; adm1 consul only.
+        assert_eq!(orders_of(&plan, "nginx1").len(), 3);
+        assert_eq!(orders_of(&plan, "pg2").len(), 2);
+        assert_eq!(orders_of(&plan, "adm1").len(), 1);
+    }
+
+    #[test]
+    fn planning_twice_files_nothing_new() {
+        let (nodes, last, _) = converge(&spec(3, 2));
+        let again = plan(&spec(3, 2), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        assert!(again.is_empty(), "second run planned {again:?}");
+    }
+
+    #[test]
+    fn first_node_of_each_role_is_a_consul_server() {
+        let (_, last, _) = converge(&spec(3, 2));
+        let consul = |name: &str| match last.get(&(name.to_string(), OrderKind::Consul)) {
+            Some(WorkOrder::Consul(c)) => c.clone(),
+            other => panic!("no consul order for {name}: {other:?}"),
+        };
+        for server in ["adm1", "nginx1", "pg1"] {
+            assert!(consul(server).server, "{server} should be a server");
+            assert_eq!(consul(server).bootstrap_expect, 3);
+        }
+        for client in ["nginx2", "nginx3", "pg2"] {
+            assert!(!consul(client).server, "{client} should be a client");
+        }
+        assert_eq!(
+            consul("nginx3").retry_join,
+            vec!["127.0.11.5", "127.0.11.11", "127.0.11.21"]
+        );
+        assert!(consul("adm1").ui);
+        assert!(!consul("nginx1").ui);
+    }
+
+    #[test]
+    fn only_the_first_db_node_of_a_new_cluster_bootstraps() {
+        let (mut nodes, mut last, _) = converge(&spec(0, 3));
+        let bootstrap =
+            |last: &LastOrders, name: &str| match last.get(&(name.into(), OrderKind::Postgres)) {
+                Some(WorkOrder::Postgres(p)) => p.bootstrap,
+                other => panic!("no postgres order for {name}: {other:?}"),
+            };
+        assert!(bootstrap(&last, "pg1"));
+        assert!(!bootstrap(&last, "pg2"));
+        assert!(!bootstrap(&last, "pg3"));
+        // pg1 goes away; a new db node joins the existing cluster instead of
+        // starting a second one.
+        nodes.retain(|n| n.name != "pg1");
+        last.retain(|(n, _), _| n != "pg1");
+        let p = plan(&spec(0, 3), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        apply(&mut nodes, &mut last, &p);
+        assert_eq!(p.create.len(), 1);
+        assert_eq!(p.create[0].name, "pg1");
+        assert!(!bootstrap(&last, "pg1"));
+    }
+
+    #[test]
+    fn observed_primary_prevents_a_bootstrap_even_without_orders() {
+        let observed = ObservedState {
+            replication: Some(ReplicationStatus {
+                role: ReplicationRole::Primary,
+                lag_bytes: None,
+                timeline: Some(2),
+            }),
+            ..ObservedState::default()
+        };
+        let nodes = vec![NodeView {
+            name: "pg5".into(),
+            role: Role::Db,
+            index: 5,
+            address: "127.0.11.15".parse().expect("ip"),
+            state: NodeState::Active,
+            observed: Some(observed),
+        }];
+        let p = plan(
+            &spec(0, 2),
+            &nodes,
+            &LastOrders::new(),
+            &settings(),
+            Provider::Local,
+        )
+        .expect("plan");
+        let pg1 = p
+            .orders
+            .iter()
+            .find_map(|(n, o)| match o {
+                WorkOrder::Postgres(spec) if n == "pg1" => Some(spec.bootstrap),
+                _ => None,
+            })
+            .expect("pg1 postgres order");
+        assert!(!pg1);
+    }
+
+    #[test]
+    fn policy_change_files_one_load_balancer_order_per_web_node() {
+        let (nodes, last, _) = converge(&spec(4, 2));
+        let mut changed = spec(4, 2);
+        changed.lb_policy = LbPolicy::UriHash;
+        let p = plan(&changed, &nodes, &last, &settings(), Provider::Local).expect("plan");
+        assert!(p.create.is_empty() && p.drain.is_empty());
+        assert_eq!(p.orders.len(), 4);
+        assert!(p.orders.iter().all(|(n, o)| n.starts_with("nginx")
+            && matches!(o, WorkOrder::LoadBalancer(lb) if lb.policy == LbPolicy::UriHash)));
+    }
+
+    #[test]
+    fn replication_change_files_postgres_orders_only() {
+        let (nodes, last, _) = converge(&spec(2, 2));
+        let mut changed = spec(2, 2);
+        changed.replication = ReplicationMode::Sync;
+        let p = plan(&changed, &nodes, &last, &settings(), Provider::Local).expect("plan");
+        let touched: Vec<_> = p
+            .orders
+            .iter()
+            .map(|(n, o)| (n.as_str(), o.kind()))
+            .collect();
+        assert_eq!(
+            touched,
+            vec![("pg1", OrderKind::Postgres), ("pg2", OrderKind::Postgres)]
+        );
+    }
+
+    #[test]
+    fn scaling_down_drains_the_highest_index_and_orders_it_to_drain() {
+        let (mut nodes, mut last, _) = converge(&spec(3, 2));
+        let p = plan(&spec(1, 2), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        assert_eq!(p.drain, vec!["nginx2".to_string(), "nginx3".to_string()]);
+        assert!(p.create.is_empty());
+        let drains: Vec<_> = p
+            .orders
+            .iter()
+            .filter(|(_, o)| *o == WorkOrder::Drain)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(drains, vec!["nginx2", "nginx3"]);
+        apply(&mut nodes, &mut last, &p);
+        let again = plan(&spec(1, 2), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        assert!(again.is_empty(), "{again:?}");
+    }
+
+    #[test]
+    fn a_new_node_reuses_the_lowest_free_index_but_not_a_draining_one() {
+        let (mut nodes, mut last, _) = converge(&spec(3, 0));
+        // nginx2 is being removed by hand: it drains and the spec drops to 2.
+        nodes
+            .iter_mut()
+            .filter(|n| n.name == "nginx2")
+            .for_each(|n| n.state = NodeState::Draining);
+        let p = plan(&spec(2, 0), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        apply(&mut nodes, &mut last, &p);
+        assert!(p.create.is_empty());
+        // Adding one now must not reuse nginx2 (still draining) but take nginx4.
+        let p = plan(&spec(3, 0), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        assert_eq!(p.create.len(), 1);
+        assert_eq!(p.create[0].name, "nginx4");
+        assert_eq!(p.create[0].address.to_string(), "127.0.11.24");
+    }
+
+    #[test]
+    fn removing_the_first_web_node_promotes_the_next_to_consul_server() {
+        let (mut nodes, mut last, _) = converge(&spec(2, 1));
+        nodes.retain(|n| n.name != "nginx1");
+        last.retain(|(n, _), _| n != "nginx1");
+        let p = plan(&spec(1, 1), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        let nginx2 = p
+            .orders
+            .iter()
+            .find_map(|(n, o)| match o {
+                WorkOrder::Consul(c) if n == "nginx2" => Some(c.clone()),
+                _ => None,
+            })
+            .expect("nginx2 consul order");
+        assert!(nginx2.server);
+    }
+
+    #[test]
+    fn exhausted_address_pool_is_an_error_not_a_partial_plan() {
+        let mut s = settings();
+        s.addressing = "10.0.0.0/27".parse().expect("plan");
+        let err = plan(&spec(11, 0), &[], &LastOrders::new(), &s, Provider::Local).unwrap_err();
+        assert!(
+            matches!(err, PlanError::AddressPoolExhausted { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ten_thousand_web_nodes_plan_quickly_and_uniquely() {
+        let mut s = settings();
+        s.addressing = "127.0.11.0/16".parse().expect("plan");
+        let p = plan(
+            &spec(10_000, 0),
+            &[],
+            &LastOrders::new(),
+            &s,
+            Provider::Local,
+        )
+        .expect("plan");
+        assert_eq!(p.create.len(), 10_001);
+        let addrs: HashSet<_> = p.create.iter().map(|n| n.address).collect();
+        assert_eq!(addrs.len(), p.create.len());
+    }
+}

@@ -1,0 +1,1112 @@
+//! The control plane's business rules, behind the thin HTTP handlers: every
+//! change to desired state runs the reconciler in the same transaction and
+//! writes its audit events there too, so a change is all-or-nothing. After
+//! the commit, waiting long polls and event streams are woken.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use corral_proto::{
+    CreateNode, EnrollRequest, EnrollResponse, Event, Heartbeat, MAX_NODES_PER_ROLE, Node,
+    NodeHealth, NodeState, ObservedState, Order, OrderKind, OrderResult, OrderStatus, PollResponse,
+    Provider, Role, Topology, TopologyChange, TopologyUpdate, WorkOrder, order::MAX_RESULT_LEN,
+    validate_node_name,
+};
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::auth::{Caller, NodeRef, Secrets, TokenCache, hash_token, new_token};
+use crate::bus::{EventBus, OrderBatch, OrderBus};
+use crate::error::ApiError;
+use crate::reconcile::{self, ClusterSettings, LastOrders, NodeView, PlanError};
+use crate::store::{self, NewEvent, NewNodeRow, NewOrderRow, Store, event, node, work_order};
+
+/// The most orders one poll answer carries; the agent polls again for more.
+pub const MAX_POLL_ORDERS: u64 = 100;
+/// The most rows a list call returns.
+pub const MAX_LIST_LIMIT: u64 = 1000;
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub settings: ClusterSettings,
+    /// Provider of nodes created without one.
+    pub default_provider: Provider,
+    /// Longest a long poll may hold (the `wait` parameter is capped to it).
+    pub max_poll_wait: Duration,
+    /// A node is `stale` when its last heartbeat is older than this.
+    pub heartbeat_stale_after: Duration,
+}
+
+/// The outcome of removing a node.
+#[derive(Debug)]
+pub enum Removal {
+    /// The node's agent was told to drain; it is removed once it has.
+    Draining(Box<Node>),
+    /// The node is gone.
+    Removed,
+}
+
+/// What a committed change has to announce.
+#[derive(Default)]
+struct Outcome {
+    created: Vec<String>,
+    draining: Vec<String>,
+    removed: Vec<i32>,
+    orders_filed: u64,
+    batches: Vec<(i32, OrderBatch)>,
+    events: Vec<event::Model>,
+}
+
+pub struct Cluster {
+    store: Store,
+    config: ClusterConfig,
+    secrets: Secrets,
+    orders: OrderBus,
+    events: EventBus,
+    tokens: TokenCache,
+    /// Serialises changes to desired state: the reconciler reads the whole
+    /// cluster and must not interleave with another run.
+    write: tokio::sync::Mutex<()>,
+    delivered: mpsc::UnboundedSender<(i32, i64)>,
+    stale: Mutex<HashSet<i32>>,
+}
+
+impl Cluster {
+    /// Sets up the cluster state (topology row, `adm1`) and starts the
+    /// background tasks, which end when the returned `Arc` is dropped.
+    pub async fn start(
+        store: Store,
+        config: ClusterConfig,
+        secrets: Secrets,
+    ) -> Result<Arc<Self>, ApiError> {
+        let (delivered, delivered_rx) = mpsc::unbounded_channel();
+        let cluster = Arc::new(Self {
+            store,
+            config,
+            secrets,
+            orders: OrderBus::default(),
+            events: EventBus::default(),
+            tokens: TokenCache::default(),
+            write: tokio::sync::Mutex::new(()),
+            delivered,
+            stale: Mutex::new(HashSet::new()),
+        });
+        cluster.init().await?;
+        tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
+        tokio::spawn(watch_heartbeats(Arc::downgrade(&cluster)));
+        Ok(cluster)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// First start: an empty topology and the admin node.
+    async fn init(&self) -> Result<(), ApiError> {
+        let _guard = self.write.lock().await;
+        let txn = self.store.begin().await?;
+        let now = Utc::now();
+        let spec = match store::load_topology(&txn).await? {
+            Some(row) => update_from_row(&row)?,
+            None => {
+                let spec = TopologyUpdate {
+                    web: 0,
+                    db: 0,
+                    lb_policy: Default::default(),
+                    replication: Default::default(),
+                };
+                save_spec(&txn, &spec, now).await?;
+                spec
+            }
+        };
+        let outcome = self
+            .apply_plan(
+                &txn,
+                &spec,
+                self.config.default_provider,
+                "reconciler",
+                Vec::new(),
+            )
+            .await?;
+        txn.commit().await?;
+        self.announce(outcome);
+        Ok(())
+    }
+
+    // ---- authentication ---------------------------------------------------
+
+    pub async fn authenticate(&self, token: &str) -> Result<Caller, ApiError> {
+        if self.secrets.is_admin(token) {
+            return Ok(Caller::Admin);
+        }
+        let hash = hash_token(token);
+        if let Some(node) = self.tokens.get(&hash) {
+            return Ok(Caller::Agent(node));
+        }
+        match store::node_by_token_hash(self.store.conn(), &hash).await? {
+            Some(row) => {
+                let node = NodeRef {
+                    id: row.id,
+                    name: row.name,
+                };
+                self.tokens.insert(hash, node.clone());
+                Ok(Caller::Agent(node))
+            }
+            None => Err(ApiError::Unauthorized("unknown or revoked token".into())),
+        }
+    }
+
+    // ---- topology ---------------------------------------------------------
+
+    pub async fn topology(&self) -> Result<Topology, ApiError> {
+        let row = store::load_topology(self.store.conn())
+            .await?
+            .ok_or_else(|| ApiError::Internal("topology row missing".into()))?;
+        topology_from_row(&row)
+    }
+
+    #[tracing::instrument(skip(self, caller), fields(actor = %caller.actor()))]
+    pub async fn set_topology(
+        &self,
+        update: TopologyUpdate,
+        caller: &Caller,
+    ) -> Result<TopologyChange, ApiError> {
+        caller.require_admin()?;
+        update.validate().map_err(ApiError::Unprocessable)?;
+        let _guard = self.write.lock().await;
+        let txn = self.store.begin().await?;
+        let now = Utc::now();
+        let current = store::load_topology(&txn)
+            .await?
+            .map(|row| update_from_row(&row))
+            .transpose()?;
+        let mut events = Vec::new();
+        if current.as_ref() != Some(&update) {
+            save_spec(&txn, &update, now).await?;
+            events.push(NewEvent {
+                actor: caller.actor(),
+                kind: "topology.updated".into(),
+                subject: "topology".into(),
+                message: format!(
+                    "web={} db={} lb_policy={} replication={}",
+                    update.web, update.db, update.lb_policy, update.replication
+                ),
+            });
+        }
+        let outcome = self
+            .apply_plan(
+                &txn,
+                &update,
+                self.config.default_provider,
+                &caller.actor(),
+                events,
+            )
+            .await?;
+        let row = store::load_topology(&txn)
+            .await?
+            .ok_or_else(|| ApiError::Internal("topology row missing".into()))?;
+        txn.commit().await?;
+        let change = TopologyChange {
+            topology: topology_from_row(&row)?,
+            created: outcome.created.clone(),
+            draining: outcome.draining.clone(),
+            orders_filed: outcome.orders_filed,
+        };
+        self.announce(outcome);
+        Ok(change)
+    }
+
+    // ---- nodes ------------------------------------------------------------
+
+    pub async fn nodes(&self) -> Result<Vec<Node>, ApiError> {
+        let now = Utc::now();
+        store::all_nodes(self.store.conn())
+            .await?
+            .iter()
+            .map(|row| self.node_from_row(row, now))
+            .collect()
+    }
+
+    pub async fn node(&self, name: &str) -> Result<Node, ApiError> {
+        let row = self.node_row(self.store.conn(), name).await?;
+        self.node_from_row(&row, Utc::now())
+    }
+
+    async fn node_row<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        name: &str,
+    ) -> Result<node::Model, ApiError> {
+        validate_node_name(name).map_err(ApiError::NotFound)?;
+        store::node_by_name(c, name)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no node named {name}")))
+    }
+
+    #[tracing::instrument(skip(self, caller), fields(actor = %caller.actor()))]
+    pub async fn create_node(&self, req: CreateNode, caller: &Caller) -> Result<Node, ApiError> {
+        caller.require_admin()?;
+        if req.role == Role::Adm {
+            return Err(ApiError::Unprocessable(
+                "there is exactly one adm node (adm1); add web or db nodes".into(),
+            ));
+        }
+        let provider = req.provider.unwrap_or(self.config.default_provider);
+        let _guard = self.write.lock().await;
+        let txn = self.store.begin().await?;
+        let now = Utc::now();
+        let mut spec = self.spec(&txn).await?;
+        let count = match req.role {
+            Role::Web => &mut spec.web,
+            _ => &mut spec.db,
+        };
+        if *count >= MAX_NODES_PER_ROLE {
+            return Err(ApiError::Unprocessable(format!(
+                "the topology already has the most {} nodes allowed ({MAX_NODES_PER_ROLE})",
+                req.role
+            )));
+        }
+        *count += 1;
+        save_spec(&txn, &spec, now).await?;
+        let outcome = self
+            .apply_plan(&txn, &spec, provider, &caller.actor(), Vec::new())
+            .await?;
+        let name = outcome
+            .created
+            .iter()
+            .find(|n| Role::parse_node_name(n).is_some_and(|(r, _)| r == req.role))
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("the plan created no node".into()))?;
+        let row = self.node_row(&txn, &name).await?;
+        txn.commit().await?;
+        self.announce(outcome);
+        self.node_from_row(&row, now)
+    }
+
+    #[tracing::instrument(skip(self, caller), fields(actor = %caller.actor()))]
+    pub async fn remove_node(
+        &self,
+        name: &str,
+        force: bool,
+        caller: &Caller,
+    ) -> Result<Removal, ApiError> {
+        caller.require_admin()?;
+        let _guard = self.write.lock().await;
+        let txn = self.store.begin().await?;
+        let now = Utc::now();
+        let row = self.node_row(&txn, name).await?;
+        let role = parse_role(&row.role)?;
+        if role == Role::Adm {
+            return Err(ApiError::conflict(format!(
+                "{name} hosts the control plane and cannot be removed"
+            )));
+        }
+        let state = parse_state(&row.state)?;
+        if state == NodeState::Draining && !force {
+            drop(txn);
+            return Ok(Removal::Draining(Box::new(self.node_from_row(&row, now)?)));
+        }
+        let mut spec = self.spec(&txn).await?;
+        if state != NodeState::Draining {
+            let count = if role == Role::Web {
+                &mut spec.web
+            } else {
+                &mut spec.db
+            };
+            *count = count.saturating_sub(1);
+            save_spec(&txn, &spec, now).await?;
+        }
+        let mut events = Vec::new();
+        let removed_now = force || state == NodeState::Provisioning;
+        if removed_now {
+            store::delete_node(&txn, row.id).await?;
+            events.push(NewEvent {
+                actor: caller.actor(),
+                kind: "node.removed".into(),
+                subject: name.into(),
+                message: if force {
+                    format!("{name} removed without draining (forced)")
+                } else {
+                    format!("{name} removed; its agent had never enrolled")
+                },
+            });
+        } else {
+            store::set_node_state(&txn, row.id, NodeState::Draining.as_str(), now).await?;
+            events.push(NewEvent {
+                actor: caller.actor(),
+                kind: "node.draining".into(),
+                subject: name.into(),
+                message: format!("{name} told to drain; it is removed once it has"),
+            });
+        }
+        let mut outcome = self
+            .apply_plan(
+                &txn,
+                &spec,
+                self.config.default_provider,
+                &caller.actor(),
+                events,
+            )
+            .await?;
+        let result = if removed_now {
+            outcome.removed.push(row.id);
+            Removal::Removed
+        } else {
+            let row = self.node_row(&txn, name).await?;
+            Removal::Draining(Box::new(self.node_from_row(&row, now)?))
+        };
+        txn.commit().await?;
+        self.announce(outcome);
+        Ok(result)
+    }
+
+    async fn spec<C: ConnectionTrait>(&self, c: &C) -> Result<TopologyUpdate, ApiError> {
+        let row = store::load_topology(c)
+            .await?
+            .ok_or_else(|| ApiError::Internal("topology row missing".into()))?;
+        update_from_row(&row)
+    }
+
+    // ---- reconciling ------------------------------------------------------
+
+    /// Plans against the state inside `txn` and writes the plan there: new
+    /// nodes, drains, orders (with their per-node `seq`) and audit events.
+    async fn apply_plan(
+        &self,
+        txn: &DatabaseTransaction,
+        spec: &TopologyUpdate,
+        provider: Provider,
+        actor: &str,
+        mut events: Vec<NewEvent>,
+    ) -> Result<Outcome, ApiError> {
+        let now = Utc::now();
+        let rows = store::all_nodes(txn).await?;
+        let names: HashMap<i32, String> = rows.iter().map(|r| (r.id, r.name.clone())).collect();
+        let views = rows.iter().map(node_view).collect::<Result<Vec<_>, _>>()?;
+        let mut last = LastOrders::new();
+        for (node_id, kind, payload) in store::latest_orders(txn).await? {
+            let (Some(name), Ok(kind)) = (names.get(&node_id), kind.parse::<OrderKind>()) else {
+                continue;
+            };
+            let order: WorkOrder = serde_json::from_str(&payload).map_err(|e| {
+                ApiError::Internal(format!("stored order of {name} is corrupt: {e}"))
+            })?;
+            last.insert((name.clone(), kind), order);
+        }
+        let plan =
+            reconcile::plan(spec, &views, &last, &self.config.settings, provider).map_err(|e| {
+                match e {
+                    PlanError::AddressPoolExhausted { .. } => ApiError::Conflict {
+                        code: "address_pool_exhausted",
+                        message: format!("{e}; widen --network or remove nodes"),
+                    },
+                }
+            })?;
+        let mut outcome = Outcome::default();
+        if plan.is_empty() {
+            outcome.events = store::insert_events(txn, events, now).await?;
+            return Ok(outcome);
+        }
+
+        // Nodes first: their ids are needed for the orders.
+        let created = store::insert_nodes(
+            txn,
+            plan.create
+                .iter()
+                .map(|n| NewNodeRow {
+                    name: &n.name,
+                    role: n.role.as_str(),
+                    address: n.address.to_string(),
+                    provider: n.provider.as_str(),
+                    state: NodeState::Provisioning.as_str(),
+                })
+                .collect(),
+            now,
+        )
+        .await?;
+        let mut by_name: HashMap<String, (i32, i64)> = rows
+            .iter()
+            .map(|r| (r.name.clone(), (r.id, r.last_seq)))
+            .collect();
+        for row in &created {
+            by_name.insert(row.name.clone(), (row.id, 0));
+            events.push(NewEvent {
+                actor: actor.into(),
+                kind: "node.created".into(),
+                subject: row.name.clone(),
+                message: format!(
+                    "{} node {} at {} ({})",
+                    row.role, row.name, row.address, row.provider
+                ),
+            });
+            outcome.created.push(row.name.clone());
+        }
+        for name in &plan.drain {
+            let (id, _) = by_name[name];
+            store::set_node_state(txn, id, NodeState::Draining.as_str(), now).await?;
+            events.push(NewEvent {
+                actor: actor.into(),
+                kind: "node.draining".into(),
+                subject: name.clone(),
+                message: format!("{name} is surplus to the topology and told to drain"),
+            });
+            outcome.draining.push(name.clone());
+        }
+
+        // Orders, with seq allocated per node in filing order.
+        let mut per_node: BTreeMap<i32, (String, Vec<WorkOrder>)> = BTreeMap::new();
+        for (name, order) in plan.orders {
+            let (id, _) = by_name[&name];
+            per_node
+                .entry(id)
+                .or_insert_with(|| (name.clone(), Vec::new()))
+                .1
+                .push(order);
+        }
+        let mut rows_to_insert = Vec::new();
+        let mut kinds: BTreeMap<OrderKind, u64> = BTreeMap::new();
+        for (id, (name, orders)) in &per_node {
+            let (_, last_seq) = by_name[name];
+            for (i, order) in orders.iter().enumerate() {
+                *kinds.entry(order.kind()).or_default() += 1;
+                rows_to_insert.push(NewOrderRow {
+                    node_id: *id,
+                    seq: last_seq + 1 + i as i64,
+                    kind: order.kind().as_str().into(),
+                    payload: serde_json::to_string(order)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?,
+                });
+            }
+            store::set_last_seq(txn, *id, last_seq + orders.len() as i64).await?;
+        }
+        let inserted = store::insert_orders(txn, rows_to_insert, now).await?;
+        outcome.orders_filed = inserted.len() as u64;
+        let mut batches: BTreeMap<i32, Vec<Order>> = BTreeMap::new();
+        for row in &inserted {
+            let name = &per_node[&row.node_id].0;
+            batches
+                .entry(row.node_id)
+                .or_default()
+                .push(order_from_row(row, name)?);
+        }
+        outcome.batches = batches
+            .into_iter()
+            .map(|(id, mut orders)| {
+                orders.sort_by_key(|o| o.seq);
+                (id, OrderBatch { orders })
+            })
+            .collect();
+        if !per_node.is_empty() {
+            let kinds = kinds
+                .iter()
+                .map(|(k, n)| format!("{k}×{n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let nodes: Vec<&str> = per_node.values().map(|(n, _)| n.as_str()).collect();
+            let subject = if nodes.len() == 1 {
+                nodes[0].to_string()
+            } else {
+                "cluster".into()
+            };
+            let listed = if nodes.len() <= 10 {
+                nodes.join(", ")
+            } else {
+                format!("{} nodes", nodes.len())
+            };
+            events.push(NewEvent {
+                actor: "reconciler".into(),
+                kind: "orders.filed".into(),
+                subject,
+                message: format!("filed {} orders ({kinds}) for {listed}", inserted.len()),
+            });
+        }
+        outcome.events = store::insert_events(txn, events, now).await?;
+        Ok(outcome)
+    }
+
+    /// Wakes long polls and event streams after a commit.
+    fn announce(&self, outcome: Outcome) {
+        for id in outcome.removed {
+            self.tokens.forget_node(id);
+            self.orders.remove(id);
+        }
+        for (id, batch) in outcome.batches {
+            self.orders.publish(id, batch);
+        }
+        for e in &outcome.events {
+            self.events.publish(event_from_row(e));
+        }
+    }
+
+    async fn record_events(&self, events: Vec<NewEvent>) -> Result<(), ApiError> {
+        let rows = store::insert_events(self.store.conn(), events, Utc::now()).await?;
+        for e in &rows {
+            self.events.publish(event_from_row(e));
+        }
+        Ok(())
+    }
+
+    // ---- orders -----------------------------------------------------------
+
+    pub async fn orders(&self, name: &str, after: i64, limit: u64) -> Result<Vec<Order>, ApiError> {
+        let row = self.node_row(self.store.conn(), name).await?;
+        store::orders_after(self.store.conn(), row.id, after, limit.min(MAX_LIST_LIMIT))
+            .await?
+            .iter()
+            .map(|o| order_from_row(o, name))
+            .collect()
+    }
+
+    /// Answers at once when orders after `after` exist; otherwise waits for
+    /// one to be filed (woken through the order bus, not by polling the
+    /// database) or for `wait` to pass, then answers with none.
+    pub async fn poll(
+        &self,
+        name: &str,
+        after: i64,
+        wait: Duration,
+        caller: &Caller,
+    ) -> Result<PollResponse, ApiError> {
+        caller.require_node(name)?;
+        let row = self.node_row(self.store.conn(), name).await?;
+        if after > row.last_seq {
+            return Err(ApiError::conflict(format!(
+                "after={after} is beyond {name}'s last order ({}); the agent's state belongs to another life of this node: reset it and enroll again",
+                row.last_seq
+            )));
+        }
+        // Subscribe before looking, so an order filed in between still wakes us.
+        let mut rx = self.orders.subscribe(row.id);
+        let orders = store::orders_after(self.store.conn(), row.id, after, MAX_POLL_ORDERS).await?;
+        if !orders.is_empty() {
+            let orders = orders
+                .iter()
+                .map(|o| order_from_row(o, name))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(self.delivered(row.id, orders, row.last_seq));
+        }
+        let deadline = tokio::time::Instant::now() + wait.min(self.config.max_poll_wait);
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        // The node was removed while we waited.
+                        return Err(ApiError::NotFound(format!("node {name} was removed")));
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Ok(PollResponse { orders: Vec::new(), last_seq: row.last_seq });
+                }
+            }
+            let batch = rx.borrow_and_update().clone();
+            let Some(batch) = batch else { continue };
+            if batch.last_seq() <= after {
+                continue;
+            }
+            let last_seq = batch.last_seq();
+            let orders = match batch.after(after) {
+                Some(orders) => orders,
+                None => store::orders_after(self.store.conn(), row.id, after, MAX_POLL_ORDERS)
+                    .await?
+                    .iter()
+                    .map(|o| order_from_row(o, name))
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            let mut orders = orders;
+            orders.truncate(MAX_POLL_ORDERS as usize);
+            return Ok(self.delivered(row.id, orders, last_seq));
+        }
+    }
+
+    fn delivered(&self, node_id: i32, mut orders: Vec<Order>, last_seq: i64) -> PollResponse {
+        if let Some(last) = orders.last() {
+            let _ = self.delivered.send((node_id, last.seq));
+        }
+        for o in &mut orders {
+            if o.status == OrderStatus::Pending {
+                o.status = OrderStatus::Delivered;
+            }
+        }
+        PollResponse {
+            last_seq: last_seq.max(orders.last().map_or(0, |o| o.seq)),
+            orders,
+        }
+    }
+
+    #[tracing::instrument(skip(self, result, caller), fields(actor = %caller.actor()))]
+    pub async fn order_result(
+        &self,
+        name: &str,
+        seq: i64,
+        result: OrderResult,
+        caller: &Caller,
+    ) -> Result<Order, ApiError> {
+        caller.require_node(name)?;
+        if result.message.len() > MAX_RESULT_LEN {
+            return Err(ApiError::Unprocessable(format!(
+                "message is {} bytes; at most {MAX_RESULT_LEN} allowed",
+                result.message.len()
+            )));
+        }
+        let row = self.node_row(self.store.conn(), name).await?;
+        let order = store::order(self.store.conn(), row.id, seq)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("{name} has no order {seq}")))?;
+        let status = OrderStatus::from(result.outcome);
+        let current: OrderStatus = order.status.parse().map_err(ApiError::Internal)?;
+        if current.is_finished() {
+            if current == status {
+                return order_from_row(&order, name);
+            }
+            return Err(ApiError::conflict(format!(
+                "order {seq} of {name} is already {current}"
+            )));
+        }
+        let kind: OrderKind = order.kind.parse().map_err(ApiError::Internal)?;
+        let now = Utc::now();
+        let summary: String = result.message.chars().take(200).collect();
+        let finished_event = NewEvent {
+            actor: caller.actor(),
+            kind: format!("order.{status}"),
+            subject: name.into(),
+            message: format!("order {seq} ({kind}) {status}: {summary}"),
+        };
+        if kind == OrderKind::Drain && status == OrderStatus::Applied {
+            // The node has drained: it leaves the cluster now.
+            let _guard = self.write.lock().await;
+            let txn = self.store.begin().await?;
+            store::finish_order(&txn, order.id, status.as_str(), &result.message, now).await?;
+            let mut finished = order.clone();
+            finished.status = status.as_str().into();
+            finished.result = Some(result.message.clone());
+            finished.updated_at = now;
+            store::delete_node(&txn, row.id).await?;
+            let events = vec![
+                finished_event,
+                NewEvent {
+                    actor: caller.actor(),
+                    kind: "node.removed".into(),
+                    subject: name.into(),
+                    message: format!("{name} drained and left the cluster"),
+                },
+            ];
+            let spec = self.spec(&txn).await?;
+            let mut outcome = self
+                .apply_plan(
+                    &txn,
+                    &spec,
+                    self.config.default_provider,
+                    "reconciler",
+                    events,
+                )
+                .await?;
+            outcome.removed.push(row.id);
+            txn.commit().await?;
+            self.announce(outcome);
+            return order_from_row(&finished, name);
+        }
+        store::finish_order(
+            self.store.conn(),
+            order.id,
+            status.as_str(),
+            &result.message,
+            now,
+        )
+        .await?;
+        self.record_events(vec![finished_event]).await?;
+        let updated = store::order(self.store.conn(), row.id, seq)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("{name} has no order {seq}")))?;
+        order_from_row(&updated, name)
+    }
+
+    // ---- agents -----------------------------------------------------------
+
+    #[tracing::instrument(skip(self, req), fields(node = %req.node))]
+    pub async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, ApiError> {
+        if !self.secrets.is_join_token(&req.join_token) {
+            return Err(ApiError::Unauthorized("invalid join token".into()));
+        }
+        validate_node_name(&req.node).map_err(ApiError::Unprocessable)?;
+        let _guard = self.write.lock().await;
+        let row = self.node_row(self.store.conn(), &req.node).await?;
+        let token = new_token("corral-node-");
+        let state = match parse_state(&row.state)? {
+            NodeState::Draining => NodeState::Draining,
+            _ => NodeState::Active,
+        };
+        let txn = self.store.begin().await?;
+        store::set_node_token(
+            &txn,
+            row.id,
+            &hash_token(&token),
+            state.as_str(),
+            Utc::now(),
+        )
+        .await?;
+        let again = row.token_hash.is_some();
+        let events = store::insert_events(
+            &txn,
+            vec![NewEvent {
+                actor: format!("agent:{}", row.name),
+                kind: "node.enrolled".into(),
+                subject: row.name.clone(),
+                message: if again {
+                    format!("{} enrolled again; its previous token is revoked", row.name)
+                } else {
+                    format!("{} enrolled", row.name)
+                },
+            }],
+            Utc::now(),
+        )
+        .await?;
+        txn.commit().await?;
+        self.tokens.forget_node(row.id);
+        for e in &events {
+            self.events.publish(event_from_row(e));
+        }
+        Ok(EnrollResponse {
+            node: row.name,
+            token,
+            address: row.address,
+            role: parse_role(&row.role)?,
+        })
+    }
+
+    pub async fn heartbeat(
+        &self,
+        name: &str,
+        heartbeat: Heartbeat,
+        caller: &Caller,
+    ) -> Result<Node, ApiError> {
+        caller.require_node(name)?;
+        heartbeat
+            .observed
+            .validate()
+            .map_err(ApiError::Unprocessable)?;
+        let row = self.node_row(self.store.conn(), name).await?;
+        let previous: Option<ObservedState> = row
+            .observed
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok());
+        let now = Utc::now();
+        let json = serde_json::to_string(&heartbeat.observed)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        store::record_heartbeat(self.store.conn(), row.id, &json, now).await?;
+        let mut events = Vec::new();
+        let actor = format!("agent:{name}");
+        if row.last_heartbeat.is_none() {
+            events.push(NewEvent {
+                actor: actor.clone(),
+                kind: "node.online".into(),
+                subject: name.into(),
+                message: format!("first heartbeat from {name}"),
+            });
+        }
+        let recovered = self
+            .stale
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&row.id);
+        if recovered {
+            events.push(NewEvent {
+                actor: actor.clone(),
+                kind: "node.recovered".into(),
+                subject: name.into(),
+                message: format!("{name} is heard from again"),
+            });
+        }
+        if let Some(change) = describe_change(previous.as_ref(), &heartbeat.observed) {
+            events.push(NewEvent {
+                actor,
+                kind: "node.observed".into(),
+                subject: name.into(),
+                message: change,
+            });
+        }
+        if !events.is_empty() {
+            self.record_events(events).await?;
+        }
+        let mut row = row;
+        row.last_heartbeat = Some(now);
+        row.observed = Some(json);
+        self.node_from_row(&row, now)
+    }
+
+    // ---- events -----------------------------------------------------------
+
+    pub async fn events(&self, after: Option<i64>, limit: u64) -> Result<Vec<Event>, ApiError> {
+        let limit = limit.min(MAX_LIST_LIMIT);
+        let rows = match after {
+            Some(after) => store::events_after(self.store.conn(), after, limit).await?,
+            None => store::latest_events(self.store.conn(), limit).await?,
+        };
+        Ok(rows.iter().map(event_from_row).collect())
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    // ---- conversions ------------------------------------------------------
+
+    fn node_from_row(&self, row: &node::Model, now: DateTime<Utc>) -> Result<Node, ApiError> {
+        let health = match row.last_heartbeat {
+            None => NodeHealth::Unknown,
+            Some(at)
+                if (now - at).to_std().unwrap_or_default() > self.config.heartbeat_stale_after =>
+            {
+                NodeHealth::Stale
+            }
+            Some(_) => NodeHealth::Healthy,
+        };
+        Ok(Node {
+            name: row.name.clone(),
+            role: parse_role(&row.role)?,
+            address: row.address.clone(),
+            provider: row.provider.parse().map_err(ApiError::Internal)?,
+            state: parse_state(&row.state)?,
+            health,
+            last_seq: row.last_seq,
+            last_heartbeat: row.last_heartbeat,
+            observed: row
+                .observed
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| ApiError::Internal(format!("observed state of {}: {e}", row.name)))?,
+            created_at: row.created_at,
+        })
+    }
+}
+
+async fn save_spec<C: ConnectionTrait>(
+    c: &C,
+    spec: &TopologyUpdate,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    store::save_topology(
+        c,
+        spec.web,
+        spec.db,
+        spec.lb_policy.as_str(),
+        spec.replication.as_str(),
+        now,
+    )
+    .await?;
+    Ok(())
+}
+
+fn parse_role(s: &str) -> Result<Role, ApiError> {
+    s.parse().map_err(ApiError::Internal)
+}
+
+fn parse_state(s: &str) -> Result<NodeState, ApiError> {
+    s.parse().map_err(ApiError::Internal)
+}
+
+fn node_view(row: &node::Model) -> Result<NodeView, ApiError> {
+    let (role, index) = Role::parse_node_name(&row.name).ok_or_else(|| {
+        ApiError::Internal(format!("stored node name {:?} is off-scheme", row.name))
+    })?;
+    let address: Ipv4Addr = row
+        .address
+        .parse()
+        .map_err(|_| ApiError::Internal(format!("stored address {:?} is corrupt", row.address)))?;
+    Ok(NodeView {
+        name: row.name.clone(),
+        role,
+        index,
+        address,
+        state: parse_state(&row.state)?,
+        observed: row
+            .observed
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok()),
+    })
+}
+
+fn update_from_row(row: &store::topology::Model) -> Result<TopologyUpdate, ApiError> {
+    Ok(TopologyUpdate {
+        web: u32::try_from(row.web).map_err(|e| ApiError::Internal(e.to_string()))?,
+        db: u32::try_from(row.db).map_err(|e| ApiError::Internal(e.to_string()))?,
+        lb_policy: row.lb_policy.parse().map_err(ApiError::Internal)?,
+        replication: row.replication.parse().map_err(ApiError::Internal)?,
+    })
+}
+
+fn topology_from_row(row: &store::topology::Model) -> Result<Topology, ApiError> {
+    let spec = update_from_row(row)?;
+    Ok(Topology {
+        web: spec.web,
+        db: spec.db,
+        lb_policy: spec.lb_policy,
+        replication: spec.replication,
+        updated_at: row.updated_at,
+    })
+}
+
+pub fn order_from_row(row: &work_order::Model, node: &str) -> Result<Order, ApiError> {
+    Ok(Order {
+        node: node.to_string(),
+        seq: row.seq,
+        payload: serde_json::from_str(&row.payload)
+            .map_err(|e| ApiError::Internal(format!("stored order payload: {e}")))?,
+        status: row.status.parse().map_err(ApiError::Internal)?,
+        result: row.result.clone(),
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+pub fn event_from_row(row: &event::Model) -> Event {
+    Event {
+        id: row.id,
+        at: row.at,
+        actor: row.actor.clone(),
+        kind: row.kind.clone(),
+        subject: row.subject.clone(),
+        message: row.message.clone(),
+    }
+}
+
+/// A one-line account of what changed between two observations that an
+/// operator would care about (service states, replication role), if any.
+fn describe_change(before: Option<&ObservedState>, after: &ObservedState) -> Option<String> {
+    let mut changes = Vec::new();
+    let old: HashMap<&str, _> = before
+        .map(|b| {
+            b.services
+                .iter()
+                .map(|s| (s.name.as_str(), s.state))
+                .collect()
+        })
+        .unwrap_or_default();
+    for s in &after.services {
+        match old.get(s.name.as_str()) {
+            Some(state) if *state == s.state => {}
+            Some(state) => changes.push(format!(
+                "{}: {} -> {}",
+                s.name,
+                service_state(*state),
+                service_state(s.state)
+            )),
+            None => changes.push(format!("{}: {}", s.name, service_state(s.state))),
+        }
+    }
+    let old_role = before.and_then(|b| b.replication.as_ref()).map(|r| r.role);
+    let new_role = after.replication.as_ref().map(|r| r.role);
+    if old_role != new_role
+        && let Some(role) = new_role
+    {
+        changes.push(format!("replication role: {}", replication_role(role)));
+    }
+    (!changes.is_empty()).then(|| changes.join("; "))
+}
+
+fn service_state(s: corral_proto::ServiceState) -> &'static str {
+    use corral_proto::ServiceState::*;
+    match s {
+        Starting => "starting",
+        Running => "running",
+        Stopped => "stopped",
+        Failed => "failed",
+    }
+}
+
+fn replication_role(r: corral_proto::ReplicationRole) -> &'static str {
+    use corral_proto::ReplicationRole::*;
+    match r {
+        Primary => "primary",
+        Replica => "replica",
+        Fenced => "fenced",
+    }
+}
+
+/// Marks orders delivered in batches: a fan-out to 10,000 long polls would
+/// otherwise cost 10,000 single-row writes on the delivery path.
+async fn mark_delivered(store: Store, mut rx: mpsc::UnboundedReceiver<(i32, i64)>) {
+    while let Some(first) = rx.recv().await {
+        let mut upto: HashMap<i32, i64> = HashMap::from([first]);
+        // Gather whatever else arrived meanwhile, bounded.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while let Ok((id, seq)) = rx.try_recv() {
+            let e = upto.entry(id).or_insert(seq);
+            *e = (*e).max(seq);
+            if upto.len() >= 5000 {
+                break;
+            }
+        }
+        if let Err(e) = write_delivered(&store, &upto).await {
+            tracing::warn!(error = %e, nodes = upto.len(), "marking orders delivered failed");
+        }
+    }
+}
+
+async fn write_delivered(store: &Store, upto: &HashMap<i32, i64>) -> Result<(), ApiError> {
+    let txn = store.begin().await?;
+    let now = Utc::now();
+    for (id, seq) in upto {
+        store::mark_delivered(&txn, *id, *seq, now).await?;
+    }
+    txn.commit().await?;
+    Ok(())
+}
+
+/// Notes nodes whose heartbeats stopped, once each, in the audit log.
+async fn watch_heartbeats(cluster: Weak<Cluster>) {
+    let period = match cluster.upgrade() {
+        Some(c) => (c.config.heartbeat_stale_after / 3).max(Duration::from_secs(1)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        let stale_after = chrono::Duration::from_std(cluster.config.heartbeat_stale_after)
+            .unwrap_or(chrono::Duration::seconds(15));
+        let rows = match store::nodes_with_heartbeat_before(
+            cluster.store.conn(),
+            Utc::now() - stale_after,
+        )
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking heartbeats failed");
+                continue;
+            }
+        };
+        let newly_stale: Vec<_> = {
+            let mut stale = cluster.stale.lock().unwrap_or_else(PoisonError::into_inner);
+            rows.into_iter().filter(|r| stale.insert(r.id)).collect()
+        };
+        let events = newly_stale
+            .iter()
+            .map(|r| NewEvent {
+                actor: "reconciler".into(),
+                kind: "node.stale".into(),
+                subject: r.name.clone(),
+                message: format!(
+                    "no heartbeat from {} for over {}s",
+                    r.name,
+                    stale_after.num_seconds()
+                ),
+            })
+            .collect::<Vec<_>>();
+        if !events.is_empty()
+            && let Err(e) = cluster.record_events(events).await
+        {
+            tracing::warn!(error = %e, "recording stale nodes failed");
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! The state store: nodes, work orders, the topology spec and the audit log
+//! in SQLite (default, a file in the state directory) or PostgreSQL (when
+//! `DATABASE_URL` says so), through sea-orm. Functions take any connection,
+//! so the service layer can run several in one transaction.
+
+pub mod entity;
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use corral_migrations::{Migrator, MigratorTrait};
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+};
+
+pub use entity::{event, node, topology, work_order};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// True when the database refused a row for breaking a unique index.
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            StoreError::Db(e) => matches!(
+                e.sql_err(),
+                Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+            ),
+            StoreError::Corrupt(_) => false,
+        }
+    }
+
+    /// True when the database could not be reached at all.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(DbErr::ConnectionAcquire(_) | DbErr::Conn(_))
+        )
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The database behind the control plane.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+/// The SQLite URL of the default store in `state_dir`.
+pub fn sqlite_url(state_dir: &Path) -> String {
+    format!(
+        "sqlite://{}?mode=rwc",
+        state_dir.join("corral.db").display()
+    )
+}
+
+impl Store {
+    /// Connects and brings the schema up to date.
+    #[tracing::instrument(skip(url), fields(backend = url.split(':').next().unwrap_or("")))]
+    pub async fn connect(url: &str) -> Result<Self> {
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.sqlx_logging(false)
+            .connect_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(10));
+        if url.starts_with("sqlite:") {
+            // WAL lets readers run beside the one writer; NORMAL sync is
+            // durable across process crashes, which is what a control plane
+            // on one machine needs. busy_timeout rides out writer overlap.
+            opts.max_connections(4).map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(15))
+                    .foreign_keys(true)
+            });
+        } else {
+            opts.max_connections(16);
+        }
+        let db = Database::connect(opts).await?;
+        Migrator::up(&db, None).await?;
+        Ok(Self { db })
+    }
+
+    pub fn conn(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    pub async fn begin(&self) -> Result<sea_orm::DatabaseTransaction> {
+        Ok(self.db.begin().await?)
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    pub async fn close(self) {
+        let _ = self.db.close().await;
+    }
+}
+
+// ---- topology -------------------------------------------------------------
+
+pub async fn load_topology<C: ConnectionTrait>(c: &C) -> Result<Option<topology::Model>> {
+    Ok(topology::Entity::find_by_id(1).one(c).await?)
+}
+
+pub async fn save_topology<C: ConnectionTrait>(
+    c: &C,
+    web: u32,
+    db: u32,
+    lb_policy: &str,
+    replication: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let row = topology::ActiveModel {
+        id: Set(1),
+        web: Set(web as i32),
+        db: Set(db as i32),
+        lb_policy: Set(lb_policy.to_owned()),
+        replication: Set(replication.to_owned()),
+        updated_at: Set(now),
+    };
+    topology::Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(topology::Column::Id)
+                .update_columns([
+                    topology::Column::Web,
+                    topology::Column::Db,
+                    topology::Column::LbPolicy,
+                    topology::Column::Replication,
+                    topology::Column::UpdatedAt,
+                ])
+                .to_owned(),
+        )
+        .exec_without_returning(c)
+        .await?;
+    Ok(())
+}
+
+// ---- nodes ----------------------------------------------------------------
+
+pub async fn all_nodes<C: ConnectionTrait>(c: &C) -> Result<Vec<node::Model>> {
+    Ok(node::Entity::find()
+        .order_by_asc(node::Column::Id)
+        .all(c)
+        .await?)
+}
+
+pub async fn node_by_name<C: ConnectionTrait>(c: &C, name: &str) -> Result<Option<node::Model>> {
+    Ok(node::Entity::find()
+        .filter(node::Column::Name.eq(name))
+        .one(c)
+        .await?)
+}
+
+pub async fn node_by_id<C: ConnectionTrait>(c: &C, id: i32) -> Result<Option<node::Model>> {
+    Ok(node::Entity::find_by_id(id).one(c).await?)
+}
+
+pub async fn node_by_token_hash<C: ConnectionTrait>(
+    c: &C,
+    hash: &str,
+) -> Result<Option<node::Model>> {
+    Ok(node::Entity::find()
+        .filter(node::Column::TokenHash.eq(hash))
+        .one(c)
+        .await?)
+}
+
+/// A node row to insert.
+pub struct NewNodeRow<'a> {
+    pub name: &'a str,
+    pub role: &'a str,
+    pub address: String,
+    pub provider: &'a str,
+    pub state: &'a str,
+}
+
+/// Largest number of rows per multi-row INSERT: SQLite allows 32766 bind
+/// parameters per statement, PostgreSQL 65535.
+const INSERT_CHUNK: usize = 1000;
+
+pub async fn insert_nodes<C: ConnectionTrait>(
+    c: &C,
+    rows: Vec<NewNodeRow<'_>>,
+    now: DateTime<Utc>,
+) -> Result<Vec<node::Model>> {
+    let mut inserted = Vec::with_capacity(rows.len());
+    let mut models = rows.into_iter().map(|r| node::ActiveModel {
+        id: NotSet,
+        name: Set(r.name.to_owned()),
+        role: Set(r.role.to_owned()),
+        address: Set(r.address),
+        provider: Set(r.provider.to_owned()),
+        state: Set(r.state.to_owned()),
+        token_hash: Set(None),
+        last_seq: Set(0),
+        last_heartbeat: Set(None),
+        observed: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    });
+    loop {
+        let chunk: Vec<_> = models.by_ref().take(INSERT_CHUNK).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        inserted.extend(
+            node::Entity::insert_many(chunk)
+                .exec_with_returning(c)
+                .await?,
+        );
+    }
+    Ok(inserted)
+}
+
+pub async fn set_node_state<C: ConnectionTrait>(
+    c: &C,
+    id: i32,
+    state: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    node::Entity::update_many()
+        .col_expr(node::Column::State, Expr::value(state))
+        .col_expr(node::Column::UpdatedAt, Expr::value(now))
+        .filter(node::Column::Id.eq(id))
+        .exec(c)
+        .await?;
+    Ok(())
+}
+
+pub async fn set_node_token<C: ConnectionTrait>(
+    c: &C,
+    id: i32,
+    token_hash: &str,
+    state: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    node::Entity::update_many()
+        .col_expr(node::Column::TokenHash, Expr::value(token_hash))
+        .col_expr(node::Column::State, Expr::value(state))
+        .col_expr(node::Column::UpdatedAt, Expr::value(now))
+        .filter(node::Column::Id.eq(id))
+        .exec(c)
+        .await?;
+    Ok(())
+}
+
+pub async fn record_heartbeat<C: ConnectionTrait>(
+    c: &C,
+    id: i32,
+    observed_json: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    node::Entity::update_many()
+        .col_expr(node::Column::Observed, Expr::value(observed_json))
+        .col_expr(node::Column::LastHeartbeat, Expr::value(now))
+        .filter(node::Column::Id.eq(id))
+        .exec(c)
+        .await?;
+    Ok(())
+}
+
+pub async fn delete_node<C: ConnectionTrait>(c: &C, id: i32) -> Result<()> {
+    // Orders go first explicitly: SQLite only cascades with foreign_keys on,
+    // and the result must not depend on a connection setting.
+    work_order::Entity::delete_many()
+        .filter(work_order::Column::NodeId.eq(id))
+        .exec(c)
+        .await?;
+    node::Entity::delete_many()
+        .filter(node::Column::Id.eq(id))
+        .exec(c)
+        .await?;
+    Ok(())
+}
+
+// ---- work orders ----------------------------------------------------------
+
+/// The newest order of each kind of each node: `(node_id, kind, payload)`.
+pub async fn latest_orders<C: ConnectionTrait>(c: &C) -> Result<Vec<(i32, String, String)>> {
+    let sql = "SELECT w.node_id, w.kind, w.payload FROM work_orders w \
+               JOIN (SELECT node_id, kind, MAX(seq) AS seq FROM work_orders GROUP BY node_id, kind) m \
+               ON w.node_id = m.node_id AND w.seq = m.seq";
+    let rows = c
+        .query_all_raw(Statement::from_string(c.get_database_backend(), sql))
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok((
+                row.try_get::<i32>("", "node_id")?,
+                row.try_get::<String>("", "kind")?,
+                row.try_get::<String>("", "payload")?,
+            ))
+        })
+        .collect()
+}
+
+/// An order row to insert; `seq` is already allocated.
+pub struct NewOrderRow {
+    pub node_id: i32,
+    pub seq: i64,
+    pub kind: String,
+    pub payload: String,
+}
+
+pub async fn insert_orders<C: ConnectionTrait>(
+    c: &C,
+    rows: Vec<NewOrderRow>,
+    now: DateTime<Utc>,
+) -> Result<Vec<work_order::Model>> {
+    let mut inserted = Vec::with_capacity(rows.len());
+    let mut models = rows.into_iter().map(|r| work_order::ActiveModel {
+        id: NotSet,
+        node_id: Set(r.node_id),
+        seq: Set(r.seq),
+        kind: Set(r.kind),
+        payload: Set(r.payload),
+        status: Set("pending".into()),
+        result: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    });
+    loop {
+        let chunk: Vec<_> = models.by_ref().take(INSERT_CHUNK).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        inserted.extend(
+            work_order::Entity::insert_many(chunk)
+                .exec_with_returning(c)
+                .await?,
+        );
+    }
+    Ok(inserted)
+}
+
+pub async fn set_last_seq<C: ConnectionTrait>(c: &C, node_id: i32, last_seq: i64) -> Result<()> {
+    node::Entity::update_many()
+        .col_expr(node::Column::LastSeq, Expr::value(last_seq))
+        .filter(node::Column::Id.eq(node_id))
+        .exec(c)
+        .await?;
+    Ok(())
+}
+
+pub async fn orders_after<C: ConnectionTrait>(
+    c: &C,
+    node_id: i32,
+    after: i64,
+    limit: u64,
+) -> Result<Vec<work_order::Model>> {
+    Ok(work_order::Entity::find()
+        .filter(work_order::Column::NodeId.eq(node_id))
+        .filter(work_order::Column::Seq.gt(after))
+        .order_by_asc(work_order::Column::Seq)
+        .limit(limit)
+        .all(c)
+        .await?)
+}
+
+pub async fn order<C: ConnectionTrait>(
+    c: &C,
+    node_id: i32,
+    seq: i64,
+) -> Result<Option<work_order::Model>> {
+    Ok(work_order::Entity::find()
+        .filter(work_order::Column::NodeId.eq(node_id))
+        .filter(work_order::Column::Seq.eq(seq))
+        .one(c)
+        .await?)
+}
+
+pub async fn finish_order<C: ConnectionTrait>(
+    c: &C,
+    id: i64,
+    status: &str,
+    result: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    work_order::Entity::update_many()
+        .col_expr(work_order::Column::Status, Expr::value(status))
+        .col_expr(work_order::Column::Result, Expr::value(result))
+        .col_expr(work_order::Column::UpdatedAt, Expr::value(now))
+        .filter(work_order::Column::Id.eq(id))
+        .exec(c)
+        .await?;
+    Ok(())
+}
+
+/// Marks a node's pending orders up to `seq` delivered.
+pub async fn mark_delivered<C: ConnectionTrait>(
+    c: &C,
+    node_id: i32,
+    upto: i64,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    let res = work_order::Entity::update_many()
+        .col_expr(work_order::Column::Status, Expr::value("delivered"))
+        .col_expr(work_order::Column::UpdatedAt, Expr::value(now))
+        .filter(work_order::Column::NodeId.eq(node_id))
+        .filter(work_order::Column::Seq.lte(upto))
+        .filter(work_order::Column::Status.eq("pending"))
+        .exec(c)
+        .await?;
+    Ok(res.rows_affected)
+}
+
+// ---- events ---------------------------------------------------------------
+
+pub struct NewEvent {
+    pub actor: String,
+    pub kind: String,
+    pub subject: String,
+    pub message: String,
+}
+
+pub async fn insert_events<C: ConnectionTrait>(
+    c: &C,
+    events: Vec<NewEvent>,
+    now: DateTime<Utc>,
+) -> Result<Vec<event::Model>> {
+    let mut inserted = Vec::with_capacity(events.len());
+    let mut models = events.into_iter().map(|e| event::ActiveModel {
+        id: NotSet,
+        at: Set(now),
+        actor: Set(e.actor),
+        kind: Set(e.kind),
+        subject: Set(e.subject),
+        message: Set(e.message),
+    });
+    loop {
+        let chunk: Vec<_> = models.by_ref().take(INSERT_CHUNK).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        inserted.extend(
+            event::Entity::insert_many(chunk)
+                .exec_with_returning(c)
+                .await?,
+        );
+    }
+    // RETURNING gives no order guarantee for multi-row inserts.
+    inserted.sort_by_key(|e| e.id);
+    Ok(inserted)
+}
+
+pub async fn events_after<C: ConnectionTrait>(
+    c: &C,
+    after: i64,
+    limit: u64,
+) -> Result<Vec<event::Model>> {
+    Ok(event::Entity::find()
+        .filter(event::Column::Id.gt(after))
+        .order_by_asc(event::Column::Id)
+        .limit(limit)
+        .all(c)
+        .await?)
+}
+
+/// The newest `limit` events, oldest first.
+pub async fn latest_events<C: ConnectionTrait>(c: &C, limit: u64) -> Result<Vec<event::Model>> {
+    let mut events = event::Entity::find()
+        .order_by_desc(event::Column::Id)
+        .limit(limit)
+        .all(c)
+        .await?;
+    events.reverse();
+    Ok(events)
+}
+
+/// Nodes whose last heartbeat is older than `before` (and that have one).
+pub async fn nodes_with_heartbeat_before<C: ConnectionTrait>(
+    c: &C,
+    before: DateTime<Utc>,
+) -> Result<Vec<node::Model>> {
+    Ok(node::Entity::find()
+        .filter(node::Column::LastHeartbeat.lt(before))
+        .all(c)
+        .await?)
+}

@@ -1,0 +1,16 @@
+//! corral's schema, as append-only sea-orm migrations that the server runs at
+//! start. The same migrations serve SQLite and PostgreSQL; never edit one that
+//! has landed, add a new one.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261125_000001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261125_000001_initial::Migration)]
+    }
+}

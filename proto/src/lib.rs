@@ -1,0 +1,47 @@
+//! The vocabulary corral's server, agent, CLI and web UI share: request and
+//! response bodies of the REST API, the work orders an agent applies, and the
+//! enums that name roles, states and policies. It compiles for wasm32 too, so
+//! the UI speaks exactly the types the server does.
+
+pub mod agent;
+pub mod error;
+pub mod event;
+pub mod node;
+pub mod order;
+pub mod topology;
+
+pub use agent::{
+    EnrollRequest, EnrollResponse, Heartbeat, MetricsSample, ObservedState, ReplicationRole,
+    ReplicationStatus, ServiceState, ServiceStatus,
+};
+pub use error::ErrorBody;
+pub use event::Event;
+pub use node::{CreateNode, Node, NodeHealth, NodeState, Provider, Role, validate_node_name};
+pub use order::{
+    ConsulSpec, LoadBalancerSpec, Order, OrderKind, OrderOutcome, OrderResult, OrderStatus,
+    PollResponse, PostgresSpec, WebappSpec, WorkOrder,
+};
+pub use topology::{
+    LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Topology, TopologyChange, TopologyUpdate,
+};
+
+/// The version every corral binary reports (`/version`, `--version`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The service name todomvc registers in Consul.
+pub const WEBAPP_SERVICE: &str = "todomvc";
+/// The service name PostgreSQL nodes register in Consul.
+pub const POSTGRES_SERVICE: &str = "postgres";
+
+/// Well-known ports on every node address, as in the seed cluster.
+pub mod ports {
+    pub const NGINX: u16 = 80;
+    pub const WEBAPP: u16 = 8080;
+    pub const POSTGRES: u16 = 5432;
+    pub const CONSUL_HTTP: u16 = 8500;
+    pub const CONSUL_DNS: u16 = 8600;
+    pub const CONSUL_SERVER: u16 = 8300;
+    pub const CONSUL_SERF_LAN: u16 = 8301;
+    pub const CONSUL_SERF_WAN: u16 = 8302;
+    pub const CONTROL_PLANE: u16 = 7000;
+}
