@@ -6,15 +6,13 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::future::{Ready, ready};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use actix_web::dev::Payload;
+use actix_web::HttpRequest;
 use actix_web::http::header;
-use actix_web::{FromRequest, HttpRequest, web};
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -241,28 +239,6 @@ pub fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
             ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
         })?;
     Ok(token)
-}
-
-/// Extracted from every authenticated request. Resolving an agent token may
-/// need the database, so the extractor only checks the admin token and the
-/// cache; [`crate::service::Cluster::authenticate`] does the rest.
-pub struct Credentials(pub String);
-
-impl FromRequest for Credentials {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, Self::Error>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(bearer(req).map(|t| Credentials(t.to_string())))
-    }
-}
-
-/// Convenience for handlers: authenticate with the cluster in app data.
-pub async fn caller(
-    cluster: &web::Data<crate::service::Cluster>,
-    creds: &Credentials,
-) -> Result<Caller, ApiError> {
-    cluster.authenticate(&creds.0).await
 }
 
 #[cfg(test)]

@@ -65,6 +65,18 @@ impl OrderBus {
         }
     }
 
+    /// How many long polls wait on the node right now.
+    pub fn waiting(&self, node_id: i32) -> usize {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes.get(&node_id).map_or(0, |slot| slot.receiver_count())
+    }
+
+    /// Long polls waiting over all nodes.
+    pub fn waiting_total(&self) -> usize {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes.values().map(|slot| slot.receiver_count()).sum()
+    }
+
     /// Forgets a removed node; its waiting polls see the channel close.
     pub fn remove(&self, node_id: i32) {
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);

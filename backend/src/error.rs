@@ -129,26 +129,6 @@ impl From<sea_orm::DbErr> for ApiError {
     }
 }
 
-/// Maps actix's JSON body errors onto ours: syntax errors are 400, a body
-/// that parses but does not fit the schema is 422.
-pub fn json_error(err: actix_web::error::JsonPayloadError) -> ApiError {
-    use actix_web::error::JsonPayloadError as E;
-    match err {
-        E::OverflowKnownLength { length, limit } => ApiError::PayloadTooLarge(format!(
-            "body of {length} bytes exceeds the limit of {limit}"
-        )),
-        E::Overflow { limit } => {
-            ApiError::PayloadTooLarge(format!("body exceeds the limit of {limit} bytes"))
-        }
-        E::ContentType => ApiError::UnsupportedMediaType(
-            "the body must be JSON (Content-Type: application/json)".into(),
-        ),
-        E::Deserialize(e) if e.is_data() => ApiError::Unprocessable(format!("invalid body: {e}")),
-        E::Deserialize(e) => ApiError::BadRequest(format!("malformed JSON: {e}")),
-        other => ApiError::BadRequest(format!("could not read the body: {other}")),
-    }
-}
-
 pub fn query_error(err: actix_web::error::QueryPayloadError) -> ApiError {
     ApiError::BadRequest(format!("invalid query string: {err}"))
 }

@@ -555,6 +555,17 @@ impl Cluster {
 
     // ---- orders -----------------------------------------------------------
 
+    /// Long polls waiting over all nodes right now.
+    pub fn waiting_polls_total(&self) -> usize {
+        self.orders.waiting_total()
+    }
+
+    /// How many long polls are waiting for `name`'s orders right now.
+    pub async fn waiting_polls(&self, name: &str) -> Result<usize, ApiError> {
+        let row = self.node_row(self.store.conn(), name).await?;
+        Ok(self.orders.waiting(row.id))
+    }
+
     pub async fn orders(&self, name: &str, after: i64, limit: u64) -> Result<Vec<Order>, ApiError> {
         let row = self.node_row(self.store.conn(), name).await?;
         store::orders_after(self.store.conn(), row.id, after, limit.min(MAX_LIST_LIMIT))

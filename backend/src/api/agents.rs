@@ -10,6 +10,7 @@ use corral_proto::{
 use serde::Deserialize;
 use utoipa::IntoParams;
 
+use super::Body;
 use super::non_negative;
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -43,7 +44,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 )]
 pub async fn enroll(
     cluster: web::Data<Cluster>,
-    body: web::Json<EnrollRequest>,
+    body: Body<EnrollRequest>,
 ) -> Result<web::Json<EnrollResponse>, ApiError> {
     Ok(web::Json(cluster.enroll(body.into_inner()).await?))
 }
@@ -147,7 +148,7 @@ pub async fn order_result(
     cluster: web::Data<Cluster>,
     caller: Caller,
     path: web::Path<(String, i64)>,
-    body: web::Json<OrderResult>,
+    body: Body<OrderResult>,
 ) -> Result<web::Json<Order>, ApiError> {
     let (name, seq) = path.into_inner();
     Ok(web::Json(
@@ -180,7 +181,7 @@ pub async fn heartbeat(
     cluster: web::Data<Cluster>,
     caller: Caller,
     name: web::Path<String>,
-    body: web::Json<Heartbeat>,
+    body: Body<Heartbeat>,
 ) -> Result<web::Json<Node>, ApiError> {
     Ok(web::Json(
         cluster.heartbeat(&name, body.into_inner(), &caller).await?,

@@ -16,7 +16,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 pub struct Health {
     /// `ok`, or `unavailable` when the state database cannot be reached.
     status: String,
+    /// `sqlite` or `postgres`.
     database: String,
+    /// Agent long polls being held right now.
+    long_polls: usize,
 }
 
 /// 200 when the server can reach its database, 503 otherwise.
@@ -36,12 +39,14 @@ pub async fn healthz(cluster: web::Data<Cluster>) -> HttpResponse {
         Ok(_) => HttpResponse::Ok().json(Health {
             status: "ok".into(),
             database: backend,
+            long_polls: cluster.waiting_polls_total(),
         }),
         Err(e) => {
             tracing::warn!(error = %e, "health check: database unreachable");
             HttpResponse::ServiceUnavailable().json(Health {
                 status: "unavailable".into(),
                 database: backend,
+                long_polls: cluster.waiting_polls_total(),
             })
         }
     }

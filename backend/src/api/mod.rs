@@ -4,6 +4,7 @@
 //! `openapi.yaml` at the repository root is its committed copy.
 
 mod agents;
+mod body;
 mod events;
 mod meta;
 mod nodes;
@@ -21,8 +22,10 @@ use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::auth::{self, Caller};
-use crate::error::{ApiError, json_error, path_error, query_error};
+use crate::error::{ApiError, path_error, query_error};
+
 use crate::service::Cluster;
+pub use body::Body;
 
 pub use agents::parse_wait;
 
@@ -91,26 +94,22 @@ pub fn openapi_yaml() -> String {
 
 /// Registers every route and the extractor configuration on an app.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(
-        web::JsonConfig::default()
-            .limit(MAX_BODY_BYTES)
-            .content_type_required(true)
-            .error_handler(|err, _| json_error(err).into()),
-    )
-    .app_data(web::QueryConfig::default().error_handler(|err, _| query_error(err).into()))
-    .app_data(web::PathConfig::default().error_handler(|err, _| path_error(err).into()))
-    .service(
-        web::scope("/api/v1")
-            .wrap(actix_web::middleware::from_fn(authenticate))
-            .configure(topology::routes)
-            .configure(nodes::routes)
-            .configure(events::routes)
-            .configure(agents::routes)
-            .default_service(web::to(not_found)),
-    )
-    .configure(meta::routes)
-    .service(web::redirect("/docs", "/docs/"))
-    .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", ApiDoc::openapi()));
+    cfg.app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
+        .app_data(web::QueryConfig::default().error_handler(|err, _| query_error(err).into()))
+        .app_data(web::PathConfig::default().error_handler(|err, _| path_error(err).into()))
+        .service(
+            web::scope("/api/v1")
+                .wrap(actix_web::middleware::from_fn(authenticate))
+                .configure(topology::routes)
+                .configure(nodes::routes)
+                .configure(events::routes)
+                .configure(agents::routes)
+                .default_service(web::to(not_found)),
+        )
+        .configure(meta::routes)
+        .service(web::redirect("/docs", "/docs/"))
+        .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", ApiDoc::openapi()))
+        .default_service(web::to(not_found));
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {

@@ -6,6 +6,7 @@ use corral_proto::{CreateNode, ErrorBody, Node, Order};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
+use super::Body;
 use super::{created, limit, non_negative};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -68,7 +69,7 @@ pub async fn list_nodes(
 pub async fn create_node(
     cluster: web::Data<Cluster>,
     caller: Caller,
-    body: web::Json<CreateNode>,
+    body: Body<CreateNode>,
 ) -> Result<HttpResponse, ApiError> {
     let node = cluster.create_node(body.into_inner(), &caller).await?;
     Ok(created(format!("/api/v1/nodes/{}", node.name), &node))

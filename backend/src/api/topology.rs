@@ -3,6 +3,7 @@
 use actix_web::web;
 use corral_proto::{ErrorBody, Topology, TopologyChange, TopologyUpdate};
 
+use super::Body;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::service::Cluster;
@@ -57,7 +58,7 @@ pub async fn get_topology(
 pub async fn put_topology(
     cluster: web::Data<Cluster>,
     caller: Caller,
-    body: web::Json<TopologyUpdate>,
+    body: Body<TopologyUpdate>,
 ) -> Result<web::Json<TopologyChange>, ApiError> {
     Ok(web::Json(
         cluster.set_topology(body.into_inner(), &caller).await?,

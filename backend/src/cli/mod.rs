@@ -314,7 +314,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         .await
         .context("starting the corral server")?;
     let url = app.url();
-    eprintln!("corral {} serving on {url}", corral_proto::VERSION);
+    eprintln!("corral {}", corral_proto::VERSION);
     eprintln!(
         "  state:     {} ({})",
         cli.state_dir.display(),
@@ -322,6 +322,10 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     );
     eprintln!("  network:   {}", args.network);
     eprintln!("  API docs:  {url}/docs/");
+    eprintln!(
+        "  join token for agents: in {}",
+        cli.state_dir.join("join-token").display()
+    );
     match app.new_admin_token() {
         Some(token) => {
             eprintln!(
@@ -335,10 +339,8 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
             app.secrets().admin_token_path.display()
         ),
     }
-    eprintln!(
-        "  join token for agents: in {}",
-        cli.state_dir.join("join-token").display()
-    );
+    // Last, so whoever waits for this line has everything above.
+    eprintln!("serving on {url}");
     app.run_until_stopped().await?;
     Ok(())
 }

@@ -1,0 +1,224 @@
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::helpers::*;
+
+const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn corral(app: &TestApp, args: &[&str]) -> Run {
+    let out = Command::new(CORRAL)
+        .args(["--url", &app.url, "--token", &app.admin])
+        .args(args)
+        .env_remove("CORRAL_URL")
+        .env_remove("CORRAL_TOKEN")
+        .output()
+        .await
+        .expect("run corral");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+#[tokio::test]
+async fn the_cli_adds_a_node_lists_it_and_shows_its_orders() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let run = corral(&app, &["--output", "json", "nodes", "add", "--role", "web"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let node: Value = serde_json::from_str(&run.stdout).expect("json node");
+    assert_eq!(node["name"], "nginx1");
+
+    let run = corral(&app, &["nodes", "list"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("nginx1"))
+        .expect("nginx1 row");
+    assert!(
+        line.contains("127.0.11.21") && line.contains("provisioning"),
+        "{line}"
+    );
+
+    let run = corral(&app, &["--output", "json", "orders", "nginx1"]).await;
+    let orders: Vec<Value> = serde_json::from_str(&run.stdout).expect("json orders");
+    assert_eq!(orders.len(), 3);
+    let run = corral(&app, &["orders", "nginx1"]).await;
+    assert!(run.stdout.contains("load_balancer"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("\"password\":\"***\""),
+        "secrets are masked: {}",
+        run.stdout
+    );
+}
+
+#[tokio::test]
+async fn the_cli_sets_only_the_topology_fields_given() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let run = corral(&app, &["topology", "set", "--seed"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("created:  pg1, pg2, nginx1, nginx2"),
+        "{}",
+        run.stdout
+    );
+    let run = corral(&app, &["topology", "set", "--lb-policy", "uri_hash"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("orders filed: 2"), "{}", run.stdout);
+    let run = corral(&app, &["--output", "json", "topology", "get"]).await;
+    let t: Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(
+        (t["web"].as_u64(), t["db"].as_u64(), t["lb_policy"].as_str()),
+        (Some(2), Some(2), Some("uri_hash"))
+    );
+    let run = corral(&app, &["--output", "json", "events", "--limit", "3"]).await;
+    assert_eq!(run.stdout.lines().count(), 3);
+}
+
+#[tokio::test]
+async fn cli_errors_are_clear_and_exit_non_zero() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let run = corral(&app, &["nodes", "show", "nginx9"]).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("no node named nginx9 (not_found, HTTP 404)"),
+        "{}",
+        run.stderr
+    );
+    let run = corral(
+        &app,
+        &["topology", "set", "--replication", "sync", "--db", "1"],
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("at least 2 db"), "{}", run.stderr);
+    let out = Command::new(CORRAL)
+        .args([
+            "--url",
+            "http://127.0.0.1:1",
+            "--token",
+            "x",
+            "nodes",
+            "list",
+        ])
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach corral at http://127.0.0.1:1")
+    );
+}
+
+#[tokio::test]
+async fn the_cli_finds_the_admin_token_in_the_state_dir() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let out = Command::new(CORRAL)
+        .args(["--url", &app.url, "--state-dir"])
+        .arg(&app.state)
+        .args(["nodes", "list"])
+        .env_remove("CORRAL_TOKEN")
+        .output()
+        .await
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("adm1"));
+}
+
+/// Kills the child on drop, so a failing test leaves no server behind.
+struct Child(tokio::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+struct Served {
+    child: Child,
+    url: String,
+    stdout: tokio::task::JoinHandle<String>,
+}
+
+/// Starts `corral serve` and waits for its "serving on" line, which comes
+/// after everything else it prints at start.
+async fn serve(state: &std::path::Path) -> Served {
+    let mut child = Child(
+        Command::new(CORRAL)
+            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn serve"),
+    );
+    let mut stdout = child.0.stdout.take().expect("stdout");
+    let stdout = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut s).await;
+        s
+    });
+    let mut stderr = BufReader::new(child.0.stderr.take().expect("stderr")).lines();
+    let url = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            if let Some(url) = line.strip_prefix("serving on ") {
+                return Some(url.trim().to_string());
+            }
+        }
+        None
+    })
+    .await
+    .expect("serve starts in time")
+    .expect("serve printed its URL before exiting");
+    // Keep draining stderr so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+    Served { child, url, stdout }
+}
+
+impl Served {
+    /// Stops the server and returns all it printed on stdout.
+    async fn stop(mut self) -> String {
+        let _ = self.child.0.kill().await;
+        self.stdout.await.expect("stdout reader")
+    }
+}
+
+#[tokio::test]
+async fn serve_prints_the_admin_token_once_and_it_works() {
+    let state = tempfile::tempdir().expect("dir");
+    let printed = serve(state.path()).await.stop().await;
+    let token = printed.trim();
+    assert!(token.starts_with("corral-admin-"), "stdout: {printed:?}");
+    assert_eq!(printed.lines().count(), 1, "stdout carries only the token");
+
+    let served = serve(state.path()).await;
+    let res = reqwest::Client::new()
+        .get(format!("{}/api/v1/nodes", served.url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("nodes");
+    assert_eq!(res.status(), 200);
+    let printed_again = served.stop().await;
+    assert_eq!(
+        printed_again, "",
+        "the token is printed only at first start"
+    );
+}

@@ -1,0 +1,13 @@
+//! API tests: one binary, each test on its own server and database, most run
+//! over both SQLite and a real PostgreSQL 15.
+
+mod helpers;
+
+mod agents;
+mod auth;
+mod bad_input;
+mod cli;
+mod events;
+mod nodes;
+mod openapi;
+mod topology;
