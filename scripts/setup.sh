@@ -76,6 +76,12 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
   rustup component add rustfmt clippy
 fi
 
+# The shared types (and, later, the web UI) must build for the browser.
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  say "adding the wasm32-unknown-unknown target"
+  rustup target add wasm32-unknown-unknown
+fi
+
 if [ "$want_fuzz" = 1 ]; then
   if [ ! -x .venv/bin/schemathesis ] && [ ! -x .venv/bin/st ]; then
     say "installing schemathesis into .venv"

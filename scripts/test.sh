@@ -16,7 +16,13 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "cargo test"
+step "corral-proto builds for wasm32 (the web UI shares its types)"
+cargo check -q -p corral-proto --target wasm32-unknown-unknown --locked
+
+step "cargo test (SQLite and PostgreSQL 15, real processes)"
 cargo test --workspace --locked
+
+step "API fuzz against openapi.yaml (schemathesis)"
+scripts/fuzz-api.sh
 
 step "all checks passed"

@@ -253,24 +253,19 @@ impl Cluster {
     #[tracing::instrument(skip(self, caller), fields(actor = %caller.actor()))]
     pub async fn create_node(&self, req: CreateNode, caller: &Caller) -> Result<Node, ApiError> {
         caller.require_admin()?;
-        if req.role == Role::Adm {
-            return Err(ApiError::Unprocessable(
-                "there is exactly one adm node (adm1); add web or db nodes".into(),
-            ));
-        }
+        let role = Role::from(req.role);
         let provider = req.provider.unwrap_or(self.config.default_provider);
         let _guard = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();
         let mut spec = self.spec(&txn).await?;
-        let count = match req.role {
+        let count = match role {
             Role::Web => &mut spec.web,
             _ => &mut spec.db,
         };
         if *count >= MAX_NODES_PER_ROLE {
-            return Err(ApiError::Unprocessable(format!(
-                "the topology already has the most {} nodes allowed ({MAX_NODES_PER_ROLE})",
-                req.role
+            return Err(ApiError::conflict(format!(
+                "the topology already has the most {role} nodes allowed ({MAX_NODES_PER_ROLE})"
             )));
         }
         *count += 1;
@@ -281,7 +276,7 @@ impl Cluster {
         let name = outcome
             .created
             .iter()
-            .find(|n| Role::parse_node_name(n).is_some_and(|(r, _)| r == req.role))
+            .find(|n| Role::parse_node_name(n).is_some_and(|(r, _)| r == role))
             .cloned()
             .ok_or_else(|| ApiError::Internal("the plan created no node".into()))?;
         let row = self.node_row(&txn, &name).await?;
@@ -448,8 +443,29 @@ impl Cluster {
             });
             outcome.created.push(row.name.clone());
         }
+        let never_enrolled: HashSet<&str> = rows
+            .iter()
+            .filter(|r| r.state == NodeState::Provisioning.as_str())
+            .map(|r| r.name.as_str())
+            .collect();
+        let mut removed_names = HashSet::new();
         for name in &plan.drain {
             let (id, _) = by_name[name];
+            if never_enrolled.contains(name.as_str()) {
+                // No agent to drain: it goes at once, as with DELETE.
+                store::delete_node(txn, id).await?;
+                events.push(NewEvent {
+                    actor: actor.into(),
+                    kind: "node.removed".into(),
+                    subject: name.clone(),
+                    message: format!(
+                        "{name} is surplus to the topology and removed; its agent had never enrolled"
+                    ),
+                });
+                outcome.removed.push(id);
+                removed_names.insert(name.clone());
+                continue;
+            }
             store::set_node_state(txn, id, NodeState::Draining.as_str(), now).await?;
             events.push(NewEvent {
                 actor: actor.into(),
@@ -463,6 +479,9 @@ impl Cluster {
         // Orders, with seq allocated per node in filing order.
         let mut per_node: BTreeMap<i32, (String, Vec<WorkOrder>)> = BTreeMap::new();
         for (name, order) in plan.orders {
+            if removed_names.contains(&name) {
+                continue;
+            }
             let (id, _) = by_name[&name];
             per_node
                 .entry(id)
@@ -660,10 +679,10 @@ impl Cluster {
         caller: &Caller,
     ) -> Result<Order, ApiError> {
         caller.require_node(name)?;
-        if result.message.len() > MAX_RESULT_LEN {
+        let length = result.message.chars().count();
+        if length > MAX_RESULT_LEN {
             return Err(ApiError::Unprocessable(format!(
-                "message is {} bytes; at most {MAX_RESULT_LEN} allowed",
-                result.message.len()
+                "message is {length} characters; at most {MAX_RESULT_LEN} allowed"
             )));
         }
         let row = self.node_row(self.store.conn(), name).await?;

@@ -117,6 +117,7 @@ impl Application {
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .wrap(from_fn(crate::api::json_errors))
                 .wrap(from_fn(log_request))
                 .configure(crate::api::configure)
         })

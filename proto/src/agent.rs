@@ -95,6 +95,7 @@ pub struct ObservedState {
     #[cfg_attr(feature = "openapi", schema(max_length = 64))]
     pub agent_version: String,
     /// The highest order `seq` the agent has applied.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub applied_seq: i64,
     /// At most 32 services.
     #[serde(default)]

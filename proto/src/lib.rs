@@ -16,7 +16,9 @@ pub use agent::{
 };
 pub use error::ErrorBody;
 pub use event::Event;
-pub use node::{CreateNode, Node, NodeHealth, NodeState, Provider, Role, validate_node_name};
+pub use node::{
+    CreateNode, Node, NodeHealth, NodeState, Provider, Role, ScalableRole, validate_node_name,
+};
 pub use order::{
     ConsulSpec, LoadBalancerSpec, Order, OrderKind, OrderOutcome, OrderResult, OrderStatus,
     PollResponse, PostgresSpec, WebappSpec, WorkOrder,

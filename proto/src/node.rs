@@ -197,13 +197,49 @@ pub struct Node {
     pub created_at: DateTime<Utc>,
 }
 
+/// The roles nodes can be added with: there is exactly one `adm` node,
+/// made when the control plane first starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ScalableRole {
+    Web,
+    Db,
+}
+
+impl From<ScalableRole> for Role {
+    fn from(r: ScalableRole) -> Self {
+        match r {
+            ScalableRole::Web => Role::Web,
+            ScalableRole::Db => Role::Db,
+        }
+    }
+}
+
+impl FromStr for ScalableRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "web" => Ok(ScalableRole::Web),
+            "db" => Ok(ScalableRole::Db),
+            "adm" => Err("there is exactly one adm node (adm1); add web or db nodes".into()),
+            other => Err(format!("unknown role {other:?} (expected web or db)")),
+        }
+    }
+}
+
+impl fmt::Display for ScalableRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Role::from(*self).fmt(f)
+    }
+}
+
 /// `POST /api/v1/nodes`: the server picks the next name and address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateNode {
-    /// `web` or `db`; the one `adm` node exists from the start.
-    pub role: Role,
+    pub role: ScalableRole,
     /// Defaults to the server's `--provider`.
     #[serde(default)]
     pub provider: Option<Provider>,

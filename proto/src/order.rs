@@ -232,7 +232,7 @@ impl From<OrderOutcome> for OrderStatus {
     }
 }
 
-/// The longest result text an agent may report.
+/// The longest result text an agent may report, in characters.
 pub const MAX_RESULT_LEN: usize = 16 * 1024;
 
 /// `POST /api/v1/agents/{node}/orders/{seq}/result`.
@@ -241,7 +241,7 @@ pub const MAX_RESULT_LEN: usize = 16 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct OrderResult {
     pub outcome: OrderOutcome,
-    /// At most 16 KiB.
+    /// At most 16384 characters.
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(max_length = 16384))]
     pub message: String,

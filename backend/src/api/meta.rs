@@ -8,8 +8,8 @@ use utoipa::ToSchema;
 use crate::service::Cluster;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/version", web::get().to(version));
+    cfg.service(web::resource("/healthz").route(web::get().to(healthz)))
+        .service(web::resource("/version").route(web::get().to(version)));
 }
 
 #[derive(Serialize, ToSchema)]

@@ -12,8 +12,9 @@ mod topology;
 
 use std::future::{Ready, ready};
 
-use actix_web::body::MessageBody;
+use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::http::{StatusCode, header};
 use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, web};
 use corral_proto as proto;
@@ -118,6 +119,51 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         req.method(),
         req.path()
     )))
+}
+
+/// Gives the errors actix answers by itself (405 with `Allow`, ...) the
+/// same JSON body as ours; responses that already have a body pass as they
+/// are.
+pub async fn json_errors(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let res = next.call(req).await?;
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || res.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return Ok(res.map_into_boxed_body());
+    }
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::NOT_FOUND => "not_found",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let (req, res) = res.into_parts();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => format!(
+            "{} is not allowed on {}; allowed: {}",
+            req.method(),
+            req.path(),
+            res.headers()
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+        ),
+        other => other.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let mut json = HttpResponse::build(status).json(proto::ErrorBody {
+        error: code.into(),
+        message,
+    });
+    for (name, value) in res.headers() {
+        if name != header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    Ok(ServiceResponse::new(req, json))
 }
 
 /// Paths under `/api/v1` reachable without a token.

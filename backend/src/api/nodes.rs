@@ -60,10 +60,10 @@ pub async fn list_nodes(
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "An agent token", body = ErrorBody),
-        (status = 409, description = "No free address left", body = ErrorBody),
+        (status = 409, description = "No free address left, or the role already has the most nodes allowed", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "Unknown field or role, role adm, or too many nodes", body = ErrorBody),
+        (status = 422, description = "Unknown field or role (adm cannot be added)", body = ErrorBody),
     )
 )]
 pub async fn create_node(

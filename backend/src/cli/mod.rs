@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use corral_proto::{CreateNode, Event, LbPolicy, Provider, ReplicationMode, Role, TopologyUpdate};
+use corral_proto::{
+    CreateNode, Event, LbPolicy, Provider, ReplicationMode, ScalableRole, TopologyUpdate,
+};
 use futures_util::StreamExt;
 
 use crate::api::parse_wait;
@@ -126,8 +128,9 @@ enum NodesCommand {
     List,
     /// Add a node: it gets the next name and address of its role.
     Add {
+        /// web or db.
         #[arg(long)]
-        role: Role,
+        role: ScalableRole,
         /// Where the node comes from (default: the server's --provider).
         #[arg(long)]
         provider: Option<Provider>,

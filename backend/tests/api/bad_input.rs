@@ -30,7 +30,7 @@ both_backends! {
             (Method::POST, "/api/v1/nodes", "text/plain", br#"{"role":"web"}"#.to_vec(), 415, "unsupported_media_type"),
             (Method::POST, "/api/v1/nodes", "application/problem+json", br#"{"role":"nope"}"#.to_vec(), 422, "unprocessable_entity"),
             (Method::PUT, "/api/v1/topology", "application/json", br#"{"web":-1,"db":0,"lb_policy":"round_robin","replication":"async"}"#.to_vec(), 422, "unprocessable_entity"),
-            (Method::PUT, "/api/v1/topology", "application/json", br#"{"web":1e3,"db":0,"lb_policy":"round_robin","replication":"async"}"#.to_vec(), 422, "unprocessable_entity"),
+            (Method::PUT, "/api/v1/topology", "application/json", br#"{"web":1.5,"db":0,"lb_policy":"round_robin","replication":"async"}"#.to_vec(), 422, "unprocessable_entity"),
             (Method::PUT, "/api/v1/topology", "application/json", br#"{"web":1,"db":0}"#.to_vec(), 422, "unprocessable_entity"),
             (Method::PUT, "/api/v1/topology", "application/json", br#"{"web":99999999999,"db":0,"lb_policy":"round_robin","replication":"async"}"#.to_vec(), 422, "unprocessable_entity"),
             (Method::PUT, "/api/v1/topology", "application/json", format!("{}1{}", "[".repeat(500), "]".repeat(500)).into_bytes(), 400, "bad_request"),
@@ -82,9 +82,14 @@ both_backends! {
         assert_eq!(app.get_json("/api/v1/nodes/nginx1").await["state"], "active");
     }
 
-    async fn unknown_routes_are_json_404s(app) {
+    async fn unknown_routes_are_json_404s_and_wrong_methods_json_405s(app) {
         assert_error(app.get("/api/v1/nope").await, 404, "not_found").await;
         assert_error(app.get("/api/v2/nodes").await, 404, "not_found").await;
+        let res = app.request(Method::PATCH, "/api/v1/nodes").send().await.expect("patch");
+        assert_eq!(res.headers().get("allow").and_then(|v| v.to_str().ok()).map(|a| a.contains("POST")), Some(true));
+        assert_error(res, 405, "method_not_allowed").await;
+        let res = app.http.post(format!("{}/healthz", app.url)).send().await.expect("post");
+        assert_error(res, 405, "method_not_allowed").await;
     }
 
     async fn an_over_long_result_message_is_refused(app) {

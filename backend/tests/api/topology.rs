@@ -64,6 +64,8 @@ both_backends! {
 
     async fn shrinking_the_topology_drains_the_highest_nodes(app) {
         app.set_topology(3, 0, "round_robin").await;
+        app.enroll("nginx2").await;
+        app.enroll("nginx3").await;
         let change = app.set_topology(1, 0, "round_robin").await;
         assert_eq!(change["draining"], json!(["nginx2", "nginx3"]));
         let n3 = app.get_json("/api/v1/nodes/nginx3").await;
@@ -71,6 +73,15 @@ both_backends! {
         let orders = app.get_json("/api/v1/nodes/nginx3/orders").await;
         let last = orders.as_array().and_then(|o| o.last()).cloned().expect("orders");
         assert_eq!(last["payload"]["kind"], "drain");
+    }
+
+    async fn shrinking_removes_nodes_that_never_enrolled_at_once(app) {
+        app.set_topology(3, 0, "round_robin").await;
+        app.enroll("nginx2").await;
+        let change = app.set_topology(1, 0, "round_robin").await;
+        assert_eq!(change["draining"], json!(["nginx2"]));
+        assert_eq!(app.node_names().await, vec!["adm1", "nginx1", "nginx2"]);
+        assert!(app.event_kinds().await.contains(&"node.removed nginx3".to_string()));
     }
 
     async fn sync_replication_without_a_standby_is_refused_and_changes_nothing(app) {
