@@ -4,6 +4,7 @@
 //! Events go out on a broadcast channel to every server-sent-events stream.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use corral_proto::{Event, Order};
@@ -39,12 +40,37 @@ impl OrderBatch {
     }
 }
 
-type Slot = watch::Sender<Option<Arc<OrderBatch>>>;
+struct Slot {
+    tx: watch::Sender<Option<Arc<OrderBatch>>>,
+    /// Polls of this node parked on the channel (past their database look).
+    parked: usize,
+}
 
 /// One watch channel per node id, created on first use.
 #[derive(Default)]
 pub struct OrderBus {
     nodes: Mutex<HashMap<i32, Slot>>,
+    parked: AtomicUsize,
+}
+
+/// Counts a poll as parked until dropped.
+pub struct Parked<'a> {
+    bus: &'a OrderBus,
+    node_id: i32,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.bus.parked.fetch_sub(1, Ordering::Relaxed);
+        let mut nodes = self
+            .bus
+            .nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = nodes.get_mut(&self.node_id) {
+            slot.parked = slot.parked.saturating_sub(1);
+        }
+    }
 }
 
 impl OrderBus {
@@ -53,28 +79,41 @@ impl OrderBus {
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         nodes
             .entry(node_id)
-            .or_insert_with(|| watch::channel(None).0)
+            .or_insert_with(|| Slot {
+                tx: watch::channel(None).0,
+                parked: 0,
+            })
+            .tx
             .subscribe()
+    }
+
+    /// Marks a poll as waiting for the next batch.
+    pub fn park(&self, node_id: i32) -> Parked<'_> {
+        self.parked.fetch_add(1, Ordering::Relaxed);
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = nodes.get_mut(&node_id) {
+            slot.parked += 1;
+        }
+        Parked { bus: self, node_id }
     }
 
     /// Wakes every long poll of the node. Called after the commit.
     pub fn publish(&self, node_id: i32, batch: OrderBatch) {
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = nodes.get(&node_id) {
-            slot.send_replace(Some(Arc::new(batch)));
+            slot.tx.send_replace(Some(Arc::new(batch)));
         }
     }
 
-    /// How many long polls wait on the node right now.
+    /// How many long polls are parked on the node right now.
     pub fn waiting(&self, node_id: i32) -> usize {
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes.get(&node_id).map_or(0, |slot| slot.receiver_count())
+        nodes.get(&node_id).map_or(0, |slot| slot.parked)
     }
 
-    /// Long polls waiting over all nodes.
+    /// Long polls parked over all nodes.
     pub fn waiting_total(&self) -> usize {
-        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes.values().map(|slot| slot.receiver_count()).sum()
+        self.parked.load(Ordering::Relaxed)
     }
 
     /// Forgets a removed node; its waiting polls see the channel close.

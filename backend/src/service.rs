@@ -54,10 +54,24 @@ pub enum Removal {
 struct Outcome {
     created: Vec<String>,
     draining: Vec<String>,
-    removed: Vec<i32>,
+    /// Nodes deleted: id and name.
+    removed: Vec<(i32, String)>,
+    /// Orders filed, per node name, for the cache of last orders.
+    filed: Vec<(String, WorkOrder)>,
     orders_filed: u64,
     batches: Vec<(i32, OrderBatch)>,
     events: Vec<event::Model>,
+}
+
+/// What the reconciler needs besides the nodes: the last order of each kind
+/// of each node. Kept in memory (it would cost a scan of every order and a
+/// JSON parse each per change otherwise), loaded from the database on first
+/// use and after any commit whose outcome is unknown. This assumes one
+/// server per database, which is how corral runs.
+#[derive(Default)]
+struct Desired {
+    last: LastOrders,
+    loaded: bool,
 }
 
 pub struct Cluster {
@@ -69,7 +83,7 @@ pub struct Cluster {
     tokens: TokenCache,
     /// Serialises changes to desired state: the reconciler reads the whole
     /// cluster and must not interleave with another run.
-    write: tokio::sync::Mutex<()>,
+    write: tokio::sync::Mutex<Desired>,
     delivered: mpsc::UnboundedSender<(i32, i64)>,
     stale: Mutex<HashSet<i32>>,
 }
@@ -90,7 +104,7 @@ impl Cluster {
             orders: OrderBus::default(),
             events: EventBus::default(),
             tokens: TokenCache::default(),
-            write: tokio::sync::Mutex::new(()),
+            write: tokio::sync::Mutex::new(Desired::default()),
             delivered,
             stale: Mutex::new(HashSet::new()),
         });
@@ -110,7 +124,7 @@ impl Cluster {
 
     /// First start: an empty topology and the admin node.
     async fn init(&self) -> Result<(), ApiError> {
-        let _guard = self.write.lock().await;
+        let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();
         let spec = match store::load_topology(&txn).await? {
@@ -129,14 +143,14 @@ impl Cluster {
         let outcome = self
             .apply_plan(
                 &txn,
+                &mut desired,
                 &spec,
                 self.config.default_provider,
                 "reconciler",
                 Vec::new(),
             )
             .await?;
-        txn.commit().await?;
-        self.announce(outcome);
+        self.commit(txn, outcome, &mut desired).await?;
         Ok(())
     }
 
@@ -180,7 +194,7 @@ impl Cluster {
     ) -> Result<TopologyChange, ApiError> {
         caller.require_admin()?;
         update.validate().map_err(ApiError::Unprocessable)?;
-        let _guard = self.write.lock().await;
+        let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();
         let current = store::load_topology(&txn)
@@ -203,6 +217,7 @@ impl Cluster {
         let outcome = self
             .apply_plan(
                 &txn,
+                &mut desired,
                 &update,
                 self.config.default_provider,
                 &caller.actor(),
@@ -212,14 +227,13 @@ impl Cluster {
         let row = store::load_topology(&txn)
             .await?
             .ok_or_else(|| ApiError::Internal("topology row missing".into()))?;
-        txn.commit().await?;
         let change = TopologyChange {
             topology: topology_from_row(&row)?,
             created: outcome.created.clone(),
             draining: outcome.draining.clone(),
             orders_filed: outcome.orders_filed,
         };
-        self.announce(outcome);
+        self.commit(txn, outcome, &mut desired).await?;
         Ok(change)
     }
 
@@ -255,7 +269,7 @@ impl Cluster {
         caller.require_admin()?;
         let role = Role::from(req.role);
         let provider = req.provider.unwrap_or(self.config.default_provider);
-        let _guard = self.write.lock().await;
+        let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();
         let mut spec = self.spec(&txn).await?;
@@ -271,7 +285,14 @@ impl Cluster {
         *count += 1;
         save_spec(&txn, &spec, now).await?;
         let outcome = self
-            .apply_plan(&txn, &spec, provider, &caller.actor(), Vec::new())
+            .apply_plan(
+                &txn,
+                &mut desired,
+                &spec,
+                provider,
+                &caller.actor(),
+                Vec::new(),
+            )
             .await?;
         let name = outcome
             .created
@@ -280,8 +301,7 @@ impl Cluster {
             .cloned()
             .ok_or_else(|| ApiError::Internal("the plan created no node".into()))?;
         let row = self.node_row(&txn, &name).await?;
-        txn.commit().await?;
-        self.announce(outcome);
+        self.commit(txn, outcome, &mut desired).await?;
         self.node_from_row(&row, now)
     }
 
@@ -293,7 +313,7 @@ impl Cluster {
         caller: &Caller,
     ) -> Result<Removal, ApiError> {
         caller.require_admin()?;
-        let _guard = self.write.lock().await;
+        let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();
         let row = self.node_row(&txn, name).await?;
@@ -344,6 +364,7 @@ impl Cluster {
         let mut outcome = self
             .apply_plan(
                 &txn,
+                &mut desired,
                 &spec,
                 self.config.default_provider,
                 &caller.actor(),
@@ -351,14 +372,13 @@ impl Cluster {
             )
             .await?;
         let result = if removed_now {
-            outcome.removed.push(row.id);
+            outcome.removed.push((row.id, name.to_string()));
             Removal::Removed
         } else {
             let row = self.node_row(&txn, name).await?;
             Removal::Draining(Box::new(self.node_from_row(&row, now)?))
         };
-        txn.commit().await?;
-        self.announce(outcome);
+        self.commit(txn, outcome, &mut desired).await?;
         Ok(result)
     }
 
@@ -376,27 +396,35 @@ impl Cluster {
     async fn apply_plan(
         &self,
         txn: &DatabaseTransaction,
+        desired: &mut Desired,
         spec: &TopologyUpdate,
         provider: Provider,
         actor: &str,
         mut events: Vec<NewEvent>,
     ) -> Result<Outcome, ApiError> {
         let now = Utc::now();
-        let rows = store::all_nodes(txn).await?;
-        let names: HashMap<i32, String> = rows.iter().map(|r| (r.id, r.name.clone())).collect();
+        let clock = std::time::Instant::now();
+        let rows = store::reconcile_nodes(txn).await?;
         let views = rows.iter().map(node_view).collect::<Result<Vec<_>, _>>()?;
-        let mut last = LastOrders::new();
-        for (node_id, kind, payload) in store::latest_orders(txn).await? {
-            let (Some(name), Ok(kind)) = (names.get(&node_id), kind.parse::<OrderKind>()) else {
-                continue;
-            };
-            let order: WorkOrder = serde_json::from_str(&payload).map_err(|e| {
-                ApiError::Internal(format!("stored order of {name} is corrupt: {e}"))
-            })?;
-            last.insert((name.clone(), kind), order);
+        if !desired.loaded {
+            let names: HashMap<i32, &str> = rows.iter().map(|r| (r.id, r.name.as_str())).collect();
+            desired.last.clear();
+            for (node_id, kind, payload) in store::latest_orders(txn).await? {
+                let (Some(name), Ok(kind)) = (names.get(&node_id), kind.parse::<OrderKind>())
+                else {
+                    continue;
+                };
+                let order: WorkOrder = serde_json::from_str(&payload).map_err(|e| {
+                    ApiError::Internal(format!("stored order of {name} is corrupt: {e}"))
+                })?;
+                desired.last.insert((name.to_string(), kind), order);
+            }
+            desired.loaded = true;
         }
+        let last = &desired.last;
+        let loaded = clock.elapsed();
         let plan =
-            reconcile::plan(spec, &views, &last, &self.config.settings, provider).map_err(|e| {
+            reconcile::plan(spec, &views, last, &self.config.settings, provider).map_err(|e| {
                 match e {
                     PlanError::AddressPoolExhausted { .. } => ApiError::Conflict {
                         code: "address_pool_exhausted",
@@ -404,6 +432,7 @@ impl Cluster {
                     },
                 }
             })?;
+        let planned = clock.elapsed();
         let mut outcome = Outcome::default();
         if plan.is_empty() {
             outcome.events = store::insert_events(txn, events, now).await?;
@@ -462,7 +491,7 @@ impl Cluster {
                         "{name} is surplus to the topology and removed; its agent had never enrolled"
                     ),
                 });
-                outcome.removed.push(id);
+                outcome.removed.push((id, name.clone()));
                 removed_names.insert(name.clone());
                 continue;
             }
@@ -489,39 +518,44 @@ impl Cluster {
                 .1
                 .push(order);
         }
+        // The orders as agents will see them, built here rather than read
+        // back: RETURNING 10,000 rows costs more than writing them.
         let mut rows_to_insert = Vec::new();
         let mut kinds: BTreeMap<OrderKind, u64> = BTreeMap::new();
-        for (id, (name, orders)) in &per_node {
-            let (_, last_seq) = by_name[name];
-            for (i, order) in orders.iter().enumerate() {
+        let mut by_count: BTreeMap<i64, Vec<i32>> = BTreeMap::new();
+        for (id, (name, orders)) in per_node.iter_mut() {
+            let (_, last_seq) = by_name[name.as_str()];
+            by_count.entry(orders.len() as i64).or_default().push(*id);
+            let mut batch = Vec::with_capacity(orders.len());
+            for (i, order) in orders.drain(..).enumerate() {
                 *kinds.entry(order.kind()).or_default() += 1;
+                let seq = last_seq + 1 + i as i64;
                 rows_to_insert.push(NewOrderRow {
                     node_id: *id,
-                    seq: last_seq + 1 + i as i64,
+                    seq,
                     kind: order.kind().as_str().into(),
-                    payload: serde_json::to_string(order)
+                    payload: serde_json::to_string(&order)
                         .map_err(|e| ApiError::Internal(e.to_string()))?,
                 });
+                outcome.filed.push((name.clone(), order.clone()));
+                batch.push(Order {
+                    node: name.clone(),
+                    seq,
+                    payload: order,
+                    status: OrderStatus::Pending,
+                    result: None,
+                    created_at: now,
+                    updated_at: now,
+                });
             }
-            store::set_last_seq(txn, *id, last_seq + orders.len() as i64).await?;
+            outcome.batches.push((*id, OrderBatch { orders: batch }));
         }
-        let inserted = store::insert_orders(txn, rows_to_insert, now).await?;
-        outcome.orders_filed = inserted.len() as u64;
-        let mut batches: BTreeMap<i32, Vec<Order>> = BTreeMap::new();
-        for row in &inserted {
-            let name = &per_node[&row.node_id].0;
-            batches
-                .entry(row.node_id)
-                .or_default()
-                .push(order_from_row(row, name)?);
+        // One UPDATE per distinct number of new orders (usually one or two),
+        // not one per node.
+        for (count, ids) in by_count {
+            store::advance_last_seq(txn, &ids, count).await?;
         }
-        outcome.batches = batches
-            .into_iter()
-            .map(|(id, mut orders)| {
-                orders.sort_by_key(|o| o.seq);
-                (id, OrderBatch { orders })
-            })
-            .collect();
+        outcome.orders_filed = store::insert_orders(txn, rows_to_insert, now).await?;
         if !per_node.is_empty() {
             let kinds = kinds
                 .iter()
@@ -543,16 +577,59 @@ impl Cluster {
                 actor: "reconciler".into(),
                 kind: "orders.filed".into(),
                 subject,
-                message: format!("filed {} orders ({kinds}) for {listed}", inserted.len()),
+                message: format!(
+                    "filed {} orders ({kinds}) for {listed}",
+                    outcome.orders_filed
+                ),
             });
         }
         outcome.events = store::insert_events(txn, events, now).await?;
+        tracing::info!(
+            nodes = rows.len(),
+            created = outcome.created.len(),
+            draining = outcome.draining.len(),
+            orders = outcome.orders_filed,
+            load_ms = loaded.as_millis() as u64,
+            plan_ms = (planned - loaded).as_millis() as u64,
+            write_ms = (clock.elapsed() - planned).as_millis() as u64,
+            "reconciled"
+        );
         Ok(outcome)
+    }
+
+    /// Commits a change, then brings the cache of last orders up to date and
+    /// wakes long polls and event streams.
+    async fn commit(
+        &self,
+        txn: DatabaseTransaction,
+        outcome: Outcome,
+        desired: &mut Desired,
+    ) -> Result<(), ApiError> {
+        if let Err(e) = txn.commit().await {
+            // Whether it committed is unknown: reload the cache next time.
+            desired.loaded = false;
+            return Err(e.into());
+        }
+        if desired.loaded {
+            let removed: HashSet<&str> = outcome.removed.iter().map(|(_, n)| n.as_str()).collect();
+            if !removed.is_empty() {
+                desired
+                    .last
+                    .retain(|(name, _), _| !removed.contains(name.as_str()));
+            }
+            for (name, order) in &outcome.filed {
+                desired
+                    .last
+                    .insert((name.clone(), order.kind()), order.clone());
+            }
+        }
+        self.announce(outcome);
+        Ok(())
     }
 
     /// Wakes long polls and event streams after a commit.
     fn announce(&self, outcome: Outcome) {
-        for id in outcome.removed {
+        for (id, _) in outcome.removed {
             self.tokens.forget_node(id);
             self.orders.remove(id);
         }
@@ -623,6 +700,7 @@ impl Cluster {
             return Ok(self.delivered(row.id, orders, row.last_seq));
         }
         let deadline = tokio::time::Instant::now() + wait.min(self.config.max_poll_wait);
+        let _parked = self.orders.park(row.id);
         loop {
             tokio::select! {
                 changed = rx.changed() => {
@@ -710,7 +788,7 @@ impl Cluster {
         };
         if kind == OrderKind::Drain && status == OrderStatus::Applied {
             // The node has drained: it leaves the cluster now.
-            let _guard = self.write.lock().await;
+            let mut desired = self.write.lock().await;
             let txn = self.store.begin().await?;
             store::finish_order(&txn, order.id, status.as_str(), &result.message, now).await?;
             let mut finished = order.clone();
@@ -731,15 +809,15 @@ impl Cluster {
             let mut outcome = self
                 .apply_plan(
                     &txn,
+                    &mut desired,
                     &spec,
                     self.config.default_provider,
                     "reconciler",
                     events,
                 )
                 .await?;
-            outcome.removed.push(row.id);
-            txn.commit().await?;
-            self.announce(outcome);
+            outcome.removed.push((row.id, name.to_string()));
+            self.commit(txn, outcome, &mut desired).await?;
             return order_from_row(&finished, name);
         }
         store::finish_order(
@@ -942,7 +1020,7 @@ fn parse_state(s: &str) -> Result<NodeState, ApiError> {
     s.parse().map_err(ApiError::Internal)
 }
 
-fn node_view(row: &node::Model) -> Result<NodeView, ApiError> {
+fn node_view(row: &store::NodeBrief) -> Result<NodeView, ApiError> {
     let (role, index) = Role::parse_node_name(&row.name).ok_or_else(|| {
         ApiError::Internal(format!("stored node name {:?} is off-scheme", row.name))
     })?;
@@ -1081,10 +1159,16 @@ async fn mark_delivered(store: Store, mut rx: mpsc::UnboundedReceiver<(i32, i64)
 }
 
 async fn write_delivered(store: &Store, upto: &HashMap<i32, i64>) -> Result<(), ApiError> {
+    // After a fan-out most nodes were handed the same seq: one statement per
+    // distinct seq (and chunk of nodes), not one per node.
+    let mut by_seq: BTreeMap<i64, Vec<i32>> = BTreeMap::new();
+    for (id, seq) in upto {
+        by_seq.entry(*seq).or_default().push(*id);
+    }
     let txn = store.begin().await?;
     let now = Utc::now();
-    for (id, seq) in upto {
-        store::mark_delivered(&txn, *id, *seq, now).await?;
+    for (seq, ids) in by_seq {
+        store::mark_delivered(&txn, &ids, seq, now).await?;
     }
     txn.commit().await?;
     Ok(())

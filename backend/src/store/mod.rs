@@ -15,7 +15,7 @@ use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+    EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 
 pub use entity::{event, node, topology, work_order};
@@ -154,6 +154,41 @@ pub async fn all_nodes<C: ConnectionTrait>(c: &C) -> Result<Vec<node::Model>> {
         .order_by_asc(node::Column::Id)
         .all(c)
         .await?)
+}
+
+/// What the reconciler needs of a node: no agent token, and the observed
+/// state only of db nodes (the only role whose observations it reads).
+#[derive(Debug, Clone)]
+pub struct NodeBrief {
+    pub id: i32,
+    pub name: String,
+    pub role: String,
+    pub address: String,
+    pub state: String,
+    pub last_seq: i64,
+    pub observed: Option<String>,
+}
+
+pub async fn reconcile_nodes<C: ConnectionTrait>(c: &C) -> Result<Vec<NodeBrief>> {
+    let sql = "SELECT id, name, role, address, state, last_seq, \
+               CASE WHEN role = 'db' THEN observed ELSE NULL END AS observed \
+               FROM nodes ORDER BY id";
+    let rows = c
+        .query_all_raw(Statement::from_string(c.get_database_backend(), sql))
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(NodeBrief {
+                id: row.try_get("", "id")?,
+                name: row.try_get("", "name")?,
+                role: row.try_get("", "role")?,
+                address: row.try_get("", "address")?,
+                state: row.try_get("", "state")?,
+                last_seq: row.try_get("", "last_seq")?,
+                observed: row.try_get("", "observed")?,
+            })
+        })
+        .collect()
 }
 
 pub async fn node_by_name<C: ConnectionTrait>(c: &C, name: &str) -> Result<Option<node::Model>> {
@@ -314,12 +349,13 @@ pub struct NewOrderRow {
     pub payload: String,
 }
 
+/// Inserts orders; returns how many.
 pub async fn insert_orders<C: ConnectionTrait>(
     c: &C,
     rows: Vec<NewOrderRow>,
     now: DateTime<Utc>,
-) -> Result<Vec<work_order::Model>> {
-    let mut inserted = Vec::with_capacity(rows.len());
+) -> Result<u64> {
+    let mut inserted = 0;
     let mut models = rows.into_iter().map(|r| work_order::ActiveModel {
         id: NotSet,
         node_id: Set(r.node_id),
@@ -336,21 +372,25 @@ pub async fn insert_orders<C: ConnectionTrait>(
         if chunk.is_empty() {
             break;
         }
-        inserted.extend(
-            work_order::Entity::insert_many(chunk)
-                .exec_with_returning(c)
-                .await?,
-        );
+        inserted += work_order::Entity::insert_many(chunk)
+            .exec_without_returning(c)
+            .await?;
     }
     Ok(inserted)
 }
 
-pub async fn set_last_seq<C: ConnectionTrait>(c: &C, node_id: i32, last_seq: i64) -> Result<()> {
-    node::Entity::update_many()
-        .col_expr(node::Column::LastSeq, Expr::value(last_seq))
-        .filter(node::Column::Id.eq(node_id))
-        .exec(c)
-        .await?;
+/// Adds `count` to the `last_seq` of every node in `ids`.
+pub async fn advance_last_seq<C: ConnectionTrait>(c: &C, ids: &[i32], count: i64) -> Result<()> {
+    for chunk in ids.chunks(INSERT_CHUNK * 10) {
+        node::Entity::update_many()
+            .col_expr(
+                node::Column::LastSeq,
+                Expr::col(node::Column::LastSeq).add(count),
+            )
+            .filter(node::Column::Id.is_in(chunk.iter().copied()))
+            .exec(c)
+            .await?;
+    }
     Ok(())
 }
 
@@ -398,22 +438,26 @@ pub async fn finish_order<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Marks a node's pending orders up to `seq` delivered.
+/// Marks the pending orders up to `seq` of the nodes in `ids` delivered.
 pub async fn mark_delivered<C: ConnectionTrait>(
     c: &C,
-    node_id: i32,
+    ids: &[i32],
     upto: i64,
     now: DateTime<Utc>,
 ) -> Result<u64> {
-    let res = work_order::Entity::update_many()
-        .col_expr(work_order::Column::Status, Expr::value("delivered"))
-        .col_expr(work_order::Column::UpdatedAt, Expr::value(now))
-        .filter(work_order::Column::NodeId.eq(node_id))
-        .filter(work_order::Column::Seq.lte(upto))
-        .filter(work_order::Column::Status.eq("pending"))
-        .exec(c)
-        .await?;
-    Ok(res.rows_affected)
+    let mut affected = 0;
+    for chunk in ids.chunks(INSERT_CHUNK) {
+        let res = work_order::Entity::update_many()
+            .col_expr(work_order::Column::Status, Expr::value("delivered"))
+            .col_expr(work_order::Column::UpdatedAt, Expr::value(now))
+            .filter(work_order::Column::NodeId.is_in(chunk.iter().copied()))
+            .filter(work_order::Column::Seq.lte(upto))
+            .filter(work_order::Column::Status.eq("pending"))
+            .exec(c)
+            .await?;
+        affected += res.rows_affected;
+    }
+    Ok(affected)
 }
 
 // ---- events ---------------------------------------------------------------
