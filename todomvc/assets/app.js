@@ -130,6 +130,8 @@
 
 	function finishEditing(id, save) {
 		if (editing !== id) { return; }
+		var input = list.querySelector('li.editing .edit');
+		if (input) { draft = input.value; }
 		var title = draft.trim();
 		editing = null;
 		render();
@@ -148,8 +150,8 @@
 	newTodo.addEventListener('keydown', function (e) {
 		if (e.key !== 'Enter') { return; }
 		var title = newTodo.value.trim();
-		if (!title) { return; }
 		newTodo.value = '';
+		if (!title) { return; }
 		change(function () {
 			return call('POST', API, { title: title }).then(function (t) { todos.push(t); render(); }, function (err) {
 				if (!newTodo.value) { newTodo.value = title; }
@@ -215,5 +217,6 @@
 	});
 
 	window.addEventListener('hashchange', render);
-	load();
+	// Changes queue up behind the first load, so it cannot overwrite them.
+	queue = load();
 }());

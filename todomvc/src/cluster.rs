@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, join_all};
@@ -135,10 +136,17 @@ fn advance(mark: Option<ReplayMark>, started: i64, lsn: Option<Lsn>) -> Option<R
     }
 }
 
-/// One server and its connection pool.
+/// One server and its connection pools, one per HTTP worker thread.
+///
+/// Each actix worker runs its own single-threaded runtime, and a connection
+/// belongs to the runtime that opened it: used from another worker it wakes
+/// that runtime for every read, and it dies with it, which happens first
+/// during a graceful stop (an idle worker exits while a busy one still
+/// finishes its requests). So every worker opens and uses its own.
 pub struct Node {
     pub endpoint: Endpoint,
-    pool: PgPool,
+    settings: DbSettings,
+    pools: Mutex<HashMap<ThreadId, PgPool>>,
     /// Replay only moves forward within one run of a server, so a position
     /// seen earlier is a floor for any snapshot taken later by that run.
     mark: Mutex<Option<ReplayMark>>,
@@ -146,29 +154,42 @@ pub struct Node {
 
 impl Node {
     fn new(endpoint: Endpoint, settings: &DbSettings) -> Self {
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.pool_size)
-            .min_connections(0)
-            .acquire_timeout(settings.connect_timeout)
-            .idle_timeout(Some(Duration::from_secs(60)))
-            // Pinging every connection before use would double the round
-            // trips; a connection idle for a while is the one likely to have
-            // lost its server (restart, failover), so only those are checked.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for > Duration::from_secs(1) {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
-            .connect_lazy_with(settings.connect_options(&endpoint));
         Node {
             endpoint,
-            pool,
+            settings: settings.clone(),
+            pools: Mutex::new(HashMap::new()),
             mark: Mutex::new(None),
         }
+    }
+
+    /// The calling thread's pool for this server, made on first use (lazily
+    /// connecting, so this never waits).
+    fn pool(&self) -> PgPool {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry(std::thread::current().id())
+            .or_insert_with(|| {
+                PgPoolOptions::new()
+                    .max_connections(self.settings.pool_size)
+                    .min_connections(0)
+                    .acquire_timeout(self.settings.connect_timeout)
+                    .idle_timeout(Some(Duration::from_secs(60)))
+                    // Pinging every connection before use would double the
+                    // round trips; a connection idle for a while is the one
+                    // likely to have lost its server (restart, failover), so
+                    // only those are checked.
+                    .test_before_acquire(false)
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for > Duration::from_secs(1) {
+                                conn.ping().await?;
+                            }
+                            Ok(true)
+                        })
+                    })
+                    .connect_lazy_with(self.settings.connect_options(&self.endpoint))
+            })
+            .clone()
     }
 
     fn mark(&self) -> Option<ReplayMark> {
@@ -309,7 +330,7 @@ impl Cluster {
         F: for<'c> Fn(&'c mut PgConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>,
     {
         let work = async {
-            let mut conn = node.pool.acquire().await?;
+            let mut conn = node.pool().acquire().await?;
             op(&mut conn).await
         };
         match tokio::time::timeout(self.inner.settings.operation_timeout(), work).await {

@@ -57,8 +57,8 @@ pub struct Config {
     #[arg(long, env = "TODOMVC_DB_PASSWORD", hide_env_values = true)]
     pub db_password: Option<String>,
 
-    /// Most connections to keep open to each database server.
-    #[arg(long, env = "TODOMVC_DB_POOL_SIZE", default_value_t = 16)]
+    /// Most connections each worker keeps open to each database server.
+    #[arg(long, env = "TODOMVC_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: u32,
 
     /// Longest wait, in milliseconds, for a database connection.

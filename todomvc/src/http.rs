@@ -109,10 +109,10 @@ pub async fn around_request(
         .unwrap_or("")
         .to_string();
     span.in_scope(|| {
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), latency_us, %read_from, "request failed");
-        } else if quiet {
+        if quiet {
             tracing::debug!(status = status.as_u16(), latency_us, "request");
+        } else if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), latency_us, %read_from, "request failed");
         } else {
             tracing::info!(status = status.as_u16(), latency_us, %read_from, "request");
         }
