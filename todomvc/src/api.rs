@@ -119,7 +119,10 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
         .read(session_lsn(&req), |conn| Box::pin(store::list(conn)))
         .await?;
     let base = base_url(&req);
-    let todos: Vec<_> = read.value.iter().map(|t| t.view(&base)).collect();
+    let todos = read
+        .value
+        .views(&base)
+        .map_err(|e| ApiError::Internal(format!("decoding todos: {e}")))?;
     Ok(answer(StatusCode::OK, read.seen, Some(read.from)).json(todos))
 }
 
@@ -133,9 +136,10 @@ async fn create(
         .cluster
         .write(move |conn| Box::pin(store::insert(conn, new)))
         .await?;
-    let view = written.value.view(&base_url(&req));
+    let base = base_url(&req);
+    let view = written.value.view(&base);
     let mut response = answer(StatusCode::CREATED, written.lsn, None);
-    if let Ok(location) = HeaderValue::from_str(&view.url) {
+    if let Ok(location) = HeaderValue::from_str(&view.url.to_string()) {
         response.insert_header((header::LOCATION, location));
     }
     Ok(response.json(view))

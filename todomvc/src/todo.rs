@@ -24,30 +24,46 @@ pub struct Todo {
 }
 
 /// A todo as served: Todo-Backend's fields plus its own absolute `url`.
+/// It borrows, so a list is written out straight from the database rows.
 #[derive(Debug, Serialize)]
 pub struct TodoView<'a> {
     pub id: i64,
     pub title: &'a str,
     pub completed: bool,
     pub order: Option<i64>,
-    pub url: String,
+    pub url: TodoUrl<'a>,
 }
 
 impl Todo {
     /// `base` is the scheme and host the client used, e.g. `http://host`.
-    pub fn view(&self, base: &str) -> TodoView<'_> {
+    pub fn view<'a>(&'a self, base: &'a str) -> TodoView<'a> {
         TodoView {
             id: self.id,
             title: &self.title,
             completed: self.completed,
             order: self.order,
-            url: todo_url(base, self.id),
+            url: TodoUrl { base, id: self.id },
         }
     }
 }
 
-pub fn todo_url(base: &str, id: i64) -> String {
-    format!("{base}/todos/{id}")
+/// The absolute URL of a todo, written out only when serialized.
+#[derive(Clone, Copy, Debug)]
+pub struct TodoUrl<'a> {
+    pub base: &'a str,
+    pub id: i64,
+}
+
+impl std::fmt::Display for TodoUrl<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/todos/{}", self.base, self.id)
+    }
+}
+
+impl Serialize for TodoUrl<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// The body of `POST /todos`.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::stream;
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::support::{Session, TestApp, eventually, shared_app_database, shared_psql};
 
@@ -80,6 +80,60 @@ async fn todo_backend_spec_walkthrough_passes() -> anyhow::Result<()> {
     let r = c.patch_json(&url, &json!({"order": 95})).await?;
     assert_eq!(r.json["order"], 95);
     assert_eq!(c.get(&url).await?.json["order"], 95);
+    Ok(())
+}
+
+/// The list is rendered by PostgreSQL and a single todo by the app: both
+/// must give exactly the same JSON, whatever the title holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_todos_are_exactly_the_todos_fetched_alone() -> anyhow::Result<()> {
+    let (app, _db) = app_on_shared_db("same").await?;
+    let c = app.session();
+    let titles = [
+        "plain",
+        "quotes \" and backslash \\ and slash /",
+        "tab\tnewline\ncarriage\r bell\u{7}",
+        "ünïcödé — 漢字 — 🦀",
+        "<script>alert(1)</script> & ampersand",
+        "  spaces kept  ",
+    ];
+    let orders = [
+        json!(null),
+        json!(-3),
+        json!(9_007_199_254_740_991_i64),
+        json!(0),
+    ];
+    for (i, title) in titles.iter().enumerate() {
+        let mut body = json!({"title": title, "completed": i % 2 == 1});
+        if let Some(order) = orders.get(i) {
+            body["order"] = order.clone();
+        }
+        let r = c.post_json("/todos", &body).await?;
+        assert_eq!(r.status, 201, "{}", r.text);
+        assert_eq!(r.json["title"], *title, "titles round-trip exactly");
+    }
+    let list = c.get("/todos").await?;
+    let listed = list.json.as_array().expect("array");
+    assert_eq!(listed.len(), titles.len());
+    for todo in listed {
+        let alone = c.get(todo["url"].as_str().expect("url")).await?;
+        assert_eq!(*todo, alone.json);
+        let keys: Vec<&String> = todo.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["completed", "id", "order", "title", "url"]);
+    }
+    // In `order` first (nulls last), then by creation.
+    let orders: Vec<Value> = listed.iter().map(|t| t["order"].clone()).collect();
+    assert_eq!(
+        orders,
+        vec![
+            json!(-3),
+            json!(0),
+            json!(9_007_199_254_740_991_i64),
+            json!(null),
+            json!(null),
+            json!(null)
+        ]
+    );
     Ok(())
 }
 
