@@ -538,8 +538,11 @@ type Probe = Result<ServerStatus, String>;
 /// Which server is the primary and which are replicas, from the probes
 /// alone: a server in recovery is never the primary, whatever its tag. Two
 /// servers out of recovery (an old primary back without being fenced) are
-/// told apart by the `primary` tag; if that does not settle it, there is no
+/// told apart by their timelines, the promoted one being on the higher;
+/// then by the `primary` tag; if that does not settle it, there is no
 /// primary and writes wait, rather than risk writing to the wrong one.
+/// (Timelines before tags: after a failover a static list's `--db-primary`
+/// names the old primary.)
 #[derive(Debug, PartialEq, Eq)]
 pub struct Roles {
     pub primary: Option<usize>,
@@ -568,13 +571,21 @@ pub fn decide_roles(probes: &[(&Candidate, &Probe)]) -> Roles {
         ),
         [one] => (Some(*one), None),
         several => {
+            let timeline = |i: usize| probes[i].1.as_ref().ok().and_then(|s| s.timeline);
+            let newest = several.iter().map(|&i| timeline(i)).max().flatten();
+            let on_newest: Vec<usize> = several
+                .iter()
+                .copied()
+                .filter(|&i| newest.is_some() && timeline(i) == newest)
+                .collect();
             let tagged: Vec<usize> = several
                 .iter()
                 .copied()
                 .filter(|i| probes[*i].0.tag == Tag::Primary)
+                .filter(|i| on_newest.is_empty() || on_newest.contains(i))
                 .collect();
-            match tagged.as_slice() {
-                [one] => (Some(*one), None),
+            match (on_newest.as_slice(), tagged.as_slice()) {
+                ([one], _) | (_, [one]) => (Some(*one), None),
                 _ => (
                     None,
                     Some(format!(
@@ -820,12 +831,17 @@ mod tests {
     }
 
     fn up(standby: bool) -> Probe {
+        on_timeline(standby, 1)
+    }
+
+    fn on_timeline(standby: bool, timeline: u32) -> Probe {
         Ok(ServerStatus {
             standby,
             lsn: Some(Lsn(100)),
             received: None,
             replay_paused: false,
             started: 1,
+            timeline: (!standby).then_some(timeline),
         })
     }
 
@@ -873,6 +889,27 @@ mod tests {
         let r = roles(&[
             (cand("a", Tag::Untagged), up(false)),
             (cand("b", Tag::Untagged), up(false)),
+        ]);
+        assert_eq!(r.primary, None);
+    }
+
+    #[test]
+    fn a_returning_old_primary_loses_to_the_promoted_one_despite_its_tag() {
+        // The static list still names a as the primary; b was promoted.
+        let r = roles(&[
+            (cand("a", Tag::Primary), on_timeline(false, 1)),
+            (cand("b", Tag::Replica), on_timeline(false, 2)),
+        ]);
+        assert_eq!(r.primary, Some(1));
+        // Same timeline (two clusters?): the tag decides, or nothing does.
+        let r = roles(&[
+            (cand("a", Tag::Primary), on_timeline(false, 2)),
+            (cand("b", Tag::Replica), on_timeline(false, 2)),
+        ]);
+        assert_eq!(r.primary, Some(0));
+        let r = roles(&[
+            (cand("a", Tag::Replica), on_timeline(false, 2)),
+            (cand("b", Tag::Replica), on_timeline(false, 2)),
         ]);
         assert_eq!(r.primary, None);
     }

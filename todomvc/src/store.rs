@@ -216,6 +216,10 @@ pub struct ServerStatus {
     pub received: Option<Lsn>,
     pub replay_paused: bool,
     pub started: i64,
+    /// The timeline a primary writes on. Each promotion starts a higher one,
+    /// so of two servers out of recovery the higher timeline is the newer
+    /// primary (the other, an old primary back without being fenced).
+    pub timeline: Option<u32>,
 }
 
 pub async fn server_status(conn: &mut PgConnection) -> Result<ServerStatus, sqlx::Error> {
@@ -225,7 +229,9 @@ pub async fn server_status(conn: &mut PgConnection) -> Result<ServerStatus, sqlx
                ELSE pg_current_wal_insert_lsn() END)::text AS lsn, \
          pg_last_wal_receive_lsn()::text AS received, \
          (CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END) AS paused, \
-         (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8 AS started",
+         (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8 AS started, \
+         (CASE WHEN pg_is_in_recovery() THEN NULL \
+               ELSE substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) END) AS timeline",
     )
     .fetch_one(conn)
     .await?;
@@ -239,5 +245,9 @@ pub async fn server_status(conn: &mut PgConnection) -> Result<ServerStatus, sqlx
         received: lsn("received")?,
         replay_paused: row.try_get("paused")?,
         started: row.try_get("started")?,
+        // A WAL file's name starts with its timeline, in hex.
+        timeline: row
+            .try_get::<Option<String>, _>("timeline")?
+            .and_then(|t| u32::from_str_radix(&t, 16).ok()),
     })
 }

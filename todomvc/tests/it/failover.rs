@@ -1,7 +1,7 @@
 //! The primary fails: writes answer 503 with Retry-After (promptly, and
 //! without being retried into duplicates), reads keep coming from the
 //! replica, and once a replica is promoted the app writes to it without a
-//! restart. A primary that freezes instead of dying gets the same answers
+//! restart, and keeps doing so when the old primary comes back unfenced. A primary that freezes instead of dying gets the same answers
 //! within a bounded time.
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -106,6 +106,39 @@ async fn writes_answer_503_while_no_primary_then_recover_after_promotion() -> an
     );
     let h = app.health().await?;
     assert_eq!((h.status, h.json["status"].as_str()), (200, Some("ok")));
+
+    // The old primary comes back still a primary (nothing fenced it), and
+    // the static list still calls it the primary; but it is on the old
+    // timeline, so writes stay with the promoted server.
+    primary.restart()?;
+    eventually(
+        "the returning old primary is seen and set aside",
+        long,
+        || async {
+            let h = app.health().await?;
+            let states: Vec<&str> = h.json["servers"]
+                .as_array()
+                .map(|s| s.iter().filter_map(|s| s["state"].as_str()).collect())
+                .unwrap_or_default();
+            Ok(states.contains(&"excluded") && states.contains(&"primary"))
+        },
+    )
+    .await?;
+    s.add("after the return").await?;
+    assert_eq!(
+        replica.psql(
+            "todomvc",
+            "SELECT string_agg(title, ',' ORDER BY id) FROM todos"
+        )?,
+        "before,after,after the return"
+    );
+    assert_eq!(
+        primary.psql(
+            "todomvc",
+            "SELECT count(*) FROM todos WHERE title <> 'before'"
+        )?,
+        "0"
+    );
     Ok(())
 }
 
