@@ -53,8 +53,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# A loopback port nothing listens on (ss is in iproute2, which setup.sh installs).
 free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  local port
+  while :; do
+    port=$(shuf -i 20000-60999 -n 1)
+    if ! ss -Htln "sport = :$port" | grep -q .; then
+      echo "$port"
+      return
+    fi
+  done
 }
 
 # Polls a command until it succeeds or the deadline (seconds) passes.

@@ -104,13 +104,14 @@ impl Application {
         .shutdown_timeout(config.shutdown_timeout_secs)
         .listen(listener)
         .map_err(listen_error)?;
-        if let Some(workers) = config.workers {
-            server = server.workers(workers);
-        }
+        let workers = config
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        server = server.workers(workers);
         if config.ignore_signals {
             server = server.disable_signals();
         }
-        tracing::info!(%addr, %node, workers = ?config.workers, "listening");
+        tracing::info!(%addr, %node, workers, "listening");
         Ok(Application {
             server: server.run(),
             addr,
