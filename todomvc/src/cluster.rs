@@ -410,9 +410,9 @@ impl Cluster {
                         Ok((fence, value)) => {
                             node.note(fence.started, fence.lsn);
                             // Same run of the server as when the mark was
-                            // taken (or promoted since, and so authoritative):
-                            // its snapshot holds everything up to the mark.
-                            if fence.started == mark.started || !fence.standby {
+                            // taken (a promotion keeps the run): its
+                            // snapshot holds everything up to the mark.
+                            if fence.started == mark.started {
                                 return Ok(Read {
                                     value,
                                     seen: fence.lsn.map_or(wanted, |l| l.max(wanted)),
