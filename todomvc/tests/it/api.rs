@@ -47,10 +47,23 @@ async fn todo_backend_spec_walkthrough_passes() -> anyhow::Result<()> {
         (200, json!("walk the dog"))
     );
 
-    // Navigate from the list to a todo by its url.
+    // Two todos posted at once both land; navigate from the list by url.
+    let (first, second) = (
+        json!({"title": "todo the first"}),
+        json!({"title": "todo the second"}),
+    );
+    let (a, b) = tokio::join!(c.post_json(root, &first), c.post_json(root, &second));
+    assert_eq!((a?.status, b?.status), (201, 201));
     let listed = c.get(root).await?;
+    assert_eq!(listed.json.as_array().map(Vec::len), Some(3));
     let listed_url = listed.json[0]["url"].as_str().expect("url");
     assert_eq!(c.get(listed_url).await?.json["title"], "walk the dog");
+    for todo in listed.json.as_array().into_iter().flatten().skip(1) {
+        assert_eq!(
+            c.delete(todo["url"].as_str().expect("url")).await?.status,
+            204
+        );
+    }
 
     // PATCH changes the title and the completedness, and the change persists.
     let r = c
@@ -65,6 +78,18 @@ async fn todo_backend_spec_walkthrough_passes() -> anyhow::Result<()> {
     let r = c.get(&url).await?;
     assert_eq!(r.json["title"], "bathe the cat");
     assert_eq!(r.json["completed"], true);
+
+    // Both at once, and the list agrees.
+    let r = c
+        .patch_json(&url, &json!({"title": "changed title", "completed": false}))
+        .await?;
+    assert_eq!(
+        (r.json["title"].as_str(), r.json["completed"].as_bool()),
+        (Some("changed title"), Some(false))
+    );
+    let listed = c.get(root).await?;
+    assert_eq!(listed.json[0]["title"], "changed title");
+    assert_eq!(listed.json[0]["completed"], false);
 
     // DELETE on the todo's url removes it.
     assert_eq!(c.delete(&url).await?.status, 204);
