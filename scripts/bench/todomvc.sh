@@ -76,7 +76,10 @@ wait_for() {
 }
 
 say "starting PostgreSQL"
-target/release/examples/pg_cluster --db todomvc --user todomvc >"$tmp/pg.out" 2>"$tmp/pg.err" &
+# TMPDIR: the harness keeps its initdb template in the temp dir for the life
+# of the process; under $tmp it goes with everything else.
+TMPDIR="$tmp" target/release/examples/pg_cluster --db todomvc --user todomvc \
+  >"$tmp/pg.out" 2>"$tmp/pg.err" &
 pids+=($!)
 wait_for "PostgreSQL (see $tmp/pg.err)" 60 grep -q READY "$tmp/pg.out"
 primary=$(sed -n 's/^PRIMARY=//p' "$tmp/pg.out")
