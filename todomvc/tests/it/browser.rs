@@ -36,7 +36,10 @@ struct Chromedriver {
 impl Chromedriver {
     async fn start() -> anyhow::Result<Chromedriver> {
         let port = free_port("127.0.0.1")?;
-        let child = Command::new("/usr/bin/chromedriver")
+        // setpriv's pdeathsig: a test process killed outright takes
+        // chromedriver with it (Drop handles every other ending).
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "/usr/bin/chromedriver"])
             .arg(format!("--port={port}"))
             .process_group(0)
             .stdin(Stdio::null())

@@ -25,7 +25,10 @@ impl Consul {
         let [http, serf_lan, serf_wan, server] = [0, 1, 2, 3].map(port);
         let (http, serf_lan, serf_wan, server) = (http?, serf_lan?, serf_wan?, server?);
         let dir = tempfile::tempdir()?;
-        let child = Command::new("consul")
+        // setpriv's pdeathsig: a test process killed outright takes consul
+        // with it (Drop handles every other ending).
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "consul"])
             .args([
                 "agent",
                 "-dev",
