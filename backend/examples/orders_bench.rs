@@ -3,9 +3,10 @@
 //! one order per agent; every agent notes when its order arrives.
 //!
 //! Prints: time to create and enroll the nodes, the filing request's
-//! duration, order delivery latency p50/p99/max (from the moment the filing
-//! request was sent, and from the moment it returned), and the server's RSS
-//! and CPU time (read from /proc of `--server-pid`).
+//! duration and server phases, order delivery latency p50/p99/max from the
+//! commit of the orders (placed by the server's `Server-Timing` phases) and
+//! end to end from the moment the filing request was sent, and the server's
+//! RSS and CPU time (read from /proc of `--server-pid`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,10 @@ struct Args {
     /// Requests in flight while enrolling.
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
+    /// Record a CPU profile of the server (perf record -g) from just before
+    /// the filing request until the last order arrives.
+    #[arg(long)]
+    perf_out: Option<String>,
 }
 
 /// Resident set size and peak RSS in KiB, and user+system CPU ticks.
@@ -49,6 +54,46 @@ fn proc_stats(pid: u32) -> Option<(u64, u64, u64)> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some((field("VmRSS:")?, field("VmHWM:")?, ticks))
+}
+
+/// Sends one request and reads the response; returns when its head arrived,
+/// how many orders (`"seq":`) the body holds, and the open connection.
+async fn poll_once(
+    addr: &str,
+    request: &[u8],
+) -> anyhow::Result<(Instant, usize, tokio::net::TcpStream)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(request).await?;
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 2048];
+    let mut received = None;
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed mid-response");
+        }
+        received.get_or_insert_with(Instant::now);
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("response without content-length")?;
+        if !head.starts_with("http/1.1 200") {
+            bail!("poll answered {}", head.lines().next().unwrap_or(""));
+        }
+        if buf.len() >= head_end + 4 + length {
+            let body = &buf[head_end + 4..head_end + 4 + length];
+            let orders = body.windows(6).filter(|w| w == b"\"seq\":").count();
+            return Ok((received.unwrap_or_else(Instant::now), orders, stream));
+        }
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -123,29 +168,28 @@ async fn main() -> anyhow::Result<()> {
     println!("enrolled {n} agents: {}", ms(started.elapsed()));
 
     // 3. Every agent holds a long poll after its current orders (3 each).
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, usize)>();
+    // The polls use a bare HTTP/1.1 exchange on their own connection rather
+    // than reqwest: the bench shares this machine's two cores with the
+    // server, and every cycle it spends delays the arrival times it records.
+    let addr = url
+        .strip_prefix("http://")
+        .context("--url must be http://host:port")?
+        .to_string();
+    // Agents keep their connection open afterwards, as real ones do: a
+    // close would make the server spend the fan-out tearing sockets down.
+    let (tx, mut rx) =
+        tokio::sync::mpsc::unbounded_channel::<(Instant, usize, Option<tokio::net::TcpStream>)>();
     for (node, token) in agents {
-        let (http, url, tx) = (http.clone(), url.clone(), tx.clone());
+        let (addr, tx) = (addr.clone(), tx.clone());
         tokio::spawn(async move {
-            let res = http
-                .get(format!(
-                    "{url}/api/v1/agents/{node}/orders?after=3&wait=60s"
-                ))
-                .bearer_auth(&token)
-                .send()
-                .await;
-            let received = Instant::now();
-            // Count orders without parsing the JSON: the bench shares the
-            // machine's two cores with the server and should cost little.
-            let count = match res {
-                Ok(r) if r.status().is_success() => r
-                    .bytes()
-                    .await
-                    .map(|b| b.windows(6).filter(|w| w == b"\"seq\":").count())
-                    .unwrap_or(0),
-                _ => 0,
+            let request = format!(
+                "GET /api/v1/agents/{node}/orders?after=3&wait=60s HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+            );
+            let outcome = match poll_once(&addr, request.as_bytes()).await {
+                Ok((at, orders, stream)) => (at, orders, Some(stream)),
+                Err(_) => (Instant::now(), 0, None),
             };
-            let _ = tx.send((received, count));
+            let _ = tx.send(outcome);
         });
     }
     drop(tx);
@@ -173,6 +217,7 @@ async fn main() -> anyhow::Result<()> {
         ms(started.elapsed())
     );
     let before = args.server_pid.and_then(proc_stats);
+    let client_before = proc_stats(std::process::id());
     if let Some((rss, _, _)) = before {
         println!(
             "server RSS holding {n} long polls: {:.1} MiB",
@@ -181,6 +226,28 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // 4. One change files one order per agent.
+    let mut perf = match (&args.perf_out, args.server_pid) {
+        (Some(out), Some(pid)) => {
+            let child = std::process::Command::new("perf")
+                .args([
+                    "record",
+                    "-F",
+                    "4000",
+                    "-g",
+                    "-o",
+                    out,
+                    "-p",
+                    &pid.to_string(),
+                ])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting perf record")?;
+            // perf needs a moment to attach; nothing is measured meanwhile.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Some(child)
+        }
+        _ => None,
+    };
     let filed = Instant::now();
     let res = http
         .put(format!("{url}/api/v1/topology"))
@@ -189,45 +256,74 @@ async fn main() -> anyhow::Result<()> {
         .send()
         .await?;
     let returned = Instant::now();
+    // The server's phases (Server-Timing) place the commit in our timeline:
+    // on loopback the request reaches the handler within a fraction of a ms.
+    let timing = res
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let phase = |name: &str| {
+        timing
+            .split(',')
+            .filter_map(|p| p.trim().split_once(";dur="))
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, d)| d.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let to_commit: f64 = ["lock", "load", "plan", "write", "commit"]
+        .iter()
+        .map(|p| phase(p))
+        .sum();
+    let committed = filed + Duration::from_secs_f64(to_commit / 1000.0);
     let change: Value = res.json().await.context("filing response")?;
     println!(
-        "filing request ({} orders): {}",
+        "filing request ({} orders): {} — server phases: {timing}",
         change["orders_filed"],
         ms(returned - filed)
     );
 
     let mut from_sent = Vec::with_capacity(n as usize);
-    let mut from_returned = Vec::with_capacity(n as usize);
+    let mut from_commit = Vec::with_capacity(n as usize);
     let mut missing = 0;
-    while let Some((received, count)) = rx.recv().await {
+    let mut open = Vec::with_capacity(n as usize);
+    while let Some((received, count, stream)) = rx.recv().await {
+        open.extend(stream);
         if count != 1 {
             missing += 1;
             continue;
         }
         from_sent.push(received - filed);
-        from_returned.push(received.saturating_duration_since(returned));
+        from_commit.push(received.saturating_duration_since(committed));
     }
     let done = filed.elapsed();
+    if let Some(mut perf) = perf.take() {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
     if missing > 0 {
         bail!("{missing} agents did not receive exactly one order");
     }
     from_sent.sort();
-    from_returned.sort();
+    from_commit.sort();
     println!(
         "all {n} orders received {} after the filing request was sent",
         ms(done)
     );
     println!(
-        "delivery latency from filing request sent:     p50 {}  p99 {}  max {}",
+        "delivery latency, order committed -> received:      p50 {}  p99 {}  max {}",
+        ms(percentile(&from_commit, 50.0)),
+        ms(percentile(&from_commit, 99.0)),
+        ms(percentile(&from_commit, 100.0)),
+    );
+    println!(
+        "end to end, filing request sent -> order received:  p50 {}  p99 {}  max {}",
         ms(percentile(&from_sent, 50.0)),
         ms(percentile(&from_sent, 99.0)),
         ms(percentile(&from_sent, 100.0)),
-    );
-    println!(
-        "delivery latency after the filing commit returned: p50 {}  p99 {}  max {}",
-        ms(percentile(&from_returned, 50.0)),
-        ms(percentile(&from_returned, 99.0)),
-        ms(percentile(&from_returned, 100.0)),
     );
     if let (Some(pid), Some((_, _, ticks_before))) = (args.server_pid, before)
         && let Some((rss, hwm, ticks_after)) = proc_stats(pid)
@@ -238,6 +334,15 @@ async fn main() -> anyhow::Result<()> {
             ms(done),
             cpu / done.as_secs_f64() * 100.0
         );
+        if let (Some((_, _, c0)), Some((_, _, c1))) =
+            (client_before, proc_stats(std::process::id()))
+        {
+            println!(
+                "bench client CPU meanwhile: {:.2} s (the two share this machine's {} cores)",
+                (c1 - c0) as f64 / 100.0,
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+        }
         println!(
             "server RSS after: {:.1} MiB (peak {:.1} MiB)",
             rss as f64 / 1024.0,

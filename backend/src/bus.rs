@@ -43,7 +43,9 @@ impl OrderBatch {
 struct Slot {
     tx: watch::Sender<Option<Arc<OrderBatch>>>,
     /// Polls of this node parked on the channel (past their database look).
-    parked: usize,
+    /// Atomic, so a woken poll leaving does not take the map's lock while a
+    /// fan-out holds it.
+    parked: Arc<AtomicUsize>,
 }
 
 /// One watch channel per node id, created on first use.
@@ -55,20 +57,15 @@ pub struct OrderBus {
 
 /// Counts a poll as parked until dropped.
 pub struct Parked<'a> {
-    bus: &'a OrderBus,
-    node_id: i32,
+    total: &'a AtomicUsize,
+    node: Option<Arc<AtomicUsize>>,
 }
 
 impl Drop for Parked<'_> {
     fn drop(&mut self) {
-        self.bus.parked.fetch_sub(1, Ordering::Relaxed);
-        let mut nodes = self
-            .bus
-            .nodes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = nodes.get_mut(&self.node_id) {
-            slot.parked = slot.parked.saturating_sub(1);
+        self.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some(node) = &self.node {
+            node.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -81,7 +78,7 @@ impl OrderBus {
             .entry(node_id)
             .or_insert_with(|| Slot {
                 tx: watch::channel(None).0,
-                parked: 0,
+                parked: Arc::default(),
             })
             .tx
             .subscribe()
@@ -90,25 +87,35 @@ impl OrderBus {
     /// Marks a poll as waiting for the next batch.
     pub fn park(&self, node_id: i32) -> Parked<'_> {
         self.parked.fetch_add(1, Ordering::Relaxed);
-        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = nodes.get_mut(&node_id) {
-            slot.parked += 1;
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let node = nodes.get(&node_id).map(|slot| slot.parked.clone());
+        if let Some(node) = &node {
+            node.fetch_add(1, Ordering::Relaxed);
         }
-        Parked { bus: self, node_id }
+        Parked {
+            total: &self.parked,
+            node,
+        }
     }
 
-    /// Wakes every long poll of the node. Called after the commit.
-    pub fn publish(&self, node_id: i32, batch: OrderBatch) {
+    /// Wakes every long poll of each node with its new batch, under one lock
+    /// (a fan-out after a topology change touches every node). Called after
+    /// the commit.
+    pub fn publish_all(&self, batches: Vec<(i32, OrderBatch)>) {
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = nodes.get(&node_id) {
-            slot.tx.send_replace(Some(Arc::new(batch)));
+        for (node_id, batch) in batches {
+            if let Some(slot) = nodes.get(&node_id) {
+                slot.tx.send_replace(Some(Arc::new(batch)));
+            }
         }
     }
 
     /// How many long polls are parked on the node right now.
     pub fn waiting(&self, node_id: i32) -> usize {
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes.get(&node_id).map_or(0, |slot| slot.parked)
+        nodes
+            .get(&node_id)
+            .map_or(0, |slot| slot.parked.load(Ordering::Relaxed))
     }
 
     /// Long polls parked over all nodes.
@@ -181,12 +188,12 @@ mod tests {
     async fn subscribers_are_woken_by_a_publish() {
         let bus = OrderBus::default();
         let mut rx = bus.subscribe(7);
-        bus.publish(
+        bus.publish_all(vec![(
             7,
             OrderBatch {
                 orders: vec![order(1)],
             },
-        );
+        )]);
         rx.changed().await.expect("changed");
         assert_eq!(rx.borrow().as_ref().map(|b| b.last_seq()), Some(1));
     }

@@ -3,12 +3,6 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-// glibc's malloc spent a third of the server's CPU time in a 10,000-agent
-// fan-out (many small allocations freed on other threads) and kept more RSS;
-// mimalloc does neither. See scripts/bench/orders.sh.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[actix_web::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()

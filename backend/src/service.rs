@@ -49,6 +49,30 @@ pub enum Removal {
     Removed,
 }
 
+/// How long the phases of a change took, for the log and the standard
+/// `Server-Timing` response header (shown by browsers' developer tools).
+#[derive(Debug, Default, Clone)]
+pub struct Timings(Vec<(&'static str, Duration)>);
+
+impl Timings {
+    fn record(&mut self, phase: &'static str, took: Duration) {
+        self.0.push((phase, took));
+    }
+
+    /// `lock;dur=0.0, load;dur=41.2, ...` in milliseconds.
+    pub fn server_timing(&self) -> String {
+        self.0
+            .iter()
+            .map(|(phase, took)| format!("{phase};dur={:.1}", took.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn total(&self) -> Duration {
+        self.0.iter().map(|(_, d)| *d).sum()
+    }
+}
+
 /// What a committed change has to announce.
 #[derive(Default)]
 struct Outcome {
@@ -61,6 +85,9 @@ struct Outcome {
     orders_filed: u64,
     batches: Vec<(i32, OrderBatch)>,
     events: Vec<event::Model>,
+    /// Nodes the plan looked at, for the log.
+    nodes_seen: usize,
+    timings: Timings,
 }
 
 /// What the reconciler needs besides the nodes: the last order of each kind
@@ -191,10 +218,12 @@ impl Cluster {
         &self,
         update: TopologyUpdate,
         caller: &Caller,
-    ) -> Result<TopologyChange, ApiError> {
+    ) -> Result<(TopologyChange, Timings), ApiError> {
         caller.require_admin()?;
         update.validate().map_err(ApiError::Unprocessable)?;
+        let waited = std::time::Instant::now();
         let mut desired = self.write.lock().await;
+        let waited = waited.elapsed();
         let txn = self.store.begin().await?;
         let now = Utc::now();
         let current = store::load_topology(&txn)
@@ -233,8 +262,12 @@ impl Cluster {
             draining: outcome.draining.clone(),
             orders_filed: outcome.orders_filed,
         };
-        self.commit(txn, outcome, &mut desired).await?;
-        Ok(change)
+        let mut timings = Timings::default();
+        timings.record("lock", waited);
+        timings
+            .0
+            .extend(self.commit(txn, outcome, &mut desired).await?.0);
+        Ok((change, timings))
     }
 
     // ---- nodes ------------------------------------------------------------
@@ -584,16 +617,10 @@ impl Cluster {
             });
         }
         outcome.events = store::insert_events(txn, events, now).await?;
-        tracing::info!(
-            nodes = rows.len(),
-            created = outcome.created.len(),
-            draining = outcome.draining.len(),
-            orders = outcome.orders_filed,
-            load_ms = loaded.as_millis() as u64,
-            plan_ms = (planned - loaded).as_millis() as u64,
-            write_ms = (clock.elapsed() - planned).as_millis() as u64,
-            "reconciled"
-        );
+        outcome.nodes_seen = rows.len();
+        outcome.timings.record("load", loaded);
+        outcome.timings.record("plan", planned - loaded);
+        outcome.timings.record("write", clock.elapsed() - planned);
         Ok(outcome)
     }
 
@@ -602,14 +629,16 @@ impl Cluster {
     async fn commit(
         &self,
         txn: DatabaseTransaction,
-        outcome: Outcome,
+        mut outcome: Outcome,
         desired: &mut Desired,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Timings, ApiError> {
+        let clock = std::time::Instant::now();
         if let Err(e) = txn.commit().await {
             // Whether it committed is unknown: reload the cache next time.
             desired.loaded = false;
             return Err(e.into());
         }
+        let committed = clock.elapsed();
         if desired.loaded {
             let removed: HashSet<&str> = outcome.removed.iter().map(|(_, n)| n.as_str()).collect();
             if !removed.is_empty() {
@@ -623,8 +652,28 @@ impl Cluster {
                     .insert((name.clone(), order.kind()), order.clone());
             }
         }
+        let mut timings = std::mem::take(&mut outcome.timings);
+        timings.record("commit", committed);
+        let (nodes, created, draining, orders) = (
+            outcome.nodes_seen,
+            outcome.created.len(),
+            outcome.draining.len(),
+            outcome.orders_filed,
+        );
         self.announce(outcome);
-        Ok(())
+        timings.record("announce", clock.elapsed() - committed);
+        if orders > 0 || created > 0 || draining > 0 {
+            tracing::info!(
+                nodes,
+                created,
+                draining,
+                orders,
+                ms = timings.total().as_millis() as u64,
+                phases = %timings.server_timing(),
+                "change committed"
+            );
+        }
+        Ok(timings)
     }
 
     /// Wakes long polls and event streams after a commit.
@@ -633,9 +682,7 @@ impl Cluster {
             self.tokens.forget_node(id);
             self.orders.remove(id);
         }
-        for (id, batch) in outcome.batches {
-            self.orders.publish(id, batch);
-        }
+        self.orders.publish_all(outcome.batches);
         for e in &outcome.events {
             self.events.publish(event_from_row(e));
         }
@@ -1138,17 +1185,22 @@ fn replication_role(r: corral_proto::ReplicationRole) -> &'static str {
     }
 }
 
+/// How long delivered marks gather before they are written: long enough that
+/// a fan-out to thousands of agents finishes before the database write
+/// competes with it for the CPU, short enough for people watching.
+const DELIVERED_BATCH_WINDOW: Duration = Duration::from_millis(500);
+
 /// Marks orders delivered in batches: a fan-out to 10,000 long polls would
 /// otherwise cost 10,000 single-row writes on the delivery path.
 async fn mark_delivered(store: Store, mut rx: mpsc::UnboundedReceiver<(i32, i64)>) {
     while let Some(first) = rx.recv().await {
         let mut upto: HashMap<i32, i64> = HashMap::from([first]);
-        // Gather whatever else arrived meanwhile, bounded.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Gather whatever else arrives meanwhile, bounded.
+        tokio::time::sleep(DELIVERED_BATCH_WINDOW).await;
         while let Ok((id, seq)) = rx.try_recv() {
             let e = upto.entry(id).or_insert(seq);
             *e = (*e).max(seq);
-            if upto.len() >= 5000 {
+            if upto.len() >= 50_000 {
                 break;
             }
         }

@@ -185,16 +185,15 @@ async fn log_request(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let method = req.method().clone();
-    let path = req.path().to_string();
     let start = std::time::Instant::now();
     let res = next.call(req).await?;
     let status = res.status().as_u16();
     let ms = start.elapsed().as_millis() as u64;
+    let (method, path) = (res.request().method(), res.request().path());
     if status >= 500 {
-        tracing::warn!(%method, %path, status, ms, "request failed");
+        tracing::warn!(%method, path, status, ms, "request failed");
     } else {
-        tracing::debug!(%method, %path, status, ms, "request");
+        tracing::debug!(%method, path, status, ms, "request");
     }
     Ok(res)
 }

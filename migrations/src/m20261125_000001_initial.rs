@@ -132,16 +132,6 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        manager
-            .create_index(
-                Index::create()
-                    .name("idx_work_orders_node_kind")
-                    .table(WorkOrders::Table)
-                    .col(WorkOrders::NodeId)
-                    .col(WorkOrders::Kind)
-                    .to_owned(),
-            )
-            .await?;
 
         manager
             .create_table(

@@ -3,6 +3,8 @@
 #
 #   scripts/bench/orders.sh [AGENTS]          default 10000
 #   DATABASE_URL=postgres://... scripts/bench/orders.sh
+#   CORRAL_BIN=/path/to/corral scripts/bench/orders.sh   (compare two builds)
+#   PERF_OUT=/tmp/perf.data scripts/bench/orders.sh      (profile the fan-out)
 #
 # Starts a release `corral serve` (SQLite in a temporary state dir unless
 # DATABASE_URL is set), creates AGENTS web nodes, enrolls an agent for each,
@@ -30,7 +32,7 @@ trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 # /16 so the address pool holds 10,000+ nodes.
-RUST_LOG=${RUST_LOG:-info,sqlx=warn} target/release/corral serve --listen "127.0.0.1:$port" --state-dir "$work/state" \
+RUST_LOG=${RUST_LOG:-info,sqlx=warn} "${CORRAL_BIN:-target/release/corral}" serve --listen "127.0.0.1:$port" --state-dir "$work/state" \
   --network 127.0.11.0/16 >"$work/token" 2>"$work/server.log" &
 server_pid=$!
 for _ in $(seq 1 300); do
@@ -45,6 +47,5 @@ target/release/examples/orders_bench \
   --token "$(head -n1 "$work/token")" \
   --join-token "$(cat "$work/state/join-token")" \
   --agents "$agents" \
-  --server-pid "$server_pid"
-echo "server log of the filing change:" >&2
-grep -o "reconciled.*" "$work/server.log" | tail -n 1 >&2
+  --server-pid "$server_pid" \
+  ${PERF_OUT:+--perf-out "$PERF_OUT"}

@@ -12,7 +12,7 @@ mod topology;
 
 use std::future::{Ready, ready};
 
-use actix_web::body::{BoxBody, MessageBody};
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::{StatusCode, header};
 use actix_web::middleware::Next;
@@ -124,16 +124,16 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
 /// Gives the errors actix answers by itself (405 with `Allow`, ...) the
 /// same JSON body as ours; responses that already have a body pass as they
 /// are.
-pub async fn json_errors(
+pub async fn json_errors<B: MessageBody + 'static>(
     req: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    next: Next<B>,
+) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
     let res = next.call(req).await?;
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error())
         || res.headers().contains_key(header::CONTENT_TYPE)
     {
-        return Ok(res.map_into_boxed_body());
+        return Ok(res.map_into_left_body());
     }
     let code = match status {
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
@@ -163,7 +163,7 @@ pub async fn json_errors(
             json.headers_mut().insert(name.clone(), value.clone());
         }
     }
-    Ok(ServiceResponse::new(req, json))
+    Ok(ServiceResponse::new(req, json).map_into_right_body())
 }
 
 /// Paths under `/api/v1` reachable without a token.

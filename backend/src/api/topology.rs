@@ -1,6 +1,6 @@
 //! `GET|PUT /api/v1/topology`: the desired shape of the cluster.
 
-use actix_web::web;
+use actix_web::{HttpResponse, web};
 use corral_proto::{ErrorBody, Topology, TopologyChange, TopologyUpdate};
 
 use super::Body;
@@ -45,7 +45,8 @@ pub async fn get_topology(
     security(("bearer" = [])),
     request_body = TopologyUpdate,
     responses(
-        (status = 200, description = "The new spec and what it took", body = TopologyChange),
+        (status = 200, description = "The new spec and what it took", body = TopologyChange,
+            headers(("Server-Timing" = String, description = "How long each phase took: lock, load, plan, write, commit, announce (ms)"))),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "An agent token", body = ErrorBody),
@@ -59,8 +60,9 @@ pub async fn put_topology(
     cluster: web::Data<Cluster>,
     caller: Caller,
     body: Body<TopologyUpdate>,
-) -> Result<web::Json<TopologyChange>, ApiError> {
-    Ok(web::Json(
-        cluster.set_topology(body.into_inner(), &caller).await?,
-    ))
+) -> Result<HttpResponse, ApiError> {
+    let (change, timings) = cluster.set_topology(body.into_inner(), &caller).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("Server-Timing", timings.server_timing()))
+        .json(change))
 }
