@@ -231,13 +231,22 @@ pub struct NewNodeRow<'a> {
 /// parameters per statement, PostgreSQL 65535.
 const INSERT_CHUNK: usize = 1000;
 
+/// Rows in groups of [`INSERT_CHUNK`], one multi-row INSERT each.
+fn in_chunks<T>(rows: impl IntoIterator<Item = T>) -> impl Iterator<Item = Vec<T>> {
+    let mut rows = rows.into_iter();
+    std::iter::from_fn(move || {
+        let chunk: Vec<T> = rows.by_ref().take(INSERT_CHUNK).collect();
+        (!chunk.is_empty()).then_some(chunk)
+    })
+}
+
 pub async fn insert_nodes<C: ConnectionTrait>(
     c: &C,
     rows: Vec<NewNodeRow<'_>>,
     now: DateTime<Utc>,
 ) -> Result<Vec<node::Model>> {
     let mut inserted = Vec::with_capacity(rows.len());
-    let mut models = rows.into_iter().map(|r| node::ActiveModel {
+    let models = rows.into_iter().map(|r| node::ActiveModel {
         id: NotSet,
         name: Set(r.name.to_owned()),
         role: Set(r.role.to_owned()),
@@ -251,11 +260,7 @@ pub async fn insert_nodes<C: ConnectionTrait>(
         created_at: Set(now),
         updated_at: Set(now),
     });
-    loop {
-        let chunk: Vec<_> = models.by_ref().take(INSERT_CHUNK).collect();
-        if chunk.is_empty() {
-            break;
-        }
+    for chunk in in_chunks(models) {
         inserted.extend(
             node::Entity::insert_many(chunk)
                 .exec_with_returning(c)
@@ -362,7 +367,7 @@ pub async fn insert_orders<C: ConnectionTrait>(
     now: DateTime<Utc>,
 ) -> Result<u64> {
     let mut inserted = 0;
-    let mut models = rows.into_iter().map(|r| work_order::ActiveModel {
+    let models = rows.into_iter().map(|r| work_order::ActiveModel {
         id: NotSet,
         node_id: Set(r.node_id),
         seq: Set(r.seq),
@@ -373,11 +378,7 @@ pub async fn insert_orders<C: ConnectionTrait>(
         created_at: Set(now),
         updated_at: Set(now),
     });
-    loop {
-        let chunk: Vec<_> = models.by_ref().take(INSERT_CHUNK).collect();
-        if chunk.is_empty() {
-            break;
-        }
+    for chunk in in_chunks(models) {
         inserted += work_order::Entity::insert_many(chunk)
             .exec_without_returning(c)
             .await?;
@@ -481,7 +482,7 @@ pub async fn insert_events<C: ConnectionTrait>(
     now: DateTime<Utc>,
 ) -> Result<Vec<event::Model>> {
     let mut inserted = Vec::with_capacity(events.len());
-    let mut models = events.into_iter().map(|e| event::ActiveModel {
+    let models = events.into_iter().map(|e| event::ActiveModel {
         id: NotSet,
         at: Set(now),
         actor: Set(e.actor),
@@ -489,11 +490,7 @@ pub async fn insert_events<C: ConnectionTrait>(
         subject: Set(e.subject),
         message: Set(e.message),
     });
-    loop {
-        let chunk: Vec<_> = models.by_ref().take(INSERT_CHUNK).collect();
-        if chunk.is_empty() {
-            break;
-        }
+    for chunk in in_chunks(models) {
         inserted.extend(
             event::Entity::insert_many(chunk)
                 .exec_with_returning(c)
