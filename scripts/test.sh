@@ -19,7 +19,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "corral-proto builds for wasm32 (the web UI shares its types)"
 cargo check -q -p corral-proto --target wasm32-unknown-unknown --locked
 
-step "cargo test (SQLite and PostgreSQL 15, real processes)"
+step "build the binaries the end-to-end tests run (corral, corral-agent, todomvc)"
+cargo build --workspace --bins --locked
+
+step "cargo test (SQLite and PostgreSQL 15, whole clusters of real processes)"
 cargo test --workspace --locked
 
 step "API fuzz against openapi.yaml (schemathesis)"
