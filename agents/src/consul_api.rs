@@ -99,6 +99,16 @@ impl ConsulApi {
         .map(drop)
     }
 
+    /// Re-reads the agent's configuration files (service definitions).
+    pub async fn reload(&self) -> Result<(), ConsulError> {
+        self.call(
+            self.http.put(format!("{}/v1/agent/reload", self.base)),
+            Self::short(),
+        )
+        .await
+        .map(drop)
+    }
+
     pub async fn deregister_service(&self, id: &str) -> Result<(), ConsulError> {
         self.call(
             self.http

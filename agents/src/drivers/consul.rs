@@ -13,6 +13,11 @@ use crate::host::{Ensured, OneShot, ServiceSpec};
 
 pub const SERVICE: &str = "consul";
 
+/// Where service definitions that carry script checks go: Consul runs
+/// script checks only from its own configuration files
+/// (`enable_local_script_checks`), never from HTTP registrations.
+pub const CONF_DIR: &str = "consul/conf.d";
+
 pub struct ConsulDriver {
     ctx: Arc<NodeContext>,
 }
@@ -59,7 +64,11 @@ impl ConsulDriver {
         ServiceSpec {
             name: SERVICE.into(),
             program: self.ctx.bins.consul.clone(),
-            args: vec!["agent".into(), format!("-config-file={config_file}")],
+            args: vec![
+                "agent".into(),
+                format!("-config-file={config_file}"),
+                format!("-config-dir={}", self.ctx.path(CONF_DIR).display()),
+            ],
             env: Vec::new(),
             run_as: None,
             marker: config_file.to_string(),
@@ -72,6 +81,7 @@ impl ConsulDriver {
         let dir = self.ctx.path("consul");
         let data = dir.join("data");
         mkdir(&data)?;
+        mkdir(&self.ctx.path(CONF_DIR))?;
         let config = render_config(
             &self.ctx.node,
             &self.ctx.address,

@@ -406,18 +406,19 @@ impl PostgresDriver {
         .to_lowercase())
     }
 
-    /// The Consul definition of this server with the role it has now.
+    /// The Consul definition of this server with the role it has now, as a
+    /// configuration file (script checks are refused over HTTP).
     fn registration(&self, port: u16, role: &str) -> Value {
-        json!({
-            "ID": self.service_id(),
-            "Name": POSTGRES_SERVICE,
-            "Address": self.ctx.address,
-            "Port": port,
-            "Tags": [role],
-            "Check": {
-                "CheckID": self.check_id(),
-                "Name": format!("postgres is {role} (SQL)"),
-                "Args": [
+        json!({ "service": {
+            "id": self.service_id(),
+            "name": POSTGRES_SERVICE,
+            "address": self.ctx.address,
+            "port": port,
+            "tags": [role],
+            "check": {
+                "id": self.check_id(),
+                "name": format!("postgres is {role} (SQL)"),
+                "args": [
                     self.ctx.bins.agent.display().to_string(),
                     "check-postgres",
                     "--pg-bin", self.ctx.bins.pg_bin.display().to_string(),
@@ -425,11 +426,17 @@ impl PostgresDriver {
                     "--port", port.to_string(),
                     "--expect", role,
                 ],
-                "Interval": "2s",
-                "Timeout": "5s",
-                "DeregisterCriticalServiceAfter": "30m",
+                "interval": "2s",
+                "timeout": "5s",
+                "deregister_critical_service_after": "30m",
             },
-        })
+        }})
+    }
+
+    fn registration_file(&self) -> PathBuf {
+        self.ctx
+            .path(crate::drivers::consul::CONF_DIR)
+            .join("postgres.json")
     }
 
     /// One round of the keeper: registration with the right tag, and the
@@ -448,10 +455,10 @@ impl PostgresDriver {
             .local_service_tags(&self.service_id())
             .await?;
         if tags.as_deref() != Some(&[role.to_string()][..]) {
-            self.ctx
-                .consul
-                .register_service(&self.registration(spec.port, role))
-                .await?;
+            let text =
+                serde_json::to_string_pretty(&self.registration(spec.port, role)).expect("json");
+            super::write_if_changed(&self.registration_file(), &text, 0o644)?;
+            self.ctx.consul.reload().await?;
             tracing::info!(role, "registered postgres in consul");
         }
         if role == "primary" {
@@ -510,6 +517,7 @@ impl PostgresDriver {
     /// PostgreSQL with a fast shutdown (drain).
     pub async fn stop(&self) -> Result<(), DriverError> {
         if self.desired.lock().expect("lock").take().is_some() {
+            let _ = std::fs::remove_file(self.registration_file());
             let _ = self.ctx.consul.deregister_service(&self.service_id()).await;
             self.leader.release().await;
         }
