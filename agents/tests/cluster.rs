@@ -434,3 +434,128 @@ fn parse_rfc3339_secs(s: &str) -> Option<i64> {
         .ok()
         .map(|t| t.timestamp())
 }
+
+/// psql as the superuser over a node's private socket.
+fn psql(state: &Path, sql: &str) -> Option<String> {
+    let out = Command::new("/usr/lib/postgresql/15/bin/psql")
+        .args([
+            "-X", "-A", "-t", "-q", "-U", "postgres", "-d", "todomvc", "-h",
+        ])
+        .arg(state.join("pgsock"))
+        .args(["-c", sql])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
+    let net = "127.0.32";
+    let mut cluster = Cluster::start(net).await;
+    cluster
+        .admin(
+            reqwest::Method::PUT,
+            "/api/v1/topology",
+            Some(json!({"web": 1, "db": 2, "lb_policy": "uri_hash", "replication": "async"})),
+        )
+        .await;
+    for (node, host) in [("adm1", 5), ("pg1", 11), ("pg2", 12), ("nginx1", 21)] {
+        cluster.spawn_agent(node, &format!("{net}.{host}"));
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let url = cluster.url.clone();
+    let admin = cluster.admin.clone();
+    let node_json = |name: &'static str| {
+        let (http, url, admin) = (http.clone(), url.clone(), admin.clone());
+        async move {
+            let res = http
+                .get(format!("{url}/api/v1/nodes/{name}"))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .ok()?;
+            if !res.status().is_success() {
+                return None;
+            }
+            res.json::<Value>().await.ok()
+        }
+    };
+    // pg2 reports itself a replica (from its heartbeat), pg1 the primary.
+    eventually(
+        "pg1 primary and pg2 replica in heartbeats",
+        Duration::from_secs(150),
+        || async {
+            let role = |n: Option<Value>| {
+                n.and_then(|n| {
+                    n["observed"]["replication"]["role"]
+                        .as_str()
+                        .map(String::from)
+                })
+            };
+            role(node_json("pg1").await).as_deref() == Some("primary")
+                && role(node_json("pg2").await).as_deref() == Some("replica")
+        },
+    )
+    .await;
+
+    // A todo written through nginx arrives on the standby.
+    let lb = format!("http://{net}.21:80");
+    eventually(
+        "a POST /todos through nginx1",
+        Duration::from_secs(60),
+        || async {
+            http.post(format!("{lb}/todos"))
+                .json(&json!({"title": "replicated"}))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 201)
+        },
+    )
+    .await;
+    let pg2 = cluster.node_state("pg2");
+    eventually("the todo on pg2", Duration::from_secs(30), || async {
+        psql(
+            &pg2,
+            "SELECT count(*) FROM todos WHERE title = 'replicated'",
+        )
+        .is_some_and(|n| n != "0")
+    })
+    .await;
+    let pg1 = cluster.node_state("pg1");
+    assert_eq!(
+        psql(&pg1, "SELECT slot_name FROM pg_replication_slots").as_deref(),
+        Some("pg2")
+    );
+
+    // Scaling db back to 1 drains pg2: the server removes it once applied.
+    cluster
+        .admin(
+            reqwest::Method::PUT,
+            "/api/v1/topology",
+            Some(json!({"web": 1, "db": 1, "lb_policy": "uri_hash", "replication": "async"})),
+        )
+        .await;
+    eventually(
+        "pg2 removed after its drain",
+        Duration::from_secs(90),
+        || async {
+            http.get(format!("{url}/api/v1/nodes/pg2"))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 404)
+        },
+    )
+    .await;
+    for service in ["postgres", "consul"] {
+        assert_eq!(pid_of(&pg2, service), None, "pg2 {service} still runs");
+    }
+    // The rest of the cluster keeps serving.
+    let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
+    assert_eq!(res.status(), 200);
+}
