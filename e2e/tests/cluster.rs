@@ -194,9 +194,13 @@ async fn seed_cluster_serves_replicates_routes_around_failures_and_scales_out() 
             Ok((gone && dir_gone).then_some(()))
         })
         .await?;
+        let left = Cluster::pids_with(&c.state_dir().join("nodes/nginx3").to_string_lossy());
         assert!(
-            Cluster::pids_with(&c.state_dir().join("nodes/nginx3").to_string_lossy()).is_empty(),
-            "processes of nginx3 still run"
+            left.is_empty(),
+            "processes of nginx3 still run: {:?}",
+            left.iter()
+                .map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().replace('\0', " "))
+                .collect::<Vec<_>>()
         );
         for _ in 0..20 {
             let who = served_by(&c, "nginx1", "/todos").await?;

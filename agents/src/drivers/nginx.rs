@@ -223,6 +223,7 @@ impl NginxDriver {
         }
         let ensured = self.ctx.host.ensure(&self.service_spec()).await?;
         if !unchanged && matches!(ensured, Ensured::Running | Ensured::Adopted) {
+            self.wait_ready().await;
             self.ctx.host.signal(SERVICE, Signal::SIGHUP)?;
             tracing::info!(upstreams = upstreams.len(), "nginx reloaded");
         }
@@ -233,6 +234,34 @@ impl NginxDriver {
             upstreams.len()
         )
         .to_lowercase())
+    }
+
+    /// Waits (briefly) until a just-started nginx has written its pid file:
+    /// it installs its signal handlers before that, and a SIGHUP that
+    /// arrives earlier kills it instead of reloading it.
+    async fn wait_ready(&self) {
+        let Some(pid) = self
+            .ctx
+            .host
+            .services()
+            .into_iter()
+            .find(|s| s.name == SERVICE)
+            .and_then(|s| s.pid)
+        else {
+            return;
+        };
+        let pid_file = self.prefix().join("run/nginx.pid");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let written = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok());
+            if written == Some(pid) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(pid, "nginx has not written its pid file; reloading anyway");
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
