@@ -60,7 +60,8 @@ impl Drop for Cluster {
                 .arg(&a.state)
                 .status();
         }
-        if std::thread::panicking() {
+        // CORRAL_TEST_DUMP_LOGS=1 shows them on success too.
+        if std::thread::panicking() || std::env::var_os("CORRAL_TEST_DUMP_LOGS").is_some() {
             self.dump_logs();
         }
     }
