@@ -503,6 +503,23 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         },
     )
     .await;
+    assert_eq!(
+        pid_of(&pg1, "postgres"),
+        Some(postgres_pid),
+        "postgres adopted"
+    );
+
+    // A second agent for a node refuses to run beside the first.
+    let out = Command::new(AGENT)
+        .args(["run", "--server", &url, "--node", "pg1", "--address"])
+        .arg(format!("{net}.11"))
+        .arg("--state-dir")
+        .arg(&pg1)
+        .args(["--join-token", "x"])
+        .output()
+        .expect("second agent");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already runs"));
 
     // stop-all takes everything down and is idempotent.
     for a in &mut cluster.agents {
