@@ -656,13 +656,29 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     );
 
     // Scaling db back to 1 drains pg2: the server removes it once applied.
+    // The new policy is a reload of the same nginx, not a restart.
+    let nginx1 = cluster.node_state("nginx1");
+    let nginx_pid = pid_of(&nginx1, "nginx").expect("nginx pid");
+    let conf = nginx1.join("nginx/conf/nginx.conf");
+    assert!(
+        std::fs::read_to_string(&conf)
+            .expect("conf")
+            .contains("hash $request_uri consistent;")
+    );
     cluster
         .admin(
             reqwest::Method::PUT,
             "/api/v1/topology",
-            Some(json!({"web": 1, "db": 1, "lb_policy": "uri_hash", "replication": "async"})),
+            Some(json!({"web": 1, "db": 1, "lb_policy": "least_conn", "replication": "async"})),
         )
         .await;
+    eventually(
+        "nginx1 re-rendered with least_conn",
+        Duration::from_secs(30),
+        || async { std::fs::read_to_string(&conf).is_ok_and(|c| c.contains("least_conn;")) },
+    )
+    .await;
+    assert_eq!(pid_of(&nginx1, "nginx"), Some(nginx_pid));
     eventually(
         "pg2 removed after its drain",
         Duration::from_secs(90),
