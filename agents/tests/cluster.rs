@@ -581,7 +581,7 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         .admin(
             reqwest::Method::PUT,
             "/api/v1/topology",
-            Some(json!({"web": 1, "db": 2, "lb_policy": "uri_hash", "replication": "async"})),
+            Some(json!({"web": 1, "db": 2, "lb_policy": "uri_hash", "replication": "sync"})),
         )
         .await;
     for (node, host) in [("adm1", 5), ("pg1", 11), ("pg2", 12), ("nginx1", 21)] {
@@ -654,6 +654,19 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         psql(&pg1, "SELECT slot_name FROM pg_replication_slots").as_deref(),
         Some("pg2")
     );
+    // Synchronous replication: pg2 is the synchronous standby.
+    assert_eq!(
+        psql(&pg1, "SHOW synchronous_standby_names").as_deref(),
+        Some("ANY 1 (*)")
+    );
+    eventually(
+        "pg2 streaming as a synchronous standby",
+        Duration::from_secs(30),
+        || async {
+            psql(&pg1, "SELECT sync_state FROM pg_stat_replication").as_deref() == Some("quorum")
+        },
+    )
+    .await;
 
     // Scaling db back to 1 drains pg2: the server removes it once applied.
     // The new policy is a reload of the same nginx, not a restart.
@@ -694,6 +707,15 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     for service in ["postgres", "consul"] {
         assert_eq!(pid_of(&pg2, service), None, "pg2 {service} still runs");
     }
+    // The primary lets go of the WAL it kept for pg2.
+    eventually(
+        "pg2's slot dropped on pg1",
+        Duration::from_secs(30),
+        || async {
+            psql(&pg1, "SELECT count(*) FROM pg_replication_slots").as_deref() == Some("0")
+        },
+    )
+    .await;
     // The rest of the cluster keeps serving.
     let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
     assert_eq!(res.status(), 200);

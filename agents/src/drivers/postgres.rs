@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use corral_proto::{POSTGRES_SERVICE, PostgresSpec, ReplicationRole, ReplicationStatus};
+use corral_proto::{
+    POSTGRES_SERVICE, PostgresSpec, ReplicationMode, ReplicationRole, ReplicationStatus,
+};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -298,6 +300,54 @@ impl PostgresDriver {
         Ok(())
     }
 
+    /// Sync: commits wait for any one standby. Set with ALTER SYSTEM and a
+    /// reload, so switching modes restarts nothing; standbys copy the
+    /// setting with the data and it takes effect if they are promoted.
+    async fn set_replication_mode(&self, spec: &PostgresSpec) -> Result<(), DriverError> {
+        let sql = match spec.replication {
+            ReplicationMode::Sync => "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
+            ReplicationMode::Async => "ALTER SYSTEM RESET synchronous_standby_names",
+        };
+        self.query(spec.port, sql).await?;
+        self.query(spec.port, "SELECT pg_reload_conf()").await?;
+        Ok(())
+    }
+
+    /// Drops the slots of standbys that left the cluster: inactive slots
+    /// named after no node in Consul's catalog (a drained node leaves it; a
+    /// node that merely crashed, or is still cloning, stays in it), so the
+    /// primary does not keep their WAL forever.
+    async fn drop_orphan_slots(&self, port: u16) -> Result<(), DriverError> {
+        let inactive = self
+            .query(
+                port,
+                "SELECT slot_name FROM pg_replication_slots WHERE NOT active AND slot_type = 'physical'",
+            )
+            .await?;
+        if inactive.is_empty() {
+            return Ok(());
+        }
+        let known: Vec<String> = self
+            .ctx
+            .consul
+            .catalog_nodes()
+            .await?
+            .iter()
+            .map(|n| slot_name(n))
+            .collect();
+        for slot in inactive.lines().map(str::trim) {
+            if !slot.is_empty() && !known.iter().any(|k| k == slot) {
+                self.query(
+                    port,
+                    &format!("SELECT pg_drop_replication_slot({})", literal(slot)),
+                )
+                .await?;
+                tracing::info!(slot, "dropped the slot of a standby that left");
+            }
+        }
+        Ok(())
+    }
+
     /// The primary as Consul sees it, waiting for one to pass its check.
     async fn find_primary(&self) -> Result<(String, u16), DriverError> {
         let deadline = Instant::now() + PRIMARY_WAIT;
@@ -391,6 +441,7 @@ impl PostgresDriver {
         let in_recovery = self.query(spec.port, "SELECT pg_is_in_recovery()").await? == "t";
         if !in_recovery {
             self.create_roles(spec).await?;
+            self.set_replication_mode(spec).await?;
         }
         *self.desired.lock().expect("lock") = Some(spec.clone());
         // Register at once when Consul is up; the keeper retries otherwise.
@@ -462,6 +513,9 @@ impl PostgresDriver {
             tracing::info!(role, "registered postgres in consul");
         }
         if role == "primary" {
+            if let Err(e) = self.drop_orphan_slots(spec.port).await {
+                tracing::debug!(error = %e, "checking replication slots");
+            }
             match self.leader.hold(&spec.leader_key, &self.check_id()).await? {
                 LockState::Held => {}
                 LockState::HeldElsewhere(s) => {
