@@ -93,6 +93,37 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Whether any live process is in process group `pgid`. Every service is
+/// the leader of its own session and group, so this covers its workers and
+/// backends too: nginx workers can outlive a killed master and hold the port.
+pub fn group_alive(pgid: u32) -> bool {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // After the command name: state, ppid, pgrp.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("Z");
+        let pgrp = fields.nth(1).and_then(|p| p.parse::<u32>().ok());
+        pgrp == Some(pgid) && state != "Z" && state != "X"
+    })
+}
+
+/// Kills every process of group `pgid`.
+pub fn kill_group(pgid: u32) {
+    let _ = nix::sys::signal::killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+}
+
 /// The command line of `pid`, arguments joined by spaces.
 pub fn cmdline(pid: u32) -> Option<String> {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -256,21 +287,24 @@ impl Supervisor {
         mut child: Option<Child>,
         grace: Duration,
     ) {
-        let target = Pid::from_raw(pid as i32);
-        let _ = kill(target, signal);
+        let _ = kill(Pid::from_raw(pid as i32), signal);
         let start = Instant::now();
         let mut killed = false;
         loop {
-            let gone = match &mut child {
+            let leader_gone = match &mut child {
                 Some(c) => !matches!(c.try_wait(), Ok(None)),
                 None => !pid_alive(pid),
             };
-            if gone {
+            if leader_gone && !group_alive(pid) {
                 break;
             }
             if !killed && start.elapsed() > grace {
-                tracing::warn!(service = name, pid, "did not stop in time; killing");
-                let _ = kill(target, Signal::SIGKILL);
+                tracing::warn!(
+                    service = name,
+                    pid,
+                    "did not stop in time; killing its group"
+                );
+                kill_group(pid);
                 killed = true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

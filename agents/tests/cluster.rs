@@ -546,6 +546,11 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         let _ = &a.address;
     }
     assert!(processes_with(&cluster.dir.path().display().to_string()).is_empty());
+    // Nothing of nginx outlives its master (a worker would hold port 80).
+    assert!(
+        !corral_agent::supervisor::group_alive(nginx_pid),
+        "nginx workers left"
+    );
 }
 
 fn chrono_now_secs() -> i64 {

@@ -348,6 +348,37 @@ impl PostgresDriver {
         Ok(())
     }
 
+    /// Whether a PostgreSQL cluster already runs somewhere: a leader lock
+    /// is held or a primary is registered. A bootstrap node whose data was
+    /// lost must clone that cluster, never start a second one. Waits for
+    /// Consul to have a leader (it cannot answer before).
+    async fn cluster_exists(&self, leader_key: &str) -> Result<bool, DriverError> {
+        let deadline = Instant::now() + PRIMARY_WAIT;
+        loop {
+            if self.ctx.consul.leader().await.is_ok_and(|l| !l.is_empty()) {
+                let holder = self.ctx.consul.lock_holder(leader_key).await?;
+                let (_, primaries) = self
+                    .ctx
+                    .consul
+                    .health(
+                        POSTGRES_SERVICE,
+                        Some("primary"),
+                        false,
+                        None,
+                        Duration::ZERO,
+                    )
+                    .await?;
+                return Ok(holder.is_some() || !primaries.is_empty());
+            }
+            if Instant::now() > deadline {
+                return Err(DriverError::Refused(format!(
+                    "consul has no leader after {PRIMARY_WAIT:?}: cannot tell whether a cluster exists"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// The primary as Consul sees it, waiting for one to pass its check.
     async fn find_primary(&self) -> Result<(String, u16), DriverError> {
         let deadline = Instant::now() + PRIMARY_WAIT;
@@ -429,7 +460,7 @@ impl PostgresDriver {
             // A half-made data dir from an interrupted attempt is redone.
             self.private_dir(&pgdata)?;
             empty_dir(&pgdata)?;
-            if spec.bootstrap {
+            if spec.bootstrap && !self.cluster_exists(&spec.leader_key).await? {
                 self.initdb().await?;
                 what = "initialised a new cluster".into();
             } else {
