@@ -447,3 +447,79 @@ impl Host for Supervisor {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeper(dir: &Path) -> ServiceSpec {
+        ServiceSpec {
+            name: "sleeper".into(),
+            program: "sleep".into(),
+            // A distinctive argument is the marker.
+            args: vec![format!("{}", 1000 + (std::process::id() % 1000))],
+            env: vec![("WHERE".into(), dir.display().to_string())],
+            run_as: None,
+            marker: format!("sleep {}", 1000 + (std::process::id() % 1000)),
+            stop_signal: Signal::SIGTERM,
+        }
+    }
+
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_service_is_restarted_and_a_new_supervisor_adopts_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let spec = sleeper(dir.path());
+        let first = Supervisor::new(dir.path()).expect("supervisor");
+        assert_eq!(first.ensure(&spec).await.expect("start"), Ensured::Started);
+        assert_eq!(first.ensure(&spec).await.expect("again"), Ensured::Running);
+        let pid = read_pid(&first.pid_file("sleeper")).expect("pid file");
+        // setsid execs in place: the pid is the service's own, leading its
+        // own session.
+        assert!(cmdline(pid).is_some_and(|c| c.contains(&spec.marker)));
+        assert_eq!(
+            nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).ok(),
+            Some(Pid::from_raw(pid as i32))
+        );
+
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill");
+        until("a restart", || {
+            first.tick();
+            read_pid(&first.pid_file("sleeper")).is_some_and(|p| p != pid)
+        })
+        .await;
+        let info = &first.services()[0];
+        assert!(info.running);
+        assert_eq!(info.restarts, 1);
+        let restarted = info.pid.expect("pid");
+
+        // An agent that starts over adopts the running instance.
+        let second = Supervisor::new(dir.path()).expect("supervisor");
+        assert_eq!(second.ensure(&spec).await.expect("adopt"), Ensured::Adopted);
+        assert_eq!(second.services()[0].pid, Some(restarted));
+
+        // A changed command line replaces it.
+        let mut changed = spec.clone();
+        changed.env.push(("MORE".into(), "1".into()));
+        assert_eq!(
+            second.ensure(&changed).await.expect("restart"),
+            Ensured::Restarted
+        );
+        let replaced = second.services()[0].pid.expect("pid");
+        assert_ne!(replaced, restarted);
+        // `first` still holds the reaped child handle; reap the replaced one.
+        drop(first);
+
+        second.stop("sleeper").await.expect("stop");
+        assert!(!pid_alive(replaced));
+        assert!(read_pid(&second.pid_file("sleeper")).is_none());
+        assert!(second.services().is_empty());
+    }
+}

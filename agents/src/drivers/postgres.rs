@@ -232,8 +232,7 @@ impl PostgresDriver {
         }
     }
 
-    async fn initdb(&self) -> Result<(), DriverError> {
-        let pgdata = self.pgdata();
+    async fn initdb(&self, pgdata: &Path) -> Result<(), DriverError> {
         let cmd = OneShot::new(
             self.bin("initdb"),
             &[
@@ -408,10 +407,13 @@ impl PostgresDriver {
         }
     }
 
-    async fn clone_primary(&self, spec: &PostgresSpec) -> Result<String, DriverError> {
+    async fn clone_primary(
+        &self,
+        spec: &PostgresSpec,
+        pgdata: &Path,
+    ) -> Result<String, DriverError> {
         let (host, port) = self.find_primary().await?;
         let slot = slot_name(&self.ctx.node);
-        let pgdata = self.pgdata();
         let basebackup = |create_slot: bool| {
             let mut cmd = OneShot::new(
                 self.bin("pg_basebackup"),
@@ -439,8 +441,8 @@ impl PostgresDriver {
         if !out.success {
             if out.stderr.contains("already exists") {
                 // Our slot survived an earlier attempt: reuse it.
-                self.private_dir(&pgdata)?;
-                empty_dir(&pgdata)?;
+                self.private_dir(pgdata)?;
+                empty_dir(pgdata)?;
                 let again = basebackup(false);
                 self.ctx.host.run(&again).await?.check(&again)?;
             } else {
@@ -457,15 +459,24 @@ impl PostgresDriver {
         self.private_dir(&self.socket_dir())?;
         let mut what = String::new();
         if !pgdata.join("PG_VERSION").exists() {
-            // A half-made data dir from an interrupted attempt is redone.
-            self.private_dir(&pgdata)?;
-            empty_dir(&pgdata)?;
+            // Made beside the data dir and renamed into place when complete,
+            // so an agent killed mid-way never leaves a half-made data dir
+            // that looks usable; the next attempt starts the staging afresh.
+            let staging = self.ctx.path("pgdata.partial");
+            self.private_dir(&staging)?;
+            empty_dir(&staging)?;
             if spec.bootstrap && !self.cluster_exists(&spec.leader_key).await? {
-                self.initdb().await?;
+                self.initdb(&staging).await?;
                 what = "initialised a new cluster".into();
             } else {
-                what = self.clone_primary(spec).await?;
+                what = self.clone_primary(spec, &staging).await?;
             }
+            if pgdata.exists() {
+                std::fs::remove_dir_all(&pgdata)
+                    .map_err(DriverError::io(format!("removing {}", pgdata.display())))?;
+            }
+            std::fs::rename(&staging, &pgdata)
+                .map_err(DriverError::io(format!("renaming {}", staging.display())))?;
         }
         let ensured = self.ctx.host.ensure(&self.service_spec(spec)).await?;
         self.wait_ready(spec.port).await?;
