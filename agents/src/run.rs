@@ -136,8 +136,21 @@ async fn heartbeat_loop(
     }
 }
 
+/// Claims the node: refuses to run beside a live agent on the same state
+/// dir (two agents would fight over the same services).
 fn write_pid_file(run_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(run_dir)?;
+    let pid_file = run_dir.join("agent.pid");
+    if let Some(pid) = crate::supervisor::read_pid(&pid_file)
+        && pid != std::process::id()
+        && crate::supervisor::pid_alive(pid)
+        && crate::supervisor::cmdline(pid).is_some_and(|c| c.contains("corral-agent"))
+    {
+        anyhow::bail!(
+            "another corral-agent (pid {pid}) already runs for {}",
+            run_dir.display()
+        );
+    }
     write_atomic(
         &run_dir.join("agent.pid"),
         format!("{}\n", std::process::id()).as_bytes(),

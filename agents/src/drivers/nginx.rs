@@ -44,7 +44,8 @@ pub fn render(r: &Render<'_>) -> String {
     // The order shows in the file even while no backend passes, so a new
     // order is always a new, validated config.
     out.push_str(&format!("# service {}, policy {:?}\n", r.service, r.policy));
-    out.push_str("daemon off;\nworker_processes 1;\n");
+    // A graceful stop waits for requests in flight, but not for ever.
+    out.push_str("daemon off;\nworker_processes 1;\nworker_shutdown_timeout 10s;\n");
     if let Some(user) = r.user {
         out.push_str(&format!("user {user};\n"));
     }
