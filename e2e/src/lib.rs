@@ -146,7 +146,10 @@ impl Cluster {
             .arg(bin("corral-agent"))
             .arg("--ready-timeout")
             .arg("240s")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -173,7 +176,10 @@ impl Cluster {
                 bail!("corral up gave up:\n{}", self.tail_logs());
             }
             if Instant::now() >= deadline {
-                bail!("corral up did not report the cluster ready in 300 s:\n{}", self.tail_logs());
+                bail!(
+                    "corral up did not report the cluster ready in 300 s:\n{}",
+                    self.tail_logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

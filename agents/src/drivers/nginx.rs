@@ -354,6 +354,9 @@ impl NginxDriver {
 
     /// Stops routing and nginx (drain).
     pub async fn stop(&self) -> Result<(), DriverError> {
+        // Under the render lock: a re-render the watch started just before
+        // would otherwise start nginx again after this stop.
+        let _guard = self.render_lock.lock().await;
         self.current.lock().expect("lock").spec = None;
         self.ctx.host.stop(SERVICE).await?;
         Ok(())
