@@ -264,7 +264,7 @@ fn rss_kb(pid: u32) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
-    let net = "127.0.31";
+    let net = "127.0.41";
     let mut cluster = Cluster::start(net).await;
     cluster
         .admin(
@@ -588,7 +588,7 @@ fn psql(state: &Path, sql: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
-    let net = "127.0.32";
+    let net = "127.0.42";
     let mut cluster = Cluster::start(net).await;
     cluster
         .admin(
