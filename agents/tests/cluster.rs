@@ -383,6 +383,8 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         child.kill().expect("kill -9");
         child.wait().expect("reap");
     }
+    // A token the server no longer knows: the agent must enroll again.
+    std::fs::write(nginx1.join("node-token"), "stale-token").expect("token");
     cluster.spawn_agent("nginx1", &format!("{net}.21"));
     let url = cluster.url.clone();
     let admin = cluster.admin.clone();
@@ -443,6 +445,12 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         "one todomvc"
     );
     assert_eq!(cluster.orders("nginx1").await.len(), applied_before);
+    let token = std::fs::read_to_string(nginx1.join("node-token")).expect("token");
+    assert_ne!(
+        token.trim(),
+        "stale-token",
+        "the agent enrolled again after a 401"
+    );
     // Still serving.
     let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
     assert_eq!(res.status(), 200);
