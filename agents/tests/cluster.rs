@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 use corral_server::startup::{Application, Config};
 use serde_json::{Value, json};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_corral-agent");
+/// The agent under test; `CORRAL_TEST_AGENT_BIN` runs another build of it
+/// (e.g. target/release/corral-agent, to measure its footprint).
+fn agent() -> String {
+    std::env::var("CORRAL_TEST_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_corral-agent").to_string())
+}
 
 /// The todomvc binary the workspace builds, next to the test's target dir.
 fn todomvc_bin() -> PathBuf {
@@ -55,7 +60,7 @@ impl Drop for Cluster {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-            let _ = Command::new(AGENT)
+            let _ = Command::new(agent())
                 .args(["stop-all", "--state-dir"])
                 .arg(&a.state)
                 .status();
@@ -115,7 +120,7 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("agent-{node}.log")))
             .expect("agent log");
-        let child = Command::new(AGENT)
+        let child = Command::new(agent())
             .args([
                 "run",
                 "--server",
@@ -259,7 +264,7 @@ fn rss_kb(pid: u32) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
-    let net = "127.0.31";
+    let net = "127.0.41";
     let mut cluster = Cluster::start(net).await;
     cluster
         .admin(
@@ -354,11 +359,14 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     eprintln!("pg1 observed: {}", pg1_node["observed"]);
     assert_eq!(pg1_node["observed"]["replication"]["role"], "primary");
 
-    // The agent's footprint, as the lead wants it reported.
+    // The agents' footprint (VmRSS), as the lead wants it reported.
     let nginx1 = cluster.node_state("nginx1");
-    let agent_pid = cluster.agents[2].child.as_ref().expect("child").id();
-    let rss = rss_kb(agent_pid).expect("agent rss");
-    eprintln!("agent RSS (nginx1): {rss} kB");
+    for a in &cluster.agents {
+        let pid = a.child.as_ref().expect("child").id();
+        let rss = rss_kb(pid).expect("agent rss");
+        eprintln!("agent RSS ({}): {rss} kB", a.node);
+        assert!(rss < 15 * 1024, "{} agent uses {rss} kB", a.node);
+    }
 
     // kill -9 the nginx1 agent; the new one adopts instead of duplicating.
     let nginx_pid = pid_of(&nginx1, "nginx").expect("nginx pid");
@@ -375,6 +383,8 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         child.kill().expect("kill -9");
         child.wait().expect("reap");
     }
+    // A token the server no longer knows: the agent must enroll again.
+    std::fs::write(nginx1.join("node-token"), "stale-token").expect("token");
     cluster.spawn_agent("nginx1", &format!("{net}.21"));
     let url = cluster.url.clone();
     let admin = cluster.admin.clone();
@@ -435,6 +445,12 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         "one todomvc"
     );
     assert_eq!(cluster.orders("nginx1").await.len(), applied_before);
+    let token = std::fs::read_to_string(nginx1.join("node-token")).expect("token");
+    assert_ne!(
+        token.trim(),
+        "stale-token",
+        "the agent enrolled again after a 401"
+    );
     // Still serving.
     let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
     assert_eq!(res.status(), 200);
@@ -510,7 +526,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     );
 
     // A second agent for a node refuses to run beside the first.
-    let out = Command::new(AGENT)
+    let out = Command::new(agent())
         .args(["run", "--server", &url, "--node", "pg1", "--address"])
         .arg(format!("{net}.11"))
         .arg("--state-dir")
@@ -523,7 +539,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
 
     // stop-all takes everything down and is idempotent.
     for a in &mut cluster.agents {
-        let status = Command::new(AGENT)
+        let status = Command::new(agent())
             .args(["stop-all", "--state-dir"])
             .arg(&a.state)
             .status()
@@ -537,7 +553,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         for service in ["consul", "nginx", "todomvc", "postgres"] {
             assert_eq!(pid_of(&a.state, service), None, "{} {service}", a.node);
         }
-        let status = Command::new(AGENT)
+        let status = Command::new(agent())
             .args(["stop-all", "--state-dir"])
             .arg(&a.state)
             .status()
@@ -580,7 +596,7 @@ fn psql(state: &Path, sql: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
-    let net = "127.0.32";
+    let net = "127.0.42";
     let mut cluster = Cluster::start(net).await;
     cluster
         .admin(
@@ -712,6 +728,17 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     for service in ["postgres", "consul"] {
         assert_eq!(pid_of(&pg2, service), None, "pg2 {service} still runs");
     }
+    // The drained agent idles (no polls against a removed node) until the
+    // provider runs stop-all.
+    let agent_log = cluster.dir.path().join("agent-pg2.log");
+    eventually(
+        "pg2's agent idle after the drain",
+        Duration::from_secs(10),
+        || async {
+            std::fs::read_to_string(&agent_log).is_ok_and(|l| l.contains("node drained; idle"))
+        },
+    )
+    .await;
     // The primary lets go of the WAL it kept for pg2.
     eventually(
         "pg2's slot dropped on pg1",
