@@ -198,6 +198,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         nginx_port: config.nginx_port,
         host: supervisor.clone(),
         consul: ConsulApi::new(&config.address),
+        start_wait: Duration::from_secs(10),
     });
     tracing::info!(node = %config.node, address = %config.address, state = %state_dir.display(), "agent starting");
 
@@ -277,6 +278,7 @@ mod tests {
             nginx_port: None,
             host: host.clone(),
             consul: ConsulApi::new("127.0.99.1"),
+            start_wait: Duration::ZERO,
         });
         Fixture {
             node: Node::new(ctx, state.clone()),

@@ -60,7 +60,9 @@ wait_served_by() {
 
 percentiles() { # label, then seconds on stdin
   sort -n | awk -v label="$1" '{ v[NR] = $1 } END {
-    p50 = v[int((NR - 1) * 0.50) + 1]; p99 = v[int((NR - 1) * 0.99) + 1];
+    # nearest rank: the smallest value with at least p of the values at or below it
+    i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++; i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++;
+    p50 = v[i50]; p99 = v[i99];
     printf "%-28s n=%d  p50 %.2f s  p99 %.2f s  min %.2f s  max %.2f s\n", label, NR, p50, p99, v[1], v[NR] }'
 }
 

@@ -98,8 +98,17 @@ impl ConsulDriver {
             self.ctx.host.stop(SERVICE).await?;
             ensured = self.ctx.host.ensure(&service).await?;
         }
+        // The orders after this one register services with the local agent:
+        // wait (briefly) until it answers, so they do not start by failing.
+        let deadline = std::time::Instant::now() + self.ctx.start_wait;
+        let mut answering = self.ctx.consul.alive().await;
+        while !answering && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            answering = self.ctx.consul.alive().await;
+        }
         let role = if spec.server { "server" } else { "client" };
-        Ok(format!("consul {role} {ensured:?} on {}", self.ctx.address).to_lowercase())
+        let note = if answering { "" } else { ", not answering yet" };
+        Ok(format!("consul {role} {ensured:?} on {}{note}", self.ctx.address).to_lowercase())
     }
 
     /// Leaves the cluster gracefully, then makes sure the agent is gone.

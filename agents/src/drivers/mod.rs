@@ -37,6 +37,10 @@ pub struct NodeContext {
     pub nginx_port: Option<u16>,
     pub host: Arc<dyn Host>,
     pub consul: ConsulApi,
+    /// How long an order waits for a service it started to answer (Consul's
+    /// HTTP API, the webapp's health check) before it reports; zero in unit
+    /// tests, where nothing really starts.
+    pub start_wait: std::time::Duration,
 }
 
 impl NodeContext {

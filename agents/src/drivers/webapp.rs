@@ -22,7 +22,11 @@ pub struct WebappDriver {
 }
 
 /// The Consul service definition of this node's webapp.
-pub fn registration(node: &str, address: &str, port: u16) -> Value {
+///
+/// A webapp that already answered its health check is registered passing, so
+/// load balancers route to a new node without waiting for Consul's first
+/// check rounds (about 1.5 s); Consul's check keeps it honest every second.
+pub fn registration(node: &str, address: &str, port: u16, healthy: bool) -> Value {
     json!({
         "ID": format!("{WEBAPP_SERVICE}-{node}"),
         "Name": WEBAPP_SERVICE,
@@ -36,6 +40,7 @@ pub fn registration(node: &str, address: &str, port: u16) -> Value {
             "Interval": "1s",
             "Timeout": "1s",
             "DeregisterCriticalServiceAfter": "30m",
+            "Status": if healthy { "passing" } else { "critical" },
         },
     })
 }
@@ -84,7 +89,12 @@ impl WebappDriver {
             // Port changed: the keeper registers the new definition.
             let _ = self.ctx.consul.deregister_service(&self.service_id()).await;
         }
-        // Try at once; the keeper retries while Consul is not up yet.
+        // Register once it answers its health check (briefly waited for);
+        // the keeper retries while Consul is not up yet.
+        let deadline = std::time::Instant::now() + self.ctx.start_wait;
+        while std::time::Instant::now() < deadline && !self.healthy(spec.port).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let registered = self.keep_registered().await.is_ok();
         Ok(format!(
             "todomvc {ensured:?} on {}:{}{}",
@@ -97,6 +107,22 @@ impl WebappDriver {
             }
         )
         .to_lowercase())
+    }
+
+    /// Whether the webapp answers its health check right now.
+    async fn healthy(&self, port: u16) -> bool {
+        let url = format!("http://{}:{port}/healthz", self.ctx.address);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(500))
+            .build();
+        match client {
+            Ok(c) => c
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()),
+            Err(_) => false,
+        }
     }
 
     /// Registers the service unless the local agent already has it.
@@ -113,20 +139,31 @@ impl WebappDriver {
         {
             self.ctx
                 .consul
-                .register_service(&registration(&self.ctx.node, &self.ctx.address, port))
+                .register_service(&registration(
+                    &self.ctx.node,
+                    &self.ctx.address,
+                    port,
+                    self.healthy(port).await,
+                ))
                 .await?;
             tracing::info!(id = %self.service_id(), "registered in consul");
         }
         Ok(())
     }
 
-    /// Runs forever: keeps the registration in place.
+    /// Runs forever: keeps the registration in place, retrying quickly
+    /// while Consul is not answering (a new node's webapp is not routed to
+    /// before it is registered).
     pub async fn keeper(self: Arc<Self>) {
         loop {
-            if let Err(e) = self.keep_registered().await {
-                tracing::debug!(error = %e, "webapp registration pending");
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pause = match self.keep_registered().await {
+                Ok(()) => Duration::from_secs(2),
+                Err(e) => {
+                    tracing::debug!(error = %e, "webapp registration pending");
+                    Duration::from_millis(200)
+                }
+            };
+            tokio::time::sleep(pause).await;
         }
     }
 
