@@ -114,9 +114,11 @@ impl Application {
             source,
         })?;
         let data = web::Data::from(cluster.clone());
+        let logs = web::Data::new(crate::api::ServiceLogs::default());
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .app_data(logs.clone())
                 .wrap(from_fn(crate::api::json_errors))
                 .wrap(from_fn(log_request))
                 .configure(crate::api::configure)

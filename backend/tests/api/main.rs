@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod events;
+mod logs;
 mod nodes;
 mod openapi;
 mod topology;
