@@ -120,6 +120,10 @@ struct ServeArgs {
     /// HTTP worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// The built web UI to serve at / (default: frontend/dist under the
+    /// current directory or the executable's, if built).
+    #[arg(long, env = "CORRAL_UI_DIR")]
+    ui_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -310,6 +314,9 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     config.max_poll_wait = args.max_poll_wait;
     config.heartbeat_stale_after = args.heartbeat_stale_after;
     config.workers = args.workers;
+    if let Some(dir) = &args.ui_dir {
+        config.ui_dir = Some(dir.clone());
+    }
     if args.max_poll_wait.is_zero() {
         bail!("--max-poll-wait must be more than 0");
     }

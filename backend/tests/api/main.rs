@@ -12,3 +12,4 @@ mod logs;
 mod nodes;
 mod openapi;
 mod topology;
+mod ui;
