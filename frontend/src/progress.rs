@@ -110,12 +110,16 @@ pub fn steps(node: &Node, orders: Option<&[Order]>) -> Vec<Step> {
             .then_some(Ok(()));
         raw.push(("in the load balancers", in_lb));
     }
+    // One step is awaited now: the first not done, unless one failed.
     let mut current_given = false;
     raw.into_iter()
         .map(|(label, outcome)| {
             let state = match outcome {
                 Some(Ok(())) => StepState::Done,
-                Some(Err(why)) => StepState::Failed(why),
+                Some(Err(why)) => {
+                    current_given = true;
+                    StepState::Failed(why)
+                }
                 None if !current_given => {
                     current_given = true;
                     StepState::Current
@@ -213,6 +217,7 @@ mod tests {
             steps[2].state,
             StepState::Failed("order 1 (webapp) failed: nginx: bind failed".into())
         );
+        assert_eq!(steps[3].state, StepState::Waiting, "nothing is awaited");
     }
 
     #[test]

@@ -135,7 +135,7 @@ pub fn Overview() -> Html {
                                 { for db.iter().filter(|n| Some(&n.name) == primary.as_ref()).map(|n| card(n, Some("primary"))) }
                             </div>
                             if db.len() > 1 {
-                                <div class="stream-arrow" aria-hidden="true">{ "WAL ▶" }</div>
+                                <div class="stream-arrow" aria-hidden="true">{ "WAL" }</div>
                             }
                             <div class="cards standbys">
                                 { for db.iter().filter(|n| Some(&n.name) != primary.as_ref()).map(|n| {
