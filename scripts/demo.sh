@@ -32,7 +32,7 @@ case "${1:-}" in
   *) echo "usage: scripts/demo.sh [--detach|stop]" >&2; exit 2 ;;
 esac
 
-scripts/setup.sh
+scripts/setup.sh --ui
 say "building corral (release)"
 cargo build -q --release -p corral-server --bin corral
 
@@ -62,6 +62,7 @@ cat <<INFO
 
 corral is up.
 
+  Web UI:     $url/              (sign in with the admin token)
   API:        $url/api/v1        (Swagger UI: $url/docs/)
   admin token: $token
                (kept in $state/admin-token, mode 0600)
