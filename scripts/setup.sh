@@ -57,7 +57,7 @@ mkdir -p /etc/postgresql-common/createcluster.d
 echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/corral.conf
 
 packages=(postgresql-15 postgresql-client-15 nginx-light consul chromium chromium-driver
-          nodejs npm curl jq procps iproute2 util-linux ca-certificates)
+          nodejs curl jq procps iproute2 util-linux ca-certificates)
 [ "$want_bench" = 1 ] && packages+=(wrk)
 missing=()
 for p in "${packages[@]}"; do
@@ -102,6 +102,11 @@ fi
 # wasm-opt: Debian's binaryen (108) cannot read the reference-types code
 # rustc emits by default since 1.82, so binaryen's own build from npm
 # (scripts/build-ui.sh puts it first on PATH for trunk).
+if ! command -v npm >/dev/null; then
+  # Debian's nodejs comes without npm; NodeSource's includes it.
+  say "installing npm"
+  apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
 binaryen_version=132
 binaryen_dir=${XDG_CACHE_HOME:-$HOME/.cache}/corral/binaryen
 if ! "$binaryen_dir/node_modules/.bin/wasm-opt" --version 2>/dev/null | grep -q "version $binaryen_version "; then
