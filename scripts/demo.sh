@@ -1,87 +1,55 @@
 #!/usr/bin/env bash
-# Brings up the corral demo on this machine (Debian 12, as root).
+# Brings up the seed cluster on this machine (Debian 12, as root): adm1,
+# nginx1, nginx2, pg1 and pg2 on 127.0.11.x with real Consul, nginx,
+# PostgreSQL and the TodoMVC webapp, configured by corral agents.
 #
-#   scripts/demo.sh            run in the foreground; Ctrl-C stops everything
-#   scripts/demo.sh --detach   run in the background (logs in .corral/)
-#   scripts/demo.sh stop       stop a detached demo
+#   scripts/demo.sh            run in the foreground; Ctrl-C stops the cluster
+#   scripts/demo.sh --detach   run in the background (progress in .corral/up.log)
+#   scripts/demo.sh stop       stop a detached cluster (corral down)
 #
-# Today this is the control plane on adm1's address (127.0.11.5:7000) with its
-# state in ./.corral; the nodes' agents and the local provider come next.
+# State (control-plane database, PostgreSQL data, logs) lives in ./.corral
+# (CORRAL_STATE_DIR), so running it again resumes the same cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 state=${CORRAL_STATE_DIR:-$PWD/.corral}
-listen=${CORRAL_LISTEN:-127.0.11.5:7000}
-url="http://$listen"
-pidfile="$state/demo.pid"
-
 say() { printf '==> %s\n' "$*" >&2; }
 
-stop() {
-  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    say "stopping corral (pid $(cat "$pidfile"))"
-    kill "$(cat "$pidfile")"
-    for _ in $(seq 1 100); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
-  fi
-  rm -f "$pidfile"
-}
-
 case "${1:-}" in
-  stop) stop; exit 0 ;;
+  stop)
+    exec target/release/corral down --state-dir "$state"
+    ;;
   --detach|"") ;;
   *) echo "usage: scripts/demo.sh [--detach|stop]" >&2; exit 2 ;;
 esac
 
-scripts/setup.sh --ui
-say "building corral (release)"
-cargo build -q --release -p corral-server --bin corral
+scripts/setup.sh
+say "building corral, corral-agent and todomvc (release)"
+cargo build -q --release --locked -p corral-server -p corral-agent -p todomvc
+if [ -x scripts/build-ui.sh ]; then
+  scripts/build-ui.sh
+fi
 
 mkdir -p "$state"
-stop
-say "starting corral serve on $listen (state in $state)"
-target/release/corral serve --listen "$listen" --state-dir "$state" \
-  >/dev/null 2>"$state/server.log" &
-pid=$!
-echo "$pid" >"$pidfile"
-if [ "${1:-}" != "--detach" ]; then
-  trap 'stop' EXIT INT TERM
-fi
-for _ in $(seq 1 300); do
-  grep -q '^serving on' "$state/server.log" 2>/dev/null && break
-  if ! kill -0 "$pid" 2>/dev/null; then
-    echo "corral serve exited:" >&2
-    cat "$state/server.log" >&2
-    exit 1
-  fi
-  sleep 0.1
-done
-curl -fsS "$url/healthz" >/dev/null
-
-token=$(cat "$state/admin-token")
-cat <<INFO
-
-corral is up.
-
-  Web UI:     $url/              (sign in with the admin token)
-  API:        $url/api/v1        (Swagger UI: $url/docs/)
-  admin token: $token
-               (kept in $state/admin-token, mode 0600)
-
-Try it:
-
-  export CORRAL_URL=$url CORRAL_TOKEN=$token
-  curl -s -H "Authorization: Bearer \$CORRAL_TOKEN" -H 'Content-Type: application/json' \\
-       -d '{"role":"web"}' \$CORRAL_URL/api/v1/nodes
-  target/release/corral nodes list
-  target/release/corral orders nginx1
-  target/release/corral topology set --seed
-  target/release/corral events --follow
-
-INFO
+# PostgreSQL runs as the unprivileged postgres user and must reach its data
+# directory under the state dir.
+chmod 755 "$state"
 
 if [ "${1:-}" = "--detach" ]; then
-  say "running in the background (pid $pid); stop it with: scripts/demo.sh stop"
-  exit 0
+  log="$state/up.log"
+  say "starting the cluster in the background (progress in $log)"
+  : >"$log"
+  setsid target/release/corral up --state-dir "$state" >>"$log" 2>&1 </dev/null &
+  pid=$!
+  until grep -q -e '^cluster ready' -e 'not every node is ready' "$log"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      cat "$log" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+  cat "$log"
+  say "stop it with: scripts/demo.sh stop"
+else
+  exec target/release/corral up --state-dir "$state"
 fi
-say "following the audit log; Ctrl-C stops the demo"
-target/release/corral --url "$url" --token "$token" events --follow

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod error;
+pub mod provider;
 pub mod reconcile;
 pub mod service;
 pub mod startup;

@@ -3,6 +3,7 @@
 
 mod client;
 mod output;
+pub mod up;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -91,13 +92,43 @@ enum Command {
     Topology(TopologyCommand),
     /// Print the OpenAPI document (YAML) the server serves.
     Openapi,
+    /// Run the whole cluster on this machine: the control plane on adm1's
+    /// address and one agent per node (local provider); Ctrl-C stops it.
+    Up(UpArgs),
+    /// Stop the cluster a `corral up` runs (or the nodes a killed one left).
+    Down {
+        /// The corral-agent executable [default: next to corral, else PATH].
+        #[arg(long, env = "CORRAL_AGENT_BIN")]
+        agent_bin: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Web nodes wanted [default: 2 on a new cluster, else as it is].
+    #[arg(long)]
+    web: Option<u32>,
+    /// Database nodes wanted [default: 2 on a new cluster, else as it is].
+    #[arg(long)]
+    db: Option<u32>,
+    /// The corral-agent executable [default: next to corral, else PATH].
+    #[arg(long, env = "CORRAL_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+    /// Port nginx listens on at every web node's address.
+    #[arg(long, default_value_t = corral_proto::ports::NGINX)]
+    nginx_port: u16,
+    /// How long to wait for every node to serve before saying which do not.
+    #[arg(long, default_value = "300s", value_parser = duration)]
+    ready_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "CORRAL_LISTEN", default_value = "127.0.11.5:7000")]
-    listen: String,
+    /// Address to listen on [default: adm1's address in --network, port 7000].
+    #[arg(long, env = "CORRAL_LISTEN")]
+    listen: Option<String>,
     /// PostgreSQL URL for the state; SQLite in --state-dir when unset.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -175,6 +206,15 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Cli {
+    /// The log filter when `RUST_LOG` is unset: `up` and `down` show their
+    /// own progress, so only warnings from the server mix into it.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Up(_) | Command::Down { .. } => "warn",
+            _ => "info,sqlx=warn",
+        }
+    }
+
     fn client(&self) -> Client {
         let token = self.token.clone().or_else(|| {
             std::fs::read_to_string(self.state_dir.join("admin-token"))
@@ -189,6 +229,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = Output::new(cli.output);
     match &cli.command {
         Command::Serve(args) => serve(&cli, args).await,
+        Command::Up(args) => {
+            up::up(
+                server_config(&cli, &args.serve)?,
+                up::UpOptions {
+                    web: args.web,
+                    db: args.db,
+                    agent_bin: args.agent_bin.clone(),
+                    nginx_port: args.nginx_port,
+                    ready_timeout: args.ready_timeout,
+                },
+            )
+            .await
+        }
+        Command::Down { agent_bin } => up::down(&cli.state_dir, agent_bin.clone()).await,
         Command::Openapi => {
             print!("{}", crate::api::openapi_yaml());
             Ok(())
@@ -304,9 +358,18 @@ async fn follow_events(client: &Client, out: &Output, mut last: Option<i64>) -> 
     }
 }
 
-async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
+fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
     let mut config = Config::new(&cli.state_dir);
-    config.listen = args.listen.clone();
+    config.listen = match &args.listen {
+        Some(listen) => listen.clone(),
+        None => {
+            let adm = args
+                .network
+                .seed_address(corral_proto::Role::Adm, 1)
+                .context("the network has no address for adm1")?;
+            format!("{adm}:{}", corral_proto::ports::CONTROL_PLANE)
+        }
+    };
     config.database_url = args.database_url.clone();
     config.network = args.network;
     config.default_provider = args.provider;
@@ -320,6 +383,11 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     if args.max_poll_wait.is_zero() {
         bail!("--max-poll-wait must be more than 0");
     }
+    Ok(config)
+}
+
+async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
+    let config = server_config(cli, args)?;
     let app = Application::build(config)
         .await
         .context("starting the corral server")?;

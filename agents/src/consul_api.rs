@@ -1,0 +1,335 @@
+//! The local Consul agent's HTTP API, the parts the drivers use: service
+//! registration, health (with blocking queries), checks, sessions and KV.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error("consul unreachable: {0}")]
+    Unreachable(#[from] reqwest::Error),
+    #[error("consul answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+}
+
+/// A passing (or any) instance of a service, as the health API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Instance {
+    pub node: String,
+    pub address: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct ConsulApi {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl ConsulApi {
+    pub fn new(address: &str) -> Self {
+        Self {
+            base: format!("http://{address}:{}", corral_proto::ports::CONSUL_HTTP),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(90))
+                .build()
+                .expect("an HTTP client without TLS builds"),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    async fn call(
+        &self,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ConsulError> {
+        let res = req.timeout(timeout).send().await?;
+        if res.status().is_success() {
+            Ok(res)
+        } else {
+            let status = res.status();
+            let mut body = res.text().await.unwrap_or_default();
+            body.truncate(500);
+            Err(ConsulError::Status { status, body })
+        }
+    }
+
+    fn short() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    /// Whether the agent answers at all.
+    pub async fn alive(&self) -> bool {
+        self.call(
+            self.http.get(format!("{}/v1/agent/self", self.base)),
+            Self::short(),
+        )
+        .await
+        .is_ok()
+    }
+
+    /// The cluster leader's address, empty while there is none.
+    pub async fn leader(&self) -> Result<String, ConsulError> {
+        let res = self
+            .call(
+                self.http.get(format!("{}/v1/status/leader", self.base)),
+                Self::short(),
+            )
+            .await?;
+        Ok(res.json::<String>().await.unwrap_or_default())
+    }
+
+    pub async fn register_service(&self, definition: &Value) -> Result<(), ConsulError> {
+        self.call(
+            self.http
+                .put(format!("{}/v1/agent/service/register", self.base))
+                .json(definition),
+            Self::short(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Re-reads the agent's configuration files (service definitions).
+    pub async fn reload(&self) -> Result<(), ConsulError> {
+        self.call(
+            self.http.put(format!("{}/v1/agent/reload", self.base)),
+            Self::short(),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn deregister_service(&self, id: &str) -> Result<(), ConsulError> {
+        self.call(
+            self.http
+                .put(format!("{}/v1/agent/service/deregister/{id}", self.base)),
+            Self::short(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The tags a locally registered service has, `None` when not registered.
+    pub async fn local_service_tags(&self, id: &str) -> Result<Option<Vec<String>>, ConsulError> {
+        match self
+            .call(
+                self.http
+                    .get(format!("{}/v1/agent/service/{id}", self.base)),
+                Self::short(),
+            )
+            .await
+        {
+            Ok(res) => {
+                let v: Value = res.json().await?;
+                Ok(Some(
+                    v["Tags"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|t| t.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                ))
+            }
+            Err(ConsulError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The local agent's checks: check id -> (status, output).
+    pub async fn local_checks(&self) -> Result<HashMap<String, (String, String)>, ConsulError> {
+        let res = self
+            .call(
+                self.http.get(format!("{}/v1/agent/checks", self.base)),
+                Self::short(),
+            )
+            .await?;
+        let v: HashMap<String, Value> = res.json().await?;
+        Ok(v.into_iter()
+            .map(|(id, c)| {
+                (
+                    id,
+                    (
+                        c["Status"].as_str().unwrap_or("").to_string(),
+                        c["Output"].as_str().unwrap_or("").to_string(),
+                    ),
+                )
+            })
+            .collect())
+    }
+
+    /// Instances of `service` (only passing ones when `passing`), optionally
+    /// with `tag`; a blocking query when `index` is given. Returns the new
+    /// index with the instances, sorted.
+    pub async fn health(
+        &self,
+        service: &str,
+        tag: Option<&str>,
+        passing: bool,
+        index: Option<u64>,
+        wait: Duration,
+    ) -> Result<(u64, Vec<Instance>), ConsulError> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if passing {
+            query.push(("passing", "1".into()));
+        }
+        if let Some(t) = tag {
+            query.push(("tag", t.into()));
+        }
+        if let Some(i) = index {
+            query.push(("index", i.to_string()));
+            query.push(("wait", format!("{}s", wait.as_secs().max(1))));
+        }
+        let res = self
+            .call(
+                self.http
+                    .get(format!("{}/v1/health/service/{service}", self.base))
+                    .query(&query),
+                wait + Self::short(),
+            )
+            .await?;
+        let new_index = res
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let entries: Vec<HealthEntry> = res.json().await?;
+        let mut instances: Vec<Instance> = entries
+            .into_iter()
+            .map(|e| Instance {
+                address: if e.service.address.is_empty() {
+                    e.node.address.clone()
+                } else {
+                    e.service.address
+                },
+                node: e.node.node,
+                port: e.service.port,
+                tags: e.service.tags.unwrap_or_default(),
+            })
+            .collect();
+        instances.sort();
+        Ok((new_index, instances))
+    }
+
+    /// Creates a session tied to `checks` (it dies when one goes critical).
+    pub async fn create_session(
+        &self,
+        name: &str,
+        checks: &[String],
+        lock_delay: Duration,
+    ) -> Result<String, ConsulError> {
+        let body = serde_json::json!({
+            "Name": name,
+            "Checks": checks,
+            "LockDelay": format!("{}s", lock_delay.as_secs()),
+            "Behavior": "release",
+        });
+        let res = self
+            .call(
+                self.http
+                    .put(format!("{}/v1/session/create", self.base))
+                    .json(&body),
+                Self::short(),
+            )
+            .await?;
+        let v: Value = res.json().await?;
+        Ok(v["ID"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Whether session `id` still exists.
+    pub async fn session_alive(&self, id: &str) -> Result<bool, ConsulError> {
+        let res = self
+            .call(
+                self.http.get(format!("{}/v1/session/info/{id}", self.base)),
+                Self::short(),
+            )
+            .await?;
+        let v: Value = res.json().await?;
+        Ok(v.as_array().is_some_and(|a| !a.is_empty()))
+    }
+
+    pub async fn destroy_session(&self, id: &str) -> Result<(), ConsulError> {
+        self.call(
+            self.http
+                .put(format!("{}/v1/session/destroy/{id}", self.base)),
+            Self::short(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Tries to take the lock on `key` with `session`; true when held.
+    pub async fn acquire(
+        &self,
+        key: &str,
+        session: &str,
+        value: &str,
+    ) -> Result<bool, ConsulError> {
+        let res = self
+            .call(
+                self.http
+                    .put(format!("{}/v1/kv/{key}", self.base))
+                    .query(&[("acquire", session)])
+                    .body(value.to_string()),
+                Self::short(),
+            )
+            .await?;
+        Ok(res.json::<bool>().await.unwrap_or(false))
+    }
+
+    /// The session holding the lock on `key`, if any.
+    pub async fn lock_holder(&self, key: &str) -> Result<Option<String>, ConsulError> {
+        match self
+            .call(
+                self.http.get(format!("{}/v1/kv/{key}", self.base)),
+                Self::short(),
+            )
+            .await
+        {
+            Ok(res) => {
+                let v: Value = res.json().await?;
+                Ok(v[0]["Session"].as_str().map(String::from))
+            }
+            Err(ConsulError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HealthEntry {
+    #[serde(rename = "Node")]
+    node: HealthNode,
+    #[serde(rename = "Service")]
+    service: HealthService,
+}
+
+#[derive(Deserialize)]
+struct HealthNode {
+    #[serde(rename = "Node")]
+    node: String,
+    #[serde(rename = "Address")]
+    address: String,
+}
+
+#[derive(Deserialize)]
+struct HealthService {
+    #[serde(rename = "Address")]
+    address: String,
+    #[serde(rename = "Port")]
+    port: u16,
+    #[serde(rename = "Tags")]
+    tags: Option<Vec<String>>,
+}

@@ -1,0 +1,230 @@
+//! The control plane as the agent sees it: enrollment, the long poll for
+//! orders, order results, heartbeats and log lines. A 401 means the node
+//! token is no longer valid (the node re-enrolled elsewhere or the server
+//! lost it): the client enrolls again with the join token and retries once.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use corral_proto::{
+    EnrollRequest, EnrollResponse, Heartbeat, ObservedState, OrderOutcome, OrderResult,
+};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::durable::StateDir;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control plane unreachable: {0}")]
+    Unreachable(#[from] reqwest::Error),
+    #[error("control plane answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    #[error("cannot save the node token: {0}")]
+    State(#[from] crate::durable::StateError),
+}
+
+impl ControlError {
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ControlError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// One order of a poll, its payload still raw: a payload this agent cannot
+/// parse becomes a failed order, not a failed poll.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RawOrder {
+    pub seq: i64,
+    pub payload: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawPoll {
+    orders: Vec<RawOrder>,
+}
+
+pub struct ControlPlane {
+    base: String,
+    node: String,
+    join_token: String,
+    http: reqwest::Client,
+    state: StateDir,
+    token: Mutex<Option<String>>,
+}
+
+impl ControlPlane {
+    pub fn new(server: &str, node: &str, join_token: String, state: StateDir) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(75))
+            .build()
+            .expect("an HTTP client without TLS builds");
+        let token = state.token();
+        Self {
+            base: server.trim_end_matches('/').to_string(),
+            node: node.to_string(),
+            join_token,
+            http,
+            state,
+            token: Mutex::new(token),
+        }
+    }
+
+    /// Trades the join token for a node token and keeps it (mode 0600).
+    #[tracing::instrument(skip(self), fields(node = %self.node))]
+    pub async fn enroll(&self) -> Result<String, ControlError> {
+        let res = self
+            .http
+            .post(format!("{}/api/v1/agents/enroll", self.base))
+            .json(&EnrollRequest {
+                node: self.node.clone(),
+                join_token: self.join_token.clone(),
+            })
+            .send()
+            .await?;
+        let res = checked(res).await?;
+        let body: EnrollResponse = res.json().await?;
+        self.state.save_token(&body.token)?;
+        *self.token.lock().expect("token lock") = Some(body.token.clone());
+        tracing::info!("enrolled");
+        Ok(body.token)
+    }
+
+    async fn token(&self) -> Result<String, ControlError> {
+        let current = self.token.lock().expect("token lock").clone();
+        match current {
+            Some(t) => Ok(t),
+            None => self.enroll().await,
+        }
+    }
+
+    /// Sends an authenticated request, enrolling again once on a 401.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ControlError> {
+        let url = format!("{}/api/v1/agents/{}{path}", self.base, self.node);
+        for attempt in 0..2 {
+            let token = self.token().await?;
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .query(query)
+                .bearer_auth(token)
+                .timeout(timeout);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let res = req.send().await?;
+            if res.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
+                tracing::warn!("node token refused; enrolling again");
+                self.enroll().await?;
+                continue;
+            }
+            return checked(res).await;
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Long poll: the orders after `after`, waiting up to `wait` for one.
+    pub async fn poll(&self, after: i64, wait: Duration) -> Result<Vec<RawOrder>, ControlError> {
+        let res = self
+            .send(
+                Method::GET,
+                "/orders",
+                &[
+                    ("after", after.to_string()),
+                    ("wait", format!("{}ms", wait.as_millis())),
+                ],
+                None,
+                wait + Duration::from_secs(15),
+            )
+            .await?;
+        let poll: RawPoll = res.json().await?;
+        Ok(poll.orders)
+    }
+
+    pub async fn report(
+        &self,
+        seq: i64,
+        outcome: OrderOutcome,
+        message: &str,
+    ) -> Result<(), ControlError> {
+        let mut message: String = message.to_string();
+        if message.chars().count() > corral_proto::order::MAX_RESULT_LEN {
+            message = message
+                .chars()
+                .take(corral_proto::order::MAX_RESULT_LEN)
+                .collect();
+        }
+        let body = serde_json::to_value(OrderResult { outcome, message }).expect("serializes");
+        match self
+            .send(
+                Method::POST,
+                &format!("/orders/{seq}/result"),
+                &[],
+                Some(&body),
+                Duration::from_secs(15),
+            )
+            .await
+        {
+            // The server already has another outcome (a report from before a
+            // crash): nothing more to say.
+            Err(e) if e.status() == Some(StatusCode::CONFLICT) => {
+                tracing::warn!(seq, error = %e, "result conflicts with the recorded one");
+                Ok(())
+            }
+            other => other.map(drop),
+        }
+    }
+
+    pub async fn heartbeat(&self, observed: ObservedState) -> Result<(), ControlError> {
+        let body = serde_json::to_value(Heartbeat { observed }).expect("serializes");
+        self.send(
+            Method::POST,
+            "/heartbeat",
+            &[],
+            Some(&body),
+            Duration::from_secs(10),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Ships log lines; a server without the endpoint (404) is ignored.
+    pub async fn logs(&self, service: &str, lines: &[String]) -> Result<(), ControlError> {
+        let body = serde_json::json!({ "service": service, "lines": lines });
+        match self
+            .send(
+                Method::POST,
+                "/logs",
+                &[],
+                Some(&body),
+                Duration::from_secs(10),
+            )
+            .await
+        {
+            Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
+async fn checked(res: reqwest::Response) -> Result<reqwest::Response, ControlError> {
+    let status = res.status();
+    if status.is_success() {
+        Ok(res)
+    } else {
+        let mut body = res.text().await.unwrap_or_default();
+        body.truncate(1000);
+        Err(ControlError::Status { status, body })
+    }
+}

@@ -1,0 +1,147 @@
+//! The node's Consul agent: bound to the node address, data in the state
+//! dir, server or client as the order says, script checks allowed locally
+//! (the PostgreSQL check runs `corral-agent check-postgres`).
+
+use std::sync::Arc;
+
+use corral_proto::{ConsulSpec, ports};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use super::{DriverError, NodeContext, mkdir, write_if_changed};
+use crate::host::{Ensured, OneShot, ServiceSpec};
+
+pub const SERVICE: &str = "consul";
+
+/// Where service definitions that carry script checks go: Consul runs
+/// script checks only from its own configuration files
+/// (`enable_local_script_checks`), never from HTTP registrations.
+pub const CONF_DIR: &str = "consul/conf.d";
+
+pub struct ConsulDriver {
+    ctx: Arc<NodeContext>,
+}
+
+/// The agent configuration for `spec` on this node (Consul 1.8 JSON).
+pub fn render_config(node: &str, address: &str, data_dir: &str, spec: &ConsulSpec) -> Value {
+    let mut config = json!({
+        "node_name": node,
+        "datacenter": spec.datacenter,
+        "data_dir": data_dir,
+        "bind_addr": address,
+        "client_addr": address,
+        "advertise_addr": address,
+        "server": spec.server,
+        "retry_join": spec.retry_join,
+        "retry_interval": "2s",
+        "ui": spec.ui,
+        "encrypt": spec.encrypt,
+        "ports": {
+            "http": ports::CONSUL_HTTP,
+            "dns": ports::CONSUL_DNS,
+            "server": ports::CONSUL_SERVER,
+            "serf_lan": ports::CONSUL_SERF_LAN,
+            "serf_wan": ports::CONSUL_SERF_WAN,
+        },
+        "enable_local_script_checks": true,
+        "disable_update_check": true,
+        "leave_on_terminate": false,
+        "log_level": "INFO",
+        "performance": { "raft_multiplier": 1 },
+    });
+    if spec.server {
+        config["bootstrap_expect"] = json!(spec.bootstrap_expect);
+    }
+    config
+}
+
+impl ConsulDriver {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        Self { ctx }
+    }
+
+    fn service_spec(&self, config_file: &str) -> ServiceSpec {
+        ServiceSpec {
+            name: SERVICE.into(),
+            program: self.ctx.bins.consul.clone(),
+            args: vec![
+                "agent".into(),
+                format!("-config-file={config_file}"),
+                format!("-config-dir={}", self.ctx.path(CONF_DIR).display()),
+            ],
+            env: Vec::new(),
+            run_as: None,
+            marker: config_file.to_string(),
+            stop_signal: Signal::SIGTERM,
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
+    pub async fn apply(&self, spec: &ConsulSpec) -> Result<String, DriverError> {
+        let dir = self.ctx.path("consul");
+        let data = dir.join("data");
+        mkdir(&data)?;
+        mkdir(&self.ctx.path(CONF_DIR))?;
+        let config = render_config(
+            &self.ctx.node,
+            &self.ctx.address,
+            &data.to_string_lossy(),
+            spec,
+        );
+        let file = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&config).expect("json");
+        let changed = write_if_changed(&file, &text, 0o600)?;
+        let service = self.service_spec(&file.to_string_lossy());
+        let mut ensured = self.ctx.host.ensure(&service).await?;
+        if changed && matches!(ensured, Ensured::Running | Ensured::Adopted) {
+            // Server/bootstrap/join settings are read only at start.
+            self.ctx.host.stop(SERVICE).await?;
+            ensured = self.ctx.host.ensure(&service).await?;
+        }
+        let role = if spec.server { "server" } else { "client" };
+        Ok(format!("consul {role} {ensured:?} on {}", self.ctx.address).to_lowercase())
+    }
+
+    /// Leaves the cluster gracefully, then makes sure the agent is gone.
+    pub async fn leave(&self) -> Result<(), DriverError> {
+        let cmd = OneShot::new(
+            &self.ctx.bins.consul,
+            &["leave", &format!("-http-addr={}", self.ctx.consul.url())],
+        );
+        if let Err(e) = self.ctx.host.run(&cmd).await.and_then(|o| o.check(&cmd)) {
+            tracing::warn!(error = %e, "consul leave failed; stopping it anyway");
+        }
+        self.ctx.host.stop(SERVICE).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(server: bool) -> ConsulSpec {
+        ConsulSpec {
+            datacenter: "dc".into(),
+            bind: "127.0.11.21".into(),
+            server,
+            bootstrap_expect: 3,
+            retry_join: vec!["127.0.11.5".into()],
+            ui: false,
+            encrypt: "k".into(),
+        }
+    }
+
+    #[test]
+    fn only_servers_expect_a_bootstrap_quorum() {
+        let server = render_config("nginx1", "127.0.11.21", "/d", &spec(true));
+        assert_eq!(server["bootstrap_expect"], 3);
+        assert_eq!(server["bind_addr"], "127.0.11.21");
+        assert_eq!(server["client_addr"], "127.0.11.21");
+        assert_eq!(server["ports"]["dns"], 8600);
+        assert_eq!(server["enable_local_script_checks"], true);
+        let client = render_config("nginx2", "127.0.11.22", "/d", &spec(false));
+        assert!(client.get("bootstrap_expect").is_none());
+        assert_eq!(client["server"], false);
+    }
+}

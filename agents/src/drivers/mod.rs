@@ -1,0 +1,84 @@
+//! The drivers: one per kind of service a node runs, each making one kind of
+//! work order true on top of the [`Host`] process layer and the local Consul
+//! agent. Applying an order twice is a no-op; a newer order of a kind
+//! replaces the older one.
+
+pub mod consul;
+pub mod leader;
+pub mod nginx;
+pub mod postgres;
+pub mod webapp;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::consul_api::{ConsulApi, ConsulError};
+use crate::host::{Host, HostError};
+
+/// The programs the drivers run.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub consul: PathBuf,
+    pub nginx: PathBuf,
+    pub todomvc: PathBuf,
+    /// Directory of `postgres`, `initdb`, `psql`, `pg_basebackup`.
+    pub pg_bin: PathBuf,
+    /// This agent's own executable (Consul runs `check-postgres` from it).
+    pub agent: PathBuf,
+}
+
+/// What every driver needs to know about its node.
+pub struct NodeContext {
+    pub node: String,
+    pub address: String,
+    pub state_dir: PathBuf,
+    pub bins: Binaries,
+    /// nginx listens here instead of on the order's port.
+    pub nginx_port: Option<u16>,
+    pub host: Arc<dyn Host>,
+    pub consul: ConsulApi,
+}
+
+impl NodeContext {
+    pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.state_dir.join(rel)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl DriverError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+        let what = what.into();
+        move |source| DriverError::Io { what, source }
+    }
+}
+
+/// Creates `dir` (and parents).
+pub fn mkdir(dir: &Path) -> Result<(), DriverError> {
+    std::fs::create_dir_all(dir).map_err(DriverError::io(format!("creating {}", dir.display())))
+}
+
+/// Writes `content` to `path` unless it already holds exactly that; says
+/// whether it changed.
+pub fn write_if_changed(path: &Path, content: &str, mode: u32) -> Result<bool, DriverError> {
+    if std::fs::read_to_string(path).is_ok_and(|c| c == content) {
+        return Ok(false);
+    }
+    crate::durable::write_atomic(path, content.as_bytes(), mode)
+        .map_err(DriverError::io(format!("writing {}", path.display())))?;
+    Ok(true)
+}

@@ -1,0 +1,412 @@
+//! nginx in front of the passing instances of a service. Its prefix lives in
+//! `<state>/nginx/`; the upstream set follows Consul through a blocking-query
+//! watch on the local agent, and the config is re-rendered, checked with
+//! `nginx -t` and reloaded (SIGHUP) only when the set or the order changes,
+//! so a bad render never replaces a good config.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corral_proto::{LbPolicy, LoadBalancerSpec};
+use nix::sys::signal::Signal;
+use tokio::sync::Notify;
+
+use super::{DriverError, NodeContext, mkdir, write_if_changed};
+use crate::host::{Account, Ensured, OneShot, ServiceSpec};
+
+pub const SERVICE: &str = "nginx";
+
+/// One backend of the upstream block.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Upstream {
+    pub address: String,
+    pub port: u16,
+}
+
+/// What the config is rendered from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Render<'a> {
+    pub prefix: &'a Path,
+    pub listen: String,
+    pub service: &'a str,
+    pub policy: LbPolicy,
+    pub upstreams: &'a [Upstream],
+    /// Worker account when the master runs as root.
+    pub user: Option<&'a str>,
+}
+
+/// The whole nginx.conf.
+pub fn render(r: &Render<'_>) -> String {
+    let prefix = r.prefix.display();
+    let mut out = String::new();
+    out.push_str("# Written by corral-agent; re-rendered when the upstream set changes.\n");
+    // The order shows in the file even while no backend passes, so a new
+    // order is always a new, validated config.
+    out.push_str(&format!("# service {}, policy {:?}\n", r.service, r.policy));
+    out.push_str("daemon off;\nworker_processes 1;\n");
+    if let Some(user) = r.user {
+        out.push_str(&format!("user {user};\n"));
+    }
+    out.push_str(&format!(
+        "pid {prefix}/run/nginx.pid;\nerror_log stderr warn;\n"
+    ));
+    out.push_str("events { worker_connections 1024; }\n\nhttp {\n");
+    out.push_str("    access_log off;\n    server_tokens off;\n");
+    for (directive, dir) in [
+        ("client_body_temp_path", "client_body"),
+        ("proxy_temp_path", "proxy"),
+        ("fastcgi_temp_path", "fastcgi"),
+        ("uwsgi_temp_path", "uwsgi"),
+        ("scgi_temp_path", "scgi"),
+    ] {
+        out.push_str(&format!("    {directive} {prefix}/tmp/{dir};\n"));
+    }
+    let name: String = r
+        .service
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if r.upstreams.is_empty() {
+        out.push_str(&format!(
+            "\n    server {{\n        listen {listen};\n        default_type application/json;\n        \
+             location / {{\n            return 503 '{{\"error\":\"no_backend\",\"message\":\"no passing {svc} instance\"}}\\n';\n        }}\n    }}\n",
+            listen = r.listen,
+            svc = name,
+        ));
+    } else {
+        out.push_str(&format!("\n    upstream {name} {{\n"));
+        match r.policy {
+            LbPolicy::RoundRobin => {}
+            LbPolicy::LeastConn => out.push_str("        least_conn;\n"),
+            LbPolicy::UriHash => out.push_str("        hash $request_uri consistent;\n"),
+        }
+        for u in r.upstreams {
+            out.push_str(&format!(
+                "        server {}:{} max_fails=1 fail_timeout=5s;\n",
+                u.address, u.port
+            ));
+        }
+        out.push_str("        keepalive 16;\n    }\n");
+        out.push_str(&format!(
+            "\n    server {{\n        listen {listen};\n        location / {{\n            \
+             proxy_pass http://{name};\n            proxy_http_version 1.1;\n            \
+             proxy_set_header Connection \"\";\n            proxy_set_header Host $http_host;\n            \
+             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            \
+             proxy_set_header X-Forwarded-Proto $scheme;\n            \
+             proxy_connect_timeout 2s;\n            \
+             proxy_next_upstream error timeout http_502 http_503 http_504;\n        }}\n    }}\n",
+            listen = r.listen,
+        ));
+    }
+    out.push_str("}\n");
+    out
+}
+
+struct Current {
+    spec: Option<LoadBalancerSpec>,
+    upstreams: Vec<Upstream>,
+}
+
+pub struct NginxDriver {
+    ctx: Arc<NodeContext>,
+    current: Mutex<Current>,
+    /// Serialises renders (order application and the watch).
+    render_lock: tokio::sync::Mutex<()>,
+    /// Wakes the watch when an order arrives.
+    wake: Notify,
+}
+
+impl NginxDriver {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        Self {
+            ctx,
+            current: Mutex::new(Current {
+                spec: None,
+                upstreams: Vec::new(),
+            }),
+            render_lock: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
+        }
+    }
+
+    fn prefix(&self) -> PathBuf {
+        self.ctx.path("nginx")
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.prefix().join("conf/nginx.conf")
+    }
+
+    fn worker() -> Option<Account> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        Account::lookup("www-data").or_else(|| Account::lookup("nobody"))
+    }
+
+    fn service_spec(&self) -> ServiceSpec {
+        let prefix = format!("{}/", self.prefix().display());
+        ServiceSpec {
+            name: SERVICE.into(),
+            program: self.ctx.bins.nginx.clone(),
+            args: vec![
+                "-p".into(),
+                prefix.clone(),
+                "-c".into(),
+                self.conf().display().to_string(),
+            ],
+            env: Vec::new(),
+            run_as: None,
+            marker: prefix,
+            // Graceful: finish requests in flight.
+            stop_signal: Signal::SIGQUIT,
+        }
+    }
+
+    fn prepare_dirs(&self, worker: Option<&Account>) -> Result<(), DriverError> {
+        let prefix = self.prefix();
+        for dir in ["conf", "run", "logs"] {
+            mkdir(&prefix.join(dir))?;
+        }
+        for dir in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            let path = prefix.join("tmp").join(dir);
+            mkdir(&path)?;
+            if let Some(w) = worker {
+                nix::unistd::chown(
+                    &path,
+                    Some(nix::unistd::Uid::from_raw(w.uid)),
+                    Some(nix::unistd::Gid::from_raw(w.gid)),
+                )
+                .map_err(|e| DriverError::Refused(format!("chown {}: {e}", path.display())))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Renders, validates and installs the config; reloads a running nginx
+    /// when it changed. Returns what happened, for the order result.
+    async fn install(&self) -> Result<String, DriverError> {
+        let _guard = self.render_lock.lock().await;
+        let (spec, upstreams) = {
+            let c = self.current.lock().expect("lock");
+            match &c.spec {
+                Some(s) => (s.clone(), c.upstreams.clone()),
+                None => return Ok("no load balancer ordered".into()),
+            }
+        };
+        let worker = Self::worker();
+        self.prepare_dirs(worker.as_ref())?;
+        let port = self.ctx.nginx_port.unwrap_or(spec.port);
+        let prefix = self.prefix();
+        let text = render(&Render {
+            prefix: &prefix,
+            listen: format!("{}:{port}", self.ctx.address),
+            service: &spec.service,
+            policy: spec.policy,
+            upstreams: &upstreams,
+            user: worker.as_ref().map(|w| w.name.as_str()),
+        });
+        let conf = self.conf();
+        let unchanged = std::fs::read_to_string(&conf).is_ok_and(|c| c == text);
+        if !unchanged {
+            let candidate = prefix.join("conf/nginx.conf.new");
+            write_if_changed(&candidate, &text, 0o644)?;
+            let test = OneShot::new(
+                &self.ctx.bins.nginx,
+                &["-t", "-q", "-p", &format!("{}/", prefix.display()), "-c"],
+            )
+            .arg(candidate.display().to_string());
+            self.ctx.host.run(&test).await?.check(&test)?;
+            std::fs::rename(&candidate, &conf)
+                .map_err(DriverError::io(format!("installing {}", conf.display())))?;
+        }
+        let ensured = self.ctx.host.ensure(&self.service_spec()).await?;
+        if !unchanged && matches!(ensured, Ensured::Running | Ensured::Adopted) {
+            self.ctx.host.signal(SERVICE, Signal::SIGHUP)?;
+            tracing::info!(upstreams = upstreams.len(), "nginx reloaded");
+        }
+        Ok(format!(
+            "nginx {ensured:?} on {}:{port}, policy {:?}, {} upstream(s)",
+            self.ctx.address,
+            spec.policy,
+            upstreams.len()
+        )
+        .to_lowercase())
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
+    pub async fn apply(&self, spec: &LoadBalancerSpec) -> Result<String, DriverError> {
+        // A first look at the set, so the first config is already useful;
+        // the watch keeps it current after.
+        let known = match self
+            .ctx
+            .consul
+            .health(&spec.service, None, true, None, Duration::ZERO)
+            .await
+        {
+            Ok((_, instances)) => Some(to_upstreams(&instances)),
+            Err(_) => None,
+        };
+        {
+            let mut c = self.current.lock().expect("lock");
+            c.spec = Some(spec.clone());
+            if let Some(set) = known {
+                c.upstreams = set;
+            }
+        }
+        let result = self.install().await;
+        self.wake.notify_one();
+        result
+    }
+
+    /// Runs forever: follows the passing instances of the ordered service.
+    pub async fn watch(self: Arc<Self>) {
+        let mut index: Option<u64> = None;
+        let mut watched: Option<String> = None;
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let service = self
+                .current
+                .lock()
+                .expect("lock")
+                .spec
+                .as_ref()
+                .map(|s| s.service.clone());
+            let Some(service) = service else {
+                self.wake.notified().await;
+                continue;
+            };
+            if watched.as_deref() != Some(service.as_str()) {
+                index = None;
+                watched = Some(service.clone());
+            }
+            let query =
+                self.ctx
+                    .consul
+                    .health(&service, None, true, index, Duration::from_secs(30));
+            let result = tokio::select! {
+                r = query => r,
+                _ = self.wake.notified() => continue,
+            };
+            match result {
+                Ok((new_index, instances)) => {
+                    backoff = Duration::from_millis(500);
+                    // An index going backwards means Consul restarted.
+                    index = Some(if index.is_some_and(|i| new_index < i) {
+                        0
+                    } else {
+                        new_index
+                    });
+                    let set = to_upstreams(&instances);
+                    let changed = {
+                        let mut c = self.current.lock().expect("lock");
+                        let changed = c.upstreams != set;
+                        c.upstreams = set;
+                        changed
+                    };
+                    if changed {
+                        match self.install().await {
+                            Ok(what) => tracing::info!(%what, "upstream set changed"),
+                            Err(e) => tracing::error!(error = %e, "re-rendering nginx failed"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "consul watch failed; retrying");
+                    index = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Stops routing and nginx (drain).
+    pub async fn stop(&self) -> Result<(), DriverError> {
+        self.current.lock().expect("lock").spec = None;
+        self.ctx.host.stop(SERVICE).await?;
+        Ok(())
+    }
+}
+
+fn to_upstreams(instances: &[crate::consul_api::Instance]) -> Vec<Upstream> {
+    let mut set: Vec<Upstream> = instances
+        .iter()
+        .map(|i| Upstream {
+            address: i.address.clone(),
+            port: i.port,
+        })
+        .collect();
+    set.sort();
+    set.dedup();
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstreams() -> Vec<Upstream> {
+        vec![
+            Upstream {
+                address: "127.0.11.21".into(),
+                port: 8080,
+            },
+            Upstream {
+                address: "127.0.11.22".into(),
+                port: 8080,
+            },
+        ]
+    }
+
+    fn conf(policy: LbPolicy, ups: &[Upstream]) -> String {
+        render(&Render {
+            prefix: Path::new("/s/nginx"),
+            listen: "127.0.11.21:80".into(),
+            service: "todomvc",
+            policy,
+            upstreams: ups,
+            user: Some("www-data"),
+        })
+    }
+
+    #[test]
+    fn round_robin_is_nginx_default_balancing() {
+        let c = conf(LbPolicy::RoundRobin, &upstreams());
+        assert!(c.contains("upstream todomvc {"));
+        assert!(c.contains("server 127.0.11.21:8080"));
+        assert!(c.contains("server 127.0.11.22:8080"));
+        assert!(!c.contains("least_conn"));
+        assert!(!c.contains("hash "));
+        assert!(c.contains("listen 127.0.11.21:80;"));
+        assert!(c.contains("proxy_next_upstream error timeout http_502 http_503 http_504;"));
+        assert!(c.contains("X-Forwarded-Proto $scheme"));
+        assert!(c.contains("X-Forwarded-For $proxy_add_x_forwarded_for"));
+        assert!(c.contains("user www-data;"));
+        assert!(c.contains("daemon off;"));
+    }
+
+    #[test]
+    fn least_conn_and_uri_hash_pick_their_directives() {
+        assert!(conf(LbPolicy::LeastConn, &upstreams()).contains("least_conn;"));
+        assert!(conf(LbPolicy::UriHash, &upstreams()).contains("hash $request_uri consistent;"));
+    }
+
+    #[test]
+    fn temp_paths_live_in_the_prefix() {
+        let c = conf(LbPolicy::RoundRobin, &upstreams());
+        for d in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            assert!(c.contains(&format!("/s/nginx/tmp/{d};")), "{d}");
+        }
+        assert!(c.contains("pid /s/nginx/run/nginx.pid;"));
+    }
+
+    #[test]
+    fn no_passing_instance_renders_a_json_503_not_an_empty_upstream() {
+        let c = conf(LbPolicy::UriHash, &[]);
+        assert!(!c.contains("upstream todomvc"));
+        assert!(c.contains("return 503"));
+        assert!(c.contains("application/json"));
+    }
+}

@@ -1,0 +1,148 @@
+//! The todomvc webapp: run on the node address, finding PostgreSQL through
+//! the local Consul agent, and registered there as service `todomvc` with an
+//! HTTP check on `/healthz`. A keeper loop re-registers it whenever the
+//! local Consul agent has forgotten it (Consul restarted, data wiped).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use corral_proto::{WEBAPP_SERVICE, WebappSpec};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use super::{DriverError, NodeContext};
+use crate::host::ServiceSpec;
+
+pub const SERVICE: &str = "todomvc";
+
+pub struct WebappDriver {
+    ctx: Arc<NodeContext>,
+    /// The port to keep registered, while the webapp should run.
+    registered: Mutex<Option<u16>>,
+}
+
+/// The Consul service definition of this node's webapp.
+pub fn registration(node: &str, address: &str, port: u16) -> Value {
+    json!({
+        "ID": format!("{WEBAPP_SERVICE}-{node}"),
+        "Name": WEBAPP_SERVICE,
+        "Address": address,
+        "Port": port,
+        "Tags": [node],
+        "Check": {
+            "CheckID": format!("service:{WEBAPP_SERVICE}-{node}"),
+            "Name": "todomvc /healthz",
+            "HTTP": format!("http://{address}:{port}/healthz"),
+            "Interval": "1s",
+            "Timeout": "1s",
+            "DeregisterCriticalServiceAfter": "30m",
+        },
+    })
+}
+
+impl WebappDriver {
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        Self {
+            ctx,
+            registered: Mutex::new(None),
+        }
+    }
+
+    fn service_id(&self) -> String {
+        format!("{WEBAPP_SERVICE}-{}", self.ctx.node)
+    }
+
+    pub fn service_spec(&self, spec: &WebappSpec) -> ServiceSpec {
+        let listen = format!("{}:{}", self.ctx.address, spec.port);
+        ServiceSpec {
+            name: SERVICE.into(),
+            program: self.ctx.bins.todomvc.clone(),
+            args: vec![
+                "--listen".into(),
+                listen.clone(),
+                "--node-name".into(),
+                self.ctx.node.clone(),
+                "--consul".into(),
+                self.ctx.consul.url().to_string(),
+            ],
+            env: vec![
+                ("TODOMVC_DB_NAME".into(), spec.database.clone()),
+                ("TODOMVC_DB_USER".into(), spec.user.clone()),
+                ("TODOMVC_DB_PASSWORD".into(), spec.password.clone()),
+            ],
+            run_as: None,
+            marker: format!("--listen {listen}"),
+            stop_signal: Signal::SIGTERM,
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
+    pub async fn apply(&self, spec: &WebappSpec) -> Result<String, DriverError> {
+        let ensured = self.ctx.host.ensure(&self.service_spec(spec)).await?;
+        let previous = self.registered.lock().expect("lock").replace(spec.port);
+        if previous.is_some_and(|p| p != spec.port) {
+            // Port changed: the keeper registers the new definition.
+            let _ = self.ctx.consul.deregister_service(&self.service_id()).await;
+        }
+        // Try at once; the keeper retries while Consul is not up yet.
+        let registered = self.keep_registered().await.is_ok();
+        Ok(format!(
+            "todomvc {ensured:?} on {}:{}{}",
+            self.ctx.address,
+            spec.port,
+            if registered {
+                ", registered in consul"
+            } else {
+                ", consul registration pending"
+            }
+        )
+        .to_lowercase())
+    }
+
+    /// Registers the service unless the local agent already has it.
+    async fn keep_registered(&self) -> Result<(), DriverError> {
+        let Some(port) = *self.registered.lock().expect("lock") else {
+            return Ok(());
+        };
+        if self
+            .ctx
+            .consul
+            .local_service_tags(&self.service_id())
+            .await?
+            .is_none()
+        {
+            self.ctx
+                .consul
+                .register_service(&registration(&self.ctx.node, &self.ctx.address, port))
+                .await?;
+            tracing::info!(id = %self.service_id(), "registered in consul");
+        }
+        Ok(())
+    }
+
+    /// Runs forever: keeps the registration in place.
+    pub async fn keeper(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.keep_registered().await {
+                tracing::debug!(error = %e, "webapp registration pending");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Deregisters and stops the webapp (drain).
+    pub async fn stop(&self) -> Result<(), DriverError> {
+        self.registered.lock().expect("lock").take();
+        if let Err(e) = self.ctx.consul.deregister_service(&self.service_id()).await {
+            tracing::warn!(error = %e, "deregistering todomvc");
+        }
+        self.ctx.host.stop(SERVICE).await?;
+        Ok(())
+    }
+
+    /// Only deregisters (first step of a drain, before anything stops).
+    pub async fn deregister(&self) {
+        self.registered.lock().expect("lock").take();
+        let _ = self.ctx.consul.deregister_service(&self.service_id()).await;
+    }
+}

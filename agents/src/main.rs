@@ -1,0 +1,60 @@
+//! `corral-agent`: `run` the node agent, `stop-all` of a node, or
+//! `check-postgres` (the SQL-level Consul check).
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use corral_agent::check::{CheckArgs, check_postgres};
+use corral_agent::config::RunConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "corral-agent", version, about = "corral's node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll, pull and apply work orders, supervise the node's services.
+    Run(Box<RunConfig>),
+    /// Stop the agent and every service it supervises, gracefully; idempotent.
+    StopAll {
+        #[arg(long, env = "CORRAL_AGENT_STATE_DIR")]
+        state_dir: PathBuf,
+    },
+    /// Consul script check: PostgreSQL answers SQL in the expected role.
+    CheckPostgres(CheckArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckPostgres(args) => std::process::exit(check_postgres(&args)),
+        Command::StopAll { state_dir } => {
+            init_tracing();
+            corral_agent::stop_all::stop_all(&state_dir)?;
+            Ok(())
+        }
+        Command::Run(config) => {
+            init_tracing();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(corral_agent::run(*config))
+        }
+    }
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}

@@ -1,0 +1,121 @@
+//! One node's orders made true: dispatches each work order to its driver,
+//! remembers what was applied (so a restarted agent re-applies it and adopts
+//! what runs), and drains the node when told to.
+
+use std::sync::Arc;
+
+use corral_proto::{OrderKind, OrderOutcome, WorkOrder};
+use serde_json::Value;
+
+use crate::drivers::consul::ConsulDriver;
+use crate::drivers::nginx::NginxDriver;
+use crate::drivers::postgres::PostgresDriver;
+use crate::drivers::webapp::WebappDriver;
+use crate::drivers::{DriverError, NodeContext};
+use crate::durable::{StateDir, StateError};
+
+pub struct Node {
+    pub ctx: Arc<NodeContext>,
+    state: StateDir,
+    pub consul: ConsulDriver,
+    pub webapp: Arc<WebappDriver>,
+    pub nginx: Arc<NginxDriver>,
+    pub postgres: Arc<PostgresDriver>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("not a work order this agent understands: {0}")]
+    BadPayload(serde_json::Error),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl Node {
+    pub fn new(ctx: Arc<NodeContext>, state: StateDir) -> Self {
+        Self {
+            consul: ConsulDriver::new(ctx.clone()),
+            webapp: Arc::new(WebappDriver::new(ctx.clone())),
+            nginx: Arc::new(NginxDriver::new(ctx.clone())),
+            postgres: Arc::new(PostgresDriver::new(ctx.clone())),
+            ctx,
+            state,
+        }
+    }
+
+    /// Starts the background loops that follow Consul (registration keepers,
+    /// the nginx upstream watch).
+    pub fn spawn_keepers(&self) {
+        tokio::spawn(self.webapp.clone().keeper());
+        tokio::spawn(self.nginx.clone().watch());
+        tokio::spawn(self.postgres.clone().keeper());
+    }
+
+    /// Applies a raw payload: what the agent cannot parse is a failed order.
+    pub async fn apply_raw(&self, payload: &Value) -> (OrderOutcome, String) {
+        let result = match serde_json::from_value::<WorkOrder>(payload.clone()) {
+            Ok(order) => self.apply(&order).await,
+            Err(e) => Err(ApplyError::BadPayload(e)),
+        };
+        match result {
+            Ok(message) => (OrderOutcome::Applied, message),
+            Err(e) => (OrderOutcome::Failed, e.to_string()),
+        }
+    }
+
+    /// Makes `order` true and records it as the current order of its kind.
+    pub async fn apply(&self, order: &WorkOrder) -> Result<String, ApplyError> {
+        let message = self.make_true(order).await?;
+        self.state.save_applied(order)?;
+        if matches!(order, WorkOrder::Drain) {
+            self.state.forget_applied(&[
+                OrderKind::Consul,
+                OrderKind::Postgres,
+                OrderKind::Webapp,
+                OrderKind::LoadBalancer,
+            ]);
+        }
+        Ok(message)
+    }
+
+    async fn make_true(&self, order: &WorkOrder) -> Result<String, ApplyError> {
+        if !matches!(order, WorkOrder::Drain) && self.state.applied(OrderKind::Drain).is_some() {
+            return Err(DriverError::Refused("this node was drained".into()).into());
+        }
+        Ok(match order {
+            WorkOrder::Consul(spec) => self.consul.apply(spec).await?,
+            WorkOrder::Webapp(spec) => self.webapp.apply(spec).await?,
+            WorkOrder::LoadBalancer(spec) => self.nginx.apply(spec).await?,
+            WorkOrder::Postgres(spec) => self.postgres.apply(spec).await?,
+            WorkOrder::Drain => self.drain().await?,
+        })
+    }
+
+    /// Takes the node out: traffic first (Consul registrations), then the
+    /// services, then Consul itself.
+    async fn drain(&self) -> Result<String, DriverError> {
+        self.webapp.deregister().await;
+        self.nginx.stop().await?;
+        self.webapp.stop().await?;
+        self.postgres.stop().await?;
+        self.consul.leave().await?;
+        Ok("drained: services deregistered and stopped, consul left".into())
+    }
+
+    /// Re-applies the orders applied before this agent started, adopting the
+    /// services that still run. Failures are logged: the services that can
+    /// run, run.
+    pub async fn restore(&self) {
+        if self.state.applied(OrderKind::Drain).is_some() {
+            return;
+        }
+        for order in self.state.applied_orders() {
+            match self.make_true(&order).await {
+                Ok(what) => tracing::info!(kind = %order.kind(), %what, "restored"),
+                Err(e) => tracing::error!(kind = %order.kind(), error = %e, "restoring failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The real process layer: starts the node's services in sessions of their
+//! own (so a Ctrl-C to the agent never reaches them), keeps pid files in
+//! `<state>/run/`, appends their output to `<state>/logs/<service>.log`,
+//! restarts them with capped backoff, stops them gracefully and reaps them.
+//! A restarted agent adopts the instances its predecessor left running
+//! (pid file + `/proc/<pid>/cmdline`) and watches those by polling.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
+
+use crate::host::{Ensured, Host, HostError, OneShot, Output, ServiceInfo, ServiceSpec};
+
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A run this long counts as healthy: the next crash restarts at once.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// How long a service gets to stop before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
+enum Proc {
+    Child(Child),
+    Adopted(u32),
+    Dead,
+}
+
+struct Entry {
+    spec: ServiceSpec,
+    proc: Proc,
+    restarts: u32,
+    started: Instant,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+    last_exit: Option<String>,
+}
+
+impl Entry {
+    fn pid(&self) -> Option<u32> {
+        match &self.proc {
+            Proc::Child(c) => Some(c.id()),
+            Proc::Adopted(pid) => Some(*pid),
+            Proc::Dead => None,
+        }
+    }
+
+    /// Reaps a child that exited; notices an adopted process that vanished.
+    fn poll(&mut self) -> bool {
+        match &mut self.proc {
+            Proc::Child(child) => match child.try_wait() {
+                Ok(None) => true,
+                Ok(Some(status)) => {
+                    self.last_exit = Some(format!("exited: {status}"));
+                    self.proc = Proc::Dead;
+                    false
+                }
+                Err(e) => {
+                    self.last_exit = Some(format!("wait failed: {e}"));
+                    self.proc = Proc::Dead;
+                    false
+                }
+            },
+            Proc::Adopted(pid) => {
+                if pid_alive(*pid) {
+                    true
+                } else {
+                    self.last_exit = Some("exited (adopted process)".into());
+                    self.proc = Proc::Dead;
+                    false
+                }
+            }
+            Proc::Dead => false,
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn pid_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// The command line of `pid`, arguments joined by spaces.
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let text = String::from_utf8_lossy(&raw).replace('\0', " ");
+    Some(text.trim().to_string())
+}
+
+/// Reads a pid file.
+pub fn read_pid(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+pub struct Supervisor {
+    run_dir: PathBuf,
+    log_dir: PathBuf,
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl Supervisor {
+    pub fn new(state_dir: &Path) -> std::io::Result<Self> {
+        let run_dir = state_dir.join("run");
+        let log_dir = state_dir.join("logs");
+        fs::create_dir_all(&run_dir)?;
+        fs::create_dir_all(&log_dir)?;
+        Ok(Self {
+            run_dir,
+            log_dir,
+            entries: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn pid_file(&self, name: &str) -> PathBuf {
+        self.run_dir.join(format!("{name}.pid"))
+    }
+
+    fn fingerprint_file(&self, name: &str) -> PathBuf {
+        self.run_dir.join(format!("{name}.fingerprint"))
+    }
+
+    /// Restarts the services that died, once their backoff has passed.
+    /// Called every half second by the agent.
+    pub fn tick(&self) {
+        let mut entries = self.entries.lock().expect("supervisor lock");
+        let now = Instant::now();
+        for entry in entries.values_mut() {
+            if entry.poll() {
+                if entry.started.elapsed() > STABLE_AFTER {
+                    entry.backoff = BACKOFF_START;
+                }
+                continue;
+            }
+            match entry.restart_at {
+                None => {
+                    let delay = if entry.started.elapsed() > STABLE_AFTER {
+                        Duration::ZERO
+                    } else {
+                        entry.backoff
+                    };
+                    tracing::warn!(
+                        service = %entry.spec.name,
+                        why = entry.last_exit.as_deref().unwrap_or("?"),
+                        delay_ms = delay.as_millis() as u64,
+                        "service died; restarting"
+                    );
+                    entry.restart_at = Some(now + delay);
+                }
+                Some(at) if at <= now => {
+                    entry.restart_at = None;
+                    entry.backoff = (entry.backoff * 2).min(BACKOFF_CAP);
+                    entry.restarts += 1;
+                    entry.started = now;
+                    match self.spawn(&entry.spec) {
+                        Ok(child) => entry.proc = Proc::Child(child),
+                        Err(e) => {
+                            entry.last_exit = Some(format!("restart failed: {e}"));
+                            tracing::error!(service = %entry.spec.name, error = %e, "restart failed");
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn spawn(&self, spec: &ServiceSpec) -> Result<Child, HostError> {
+        let log_path = self.log_dir.join(format!("{}.log", spec.name));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let err = log.try_clone()?;
+        // `setsid` execs in place (the child is no group leader), so the pid
+        // we get is the service's own; so does `setpriv`.
+        let mut cmd = Command::new("setsid");
+        if let Some(account) = spec.run_as.as_ref().filter(|_| running_as_root()) {
+            cmd.arg("setpriv")
+                .arg(format!("--reuid={}", account.uid))
+                .arg(format!("--regid={}", account.gid))
+                .arg("--init-groups")
+                .arg("--");
+        }
+        cmd.arg(&spec.program)
+            .args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .current_dir("/");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CORRAL_") {
+                cmd.env_remove(key);
+            }
+        }
+        let child = cmd.spawn().map_err(|source| HostError::Spawn {
+            command: spec.program.display().to_string(),
+            source,
+        })?;
+        crate::durable::write_atomic(
+            &self.pid_file(&spec.name),
+            format!("{}\n", child.id()).as_bytes(),
+            0o644,
+        )?;
+        crate::durable::write_atomic(
+            &self.fingerprint_file(&spec.name),
+            spec.fingerprint().as_bytes(),
+            0o644,
+        )?;
+        tracing::info!(service = %spec.name, pid = child.id(), "started");
+        Ok(child)
+    }
+
+    /// An instance an earlier agent left running, if the pid file names a
+    /// live process whose command line carries this node's marker.
+    fn find_running(&self, spec: &ServiceSpec) -> Option<u32> {
+        let pid = read_pid(&self.pid_file(&spec.name))?;
+        let line = cmdline(pid)?;
+        (pid_alive(pid) && line.contains(&spec.marker)).then_some(pid)
+    }
+
+    fn insert(&self, spec: &ServiceSpec, proc: Proc) {
+        self.entries.lock().expect("supervisor lock").insert(
+            spec.name.clone(),
+            Entry {
+                spec: spec.clone(),
+                proc,
+                restarts: 0,
+                started: Instant::now(),
+                backoff: BACKOFF_START,
+                restart_at: None,
+                last_exit: None,
+            },
+        );
+    }
+
+    /// Signals `pid` and waits until it is gone, killing it after `grace`.
+    async fn terminate(
+        &self,
+        name: &str,
+        pid: u32,
+        signal: Signal,
+        mut child: Option<Child>,
+        grace: Duration,
+    ) {
+        let target = Pid::from_raw(pid as i32);
+        let _ = kill(target, signal);
+        let start = Instant::now();
+        let mut killed = false;
+        loop {
+            let gone = match &mut child {
+                Some(c) => !matches!(c.try_wait(), Ok(None)),
+                None => !pid_alive(pid),
+            };
+            if gone {
+                break;
+            }
+            if !killed && start.elapsed() > grace {
+                tracing::warn!(service = name, pid, "did not stop in time; killing");
+                let _ = kill(target, Signal::SIGKILL);
+                killed = true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(service = name, pid, "stopped");
+    }
+}
+
+fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[async_trait]
+impl Host for Supervisor {
+    async fn ensure(&self, spec: &ServiceSpec) -> Result<Ensured, HostError> {
+        let current = {
+            let mut entries = self.entries.lock().expect("supervisor lock");
+            match entries.get_mut(&spec.name) {
+                Some(e) if e.spec == *spec => {
+                    // Alive or waiting for its restart: either way it is ours.
+                    return Ok(Ensured::Running);
+                }
+                Some(_) => true,
+                None => false,
+            }
+        };
+        let mut outcome = Ensured::Started;
+        if current {
+            self.stop(&spec.name).await?;
+            outcome = Ensured::Restarted;
+        } else if let Some(pid) = self.find_running(spec) {
+            let same = fs::read_to_string(self.fingerprint_file(&spec.name))
+                .is_ok_and(|f| f.trim() == spec.fingerprint());
+            if same {
+                tracing::info!(service = %spec.name, pid, "adopted");
+                self.insert(spec, Proc::Adopted(pid));
+                return Ok(Ensured::Adopted);
+            }
+            tracing::info!(service = %spec.name, pid, "running with another command line; restarting");
+            self.terminate(&spec.name, pid, spec.stop_signal, None, STOP_GRACE)
+                .await;
+            outcome = Ensured::Restarted;
+        }
+        let child = self.spawn(spec)?;
+        self.insert(spec, Proc::Child(child));
+        Ok(outcome)
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), HostError> {
+        let entry = self.entries.lock().expect("supervisor lock").remove(name);
+        if let Some(entry) = entry {
+            let signal = entry.spec.stop_signal;
+            match entry.proc {
+                Proc::Child(child) => {
+                    let pid = child.id();
+                    self.terminate(name, pid, signal, Some(child), STOP_GRACE)
+                        .await
+                }
+                Proc::Adopted(pid) => self.terminate(name, pid, signal, None, STOP_GRACE).await,
+                Proc::Dead => {}
+            }
+        }
+        let _ = fs::remove_file(self.pid_file(name));
+        let _ = fs::remove_file(self.fingerprint_file(name));
+        Ok(())
+    }
+
+    fn signal(&self, name: &str, signal: Signal) -> Result<(), HostError> {
+        let entries = self.entries.lock().expect("supervisor lock");
+        let pid = entries
+            .get(name)
+            .and_then(Entry::pid)
+            .ok_or_else(|| HostError::Unknown(name.into()))?;
+        kill(Pid::from_raw(pid as i32), signal)
+            .map_err(|e| HostError::Io(std::io::Error::from_raw_os_error(e as i32)))
+    }
+
+    fn services(&self) -> Vec<ServiceInfo> {
+        let mut entries = self.entries.lock().expect("supervisor lock");
+        let mut out: Vec<ServiceInfo> = entries
+            .values_mut()
+            .map(|e| {
+                let running = e.poll();
+                ServiceInfo {
+                    name: e.spec.name.clone(),
+                    pid: e.pid(),
+                    running,
+                    restarts: e.restarts,
+                    last_exit: if running { None } else { e.last_exit.clone() },
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    async fn run(&self, cmd: &OneShot) -> Result<Output, HostError> {
+        let mut command = match cmd.run_as.as_ref().filter(|_| running_as_root()) {
+            Some(account) => {
+                let mut c = tokio::process::Command::new("setpriv");
+                c.arg(format!("--reuid={}", account.uid))
+                    .arg(format!("--regid={}", account.gid))
+                    .arg("--init-groups")
+                    .arg("--")
+                    .arg(&cmd.program);
+                c
+            }
+            None => tokio::process::Command::new(&cmd.program),
+        };
+        command
+            .args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+            .stdin(if cmd.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .current_dir("/")
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|source| HostError::Spawn {
+            command: cmd.display(),
+            source,
+        })?;
+        if let (Some(input), Some(mut stdin)) = (&cmd.stdin, child.stdin.take()) {
+            stdin.write_all(input.as_bytes()).await?;
+            drop(stdin);
+        }
+        let output = tokio::time::timeout(cmd.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| HostError::Timeout {
+                command: cmd.display(),
+                timeout: cmd.timeout,
+            })??;
+        Ok(Output {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+}

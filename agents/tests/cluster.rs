@@ -1,0 +1,561 @@
+//! End to end: the real control plane in-process on a test-private /24, and
+//! real `corral-agent` processes for adm1, pg1 and nginx1 running real
+//! consul, PostgreSQL 15, todomvc and nginx. Every process is stopped by a
+//! guard (`corral-agent stop-all`) even when the test fails.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use corral_server::startup::{Application, Config};
+use serde_json::{Value, json};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_corral-agent");
+
+/// The todomvc binary the workspace builds, next to the test's target dir.
+fn todomvc_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    // target/debug/deps/cluster-xxxx -> target/debug/todomvc
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("todomvc"))
+        .expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+struct Agent {
+    node: String,
+    address: String,
+    state: PathBuf,
+    child: Option<Child>,
+}
+
+/// Stops every agent and its services, whatever happened.
+struct Cluster {
+    dir: tempfile::TempDir,
+    url: String,
+    join_file: PathBuf,
+    admin: String,
+    agents: Vec<Agent>,
+    http: reqwest::Client,
+    _server: actix_web::dev::ServerHandle,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = Command::new(AGENT)
+                .args(["stop-all", "--state-dir"])
+                .arg(&a.state)
+                .status();
+        }
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+    }
+}
+
+impl Cluster {
+    async fn start(net: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        // PostgreSQL runs as `postgres`: it must be able to reach its data.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let state = dir.path().join("server");
+        let mut config = Config::new(&state);
+        config.listen = format!("{net}.5:0");
+        config.network = format!("{net}.0/24").parse().expect("network");
+        config.workers = Some(1);
+        let app = Application::build(config).await.expect("server starts");
+        let url = app.url();
+        let handle = app.handle();
+        tokio::spawn(app.run_until_stopped());
+        let admin = std::fs::read_to_string(state.join("admin-token"))
+            .expect("admin token")
+            .trim()
+            .to_string();
+        Self {
+            url,
+            join_file: state.join("join-token"),
+            admin,
+            agents: Vec::new(),
+            http: reqwest::Client::new(),
+            _server: handle,
+            dir,
+        }
+    }
+
+    fn node_state(&self, node: &str) -> PathBuf {
+        self.dir.path().join("nodes").join(node)
+    }
+
+    fn spawn_agent(&mut self, node: &str, address: &str) {
+        let state = self.node_state(node);
+        std::fs::create_dir_all(&state).expect("node dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("agent-{node}.log")))
+            .expect("agent log");
+        let child = Command::new(AGENT)
+            .args([
+                "run",
+                "--server",
+                &self.url,
+                "--node",
+                node,
+                "--address",
+                address,
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--join-token-file")
+            .arg(&self.join_file)
+            .arg("--todomvc-bin")
+            .arg(todomvc_bin())
+            .args(["--heartbeat-interval", "1s"])
+            .env("RUST_LOG", "info,corral_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("agent starts");
+        match self.agents.iter_mut().find(|a| a.node == node) {
+            Some(a) => a.child = Some(child),
+            None => self.agents.push(Agent {
+                node: node.into(),
+                address: address.into(),
+                state,
+                child: Some(child),
+            }),
+        }
+    }
+
+    fn dump_logs(&self) {
+        let mut files = vec![];
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            files.push(entry.path());
+        }
+        for a in &self.agents {
+            for entry in std::fs::read_dir(a.state.join("logs"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                files.push(entry.path());
+            }
+        }
+        for f in files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "log"))
+        {
+            let text = std::fs::read_to_string(f).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("===== {} (last 40 lines)", f.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.admin);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("request");
+        assert!(res.status().is_success(), "{path}: {}", res.status());
+        res.json().await.expect("json")
+    }
+
+    async fn orders(&self, node: &str) -> Vec<Value> {
+        self.admin(
+            reqwest::Method::GET,
+            &format!("/api/v1/nodes/{node}/orders"),
+            None,
+        )
+        .await
+        .as_array()
+        .expect("array")
+        .clone()
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Processes whose command line contains `needle` (not counting threads).
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if line.contains(needle) && !line.contains("corral-agent") {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn pid_of(state: &Path, service: &str) -> Option<u32> {
+    std::fs::read_to_string(state.join("run").join(format!("{service}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
+    let net = "127.0.31";
+    let mut cluster = Cluster::start(net).await;
+    cluster
+        .admin(
+            reqwest::Method::PUT,
+            "/api/v1/topology",
+            Some(json!({"web": 1, "db": 1, "lb_policy": "round_robin", "replication": "async"})),
+        )
+        .await;
+    for (node, host) in [("adm1", 5), ("pg1", 11), ("nginx1", 21)] {
+        cluster.spawn_agent(node, &format!("{net}.{host}"));
+    }
+
+    // A todo written through nginx1:80 comes back through it.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let lb = format!("http://{net}.21:80");
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let created: Value = loop {
+        if let Ok(res) = http
+            .post(format!("{lb}/todos"))
+            .json(&json!({"title": "ship the agent"}))
+            .send()
+            .await
+            && res.status() == 201
+        {
+            break res.json().await.expect("todo json");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for a POST /todos through nginx1 to succeed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let list: Value = http
+        .get(format!("{lb}/todos"))
+        .send()
+        .await
+        .expect("GET /todos")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        list.as_array()
+            .expect("array")
+            .iter()
+            .any(|t| t["title"] == "ship the agent" && t["url"] == created["url"]),
+        "{list}"
+    );
+
+    // Every order of every node was applied, once.
+    for node in ["adm1", "pg1", "nginx1"] {
+        let orders = cluster.orders(node).await;
+        assert!(!orders.is_empty());
+        for o in &orders {
+            assert_eq!(o["status"], "applied", "{node}: {o}");
+        }
+    }
+
+    // The agent's footprint, as the lead wants it reported.
+    let nginx1 = cluster.node_state("nginx1");
+    let agent_pid = cluster.agents[2].child.as_ref().expect("child").id();
+    let rss = rss_kb(agent_pid).expect("agent rss");
+    eprintln!("agent RSS (nginx1): {rss} kB");
+
+    // kill -9 the nginx1 agent; the new one adopts instead of duplicating.
+    let nginx_pid = pid_of(&nginx1, "nginx").expect("nginx pid");
+    let todomvc_pid = pid_of(&nginx1, "todomvc").expect("todomvc pid");
+    let consul_pid = pid_of(&nginx1, "consul").expect("consul pid");
+    let applied_before = cluster.orders("nginx1").await.len();
+    {
+        let agent = cluster
+            .agents
+            .iter_mut()
+            .find(|a| a.node == "nginx1")
+            .expect("agent");
+        let mut child = agent.child.take().expect("child");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+    cluster.spawn_agent("nginx1", &format!("{net}.21"));
+    let url = cluster.url.clone();
+    let admin = cluster.admin.clone();
+    // The restarted agent reports again (a fresh heartbeat after restart).
+    let since = chrono_now_secs();
+    eventually(
+        "the restarted agent's heartbeat",
+        Duration::from_secs(30),
+        || {
+            let http = http.clone();
+            let url = url.clone();
+            let admin = admin.clone();
+            async move {
+                let Ok(res) = http
+                    .get(format!("{url}/api/v1/nodes/nginx1"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                else {
+                    return false;
+                };
+                let node: Value = res.json().await.unwrap_or_default();
+                node["last_heartbeat"]
+                    .as_str()
+                    .and_then(parse_rfc3339_secs)
+                    .is_some_and(|t| t > since)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        pid_of(&nginx1, "nginx"),
+        Some(nginx_pid),
+        "nginx was restarted"
+    );
+    assert_eq!(
+        pid_of(&nginx1, "todomvc"),
+        Some(todomvc_pid),
+        "todomvc was restarted"
+    );
+    assert_eq!(
+        pid_of(&nginx1, "consul"),
+        Some(consul_pid),
+        "consul was restarted"
+    );
+    let prefix = format!("{}/", nginx1.join("nginx").display());
+    let masters: Vec<u32> = processes_with(&prefix)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.contains("master"))
+        })
+        .collect();
+    assert_eq!(masters, vec![nginx_pid], "one nginx master");
+    assert_eq!(
+        processes_with(&format!("--listen {net}.21:8080")).len(),
+        1,
+        "one todomvc"
+    );
+    assert_eq!(cluster.orders("nginx1").await.len(), applied_before);
+    // Still serving.
+    let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
+    assert_eq!(res.status(), 200);
+
+    // stop-all takes everything down and is idempotent.
+    for a in &mut cluster.agents {
+        let status = Command::new(AGENT)
+            .args(["stop-all", "--state-dir"])
+            .arg(&a.state)
+            .status()
+            .expect("stop-all");
+        assert!(status.success());
+        if let Some(mut c) = a.child.take() {
+            let _ = c.wait();
+        }
+    }
+    for a in &cluster.agents {
+        for service in ["consul", "nginx", "todomvc", "postgres"] {
+            assert_eq!(pid_of(&a.state, service), None, "{} {service}", a.node);
+        }
+        let status = Command::new(AGENT)
+            .args(["stop-all", "--state-dir"])
+            .arg(&a.state)
+            .status()
+            .expect("stop-all again");
+        assert!(status.success());
+        let _ = &a.address;
+    }
+    assert!(processes_with(&cluster.dir.path().display().to_string()).is_empty());
+}
+
+fn chrono_now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn parse_rfc3339_secs(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp())
+}
+
+/// psql as the superuser over a node's private socket.
+fn psql(state: &Path, sql: &str) -> Option<String> {
+    let out = Command::new("/usr/lib/postgresql/15/bin/psql")
+        .args([
+            "-X", "-A", "-t", "-q", "-U", "postgres", "-d", "todomvc", "-h",
+        ])
+        .arg(state.join("pgsock"))
+        .args(["-c", sql])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
+    let net = "127.0.32";
+    let mut cluster = Cluster::start(net).await;
+    cluster
+        .admin(
+            reqwest::Method::PUT,
+            "/api/v1/topology",
+            Some(json!({"web": 1, "db": 2, "lb_policy": "uri_hash", "replication": "async"})),
+        )
+        .await;
+    for (node, host) in [("adm1", 5), ("pg1", 11), ("pg2", 12), ("nginx1", 21)] {
+        cluster.spawn_agent(node, &format!("{net}.{host}"));
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let url = cluster.url.clone();
+    let admin = cluster.admin.clone();
+    let node_json = |name: &'static str| {
+        let (http, url, admin) = (http.clone(), url.clone(), admin.clone());
+        async move {
+            let res = http
+                .get(format!("{url}/api/v1/nodes/{name}"))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .ok()?;
+            if !res.status().is_success() {
+                return None;
+            }
+            res.json::<Value>().await.ok()
+        }
+    };
+    // pg2 reports itself a replica (from its heartbeat), pg1 the primary.
+    eventually(
+        "pg1 primary and pg2 replica in heartbeats",
+        Duration::from_secs(150),
+        || async {
+            let role = |n: Option<Value>| {
+                n.and_then(|n| {
+                    n["observed"]["replication"]["role"]
+                        .as_str()
+                        .map(String::from)
+                })
+            };
+            role(node_json("pg1").await).as_deref() == Some("primary")
+                && role(node_json("pg2").await).as_deref() == Some("replica")
+        },
+    )
+    .await;
+
+    // A todo written through nginx arrives on the standby.
+    let lb = format!("http://{net}.21:80");
+    eventually(
+        "a POST /todos through nginx1",
+        Duration::from_secs(60),
+        || async {
+            http.post(format!("{lb}/todos"))
+                .json(&json!({"title": "replicated"}))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 201)
+        },
+    )
+    .await;
+    let pg2 = cluster.node_state("pg2");
+    eventually("the todo on pg2", Duration::from_secs(30), || async {
+        psql(
+            &pg2,
+            "SELECT count(*) FROM todos WHERE title = 'replicated'",
+        )
+        .is_some_and(|n| n != "0")
+    })
+    .await;
+    let pg1 = cluster.node_state("pg1");
+    assert_eq!(
+        psql(&pg1, "SELECT slot_name FROM pg_replication_slots").as_deref(),
+        Some("pg2")
+    );
+
+    // Scaling db back to 1 drains pg2: the server removes it once applied.
+    cluster
+        .admin(
+            reqwest::Method::PUT,
+            "/api/v1/topology",
+            Some(json!({"web": 1, "db": 1, "lb_policy": "uri_hash", "replication": "async"})),
+        )
+        .await;
+    eventually(
+        "pg2 removed after its drain",
+        Duration::from_secs(90),
+        || async {
+            http.get(format!("{url}/api/v1/nodes/pg2"))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 404)
+        },
+    )
+    .await;
+    for service in ["postgres", "consul"] {
+        assert_eq!(pid_of(&pg2, service), None, "pg2 {service} still runs");
+    }
+    // The rest of the cluster keeps serving.
+    let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
+    assert_eq!(res.status(), 200);
+}

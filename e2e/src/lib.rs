@@ -1,0 +1,340 @@
+//! A harness for end-to-end tests: a whole cluster brought up by the real
+//! `corral up` (control plane + local provider) in a temporary state
+//! directory on a /24 of loopback addresses of its own, so tests can run side
+//! by side. Everything it starts is stopped when the [`Cluster`] is dropped,
+//! also when a test fails. Tests poll conditions with deadlines.
+//!
+//! The binaries come from the cargo target directory the test runs from
+//! (`corral`, `corral-agent`, `todomvc`): build them first with
+//! `cargo build --workspace --bins`, or point `CORRAL_BIN_DIR` elsewhere.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use corral_proto::Node;
+use corral_server::provider::reaper::{self, Exit, Reaper};
+use nix::sys::signal::{Signal, kill};
+
+/// The directory holding the corral binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CORRAL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/debug/deps/<test> -> target/debug
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("exe dir");
+    deps.parent().unwrap_or(deps).to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins) or set CORRAL_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` until it yields `Some`, failing with `what` (and the last
+/// error) at the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => last = "not yet".into(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs a command to its end through the process-wide reaper.
+pub async fn run(cmd: &mut Command) -> anyhow::Result<reaper::Output> {
+    Reaper::global()
+        .output(cmd)
+        .await
+        .with_context(|| format!("running {cmd:?}"))
+}
+
+/// A cluster run by `corral up`.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    /// The first three octets of the cluster's /24, e.g. `127.0.21`.
+    pub net: String,
+    pub url: String,
+    pub token: String,
+    pub http: reqwest::Client,
+    up: Option<Up>,
+    web: u32,
+    db: u32,
+}
+
+struct Up {
+    pid: u32,
+    exit: tokio::sync::oneshot::Receiver<Exit>,
+}
+
+impl Cluster {
+    /// `corral up` with `web` and `db` nodes on `127.0.<octet>.0/24`; returns
+    /// once it says the cluster is ready.
+    pub async fn up(octet: u8, web: u32, db: u32) -> anyhow::Result<Cluster> {
+        for b in ["corral", "corral-agent", "todomvc"] {
+            bin(b);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("corral-e2e-")
+            .tempdir_in("/tmp")
+            .context("temp dir")?;
+        // PostgreSQL runs as `postgres` and must reach its data directory.
+        set_mode(dir.path(), 0o755)?;
+        let net = format!("127.0.{octet}");
+        let mut cluster = Cluster {
+            url: format!("http://{net}.5:7000"),
+            net,
+            dir,
+            token: String::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            up: None,
+            web,
+            db,
+        };
+        cluster.start().await?;
+        Ok(cluster)
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn up_log(&self) -> PathBuf {
+        self.dir.path().join("up.log")
+    }
+
+    /// Starts `corral up` (again) and waits until it reports the cluster
+    /// ready.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.up_log())?;
+        let mut cmd = Command::new(bin("corral"));
+        cmd.arg("up")
+            .arg("--state-dir")
+            .arg(self.dir.path())
+            .arg("--network")
+            .arg(format!("{}.0/24", self.net))
+            .arg("--web")
+            .arg(self.web.to_string())
+            .arg("--db")
+            .arg(self.db.to_string())
+            .arg("--agent-bin")
+            .arg(bin("corral-agent"))
+            .arg("--ready-timeout")
+            .arg("240s")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        let spawned = Reaper::global().spawn(&mut cmd)?;
+        let log_len = std::fs::metadata(self.up_log())?.len() as usize;
+        self.up = Some(Up {
+            pid: spawned.pid,
+            exit: spawned.exit,
+        });
+        let path = self.up_log();
+        let outcome = eventually(
+            "corral up to report the cluster ready",
+            Duration::from_secs(300),
+            || {
+                let path = path.clone();
+                let exited = self.up.as_mut().and_then(|u| u.exit.try_recv().ok());
+                async move {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let text = text.get(log_len..).unwrap_or_default();
+                    if let Some(exit) = exited {
+                        bail!("corral up ended ({exit}):\n{text}");
+                    }
+                    if text.contains("not every node is ready") {
+                        bail!("corral up gave up:\n{text}");
+                    }
+                    Ok(text.contains("cluster ready in").then_some(()))
+                }
+            },
+        )
+        .await;
+        if let Err(e) = outcome {
+            bail!("{e:#}\n--- up.log ---\n{}", self.tail_logs());
+        }
+        self.token = std::fs::read_to_string(self.dir.path().join("admin-token"))?
+            .trim()
+            .to_string();
+        Ok(())
+    }
+
+    /// The last lines of `up.log` and every agent log, for failure messages.
+    pub fn tail_logs(&self) -> String {
+        let mut out = String::new();
+        let tail = |p: &Path| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        out.push_str(&tail(&self.up_log()));
+        if let Ok(nodes) = std::fs::read_dir(self.dir.path().join("nodes")) {
+            for n in nodes.flatten() {
+                out.push_str(&format!(
+                    "\n--- {} agent.log ---\n",
+                    n.file_name().to_string_lossy()
+                ));
+                out.push_str(&tail(&n.path().join("agent.log")));
+            }
+        }
+        out
+    }
+
+    /// Stops `corral up` with SIGTERM (it stops the cluster) and waits.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(up) = self.up.take() else {
+            return Ok(());
+        };
+        let _ = kill(reaper::pid(up.pid), Signal::SIGTERM);
+        let exit = tokio::time::timeout(Duration::from_secs(180), up.exit)
+            .await
+            .map_err(|_| anyhow!("corral up did not stop within 180 s"))?
+            .map_err(|_| anyhow!("lost corral up"))?;
+        if !exit.success() {
+            bail!("corral up ended with {exit}:\n{}", self.tail_logs());
+        }
+        Ok(())
+    }
+
+    /// Kills `corral up` with SIGKILL: the control plane is gone, the nodes
+    /// keep running.
+    pub async fn kill_control_plane(&mut self) -> anyhow::Result<()> {
+        let Some(up) = self.up.take() else {
+            bail!("corral up is not running");
+        };
+        kill(reaper::pid(up.pid), Signal::SIGKILL)?;
+        let _ = tokio::time::timeout(Duration::from_secs(30), up.exit).await;
+        Ok(())
+    }
+
+    pub fn address(&self, node: &str) -> String {
+        let (role, index) = corral_proto::Role::parse_node_name(node).expect("seed node name");
+        let offset = match role {
+            corral_proto::Role::Adm => 5,
+            corral_proto::Role::Db => 10 + index,
+            corral_proto::Role::Web => 20 + index,
+        };
+        format!("{}.{offset}", self.net)
+    }
+
+    /// A URL on a web node's load balancer.
+    pub fn lb(&self, node: &str, path: &str) -> String {
+        format!("http://{}{path}", self.address(node))
+    }
+
+    pub async fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}/api/v1{path}", self.url))
+            .bearer_auth(&self.token)
+    }
+
+    pub async fn nodes(&self) -> anyhow::Result<Vec<Node>> {
+        let res = self
+            .api(reqwest::Method::GET, "/nodes")
+            .await
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("GET /nodes: {}", res.status());
+        }
+        Ok(res.json().await?)
+    }
+
+    /// Pids of processes whose command line mentions `needle`.
+    pub fn pids_with(needle: &str) -> Vec<u32> {
+        let mut pids = Vec::new();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                if reaper::alive_with(pid, needle) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// Processes running from this cluster's state directory.
+    pub fn processes(&self) -> Vec<u32> {
+        Self::pids_with(&self.dir.path().to_string_lossy())
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(up) = self.up.take() {
+            let _ = kill(reaper::pid(up.pid), Signal::SIGTERM);
+            wait_blocking(up.exit, Duration::from_secs(120));
+        }
+        // Whatever a killed `up` left: agents and services by pid file.
+        let mut cmd = Command::new(bin_dir().join("corral"));
+        cmd.arg("down")
+            .arg("--state-dir")
+            .arg(self.dir.path())
+            .arg("--agent-bin")
+            .arg(bin_dir().join("corral-agent"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Ok(spawned) = Reaper::global().spawn(&mut cmd) {
+            wait_blocking(spawned.exit, Duration::from_secs(120));
+        }
+        // Last resort: anything still running from the state directory.
+        for pid in self.processes() {
+            let _ = kill(reaper::pid(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+fn wait_blocking(mut rx: tokio::sync::oneshot::Receiver<Exit>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match rx.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            _ => return,
+        }
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
+}
