@@ -105,8 +105,12 @@ pub fn steps(node: &Node, orders: Option<&[Order]>) -> Vec<Step> {
         ("healthy", healthy),
     ];
     if node.role == Role::Web {
+        // nginx routes to the webapps whose Consul check passes; the agent
+        // reports the check's verdict in the service's detail.
         let in_lb = service(node, corral_proto::WEBAPP_SERVICE)
-            .is_some_and(passing)
+            .is_some_and(|s| {
+                passing(s) && s.detail.as_deref().is_some_and(|d| d.contains("passing"))
+            })
             .then_some(Ok(()));
         raw.push(("in the load balancers", in_lb));
     }
@@ -171,7 +175,8 @@ mod tests {
                         pid: None,
                         restarts: 0,
                         version: None,
-                        detail: None,
+                        detail: (*name == "todomvc" && *state == ServiceState::Running)
+                            .then(|| "consul check passing: HTTP GET /healthz: 200 OK".into()),
                     })
                     .collect(),
                 replication: None,
@@ -234,6 +239,18 @@ mod tests {
             ],
         );
         assert!(all_done(&steps(&n, Some(&orders))));
+    }
+
+    #[test]
+    fn a_running_webapp_without_a_passing_check_is_not_in_the_load_balancers() {
+        let orders = [order(1, OrderStatus::Applied, None)];
+        let mut n = node(NodeState::Active, &[("todomvc", ServiceState::Running)]);
+        if let Some(o) = n.observed.as_mut() {
+            o.services[0].detail = Some("consul check critical: connection refused".into());
+        }
+        let s = steps(&n, Some(&orders));
+        assert_eq!(s[3].state, StepState::Done);
+        assert_eq!(s[4].state, StepState::Current);
     }
 
     #[test]

@@ -83,6 +83,7 @@ impl Chromedriver {
         client.set_window_size(width, height).await?;
         Ok(Browser {
             client,
+            patience: PATIENCE,
             _profile: profile,
         })
     }
@@ -98,10 +99,12 @@ impl Drop for Chromedriver {
 /// One browser window, with waits that poll against a deadline.
 pub struct Browser {
     pub client: Client,
+    /// How long a wait may take: the UI is quick, a real cluster is not.
+    pub patience: Duration,
     _profile: tempfile::TempDir,
 }
 
-/// How long the UI may take to show something.
+/// How long the UI may take to show something by default.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
 impl Browser {
@@ -120,7 +123,7 @@ impl Browser {
 
     /// Waits for an element to exist and returns it.
     pub async fn wait_for(&self, css: &str) -> anyhow::Result<Element> {
-        eventually(&format!("an element {css}"), PATIENCE, || async {
+        eventually(&format!("an element {css}"), self.patience, || async {
             Ok(!self.find_all(css).await?.is_empty())
         })
         .await?;
@@ -129,7 +132,7 @@ impl Browser {
 
     /// Waits until no element matches.
     pub async fn wait_gone(&self, css: &str) -> anyhow::Result<()> {
-        eventually(&format!("no element {css}"), PATIENCE, || async {
+        eventually(&format!("no element {css}"), self.patience, || async {
             Ok(self.find_all(css).await?.is_empty())
         })
         .await
@@ -138,24 +141,32 @@ impl Browser {
     /// Waits until the first element matching `css` has text containing
     /// `needle`.
     pub async fn wait_text(&self, css: &str, needle: &str) -> anyhow::Result<()> {
-        eventually(&format!("{css} to say {needle:?}"), PATIENCE, || async {
-            Ok(match self.find_all(css).await?.first() {
-                Some(e) => e.text().await?.contains(needle),
-                None => false,
-            })
-        })
+        eventually(
+            &format!("{css} to say {needle:?}"),
+            self.patience,
+            || async {
+                Ok(match self.find_all(css).await?.first() {
+                    Some(e) => e.text().await?.contains(needle),
+                    None => false,
+                })
+            },
+        )
         .await
     }
 
     /// Waits until the first element matching `css` has attribute `name`
     /// equal to `value`.
     pub async fn wait_attr(&self, css: &str, name: &str, value: &str) -> anyhow::Result<()> {
-        eventually(&format!("{css} [{name}={value:?}]"), PATIENCE, || async {
-            Ok(match self.find_all(css).await?.first() {
-                Some(e) => e.attr(name).await?.as_deref() == Some(value),
-                None => false,
-            })
-        })
+        eventually(
+            &format!("{css} [{name}={value:?}]"),
+            self.patience,
+            || async {
+                Ok(match self.find_all(css).await?.first() {
+                    Some(e) => e.attr(name).await?.as_deref() == Some(value),
+                    None => false,
+                })
+            },
+        )
         .await
     }
 
@@ -167,14 +178,18 @@ impl Browser {
     /// Clicks the button whose text is `text` exactly.
     pub async fn click_button(&self, text: &str) -> anyhow::Result<()> {
         let xpath = format!("//button[normalize-space(.)='{text}']");
-        eventually(&format!("an enabled button {text:?}"), PATIENCE, || async {
-            Ok(
-                match self.client.find_all(Locator::XPath(&xpath)).await?.first() {
-                    Some(b) => b.is_enabled().await?,
-                    None => false,
-                },
-            )
-        })
+        eventually(
+            &format!("an enabled button {text:?}"),
+            self.patience,
+            || async {
+                Ok(
+                    match self.client.find_all(Locator::XPath(&xpath)).await?.first() {
+                        Some(b) => b.is_enabled().await?,
+                        None => false,
+                    },
+                )
+            },
+        )
         .await?;
         self.client
             .find(Locator::XPath(&xpath))

@@ -16,9 +16,23 @@ pub struct Props {
     /// What the node is in the picture (`primary`, `standby`, ...).
     #[prop_or_default]
     pub label: Option<AttrValue>,
+    /// Show services' details in full (the node's own page) rather than
+    /// their first words (the overview).
+    #[prop_or_default]
+    pub full_details: bool,
     /// Extra lines under the node (its progress).
     #[prop_or_default]
     pub children: Html,
+}
+
+/// The first words of a service detail; Consul's check output can run to
+/// a screenful of JSON.
+fn brief(detail: &str) -> String {
+    const MAX: usize = 40;
+    match detail.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &detail[..cut]),
+        None => detail.to_string(),
+    }
 }
 
 pub fn health_text(health: NodeHealth) -> &'static str {
@@ -71,7 +85,11 @@ pub fn NodeCard(props: &Props) -> Html {
                                 class={classes!(format!("svc-{:?}", s.state).to_lowercase(), ok.then_some("passing"))}>
                                 <span class="svc-name">{ &s.name }</span>
                                 <span class="svc-state">{ format!("{:?}", s.state).to_lowercase() }</span>
-                                if let Some(d) = &s.detail { <span class="svc-detail">{ d }</span> }
+                                if let Some(d) = &s.detail {
+                                    <span class="svc-detail" title={d.clone()}>
+                                        { if props.full_details { d.clone() } else { brief(d) } }
+                                    </span>
+                                }
                             </li>
                         }
                     }) }

@@ -145,7 +145,7 @@ pub fn NodeDetail(props: &Props) -> Html {
             if draining {
                 <p class="notice" role="status">{ format!("{} is draining; it is removed once its agent reports the drain done.", node.name) }</p>
             }
-            <NodeCard node={node.clone()} now_ms={now_ms()}>
+            <NodeCard node={node.clone()} now_ms={now_ms()} full_details=true>
                 <ProgressSteps steps={steps(&node, orders.as_deref())} />
             </NodeCard>
             <h2>{ "Work orders" }</h2>
