@@ -41,6 +41,16 @@ impl<'a> Console<'a> {
         Ok(())
     }
 
+    /// Signs in from the keyboard alone: the token, then Enter.
+    pub async fn sign_in_with_enter(&self, token: &str) -> anyhow::Result<()> {
+        self.browser
+            .type_into("#token", &format!("{token}\u{E007}"))
+            .await?;
+        self.browser.wait_for("header.top").await?;
+        self.browser.wait_for("article.node").await?;
+        Ok(())
+    }
+
     /// Tries a token that must be refused; returns the message shown.
     pub async fn sign_in_refused(&self, token: &str) -> anyhow::Result<String> {
         self.submit_token(token).await?;

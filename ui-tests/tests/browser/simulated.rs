@@ -70,7 +70,7 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
     console.open("/").await?;
     let refused = console.sign_in_refused("corral-admin-wrong").await?;
     anyhow::ensure!(refused.contains("not accepted"), "message: {refused}");
-    console.sign_in(&server.admin_token).await?;
+    console.sign_in_with_enter(&server.admin_token).await?;
     for name in SEED {
         console.wait_health(name, "healthy").await?;
     }
