@@ -147,6 +147,9 @@ impl Reducible for State {
             }
             Action::Tick => s.nodes_version += 1,
             Action::Stream(status) => s.stream = status,
+            // The same failure again (a server down, retried on every tick)
+            // stays one notice.
+            Action::Fail(text) if s.notices.iter().any(|n| n.text == text) => {}
             Action::Fail(text) => {
                 let id = s.next_notice;
                 s.next_notice += 1;
@@ -158,5 +161,28 @@ impl Reducible for State {
             Action::Dismiss(id) => s.notices.retain(|n| n.id != id),
         }
         Rc::new(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reduce(state: Rc<State>, action: Action) -> Rc<State> {
+        state.reduce(action)
+    }
+
+    #[test]
+    fn a_repeated_failure_is_one_notice_until_dismissed() {
+        let mut s = Rc::new(State::default());
+        for _ in 0..3 {
+            s = reduce(s, Action::Fail("cannot reach the server".into()));
+        }
+        assert_eq!(s.notices.len(), 1);
+        let id = s.notices[0].id;
+        s = reduce(s, Action::Dismiss(id));
+        assert!(s.notices.is_empty());
+        s = reduce(s, Action::Fail("cannot reach the server".into()));
+        assert_eq!(s.notices.len(), 1, "shown again after a dismissal");
     }
 }
