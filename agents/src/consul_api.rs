@@ -223,6 +223,21 @@ impl ConsulApi {
         Ok((new_index, instances))
     }
 
+    /// The names of the nodes in the catalog (a node that left is gone; one
+    /// that failed stays until Consul reaps it).
+    pub async fn catalog_nodes(&self) -> Result<Vec<String>, ConsulError> {
+        let res = self
+            .call(
+                self.http.get(format!("{}/v1/catalog/nodes", self.base)),
+                Self::short(),
+            )
+            .await?;
+        let v: Vec<Value> = res.json().await?;
+        Ok(v.iter()
+            .filter_map(|n| n["Node"].as_str().map(String::from))
+            .collect())
+    }
+
     /// Creates a session tied to `checks` (it dies when one goes critical).
     pub async fn create_session(
         &self,

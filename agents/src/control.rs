@@ -3,7 +3,6 @@
 //! token is no longer valid (the node re-enrolled elsewhere or the server
 //! lost it): the client enrolls again with the join token and retries once.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use corral_proto::{
@@ -53,7 +52,9 @@ pub struct ControlPlane {
     join_token: String,
     http: reqwest::Client,
     state: StateDir,
-    token: Mutex<Option<String>>,
+    /// Held across an enrollment, so concurrent callers (the order and
+    /// heartbeat loops) enroll once rather than revoke each other's token.
+    token: tokio::sync::Mutex<Option<String>>,
 }
 
 impl ControlPlane {
@@ -70,13 +71,13 @@ impl ControlPlane {
             join_token,
             http,
             state,
-            token: Mutex::new(token),
+            token: tokio::sync::Mutex::new(token),
         }
     }
 
     /// Trades the join token for a node token and keeps it (mode 0600).
-    #[tracing::instrument(skip(self), fields(node = %self.node))]
-    pub async fn enroll(&self) -> Result<String, ControlError> {
+    #[tracing::instrument(skip_all, fields(node = %self.node))]
+    async fn enroll(&self, slot: &mut Option<String>) -> Result<String, ControlError> {
         let res = self
             .http
             .post(format!("{}/api/v1/agents/enroll", self.base))
@@ -89,16 +90,30 @@ impl ControlPlane {
         let res = checked(res).await?;
         let body: EnrollResponse = res.json().await?;
         self.state.save_token(&body.token)?;
-        *self.token.lock().expect("token lock") = Some(body.token.clone());
+        *slot = Some(body.token.clone());
         tracing::info!("enrolled");
         Ok(body.token)
     }
 
+    /// The node token, enrolling first when there is none.
     async fn token(&self) -> Result<String, ControlError> {
-        let current = self.token.lock().expect("token lock").clone();
-        match current {
+        let mut slot = self.token.lock().await;
+        match slot.clone() {
             Some(t) => Ok(t),
-            None => self.enroll().await,
+            None => self.enroll(&mut slot).await,
+        }
+    }
+
+    /// Enrolls again because `refused` was refused, unless another caller
+    /// already replaced it.
+    async fn reenroll(&self, refused: &str) -> Result<String, ControlError> {
+        let mut slot = self.token.lock().await;
+        match slot.clone() {
+            Some(t) if t != refused => Ok(t),
+            _ => {
+                tracing::warn!("node token refused; enrolling again");
+                self.enroll(&mut slot).await
+            }
         }
     }
 
@@ -112,21 +127,20 @@ impl ControlPlane {
         timeout: Duration,
     ) -> Result<reqwest::Response, ControlError> {
         let url = format!("{}/api/v1/agents/{}{path}", self.base, self.node);
+        let mut token = self.token().await?;
         for attempt in 0..2 {
-            let token = self.token().await?;
             let mut req = self
                 .http
                 .request(method.clone(), &url)
                 .query(query)
-                .bearer_auth(token)
+                .bearer_auth(&token)
                 .timeout(timeout);
             if let Some(b) = body {
                 req = req.json(b);
             }
             let res = req.send().await?;
             if res.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
-                tracing::warn!("node token refused; enrolling again");
-                self.enroll().await?;
+                token = self.reenroll(&token).await?;
                 continue;
             }
             return checked(res).await;

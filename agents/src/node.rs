@@ -53,6 +53,11 @@ impl Node {
         tokio::spawn(self.postgres.clone().keeper());
     }
 
+    /// Whether this node has been drained (it then runs nothing).
+    pub fn drained(&self) -> bool {
+        self.state.applied(OrderKind::Drain).is_some()
+    }
+
     /// Applies a raw payload: what the agent cannot parse is a failed order.
     pub async fn apply_raw(&self, payload: &Value) -> (OrderOutcome, String) {
         let result = match serde_json::from_value::<WorkOrder>(payload.clone()) {

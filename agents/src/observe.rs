@@ -85,6 +85,11 @@ impl Observer {
 
     pub async fn observe(&self, node: &Node, applied_seq: i64) -> ObservedState {
         let checks = node.ctx.consul.local_checks().await.ok();
+        let leader = match node.ctx.consul.leader().await {
+            Ok(l) if !l.is_empty() => Some(format!("consul cluster leader {l}")),
+            Ok(_) => Some("consul cluster has no leader".to_string()),
+            Err(_) => None,
+        };
         let mut services = Vec::new();
         for info in node
             .ctx
@@ -93,14 +98,15 @@ impl Observer {
             .into_iter()
             .take(ObservedState::MAX_SERVICES)
         {
-            let check_id = match info.name.as_str() {
-                "consul" => "serfHealth".to_string(),
-                other => format!("service:{other}-{}", node.ctx.node),
+            let check_id = format!("service:{}-{}", info.name, node.ctx.node);
+            let health = if info.name == "consul" {
+                leader.clone()
+            } else {
+                checks
+                    .as_ref()
+                    .and_then(|c| c.get(&check_id))
+                    .map(|(status, output)| format!("consul check {status}: {}", output.trim()))
             };
-            let health = checks
-                .as_ref()
-                .and_then(|c| c.get(&check_id))
-                .map(|(status, output)| format!("consul check {status}: {}", output.trim()));
             let detail = match (&info.last_exit, health) {
                 (Some(exit), _) => Some(exit.clone()),
                 (None, Some(h)) => Some(h),

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use corral_proto::OrderKind;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::RunConfig;
@@ -90,6 +91,12 @@ async fn order_loop(
     }
     let mut backoff = Duration::from_millis(500);
     loop {
+        if state.applied(OrderKind::Drain).is_some() {
+            // The server removes a drained node; polling on would only meet
+            // 401s and 404s. Wait for stop-all.
+            tracing::info!("node drained; idle until stopped");
+            std::future::pending::<()>().await;
+        }
         match control.poll(progress.seq, POLL_WAIT).await {
             Ok(orders) => {
                 backoff = Duration::from_millis(500);
@@ -121,6 +128,9 @@ async fn heartbeat_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        if node.drained() {
+            continue;
+        }
         let observed = observer
             .observe(&node, applied.load(Ordering::Relaxed))
             .await;
@@ -136,8 +146,21 @@ async fn heartbeat_loop(
     }
 }
 
+/// Claims the node: refuses to run beside a live agent on the same state
+/// dir (two agents would fight over the same services).
 fn write_pid_file(run_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(run_dir)?;
+    let pid_file = run_dir.join("agent.pid");
+    if let Some(pid) = crate::supervisor::read_pid(&pid_file)
+        && pid != std::process::id()
+        && crate::supervisor::pid_alive(pid)
+        && crate::supervisor::cmdline(pid).is_some_and(|c| c.contains("corral-agent"))
+    {
+        anyhow::bail!(
+            "another corral-agent (pid {pid}) already runs for {}",
+            run_dir.display()
+        );
+    }
     write_atomic(
         &run_dir.join("agent.pid"),
         format!("{}\n", std::process::id()).as_bytes(),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::supervisor::{cmdline, pid_alive, read_pid};
+use crate::supervisor::{cmdline, group_alive, kill_group, pid_alive, read_pid};
 
 /// How to stop a service by its pid file name, and the program name its
 /// command line must contain (so a recycled pid is left alone).
@@ -23,9 +23,9 @@ fn stop_signal(service: &str) -> (Signal, &str) {
     }
 }
 
-/// Signals everything in `pids` and waits for all, killing what outlives
-/// `grace`.
-fn stop_and_wait(pids: &[(String, u32)], grace: Duration) {
+/// Signals everything in `pids` and waits until each is gone with its
+/// whole process group (workers, backends), killing what outlives `grace`.
+fn stop_and_wait(pids: &[(String, u32)], grace: Duration, whole_group: bool) {
     for (name, pid) in pids {
         let (signal, _) = stop_signal(name);
         tracing::info!(service = %name, pid, ?signal, "stopping");
@@ -33,11 +33,15 @@ fn stop_and_wait(pids: &[(String, u32)], grace: Duration) {
     }
     let start = Instant::now();
     let mut killed = false;
-    while pids.iter().any(|(_, pid)| pid_alive(*pid)) {
+    let alive = |pid: u32| pid_alive(pid) || (whole_group && group_alive(pid));
+    while pids.iter().any(|(_, pid)| alive(*pid)) {
         if !killed && start.elapsed() > grace {
-            for (name, pid) in pids.iter().filter(|(_, p)| pid_alive(*p)) {
-                tracing::warn!(service = %name, pid, "did not stop in time; killing");
+            for (name, pid) in pids.iter().filter(|(_, p)| alive(*p)) {
+                tracing::warn!(service = %name, pid, "did not stop in time; killing its group");
                 let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+                if whole_group {
+                    kill_group(*pid);
+                }
             }
             killed = true;
         }
@@ -58,7 +62,8 @@ pub fn stop_all(state_dir: &Path) -> std::io::Result<()> {
     }
     // The agent first, so it does not restart what we stop.
     if let Some(pid) = live(&run, "agent") {
-        stop_and_wait(&[("agent".into(), pid)], Duration::from_secs(10));
+        // Not its group: whoever started the agent may share it.
+        stop_and_wait(&[("agent".into(), pid)], Duration::from_secs(10), false);
     }
     let _ = std::fs::remove_file(run.join("agent.pid"));
     let mut services = Vec::new();
@@ -71,7 +76,8 @@ pub fn stop_all(state_dir: &Path) -> std::io::Result<()> {
             services.push((name.to_string(), pid));
         }
     }
-    stop_and_wait(&services, Duration::from_secs(60));
+    // Services lead sessions of their own (setsid).
+    stop_and_wait(&services, Duration::from_secs(60), true);
     for entry in std::fs::read_dir(&run)?.flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
         if file.ends_with(".pid") || file.ends_with(".fingerprint") {

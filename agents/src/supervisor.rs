@@ -93,6 +93,37 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Whether any live process is in process group `pgid`. Every service is
+/// the leader of its own session and group, so this covers its workers and
+/// backends too: nginx workers can outlive a killed master and hold the port.
+pub fn group_alive(pgid: u32) -> bool {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // After the command name: state, ppid, pgrp.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("Z");
+        let pgrp = fields.nth(1).and_then(|p| p.parse::<u32>().ok());
+        pgrp == Some(pgid) && state != "Z" && state != "X"
+    })
+}
+
+/// Kills every process of group `pgid`.
+pub fn kill_group(pgid: u32) {
+    let _ = nix::sys::signal::killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+}
+
 /// The command line of `pid`, arguments joined by spaces.
 pub fn cmdline(pid: u32) -> Option<String> {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -256,21 +287,24 @@ impl Supervisor {
         mut child: Option<Child>,
         grace: Duration,
     ) {
-        let target = Pid::from_raw(pid as i32);
-        let _ = kill(target, signal);
+        let _ = kill(Pid::from_raw(pid as i32), signal);
         let start = Instant::now();
         let mut killed = false;
         loop {
-            let gone = match &mut child {
+            let leader_gone = match &mut child {
                 Some(c) => !matches!(c.try_wait(), Ok(None)),
                 None => !pid_alive(pid),
             };
-            if gone {
+            if leader_gone && !group_alive(pid) {
                 break;
             }
             if !killed && start.elapsed() > grace {
-                tracing::warn!(service = name, pid, "did not stop in time; killing");
-                let _ = kill(target, Signal::SIGKILL);
+                tracing::warn!(
+                    service = name,
+                    pid,
+                    "did not stop in time; killing its group"
+                );
+                kill_group(pid);
                 killed = true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -411,5 +445,81 @@ impl Host for Supervisor {
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeper(dir: &Path) -> ServiceSpec {
+        ServiceSpec {
+            name: "sleeper".into(),
+            program: "sleep".into(),
+            // A distinctive argument is the marker.
+            args: vec![format!("{}", 1000 + (std::process::id() % 1000))],
+            env: vec![("WHERE".into(), dir.display().to_string())],
+            run_as: None,
+            marker: format!("sleep {}", 1000 + (std::process::id() % 1000)),
+            stop_signal: Signal::SIGTERM,
+        }
+    }
+
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_service_is_restarted_and_a_new_supervisor_adopts_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let spec = sleeper(dir.path());
+        let first = Supervisor::new(dir.path()).expect("supervisor");
+        assert_eq!(first.ensure(&spec).await.expect("start"), Ensured::Started);
+        assert_eq!(first.ensure(&spec).await.expect("again"), Ensured::Running);
+        let pid = read_pid(&first.pid_file("sleeper")).expect("pid file");
+        // setsid execs in place: the pid is the service's own, leading its
+        // own session.
+        assert!(cmdline(pid).is_some_and(|c| c.contains(&spec.marker)));
+        assert_eq!(
+            nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).ok(),
+            Some(Pid::from_raw(pid as i32))
+        );
+
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill");
+        until("a restart", || {
+            first.tick();
+            read_pid(&first.pid_file("sleeper")).is_some_and(|p| p != pid)
+        })
+        .await;
+        let info = &first.services()[0];
+        assert!(info.running);
+        assert_eq!(info.restarts, 1);
+        let restarted = info.pid.expect("pid");
+
+        // An agent that starts over adopts the running instance.
+        let second = Supervisor::new(dir.path()).expect("supervisor");
+        assert_eq!(second.ensure(&spec).await.expect("adopt"), Ensured::Adopted);
+        assert_eq!(second.services()[0].pid, Some(restarted));
+
+        // A changed command line replaces it.
+        let mut changed = spec.clone();
+        changed.env.push(("MORE".into(), "1".into()));
+        assert_eq!(
+            second.ensure(&changed).await.expect("restart"),
+            Ensured::Restarted
+        );
+        let replaced = second.services()[0].pid.expect("pid");
+        assert_ne!(replaced, restarted);
+        // `first` still holds the reaped child handle; reap the replaced one.
+        drop(first);
+
+        second.stop("sleeper").await.expect("stop");
+        assert!(!pid_alive(replaced));
+        assert!(read_pid(&second.pid_file("sleeper")).is_none());
+        assert!(second.services().is_empty());
     }
 }

@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 use corral_server::startup::{Application, Config};
 use serde_json::{Value, json};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_corral-agent");
+/// The agent under test; `CORRAL_TEST_AGENT_BIN` runs another build of it
+/// (e.g. target/release/corral-agent, to measure its footprint).
+fn agent() -> String {
+    std::env::var("CORRAL_TEST_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_corral-agent").to_string())
+}
 
 /// The todomvc binary the workspace builds, next to the test's target dir.
 fn todomvc_bin() -> PathBuf {
@@ -45,7 +50,7 @@ struct Cluster {
     admin: String,
     agents: Vec<Agent>,
     http: reqwest::Client,
-    _server: actix_web::dev::ServerHandle,
+    server: actix_web::dev::ServerHandle,
 }
 
 impl Drop for Cluster {
@@ -55,15 +60,29 @@ impl Drop for Cluster {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-            let _ = Command::new(AGENT)
+            let _ = Command::new(agent())
                 .args(["stop-all", "--state-dir"])
                 .arg(&a.state)
                 .status();
         }
-        if std::thread::panicking() {
+        // CORRAL_TEST_DUMP_LOGS=1 shows them on success too.
+        if std::thread::panicking() || std::env::var_os("CORRAL_TEST_DUMP_LOGS").is_some() {
             self.dump_logs();
         }
     }
+}
+
+/// The control plane on `listen`, its state in `state`.
+async fn serve(state: &Path, net: &str, listen: &str) -> (String, actix_web::dev::ServerHandle) {
+    let mut config = Config::new(state);
+    config.listen = listen.into();
+    config.network = format!("{net}.0/24").parse().expect("network");
+    config.workers = Some(1);
+    let app = Application::build(config).await.expect("server starts");
+    let url = app.url();
+    let handle = app.handle();
+    tokio::spawn(app.run_until_stopped());
+    (url, handle)
 }
 
 impl Cluster {
@@ -73,14 +92,7 @@ impl Cluster {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
         let state = dir.path().join("server");
-        let mut config = Config::new(&state);
-        config.listen = format!("{net}.5:0");
-        config.network = format!("{net}.0/24").parse().expect("network");
-        config.workers = Some(1);
-        let app = Application::build(config).await.expect("server starts");
-        let url = app.url();
-        let handle = app.handle();
-        tokio::spawn(app.run_until_stopped());
+        let (url, handle) = serve(&state, net, &format!("{net}.5:0")).await;
         let admin = std::fs::read_to_string(state.join("admin-token"))
             .expect("admin token")
             .trim()
@@ -91,7 +103,7 @@ impl Cluster {
             admin,
             agents: Vec::new(),
             http: reqwest::Client::new(),
-            _server: handle,
+            server: handle,
             dir,
         }
     }
@@ -108,7 +120,7 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("agent-{node}.log")))
             .expect("agent log");
-        let child = Command::new(AGENT)
+        let child = Command::new(agent())
             .args([
                 "run",
                 "--server",
@@ -252,7 +264,7 @@ fn rss_kb(pid: u32) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
-    let net = "127.0.31";
+    let net = "127.0.41";
     let mut cluster = Cluster::start(net).await;
     cluster
         .admin(
@@ -313,11 +325,48 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         }
     }
 
-    // The agent's footprint, as the lead wants it reported.
+    // Heartbeats carry every service, its version and Consul check, and
+    // the replication picture.
+    eventually(
+        "nginx1 heartbeat with its three services",
+        Duration::from_secs(20),
+        || async {
+            let node = cluster
+                .admin(reqwest::Method::GET, "/api/v1/nodes/nginx1", None)
+                .await;
+            let services = node["observed"]["services"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            services.len() == 3
+                && services
+                    .iter()
+                    .all(|s| s["state"] == "running" && s["version"].is_string())
+                && node["observed"]["metrics"]["agent_rss_bytes"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0
+                && services.iter().any(|s| {
+                    s["name"] == "todomvc"
+                        && s["detail"].as_str().is_some_and(|d| d.contains("passing"))
+                })
+        },
+    )
+    .await;
+    let pg1_node = cluster
+        .admin(reqwest::Method::GET, "/api/v1/nodes/pg1", None)
+        .await;
+    eprintln!("pg1 observed: {}", pg1_node["observed"]);
+    assert_eq!(pg1_node["observed"]["replication"]["role"], "primary");
+
+    // The agents' footprint (VmRSS), as the lead wants it reported.
     let nginx1 = cluster.node_state("nginx1");
-    let agent_pid = cluster.agents[2].child.as_ref().expect("child").id();
-    let rss = rss_kb(agent_pid).expect("agent rss");
-    eprintln!("agent RSS (nginx1): {rss} kB");
+    for a in &cluster.agents {
+        let pid = a.child.as_ref().expect("child").id();
+        let rss = rss_kb(pid).expect("agent rss");
+        eprintln!("agent RSS ({}): {rss} kB", a.node);
+        assert!(rss < 15 * 1024, "{} agent uses {rss} kB", a.node);
+    }
 
     // kill -9 the nginx1 agent; the new one adopts instead of duplicating.
     let nginx_pid = pid_of(&nginx1, "nginx").expect("nginx pid");
@@ -334,6 +383,8 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         child.kill().expect("kill -9");
         child.wait().expect("reap");
     }
+    // A token the server no longer knows: the agent must enroll again.
+    std::fs::write(nginx1.join("node-token"), "stale-token").expect("token");
     cluster.spawn_agent("nginx1", &format!("{net}.21"));
     let url = cluster.url.clone();
     let admin = cluster.admin.clone();
@@ -394,13 +445,101 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         "one todomvc"
     );
     assert_eq!(cluster.orders("nginx1").await.len(), applied_before);
+    let token = std::fs::read_to_string(nginx1.join("node-token")).expect("token");
+    assert_ne!(
+        token.trim(),
+        "stale-token",
+        "the agent enrolled again after a 401"
+    );
     // Still serving.
     let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
     assert_eq!(res.status(), 200);
 
+    // SIGTERM ends an agent, never its services.
+    let pg1 = cluster.node_state("pg1");
+    let postgres_pid = pid_of(&pg1, "postgres").expect("postgres pid");
+    {
+        let agent = cluster
+            .agents
+            .iter_mut()
+            .find(|a| a.node == "pg1")
+            .expect("pg1");
+        let child = agent.child.as_mut().expect("child");
+        let status = Command::new("kill")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = child.wait().expect("agent exits");
+        assert!(exit.success(), "agent exit on SIGTERM: {exit}");
+        agent.child = None;
+    }
+    assert_eq!(pid_of(&pg1, "postgres"), Some(postgres_pid));
+    assert!(std::fs::metadata(format!("/proc/{postgres_pid}")).is_ok());
+    cluster.spawn_agent("pg1", &format!("{net}.11"));
+
+    // With the control plane down the data plane keeps serving; agents
+    // come back to it on their own.
+    cluster.server.stop(true).await;
+    let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
+    assert_eq!(res.status(), 200, "serving without the control plane");
+    let listen = cluster.url.trim_start_matches("http://").to_string();
+    let (_, handle) = serve(&cluster.dir.path().join("server"), net, &listen).await;
+    cluster.server = handle;
+    let since = chrono_now_secs();
+    eventually(
+        "heartbeats after the control plane returns",
+        Duration::from_secs(60),
+        || {
+            let http = http.clone();
+            let url = url.clone();
+            let admin = admin.clone();
+            async move {
+                let mut fresh = 0;
+                for node in ["adm1", "pg1", "nginx1"] {
+                    let Ok(res) = http
+                        .get(format!("{url}/api/v1/nodes/{node}"))
+                        .bearer_auth(&admin)
+                        .send()
+                        .await
+                    else {
+                        return false;
+                    };
+                    let node: Value = res.json().await.unwrap_or_default();
+                    if node["last_heartbeat"]
+                        .as_str()
+                        .and_then(parse_rfc3339_secs)
+                        .is_some_and(|t| t > since)
+                    {
+                        fresh += 1;
+                    }
+                }
+                fresh == 3
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        pid_of(&pg1, "postgres"),
+        Some(postgres_pid),
+        "postgres adopted"
+    );
+
+    // A second agent for a node refuses to run beside the first.
+    let out = Command::new(agent())
+        .args(["run", "--server", &url, "--node", "pg1", "--address"])
+        .arg(format!("{net}.11"))
+        .arg("--state-dir")
+        .arg(&pg1)
+        .args(["--join-token", "x"])
+        .output()
+        .expect("second agent");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already runs"));
+
     // stop-all takes everything down and is idempotent.
     for a in &mut cluster.agents {
-        let status = Command::new(AGENT)
+        let status = Command::new(agent())
             .args(["stop-all", "--state-dir"])
             .arg(&a.state)
             .status()
@@ -414,7 +553,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         for service in ["consul", "nginx", "todomvc", "postgres"] {
             assert_eq!(pid_of(&a.state, service), None, "{} {service}", a.node);
         }
-        let status = Command::new(AGENT)
+        let status = Command::new(agent())
             .args(["stop-all", "--state-dir"])
             .arg(&a.state)
             .status()
@@ -423,6 +562,11 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         let _ = &a.address;
     }
     assert!(processes_with(&cluster.dir.path().display().to_string()).is_empty());
+    // Nothing of nginx outlives its master (a worker would hold port 80).
+    assert!(
+        !corral_agent::supervisor::group_alive(nginx_pid),
+        "nginx workers left"
+    );
 }
 
 fn chrono_now_secs() -> i64 {
@@ -452,13 +596,13 @@ fn psql(state: &Path, sql: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
-    let net = "127.0.32";
+    let net = "127.0.42";
     let mut cluster = Cluster::start(net).await;
     cluster
         .admin(
             reqwest::Method::PUT,
             "/api/v1/topology",
-            Some(json!({"web": 1, "db": 2, "lb_policy": "uri_hash", "replication": "async"})),
+            Some(json!({"web": 1, "db": 2, "lb_policy": "uri_hash", "replication": "sync"})),
         )
         .await;
     for (node, host) in [("adm1", 5), ("pg1", 11), ("pg2", 12), ("nginx1", 21)] {
@@ -531,15 +675,44 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         psql(&pg1, "SELECT slot_name FROM pg_replication_slots").as_deref(),
         Some("pg2")
     );
+    // Synchronous replication: pg2 is the synchronous standby.
+    assert_eq!(
+        psql(&pg1, "SHOW synchronous_standby_names").as_deref(),
+        Some("ANY 1 (*)")
+    );
+    eventually(
+        "pg2 streaming as a synchronous standby",
+        Duration::from_secs(30),
+        || async {
+            psql(&pg1, "SELECT sync_state FROM pg_stat_replication").as_deref() == Some("quorum")
+        },
+    )
+    .await;
 
     // Scaling db back to 1 drains pg2: the server removes it once applied.
+    // The new policy is a reload of the same nginx, not a restart.
+    let nginx1 = cluster.node_state("nginx1");
+    let nginx_pid = pid_of(&nginx1, "nginx").expect("nginx pid");
+    let conf = nginx1.join("nginx/conf/nginx.conf");
+    assert!(
+        std::fs::read_to_string(&conf)
+            .expect("conf")
+            .contains("hash $request_uri consistent;")
+    );
     cluster
         .admin(
             reqwest::Method::PUT,
             "/api/v1/topology",
-            Some(json!({"web": 1, "db": 1, "lb_policy": "uri_hash", "replication": "async"})),
+            Some(json!({"web": 1, "db": 1, "lb_policy": "least_conn", "replication": "async"})),
         )
         .await;
+    eventually(
+        "nginx1 re-rendered with least_conn",
+        Duration::from_secs(30),
+        || async { std::fs::read_to_string(&conf).is_ok_and(|c| c.contains("least_conn;")) },
+    )
+    .await;
+    assert_eq!(pid_of(&nginx1, "nginx"), Some(nginx_pid));
     eventually(
         "pg2 removed after its drain",
         Duration::from_secs(90),
@@ -555,6 +728,26 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     for service in ["postgres", "consul"] {
         assert_eq!(pid_of(&pg2, service), None, "pg2 {service} still runs");
     }
+    // The drained agent idles (no polls against a removed node) until the
+    // provider runs stop-all.
+    let agent_log = cluster.dir.path().join("agent-pg2.log");
+    eventually(
+        "pg2's agent idle after the drain",
+        Duration::from_secs(10),
+        || async {
+            std::fs::read_to_string(&agent_log).is_ok_and(|l| l.contains("node drained; idle"))
+        },
+    )
+    .await;
+    // The primary lets go of the WAL it kept for pg2.
+    eventually(
+        "pg2's slot dropped on pg1",
+        Duration::from_secs(30),
+        || async {
+            psql(&pg1, "SELECT count(*) FROM pg_replication_slots").as_deref() == Some("0")
+        },
+    )
+    .await;
     // The rest of the cluster keeps serving.
     let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
     assert_eq!(res.status(), 200);

@@ -146,7 +146,10 @@ impl Cluster {
             .arg(bin("corral-agent"))
             .arg("--ready-timeout")
             .arg("240s")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -158,29 +161,27 @@ impl Cluster {
             pid: spawned.pid,
             exit: spawned.exit,
         });
-        let path = self.up_log();
-        let outcome = eventually(
-            "corral up to report the cluster ready",
-            Duration::from_secs(300),
-            || {
-                let path = path.clone();
-                let exited = self.up.as_mut().and_then(|u| u.exit.try_recv().ok());
-                async move {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let text = text.get(log_len..).unwrap_or_default();
-                    if let Some(exit) = exited {
-                        bail!("corral up ended ({exit}):\n{text}");
-                    }
-                    if text.contains("not every node is ready") {
-                        bail!("corral up gave up:\n{text}");
-                    }
-                    Ok(text.contains("cluster ready in").then_some(()))
-                }
-            },
-        )
-        .await;
-        if let Err(e) = outcome {
-            bail!("{e:#}\n--- up.log ---\n{}", self.tail_logs());
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let text = std::fs::read_to_string(self.up_log()).unwrap_or_default();
+            let text = text.get(log_len..).unwrap_or_default();
+            if text.contains("cluster ready in") {
+                break;
+            }
+            let exited = self.up.as_mut().and_then(|u| u.exit.try_recv().ok());
+            if let Some(exit) = exited {
+                bail!("corral up ended ({exit}):\n{}", self.tail_logs());
+            }
+            if text.contains("not every node is ready") {
+                bail!("corral up gave up:\n{}", self.tail_logs());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "corral up did not report the cluster ready in 300 s:\n{}",
+                    self.tail_logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         self.token = std::fs::read_to_string(self.dir.path().join("admin-token"))?
             .trim()
@@ -188,22 +189,30 @@ impl Cluster {
         Ok(())
     }
 
-    /// The last lines of `up.log` and every agent log, for failure messages.
+    /// The last lines of `up.log`, every agent log and every service log,
+    /// for failure messages.
     pub fn tail_logs(&self) -> String {
         let mut out = String::new();
-        let tail = |p: &Path| {
+        let tail = |p: &Path, n: usize| {
             let text = std::fs::read_to_string(p).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
+            lines[lines.len().saturating_sub(n)..].join("\n")
         };
-        out.push_str(&tail(&self.up_log()));
+        out.push_str(&tail(&self.up_log(), 60));
         if let Ok(nodes) = std::fs::read_dir(self.dir.path().join("nodes")) {
             for n in nodes.flatten() {
-                out.push_str(&format!(
-                    "\n--- {} agent.log ---\n",
-                    n.file_name().to_string_lossy()
-                ));
-                out.push_str(&tail(&n.path().join("agent.log")));
+                let node = n.file_name().to_string_lossy().into_owned();
+                out.push_str(&format!("\n--- {node} agent.log ---\n"));
+                out.push_str(&tail(&n.path().join("agent.log"), 30));
+                if let Ok(logs) = std::fs::read_dir(n.path().join("logs")) {
+                    for l in logs.flatten() {
+                        out.push_str(&format!(
+                            "\n--- {node} {} ---\n",
+                            l.file_name().to_string_lossy()
+                        ));
+                        out.push_str(&tail(&l.path(), 12));
+                    }
+                }
             }
         }
         out
@@ -317,6 +326,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- cluster logs ---\n{}", self.tail_logs());
+        }
         self.cleanup();
     }
 }

@@ -194,9 +194,15 @@ async fn seed_cluster_serves_replicates_routes_around_failures_and_scales_out() 
             Ok((gone && dir_gone).then_some(()))
         })
         .await?;
+        let left = Cluster::pids_with(&c.state_dir().join("nodes/nginx3").to_string_lossy());
         assert!(
-            Cluster::pids_with(&c.state_dir().join("nodes/nginx3").to_string_lossy()).is_empty(),
-            "processes of nginx3 still run"
+            left.is_empty(),
+            "processes of nginx3 still run: {:?}",
+            left.iter()
+                .map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .unwrap_or_default()
+                    .replace('\0', " "))
+                .collect::<Vec<_>>()
         );
         for _ in 0..20 {
             let who = served_by(&c, "nginx1", "/todos").await?;
@@ -271,9 +277,8 @@ async fn cluster_survives_agent_and_control_plane_loss_and_up_after_down_keeps_t
         for o in &orders {
             assert_eq!(o.status, corral_proto::OrderStatus::Applied, "{o:?}");
         }
-        let conf = std::fs::read_to_string(c.state_dir().join("nodes/nginx2/nginx/nginx.conf"))
-            .unwrap_or_default()
-            + &std::fs::read_to_string(c.state_dir().join("nodes/nginx2/nginx/upstream.conf"))
+        let conf =
+            std::fs::read_to_string(c.state_dir().join("nodes/nginx2/nginx/conf/nginx.conf"))
                 .unwrap_or_default();
         assert!(
             conf.contains("least_conn"),
@@ -281,15 +286,16 @@ async fn cluster_survives_agent_and_control_plane_loss_and_up_after_down_keeps_t
         );
         // One of each service: adoption, not duplicates.
         let node_dir = c.state_dir().join("nodes/nginx2");
-        for service in ["consul", "todomvc"] {
-            let running: Vec<u32> = Cluster::pids_with(&node_dir.to_string_lossy())
-                .into_iter()
-                .filter(|p| {
-                    std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                        .unwrap_or_default()
-                        .contains(service)
-                })
-                .collect();
+        let needles = [
+            ("consul", format!("{}/consul/", node_dir.display())),
+            ("todomvc", format!("{}:8080", c.address("nginx2"))),
+            (
+                "nginx",
+                format!("master process nginx -p {}/", node_dir.display()),
+            ),
+        ];
+        for (service, needle) in needles {
+            let running = Cluster::pids_with(&needle);
             assert_eq!(
                 running.len(),
                 1,

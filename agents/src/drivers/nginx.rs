@@ -44,7 +44,8 @@ pub fn render(r: &Render<'_>) -> String {
     // The order shows in the file even while no backend passes, so a new
     // order is always a new, validated config.
     out.push_str(&format!("# service {}, policy {:?}\n", r.service, r.policy));
-    out.push_str("daemon off;\nworker_processes 1;\n");
+    // A graceful stop waits for requests in flight, but not for ever.
+    out.push_str("daemon off;\nworker_processes 1;\nworker_shutdown_timeout 10s;\n");
     if let Some(user) = r.user {
         out.push_str(&format!("user {user};\n"));
     }
@@ -223,6 +224,7 @@ impl NginxDriver {
         }
         let ensured = self.ctx.host.ensure(&self.service_spec()).await?;
         if !unchanged && matches!(ensured, Ensured::Running | Ensured::Adopted) {
+            self.wait_ready().await;
             self.ctx.host.signal(SERVICE, Signal::SIGHUP)?;
             tracing::info!(upstreams = upstreams.len(), "nginx reloaded");
         }
@@ -233,6 +235,34 @@ impl NginxDriver {
             upstreams.len()
         )
         .to_lowercase())
+    }
+
+    /// Waits (briefly) until a just-started nginx has written its pid file:
+    /// it installs its signal handlers before that, and a SIGHUP that
+    /// arrives earlier kills it instead of reloading it.
+    async fn wait_ready(&self) {
+        let Some(pid) = self
+            .ctx
+            .host
+            .services()
+            .into_iter()
+            .find(|s| s.name == SERVICE)
+            .and_then(|s| s.pid)
+        else {
+            return;
+        };
+        let pid_file = self.prefix().join("run/nginx.pid");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let written = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok());
+            if written == Some(pid) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(pid, "nginx has not written its pid file; reloading anyway");
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
@@ -324,6 +354,9 @@ impl NginxDriver {
 
     /// Stops routing and nginx (drain).
     pub async fn stop(&self) -> Result<(), DriverError> {
+        // Under the render lock: a re-render the watch started just before
+        // would otherwise start nginx again after this stop.
+        let _guard = self.render_lock.lock().await;
         self.current.lock().expect("lock").spec = None;
         self.ctx.host.stop(SERVICE).await?;
         Ok(())

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use corral_proto::{POSTGRES_SERVICE, PostgresSpec, ReplicationRole, ReplicationStatus};
+use corral_proto::{
+    POSTGRES_SERVICE, PostgresSpec, ReplicationMode, ReplicationRole, ReplicationStatus,
+};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -230,8 +232,7 @@ impl PostgresDriver {
         }
     }
 
-    async fn initdb(&self) -> Result<(), DriverError> {
-        let pgdata = self.pgdata();
+    async fn initdb(&self, pgdata: &Path) -> Result<(), DriverError> {
         let cmd = OneShot::new(
             self.bin("initdb"),
             &[
@@ -298,6 +299,85 @@ impl PostgresDriver {
         Ok(())
     }
 
+    /// Sync: commits wait for any one standby. Set with ALTER SYSTEM and a
+    /// reload, so switching modes restarts nothing; standbys copy the
+    /// setting with the data and it takes effect if they are promoted.
+    async fn set_replication_mode(&self, spec: &PostgresSpec) -> Result<(), DriverError> {
+        let sql = match spec.replication {
+            ReplicationMode::Sync => "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
+            ReplicationMode::Async => "ALTER SYSTEM RESET synchronous_standby_names",
+        };
+        self.query(spec.port, sql).await?;
+        self.query(spec.port, "SELECT pg_reload_conf()").await?;
+        Ok(())
+    }
+
+    /// Drops the slots of standbys that left the cluster: inactive slots
+    /// named after no node in Consul's catalog (a drained node leaves it; a
+    /// node that merely crashed, or is still cloning, stays in it), so the
+    /// primary does not keep their WAL forever.
+    async fn drop_orphan_slots(&self, port: u16) -> Result<(), DriverError> {
+        let inactive = self
+            .query(
+                port,
+                "SELECT slot_name FROM pg_replication_slots WHERE NOT active AND slot_type = 'physical'",
+            )
+            .await?;
+        if inactive.is_empty() {
+            return Ok(());
+        }
+        let known: Vec<String> = self
+            .ctx
+            .consul
+            .catalog_nodes()
+            .await?
+            .iter()
+            .map(|n| slot_name(n))
+            .collect();
+        for slot in inactive.lines().map(str::trim) {
+            if !slot.is_empty() && !known.iter().any(|k| k == slot) {
+                self.query(
+                    port,
+                    &format!("SELECT pg_drop_replication_slot({})", literal(slot)),
+                )
+                .await?;
+                tracing::info!(slot, "dropped the slot of a standby that left");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a PostgreSQL cluster already runs somewhere: a leader lock
+    /// is held or a primary is registered. A bootstrap node whose data was
+    /// lost must clone that cluster, never start a second one. Waits for
+    /// Consul to have a leader (it cannot answer before).
+    async fn cluster_exists(&self, leader_key: &str) -> Result<bool, DriverError> {
+        let deadline = Instant::now() + PRIMARY_WAIT;
+        loop {
+            if self.ctx.consul.leader().await.is_ok_and(|l| !l.is_empty()) {
+                let holder = self.ctx.consul.lock_holder(leader_key).await?;
+                let (_, primaries) = self
+                    .ctx
+                    .consul
+                    .health(
+                        POSTGRES_SERVICE,
+                        Some("primary"),
+                        false,
+                        None,
+                        Duration::ZERO,
+                    )
+                    .await?;
+                return Ok(holder.is_some() || !primaries.is_empty());
+            }
+            if Instant::now() > deadline {
+                return Err(DriverError::Refused(format!(
+                    "consul has no leader after {PRIMARY_WAIT:?}: cannot tell whether a cluster exists"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// The primary as Consul sees it, waiting for one to pass its check.
     async fn find_primary(&self) -> Result<(String, u16), DriverError> {
         let deadline = Instant::now() + PRIMARY_WAIT;
@@ -327,10 +407,13 @@ impl PostgresDriver {
         }
     }
 
-    async fn clone_primary(&self, spec: &PostgresSpec) -> Result<String, DriverError> {
+    async fn clone_primary(
+        &self,
+        spec: &PostgresSpec,
+        pgdata: &Path,
+    ) -> Result<String, DriverError> {
         let (host, port) = self.find_primary().await?;
         let slot = slot_name(&self.ctx.node);
-        let pgdata = self.pgdata();
         let basebackup = |create_slot: bool| {
             let mut cmd = OneShot::new(
                 self.bin("pg_basebackup"),
@@ -358,8 +441,8 @@ impl PostgresDriver {
         if !out.success {
             if out.stderr.contains("already exists") {
                 // Our slot survived an earlier attempt: reuse it.
-                self.private_dir(&pgdata)?;
-                empty_dir(&pgdata)?;
+                self.private_dir(pgdata)?;
+                empty_dir(pgdata)?;
                 let again = basebackup(false);
                 self.ctx.host.run(&again).await?.check(&again)?;
             } else {
@@ -376,21 +459,31 @@ impl PostgresDriver {
         self.private_dir(&self.socket_dir())?;
         let mut what = String::new();
         if !pgdata.join("PG_VERSION").exists() {
-            // A half-made data dir from an interrupted attempt is redone.
-            self.private_dir(&pgdata)?;
-            empty_dir(&pgdata)?;
-            if spec.bootstrap {
-                self.initdb().await?;
+            // Made beside the data dir and renamed into place when complete,
+            // so an agent killed mid-way never leaves a half-made data dir
+            // that looks usable; the next attempt starts the staging afresh.
+            let staging = self.ctx.path("pgdata.partial");
+            self.private_dir(&staging)?;
+            empty_dir(&staging)?;
+            if spec.bootstrap && !self.cluster_exists(&spec.leader_key).await? {
+                self.initdb(&staging).await?;
                 what = "initialised a new cluster".into();
             } else {
-                what = self.clone_primary(spec).await?;
+                what = self.clone_primary(spec, &staging).await?;
             }
+            if pgdata.exists() {
+                std::fs::remove_dir_all(&pgdata)
+                    .map_err(DriverError::io(format!("removing {}", pgdata.display())))?;
+            }
+            std::fs::rename(&staging, &pgdata)
+                .map_err(DriverError::io(format!("renaming {}", staging.display())))?;
         }
         let ensured = self.ctx.host.ensure(&self.service_spec(spec)).await?;
         self.wait_ready(spec.port).await?;
         let in_recovery = self.query(spec.port, "SELECT pg_is_in_recovery()").await? == "t";
         if !in_recovery {
             self.create_roles(spec).await?;
+            self.set_replication_mode(spec).await?;
         }
         *self.desired.lock().expect("lock") = Some(spec.clone());
         // Register at once when Consul is up; the keeper retries otherwise.
@@ -462,6 +555,9 @@ impl PostgresDriver {
             tracing::info!(role, "registered postgres in consul");
         }
         if role == "primary" {
+            if let Err(e) = self.drop_orphan_slots(spec.port).await {
+                tracing::debug!(error = %e, "checking replication slots");
+            }
             match self.leader.hold(&spec.leader_key, &self.check_id()).await? {
                 LockState::Held => {}
                 LockState::HeldElsewhere(s) => {
