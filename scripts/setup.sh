@@ -5,15 +5,18 @@
 #   scripts/setup.sh            system packages + Rust components
 #   scripts/setup.sh --fuzz     also the API fuzzer (schemathesis) in .venv
 #   scripts/setup.sh --bench    also load generators for the benchmarks
+#   scripts/setup.sh --ui       also build the web UI (frontend/dist)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_fuzz=0
 want_bench=0
+want_ui=0
 for arg in "$@"; do
   case "$arg" in
     --fuzz) want_fuzz=1 ;;
     --bench) want_bench=1 ;;
+    --ui) want_ui=1 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -54,7 +57,7 @@ mkdir -p /etc/postgresql-common/createcluster.d
 echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/corral.conf
 
 packages=(postgresql-15 postgresql-client-15 nginx-light consul chromium chromium-driver
-          curl jq procps iproute2 util-linux ca-certificates)
+          nodejs curl jq procps iproute2 util-linux ca-certificates)
 [ "$want_bench" = 1 ] && packages+=(wrk)
 missing=()
 for p in "${packages[@]}"; do
@@ -76,10 +79,40 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
   rustup component add rustfmt clippy
 fi
 
-# The shared types (and, later, the web UI) must build for the browser.
+# The shared types and the web UI build for the browser.
 if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
   say "adding the wasm32-unknown-unknown target"
   rustup target add wasm32-unknown-unknown
+fi
+
+# The web UI's build tools, in ~/.cargo/bin. trunk 0.22 needs a newer rustc
+# than the pinned one; wasm-bindgen-cli must be exactly the version of the
+# wasm-bindgen crate in Cargo.lock (trunk refuses another, and offline it
+# cannot fetch one).
+trunk_version=0.21.14
+if ! trunk --version 2>/dev/null | grep -qx "trunk $trunk_version"; then
+  say "installing trunk $trunk_version"
+  cargo install -q trunk --version "$trunk_version" --locked
+fi
+bindgen_version=$(awk '/^name = "wasm-bindgen"$/ {getline; gsub(/"/, "", $3); print $3; exit}' Cargo.lock)
+if ! wasm-bindgen --version 2>/dev/null | grep -qx "wasm-bindgen $bindgen_version"; then
+  say "installing wasm-bindgen-cli $bindgen_version"
+  cargo install -q wasm-bindgen-cli --version "$bindgen_version" --force
+fi
+# wasm-opt: Debian's binaryen (108) cannot read the reference-types code
+# rustc emits by default since 1.82, so binaryen's own build from npm
+# (scripts/build-ui.sh puts it first on PATH for trunk).
+if ! command -v npm >/dev/null; then
+  # Debian's nodejs comes without npm; NodeSource's includes it.
+  say "installing npm"
+  apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
+binaryen_version=132
+binaryen_dir=${XDG_CACHE_HOME:-$HOME/.cache}/corral/binaryen
+if ! "$binaryen_dir/node_modules/.bin/wasm-opt" --version 2>/dev/null | grep -q "version $binaryen_version "; then
+  say "installing binaryen $binaryen_version (wasm-opt) from npm into $binaryen_dir"
+  mkdir -p "$binaryen_dir"
+  npm install --prefix "$binaryen_dir" --no-audit --no-fund --silent "binaryen@$binaryen_version.0.0"
 fi
 
 if [ "$want_fuzz" = 1 ]; then
@@ -88,6 +121,10 @@ if [ "$want_fuzz" = 1 ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check 'schemathesis==4.32.5'
   fi
+fi
+
+if [ "$want_ui" = 1 ]; then
+  scripts/build-ui.sh
 fi
 
 say "setup complete"

@@ -16,13 +16,14 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "corral-proto builds for wasm32 (the web UI shares its types)"
-cargo check -q -p corral-proto --target wasm32-unknown-unknown --locked
+step "the web UI: clippy for wasm32 and the trunk build the browser tests serve"
+cargo clippy -q -p corral-frontend --target wasm32-unknown-unknown --locked -- -D warnings
+scripts/build-ui.sh
 
 step "build the binaries the end-to-end tests run (corral, corral-agent, todomvc)"
 cargo build --workspace --bins --locked
 
-step "cargo test (SQLite and PostgreSQL 15, whole clusters of real processes)"
+step "cargo test (SQLite and PostgreSQL 15, whole clusters of real processes, the UI in Chromium)"
 cargo test --workspace --locked
 
 step "API fuzz against openapi.yaml (schemathesis)"

@@ -12,5 +12,6 @@ pub mod reconcile;
 pub mod service;
 pub mod startup;
 pub mod store;
+pub mod ui;
 
 pub use startup::{Application, Config};

@@ -31,6 +31,9 @@ pub struct Config {
     pub heartbeat_stale_after: Duration,
     /// HTTP worker threads; one per core when unset.
     pub workers: Option<usize>,
+    /// The built web UI served at `/` (`frontend/dist`); none: `/` says how
+    /// to build it.
+    pub ui_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -46,6 +49,7 @@ impl Config {
             max_poll_wait: Duration::from_secs(60),
             heartbeat_stale_after: Duration::from_secs(15),
             workers: None,
+            ui_dir: crate::ui::default_dir(),
         }
     }
 }
@@ -114,12 +118,16 @@ impl Application {
             source,
         })?;
         let data = web::Data::from(cluster.clone());
+        let logs = web::Data::new(crate::api::ServiceLogs::default());
+        let ui_dir = config.ui_dir.clone();
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .app_data(logs.clone())
                 .wrap(from_fn(crate::api::json_errors))
                 .wrap(from_fn(log_request))
                 .configure(crate::api::configure)
+                .configure(|cfg| crate::ui::configure(cfg, ui_dir.clone()))
         })
         // Thousands of agents hold long polls; let the burst of connects
         // after a restart queue rather than be refused.

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod error;
 pub mod event;
+pub mod logs;
 pub mod node;
 pub mod order;
 pub mod topology;
@@ -16,6 +17,10 @@ pub use agent::{
 };
 pub use error::ErrorBody;
 pub use event::Event;
+pub use logs::{
+    KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_BATCH_LINES, MAX_LOG_LINE_CHARS,
+    validate_service_name,
+};
 pub use node::{
     CreateNode, Node, NodeHealth, NodeState, Provider, Role, ScalableRole, validate_node_name,
 };

@@ -6,6 +6,7 @@
 mod agents;
 mod body;
 mod events;
+mod logs;
 mod meta;
 mod nodes;
 mod topology;
@@ -27,6 +28,7 @@ use crate::error::{ApiError, path_error, query_error};
 
 use crate::service::Cluster;
 pub use body::Body;
+pub use logs::ServiceLogs;
 
 pub use agents::parse_wait;
 
@@ -54,6 +56,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         agents::poll_orders,
         agents::order_result,
         agents::heartbeat,
+        logs::post_logs,
+        logs::get_logs,
         meta::healthz,
         meta::version,
     ),
@@ -105,6 +109,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .configure(nodes::routes)
                 .configure(events::routes)
                 .configure(agents::routes)
+                .configure(logs::routes)
                 .default_service(web::to(not_found)),
         )
         .configure(meta::routes)

@@ -151,6 +151,10 @@ struct ServeArgs {
     /// HTTP worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// The built web UI to serve at / (default: frontend/dist under the
+    /// current directory or the executable's, if built).
+    #[arg(long, env = "CORRAL_UI_DIR")]
+    ui_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -373,6 +377,9 @@ fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
     config.max_poll_wait = args.max_poll_wait;
     config.heartbeat_stale_after = args.heartbeat_stale_after;
     config.workers = args.workers;
+    if let Some(dir) = &args.ui_dir {
+        config.ui_dir = Some(dir.clone());
+    }
     if args.max_poll_wait.is_zero() {
         bail!("--max-poll-wait must be more than 0");
     }

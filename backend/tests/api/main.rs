@@ -8,6 +8,8 @@ mod auth;
 mod bad_input;
 mod cli;
 mod events;
+mod logs;
 mod nodes;
 mod openapi;
 mod topology;
+mod ui;

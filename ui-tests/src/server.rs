@@ -1,0 +1,61 @@
+//! A real corral server on loopback, serving the built UI.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use corral_server::startup::{Application, Config};
+
+/// The built UI; the tests need it (`trunk build --release` in frontend/).
+pub fn built_ui() -> anyhow::Result<PathBuf> {
+    let dist = crate::workspace_root().join("frontend/dist");
+    if !dist.join("index.html").is_file() {
+        bail!(
+            "{} has no built UI: run `trunk build --release` in frontend/ first \
+             (scripts/test.sh does)",
+            dist.display()
+        );
+    }
+    Ok(dist)
+}
+
+pub struct Server {
+    pub url: String,
+    pub admin_token: String,
+    pub join_token: String,
+    handle: actix_web::dev::ServerHandle,
+    _state: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts a server over SQLite in a fresh state directory.
+    pub async fn start() -> anyhow::Result<Server> {
+        let state = tempfile::tempdir()?;
+        let mut config = Config::new(state.path());
+        config.listen = "127.0.0.1:0".into();
+        config.workers = Some(2);
+        config.ui_dir = Some(built_ui()?);
+        let app = Application::build(config)
+            .await
+            .context("starting corral")?;
+        let read = |name: &str| -> anyhow::Result<String> {
+            Ok(std::fs::read_to_string(state.path().join(name))?
+                .trim()
+                .to_string())
+        };
+        let server = Server {
+            url: app.url(),
+            admin_token: read("admin-token")?,
+            join_token: read("join-token")?,
+            handle: app.handle(),
+            _state: state,
+        };
+        tokio::spawn(app.run_until_stopped());
+        Ok(server)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        drop(self.handle.stop(false));
+    }
+}

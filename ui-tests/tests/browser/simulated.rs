@@ -1,0 +1,231 @@
+//! The console against a real corral server whose agents are simulated
+//! through the real agent endpoints, so each step of a new node can be
+//! held and checked: sign in (and a refused token), the live overview,
+//! "Add webserver" progressing step by step without a reload, a failed
+//! order's text, node detail with orders and logs, a settings change with
+//! its orders, the audit log with a node filter, removal with
+//! confirmation, and screenshots at 1280 and 400 px.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use corral_proto::WorkOrder;
+use corral_ui_tests::agents::Agents;
+use corral_ui_tests::browser::{Browser, Chromedriver};
+use corral_ui_tests::console::{Console, node};
+use corral_ui_tests::eventually;
+use corral_ui_tests::server::Server;
+
+const SEED: [&str; 5] = ["adm1", "nginx1", "nginx2", "pg1", "pg2"];
+
+/// Has the page been reloaded since `mark` was called?
+async fn mark(browser: &Browser) -> anyhow::Result<()> {
+    browser
+        .client
+        .execute(
+            "window.__corralTestMark = 'still here'; return null;",
+            vec![],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn assert_not_reloaded(browser: &Browser) -> anyhow::Result<()> {
+    let mark = browser
+        .client
+        .execute("return window.__corralTestMark || null;", vec![])
+        .await?;
+    anyhow::ensure!(mark == "still here", "the page was reloaded ({mark})");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_follows_a_simulated_cluster() -> anyhow::Result<()> {
+    let server = Server::start().await?;
+    let agents = Agents::new(&server);
+    agents.seed().await?;
+    for name in SEED {
+        agents.bring_up(name).await?;
+    }
+    agents
+        .ship_logs("nginx1", "nginx", &["nginx: started", "GET / 200 0.002"])
+        .await?;
+    let _alive = agents.keep_alive();
+
+    let driver = Chromedriver::start().await?;
+    let browser = driver.browser(1280, 900).await?;
+    let result = walk_through(&server, &agents, &browser).await;
+    if result.is_err() {
+        // The state of the page when it failed, for the person debugging.
+        let _ = browser.screenshot("failure", 1280, 900).await;
+    }
+    browser.close().await?;
+    result
+}
+
+async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> anyhow::Result<()> {
+    let console = Console::new(browser, &server.url);
+
+    // Signing in: a wrong token is refused with a clear message.
+    console.open("/").await?;
+    let refused = console.sign_in_refused("corral-admin-wrong").await?;
+    anyhow::ensure!(refused.contains("not accepted"), "message: {refused}");
+    console.sign_in_with_enter(&server.admin_token).await?;
+    for name in SEED {
+        console.wait_health(name, "healthy").await?;
+    }
+    browser
+        .wait_text(&format!("{} .address", node("nginx1")), "127.0.11.21")
+        .await?;
+    browser
+        .wait_text(&format!("{} .replication-role", node("pg2")), "replica")
+        .await?;
+    browser.wait_text(".tier-db .primary", "pg1").await?;
+    browser.wait_text(".stream", "live").await?;
+    let consul = browser.find("ul.links li:last-child a").await?;
+    anyhow::ensure!(
+        consul.attr("href").await?.as_deref() == Some("http://127.0.11.5:8500/ui"),
+        "Consul UI link"
+    );
+    browser.screenshot("overview-1280", 1280, 1000).await?;
+
+    // Add webserver: the node appears at once and each step shows as the
+    // agent gets there, without a reload.
+    mark(browser).await?;
+    browser.click_button("Add webserver").await?;
+    console.wait_node("nginx3").await?;
+    console.wait_step("nginx3", "created", "done").await?;
+    console
+        .wait_step("nginx3", "agent enrolled", "current")
+        .await?;
+    agents.enroll("nginx3").await?;
+    console
+        .wait_step("nginx3", "agent enrolled", "done")
+        .await?;
+    console
+        .wait_step("nginx3", "orders applied", "current")
+        .await?;
+    let applied = agents.apply_orders("nginx3", |_| Ok("done".into())).await?;
+    anyhow::ensure!(applied >= 3, "nginx3 got {applied} orders");
+    console
+        .wait_step("nginx3", "orders applied", "done")
+        .await?;
+    console.wait_step("nginx3", "healthy", "current").await?;
+    agents.heartbeat("nginx3").await?;
+    console.wait_step("nginx3", "healthy", "done").await?;
+    console
+        .wait_step("nginx3", "in the load balancers", "done")
+        .await?;
+    agents.set_live("nginx3");
+    assert_not_reloaded(browser).await?;
+
+    // A replica whose PostgreSQL order fails shows the agent's words.
+    browser.click_button("Add database replica").await?;
+    console.wait_node("pg3").await?;
+    agents.enroll("pg3").await?;
+    agents
+        .apply_orders("pg3", |order| match order {
+            WorkOrder::Postgres(_) => {
+                Err("pg_basebackup: could not connect to 127.0.11.11:5432".into())
+            }
+            _ => Ok("done".into()),
+        })
+        .await?;
+    console.wait_step("pg3", "orders applied", "failed").await?;
+    browser
+        .wait_text(
+            &format!("{} li[data-step='orders applied'] .error", node("pg3")),
+            "pg_basebackup: could not connect",
+        )
+        .await?;
+    browser
+        .screenshot("overview-progress-1280", 1280, 1400)
+        .await?;
+
+    // Node detail: orders with status and result, shipped log lines.
+    console.open_node("nginx1").await?;
+    browser.wait_for("table.orders tr.order-applied").await?;
+    let rows = browser.find_all("table.orders tbody tr").await?;
+    anyhow::ensure!(rows.len() >= 3, "{} order rows", rows.len());
+    browser.wait_text("pre.logs", "GET / 200 0.002").await?;
+    browser.screenshot("node-detail-1280", 1280, 1000).await?;
+    browser.screenshot("node-detail-400", 400, 1400).await?;
+    browser.client.set_window_size(1280, 900).await?;
+
+    // Settings: a new load-balancing policy, and the orders it filed.
+    console.nav("Settings").await?;
+    let policy = browser.wait_for("#lb-policy").await?;
+    policy.select_by_value("uri_hash").await?;
+    browser.click_button("Apply").await?;
+    browser
+        .wait_text(".result .applied", "orders filed")
+        .await?;
+    // The simulated agents apply them; the table follows live.
+    eventually(
+        "the new load-balancer orders applied",
+        Duration::from_secs(30),
+        || async {
+            let rows = browser.find_all(".result table.orders tbody tr").await?;
+            let mut applied_lb = 0;
+            for row in &rows {
+                let text = row.text().await?;
+                if text.contains("load_balancer") && text.contains("applied") {
+                    applied_lb += 1;
+                }
+            }
+            Ok(applied_lb >= 3)
+        },
+    )
+    .await?;
+    browser
+        .wait_text(".settings .hint", "uri_hash")
+        .await
+        .context("the form shows the new policy")?;
+
+    // Events: newest first, filterable by node.
+    console.nav("Events").await?;
+    browser
+        .wait_for("ol.events li[data-kind='topology.updated']")
+        .await?;
+    let first = browser.find("ol.events li").await?;
+    let first_id: i64 = browser.find_all("ol.events li").await?.len().try_into()?;
+    anyhow::ensure!(first_id > 5, "{first_id} events");
+    anyhow::ensure!(first.attr("data-kind").await?.is_some());
+    browser
+        .wait_for("#event-filter")
+        .await?
+        .select_by_value("nginx3")
+        .await?;
+    eventually("only nginx3's events", Duration::from_secs(10), || async {
+        let items = browser.find_all("ol.events li").await?;
+        let mut all = !items.is_empty();
+        for item in &items {
+            all &= item.attr("data-subject").await?.as_deref() == Some("nginx3");
+        }
+        Ok(all)
+    })
+    .await?;
+
+    // Remove nginx3: asks first, can be cancelled, then drains and goes.
+    console.nav("Overview").await?;
+    console.open_node("nginx3").await?;
+    browser.click_button("Remove…").await?;
+    browser.wait_for(".confirm").await?;
+    browser.click_button("Cancel").await?;
+    browser.wait_gone(".confirm").await?;
+    browser.click_button("Remove…").await?;
+    browser.click_button("Yes, drain and remove").await?;
+    browser.wait_text(".gone", "not in the cluster").await?;
+    console.nav("Overview").await?;
+    console.wait_node("nginx1").await?;
+    console.wait_node_gone("nginx3").await?;
+    browser.screenshot("overview-400", 400, 2400).await?;
+    browser.client.set_window_size(1280, 900).await?;
+
+    // The session survives a reload; signing out ends it.
+    browser.client.refresh().await?;
+    console.wait_node("nginx1").await?;
+    browser.click_button("Sign out").await?;
+    browser.wait_for("#token").await?;
+    Ok(())
+}
