@@ -1,5 +1,8 @@
-//! `corral-agent run` flags and their `CORRAL_*` environment equivalents.
+//! `corral-agent run` flags, their `CORRAL_*` environment equivalents, and a
+//! config file of `key = value` lines (`--config`, `CORRAL_AGENT_CONFIG`).
+//! Flags win over the environment, which wins over the file.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -7,6 +10,10 @@ use clap::Args;
 
 #[derive(Debug, Clone, Args)]
 pub struct RunConfig {
+    /// A file of `key = value` lines naming flags without `--`, e.g.
+    /// `server = http://127.0.11.5:7000`; flags and the environment win.
+    #[arg(long, env = "CORRAL_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
     /// The control plane, e.g. http://127.0.11.5:7000.
     #[arg(long, env = "CORRAL_SERVER")]
     pub server: String,
@@ -74,6 +81,87 @@ impl RunConfig {
     }
 }
 
+/// The flags a config file may set, with their environment variables.
+const FILE_KEYS: &[(&str, &str)] = &[
+    ("server", "CORRAL_SERVER"),
+    ("node", "CORRAL_NODE"),
+    ("address", "CORRAL_AGENT_ADDRESS"),
+    ("state-dir", "CORRAL_AGENT_STATE_DIR"),
+    ("join-token", "CORRAL_JOIN_TOKEN"),
+    ("join-token-file", "CORRAL_JOIN_TOKEN_FILE"),
+    ("nginx-port", "CORRAL_NGINX_PORT"),
+    ("todomvc-bin", "CORRAL_TODOMVC_BIN"),
+    ("pg-bin", "CORRAL_PG_BIN"),
+    ("consul-bin", "CORRAL_CONSUL_BIN"),
+    ("nginx-bin", "CORRAL_NGINX_BIN"),
+    ("heartbeat-interval", "CORRAL_HEARTBEAT_INTERVAL"),
+];
+
+/// Adds the settings of `run`'s config file to `args` as flags, where
+/// neither a flag nor the environment (`env_set`) gives them already.
+pub fn merge_config_file(
+    args: Vec<OsString>,
+    env_set: impl Fn(&str) -> bool,
+    read: impl Fn(&std::path::Path) -> std::io::Result<String>,
+) -> Result<Vec<OsString>, String> {
+    if args.get(1).and_then(|a| a.to_str()) != Some("run") {
+        return Ok(args);
+    }
+    let text_args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let from_flag = text_args.iter().enumerate().find_map(|(i, a)| {
+        if a == "--config" {
+            text_args.get(i + 1).cloned()
+        } else {
+            a.strip_prefix("--config=").map(String::from)
+        }
+    });
+    let path = match from_flag.or_else(|| std::env::var("CORRAL_AGENT_CONFIG").ok()) {
+        Some(p) => PathBuf::from(p),
+        None => return Ok(args),
+    };
+    let text = read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let mut args = args;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!(
+                "{}:{}: expected key = value",
+                path.display(),
+                n + 1
+            ));
+        };
+        let key = key.trim().replace('_', "-");
+        let value = value.trim().trim_matches('"');
+        let Some((flag, env)) = FILE_KEYS.iter().find(|(k, _)| *k == key) else {
+            return Err(format!(
+                "{}:{}: unknown key {key:?} (known: {})",
+                path.display(),
+                n + 1,
+                FILE_KEYS
+                    .iter()
+                    .map(|(k, _)| *k)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        let long = format!("--{flag}");
+        let given = text_args
+            .iter()
+            .any(|a| *a == long || a.starts_with(&format!("{long}=")));
+        if !given && !env_set(env) {
+            args.push(long.into());
+            args.push(value.into());
+        }
+    }
+    Ok(args)
+}
+
 /// Parses `2s`, `500ms`, `1m` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration like 2s, 500ms or 1m");
@@ -97,6 +185,52 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn config_file_fills_in_what_flags_and_environment_leave_open() {
+        let file = "# agent\nserver = \"http://127.0.11.5:7000\"\nnode = pg1\nstate_dir = /var/lib/corral\n";
+        let merged = merge_config_file(
+            args(&[
+                "corral-agent",
+                "run",
+                "--config",
+                "/etc/corral/agent.conf",
+                "--node",
+                "pg2",
+            ]),
+            |env| env == "CORRAL_AGENT_STATE_DIR",
+            |_| Ok(file.to_string()),
+        )
+        .expect("merge");
+        assert_eq!(
+            merged,
+            args(&[
+                "corral-agent",
+                "run",
+                "--config",
+                "/etc/corral/agent.conf",
+                "--node",
+                "pg2",
+                "--server",
+                "http://127.0.11.5:7000",
+            ])
+        );
+    }
+
+    #[test]
+    fn config_file_with_an_unknown_key_is_refused() {
+        let err = merge_config_file(
+            args(&["corral-agent", "run", "--config=/x"]),
+            |_| false,
+            |_| Ok("sever = http://x\n".to_string()),
+        )
+        .expect_err("unknown key");
+        assert!(err.contains("unknown key \"sever\""), "{err}");
+    }
 
     #[test]
     fn durations_parse_with_units() {

@@ -30,7 +30,13 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let args = corral_agent::config::merge_config_file(
+        std::env::args_os().collect(),
+        |env| std::env::var_os(env).is_some(),
+        |path| std::fs::read_to_string(path),
+    )
+    .map_err(|e| anyhow::anyhow!("config file: {e}"))?;
+    let cli = Cli::parse_from(args);
     match cli.command {
         Command::CheckPostgres(args) => std::process::exit(check_postgres(&args)),
         Command::StopAll { state_dir } => {
