@@ -71,11 +71,48 @@ pub enum ReplicationRole {
 #[serde(deny_unknown_fields)]
 pub struct ReplicationStatus {
     pub role: ReplicationRole,
-    /// Bytes of WAL a replica has yet to replay.
+    /// On a replica: bytes of WAL it has yet to receive or replay, behind
+    /// the primary it follows. On a primary: the largest such lag of its
+    /// standbys.
     #[serde(default)]
     pub lag_bytes: Option<u64>,
+    /// Like `lag_bytes`, in milliseconds of replay delay.
+    #[serde(default)]
+    pub lag_ms: Option<u64>,
     #[serde(default)]
     pub timeline: Option<u32>,
+    /// `streaming`, `catchup`, `stopped`, `rejoining`, `fenced`, ...
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 32))]
+    pub state: Option<String>,
+    /// On a primary: the standby its commits wait for (sync and strict).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 64))]
+    pub sync_standby: Option<String>,
+    /// On a primary in `sync` mode with no synchronous standby: commits do
+    /// not wait for one (the fallback to async).
+    #[serde(default)]
+    pub degraded: bool,
+    /// The node holding the Consul leader lock, as this node sees it.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 64))]
+    pub leader: Option<String>,
+}
+
+impl ReplicationStatus {
+    /// A status with only the role known.
+    pub fn new(role: ReplicationRole) -> Self {
+        Self {
+            role,
+            lag_bytes: None,
+            lag_ms: None,
+            timeline: None,
+            state: None,
+            sync_standby: None,
+            degraded: false,
+            leader: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +173,16 @@ impl ObservedState {
             }
             if let Some(d) = &s.detail {
                 bounded("service detail", d, 1024)?;
+            }
+        }
+        if let Some(r) = &self.replication {
+            if let Some(state) = &r.state {
+                bounded("replication state", state, 32)?;
+            }
+            for (what, v) in [("sync_standby", &r.sync_standby), ("leader", &r.leader)] {
+                if let Some(v) = v {
+                    bounded(what, v, 64)?;
+                }
             }
         }
         if let Some(m) = &self.metrics

@@ -26,7 +26,8 @@ pub use node::{
 };
 pub use order::{
     ConsulSpec, LoadBalancerSpec, Order, OrderKind, OrderOutcome, OrderResult, OrderStatus,
-    PollResponse, PostgresSpec, WebappSpec, WorkOrder,
+    PollResponse, PostgresSpec, SwitchoverAccepted, SwitchoverRequest, SwitchoverSpec, WebappSpec,
+    WorkOrder,
 };
 pub use topology::{
     LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Topology, TopologyChange, TopologyUpdate,

@@ -27,6 +27,9 @@ pub enum WorkOrder {
     LoadBalancer(LoadBalancerSpec),
     /// Stop taking traffic and stop every service: the node is leaving.
     Drain,
+    /// To the primary: hand the leader role to the standby `to` without
+    /// losing a write (checked caught up, clean demotion, then promotion).
+    Switchover(SwitchoverSpec),
 }
 
 impl WorkOrder {
@@ -37,6 +40,7 @@ impl WorkOrder {
             WorkOrder::Webapp(_) => OrderKind::Webapp,
             WorkOrder::LoadBalancer(_) => OrderKind::LoadBalancer,
             WorkOrder::Drain => OrderKind::Drain,
+            WorkOrder::Switchover(_) => OrderKind::Switchover,
         }
     }
 }
@@ -51,6 +55,7 @@ pub enum OrderKind {
     Webapp,
     LoadBalancer,
     Drain,
+    Switchover,
 }
 
 impl OrderKind {
@@ -61,6 +66,7 @@ impl OrderKind {
             OrderKind::Webapp => "webapp",
             OrderKind::LoadBalancer => "load_balancer",
             OrderKind::Drain => "drain",
+            OrderKind::Switchover => "switchover",
         }
     }
 }
@@ -80,6 +86,7 @@ impl FromStr for OrderKind {
             "webapp" => Ok(OrderKind::Webapp),
             "load_balancer" => Ok(OrderKind::LoadBalancer),
             "drain" => Ok(OrderKind::Drain),
+            "switchover" => Ok(OrderKind::Switchover),
             other => Err(format!("unknown order kind {other:?}")),
         }
     }
@@ -119,6 +126,38 @@ pub struct PostgresSpec {
     pub database: String,
     pub user: String,
     pub password: String,
+}
+
+/// A planned change of primary: the order goes to the current primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SwitchoverSpec {
+    /// The standby to promote.
+    pub to: String,
+    /// The standby may be at most this many bytes of WAL behind when the
+    /// switchover starts (it must then catch up fully before promotion).
+    pub max_lag_bytes: u64,
+}
+
+/// `POST /api/v1/db/switchover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    /// The db node to promote; it must be a healthy, caught-up standby.
+    #[cfg_attr(feature = "openapi", schema(example = "pg2", max_length = 63))]
+    pub to: String,
+}
+
+/// The answer to a switchover request: the order filed to the primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SwitchoverAccepted {
+    /// The current primary, which carries the switchover out.
+    pub from: String,
+    pub to: String,
+    /// The `seq` of the order on `from`; follow it in `GET /nodes/{from}/orders`.
+    pub seq: i64,
 }
 
 /// The todomvc webapp, finding PostgreSQL through Consul.
@@ -277,6 +316,7 @@ mod tests {
             OrderKind::Webapp,
             OrderKind::LoadBalancer,
             OrderKind::Drain,
+            OrderKind::Switchover,
         ] {
             assert_eq!(kind.as_str().parse::<OrderKind>(), Ok(kind));
         }

@@ -57,8 +57,14 @@ pub enum ReplicationMode {
     /// Commits return before a standby has the WAL (the seed's setup).
     #[default]
     Async,
-    /// Commits wait for one standby (`synchronous_standby_names = 'ANY 1 (*)'`).
+    /// Commits wait for one synchronous standby; when none is connected the
+    /// primary falls back to asynchronous commits and says so (like
+    /// Patroni's `synchronous_mode`). An acknowledged write survives a
+    /// failover.
     Sync,
+    /// Like `sync`, but never falls back: with no synchronous standby,
+    /// commits wait (like Patroni's `synchronous_mode_strict`).
+    Strict,
 }
 
 impl ReplicationMode {
@@ -66,7 +72,13 @@ impl ReplicationMode {
         match self {
             ReplicationMode::Async => "async",
             ReplicationMode::Sync => "sync",
+            ReplicationMode::Strict => "strict",
         }
+    }
+
+    /// Whether commits wait for a standby (sync or strict).
+    pub fn is_synchronous(self) -> bool {
+        matches!(self, ReplicationMode::Sync | ReplicationMode::Strict)
     }
 }
 
@@ -82,8 +94,9 @@ impl FromStr for ReplicationMode {
         match s {
             "async" => Ok(ReplicationMode::Async),
             "sync" => Ok(ReplicationMode::Sync),
+            "strict" => Ok(ReplicationMode::Strict),
             other => Err(format!(
-                "unknown replication mode {other:?} (expected async or sync)"
+                "unknown replication mode {other:?} (expected async, sync or strict)"
             )),
         }
     }
@@ -138,7 +151,7 @@ impl TopologyUpdate {
                 ));
             }
         }
-        if self.replication == ReplicationMode::Sync && self.db < 2 {
+        if self.replication.is_synchronous() && self.db < 2 {
             return Err(
                 "synchronous replication needs at least 2 db nodes: with no standby every commit would wait forever"
                     .into(),

@@ -187,6 +187,7 @@ impl Agents {
                         },
                         lag_bytes: (!primary).then_some(0),
                         timeline: Some(1),
+                        ..ReplicationStatus::new(ReplicationRole::Replica)
                     }),
                 )
             }
