@@ -12,6 +12,8 @@ use clap::{Args, ValueEnum};
 pub enum Expect {
     Primary,
     Replica,
+    /// Either: only that the server answers SQL (the leader session's check).
+    Any,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -61,6 +63,7 @@ pub fn check_postgres(args: &CheckArgs) -> i32 {
     let expected = match args.expect {
         Expect::Primary => "primary",
         Expect::Replica => "replica",
+        Expect::Any => actual,
     };
     if actual == expected {
         println!("postgres answers as {actual}");

@@ -67,6 +67,11 @@ impl ConsulApi {
         Duration::from_secs(5)
     }
 
+    /// For the leader-election loop, which must notice a hung agent fast.
+    fn fast() -> Duration {
+        Duration::from_millis(1500)
+    }
+
     /// Whether the agent answers at all.
     pub async fn alive(&self) -> bool {
         self.call(
@@ -304,6 +309,67 @@ impl ConsulApi {
         Ok(res.json::<bool>().await.unwrap_or(false))
     }
 
+    /// Releases the lock `session` holds on `key` (no lock-delay: a planned
+    /// hand-over, unlike a session that dies).
+    pub async fn release(&self, key: &str, session: &str) -> Result<bool, ConsulError> {
+        let res = self
+            .call(
+                self.http
+                    .put(format!("{}/v1/kv/{key}", self.base))
+                    .query(&[("release", session)]),
+                Self::fast(),
+            )
+            .await?;
+        Ok(res.json::<bool>().await.unwrap_or(false))
+    }
+
+    /// The value and lock session of `key`, `None` when it does not exist.
+    pub async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, ConsulError> {
+        Ok(self.kv_list_inner(key, false).await?.into_iter().next())
+    }
+
+    /// Every key under `prefix`.
+    pub async fn kv_list(&self, prefix: &str) -> Result<Vec<KvEntry>, ConsulError> {
+        self.kv_list_inner(prefix, true).await
+    }
+
+    async fn kv_list_inner(&self, key: &str, recurse: bool) -> Result<Vec<KvEntry>, ConsulError> {
+        let mut req = self.http.get(format!("{}/v1/kv/{key}", self.base));
+        if recurse {
+            req = req.query(&[("recurse", "true")]);
+        }
+        match self.call(req, Self::fast()).await {
+            Ok(res) => {
+                let raw: Vec<RawKv> = res.json().await?;
+                Ok(raw.into_iter().map(RawKv::decode).collect())
+            }
+            Err(ConsulError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn kv_put(&self, key: &str, value: &str) -> Result<(), ConsulError> {
+        self.call(
+            self.http
+                .put(format!("{}/v1/kv/{key}", self.base))
+                .body(value.to_string()),
+            Self::fast(),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn kv_delete(&self, key: &str) -> Result<(), ConsulError> {
+        self.call(
+            self.http.delete(format!("{}/v1/kv/{key}", self.base)),
+            Self::fast(),
+        )
+        .await
+        .map(drop)
+    }
+
     /// The session holding the lock on `key`, if any.
     pub async fn lock_holder(&self, key: &str) -> Result<Option<String>, ConsulError> {
         match self
@@ -319,6 +385,41 @@ impl ConsulApi {
             }
             Err(ConsulError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// One Consul KV entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEntry {
+    pub key: String,
+    pub value: String,
+    /// The session holding a lock on it.
+    pub session: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawKv {
+    #[serde(rename = "Key")]
+    key: String,
+    #[serde(rename = "Value")]
+    value: Option<String>,
+    #[serde(rename = "Session")]
+    session: Option<String>,
+}
+
+impl RawKv {
+    fn decode(self) -> KvEntry {
+        use base64::Engine;
+        let value = self
+            .value
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        KvEntry {
+            key: self.key,
+            value,
+            session: self.session,
         }
     }
 }

@@ -46,6 +46,9 @@ pub struct ServiceSpec {
     pub marker: String,
     /// How to ask it to stop (postgres: SIGINT = fast shutdown).
     pub stop_signal: Signal,
+    /// Whether the supervisor restarts it when it dies. PostgreSQL is not:
+    /// whether it comes back as primary or standby is the HA loop's call.
+    pub restart: bool,
 }
 
 impl ServiceSpec {
@@ -205,6 +208,9 @@ pub trait Host: Send + Sync {
     /// Makes `spec` run: adopts or keeps a matching instance, restarts one
     /// started differently, starts one otherwise; keeps it alive after.
     async fn ensure(&self, spec: &ServiceSpec) -> Result<Ensured, HostError>;
+    /// Takes over an instance an earlier agent left running (whatever its
+    /// command line), without ever starting one; says whether it runs.
+    async fn adopt(&self, spec: &ServiceSpec) -> Result<bool, HostError>;
     /// Stops the service gracefully (killing it after a grace period) and
     /// forgets it. Stopping what does not run is fine.
     async fn stop(&self, name: &str) -> Result<(), HostError>;
@@ -277,6 +283,10 @@ pub mod fake {
                 _ => Call::Start(spec.name.clone()),
             });
             Ok(outcome)
+        }
+
+        async fn adopt(&self, spec: &ServiceSpec) -> Result<bool, HostError> {
+            Ok(self.running.lock().expect("lock").contains_key(&spec.name))
         }
 
         async fn stop(&self, name: &str) -> Result<(), HostError> {

@@ -73,6 +73,10 @@ impl Node {
     /// Makes `order` true and records it as the current order of its kind.
     pub async fn apply(&self, order: &WorkOrder) -> Result<String, ApplyError> {
         let message = self.make_true(order).await?;
+        if matches!(order, WorkOrder::Switchover(_)) {
+            // A one-off action, not a state to restore after a restart.
+            return Ok(message);
+        }
         self.state.save_applied(order)?;
         if matches!(order, WorkOrder::Drain) {
             self.state.forget_applied(&[
@@ -95,6 +99,7 @@ impl Node {
             WorkOrder::LoadBalancer(spec) => self.nginx.apply(spec).await?,
             WorkOrder::Postgres(spec) => self.postgres.apply(spec).await?,
             WorkOrder::Drain => self.drain().await?,
+            WorkOrder::Switchover(spec) => self.postgres.switchover(spec).await?,
         })
     }
 

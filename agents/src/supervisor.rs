@@ -169,9 +169,20 @@ impl Supervisor {
         let mut entries = self.entries.lock().expect("supervisor lock");
         let now = Instant::now();
         for entry in entries.values_mut() {
+            let was_alive = !matches!(entry.proc, Proc::Dead);
             if entry.poll() {
                 if entry.started.elapsed() > STABLE_AFTER {
                     entry.backoff = BACKOFF_START;
+                }
+                continue;
+            }
+            if !entry.spec.restart {
+                if was_alive {
+                    tracing::warn!(
+                        service = %entry.spec.name,
+                        why = entry.last_exit.as_deref().unwrap_or("?"),
+                        "service died; left to its driver"
+                    );
                 }
                 continue;
             }
@@ -322,13 +333,19 @@ impl Host for Supervisor {
     async fn ensure(&self, spec: &ServiceSpec) -> Result<Ensured, HostError> {
         let current = {
             let mut entries = self.entries.lock().expect("supervisor lock");
-            match entries.get_mut(&spec.name) {
-                Some(e) if e.spec == *spec => {
+            let alive = entries.get_mut(&spec.name).map(|e| e.poll());
+            match (entries.get(&spec.name), alive) {
+                (Some(e), Some(alive)) if e.spec == *spec && (spec.restart || alive) => {
                     // Alive or waiting for its restart: either way it is ours.
                     return Ok(Ensured::Running);
                 }
-                Some(_) => true,
-                None => false,
+                (Some(e), _) if e.spec == *spec => {
+                    // Dead and not restarted by the supervisor: start anew.
+                    entries.remove(&spec.name);
+                    false
+                }
+                (Some(_), _) => true,
+                _ => false,
             }
         };
         let mut outcome = Ensured::Started;
@@ -351,6 +368,23 @@ impl Host for Supervisor {
         let child = self.spawn(spec)?;
         self.insert(spec, Proc::Child(child));
         Ok(outcome)
+    }
+
+    async fn adopt(&self, spec: &ServiceSpec) -> Result<bool, HostError> {
+        {
+            let mut entries = self.entries.lock().expect("supervisor lock");
+            if let Some(e) = entries.get_mut(&spec.name) {
+                return Ok(e.poll());
+            }
+        }
+        match self.find_running(spec) {
+            Some(pid) => {
+                tracing::info!(service = %spec.name, pid, "adopted");
+                self.insert(spec, Proc::Adopted(pid));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     async fn stop(&self, name: &str) -> Result<(), HostError> {
@@ -462,6 +496,7 @@ mod tests {
             run_as: None,
             marker: format!("sleep {}", 1000 + (std::process::id() % 1000)),
             stop_signal: Signal::SIGTERM,
+            restart: true,
         }
     }
 

@@ -8,6 +8,8 @@
 //! (`corral`, `corral-agent`, `todomvc`): build them first with
 //! `cargo build --workspace --bins`, or point `CORRAL_BIN_DIR` elsewhere.
 
+pub mod pg;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -59,6 +61,27 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The processes whose parent is one of `parents`.
+pub fn children_of(parents: &[u32]) -> Vec<u32> {
+    let mut pids = Vec::new();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid.is_some_and(|pp| parents.contains(&pp)) && !parents.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
 }
 
 /// Runs a command to its end through the process-wide reaper.

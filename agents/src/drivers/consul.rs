@@ -73,6 +73,7 @@ impl ConsulDriver {
             run_as: None,
             marker: config_file.to_string(),
             stop_signal: Signal::SIGTERM,
+            restart: true,
         }
     }
 

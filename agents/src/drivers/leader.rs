@@ -1,13 +1,17 @@
-//! Leader election for PostgreSQL through a Consul session lock: the primary
-//! holds a lock on the order's `leader_key` with a session bound to its SQL
-//! health check and to `serfHealth`, so the lock goes when the primary or its
-//! node does — not when the agent merely restarts (no TTL to renew). Failover
-//! (a standby taking the lock and promoting) grows here later.
+//! The PostgreSQL leader lock in Consul: a KV key locked by a session that
+//! is bound to the node's `serfHealth` and to a role-agnostic SQL check of
+//! PostgreSQL (`postgres-alive`), so the lock goes when the node or its
+//! database dies — not when the agent merely restarts (no TTL to renew).
+//! After such a death nobody may take the lock for [`LOCK_DELAY`]; a planned
+//! hand-over releases it without that delay.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
+use super::ha::LOCK_DELAY;
 use crate::consul_api::{ConsulApi, ConsulError};
+
+/// The check the leader session is bound to besides `serfHealth`.
+pub const ALIVE_CHECK: &str = "postgres-alive";
 
 /// Where the lock stands for this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,7 +19,7 @@ pub enum LockState {
     Held,
     /// Another session holds it.
     HeldElsewhere(String),
-    /// Not possible yet (the health check is not passing, no Consul leader).
+    /// Not possible yet (the health check is not passing, lock-delay).
     Pending(String),
 }
 
@@ -35,25 +39,27 @@ impl LeaderLock {
         }
     }
 
-    fn saved_session(&self) -> Option<String> {
+    /// This node's session, as last created.
+    pub fn session(&self) -> Option<String> {
         std::fs::read_to_string(&self.session_file)
             .ok()
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
     }
 
-    /// Takes or keeps the lock on `key`, tied to `check_id`.
-    pub async fn hold(&self, key: &str, check_id: &str) -> Result<LockState, ConsulError> {
-        let session = match self.saved_session() {
+    /// Takes the lock on `key` when it is free (creating a session first if
+    /// ours died).
+    pub async fn take(&self, key: &str) -> Result<LockState, ConsulError> {
+        let session = match self.session() {
             Some(id) if self.consul.session_alive(&id).await? => id,
             _ => {
-                let checks = vec!["serfHealth".to_string(), check_id.to_string()];
+                let checks = vec!["serfHealth".to_string(), ALIVE_CHECK.to_string()];
                 let id = match self
                     .consul
                     .create_session(
                         &format!("postgres-leader-{}", self.node),
                         &checks,
-                        Duration::from_secs(1),
+                        LOCK_DELAY,
                     )
                     .await
                 {
@@ -79,16 +85,27 @@ impl LeaderLock {
                     tracing::info!(key, session = %session, "took the leader lock");
                     Ok(LockState::Held)
                 } else {
-                    // Lock-delay after a release, or a race lost.
-                    Ok(LockState::Pending("lock not acquired yet".into()))
+                    Ok(LockState::Pending(
+                        "lock not acquired (lock-delay or lost race)".into(),
+                    ))
                 }
             }
         }
     }
 
-    /// Gives the lock up (drain): destroying the session releases it.
+    /// Lets go of the lock (a planned hand-over or a crashed primary): no
+    /// lock-delay for the next holder.
+    pub async fn let_go(&self, key: &str) -> Result<(), ConsulError> {
+        if let Some(id) = self.session() {
+            self.consul.release(key, &id).await?;
+            tracing::info!(key, "released the leader lock");
+        }
+        Ok(())
+    }
+
+    /// Destroys the session (drain): releases whatever it held.
     pub async fn release(&self) {
-        if let Some(id) = self.saved_session() {
+        if let Some(id) = self.session() {
             if let Err(e) = self.consul.destroy_session(&id).await {
                 tracing::warn!(error = %e, "destroying the leader session");
             }

@@ -4,6 +4,7 @@
 //! replaces the older one.
 
 pub mod consul;
+pub mod ha;
 pub mod leader;
 pub mod nginx;
 pub mod postgres;

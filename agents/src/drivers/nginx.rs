@@ -162,6 +162,7 @@ impl NginxDriver {
             marker: prefix,
             // Graceful: finish requests in flight.
             stop_signal: Signal::SIGQUIT,
+            restart: true,
         }
     }
 

@@ -1,11 +1,17 @@
 //! PostgreSQL 15 on the node, as the unprivileged `postgres` account even
 //! when the agent is root. The bootstrap node initialises an empty cluster
-//! (checksums on, for pg_rewind later) and creates the replication and
+//! (checksums on, for pg_rewind) and creates the replication and
 //! application roles; every other node clones the primary it finds in Consul
-//! with `pg_basebackup -R` into a replication slot of its own and runs as a
-//! hot standby. A keeper loop registers the server in Consul tagged with its
-//! actual role (checked by SQL through `corral-agent check-postgres`), and
-//! the primary holds the leader lock ([`super::leader`]).
+//! with `pg_basebackup` into a replication slot of its own and runs as a hot
+//! standby.
+//!
+//! After that the HA loop ([`PostgresDriver::ha_loop`], decisions in
+//! [`super::ha`]) owns the server: only the holder of the Consul leader lock
+//! runs as primary; a primary that loses the lock, or cannot confirm it for
+//! [`FENCE_AFTER`], stops itself (fencing); when the lock is free the best
+//! standby takes it and promotes; the others follow the new primary, and a
+//! former primary is rewound with `pg_rewind` (or cloned afresh) and rejoins
+//! as a standby. The supervisor never restarts PostgreSQL on its own.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -13,25 +19,55 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corral_proto::{
-    POSTGRES_SERVICE, PostgresSpec, ReplicationMode, ReplicationRole, ReplicationStatus,
+    POSTGRES_SERVICE, PostgresSpec, ReplicationRole, ReplicationStatus, SwitchoverSpec,
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use super::leader::{LeaderLock, LockState};
+use super::ha::{self, FENCE_AFTER, Keys, Member, MemberRole};
+use super::leader::{ALIVE_CHECK, LeaderLock, LockState};
 use super::{DriverError, NodeContext, mkdir};
 use crate::host::{Account, OneShot, ServiceSpec};
 
 pub const SERVICE: &str = "postgres";
-/// The role standbys replicate as.
+/// The role standbys replicate (and pg_rewind reads) as.
 pub const REPLICATION_USER: &str = "replicator";
 /// How long a new standby waits for a primary to appear in Consul.
 const PRIMARY_WAIT: Duration = Duration::from_secs(300);
+/// A standby that follows a leader but has not streamed from it for this
+/// long is rewound (its history forked) and restarted.
+const STUCK_AFTER: Duration = Duration::from_secs(15);
 
 pub struct PostgresDriver {
     ctx: Arc<NodeContext>,
     desired: Mutex<Option<PostgresSpec>>,
     leader: LeaderLock,
+    /// Held by one HA step or a switchover at a time.
+    ha: tokio::sync::Mutex<()>,
+    /// While primary: when the lock was last confirmed ours.
+    confirmed: Mutex<Option<Instant>>,
+    /// The lock holder as last seen, for the heartbeat.
+    seen_leader: Mutex<Option<String>>,
+    /// A standby's streaming last worked then (or it started then).
+    streamed_at: Mutex<Option<Instant>>,
+    /// Sync mode has fallen back to asynchronous commits.
+    degraded: Mutex<bool>,
+}
+
+/// What one SQL round trip says about the local server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Local {
+    in_recovery: bool,
+    timeline: u32,
+    lsn: u64,
+    /// Standbys streaming from this primary (application names).
+    streaming: Vec<String>,
+    sync_standbys: Vec<String>,
+    sync_names: String,
+    /// A standby's walreceiver is streaming.
+    receiving: bool,
+    slot_name: String,
+    conninfo: String,
 }
 
 /// A SQL string literal.
@@ -91,6 +127,11 @@ impl PostgresDriver {
             ctx,
             desired: Mutex::new(None),
             leader,
+            ha: tokio::sync::Mutex::new(()),
+            confirmed: Mutex::new(None),
+            seen_leader: Mutex::new(None),
+            streamed_at: Mutex::new(None),
+            degraded: Mutex::new(false),
         }
     }
 
@@ -137,6 +178,9 @@ impl PostgresDriver {
             ("max_replication_slots", "10".into()),
             ("hot_standby", "on".into()),
             ("wal_log_hints", "on".into()),
+            // A standby retries its primary (a new one after a failover)
+            // every half second instead of every five.
+            ("wal_retrieve_retry_interval", "500ms".into()),
             ("hba_file", format!("{pgdata}/pg_hba.conf")),
         ] {
             args.push("-c".into());
@@ -151,6 +195,7 @@ impl PostgresDriver {
             marker: pgdata,
             // Fast shutdown: roll back sessions, checkpoint, exit.
             stop_signal: Signal::SIGINT,
+            restart: false,
         }
     }
 
@@ -268,7 +313,11 @@ impl PostgresDriver {
              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {repl_lit}) THEN CREATE ROLE {repl} WITH REPLICATION LOGIN; END IF; \
              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {user_lit}) THEN CREATE ROLE {user} WITH LOGIN; END IF; \
              END$$; \
-             ALTER ROLE {repl} WITH PASSWORD {pw}; ALTER ROLE {user} WITH PASSWORD {pw};",
+             ALTER ROLE {repl} WITH PASSWORD {pw}; ALTER ROLE {user} WITH PASSWORD {pw}; \
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {repl}; \
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {repl}; \
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO {repl}; \
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {repl};",
             repl_lit = literal(REPLICATION_USER),
             repl = ident(REPLICATION_USER),
             user_lit = literal(&spec.user),
@@ -296,19 +345,6 @@ impl PostgresDriver {
             )
             .await?;
         }
-        Ok(())
-    }
-
-    /// Sync: commits wait for any one standby. Set with ALTER SYSTEM and a
-    /// reload, so switching modes restarts nothing; standbys copy the
-    /// setting with the data and it takes effect if they are promoted.
-    async fn set_replication_mode(&self, spec: &PostgresSpec) -> Result<(), DriverError> {
-        let sql = match spec.replication {
-            ReplicationMode::Sync => "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
-            ReplicationMode::Async => "ALTER SYSTEM RESET synchronous_standby_names",
-        };
-        self.query(spec.port, sql).await?;
-        self.query(spec.port, "SELECT pg_reload_conf()").await?;
         Ok(())
     }
 
@@ -452,78 +488,115 @@ impl PostgresDriver {
         Ok(format!("cloned from {host}:{port} into slot {slot}"))
     }
 
+    /// Creates the data directory: a new cluster on the bootstrap node when
+    /// none exists anywhere, else a clone of the primary. Made beside the
+    /// data dir and renamed into place when complete, so an agent killed
+    /// mid-way never leaves a half-made data dir that looks usable.
+    async fn make_data_dir(&self, spec: &PostgresSpec) -> Result<String, DriverError> {
+        let pgdata = self.pgdata();
+        let staging = self.ctx.path("pgdata.partial");
+        self.private_dir(&staging)?;
+        empty_dir(&staging)?;
+        let what = if spec.bootstrap && !self.cluster_exists(&spec.leader_key).await? {
+            self.initdb(&staging).await?;
+            "initialised a new cluster".to_string()
+        } else {
+            self.clone_primary(spec, &staging).await?
+        };
+        if pgdata.exists() {
+            std::fs::remove_dir_all(&pgdata)
+                .map_err(DriverError::io(format!("removing {}", pgdata.display())))?;
+        }
+        std::fs::rename(&staging, &pgdata)
+            .map_err(DriverError::io(format!("renaming {}", staging.display())))?;
+        Ok(what)
+    }
+
+    /// Sets up the node's PostgreSQL: makes the data dir when there is none
+    /// and starts it; an existing one is adopted if it runs and otherwise
+    /// left to the HA loop, which decides whether it may come back as
+    /// primary (only with the leader lock) or as a standby.
     #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
     pub async fn apply(&self, spec: &PostgresSpec) -> Result<String, DriverError> {
+        let _ha = self.ha.lock().await;
         self.check_reachable()?;
-        let pgdata = self.pgdata();
         self.private_dir(&self.socket_dir())?;
+        let fresh = !self.pgdata().join("PG_VERSION").exists();
         let mut what = String::new();
-        if !pgdata.join("PG_VERSION").exists() {
-            // Made beside the data dir and renamed into place when complete,
-            // so an agent killed mid-way never leaves a half-made data dir
-            // that looks usable; the next attempt starts the staging afresh.
-            let staging = self.ctx.path("pgdata.partial");
-            self.private_dir(&staging)?;
-            empty_dir(&staging)?;
-            if spec.bootstrap && !self.cluster_exists(&spec.leader_key).await? {
-                self.initdb(&staging).await?;
-                what = "initialised a new cluster".into();
-            } else {
-                what = self.clone_primary(spec, &staging).await?;
-            }
-            if pgdata.exists() {
-                std::fs::remove_dir_all(&pgdata)
-                    .map_err(DriverError::io(format!("removing {}", pgdata.display())))?;
-            }
-            std::fs::rename(&staging, &pgdata)
-                .map_err(DriverError::io(format!("renaming {}", staging.display())))?;
+        if fresh {
+            what = self.make_data_dir(spec).await?;
         }
-        let ensured = self.ctx.host.ensure(&self.service_spec(spec)).await?;
-        self.wait_ready(spec.port).await?;
-        let in_recovery = self.query(spec.port, "SELECT pg_is_in_recovery()").await? == "t";
-        if !in_recovery {
-            self.create_roles(spec).await?;
-            self.set_replication_mode(spec).await?;
+        let service = self.service_spec(spec);
+        let running = if fresh {
+            self.ctx.host.ensure(&service).await?;
+            true
+        } else {
+            self.ctx.host.adopt(&service).await?
+        };
+        let mut role = "stopped: the HA loop brings it back";
+        if running {
+            self.wait_ready(spec.port).await?;
+            let in_recovery = self.query(spec.port, "SELECT pg_is_in_recovery()").await? == "t";
+            if in_recovery {
+                role = "replica";
+            } else {
+                self.create_roles(spec).await?;
+                role = "primary";
+            }
         }
         *self.desired.lock().expect("lock") = Some(spec.clone());
-        // Register at once when Consul is up; the keeper retries otherwise.
-        let _ = self.keep().await;
-        let role = if in_recovery { "replica" } else { "primary" };
         Ok(format!(
-            "postgres {ensured:?} as {role} on {}:{}{}{}",
+            "postgres on {}:{} ({role}, {} replication){}{}",
             self.ctx.address,
             spec.port,
+            spec.replication,
             if what.is_empty() { "" } else { "; " },
             what
-        )
-        .to_lowercase())
+        ))
     }
 
     /// The Consul definition of this server with the role it has now, as a
-    /// configuration file (script checks are refused over HTTP).
+    /// configuration file (script checks are refused over HTTP), and the
+    /// role-agnostic check the leader session is bound to.
     fn registration(&self, port: u16, role: &str) -> Value {
-        json!({ "service": {
-            "id": self.service_id(),
-            "name": POSTGRES_SERVICE,
-            "address": self.ctx.address,
-            "port": port,
-            "tags": [role],
-            "check": {
-                "id": self.check_id(),
-                "name": format!("postgres is {role} (SQL)"),
-                "args": [
-                    self.ctx.bins.agent.display().to_string(),
-                    "check-postgres",
-                    "--pg-bin", self.ctx.bins.pg_bin.display().to_string(),
-                    "--socket-dir", self.socket_dir().display().to_string(),
-                    "--port", port.to_string(),
-                    "--expect", role,
-                ],
-                "interval": "2s",
-                "timeout": "5s",
-                "deregister_critical_service_after": "30m",
+        let check_args = |expect: &str| {
+            json!([
+                self.ctx.bins.agent.display().to_string(),
+                "check-postgres",
+                "--pg-bin",
+                self.ctx.bins.pg_bin.display().to_string(),
+                "--socket-dir",
+                self.socket_dir().display().to_string(),
+                "--port",
+                port.to_string(),
+                "--expect",
+                expect,
+            ])
+        };
+        json!({
+            "service": {
+                "id": self.service_id(),
+                "name": POSTGRES_SERVICE,
+                "address": self.ctx.address,
+                "port": port,
+                "tags": [role],
+                "check": {
+                    "id": self.check_id(),
+                    "name": format!("postgres is {role} (SQL)"),
+                    "args": check_args(role),
+                    "interval": "1s",
+                    "timeout": "3s",
+                    "deregister_critical_service_after": "30m",
+                },
             },
-        }})
+            "check": {
+                "id": ALIVE_CHECK,
+                "name": "postgres answers SQL (leader session)",
+                "args": check_args("any"),
+                "interval": "1s",
+                "timeout": "3s",
+            },
+        })
     }
 
     fn registration_file(&self) -> PathBuf {
@@ -532,94 +605,777 @@ impl PostgresDriver {
             .join("postgres.json")
     }
 
-    /// One round of the keeper: registration with the right tag, and the
-    /// leader lock while primary.
-    async fn keep(&self) -> Result<(), DriverError> {
-        let Some(spec) = self.desired.lock().expect("lock").clone() else {
-            return Ok(());
-        };
-        let role = match self.query(spec.port, "SELECT pg_is_in_recovery()").await? {
-            r if r == "f" => "primary",
-            _ => "replica",
-        };
+    /// Registers the server in Consul tagged with `role`, if not already.
+    async fn register(&self, port: u16, role: &str) -> Result<(), DriverError> {
+        let text = serde_json::to_string_pretty(&self.registration(port, role)).expect("json");
+        let changed = super::write_if_changed(&self.registration_file(), &text, 0o644)?;
         let tags = self
             .ctx
             .consul
             .local_service_tags(&self.service_id())
             .await?;
-        if tags.as_deref() != Some(&[role.to_string()][..]) {
-            let text =
-                serde_json::to_string_pretty(&self.registration(spec.port, role)).expect("json");
-            super::write_if_changed(&self.registration_file(), &text, 0o644)?;
+        if changed || tags.as_deref() != Some(&[role.to_string()][..]) {
             self.ctx.consul.reload().await?;
             tracing::info!(role, "registered postgres in consul");
         }
-        if role == "primary" {
-            if let Err(e) = self.drop_orphan_slots(spec.port).await {
-                tracing::debug!(error = %e, "checking replication slots");
+        Ok(())
+    }
+
+    fn rejoin_marker(&self) -> PathBuf {
+        self.ctx.path("run/postgres-rejoin")
+    }
+
+    /// Remembers that this data dir was a primary's that lost its role: it
+    /// must be rewound before it may follow another primary.
+    fn mark_rejoin(&self) {
+        if let Err(e) = crate::durable::write_atomic(&self.rejoin_marker(), b"rejoin\n", 0o600) {
+            tracing::error!(error = %e, "cannot record that postgres must rejoin");
+        }
+    }
+
+    fn rejoin_marked(&self) -> bool {
+        self.rejoin_marker().exists()
+    }
+
+    fn clear_rejoin(&self) {
+        let _ = std::fs::remove_file(self.rejoin_marker());
+    }
+
+    /// Gives `path` to the postgres account.
+    fn give(&self, path: &Path) -> Result<(), DriverError> {
+        if let Some(a) = Self::account() {
+            nix::unistd::chown(
+                path,
+                Some(nix::unistd::Uid::from_raw(a.uid)),
+                Some(nix::unistd::Gid::from_raw(a.gid)),
+            )
+            .map_err(|e| DriverError::Refused(format!("chown {}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    fn write_standby_signal(&self) -> Result<(), DriverError> {
+        let path = self.pgdata().join("standby.signal");
+        if !path.exists() {
+            std::fs::write(&path, b"")
+                .map_err(DriverError::io(format!("writing {}", path.display())))?;
+            self.give(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Sets `key = 'value'` lines in `postgresql.auto.conf` of the stopped
+    /// server (ALTER SYSTEM's file); an empty value removes the key.
+    fn set_auto_conf(&self, settings: &[(&str, &str)]) -> Result<(), DriverError> {
+        let path = self.pgdata().join("postgresql.auto.conf");
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut out: Vec<String> = old
+            .lines()
+            .filter(|line| {
+                let key = line.split('=').next().unwrap_or("").trim();
+                !settings.iter().any(|(k, _)| *k == key)
+            })
+            .map(String::from)
+            .collect();
+        for (k, v) in settings {
+            if !v.is_empty() {
+                out.push(format!("{k} = {}", literal(v)));
             }
-            match self.leader.hold(&spec.leader_key, &self.check_id()).await? {
-                LockState::Held => {}
-                LockState::HeldElsewhere(s) => {
-                    tracing::warn!(session = %s, "another node holds the leader lock")
+        }
+        let text = out.join("\n") + "\n";
+        crate::durable::write_atomic(&path, text.as_bytes(), 0o600)
+            .map_err(DriverError::io(format!("writing {}", path.display())))?;
+        self.give(&path)
+    }
+
+    /// How a standby of this node connects to the primary at `address`.
+    fn conninfo(&self, spec: &PostgresSpec, address: &str, port: u16) -> String {
+        format!(
+            "host={address} port={port} user={REPLICATION_USER} password={} application_name={} connect_timeout=2",
+            conninfo_value(&spec.password),
+            conninfo_value(&self.ctx.node)
+        )
+    }
+
+    /// One SQL round trip: role, timeline, WAL position, standbys, settings.
+    async fn local(&self, port: u16) -> Result<Local, DriverError> {
+        let row = self
+            .query(
+                port,
+                "SELECT pg_is_in_recovery(), \
+                 COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint())), \
+                 CASE WHEN pg_is_in_recovery() \
+                 THEN COALESCE(pg_wal_lsn_diff(GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), '0/0'), 0)::bigint \
+                 ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint END, \
+                 COALESCE((SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE state = 'streaming'), ''), \
+                 COALESCE((SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), ''), \
+                 COALESCE((SELECT string_agg(slot_name, ',') FROM pg_replication_slots), ''), \
+                 EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'), \
+                 current_setting('primary_slot_name'), \
+                 current_setting('synchronous_standby_names'), \
+                 current_setting('primary_conninfo')",
+            )
+            .await?;
+        let cols: Vec<&str> = row.splitn(10, '|').collect();
+        if cols.len() != 10 {
+            return Err(DriverError::Refused(format!(
+                "unexpected status row {row:?}"
+            )));
+        }
+        let list = |s: &str| -> Vec<String> {
+            s.split(',')
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let mut streaming = list(cols[3]);
+        streaming.extend(list(cols[5]).into_iter().map(|slot| format!("slot:{slot}")));
+        Ok(Local {
+            in_recovery: cols[0] == "t",
+            timeline: cols[1].parse().unwrap_or(0),
+            lsn: cols[2].parse().unwrap_or(0),
+            streaming,
+            sync_standbys: list(cols[4]),
+            receiving: cols[6] == "t",
+            slot_name: cols[7].to_string(),
+            sync_names: cols[8].to_string(),
+            conninfo: cols[9].to_string(),
+        })
+    }
+
+    async fn members(&self, keys: &Keys) -> Result<Vec<Member>, DriverError> {
+        Ok(self
+            .ctx
+            .consul
+            .kv_list(&keys.members)
+            .await?
+            .into_iter()
+            .filter_map(|e| serde_json::from_str::<Member>(&e.value).ok())
+            .collect())
+    }
+
+    /// Runs forever: the HA loop and its fencing watchdog.
+    pub async fn keeper(self: Arc<Self>) {
+        tokio::spawn(self.clone().watchdog());
+        loop {
+            if let Err(e) = self.step().await {
+                tracing::debug!(error = %e, "postgres HA step");
+            }
+            tokio::time::sleep(ha::TICK).await;
+        }
+    }
+
+    /// Stops a primary whose lock has not been confirmed for [`FENCE_AFTER`]
+    /// — also while the HA step hangs on an unresponsive Consul.
+    async fn watchdog(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let stale = self
+                .confirmed
+                .lock()
+                .expect("lock")
+                .is_some_and(|t| t.elapsed() > FENCE_AFTER);
+            if stale {
+                self.fence(&format!(
+                    "the leader lock could not be confirmed for {FENCE_AFTER:?} (Consul unreachable?)"
+                ))
+                .await;
+            }
+        }
+    }
+
+    /// Stops PostgreSQL at once: it may no longer take writes. It comes back
+    /// as a standby, rewound first.
+    async fn fence(&self, why: &str) {
+        *self.confirmed.lock().expect("lock") = None;
+        tracing::error!(why, "fencing: stopping the primary");
+        self.mark_rejoin();
+        if let Err(e) = self.ctx.host.stop(SERVICE).await {
+            tracing::error!(error = %e, "fencing: stopping postgres failed");
+        }
+        if let Err(e) = self.write_standby_signal() {
+            tracing::error!(error = %e, "fencing: cannot write standby.signal");
+        }
+    }
+
+    /// One round of the HA loop.
+    async fn step(&self) -> Result<(), DriverError> {
+        let Some(spec) = self.desired.lock().expect("lock").clone() else {
+            return Ok(());
+        };
+        let _ha = self.ha.lock().await;
+        let keys = Keys::new(&spec.leader_key);
+        let running = self.ctx.host.adopt(&self.service_spec(&spec)).await?;
+        let local = if running {
+            self.local(spec.port).await.ok()
+        } else {
+            None
+        };
+        // Consul unreachable: do nothing; the watchdog fences a primary.
+        let lock = self.ctx.consul.kv_get(&keys.leader).await?;
+        let holder_session = lock.as_ref().and_then(|e| e.session.clone());
+        let holder = holder_session
+            .as_ref()
+            .and_then(|_| lock.as_ref().map(|e| e.value.clone()));
+        *self.seen_leader.lock().expect("lock") = holder.clone();
+        let i_hold = holder_session.is_some() && holder_session == self.leader.session();
+        let members = self.members(&keys).await?;
+        let switchover = self
+            .ctx
+            .consul
+            .kv_get(&keys.switchover)
+            .await?
+            .and_then(|e| serde_json::from_str::<ha::Switchover>(&e.value).ok());
+        let me = Member {
+            node: self.ctx.node.clone(),
+            address: self.ctx.address.clone(),
+            port: spec.port,
+            role: match &local {
+                Some(l) if l.in_recovery => MemberRole::Replica,
+                Some(_) => MemberRole::Primary,
+                None => MemberRole::Stopped,
+            },
+            lsn: local.as_ref().map_or(0, |l| l.lsn),
+            timeline: local.as_ref().map_or(0, |l| l.timeline),
+            at_ms: ha::now_ms(),
+        };
+        self.ctx
+            .consul
+            .kv_put(
+                &keys.member(&self.ctx.node),
+                &serde_json::to_string(&me).expect("json"),
+            )
+            .await?;
+        let others: Vec<Member> = members
+            .into_iter()
+            .filter(|m| m.node != self.ctx.node)
+            .collect();
+        match local {
+            Some(l) if !l.in_recovery => {
+                self.as_primary(&spec, &keys, &l, i_hold, holder, &others, switchover)
+                    .await
+            }
+            Some(l) => {
+                self.as_standby(&spec, &keys, &l, &me, i_hold, holder, &others, switchover)
+                    .await
+            }
+            // Starting, or not answering: a hung primary is fenced by the
+            // watchdog, since nothing confirms its lock.
+            None if running => Ok(()),
+            None => {
+                self.start_stopped(&spec, &keys, i_hold, holder, &others)
+                    .await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn as_primary(
+        &self,
+        spec: &PostgresSpec,
+        keys: &Keys,
+        local: &Local,
+        i_hold: bool,
+        holder: Option<String>,
+        others: &[Member],
+        switchover: Option<ha::Switchover>,
+    ) -> Result<(), DriverError> {
+        if !i_hold {
+            let never_confirmed = self.confirmed.lock().expect("lock").is_none();
+            if holder.is_none() && never_confirmed {
+                // A new cluster, or a restarted agent whose session died:
+                // the lock is free, take it.
+                self.register(spec.port, "primary").await?;
+                match self.leader.take(&keys.leader).await? {
+                    LockState::Held => {}
+                    LockState::Pending(why) => {
+                        tracing::debug!(%why, "leader lock pending");
+                        return Ok(());
+                    }
+                    LockState::HeldElsewhere(_) => {
+                        self.fence("another node took the leader lock").await;
+                        return Ok(());
+                    }
                 }
-                LockState::Pending(why) => tracing::debug!(%why, "leader lock pending"),
+            } else {
+                self.fence(&format!(
+                    "the leader lock is {}",
+                    match &holder {
+                        Some(h) => format!("held by {h}"),
+                        None => "lost (our session ended)".into(),
+                    }
+                ))
+                .await;
+                return Ok(());
+            }
+        }
+        *self.confirmed.lock().expect("lock") = Some(Instant::now());
+        self.clear_rejoin();
+        self.register(spec.port, "primary").await?;
+        if switchover.is_some_and(|s| s.to == self.ctx.node) {
+            self.ctx.consul.kv_delete(&keys.switchover).await?;
+        }
+        self.manage_sync(spec, local, others).await?;
+        for m in others {
+            let slot = slot_name(&m.node);
+            if !local.streaming.contains(&format!("slot:{slot}")) {
+                self.query(
+                    spec.port,
+                    &format!(
+                        "SELECT pg_create_physical_replication_slot({}, true)",
+                        literal(&slot)
+                    ),
+                )
+                .await?;
+                tracing::info!(slot, "created a replication slot");
+            }
+        }
+        if let Err(e) = self.drop_orphan_slots(spec.port).await {
+            tracing::debug!(error = %e, "checking replication slots");
+        }
+        Ok(())
+    }
+
+    /// Commits wait for a standby in `sync` and `strict` mode; `sync` stops
+    /// waiting while no standby streams and says so.
+    async fn manage_sync(
+        &self,
+        spec: &PostgresSpec,
+        local: &Local,
+        others: &[Member],
+    ) -> Result<(), DriverError> {
+        let mut standbys: Vec<String> = others.iter().map(|m| m.node.clone()).collect();
+        standbys.sort();
+        let (names, degraded) =
+            ha::sync_standby_names(spec.replication, &standbys, &local.streaming);
+        if names != local.sync_names {
+            let sql = if names.is_empty() {
+                "ALTER SYSTEM RESET synchronous_standby_names".to_string()
+            } else {
+                format!(
+                    "ALTER SYSTEM SET synchronous_standby_names = {}",
+                    literal(&names)
+                )
+            };
+            self.query(spec.port, &sql).await?;
+            self.query(spec.port, "SELECT pg_reload_conf()").await?;
+            tracing::info!(names, mode = %spec.replication, "set synchronous_standby_names");
+        }
+        let mut was = self.degraded.lock().expect("lock");
+        if *was != degraded {
+            if degraded {
+                tracing::warn!(
+                    "sync mode: no standby streams, commits no longer wait for one (fallback to async)"
+                );
+            } else {
+                tracing::info!("sync mode: a standby streams again, commits wait for it");
+            }
+            *was = degraded;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn as_standby(
+        &self,
+        spec: &PostgresSpec,
+        keys: &Keys,
+        local: &Local,
+        me: &Member,
+        i_hold: bool,
+        holder: Option<String>,
+        others: &[Member],
+        switchover: Option<ha::Switchover>,
+    ) -> Result<(), DriverError> {
+        *self.confirmed.lock().expect("lock") = None;
+        *self.degraded.lock().expect("lock") = false;
+        self.register(spec.port, "replica").await?;
+        let streamed_for = {
+            let mut at = self.streamed_at.lock().expect("lock");
+            if local.receiving || at.is_none() {
+                *at = Some(Instant::now());
+            }
+            at.map_or(Duration::ZERO, |t| t.elapsed())
+        };
+        if i_hold {
+            return self.promote(spec).await;
+        }
+        match holder {
+            Some(h) if h != self.ctx.node => {
+                let Some(leader) = others.iter().find(|m| m.node == h) else {
+                    return Ok(());
+                };
+                if self.rejoin_marked() || streamed_for > STUCK_AFTER {
+                    // Our history may have forked from the leader's: rewind.
+                    tracing::warn!(leader = %h, "cannot follow the leader as is: stopping to rewind");
+                    self.mark_rejoin();
+                    self.ctx.host.stop(SERVICE).await?;
+                    *self.streamed_at.lock().expect("lock") = None;
+                    return Ok(());
+                }
+                let conninfo = self.conninfo(spec, &leader.address, leader.port);
+                let slot = slot_name(&self.ctx.node);
+                if local.conninfo != conninfo || local.slot_name != slot {
+                    self.query(
+                        spec.port,
+                        &format!("ALTER SYSTEM SET primary_conninfo = {}", literal(&conninfo)),
+                    )
+                    .await?;
+                    self.query(
+                        spec.port,
+                        &format!("ALTER SYSTEM SET primary_slot_name = {}", literal(&slot)),
+                    )
+                    .await?;
+                    self.query(spec.port, "SELECT pg_reload_conf()").await?;
+                    *self.streamed_at.lock().expect("lock") = Some(Instant::now());
+                    tracing::info!(leader = %h, "following the primary");
+                }
+            }
+            Some(_) => {}
+            None => {
+                match ha::may_promote(
+                    me,
+                    others,
+                    spec.replication,
+                    switchover.as_ref(),
+                    ha::now_ms(),
+                ) {
+                    Ok(()) => match self.leader.take(&keys.leader).await? {
+                        LockState::Held => {
+                            tracing::warn!(
+                                "the leader lock was free and this standby is the best candidate: promoting"
+                            );
+                            return self.promote(spec).await;
+                        }
+                        other => tracing::debug!(?other, "leader lock not taken"),
+                    },
+                    Err(why) => tracing::info!(%why, "the leader lock is free; not promoting"),
+                }
             }
         }
         Ok(())
     }
 
-    /// Runs forever: keeps the registration and the lock.
-    pub async fn keeper(self: Arc<Self>) {
-        loop {
-            if let Err(e) = self.keep().await {
-                tracing::debug!(error = %e, "postgres keeper");
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
+    /// Ends recovery: this standby becomes the primary.
+    async fn promote(&self, spec: &PostgresSpec) -> Result<(), DriverError> {
+        let started = Instant::now();
+        self.query(spec.port, "SELECT pg_promote(true, 60)").await?;
+        *self.confirmed.lock().expect("lock") = Some(Instant::now());
+        self.clear_rejoin();
+        // pg_rewind of the old primary reads the new timeline from the
+        // control file, which the checkpoint brings up to date.
+        self.query(spec.port, "CHECKPOINT").await?;
+        self.register(spec.port, "primary").await?;
+        tracing::warn!(
+            ms = started.elapsed().as_millis() as u64,
+            "promoted to primary"
+        );
+        Ok(())
     }
 
-    /// Role, lag and timeline for the heartbeat, when PostgreSQL answers.
+    /// PostgreSQL is not running: it comes back as a standby (of the leader
+    /// if there is one), rewound first if it was a primary.
+    async fn start_stopped(
+        &self,
+        spec: &PostgresSpec,
+        keys: &Keys,
+        i_hold: bool,
+        holder: Option<String>,
+        others: &[Member],
+    ) -> Result<(), DriverError> {
+        *self.confirmed.lock().expect("lock") = None;
+        if !self.pgdata().join("PG_VERSION").exists() {
+            self.make_data_dir(spec).await?;
+        }
+        if !self.pgdata().join("standby.signal").exists() {
+            // It ran as primary and died (or was stopped with the node).
+            if i_hold {
+                self.leader.let_go(&keys.leader).await?;
+                tracing::warn!("postgres died as primary: released the leader lock for a standby");
+            }
+            self.mark_rejoin();
+            self.write_standby_signal()?;
+        }
+        let leader = holder
+            .filter(|h| *h != self.ctx.node)
+            .and_then(|h| others.iter().find(|m| m.node == h).cloned());
+        if self.rejoin_marked()
+            && let Some(leader) = &leader
+        {
+            self.rejoin(spec, leader).await?;
+        }
+        let conninfo = leader
+            .as_ref()
+            .map(|l| self.conninfo(spec, &l.address, l.port))
+            .unwrap_or_default();
+        let slot = if leader.is_some() {
+            slot_name(&self.ctx.node)
+        } else {
+            String::new()
+        };
+        self.set_auto_conf(&[
+            ("primary_conninfo", &conninfo),
+            ("primary_slot_name", &slot),
+        ])?;
+        self.write_standby_signal()?;
+        self.ctx.host.ensure(&self.service_spec(spec)).await?;
+        *self.streamed_at.lock().expect("lock") = Some(Instant::now());
+        tracing::info!(
+            leader = leader
+                .as_ref()
+                .map(|l| l.node.as_str())
+                .unwrap_or("none yet"),
+            "started postgres as a standby"
+        );
+        Ok(())
+    }
+
+    /// Makes a former primary's data dir a standby of `leader`: pg_rewind,
+    /// or a fresh clone when rewinding is impossible.
+    async fn rejoin(&self, spec: &PostgresSpec, leader: &Member) -> Result<(), DriverError> {
+        let started = Instant::now();
+        let source = format!(
+            "host={} port={} user={REPLICATION_USER} dbname=postgres connect_timeout=5",
+            leader.address, leader.port
+        );
+        let cmd = OneShot::new(self.bin("pg_rewind"), &["--target-pgdata"])
+            .arg(self.pgdata().display().to_string())
+            .arg("--source-server")
+            .arg(source)
+            .env("PGPASSWORD", spec.password.clone())
+            .run_as(Self::account())
+            .timeout(Duration::from_secs(600));
+        let out = self.ctx.host.run(&cmd).await?;
+        if out.success {
+            tracing::warn!(
+                leader = %leader.node,
+                ms = started.elapsed().as_millis() as u64,
+                output = %out.stderr.trim(),
+                "rewound with pg_rewind: rejoining as a standby"
+            );
+        } else {
+            tracing::warn!(
+                leader = %leader.node,
+                error = %out.stderr.trim(),
+                "pg_rewind failed: cloning the primary afresh"
+            );
+            let what = self.make_data_dir(spec).await?;
+            tracing::warn!(%what, "re-cloned");
+        }
+        self.clear_rejoin();
+        Ok(())
+    }
+
+    /// The start of the last checkpoint record of the stopped server.
+    async fn checkpoint_lsn(&self) -> Result<u64, DriverError> {
+        let cmd = OneShot::new(self.bin("pg_controldata"), &[])
+            .arg(self.pgdata().display().to_string())
+            .run_as(Self::account())
+            .timeout(Duration::from_secs(30));
+        let out = self.ctx.host.run(&cmd).await?.check(&cmd)?;
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Latest checkpoint location:"))
+            .and_then(ha::parse_lsn)
+            .ok_or_else(|| DriverError::Refused("pg_controldata shows no checkpoint".into()))
+    }
+
+    /// A planned change of primary, run on the primary: checks the target
+    /// is caught up, shuts down cleanly (the standbys receive every WAL
+    /// record first), waits until the target has the shutdown checkpoint,
+    /// then hands the lock over; this node follows the target.
+    pub async fn switchover(&self, order: &SwitchoverSpec) -> Result<String, DriverError> {
+        let started = Instant::now();
+        let spec =
+            self.desired.lock().expect("lock").clone().ok_or_else(|| {
+                DriverError::Refused("postgres is not set up on this node".into())
+            })?;
+        let _ha = self.ha.lock().await;
+        let node = self.ctx.node.clone();
+        let to = order.to.clone();
+        let keys = Keys::new(&spec.leader_key);
+        let local = self
+            .local(spec.port)
+            .await
+            .map_err(|e| DriverError::Refused(format!("postgres does not answer: {e}")))?;
+        if local.in_recovery {
+            return Err(DriverError::Refused(format!("{node} is not the primary")));
+        }
+        let lock = self.ctx.consul.kv_get(&keys.leader).await?;
+        if lock.and_then(|e| e.session) != self.leader.session() {
+            return Err(DriverError::Refused(format!(
+                "{node} does not hold the leader lock"
+            )));
+        }
+        if to == node {
+            return Err(DriverError::Refused(format!(
+                "{node} is already the primary"
+            )));
+        }
+        let target = |members: &[Member]| members.iter().find(|m| m.node == to).cloned();
+        let Some(t) = target(&self.members(&keys).await?) else {
+            return Err(DriverError::Refused(format!(
+                "{to} is not a member of the PostgreSQL cluster"
+            )));
+        };
+        if t.role != MemberRole::Replica || !t.fresh(ha::now_ms()) {
+            return Err(DriverError::Refused(format!(
+                "{to} is not a running standby that reports"
+            )));
+        }
+        if !local.streaming.contains(&to) {
+            return Err(DriverError::Refused(format!(
+                "{to} does not stream from {node}"
+            )));
+        }
+        let lag = local.lsn.saturating_sub(t.lsn);
+        if lag > order.max_lag_bytes {
+            return Err(DriverError::Refused(format!(
+                "{to} is {lag} bytes behind (at most {} allowed)",
+                order.max_lag_bytes
+            )));
+        }
+        let record = ha::Switchover {
+            from: node.clone(),
+            to: to.clone(),
+            at_ms: ha::now_ms(),
+        };
+        self.ctx
+            .consul
+            .kv_put(
+                &keys.switchover,
+                &serde_json::to_string(&record).expect("json"),
+            )
+            .await?;
+        tracing::warn!(%to, "switchover: shutting down cleanly");
+        *self.confirmed.lock().expect("lock") = None;
+        self.ctx.host.stop(SERVICE).await?;
+        let end = self.checkpoint_lsn().await?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let members = self.members(&keys).await.unwrap_or_default();
+            if target(&members).is_some_and(|t| t.lsn > end) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = self.ctx.consul.kv_delete(&keys.switchover).await;
+                self.ctx.host.ensure(&self.service_spec(&spec)).await?;
+                *self.confirmed.lock().expect("lock") = Some(Instant::now());
+                return Err(DriverError::Refused(format!(
+                    "{to} did not receive the final WAL within 15 s; {node} stays primary"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let conninfo = self.conninfo(&spec, &t.address, t.port);
+        self.set_auto_conf(&[
+            ("primary_conninfo", &conninfo),
+            ("primary_slot_name", &slot_name(&node)),
+        ])?;
+        self.write_standby_signal()?;
+        self.leader.let_go(&keys.leader).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let holder = self.ctx.consul.kv_get(&keys.leader).await.ok().flatten();
+            let members = self.members(&keys).await.unwrap_or_default();
+            if holder.is_some_and(|h| h.session.is_some() && h.value == to)
+                && target(&members).is_some_and(|t| t.role == MemberRole::Primary)
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                self.ctx.host.ensure(&self.service_spec(&spec)).await?;
+                return Err(DriverError::Refused(format!(
+                    "{node} stepped down but {to} did not take over within 30 s; the cluster elects a new primary"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.ctx.host.ensure(&self.service_spec(&spec)).await?;
+        *self.streamed_at.lock().expect("lock") = Some(Instant::now());
+        Ok(format!(
+            "switched over from {node} to {to} in {:.1} s; {node} follows it as a standby",
+            started.elapsed().as_secs_f64()
+        ))
+    }
+
+    /// Role, state, lag and timeline for the heartbeat.
     pub async fn replication(&self) -> Option<ReplicationStatus> {
         let port = self.desired.lock().expect("lock").as_ref()?.port;
-        let row = self
+        let leader = self.seen_leader.lock().expect("lock").clone();
+        let row = match self
             .query(
                 port,
-                "SELECT pg_is_in_recovery(), (SELECT timeline_id FROM pg_control_checkpoint()), \
+                "SELECT pg_is_in_recovery(), \
+                 COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint())), \
                  CASE WHEN pg_is_in_recovery() \
                  THEN COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0) \
-                 ELSE COALESCE((SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication), 0) END",
+                 ELSE COALESCE((SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication), 0) END, \
+                 CASE WHEN pg_is_in_recovery() \
+                 THEN CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
+                      ELSE COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END \
+                 ELSE COALESCE((SELECT max(extract(epoch FROM replay_lag)) * 1000 FROM pg_stat_replication), 0) END, \
+                 CASE WHEN pg_is_in_recovery() THEN COALESCE((SELECT status FROM pg_stat_wal_receiver), 'recovering') ELSE 'running' END, \
+                 COALESCE((SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), '')",
             )
             .await
-            .ok()?;
-        let mut cols = row.split('|');
-        let role = match cols.next()? {
+        {
+            Ok(row) => row,
+            Err(_) => {
+                let mut status = ReplicationStatus::new(ReplicationRole::Fenced);
+                status.state = Some(if self.rejoin_marked() {
+                    "fenced".into()
+                } else {
+                    "stopped".into()
+                });
+                status.leader = leader;
+                return Some(status);
+            }
+        };
+        let cols: Vec<&str> = row.split('|').collect();
+        let col = |i: usize| cols.get(i).copied().unwrap_or("");
+        let role = match col(0) {
             "t" => ReplicationRole::Replica,
             _ => ReplicationRole::Primary,
         };
-        let timeline = cols.next().and_then(|t| t.parse().ok());
-        let lag_bytes = cols
-            .next()
-            .and_then(|l| l.parse::<f64>().ok())
-            .map(|l| l.max(0.0) as u64);
-        Some(ReplicationStatus {
-            role,
-            lag_bytes,
-            timeline,
-        })
+        let mut status = ReplicationStatus::new(role);
+        status.timeline = col(1).parse().ok();
+        status.lag_bytes = col(2).parse::<f64>().ok().map(|l| l.max(0.0) as u64);
+        status.lag_ms = col(3).parse::<f64>().ok().map(|l| l.max(0.0) as u64);
+        status.state = Some(col(4).chars().take(32).collect());
+        status.sync_standby =
+            Some(col(5).chars().take(64).collect()).filter(|s: &String| !s.is_empty());
+        status.degraded = role == ReplicationRole::Primary && *self.degraded.lock().expect("lock");
+        status.leader = leader;
+        Some(status)
     }
 
-    /// Deregisters (so webapps stop using it), releases the lock and stops
-    /// PostgreSQL with a fast shutdown (drain).
+    /// Deregisters (so webapps stop using it), leaves the member list,
+    /// releases the lock and stops PostgreSQL with a fast shutdown (drain).
     pub async fn stop(&self) -> Result<(), DriverError> {
-        if self.desired.lock().expect("lock").take().is_some() {
+        let spec = self.desired.lock().expect("lock").take();
+        let _ha = self.ha.lock().await;
+        *self.confirmed.lock().expect("lock") = None;
+        if let Some(spec) = spec {
             let _ = std::fs::remove_file(self.registration_file());
             let _ = self.ctx.consul.deregister_service(&self.service_id()).await;
+            let _ = self.ctx.consul.reload().await;
             self.leader.release().await;
+            let keys = Keys::new(&spec.leader_key);
+            let _ = self
+                .ctx
+                .consul
+                .kv_delete(&keys.member(&self.ctx.node))
+                .await;
         }
         self.ctx.host.stop(SERVICE).await?;
         Ok(())
     }
+}
+
+/// A conninfo value, quoted.
+fn conninfo_value(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 fn empty_dir(dir: &Path) -> Result<(), DriverError> {

@@ -78,6 +78,7 @@ impl WebappDriver {
             run_as: None,
             marker: format!("--listen {listen}"),
             stop_signal: Signal::SIGTERM,
+            restart: true,
         }
     }
 

@@ -1,0 +1,319 @@
+//! Failover benchmark: eight concurrent writers (four through nginx and the
+//! webapp, four straight into PostgreSQL) insert unique ids and log each
+//! acknowledgement; every postgres process of the primary is killed with
+//! SIGKILL; after the cluster has recovered, the
+//! acknowledged ids missing from the new primary are counted and the write
+//! outage measured (last acknowledged write before the kill to the first
+//! after). Rounds per replication mode.
+//!
+//!   cargo run --release -p corral-e2e --example failover_bench -- [ROUNDS] [MODES] [OCTET]
+//!
+//! (defaults: 20 rounds, `sync,async`, cluster on 127.0.24.0/24). Run it
+//! through `scripts/bench/failover.sh`, which builds what it needs.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use corral_e2e::pg::{commits_wait, db_nodes, kill_postgres, sole_primary, sql, streams_from};
+use corral_e2e::{Cluster, eventually};
+use reqwest::Method;
+use serde_json::json;
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+
+const LONG: Duration = Duration::from_secs(180);
+
+/// An acknowledged write.
+#[derive(Clone)]
+struct Ack {
+    id: String,
+    sent: Instant,
+    acked: Instant,
+}
+
+type Acks = Arc<Mutex<Vec<Ack>>>;
+
+/// Writes through the load balancer until told to stop.
+async fn web_writer(url: String, prefix: String, acks: Acks, stop: Arc<AtomicBool>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let id = format!("{prefix}-{n}");
+        n += 1;
+        let sent = Instant::now();
+        let ok = http
+            .post(&url)
+            .json(&json!({ "title": id }))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            acks.lock().expect("lock").push(Ack {
+                id,
+                sent,
+                acked: Instant::now(),
+            });
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Writes straight into whichever db node takes writes, reconnecting after
+/// every error.
+async fn direct_writer(
+    nodes: Vec<(String, String)>,
+    password: String,
+    prefix: String,
+    acks: Acks,
+    stop: Arc<AtomicBool>,
+) {
+    let mut conn: Option<PgConnection> = None;
+    let mut n = 0u64;
+    let mut next = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        if conn.is_none() {
+            let (_, addr) = &nodes[next % nodes.len()];
+            next += 1;
+            let opts = PgConnectOptions::new()
+                .host(addr)
+                .port(5432)
+                .username("todomvc")
+                .password(&password)
+                .database("todomvc")
+                .options([("statement_timeout", "5000")]);
+            match tokio::time::timeout(Duration::from_secs(2), PgConnection::connect_with(&opts))
+                .await
+            {
+                Ok(Ok(mut c)) => {
+                    let primary: Result<(bool,), _> = sqlx::query_as("SELECT pg_is_in_recovery()")
+                        .fetch_one(&mut c)
+                        .await;
+                    if matches!(primary, Ok((false,))) {
+                        conn = Some(c);
+                    }
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+            continue;
+        }
+        let id = format!("{prefix}-{n}");
+        n += 1;
+        let c = conn.as_mut().expect("connected");
+        let sent = Instant::now();
+        let res = tokio::time::timeout(
+            Duration::from_secs(6),
+            sqlx::query("INSERT INTO todos (title) VALUES ($1)")
+                .bind(&id)
+                .execute(c),
+        )
+        .await;
+        match res {
+            Ok(Ok(_)) => acks.lock().expect("lock").push(Ack {
+                id,
+                sent,
+                acked: Instant::now(),
+            }),
+            _ => conn = None,
+        }
+    }
+}
+
+struct Round {
+    outage: Duration,
+    acked: usize,
+    lost: usize,
+}
+
+fn other(c: &Cluster, node: &str) -> anyhow::Result<String> {
+    db_nodes(c)
+        .into_iter()
+        .find(|n| n != node)
+        .context("a second db node")
+}
+
+/// One primary and a standby streaming from it; in the synchronous modes
+/// also with commits waiting for it again (the rounds measure the steady
+/// state, not `sync` mode's fallback while a standby is away).
+async fn healthy(c: &Cluster, synchronous: bool) -> anyhow::Result<String> {
+    eventually("a primary with a streaming standby", LONG, || async {
+        let primary = sole_primary(c).await?;
+        let standby = other(c, &primary)?;
+        let ok = streams_from(c, &standby, &primary).await?
+            && (!synchronous || commits_wait(c, &primary).await?);
+        Ok(ok.then_some(primary))
+    })
+    .await
+}
+
+async fn round(c: &Cluster, mode: &str, index: usize, password: &str) -> anyhow::Result<Round> {
+    let synchronous = mode != "async";
+    let primary = healthy(c, synchronous).await?;
+    let acks: Acks = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let nodes: Vec<(String, String)> = db_nodes(c)
+        .into_iter()
+        .map(|n| {
+            let a = c.address(&n);
+            (n, a)
+        })
+        .collect();
+    let prefix = format!("bench-{mode}-{index}");
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        tasks.push(tokio::spawn(web_writer(
+            c.lb("nginx1", "/todos"),
+            format!("{prefix}-web{w}"),
+            acks.clone(),
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(direct_writer(
+            nodes.clone(),
+            password.to_string(),
+            format!("{prefix}-sql{w}"),
+            acks.clone(),
+            stop.clone(),
+        )));
+    }
+    let count = || acks.lock().expect("lock").len();
+    eventually("writers to get going", LONG, || async {
+        Ok((count() > 200).then_some(()))
+    })
+    .await?;
+    let killed_at = Instant::now();
+    kill_postgres(c, &primary)?;
+    // The first write sent after the kill and acknowledged; writes in
+    // flight at the kill do not count as resumed.
+    let first_after = eventually("writes to resume", LONG, || async {
+        Ok(acks
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|a| a.sent > killed_at)
+            .map(|a| a.acked)
+            .min()
+            .filter(|t| t.elapsed() > Duration::from_secs(1)))
+    })
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acks = acks.lock().expect("lock").clone();
+    let last_before = acks
+        .iter()
+        .filter(|a| a.acked <= killed_at)
+        .map(|a| a.acked)
+        .max()
+        .context("no write before the kill")?;
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        let first = acks
+            .iter()
+            .filter(|a| a.sent > killed_at)
+            .min_by_key(|a| a.acked)
+            .expect("first");
+        eprintln!(
+            "first after the kill: {} sent +{} ms acked +{} ms; primary was {primary}",
+            first.id,
+            (first.sent - killed_at).as_millis(),
+            (first.acked - killed_at).as_millis()
+        );
+    }
+    let new_primary = healthy(c, false).await?;
+    let stored: std::collections::HashSet<String> = sql(
+        c,
+        &new_primary,
+        &format!("SELECT title FROM todos WHERE title LIKE '{prefix}-%'"),
+    )
+    .await?
+    .lines()
+    .map(String::from)
+    .collect();
+    let lost = acks.iter().filter(|a| !stored.contains(&a.id)).count();
+    Ok(Round {
+        outage: first_after - last_before,
+        acked: acks.len(),
+        lost,
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rounds: usize = args.first().map_or(Ok(20), |a| a.parse())?;
+    let modes: Vec<String> = args
+        .get(1)
+        .map_or("sync,async", String::as_str)
+        .split(',')
+        .map(String::from)
+        .collect();
+    let octet: u8 = args.get(2).map_or(Ok(24), |a| a.parse())?;
+    eprintln!("==> corral up (1 web, 2 db) on 127.0.{octet}.0/24");
+    let c = Cluster::up(octet, 1, 2).await?;
+    let password = std::fs::read_to_string(c.state_dir().join("db-password"))?
+        .trim()
+        .to_string();
+    let seq = AtomicU64::new(0);
+    let mut summary = Vec::new();
+    for mode in &modes {
+        let res = c
+            .api(Method::PUT, "/topology")
+            .await
+            .json(&json!({"web": 1, "db": 2, "lb_policy": "round_robin", "replication": mode}))
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!(
+                "PUT topology {mode}: {} {}",
+                res.status(),
+                res.text().await?
+            );
+        }
+        let want_sync = mode != "async";
+        eventually(&format!("{mode} mode on the primary"), LONG, || async {
+            let p = sole_primary(&c).await?;
+            let names = sql(&c, &p, "SHOW synchronous_standby_names").await?;
+            Ok((names.is_empty() != want_sync).then_some(()))
+        })
+        .await?;
+        let mut outages = Vec::new();
+        let (mut acked, mut lost) = (0, 0);
+        for i in 0..rounds {
+            let n = seq.fetch_add(1, Ordering::Relaxed) as usize;
+            let r = round(&c, mode, n, &password).await?;
+            println!(
+                "{mode:>6} round {:>2}: outage {:>6} ms, {:>6} writes acknowledged, {} lost",
+                i + 1,
+                r.outage.as_millis(),
+                r.acked,
+                r.lost
+            );
+            outages.push(r.outage);
+            acked += r.acked;
+            lost += r.lost;
+        }
+        outages.sort();
+        summary.push(format!(
+            "{mode:>6}: {rounds} rounds, write outage p50 {:.2} s, max {:.2} s; {acked} writes acknowledged, {lost} lost",
+            percentile(&outages, 50.0).as_secs_f64(),
+            outages.last().copied().unwrap_or_default().as_secs_f64()
+        ));
+    }
+    println!(
+        "\nsummary (kill -9 of every postgres process of the primary; 4 writers through nginx, 4 direct)"
+    );
+    for line in summary {
+        println!("{line}");
+    }
+    Ok(())
+}

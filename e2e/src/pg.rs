@@ -1,0 +1,113 @@
+//! PostgreSQL as the tests and benchmarks see it: SQL over a node's private
+//! socket, which node takes writes, who streams from whom.
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::{Cluster, run};
+
+/// SQL as the superuser over the node's private socket.
+pub async fn sql(c: &Cluster, node: &str, query: &str) -> anyhow::Result<String> {
+    let socket = c.state_dir().join("nodes").join(node).join("pgsock");
+    let out = run(Command::new("/usr/lib/postgresql/15/bin/psql")
+        .arg("-h")
+        .arg(&socket)
+        .args(["-U", "postgres", "-d", "todomvc", "-XAtq", "-c", query])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .env("PGOPTIONS", "-c statement_timeout=5000"))
+    .await?;
+    if !out.exit.success() {
+        bail!(
+            "psql on {node}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The db nodes that have a state directory, by name.
+pub fn db_nodes(c: &Cluster) -> Vec<String> {
+    let mut nodes: Vec<String> = std::fs::read_dir(c.state_dir().join("nodes"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("pg"))
+                .collect()
+        })
+        .unwrap_or_default();
+    nodes.sort();
+    nodes
+}
+
+/// The one node whose postgres takes writes; fails while there are none
+/// or more than one.
+pub async fn sole_primary(c: &Cluster) -> anyhow::Result<String> {
+    let mut primaries = Vec::new();
+    for node in db_nodes(c) {
+        if sql(c, &node, "SELECT pg_is_in_recovery()")
+            .await
+            .is_ok_and(|r| r == "f")
+        {
+            primaries.push(node);
+        }
+    }
+    match primaries.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("no server accepts writes"),
+        many => bail!("more than one server accepts writes: {many:?}"),
+    }
+}
+
+/// Whether `node` is a standby streaming from `primary`.
+pub async fn streams_from(c: &Cluster, node: &str, primary: &str) -> anyhow::Result<bool> {
+    if sql(c, node, "SELECT pg_is_in_recovery()").await? != "t" {
+        return Ok(false);
+    }
+    let streaming = sql(
+        c,
+        primary,
+        "SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE state = 'streaming'",
+    )
+    .await?;
+    Ok(streaming.split(',').any(|n| n == node))
+}
+
+/// The postmaster pid of a node.
+pub fn postmaster(c: &Cluster, node: &str) -> anyhow::Result<u32> {
+    let path = c
+        .state_dir()
+        .join("nodes")
+        .join(node)
+        .join("pgdata/postmaster.pid");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    Ok(text.lines().next().unwrap_or("").trim().parse()?)
+}
+
+/// Whether `primary`'s commits wait for a standby right now: one streams
+/// with `sync_state` sync or quorum (not the `sync` mode's fallback).
+pub async fn commits_wait(c: &Cluster, primary: &str) -> anyhow::Result<bool> {
+    let n = sql(
+        c,
+        primary,
+        "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state IN ('sync', 'quorum')",
+    )
+    .await?;
+    Ok(n.parse::<u32>().unwrap_or(0) > 0)
+}
+
+/// Kills every postgres process of `node` with SIGKILL, as a crash would:
+/// the backends first (each is a process group of its own, and left alone
+/// a backend finishes the commit it is in before it notices its
+/// postmaster died), then the postmaster.
+pub fn kill_postgres(c: &Cluster, node: &str) -> anyhow::Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let postmaster = postmaster(c, node)?;
+    let _ = kill(Pid::from_raw(postmaster as i32), Signal::SIGSTOP);
+    for pid in crate::children_of(&[postmaster]) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    kill(Pid::from_raw(postmaster as i32), Signal::SIGKILL)?;
+    Ok(())
+}

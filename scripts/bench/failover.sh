@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Failover benchmark: eight concurrent writers (four through nginx and the
+# webapp, four straight into PostgreSQL) insert unique ids while the
+# primary's postgres processes are killed with SIGKILL, ROUNDS times per replication
+# mode. Prints, per round and per mode, the write outage (last acknowledged
+# write before the kill to the first after) and the acknowledged writes that
+# are missing after the failover.
+#
+#   scripts/bench/failover.sh [ROUNDS] [MODES] [OCTET]   (default 20 sync,async 24)
+#
+# Runs its own cluster (1 web, 2 db) on 127.0.OCTET.0/24 in a temp dir.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+scripts/setup.sh >/dev/null
+echo "==> building (release)" >&2
+cargo build -q --release --locked -p corral-server -p corral-agent -p todomvc
+cargo build -q --release --locked -p corral-e2e --example failover_bench
+exec target/release/examples/failover_bench "$@"
