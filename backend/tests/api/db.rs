@@ -171,9 +171,36 @@ both_backends! {
         assert_eq!(res.status(), 200);
         beat(&app, &pg2, "pg2", db_heartbeat("primary", 0, 2)).await;
         beat(&app, &pg1, "pg1", db_heartbeat("replica", 0, 2)).await;
+        let kinds = app.event_kinds().await;
+        assert!(kinds.contains(&"db.promoted pg2".to_string()), "{kinds:?}");
+        assert!(kinds.contains(&"db.demoted pg1".to_string()), "{kinds:?}");
         // And back: now pg2 is the primary the order goes to.
         let res = switchover(&app, "pg1").await;
         assert_eq!(res.status(), 202);
         assert_eq!(res.json::<Value>().await.expect("json")["from"], "pg2");
+    }
+
+    async fn a_role_change_in_heartbeats_is_an_event_but_the_first_report_is_not(app) {
+        let (pg1, _) = db_pair(&app).await;
+        beat(&app, &pg1, "pg1", db_heartbeat("replica", 0, 1)).await;
+        beat(&app, &pg1, "pg1", db_heartbeat("replica", 10, 1)).await;
+        let db_events = |events: Vec<Value>| -> Vec<Value> {
+            events.into_iter().filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("db."))).collect()
+        };
+        assert!(db_events(app.events().await).is_empty());
+        beat(&app, &pg1, "pg1", db_heartbeat("primary", 0, 2)).await;
+        let events = db_events(app.events().await);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["kind"], "db.promoted");
+        assert_eq!(events[0]["subject"], "pg1");
+        assert_eq!(events[0]["message"], "pg1 is now primary (timeline 2)");
+        assert_eq!(events[0]["actor"], "agent:pg1");
+        let mut degraded = db_heartbeat("primary", 0, 2);
+        degraded["observed"]["replication"]["degraded"] = json!(true);
+        beat(&app, &pg1, "pg1", degraded.clone()).await;
+        beat(&app, &pg1, "pg1", degraded).await;
+        beat(&app, &pg1, "pg1", db_heartbeat("primary", 0, 2)).await;
+        let kinds: Vec<_> = db_events(app.events().await).iter().map(|e| e["kind"].as_str().unwrap_or("").to_string()).collect();
+        assert_eq!(kinds, vec!["db.promoted", "db.sync_degraded", "db.sync_restored"]);
     }
 }
