@@ -12,6 +12,7 @@ pub mod reconcile;
 pub mod service;
 pub mod startup;
 pub mod store;
+pub mod switchover;
 pub mod ui;
 
 pub use startup::{Application, Config};

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use corral_proto::{
     CreateNode, EnrollRequest, EnrollResponse, Event, Heartbeat, MAX_NODES_PER_ROLE, Node,
     NodeHealth, NodeState, ObservedState, Order, OrderKind, OrderResult, OrderStatus, PollResponse,
-    Provider, Role, Topology, TopologyChange, TopologyUpdate, WorkOrder, order::MAX_RESULT_LEN,
-    validate_node_name,
+    Provider, ReplicationStatus, Role, SwitchoverAccepted, SwitchoverRequest, SwitchoverSpec,
+    Topology, TopologyChange, TopologyUpdate, WorkOrder, order::MAX_RESULT_LEN, validate_node_name,
 };
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tokio::sync::{broadcast, mpsc};
@@ -23,6 +23,7 @@ use crate::bus::{EventBus, OrderBatch, OrderBus};
 use crate::error::ApiError;
 use crate::reconcile::{self, ClusterSettings, LastOrders, NodeView, PlanError};
 use crate::store::{self, NewEvent, NewNodeRow, NewOrderRow, Store, event, node, work_order};
+use crate::switchover;
 
 /// The most orders one poll answer carries; the agent polls again for more.
 pub const MAX_POLL_ORDERS: u64 = 100;
@@ -413,6 +414,121 @@ impl Cluster {
         };
         self.commit(txn, outcome, &mut desired).await?;
         Ok(result)
+    }
+
+    // ---- databases --------------------------------------------------------
+
+    /// Files a switchover to the current primary, after checking that the
+    /// target is a caught-up streaming standby (see [`switchover::check`]).
+    /// A refused request changes nothing.
+    #[tracing::instrument(skip(self, caller), fields(actor = %caller.actor()))]
+    pub async fn switchover(
+        &self,
+        req: SwitchoverRequest,
+        caller: &Caller,
+    ) -> Result<SwitchoverAccepted, ApiError> {
+        caller.require_admin()?;
+        let to = req.to;
+        if validate_node_name(&to).is_err() {
+            return Err(ApiError::NotFound(format!("no node named {to}")));
+        }
+        let mut desired = self.write.lock().await;
+        let txn = self.store.begin().await?;
+        let now = Utc::now();
+        let rows = store::db_nodes_and(&txn, &to).await?;
+        let standings = rows
+            .iter()
+            .map(|row| {
+                Ok(switchover::Standing {
+                    name: row.name.clone(),
+                    role: parse_role(&row.role)?,
+                    state: parse_state(&row.state)?,
+                    fresh: self.is_fresh(row.last_heartbeat, now),
+                    replication: row
+                        .observed
+                        .as_deref()
+                        .and_then(|s| serde_json::from_str::<ObservedState>(s).ok())
+                        .and_then(|o| o.replication),
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let from =
+            switchover::check(&to, &standings, switchover::MAX_LAG_BYTES).map_err(|refusal| {
+                match refusal {
+                    switchover::Refusal::UnknownNode(_) => ApiError::NotFound(refusal.to_string()),
+                    switchover::Refusal::NotDb { .. } => {
+                        ApiError::Unprocessable(refusal.to_string())
+                    }
+                    other => ApiError::Conflict {
+                        code: other.conflict_code(),
+                        message: other.to_string(),
+                    },
+                }
+            })?;
+        let primary = rows
+            .iter()
+            .find(|r| r.name == from)
+            .ok_or_else(|| ApiError::Internal("the primary vanished from its own list".into()))?;
+        if let Some(running) =
+            store::unfinished_order(&txn, primary.id, OrderKind::Switchover.as_str()).await?
+        {
+            return Err(ApiError::Conflict {
+                code: "switchover_in_progress",
+                message: format!(
+                    "{from} has not finished switchover order {} yet; follow it in GET /api/v1/nodes/{from}/orders",
+                    running.seq
+                ),
+            });
+        }
+        let order = WorkOrder::Switchover(SwitchoverSpec {
+            to: to.clone(),
+            max_lag_bytes: switchover::MAX_LAG_BYTES,
+        });
+        let seq = primary.last_seq + 1;
+        store::advance_last_seq(&txn, &[primary.id], 1).await?;
+        let mut outcome = Outcome {
+            orders_filed: store::insert_orders(
+                &txn,
+                vec![NewOrderRow {
+                    node_id: primary.id,
+                    seq,
+                    kind: order.kind().as_str().into(),
+                    payload: serde_json::to_string(&order)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?,
+                }],
+                now,
+            )
+            .await?,
+            ..Outcome::default()
+        };
+        outcome.events = store::insert_events(
+            &txn,
+            vec![NewEvent {
+                actor: caller.actor(),
+                kind: "db.switchover_requested".into(),
+                subject: from.clone(),
+                message: format!("switchover {from} -> {to} requested (order {seq} on {from})"),
+            }],
+            now,
+        )
+        .await?;
+        outcome.filed.push((from.clone(), order.clone()));
+        outcome.batches.push((
+            primary.id,
+            OrderBatch {
+                orders: vec![Order {
+                    node: from.clone(),
+                    seq,
+                    payload: order,
+                    status: OrderStatus::Pending,
+                    result: None,
+                    created_at: now,
+                    updated_at: now,
+                }],
+            },
+        ));
+        self.commit(txn, outcome, &mut desired).await?;
+        Ok(SwitchoverAccepted { from, to, seq })
     }
 
     async fn spec<C: ConnectionTrait>(&self, c: &C) -> Result<TopologyUpdate, ApiError> {
@@ -980,10 +1096,19 @@ impl Cluster {
         }
         if let Some(change) = describe_change(previous.as_ref(), &heartbeat.observed) {
             events.push(NewEvent {
-                actor,
+                actor: actor.clone(),
                 kind: "node.observed".into(),
                 subject: name.into(),
                 message: change,
+            });
+        }
+        let before = previous.as_ref().and_then(|p| p.replication.as_ref());
+        for (kind, message) in db_events(name, before, heartbeat.observed.replication.as_ref()) {
+            events.push(NewEvent {
+                actor: actor.clone(),
+                kind: kind.into(),
+                subject: name.into(),
+                message,
             });
         }
         if !events.is_empty() {
@@ -1012,8 +1137,14 @@ impl Cluster {
 
     // ---- conversions ------------------------------------------------------
 
-    fn node_from_row(&self, row: &node::Model, now: DateTime<Utc>) -> Result<Node, ApiError> {
-        let health = match row.last_heartbeat {
+    /// Whether a heartbeat at `at` still counts as recent: the node is
+    /// `healthy` rather than `stale` or `unknown`.
+    fn is_fresh(&self, at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+        self.health(at, now) == NodeHealth::Healthy
+    }
+
+    fn health(&self, at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> NodeHealth {
+        match at {
             None => NodeHealth::Unknown,
             Some(at)
                 if (now - at).to_std().unwrap_or_default() > self.config.heartbeat_stale_after =>
@@ -1021,7 +1152,11 @@ impl Cluster {
                 NodeHealth::Stale
             }
             Some(_) => NodeHealth::Healthy,
-        };
+        }
+    }
+
+    fn node_from_row(&self, row: &node::Model, now: DateTime<Utc>) -> Result<Node, ApiError> {
+        let health = self.health(row.last_heartbeat, now);
         Ok(Node {
             name: row.name.clone(),
             role: parse_role(&row.role)?,
@@ -1166,6 +1301,62 @@ fn describe_change(before: Option<&ObservedState>, after: &ObservedState) -> Opt
     (!changes.is_empty()).then(|| changes.join("; "))
 }
 
+/// The events a change in a db node's replication report is worth: a
+/// promotion or demotion, and a primary's commits ceasing or resuming to
+/// wait for a standby. Only changes count: a node first heard from, or one
+/// whose PostgreSQL was not reporting, says nothing new.
+fn db_events(
+    name: &str,
+    before: Option<&ReplicationStatus>,
+    after: Option<&ReplicationStatus>,
+) -> Vec<(&'static str, String)> {
+    use corral_proto::ReplicationRole::*;
+    let (Some(before), Some(after)) = (before, after) else {
+        return Vec::new();
+    };
+    let mut events = Vec::new();
+    match (before.role, after.role) {
+        (Replica | Fenced, Primary) => events.push((
+            "db.promoted",
+            match after.timeline {
+                Some(tl) => format!("{name} is now primary (timeline {tl})"),
+                None => format!("{name} is now primary"),
+            },
+        )),
+        (Primary, Replica) => events.push((
+            "db.demoted",
+            format!(
+                "{name} is no longer primary: it follows {} as a replica",
+                after.leader.as_deref().unwrap_or("the new primary")
+            ),
+        )),
+        (Primary, Fenced) => events.push((
+            "db.demoted",
+            format!("{name} is no longer primary: fenced, it refuses writes until it rejoins"),
+        )),
+        _ => {}
+    }
+    if after.degraded && !before.degraded {
+        events.push((
+            "db.sync_degraded",
+            format!(
+                "{name} commits no longer wait for a standby: none is connected (sync mode falls back to async)"
+            ),
+        ));
+    } else if before.degraded && !after.degraded && after.role == Primary {
+        events.push((
+            "db.sync_restored",
+            match after.sync_standby.as_deref() {
+                Some(standby) => {
+                    format!("{name} commits wait for a standby again ({standby} is synchronous)")
+                }
+                None => format!("{name} commits wait for a standby again"),
+            },
+        ));
+    }
+    events
+}
+
 fn service_state(s: corral_proto::ServiceState) -> &'static str {
     use corral_proto::ServiceState::*;
     match s {
@@ -1274,5 +1465,83 @@ async fn watch_heartbeats(cluster: Weak<Cluster>) {
         {
             tracing::warn!(error = %e, "recording stale nodes failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::ReplicationRole;
+
+    fn status(role: ReplicationRole) -> ReplicationStatus {
+        ReplicationStatus::new(role)
+    }
+
+    fn kinds(events: Vec<(&'static str, String)>) -> Vec<&'static str> {
+        events.into_iter().map(|(k, _)| k).collect()
+    }
+
+    #[test]
+    fn a_promotion_names_the_new_timeline_and_a_demotion_is_logged() {
+        let promoted = ReplicationStatus {
+            timeline: Some(3),
+            ..status(ReplicationRole::Primary)
+        };
+        let events = db_events(
+            "pg2",
+            Some(&status(ReplicationRole::Replica)),
+            Some(&promoted),
+        );
+        assert_eq!(
+            events,
+            vec![("db.promoted", "pg2 is now primary (timeline 3)".to_string())]
+        );
+        for after in [ReplicationRole::Replica, ReplicationRole::Fenced] {
+            let events = db_events(
+                "pg1",
+                Some(&status(ReplicationRole::Primary)),
+                Some(&status(after)),
+            );
+            assert_eq!(kinds(events), vec!["db.demoted"]);
+        }
+    }
+
+    #[test]
+    fn nothing_is_logged_without_a_previous_report_or_a_change() {
+        let primary = status(ReplicationRole::Primary);
+        assert!(db_events("pg1", None, Some(&primary)).is_empty());
+        assert!(db_events("pg1", Some(&primary), None).is_empty());
+        assert!(db_events("pg1", Some(&primary), Some(&primary)).is_empty());
+    }
+
+    #[test]
+    fn the_sync_fallback_and_its_end_are_logged_once_each() {
+        let ok = status(ReplicationRole::Primary);
+        let degraded = ReplicationStatus {
+            degraded: true,
+            ..status(ReplicationRole::Primary)
+        };
+        let events = db_events("pg1", Some(&ok), Some(&degraded));
+        assert_eq!(kinds(events.clone()), vec!["db.sync_degraded"]);
+        assert!(events[0].1.contains("falls back to async"), "{events:?}");
+        assert!(db_events("pg1", Some(&degraded), Some(&degraded)).is_empty());
+        let restored = ReplicationStatus {
+            sync_standby: Some("pg2".into()),
+            ..ok
+        };
+        assert_eq!(
+            kinds(db_events("pg1", Some(&degraded), Some(&restored))),
+            vec!["db.sync_restored"]
+        );
+        // A degraded primary that is demoted is not "restored": the
+        // demotion says what happened.
+        assert_eq!(
+            kinds(db_events(
+                "pg1",
+                Some(&degraded),
+                Some(&status(ReplicationRole::Fenced))
+            )),
+            vec!["db.demoted"]
+        );
     }
 }

@@ -5,7 +5,8 @@
 use std::fmt;
 
 use corral_proto::{
-    CreateNode, ErrorBody, Event, LogLine, Node, Order, Topology, TopologyChange, TopologyUpdate,
+    CreateNode, ErrorBody, Event, LogLine, Node, Order, SwitchoverAccepted, SwitchoverRequest,
+    Topology, TopologyChange, TopologyUpdate,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -227,6 +228,12 @@ impl Client {
 
     pub async fn set_topology(&self, spec: &TopologyUpdate) -> Result<TopologyChange, ApiError> {
         self.with_body("PUT", "/api/v1/topology", spec).await
+    }
+
+    /// Files a switchover to `to` on the current primary.
+    pub async fn switchover(&self, to: &str) -> Result<SwitchoverAccepted, ApiError> {
+        let req = SwitchoverRequest { to: to.into() };
+        self.with_body("POST", "/api/v1/db/switchover", &req).await
     }
 
     /// The newest `limit` audit events, oldest first.

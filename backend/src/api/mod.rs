@@ -5,6 +5,7 @@
 
 mod agents;
 mod body;
+mod db;
 mod events;
 mod logs;
 mod meta;
@@ -50,6 +51,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         nodes::get_node,
         nodes::delete_node,
         nodes::list_orders,
+        db::switchover,
         events::list_events,
         events::stream_events,
         agents::enroll,
@@ -66,6 +68,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
     tags(
         (name = "topology", description = "The desired shape of the cluster"),
         (name = "nodes", description = "Nodes, their lifecycle and their work orders"),
+        (name = "db", description = "The PostgreSQL cluster: planned switchover of the primary"),
         (name = "events", description = "The audit log, listed or streamed live"),
         (name = "agents", description = "What node agents call: enroll, long-poll orders, report"),
         (name = "meta", description = "Liveness and version"),
@@ -107,6 +110,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .wrap(actix_web::middleware::from_fn(authenticate))
                 .configure(topology::routes)
                 .configure(nodes::routes)
+                .configure(db::routes)
                 .configure(events::routes)
                 .configure(agents::routes)
                 .configure(logs::routes)

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use corral_proto::{
-    CreateNode, ErrorBody, Event, Node, Order, Topology, TopologyChange, TopologyUpdate,
+    CreateNode, ErrorBody, Event, Node, Order, SwitchoverAccepted, SwitchoverRequest, Topology,
+    TopologyChange, TopologyUpdate,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -157,6 +158,18 @@ impl Client {
                 .query(&[("after", after.to_string()), ("limit", limit.to_string())]),
         )
         .await
+    }
+
+    pub async fn switchover(&self, to: &str) -> Result<SwitchoverAccepted, ClientError> {
+        let req = SwitchoverRequest { to: to.into() };
+        self.send_json(Method::POST, "/api/v1/db/switchover", &req)
+            .await
+    }
+
+    /// The order `seq` of `node`, if it exists.
+    pub async fn order(&self, node: &str, seq: i64) -> Result<Option<Order>, ClientError> {
+        let orders = self.orders(node, seq - 1, 1).await?;
+        Ok(orders.into_iter().find(|o| o.seq == seq))
     }
 
     pub async fn events(&self, after: Option<i64>, limit: u64) -> Result<Vec<Event>, ClientError> {

@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use corral_proto::{
-    CreateNode, Event, LbPolicy, Provider, ReplicationMode, ScalableRole, TopologyUpdate,
+    CreateNode, Event, LbPolicy, Order, OrderStatus, Provider, ReplicationMode, ScalableRole,
+    TopologyUpdate,
 };
 use futures_util::StreamExt;
 
@@ -76,6 +77,9 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u64,
     },
+    /// The PostgreSQL cluster: replication status, planned switchover.
+    #[command(subcommand)]
+    Db(DbCommand),
     /// The audit log.
     Events {
         /// Keep printing new events as they happen.
@@ -182,6 +186,29 @@ enum NodesCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Every db node with its replication role, lag, timeline and sync standby.
+    Status,
+    /// Make a standby the primary without losing a write: the current
+    /// primary demotes itself once the standby has caught up.
+    Switchover {
+        /// The standby to promote, e.g. pg2.
+        #[arg(long)]
+        to: String,
+        /// Wait until the primary's agent reports the order applied or
+        /// failed (the default).
+        #[arg(long, overrides_with = "no_wait")]
+        wait: bool,
+        /// Return as soon as the order is filed.
+        #[arg(long, overrides_with = "wait")]
+        no_wait: bool,
+        /// How long --wait waits for the outcome.
+        #[arg(long, default_value = "120s", value_parser = duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TopologyCommand {
     /// Show the desired topology.
     Get,
@@ -274,6 +301,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Db(DbCommand::Status) => out.db_status(&cli.client().nodes().await?),
+        Command::Db(DbCommand::Switchover {
+            to,
+            wait: _,
+            no_wait,
+            timeout,
+        }) => {
+            let client = cli.client();
+            let accepted = client.switchover(to).await?;
+            out.switchover(&accepted)?;
+            if *no_wait {
+                return Ok(());
+            }
+            let order = wait_for_order(&client, &accepted.from, accepted.seq, *timeout).await?;
+            out.switchover_done(&accepted, &order)?;
+            if order.status == OrderStatus::Failed {
+                bail!(
+                    "switchover {} -> {} failed: {}",
+                    accepted.from,
+                    accepted.to,
+                    order.result.as_deref().unwrap_or("no details")
+                );
+            }
+            Ok(())
+        }
         Command::Orders { node, after, limit } => {
             out.orders(&cli.client().orders(node, *after, *limit).await?)
         }
@@ -323,6 +375,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Polls order `seq` of `node` until its agent reports it applied or
+/// failed, or `timeout` passes.
+async fn wait_for_order(
+    client: &Client,
+    node: &str,
+    seq: i64,
+    timeout: Duration,
+) -> anyhow::Result<Order> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match client.order(node, seq).await? {
+            Some(order) if order.status.is_finished() => return Ok(order),
+            Some(_) => {}
+            None => bail!("order {seq} of {node} is gone (was the node removed?)"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "order {seq} of {node} is not finished after {}s; follow it with `corral orders {node} --after {}`",
+                timeout.as_secs(),
+                seq - 1
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

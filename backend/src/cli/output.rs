@@ -1,6 +1,8 @@
 //! How the CLI prints: aligned tables for people, JSON for scripts.
 
-use corral_proto::{Event, Node, Order, Topology, TopologyChange};
+use corral_proto::{
+    Event, Node, Order, ReplicationRole, Role, SwitchoverAccepted, Topology, TopologyChange,
+};
 use serde::Serialize;
 
 use super::Format;
@@ -36,6 +38,14 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
     line(headers.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn replication_role(role: ReplicationRole) -> &'static str {
+    match role {
+        ReplicationRole::Primary => "primary",
+        ReplicationRole::Replica => "replica",
+        ReplicationRole::Fenced => "fenced",
     }
 }
 
@@ -119,9 +129,92 @@ impl Output {
                 );
             }
             if let Some(r) = &observed.replication {
-                println!("  replication: {:?}, lag {:?} bytes", r.role, r.lag_bytes);
+                println!(
+                    "  replication: {}, lag {} bytes / {} ms, timeline {}{}",
+                    replication_role(r.role),
+                    r.lag_bytes.map_or("?".into(), |b| b.to_string()),
+                    r.lag_ms.map_or("?".into(), |ms| ms.to_string()),
+                    r.timeline.map_or("?".into(), |t| t.to_string()),
+                    if r.degraded {
+                        "; degraded: commits do not wait for a standby"
+                    } else {
+                        ""
+                    }
+                );
             }
         }
+        Ok(())
+    }
+
+    /// The db nodes and what each reports about replication.
+    pub fn db_status(&self, nodes: &[Node]) -> anyhow::Result<()> {
+        let db: Vec<&Node> = nodes.iter().filter(|n| n.role == Role::Db).collect();
+        if self.format == Format::Json {
+            return print_json(&db);
+        }
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let rows: Vec<Vec<String>> = db
+            .iter()
+            .map(|n| {
+                let r = n.observed.as_ref().and_then(|o| o.replication.as_ref());
+                vec![
+                    n.name.clone(),
+                    format!("{:?}", n.health).to_lowercase(),
+                    opt(r.map(|r| replication_role(r.role).into())),
+                    opt(r.and_then(|r| r.state.clone())),
+                    opt(r.and_then(|r| r.timeline).map(|t| t.to_string())),
+                    opt(r.and_then(|r| r.lag_bytes).map(|b| b.to_string())),
+                    opt(r.and_then(|r| r.lag_ms).map(|ms| ms.to_string())),
+                    opt(r.and_then(|r| r.sync_standby.clone())),
+                    opt(r.and_then(|r| r.leader.clone())),
+                    if r.is_some_and(|r| r.degraded) {
+                        "degraded: commits do not wait for a standby".into()
+                    } else {
+                        String::new()
+                    },
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "NAME",
+                "HEALTH",
+                "ROLE",
+                "STATE",
+                "TIMELINE",
+                "LAG_BYTES",
+                "LAG_MS",
+                "SYNC_STANDBY",
+                "LEADER",
+                "NOTE",
+            ],
+            &rows,
+        );
+        Ok(())
+    }
+
+    pub fn switchover(&self, a: &SwitchoverAccepted) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return print_json(a);
+        }
+        println!(
+            "switchover {} -> {}: order {} filed on {}",
+            a.from, a.to, a.seq, a.from
+        );
+        Ok(())
+    }
+
+    pub fn switchover_done(&self, a: &SwitchoverAccepted, order: &Order) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return print_json(order);
+        }
+        println!(
+            "switchover {} -> {} {}: {}",
+            a.from,
+            a.to,
+            order.status,
+            order.result.as_deref().unwrap_or("")
+        );
         Ok(())
     }
 

@@ -389,9 +389,8 @@ mod tests {
     fn observed_primary_prevents_a_bootstrap_even_without_orders() {
         let observed = ObservedState {
             replication: Some(ReplicationStatus {
-                role: ReplicationRole::Primary,
-                lag_bytes: None,
                 timeline: Some(2),
+                ..ReplicationStatus::new(ReplicationRole::Primary)
             }),
             ..ObservedState::default()
         };
@@ -449,6 +448,44 @@ mod tests {
             touched,
             vec![("pg1", OrderKind::Postgres), ("pg2", OrderKind::Postgres)]
         );
+    }
+
+    #[test]
+    fn strict_replication_reaches_the_postgres_orders_like_sync() {
+        let (mut nodes, mut last, _) = converge(&spec(2, 2));
+        for mode in [
+            ReplicationMode::Sync,
+            ReplicationMode::Strict,
+            ReplicationMode::Async,
+        ] {
+            let mut changed = spec(2, 2);
+            changed.replication = mode;
+            let p = plan(&changed, &nodes, &last, &settings(), Provider::Local).expect("plan");
+            let modes: Vec<_> = p
+                .orders
+                .iter()
+                .map(|(n, o)| match o {
+                    WorkOrder::Postgres(pg) => (n.as_str(), pg.replication),
+                    other => panic!("{n} got {other:?} for a replication change"),
+                })
+                .collect();
+            assert_eq!(modes, vec![("pg1", mode), ("pg2", mode)]);
+            apply(&mut nodes, &mut last, &p);
+        }
+    }
+
+    #[test]
+    fn a_filed_switchover_is_neither_undone_nor_filed_again() {
+        let (nodes, mut last, _) = converge(&spec(2, 2));
+        last.insert(
+            ("pg1".into(), OrderKind::Switchover),
+            WorkOrder::Switchover(corral_proto::SwitchoverSpec {
+                to: "pg2".into(),
+                max_lag_bytes: 16 << 20,
+            }),
+        );
+        let again = plan(&spec(2, 2), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        assert!(again.is_empty(), "planned after a switchover: {again:?}");
     }
 
     #[test]

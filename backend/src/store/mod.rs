@@ -197,6 +197,16 @@ pub async fn reconcile_nodes<C: ConnectionTrait>(c: &C) -> Result<Vec<NodeBrief>
         .collect()
 }
 
+/// Every db node and the node named `name` whatever its role: what a
+/// switchover request is judged on.
+pub async fn db_nodes_and<C: ConnectionTrait>(c: &C, name: &str) -> Result<Vec<node::Model>> {
+    Ok(node::Entity::find()
+        .filter(node::Column::Role.eq("db").or(node::Column::Name.eq(name)))
+        .order_by_asc(node::Column::Id)
+        .all(c)
+        .await?)
+}
+
 pub async fn node_by_name<C: ConnectionTrait>(c: &C, name: &str) -> Result<Option<node::Model>> {
     Ok(node::Entity::find()
         .filter(node::Column::Name.eq(name))
@@ -424,6 +434,22 @@ pub async fn order<C: ConnectionTrait>(
     Ok(work_order::Entity::find()
         .filter(work_order::Column::NodeId.eq(node_id))
         .filter(work_order::Column::Seq.eq(seq))
+        .one(c)
+        .await?)
+}
+
+/// The newest order of `kind` for a node that its agent has not finished
+/// (pending or delivered), if any.
+pub async fn unfinished_order<C: ConnectionTrait>(
+    c: &C,
+    node_id: i32,
+    kind: &str,
+) -> Result<Option<work_order::Model>> {
+    Ok(work_order::Entity::find()
+        .filter(work_order::Column::NodeId.eq(node_id))
+        .filter(work_order::Column::Kind.eq(kind))
+        .filter(work_order::Column::Status.is_in(["pending", "delivered"]))
+        .order_by_desc(work_order::Column::Seq)
         .one(c)
         .await?)
 }

@@ -222,3 +222,134 @@ async fn serve_prints_the_admin_token_once_and_it_works() {
         "the token is printed only at first start"
     );
 }
+
+#[tokio::test]
+async fn the_cli_switches_over_waits_for_the_outcome_and_shows_db_status() {
+    use crate::db::{beat, db_heartbeat, db_pair};
+    let app = spawn_app(Backend::Sqlite).await;
+    let (pg1, pg2) = db_pair(&app).await;
+    beat(&app, &pg1, "pg1", db_heartbeat("primary", 0, 1)).await;
+    beat(&app, &pg2, "pg2", db_heartbeat("replica", 2048, 1)).await;
+
+    let run = corral(&app, &["db", "status"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let row = |name: &str| -> Vec<String> {
+        run.stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} row in {}", run.stdout))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(row("pg1")[..4], ["pg1", "healthy", "primary", "streaming"]);
+    assert_eq!(row("pg2")[4..6], ["1", "2048"]);
+    assert!(!run.stdout.contains("nginx1"), "{}", run.stdout);
+
+    // The primary's agent, simulated: it fails the first switchover and
+    // applies the second.
+    let agent = {
+        let (url, token) = (app.url.clone(), pg1.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut after = 0;
+            let outcomes = [
+                (
+                    "failed",
+                    "pg2 did not catch up within 30s; pg1 stays primary",
+                ),
+                ("applied", "pg2 promoted (timeline 2); pg1 follows it"),
+            ];
+            for (outcome, message) in outcomes {
+                let seq = loop {
+                    let body: Value = http
+                        .get(format!(
+                            "{url}/api/v1/agents/pg1/orders?after={after}&wait=30s"
+                        ))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                        .expect("poll")
+                        .json()
+                        .await
+                        .expect("json");
+                    let orders = body["orders"].as_array().expect("orders").clone();
+                    after = body["last_seq"].as_i64().expect("last_seq");
+                    if let Some(o) = orders.iter().find(|o| o["payload"]["kind"] == "switchover") {
+                        break o["seq"].as_i64().expect("seq");
+                    }
+                };
+                let res = http
+                    .post(format!("{url}/api/v1/agents/pg1/orders/{seq}/result"))
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({"outcome": outcome, "message": message}))
+                    .send()
+                    .await
+                    .expect("result");
+                assert_eq!(res.status(), 200);
+            }
+        })
+    };
+
+    let run = corral(&app, &["db", "switchover", "--to", "pg2"]).await;
+    assert_eq!(
+        run.code, 1,
+        "a failed switchover exits non-zero: {}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("switchover pg1 -> pg2: order"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("did not catch up"), "{}", run.stderr);
+
+    let run = corral(&app, &["db", "switchover", "--to", "pg2", "--wait"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("switchover pg1 -> pg2 applied: pg2 promoted"),
+        "{}",
+        run.stdout
+    );
+    agent.await.expect("agent");
+
+    let run = corral(&app, &["db", "switchover", "--to", "pg1"]).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("pg1 is already the primary (already_primary, HTTP 409)"),
+        "{}",
+        run.stderr
+    );
+    // The heartbeats still say pg1 is primary: without --wait the CLI
+    // returns once the order is filed.
+    let run = corral(&app, &["db", "switchover", "--to", "pg2", "--no-wait"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("switchover pg1 -> pg2: order"),
+        "{}",
+        run.stdout
+    );
+
+    let run = corral(
+        &app,
+        &[
+            "--output",
+            "json",
+            "db",
+            "switchover",
+            "--to",
+            "pg9",
+            "--no-wait",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("no node named pg9 (not_found, HTTP 404)"),
+        "{}",
+        run.stderr
+    );
+}

@@ -7,6 +7,7 @@ mod agents;
 mod auth;
 mod bad_input;
 mod cli;
+mod db;
 mod events;
 mod logs;
 mod nodes;

@@ -84,6 +84,29 @@ both_backends! {
         assert!(app.event_kinds().await.contains(&"node.removed nginx3".to_string()));
     }
 
+    async fn strict_replication_refiles_the_postgres_orders_like_sync(app) {
+        app.set_topology(1, 2, "round_robin").await;
+        for mode in ["sync", "strict", "async"] {
+            let res = app
+                .put("/api/v1/topology", json!({"web": 1, "db": 2, "lb_policy": "round_robin", "replication": mode}))
+                .await;
+            assert_eq!(res.status(), 200, "{mode}");
+            let change: serde_json::Value = res.json().await.expect("json");
+            assert_eq!(change["topology"]["replication"], mode);
+            assert_eq!(change["orders_filed"], 2, "{mode}: one postgres order per db node");
+            for n in ["pg1", "pg2"] {
+                let orders = app.get_json(&format!("/api/v1/nodes/{n}/orders")).await;
+                let last = orders.as_array().and_then(|o| o.last()).cloned().expect("orders");
+                assert_eq!(last["payload"]["kind"], "postgres");
+                assert_eq!(last["payload"]["replication"], mode, "{n}");
+            }
+        }
+        let res = app
+            .put("/api/v1/topology", json!({"web": 1, "db": 1, "lb_policy": "round_robin", "replication": "strict"}))
+            .await;
+        assert_error(res, 422, "unprocessable_entity").await;
+    }
+
     async fn sync_replication_without_a_standby_is_refused_and_changes_nothing(app) {
         let res = app
             .put("/api/v1/topology", json!({"web": 1, "db": 1, "lb_policy": "round_robin", "replication": "sync"}))

@@ -15,4 +15,5 @@ pub mod overview;
 pub mod progress_steps;
 pub mod settings;
 pub mod sign_in;
+pub mod switchover_button;
 pub mod tracked_progress;

@@ -1,7 +1,7 @@
 //! One node in the topology picture: address, lifecycle state, health,
 //! last heartbeat, its services and replication as its agent reported them.
 
-use corral_proto::{Node, NodeHealth, Role};
+use corral_proto::{Node, NodeHealth, ReplicationRole, ReplicationStatus, Role};
 use yew::prelude::*;
 use yew_router::prelude::*;
 
@@ -43,6 +43,29 @@ pub fn health_text(health: NodeHealth) -> &'static str {
     }
 }
 
+pub fn role_text(role: ReplicationRole) -> &'static str {
+    match role {
+        ReplicationRole::Primary => "primary",
+        ReplicationRole::Replica => "replica",
+        ReplicationRole::Fenced => "fenced",
+    }
+}
+
+/// `12 KiB, 40 ms` with what is known of the lag.
+fn lag_text(r: &ReplicationStatus) -> String {
+    let bytes = r.lag_bytes.map(|b| match b {
+        0..1024 => format!("{b} B"),
+        1024..1_048_576 => format!("{} KiB", b / 1024),
+        _ => format!("{} MiB", b / 1_048_576),
+    });
+    let ms = r.lag_ms.map(|ms| format!("{ms} ms"));
+    [bytes, ms]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[component]
 pub fn NodeCard(props: &Props) -> Html {
     let node = &props.node;
@@ -71,11 +94,32 @@ pub fn NodeCard(props: &Props) -> Html {
                 if let Some(r) = observed.and_then(|o| o.replication.as_ref()) {
                     <dt>{ "replication" }</dt>
                     <dd class="replication-role">
-                        { format!("{:?}", r.role).to_lowercase() }
-                        if let Some(lag) = r.lag_bytes { { format!(", lag {lag} B") } }
+                        { role_text(r.role) }
+                        if let Some(state) = &r.state { { format!(", {state}") } }
                     </dd>
+                    if r.lag_bytes.is_some() || r.lag_ms.is_some() {
+                        <dt>{ "lag" }</dt>
+                        <dd class="replication-lag">{ lag_text(r) }</dd>
+                    }
+                    if let Some(timeline) = r.timeline {
+                        <dt>{ "timeline" }</dt>
+                        <dd class="replication-timeline">{ timeline }</dd>
+                    }
+                    if let Some(standby) = &r.sync_standby {
+                        <dt>{ "sync standby" }</dt>
+                        <dd class="sync-standby">{ standby }</dd>
+                    }
+                    if let Some(leader) = &r.leader {
+                        <dt>{ "leader" }</dt>
+                        <dd class="leader">{ leader }</dd>
+                    }
                 }
             </dl>
+            if observed.and_then(|o| o.replication.as_ref()).is_some_and(|r| r.degraded) {
+                <p class="badge degraded" role="status">
+                    { "degraded: commits do not wait for a standby" }
+                </p>
+            }
             if !services.is_empty() {
                 <ul class="services" aria-label={format!("services of {}", node.name)}>
                     { for services.iter().map(|s| {

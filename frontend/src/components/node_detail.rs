@@ -8,7 +8,9 @@ use yew_router::prelude::*;
 use super::console::use_ctx;
 use super::node_card::NodeCard;
 use super::order_table::OrderTable;
+use super::overview::can_switch_over;
 use super::progress_steps::ProgressSteps;
+use super::switchover_button::SwitchoverButton;
 use crate::api::Removal;
 use crate::progress::steps;
 use crate::route::Route;
@@ -125,6 +127,9 @@ pub fn NodeDetail(props: &Props) -> Html {
                 <h1 id="node-title">{ format!("{} ({})", node.name, node.role) }</h1>
                 if node.role != Role::Adm && !draining {
                     <div class="actions">
+                        if can_switch_over(&node) {
+                            <SwitchoverButton name={node.name.clone()} />
+                        }
                         if !*confirming {
                             <button type="button" class="danger" onclick={on_ask}>{ "Remove…" }</button>
                         }

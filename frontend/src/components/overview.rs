@@ -2,11 +2,12 @@
 //! load balancers with their webapps, and the primary streaming to its
 //! standbys. Nodes added here show their progress step by step.
 
-use corral_proto::{CreateNode, Node, ReplicationRole, Role, ScalableRole};
+use corral_proto::{CreateNode, Node, NodeState, ReplicationRole, Role, ScalableRole};
 use yew::prelude::*;
 
 use super::console::use_ctx;
 use super::node_card::NodeCard;
+use super::switchover_button::SwitchoverButton;
 use super::tracked_progress::TrackedProgress;
 use crate::state::Action;
 use crate::time::now_ms;
@@ -15,6 +16,14 @@ use crate::time::now_ms;
 /// bootstrap)?
 fn replication_role(node: &Node) -> Option<ReplicationRole> {
     node.observed.as_ref()?.replication.as_ref().map(|r| r.role)
+}
+
+/// A standby that may be offered "Make primary": streaming, not leaving.
+/// The server checks the rest (a live primary, the lag) and says why not.
+pub fn can_switch_over(node: &Node) -> bool {
+    node.role == Role::Db
+        && node.state != NodeState::Draining
+        && replication_role(node) == Some(ReplicationRole::Replica)
 }
 
 #[component]
@@ -61,7 +70,7 @@ pub fn Overview() -> Html {
         .or(db.first())
         .map(|n| n.name.clone());
 
-    let card = |node: &Node, label: Option<&'static str>| {
+    let card = |node: &Node, label: Option<&'static str>, switchover: bool| {
         let progress = state.added.contains(&node.name).then(|| {
             html! { <TrackedProgress name={node.name.clone()} /> }
         });
@@ -69,6 +78,9 @@ pub fn Overview() -> Html {
             <NodeCard key={node.name.clone()} node={node.clone()} now_ms={now}
                       label={label.map(AttrValue::from)}>
                 { for progress }
+                if switchover {
+                    <SwitchoverButton name={node.name.clone()} />
+                }
             </NodeCard>
         }
     };
@@ -115,7 +127,7 @@ pub fn Overview() -> Html {
                     <section class="tier tier-adm" aria-labelledby="tier-adm">
                         <h2 id="tier-adm">{ "Control plane" }</h2>
                         <div class="cards">
-                            { for adm.iter().map(|n| card(n, Some("corral + Consul UI"))) }
+                            { for adm.iter().map(|n| card(n, Some("corral + Consul UI"), false)) }
                         </div>
                     </section>
                     <div class="flow" aria-hidden="true">{ "▼ work orders · Consul" }</div>
@@ -123,7 +135,7 @@ pub fn Overview() -> Html {
                         <h2 id="tier-web">{ "Load balancers and webapps" }</h2>
                         <div class="cards">
                             if web.is_empty() { { empty("web nodes") } }
-                            { for web.iter().map(|n| card(n, Some("nginx + todomvc"))) }
+                            { for web.iter().map(|n| card(n, Some("nginx + todomvc"), false)) }
                         </div>
                     </section>
                     <div class="flow" aria-hidden="true">{ "▼ SQL: writes to the primary, reads from standbys" }</div>
@@ -132,7 +144,7 @@ pub fn Overview() -> Html {
                         if db.is_empty() { { empty("db nodes") } }
                         <div class="replication">
                             <div class="cards primary">
-                                { for db.iter().filter(|n| Some(&n.name) == primary.as_ref()).map(|n| card(n, Some("primary"))) }
+                                { for db.iter().filter(|n| Some(&n.name) == primary.as_ref()).map(|n| card(n, Some("primary"), false)) }
                             </div>
                             if db.len() > 1 {
                                 <div class="stream-arrow" aria-hidden="true">{ "WAL" }</div>
@@ -144,7 +156,7 @@ pub fn Overview() -> Html {
                                         Some(ReplicationRole::Primary) => "primary",
                                         _ => "standby",
                                     };
-                                    card(n, Some(label))
+                                    card(n, Some(label), can_switch_over(n))
                                 }) }
                             </div>
                         </div>

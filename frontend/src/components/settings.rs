@@ -16,11 +16,15 @@ const POLICIES: [(LbPolicy, &str); 3] = [
     (LbPolicy::LeastConn, "Least connections"),
     (LbPolicy::UriHash, "URI hash (same URI, same webapp)"),
 ];
-const MODES: [(ReplicationMode, &str); 2] = [
+const MODES: [(ReplicationMode, &str); 3] = [
     (ReplicationMode::Async, "Asynchronous"),
     (
         ReplicationMode::Sync,
-        "Synchronous (commits wait for a standby)",
+        "Synchronous (commits wait for a standby; asynchronous while none is connected)",
+    ),
+    (
+        ReplicationMode::Strict,
+        "Strict synchronous (commits wait for a standby, never fall back)",
     ),
 ];
 

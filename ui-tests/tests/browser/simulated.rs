@@ -2,8 +2,9 @@
 //! through the real agent endpoints, so each step of a new node can be
 //! held and checked: sign in (and a refused token), the live overview,
 //! "Add webserver" progressing step by step without a reload, a failed
-//! order's text, node detail with orders and logs, a settings change with
-//! its orders, the audit log with a node filter, removal with
+//! order's text, a switchover asked from a standby's card, node detail
+//! with orders and logs, a settings change with its orders (and strict
+//! replication offered), the audit log with a node filter, removal with
 //! confirmation, and screenshots at 1280 and 400 px.
 
 use std::time::Duration;
@@ -89,6 +90,16 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
     );
     browser.screenshot("overview-1280", 1280, 1000).await?;
 
+    // A planned switchover from the standby's card: the order goes to the
+    // primary, and the card says so.
+    browser.click("button[data-switchover='pg2']").await?;
+    browser
+        .wait_text(
+            &format!("{} .switchover .applied", node("pg2")),
+            "Switchover pg1 → pg2 filed",
+        )
+        .await?;
+
     // Add webserver: the node appears at once and each step shows as the
     // agent gets there, without a reload.
     mark(browser).await?;
@@ -154,6 +165,10 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
 
     // Settings: a new load-balancing policy, and the orders it filed.
     console.nav("Settings").await?;
+    browser
+        .wait_for("#replication option[value='strict']")
+        .await
+        .context("strict synchronous replication is offered")?;
     let policy = browser.wait_for("#lb-policy").await?;
     policy.select_by_value("uri_hash").await?;
     browser.click_button("Apply").await?;
@@ -186,6 +201,9 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
     console.nav("Events").await?;
     browser
         .wait_for("ol.events li[data-kind='topology.updated']")
+        .await?;
+    browser
+        .wait_for("ol.events li[data-kind='db.switchover_requested']")
         .await?;
     let first = browser.find("ol.events li").await?;
     let first_id: i64 = browser.find_all("ol.events li").await?.len().try_into()?;
