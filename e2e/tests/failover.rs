@@ -183,21 +183,25 @@ fn other(c: &Cluster, node: &str) -> String {
 /// every few seconds) does not yet show `to` as a caught-up standby it
 /// refuses with 409, and the request is repeated, as an operator would.
 async fn switchover(c: &Cluster, to: &str) -> anyhow::Result<()> {
-    eventually(&format!("the switchover to {to} to be accepted"), LONG, || async {
-        let res = c
-            .api(Method::POST, "/db/switchover")
-            .await
-            .json(&json!({ "to": to }))
-            .send()
-            .await?;
-        let status = res.status();
-        let body = res.text().await?;
-        match status.as_u16() {
-            202 => Ok(Some(())),
-            409 => bail!("409 {body}"),
-            _ => panic!("switchover to {to}: {status} {body}"),
-        }
-    })
+    eventually(
+        &format!("the switchover to {to} to be accepted"),
+        LONG,
+        || async {
+            let res = c
+                .api(Method::POST, "/db/switchover")
+                .await
+                .json(&json!({ "to": to }))
+                .send()
+                .await?;
+            let status = res.status();
+            let body = res.text().await?;
+            match status.as_u16() {
+                202 => Ok(Some(())),
+                409 => bail!("409 {body}"),
+                _ => panic!("switchover to {to}: {status} {body}"),
+            }
+        },
+    )
     .await
 }
 
