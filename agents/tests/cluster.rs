@@ -675,11 +675,15 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         psql(&pg1, "SELECT slot_name FROM pg_replication_slots").as_deref(),
         Some("pg2")
     );
-    // Synchronous replication: pg2 is the synchronous standby.
-    assert_eq!(
-        psql(&pg1, "SHOW synchronous_standby_names").as_deref(),
-        Some("ANY 1 (*)")
-    );
+    // Synchronous replication: commits wait for pg2, named.
+    eventually(
+        "pg1's commits waiting for pg2",
+        Duration::from_secs(30),
+        || async {
+            psql(&pg1, "SHOW synchronous_standby_names").as_deref() == Some("ANY 1 (\"pg2\")")
+        },
+    )
+    .await;
     eventually(
         "pg2 streaming as a synchronous standby",
         Duration::from_secs(30),
