@@ -52,6 +52,8 @@ pub struct PostgresDriver {
     streamed_at: Mutex<Option<Instant>>,
     /// Sync mode has fallen back to asynchronous commits.
     degraded: Mutex<bool>,
+    /// pg_rewind attempts that failed in a row.
+    rewind_failures: Mutex<u32>,
 }
 
 /// What one SQL round trip says about the local server.
@@ -132,6 +134,7 @@ impl PostgresDriver {
             seen_leader: Mutex::new(None),
             streamed_at: Mutex::new(None),
             degraded: Mutex::new(false),
+            rewind_failures: Mutex::new(0),
         }
     }
 
@@ -1154,14 +1157,35 @@ impl PostgresDriver {
                 "rewound with pg_rewind: rejoining as a standby"
             );
         } else {
+            // A crashed primary's backends may outlive it for a moment and
+            // keep its shared memory: try again before giving up on it.
+            let failures = {
+                let mut f = self.rewind_failures.lock().expect("lock");
+                *f += 1;
+                *f
+            };
+            if failures < 3 {
+                tracing::warn!(
+                    leader = %leader.node,
+                    error = %out.stderr.trim(),
+                    failures,
+                    "pg_rewind failed; trying again"
+                );
+                return Err(DriverError::Refused(format!(
+                    "pg_rewind from {} failed (attempt {failures}): {}",
+                    leader.node,
+                    out.stderr.trim()
+                )));
+            }
             tracing::warn!(
                 leader = %leader.node,
                 error = %out.stderr.trim(),
-                "pg_rewind failed: cloning the primary afresh"
+                "pg_rewind failed three times: cloning the primary afresh"
             );
             let what = self.make_data_dir(spec).await?;
             tracing::warn!(%what, "re-cloned");
         }
+        *self.rewind_failures.lock().expect("lock") = 0;
         self.clear_rejoin();
         Ok(())
     }
