@@ -185,8 +185,10 @@ async fn round(c: &Cluster, mode: &str, index: usize, password: &str) -> anyhow:
         Ok((count() > 200).then_some(()))
     })
     .await?;
-    let killed_at = Instant::now();
+    // The moment every postgres process is gone (finding the backends in
+    // /proc takes milliseconds, during which writes still succeed).
     kill_postgres(c, &primary)?;
+    let killed_at = Instant::now();
     // The first write sent after the kill and acknowledged; writes in
     // flight at the kill do not count as resumed.
     let first_after = eventually("writes to resume", LONG, || async {
