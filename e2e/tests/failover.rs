@@ -2,8 +2,9 @@
 //! cluster in `sync` mode takes writes through nginx and the webapp the
 //! whole time, while the primary's postgres is killed, its Consul agent is
 //! frozen (it must fence itself), the whole primary node is frozen and
-//! thawed (it must rejoin as a standby, rewound), a switchover goes there and
-//! back, and a standby is added. After each: exactly one server accepts
+//! thawed (it must rejoin as a standby, rewound), the whole primary node
+//! crashes and its agent is restarted, a switchover goes there and back, and
+//! a standby is added. After each: exactly one server accepts
 //! writes, and every write a client saw acknowledged is there.
 
 use std::collections::BTreeSet;
@@ -25,9 +26,26 @@ const LONG: Duration = Duration::from_secs(120);
 /// (postgres backends rename themselves).
 fn node_processes(c: &Cluster, node: &str) -> Vec<u32> {
     let dir = c.state_dir().join("nodes").join(node);
+    // Paths under the node's directory, or the directory itself as an
+    // argument (the agent's --state-dir; arguments end in NUL).
     let mut pids = Cluster::pids_with(&format!("{}/", dir.display()));
+    for pid in Cluster::pids_with(&format!("{}\0", dir.display())) {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
     let children = corral_e2e::children_of(&pids);
     pids.extend(children);
+    for service in ["agent", "consul", "postgres"] {
+        let pid: u32 = std::fs::read_to_string(dir.join("run").join(format!("{service}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{node} has no {service} pid file"));
+        assert!(
+            pids.contains(&pid),
+            "{node}'s {service} ({pid}) not found among {pids:?}"
+        );
+    }
     pids
 }
 
@@ -179,29 +197,48 @@ fn other(c: &Cluster, node: &str) -> String {
         .expect("a second db node")
 }
 
-/// Asks for a switchover; while the control plane's view (heartbeats,
-/// every few seconds) does not yet show `to` as a caught-up standby it
-/// refuses with 409, and the request is repeated, as an operator would.
+/// Asks for a switchover and follows its order to the end. While the
+/// control plane's view (heartbeats, every few seconds) or the primary's own
+/// does not yet show `to` as a caught-up standby, the request or the order
+/// is refused, and it is asked again, as an operator would.
 async fn switchover(c: &Cluster, to: &str) -> anyhow::Result<()> {
-    eventually(
-        &format!("the switchover to {to} to be accepted"),
-        LONG,
-        || async {
-            let res = c
-                .api(Method::POST, "/db/switchover")
+    eventually(&format!("a switchover to {to}"), LONG, || async {
+        let res = c
+            .api(Method::POST, "/db/switchover")
+            .await
+            .json(&json!({ "to": to }))
+            .send()
+            .await?;
+        let status = res.status();
+        let body = res.text().await?;
+        match status.as_u16() {
+            202 => {}
+            409 => bail!("409 {body}"),
+            _ => panic!("switchover to {to}: {status} {body}"),
+        }
+        let accepted: serde_json::Value = serde_json::from_str(&body)?;
+        let from = accepted["from"].as_str().unwrap_or_default().to_string();
+        let seq = accepted["seq"].as_i64().unwrap_or_default();
+        let result = eventually("the switchover order's result", LONG, || async {
+            let orders: Vec<serde_json::Value> = c
+                .api(Method::GET, &format!("/nodes/{from}/orders"))
                 .await
-                .json(&json!({ "to": to }))
                 .send()
+                .await?
+                .json()
                 .await?;
-            let status = res.status();
-            let body = res.text().await?;
-            match status.as_u16() {
-                202 => Ok(Some(())),
-                409 => bail!("409 {body}"),
-                _ => panic!("switchover to {to}: {status} {body}"),
-            }
-        },
-    )
+            Ok(orders
+                .into_iter()
+                .find(|o| o["seq"] == seq)
+                .filter(|o| o["status"] == "applied" || o["status"] == "failed"))
+        })
+        .await?;
+        eprintln!(
+            "switchover {from} -> {to}: {} {}",
+            result["status"], result["result"]
+        );
+        Ok((result["status"] == "applied").then_some(()))
+    })
     .await
 }
 
@@ -293,7 +330,21 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
         .expect("after node freeze");
     assert_eq!(primary, standby);
 
-    // 4. Switchover and back.
+    // 4. The whole primary node crashes (agent, consul, every postgres
+    // process killed). The provider restarts its agent, which brings consul
+    // back and the crashed data dir up as a standby; whichever node then
+    // wins the election (the standby, or the old primary when it is back
+    // first with as much WAL), one primary takes writes and nothing
+    // acknowledged is lost.
+    let crashed = node_processes(&c, &primary);
+    assert!(crashed.len() >= 3, "agent, consul, postgres: {crashed:?}");
+    signal_all(&crashed, Signal::SIGSTOP);
+    signal_all(&crashed, Signal::SIGKILL);
+    let primary = settled(&c, &w, "the primary node crashed and restarted")
+        .await
+        .expect("after node crash");
+
+    // 5. Switchover and back.
     let target = other(&c, &primary);
     switchover(&c, &target).await.expect("switchover");
     eventually("the switchover target to be primary", LONG, || async {
@@ -315,7 +366,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
         .await
         .expect("after switchover back");
 
-    // 5. A standby added during writes.
+    // 6. A standby added during writes.
     let res = c
         .api(Method::POST, "/nodes")
         .await

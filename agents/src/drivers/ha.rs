@@ -109,12 +109,16 @@ pub fn now_ms() -> u64 {
 }
 
 /// Whether `me`, a running standby, may take the free leader lock; the
-/// error says why not (for the logs).
+/// error says why not (for the logs). `last_leader` held the lock last: a
+/// silent record of it does not block (it is the primary that failed — in
+/// the synchronous modes its acknowledged commits are on a standby too — and
+/// its record may still say `replica` from the tick before it promoted).
 pub fn may_promote(
     me: &Member,
     others: &[Member],
     mode: ReplicationMode,
     switchover: Option<&Switchover>,
+    last_leader: Option<&str>,
     now_ms: u64,
 ) -> Result<(), String> {
     if me.role != MemberRole::Replica {
@@ -135,7 +139,7 @@ pub fn may_promote(
         .filter(|o| o.node != me.node && o.role == MemberRole::Replica)
     {
         if !other.fresh(now_ms) {
-            if mode.is_synchronous() {
+            if mode.is_synchronous() && last_leader != Some(other.node.as_str()) {
                 return Err(format!(
                     "{} does not report: in {mode} mode it may hold the latest acknowledged commits",
                     other.node
@@ -226,12 +230,12 @@ mod tests {
         let pg2 = member("pg2", MemberRole::Replica, 100, NOW);
         let pg3 = member("pg3", MemberRole::Replica, 200, NOW);
         let all = [pg2.clone(), pg3.clone()];
-        assert!(may_promote(&pg2, &all, ReplicationMode::Async, None, NOW).is_err());
-        assert!(may_promote(&pg3, &all, ReplicationMode::Async, None, NOW).is_ok());
+        assert!(may_promote(&pg2, &all, ReplicationMode::Async, None, None, NOW).is_err());
+        assert!(may_promote(&pg3, &all, ReplicationMode::Async, None, None, NOW).is_ok());
         let pg3_tied = member("pg3", MemberRole::Replica, 100, NOW);
         let tied = [pg2.clone(), pg3_tied.clone()];
-        assert!(may_promote(&pg2, &tied, ReplicationMode::Sync, None, NOW).is_ok());
-        assert!(may_promote(&pg3_tied, &tied, ReplicationMode::Sync, None, NOW).is_err());
+        assert!(may_promote(&pg2, &tied, ReplicationMode::Sync, None, None, NOW).is_ok());
+        assert!(may_promote(&pg3_tied, &tied, ReplicationMode::Sync, None, None, NOW).is_err());
     }
 
     #[test]
@@ -240,7 +244,7 @@ mod tests {
         let pg2 = member("pg2", MemberRole::Replica, 100, NOW);
         let pg3 = member("pg3", MemberRole::Stopped, 800, NOW);
         let all = [pg1, pg2.clone(), pg3];
-        assert!(may_promote(&pg2, &all, ReplicationMode::Strict, None, NOW).is_ok());
+        assert!(may_promote(&pg2, &all, ReplicationMode::Strict, None, None, NOW).is_ok());
     }
 
     #[test]
@@ -248,10 +252,21 @@ mod tests {
         let pg2 = member("pg2", MemberRole::Replica, 100, NOW);
         let silent = member("pg3", MemberRole::Replica, 50, NOW - 10_000);
         let all = [pg2.clone(), silent];
-        assert!(may_promote(&pg2, &all, ReplicationMode::Async, None, NOW).is_ok());
-        let why = may_promote(&pg2, &all, ReplicationMode::Sync, None, NOW).unwrap_err();
+        assert!(may_promote(&pg2, &all, ReplicationMode::Async, None, None, NOW).is_ok());
+        let why = may_promote(&pg2, &all, ReplicationMode::Sync, None, None, NOW).unwrap_err();
         assert!(why.contains("pg3 does not report"), "{why}");
-        assert!(may_promote(&pg2, &all, ReplicationMode::Strict, None, NOW).is_err());
+        assert!(may_promote(&pg2, &all, ReplicationMode::Strict, None, None, NOW).is_err());
+    }
+
+    #[test]
+    fn the_silent_last_leader_does_not_block_even_in_sync_mode() {
+        let pg2 = member("pg2", MemberRole::Replica, 100, NOW);
+        // pg1's last record, written the tick before it promoted.
+        let pg1 = member("pg1", MemberRole::Replica, 90, NOW - 10_000);
+        let all = [pg1, pg2.clone()];
+        assert!(may_promote(&pg2, &all, ReplicationMode::Sync, None, None, NOW).is_err());
+        assert!(may_promote(&pg2, &all, ReplicationMode::Sync, None, Some("pg1"), NOW).is_ok());
+        assert!(may_promote(&pg2, &all, ReplicationMode::Strict, None, Some("pg1"), NOW).is_ok());
     }
 
     #[test]
@@ -264,19 +279,19 @@ mod tests {
             to: "pg2".into(),
             at_ms: NOW - 1000,
         };
-        assert!(may_promote(&pg2, &all, ReplicationMode::Async, Some(&s), NOW).is_ok());
-        assert!(may_promote(&pg3, &all, ReplicationMode::Async, Some(&s), NOW).is_err());
+        assert!(may_promote(&pg2, &all, ReplicationMode::Async, Some(&s), None, NOW).is_ok());
+        assert!(may_promote(&pg3, &all, ReplicationMode::Async, Some(&s), None, NOW).is_err());
         let old = Switchover {
             at_ms: NOW - 60_000,
             ..s
         };
-        assert!(may_promote(&pg3, &all, ReplicationMode::Async, Some(&old), NOW).is_ok());
+        assert!(may_promote(&pg3, &all, ReplicationMode::Async, Some(&old), None, NOW).is_ok());
     }
 
     #[test]
     fn a_primary_or_stopped_node_never_promotes() {
         let me = member("pg2", MemberRole::Stopped, 100, NOW);
-        assert!(may_promote(&me, &[], ReplicationMode::Async, None, NOW).is_err());
+        assert!(may_promote(&me, &[], ReplicationMode::Async, None, None, NOW).is_err());
     }
 
     #[test]

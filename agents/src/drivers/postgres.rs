@@ -822,6 +822,11 @@ impl PostgresDriver {
             .and_then(|_| lock.as_ref().map(|e| e.value.clone()));
         *self.seen_leader.lock().expect("lock") = holder.clone();
         let i_hold = holder_session.is_some() && holder_session == self.leader.session();
+        // The key keeps the last holder's name after its session ends.
+        let last_leader = lock
+            .as_ref()
+            .filter(|e| e.session.is_none())
+            .map(|e| e.value.clone());
         let members = self.members(&keys).await?;
         let switchover = self
             .ctx
@@ -859,8 +864,18 @@ impl PostgresDriver {
                     .await
             }
             Some(l) => {
-                self.as_standby(&spec, &keys, &l, &me, i_hold, holder, &others, switchover)
-                    .await
+                self.as_standby(
+                    &spec,
+                    &keys,
+                    &l,
+                    &me,
+                    i_hold,
+                    holder,
+                    last_leader,
+                    &others,
+                    switchover,
+                )
+                .await
             }
             // Starting, or not answering: a hung primary is fenced by the
             // watchdog, since nothing confirms its lock.
@@ -987,6 +1002,7 @@ impl PostgresDriver {
         me: &Member,
         i_hold: bool,
         holder: Option<String>,
+        last_leader: Option<String>,
         others: &[Member],
         switchover: Option<ha::Switchover>,
     ) -> Result<(), DriverError> {
@@ -1041,6 +1057,7 @@ impl PostgresDriver {
                     others,
                     spec.replication,
                     switchover.as_ref(),
+                    last_leader.as_deref(),
                     ha::now_ms(),
                 ) {
                     Ok(()) => match self.leader.take(&keys.leader).await? {
@@ -1048,7 +1065,20 @@ impl PostgresDriver {
                             tracing::warn!(
                                 "the leader lock was free and this standby is the best candidate: promoting"
                             );
-                            return self.promote(spec).await;
+                            self.promote(spec).await?;
+                            // Say so at once: a record still saying replica
+                            // would count as a standby that stopped reporting.
+                            let mut me = me.clone();
+                            me.role = MemberRole::Primary;
+                            me.at_ms = ha::now_ms();
+                            self.ctx
+                                .consul
+                                .kv_put(
+                                    &keys.member(&self.ctx.node),
+                                    &serde_json::to_string(&me).expect("json"),
+                                )
+                                .await?;
+                            return Ok(());
                         }
                         other => tracing::debug!(?other, "leader lock not taken"),
                     },
@@ -1204,6 +1234,52 @@ impl PostgresDriver {
             .ok_or_else(|| DriverError::Refused("pg_controldata shows no checkpoint".into()))
     }
 
+    /// Whether this primary may hand over to `order.to` now: the target, or
+    /// why not.
+    async fn switchover_check(
+        &self,
+        spec: &PostgresSpec,
+        keys: &Keys,
+        order: &SwitchoverSpec,
+    ) -> Result<Result<Member, String>, DriverError> {
+        let node = &self.ctx.node;
+        let to = &order.to;
+        let local = match self.local(spec.port).await {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(format!("postgres does not answer: {e}"))),
+        };
+        if local.in_recovery {
+            return Ok(Err(format!("{node} is not the primary")));
+        }
+        let lock = self.ctx.consul.kv_get(&keys.leader).await?;
+        if lock.and_then(|e| e.session) != self.leader.session() {
+            return Ok(Err(format!("{node} does not hold the leader lock")));
+        }
+        if to == node {
+            return Ok(Err(format!("{node} is already the primary")));
+        }
+        let members = self.members(keys).await?;
+        let Some(t) = members.into_iter().find(|m| m.node == *to) else {
+            return Ok(Err(format!(
+                "{to} is not a member of the PostgreSQL cluster"
+            )));
+        };
+        if t.role != MemberRole::Replica || !t.fresh(ha::now_ms()) {
+            return Ok(Err(format!("{to} is not a running standby that reports")));
+        }
+        if !local.streaming.contains(to) {
+            return Ok(Err(format!("{to} does not stream from {node}")));
+        }
+        let lag = local.lsn.saturating_sub(t.lsn);
+        if lag > order.max_lag_bytes {
+            return Ok(Err(format!(
+                "{to} is {lag} bytes behind (at most {} allowed)",
+                order.max_lag_bytes
+            )));
+        }
+        Ok(Ok(t))
+    }
+
     /// A planned change of primary, run on the primary: checks the target
     /// is caught up, shuts down cleanly (the standbys receive every WAL
     /// record first), waits until the target has the shutdown checkpoint,
@@ -1214,51 +1290,27 @@ impl PostgresDriver {
             self.desired.lock().expect("lock").clone().ok_or_else(|| {
                 DriverError::Refused("postgres is not set up on this node".into())
             })?;
-        let _ha = self.ha.lock().await;
         let node = self.ctx.node.clone();
         let to = order.to.clone();
         let keys = Keys::new(&spec.leader_key);
-        let local = self
-            .local(spec.port)
-            .await
-            .map_err(|e| DriverError::Refused(format!("postgres does not answer: {e}")))?;
-        if local.in_recovery {
-            return Err(DriverError::Refused(format!("{node} is not the primary")));
+        // The control plane saw the target as a caught-up standby in its
+        // last heartbeat; give our own view a moment to agree (a standby
+        // that just restarted reports within a tick). Waiting happens
+        // outside the HA mutex, so the lock stays confirmed meanwhile.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.switchover_check(&spec, &keys, order).await? {
+                Ok(_) => break,
+                Err(why) if Instant::now() > deadline => return Err(DriverError::Refused(why)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
         }
-        let lock = self.ctx.consul.kv_get(&keys.leader).await?;
-        if lock.and_then(|e| e.session) != self.leader.session() {
-            return Err(DriverError::Refused(format!(
-                "{node} does not hold the leader lock"
-            )));
-        }
-        if to == node {
-            return Err(DriverError::Refused(format!(
-                "{node} is already the primary"
-            )));
-        }
+        let _ha = self.ha.lock().await;
+        let t = self
+            .switchover_check(&spec, &keys, order)
+            .await?
+            .map_err(DriverError::Refused)?;
         let target = |members: &[Member]| members.iter().find(|m| m.node == to).cloned();
-        let Some(t) = target(&self.members(&keys).await?) else {
-            return Err(DriverError::Refused(format!(
-                "{to} is not a member of the PostgreSQL cluster"
-            )));
-        };
-        if t.role != MemberRole::Replica || !t.fresh(ha::now_ms()) {
-            return Err(DriverError::Refused(format!(
-                "{to} is not a running standby that reports"
-            )));
-        }
-        if !local.streaming.contains(&to) {
-            return Err(DriverError::Refused(format!(
-                "{to} does not stream from {node}"
-            )));
-        }
-        let lag = local.lsn.saturating_sub(t.lsn);
-        if lag > order.max_lag_bytes {
-            return Err(DriverError::Refused(format!(
-                "{to} is {lag} bytes behind (at most {} allowed)",
-                order.max_lag_bytes
-            )));
-        }
         let record = ha::Switchover {
             from: node.clone(),
             to: to.clone(),
