@@ -355,7 +355,7 @@ impl PostgresDriver {
     /// named after no node in Consul's catalog (a drained node leaves it; a
     /// node that merely crashed, or is still cloning, stays in it), so the
     /// primary does not keep their WAL forever.
-    async fn drop_orphan_slots(&self, port: u16) -> Result<(), DriverError> {
+    async fn drop_orphan_slots(&self, port: u16, catalog: &[String]) -> Result<(), DriverError> {
         let inactive = self
             .query(
                 port,
@@ -365,14 +365,7 @@ impl PostgresDriver {
         if inactive.is_empty() {
             return Ok(());
         }
-        let known: Vec<String> = self
-            .ctx
-            .consul
-            .catalog_nodes()
-            .await?
-            .iter()
-            .map(|n| slot_name(n))
-            .collect();
+        let known: Vec<String> = catalog.iter().map(|n| slot_name(n)).collect();
         for slot in inactive.lines().map(str::trim) {
             if !slot.is_empty() && !known.iter().any(|k| k == slot) {
                 self.query(
@@ -521,20 +514,27 @@ impl PostgresDriver {
     /// primary (only with the leader lock) or as a standby.
     #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
     pub async fn apply(&self, spec: &PostgresSpec) -> Result<String, DriverError> {
-        let _ha = self.ha.lock().await;
-        self.check_reachable()?;
-        self.private_dir(&self.socket_dir())?;
-        let fresh = !self.pgdata().join("PG_VERSION").exists();
-        let mut what = String::new();
-        if fresh {
-            what = self.make_data_dir(spec).await?;
-        }
-        let service = self.service_spec(spec);
-        let running = if fresh {
-            self.ctx.host.ensure(&service).await?;
-            true
-        } else {
-            self.ctx.host.adopt(&service).await?
+        let (what, running) = {
+            let _ha = self.ha.lock().await;
+            self.check_reachable()?;
+            self.private_dir(&self.socket_dir())?;
+            let fresh = !self.pgdata().join("PG_VERSION").exists();
+            let mut what = String::new();
+            if fresh {
+                what = self.make_data_dir(spec).await?;
+            }
+            let service = self.service_spec(spec);
+            let running = if fresh {
+                self.ctx.host.ensure(&service).await?;
+                true
+            } else {
+                self.ctx.host.adopt(&service).await?
+            };
+            // The HA loop manages the server from here (and takes the new
+            // replication mode at once: a commit below may wait for a
+            // standby that is gone until the loop lets sync mode fall back).
+            *self.desired.lock().expect("lock") = Some(spec.clone());
+            (what, running)
         };
         let mut role = "stopped: the HA loop brings it back";
         if running {
@@ -547,7 +547,6 @@ impl PostgresDriver {
                 role = "primary";
             }
         }
-        *self.desired.lock().expect("lock") = Some(spec.clone());
         Ok(format!(
             "postgres on {}:{} ({role}, {} replication){}{}",
             self.ctx.address,
@@ -933,8 +932,20 @@ impl PostgresDriver {
         if switchover.is_some_and(|s| s.to == self.ctx.node) {
             self.ctx.consul.kv_delete(&keys.switchover).await?;
         }
-        self.manage_sync(spec, local, others).await?;
+        // Members whose node left Consul's catalog (drained) are forgotten,
+        // in case their own agent could not delete its record.
+        let catalog = self.ctx.consul.catalog_nodes().await?;
+        let mut live = Vec::new();
         for m in others {
+            if catalog.contains(&m.node) {
+                live.push(m.clone());
+            } else {
+                self.ctx.consul.kv_delete(&keys.member(&m.node)).await?;
+                tracing::info!(node = %m.node, "forgot the member record of a node that left");
+            }
+        }
+        self.manage_sync(spec, local, &live).await?;
+        for m in &live {
             let slot = slot_name(&m.node);
             if !local.streaming.contains(&format!("slot:{slot}")) {
                 self.query(
@@ -948,7 +959,7 @@ impl PostgresDriver {
                 tracing::info!(slot, "created a replication slot");
             }
         }
-        if let Err(e) = self.drop_orphan_slots(spec.port).await {
+        if let Err(e) = self.drop_orphan_slots(spec.port, &catalog).await {
             tracing::debug!(error = %e, "checking replication slots");
         }
         Ok(())
