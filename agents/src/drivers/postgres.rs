@@ -857,6 +857,16 @@ impl PostgresDriver {
             .into_iter()
             .filter(|m| m.node != self.ctx.node)
             .collect();
+        if !i_hold
+            && holder.as_deref() == Some(self.ctx.node.as_str())
+            && let Some(stale) = &holder_session
+        {
+            // A session of this node from an earlier life (its id lost)
+            // holds the lock; nobody else could ever take it. End it.
+            tracing::warn!(session = %stale, "ending a leader session this node no longer knows");
+            self.ctx.consul.destroy_session(stale).await?;
+            return Ok(());
+        }
         match local {
             Some(l) if !l.in_recovery => {
                 self.as_primary(&spec, &keys, &l, i_hold, holder, &others, switchover)
@@ -899,7 +909,10 @@ impl PostgresDriver {
     ) -> Result<(), DriverError> {
         if !i_hold {
             let never_confirmed = self.confirmed.lock().expect("lock").is_none();
-            if holder.is_none() && never_confirmed {
+            // A newer timeline elsewhere: another node was promoted after
+            // this one, whatever happened to it since.
+            let superseded = others.iter().any(|m| m.timeline > local.timeline);
+            if holder.is_none() && never_confirmed && !superseded {
                 // A new cluster, or a restarted agent whose session died:
                 // the lock is free, take it.
                 self.register(spec.port, "primary").await?;
