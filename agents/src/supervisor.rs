@@ -517,12 +517,12 @@ mod tests {
         assert_eq!(first.ensure(&spec).await.expect("again"), Ensured::Running);
         let pid = read_pid(&first.pid_file("sleeper")).expect("pid file");
         // setsid execs in place: the pid is the service's own, leading its
-        // own session (once setsid has run: the pid file is written at
-        // spawn, possibly before).
-        assert!(cmdline(pid).is_some_and(|c| c.contains(&spec.marker)));
-        until("the service leading its own session", || {
-            nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).ok()
-                == Some(Pid::from_raw(pid as i32))
+        // own session (once the exec and setsid have run: the pid file is
+        // written at spawn, possibly before).
+        until("the service running in its own session", || {
+            cmdline(pid).is_some_and(|c| c.contains(&spec.marker))
+                && nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).ok()
+                    == Some(Pid::from_raw(pid as i32))
         })
         .await;
 
