@@ -101,8 +101,21 @@ impl Store {
         &self.db
     }
 
+    /// Begins a transaction. On SQLite it takes the write lock at once (as
+    /// `BEGIN IMMEDIATE` would): a deferred transaction that reads first
+    /// cannot upgrade to writing once another connection has committed
+    /// since its read (`SQLITE_BUSY_SNAPSHOT`, which no busy timeout waits
+    /// out), as heartbeats do all the time. Transactions here read in order
+    /// to write, so they wait for the lock up front instead.
     pub async fn begin(&self) -> Result<sea_orm::DatabaseTransaction> {
-        Ok(self.db.begin().await?)
+        let txn = self.db.begin().await?;
+        if self.backend() == DbBackend::Sqlite {
+            // A write statement that changes nothing still opens the write
+            // transaction (busy_timeout applies while it waits).
+            txn.execute_unprepared("UPDATE topology SET id = id WHERE 0")
+                .await?;
+        }
+        Ok(txn)
     }
 
     pub fn backend(&self) -> DbBackend {

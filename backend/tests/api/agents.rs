@@ -139,6 +139,51 @@ both_backends! {
         assert!(app.event_kinds().await.contains(&"order.failed nginx1".to_string()));
     }
 
+    async fn heartbeats_racing_node_changes_never_make_them_fail(app) {
+        // Heartbeats write outside the change transactions; a transaction
+        // that read before one of them committed must still be able to write.
+        for _ in 0..3 {
+            app.add_node("web").await;
+        }
+        let mut tokens = Vec::new();
+        for node in ["nginx1", "nginx2", "nginx3"] {
+            tokens.push((node, app.enroll(node).await));
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut beaters = Vec::new();
+        for (node, token) in tokens {
+            let (http, url, stop) = (app.http.clone(), app.url.clone(), stop.clone());
+            beaters.push(tokio::spawn(async move {
+                let mut n = 0u32;
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let state = if n % 2 == 0 { "running" } else { "failed" };
+                    n += 1;
+                    let res = http
+                        .post(format!("{url}/api/v1/agents/{node}/heartbeat"))
+                        .bearer_auth(&token)
+                        .json(&heartbeat_body(&[("todomvc", state)]))
+                        .send()
+                        .await
+                        .expect("heartbeat");
+                    statuses.push(res.status().as_u16());
+                }
+                statuses
+            }));
+        }
+        for _ in 0..15 {
+            let res = app.post("/api/v1/nodes", json!({"role": "web"})).await;
+            assert_eq!(res.status(), 201, "{}", res.text().await.unwrap_or_default());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for beater in beaters {
+            let statuses = beater.await.expect("beater");
+            assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        }
+        let names = app.node_names().await;
+        assert_eq!(names.iter().filter(|n| n.starts_with("nginx")).count(), 18, "{names:?}");
+    }
+
     async fn heartbeats_record_observed_state_and_log_changes(app) {
         app.add_node("web").await;
         let token = app.enroll("nginx1").await;
