@@ -157,7 +157,7 @@ both_backends! {
                 let mut n = 0u32;
                 let mut statuses = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let state = if n % 2 == 0 { "running" } else { "failed" };
+                    let state = if n.is_multiple_of(2) { "running" } else { "failed" };
                     n += 1;
                     let res = http
                         .post(format!("{url}/api/v1/agents/{node}/heartbeat"))
