@@ -197,6 +197,32 @@ fn other(c: &Cluster, node: &str) -> String {
         .expect("a second db node")
 }
 
+/// While `frozen` stays frozen, `standby` takes over and takes writes; once
+/// thawed, the old primary rejoins as its standby with nothing lost.
+async fn takes_over_then_rejoins(
+    c: &Cluster,
+    w: &Writer,
+    standby: &str,
+    frozen: Frozen,
+    what: &str,
+) -> anyhow::Result<()> {
+    eventually(
+        &format!("{standby} to take over ({what})"),
+        LONG,
+        || async {
+            Ok((sql(c, standby, "SELECT pg_is_in_recovery()").await? == "f").then_some(()))
+        },
+    )
+    .await?;
+    w.progresses(&format!("writes on {standby}"), 20).await?;
+    drop(frozen);
+    let primary = settled(c, w, what).await?;
+    if primary != standby {
+        bail!("{what}: {primary} is primary, not {standby}");
+    }
+    Ok(())
+}
+
 /// Asks for a switchover and follows its order to the end. While the
 /// control plane's view (heartbeats, every few seconds) or the primary's own
 /// does not yet show `to` as a caught-up standby, the request or the order
@@ -288,19 +314,16 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     })
     .await
     .expect("fenced");
-    eventually("the standby to take over", LONG, || async {
-        Ok((sql(&c, &standby, "SELECT pg_is_in_recovery()").await? == "f").then_some(()))
-    })
+    takes_over_then_rejoins(
+        &c,
+        &w,
+        &standby,
+        frozen,
+        "the primary's consul frozen and thawed",
+    )
     .await
-    .expect("took over");
-    w.progresses("writes on the new primary", 20)
-        .await
-        .expect("writes");
-    drop(frozen);
-    let primary = settled(&c, &w, "the primary's consul frozen and thawed")
-        .await
-        .expect("after consul freeze");
-    assert_eq!(primary, standby);
+    .expect("after consul freeze");
+    let primary = standby;
 
     // 3. The whole primary node frozen (agent, consul, postgres), then
     // thawed: a failover, then the old primary rewinds and rejoins.
@@ -312,23 +335,16 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     );
     signal_all(&frozen.0, Signal::SIGSTOP);
     let standby = other(&c, &primary);
-    eventually(
-        "the standby to take over from the frozen node",
-        LONG,
-        || async {
-            Ok((sql(&c, &standby, "SELECT pg_is_in_recovery()").await? == "f").then_some(()))
-        },
+    takes_over_then_rejoins(
+        &c,
+        &w,
+        &standby,
+        frozen,
+        "the primary node frozen and thawed",
     )
     .await
-    .expect("took over");
-    w.progresses("writes on the new primary", 20)
-        .await
-        .expect("writes");
-    drop(frozen);
-    let primary = settled(&c, &w, "the primary node frozen and thawed")
-        .await
-        .expect("after node freeze");
-    assert_eq!(primary, standby);
+    .expect("after node freeze");
+    let primary = standby;
 
     // 4. The whole primary node crashes (agent, consul, every postgres
     // process killed). The provider restarts its agent, which brings consul

@@ -240,15 +240,7 @@ impl PostgresDriver {
         mkdir(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(DriverError::io(format!("chmod {}", dir.display())))?;
-        if let Some(a) = Self::account() {
-            nix::unistd::chown(
-                dir,
-                Some(nix::unistd::Uid::from_raw(a.uid)),
-                Some(nix::unistd::Gid::from_raw(a.gid)),
-            )
-            .map_err(|e| DriverError::Refused(format!("chown {}: {e}", dir.display())))?;
-        }
-        Ok(())
+        self.give(dir)
     }
 
     fn check_reachable(&self) -> Result<(), DriverError> {
