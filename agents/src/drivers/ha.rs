@@ -67,7 +67,7 @@ pub struct Switchover {
 }
 
 /// The KV keys of one cluster, derived from the leader key of the order
-/// (`corral/postgres/leader` -> `corral/postgres/members/`, ...).
+/// (`service/postgres/leader` -> `service/postgres/members/`, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     pub leader: String,
@@ -219,10 +219,10 @@ mod tests {
 
     #[test]
     fn keys_are_siblings_of_the_leader_key() {
-        let k = Keys::new("corral/postgres/leader");
-        assert_eq!(k.members, "corral/postgres/members/");
-        assert_eq!(k.member("pg2"), "corral/postgres/members/pg2");
-        assert_eq!(k.switchover, "corral/postgres/switchover");
+        let k = Keys::new("service/postgres/leader");
+        assert_eq!(k.members, "service/postgres/members/");
+        assert_eq!(k.member("pg2"), "service/postgres/members/pg2");
+        assert_eq!(k.switchover, "service/postgres/switchover");
     }
 
     #[test]
