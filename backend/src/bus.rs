@@ -158,18 +158,10 @@ impl EventBus {
 mod tests {
     use super::*;
     use chrono::Utc;
-    use corral_proto::{OrderStatus, WorkOrder};
+    use corral_proto::WorkOrder;
 
     fn order(seq: i64) -> Order {
-        Order {
-            node: "nginx1".into(),
-            seq,
-            payload: WorkOrder::Drain,
-            status: OrderStatus::Pending,
-            result: None,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-        }
+        Order::pending("nginx1".into(), seq, WorkOrder::Drain, Utc::now())
     }
 
     #[test]

@@ -489,13 +489,7 @@ impl Cluster {
         let mut outcome = Outcome {
             orders_filed: store::insert_orders(
                 &txn,
-                vec![NewOrderRow {
-                    node_id: primary.id,
-                    seq,
-                    kind: order.kind().as_str().into(),
-                    payload: serde_json::to_string(&order)
-                        .map_err(|e| ApiError::Internal(e.to_string()))?,
-                }],
+                vec![order_row(primary.id, seq, &order)?],
                 now,
             )
             .await?,
@@ -516,15 +510,7 @@ impl Cluster {
         outcome.batches.push((
             primary.id,
             OrderBatch {
-                orders: vec![Order {
-                    node: from.clone(),
-                    seq,
-                    payload: order,
-                    status: OrderStatus::Pending,
-                    result: None,
-                    created_at: now,
-                    updated_at: now,
-                }],
+                orders: vec![Order::pending(from.clone(), seq, order, now)],
             },
         ));
         self.commit(txn, outcome, &mut desired).await?;
@@ -679,23 +665,9 @@ impl Cluster {
             for (i, order) in orders.drain(..).enumerate() {
                 *kinds.entry(order.kind()).or_default() += 1;
                 let seq = last_seq + 1 + i as i64;
-                rows_to_insert.push(NewOrderRow {
-                    node_id: *id,
-                    seq,
-                    kind: order.kind().as_str().into(),
-                    payload: serde_json::to_string(&order)
-                        .map_err(|e| ApiError::Internal(e.to_string()))?,
-                });
+                rows_to_insert.push(order_row(*id, seq, &order)?);
                 outcome.filed.push((name.clone(), order.clone()));
-                batch.push(Order {
-                    node: name.clone(),
-                    seq,
-                    payload: order,
-                    status: OrderStatus::Pending,
-                    result: None,
-                    created_at: now,
-                    updated_at: now,
-                });
+                batch.push(Order::pending(name.clone(), seq, order, now));
             }
             outcome.batches.push((*id, OrderBatch { orders: batch }));
         }
@@ -1466,6 +1438,16 @@ async fn watch_heartbeats(cluster: Weak<Cluster>) {
             tracing::warn!(error = %e, "recording stale nodes failed");
         }
     }
+}
+
+/// The database row of an order being filed.
+fn order_row(node_id: i32, seq: i64, order: &WorkOrder) -> Result<NewOrderRow, ApiError> {
+    Ok(NewOrderRow {
+        node_id,
+        seq,
+        kind: order.kind().as_str().into(),
+        payload: serde_json::to_string(order).map_err(|e| ApiError::Internal(e.to_string()))?,
+    })
 }
 
 #[cfg(test)]

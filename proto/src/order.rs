@@ -243,6 +243,21 @@ pub struct Order {
     pub updated_at: DateTime<Utc>,
 }
 
+impl Order {
+    /// An order just filed: pending, no result yet.
+    pub fn pending(node: String, seq: i64, payload: WorkOrder, now: DateTime<Utc>) -> Self {
+        Self {
+            node,
+            seq,
+            payload,
+            status: OrderStatus::Pending,
+            result: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 /// The answer to a long poll: the orders after `after`, oldest first (empty
 /// when the wait ended with nothing new).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
