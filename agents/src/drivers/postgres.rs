@@ -737,6 +737,16 @@ impl PostgresDriver {
         })
     }
 
+    /// Writes this node's member record.
+    async fn publish(&self, keys: &Keys, me: &Member) -> Result<(), DriverError> {
+        let record = serde_json::to_string(me).expect("a member serializes");
+        self.ctx
+            .consul
+            .kv_put(&keys.member(&self.ctx.node), &record)
+            .await?;
+        Ok(())
+    }
+
     async fn members(&self, keys: &Keys) -> Result<Vec<Member>, DriverError> {
         Ok(self
             .ctx
@@ -838,13 +848,7 @@ impl PostgresDriver {
             timeline: local.as_ref().map_or(0, |l| l.timeline),
             at_ms: ha::now_ms(),
         };
-        self.ctx
-            .consul
-            .kv_put(
-                &keys.member(&self.ctx.node),
-                &serde_json::to_string(&me).expect("json"),
-            )
-            .await?;
+        self.publish(&keys, &me).await?;
         let others: Vec<Member> = members
             .into_iter()
             .filter(|m| m.node != self.ctx.node)
@@ -1087,13 +1091,7 @@ impl PostgresDriver {
                             let mut me = me.clone();
                             me.role = MemberRole::Primary;
                             me.at_ms = ha::now_ms();
-                            self.ctx
-                                .consul
-                                .kv_put(
-                                    &keys.member(&self.ctx.node),
-                                    &serde_json::to_string(&me).expect("json"),
-                                )
-                                .await?;
+                            self.publish(keys, &me).await?;
                             return Ok(());
                         }
                         other => tracing::debug!(?other, "leader lock not taken"),
