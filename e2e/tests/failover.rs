@@ -361,26 +361,23 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
         .expect("after node crash");
 
     // 5. Switchover and back.
-    let target = other(&c, &primary);
-    switchover(&c, &target).await.expect("switchover");
-    eventually("the switchover target to be primary", LONG, || async {
-        Ok((sole_primary(&c).await? == target).then_some(()))
-    })
-    .await
-    .expect("switched");
-    let back = settled(&c, &w, "switchover")
+    let first = primary.clone();
+    for (to, what) in [
+        (other(&c, &first), "switchover"),
+        (first.clone(), "switchover back"),
+    ] {
+        switchover(&c, &to).await.expect(what);
+        eventually(
+            &format!("{to} to be primary after the {what}"),
+            LONG,
+            || async { Ok((sole_primary(&c).await? == to).then_some(())) },
+        )
         .await
-        .expect("after switchover");
-    assert_eq!(back, target);
-    switchover(&c, &primary).await.expect("switchover back");
-    eventually("the switchover back", LONG, || async {
-        Ok((sole_primary(&c).await? == primary).then_some(()))
-    })
-    .await
-    .expect("switched back");
-    let primary = settled(&c, &w, "switchover back")
-        .await
-        .expect("after switchover back");
+        .expect(what);
+        let now = settled(&c, &w, what).await.expect(what);
+        assert_eq!(now, to, "{what}");
+    }
+    let primary = first;
 
     // 6. A standby added during writes.
     let res = c
