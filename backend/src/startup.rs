@@ -13,6 +13,11 @@ use actix_web::{App, HttpServer, web};
 use corral_proto::Provider;
 
 use crate::auth::{Secrets, SecretsError};
+use crate::provider::controller::NodeSource;
+use crate::provider::{
+    BootConfig, LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines,
+    ProviderError,
+};
 use crate::reconcile::{AddressPlan, ClusterSettings};
 use crate::service::{Cluster, ClusterConfig};
 use crate::store::{self, Store, StoreError};
@@ -34,6 +39,19 @@ pub struct Config {
     /// The built web UI served at `/` (`frontend/dist`); none: `/` says how
     /// to build it.
     pub ui_dir: Option<PathBuf>,
+    /// Providers whose nodes this server accepts; `manual` is always
+    /// accepted (its agents are installed by hand).
+    pub providers: Vec<Provider>,
+    /// Whether this server makes machines for the nodes of its providers
+    /// (`corral serve` and `corral up` do; tests that simulate agents do not).
+    pub run_machines: bool,
+    /// How the local provider starts agents.
+    pub agent_bin: PathBuf,
+    pub agent_args: Vec<String>,
+    /// The LXC provider's network: containers' addresses, and the host
+    /// bridge's address is adm1's (base+5).
+    pub lxc_network: AddressPlan,
+    pub lxc_bridge: String,
 }
 
 impl Config {
@@ -50,8 +68,37 @@ impl Config {
             heartbeat_stale_after: Duration::from_secs(15),
             workers: None,
             ui_dir: crate::ui::default_dir(),
+            providers: vec![Provider::Local],
+            run_machines: false,
+            agent_bin: crate::provider::local::default_agent_bin(),
+            agent_args: Vec::new(),
+            lxc_network: default_lxc_network(),
+            lxc_bridge: "corralbr0".into(),
         }
     }
+
+    /// The providers this server accepts nodes of.
+    pub fn accepted_providers(&self) -> Vec<Provider> {
+        let mut list = self.providers.clone();
+        list.push(Provider::Manual);
+        list.push(self.default_provider);
+        list.sort_by_key(|p| p.as_str());
+        list.dedup();
+        list
+    }
+
+    /// The address plan of a provider's nodes.
+    pub fn plan_for(&self, provider: Provider) -> AddressPlan {
+        match provider {
+            Provider::Lxc => self.lxc_network,
+            _ => self.network,
+        }
+    }
+}
+
+/// The seed's own network, where LXC containers live by default.
+pub fn default_lxc_network() -> AddressPlan {
+    AddressPlan::new(std::net::Ipv4Addr::new(192, 168, 11, 0), 24).expect("a valid plan")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +114,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("cannot initialise the cluster: {0}")]
     Init(String),
+    #[error("{0}")]
+    Provider(#[from] ProviderError),
 }
 
 pub struct Application {
@@ -75,6 +124,23 @@ pub struct Application {
     cluster: Arc<Cluster>,
     secrets: Secrets,
     database: String,
+    machines: Option<Machinery>,
+}
+
+/// The running machine controller and how to end its loop.
+pub struct Machinery {
+    pub controller: Arc<MachineController>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Machinery {
+    /// Ends the controller's loop once calls in flight have finished;
+    /// machines keep running.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
 }
 
 impl Application {
@@ -108,6 +174,20 @@ impl Application {
         )
         .await
         .map_err(|e| StartError::Init(e.to_string()))?;
+
+        // Providers check the host (and make the LXC bridge, which carries
+        // the address this server may listen on) before anything is bound
+        // or made, so a host that cannot run them leaves no half-made cluster.
+        let providers = if config.run_machines {
+            crate::provider::Reaper::global();
+            let providers = machine_providers(&config);
+            for provider in &providers {
+                provider.preflight().await?;
+            }
+            providers
+        } else {
+            Vec::new()
+        };
 
         let listener = TcpListener::bind(&config.listen).map_err(|source| StartError::Listen {
             addr: config.listen.clone(),
@@ -143,13 +223,42 @@ impl Application {
                 source,
             })?
             .run();
+        let machines = (config.run_machines).then(|| {
+            let controller = MachineController::new(
+                providers,
+                BootConfig {
+                    server_url: format!("http://{addr}"),
+                    join_token: secrets.join_token.clone(),
+                },
+            );
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            let source: Arc<dyn NodeSource> = cluster.clone();
+            let task = tokio::spawn(controller.clone().run(source, stop_rx));
+            Machinery {
+                controller,
+                stop,
+                task,
+            }
+        });
         Ok(Self {
             addr,
             server,
             cluster,
             secrets,
             database,
+            machines,
         })
+    }
+
+    /// The machine controller, when this server makes machines.
+    pub fn machines(&self) -> Option<Arc<MachineController>> {
+        self.machines.as_ref().map(|m| m.controller.clone())
+    }
+
+    /// Takes the machine controller out, for a caller that stops it itself
+    /// (`corral up` stops it before stopping the machines).
+    pub fn take_machines(&mut self) -> Option<Machinery> {
+        self.machines.take()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -184,8 +293,32 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let result = self.server.await;
+        if let Some(machines) = self.machines {
+            machines.stop().await;
+        }
+        result
     }
+}
+
+/// The providers this server makes machines with.
+fn machine_providers(config: &Config) -> Vec<Arc<dyn Machines>> {
+    let mut providers: Vec<Arc<dyn Machines>> = Vec::new();
+    let accepted = config.accepted_providers();
+    if accepted.contains(&Provider::Local) {
+        providers.push(LocalProvider::new(LocalConfig {
+            state_dir: config.state_dir.clone(),
+            agent_bin: config.agent_bin.clone(),
+            agent_args: config.agent_args.clone(),
+        }));
+    }
+    if accepted.contains(&Provider::Lxc) {
+        let plan = config.lxc_network;
+        let mut lxc = LxcConfig::new(&config.state_dir, plan.host_address(), plan.prefix_len());
+        lxc.bridge = config.lxc_bridge.clone();
+        providers.push(LxcProvider::new(lxc));
+    }
+    providers
 }
 
 /// One line per request at debug level; server errors at warn.

@@ -97,14 +97,22 @@ enum Command {
     /// Print the OpenAPI document (YAML) the server serves.
     Openapi,
     /// Run the whole cluster on this machine: the control plane on adm1's
-    /// address and one agent per node (local provider); Ctrl-C stops it.
+    /// address and a machine per node (local processes, or LXC containers
+    /// with --provider lxc); Ctrl-C stops it.
     Up(UpArgs),
-    /// Stop the cluster a `corral up` runs (or the nodes a killed one left).
-    Down {
-        /// The corral-agent executable [default: next to corral, else PATH].
-        #[arg(long, env = "CORRAL_AGENT_BIN")]
-        agent_bin: Option<PathBuf>,
-    },
+    /// Stop the cluster a `corral up` runs (or the machines a killed one
+    /// left); `--purge` deletes them with their data.
+    Down(DownArgs),
+}
+
+#[derive(Debug, Args)]
+struct DownArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Also delete every machine with its data, and the control plane's
+    /// database (the secrets stay): the next `corral up` starts anew.
+    #[arg(long)]
+    purge: bool,
 }
 
 #[derive(Debug, Args)]
@@ -117,12 +125,6 @@ struct UpArgs {
     /// Database nodes wanted [default: 2 on a new cluster, else as it is].
     #[arg(long)]
     db: Option<u32>,
-    /// The corral-agent executable [default: next to corral, else PATH].
-    #[arg(long, env = "CORRAL_AGENT_BIN")]
-    agent_bin: Option<PathBuf>,
-    /// Port nginx listens on at every web node's address.
-    #[arg(long, default_value_t = corral_proto::ports::NGINX)]
-    nginx_port: u16,
     /// How long to wait for every node to serve before saying which do not.
     #[arg(long, default_value = "300s", value_parser = duration)]
     ready_timeout: Duration,
@@ -136,13 +138,35 @@ struct ServeArgs {
     /// PostgreSQL URL for the state; SQLite in --state-dir when unset.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// Address base and block of the nodes: seed addresses are base+5
+    /// Address base and block of local nodes: seed addresses are base+5
     /// (adm1), base+11.. (pg), base+21.. (nginx); more come from base+30 on.
     #[arg(long, env = "CORRAL_NETWORK", default_value = "127.0.11.0/24")]
     network: AddressPlan,
-    /// Provider of nodes added without one.
+    /// Provider of nodes added without one (local, lxc or manual).
     #[arg(long, env = "CORRAL_PROVIDER", default_value = "local")]
     provider: Provider,
+    /// More providers to accept nodes of, besides --provider and manual,
+    /// e.g. `--providers local,lxc`.
+    #[arg(long, env = "CORRAL_PROVIDERS", value_delimiter = ',')]
+    providers: Vec<Provider>,
+    /// Make no machines: only accept nodes whose agents are installed by
+    /// hand (or simulated).
+    #[arg(long)]
+    no_machines: bool,
+    /// Address block of LXC containers, on a host bridge that carries adm1's
+    /// address (base+5): the seed's own network by default.
+    #[arg(long, env = "CORRAL_LXC_NETWORK", default_value = "192.168.11.0/24")]
+    lxc_network: AddressPlan,
+    /// The host bridge LXC containers sit on (made if missing).
+    #[arg(long, env = "CORRAL_LXC_BRIDGE", default_value = "corralbr0")]
+    lxc_bridge: String,
+    /// The corral-agent executable local nodes run [default: next to
+    /// corral, else PATH].
+    #[arg(long, env = "CORRAL_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+    /// Port nginx listens on at every local web node's address.
+    #[arg(long, default_value_t = corral_proto::ports::NGINX)]
+    nginx_port: u16,
     /// Consul datacenter name.
     #[arg(long, default_value = "corral")]
     datacenter: String,
@@ -262,14 +286,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 up::UpOptions {
                     web: args.web,
                     db: args.db,
-                    agent_bin: args.agent_bin.clone(),
-                    nginx_port: args.nginx_port,
+                    nginx_port: args.serve.nginx_port,
                     ready_timeout: args.ready_timeout,
                 },
             )
             .await
         }
-        Command::Down { agent_bin } => up::down(&cli.state_dir, agent_bin.clone()).await,
+        Command::Down(args) => up::down(server_config(&cli, &args.serve)?, args.purge).await,
         Command::Openapi => {
             print!("{}", crate::api::openapi_yaml());
             Ok(())
@@ -438,19 +461,29 @@ async fn follow_events(client: &Client, out: &Output, mut last: Option<i64>) -> 
 
 fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
     let mut config = Config::new(&cli.state_dir);
+    config.network = args.network;
+    config.lxc_network = args.lxc_network;
+    config.lxc_bridge = args.lxc_bridge.clone();
+    config.default_provider = args.provider;
+    config.providers = args.providers.clone();
+    config.providers.push(args.provider);
+    config.run_machines = !args.no_machines;
+    if let Some(bin) = &args.agent_bin {
+        config.agent_bin = bin.clone();
+    }
+    config.agent_args = vec!["--nginx-port".into(), args.nginx_port.to_string()];
+    // adm1 is this host, at the seed address of the default provider's plan.
     config.listen = match &args.listen {
         Some(listen) => listen.clone(),
         None => {
-            let adm = args
-                .network
+            let adm = config
+                .plan_for(args.provider)
                 .seed_address(corral_proto::Role::Adm, 1)
                 .context("the network has no address for adm1")?;
             format!("{adm}:{}", corral_proto::ports::CONTROL_PLANE)
         }
     };
     config.database_url = args.database_url.clone();
-    config.network = args.network;
-    config.default_provider = args.provider;
     config.datacenter = args.datacenter.clone();
     config.max_poll_wait = args.max_poll_wait;
     config.heartbeat_stale_after = args.heartbeat_stale_after;

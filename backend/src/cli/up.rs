@@ -1,9 +1,11 @@
 //! `corral up` and `corral down`: the whole cluster on this machine. `up`
-//! runs the control plane on adm1's address with the local provider beside
-//! it, makes the topology's nodes (the seed's five on a new cluster), shows
-//! each node's progress until it serves, prints where everything is, and on
+//! runs the control plane on adm1's address with its machine controller
+//! (local processes by default, LXC containers with `--provider lxc`), makes
+//! the topology's nodes (the seed's five on a new cluster), shows each
+//! node's progress until it serves, prints where everything is, and on
 //! Ctrl-C or SIGTERM stops the cluster in order. `down` stops a running `up`
-//! from another terminal, or cleans up the nodes a killed one left running.
+//! from another terminal, or stops the machines a killed one left running;
+//! `down --purge` deletes them and the cluster's state.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,13 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use corral_proto::{Node, NodeHealth, NodeState, Role, ServiceState, TopologyUpdate};
+use corral_proto::{Node, NodeHealth, NodeState, Provider, Role, ServiceState, TopologyUpdate};
 use nix::sys::signal::{Signal, kill};
-use tokio::sync::watch;
 
 use crate::auth::Caller;
-use crate::provider::local::{LocalConfig, LocalProvider, ProviderEvent, default_agent_bin};
-use crate::provider::{Reaper, reaper};
+use crate::provider::{
+    BootConfig, LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines,
+    ProviderEvent, Reaper, reaper,
+};
 use crate::service::Cluster;
 use crate::startup::{Application, Config};
 
@@ -26,7 +29,7 @@ use crate::startup::{Application, Config};
 pub struct UpOptions {
     pub web: Option<u32>,
     pub db: Option<u32>,
-    pub agent_bin: Option<PathBuf>,
+    /// The port nginx listens on at local nodes (LXC nodes use 80).
     pub nginx_port: u16,
     pub ready_timeout: Duration,
 }
@@ -41,7 +44,7 @@ fn running_up(state_dir: &Path) -> Option<u32> {
         .filter(|pid| *pid != std::process::id() && reaper::alive_with(*pid, "corral"))
 }
 
-pub async fn up(config: Config, options: UpOptions) -> anyhow::Result<()> {
+pub async fn up(mut config: Config, options: UpOptions) -> anyhow::Result<()> {
     let state_dir = config.state_dir.clone();
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
@@ -51,26 +54,33 @@ pub async fn up(config: Config, options: UpOptions) -> anyhow::Result<()> {
             state_dir.display()
         );
     }
-    let agent_bin = options.agent_bin.clone().unwrap_or_else(default_agent_bin);
-    if agent_bin.components().count() > 1 && !agent_bin.is_file() {
-        bail!(
-            "no corral-agent at {}: build it (cargo build -p corral-agent) or pass --agent-bin",
-            agent_bin.display()
-        );
-    }
     // Become the subreaper before anything is started.
     Reaper::global();
     let started = Instant::now();
+    config.run_machines = true;
+    let provider = config.default_provider;
+    if provider == Provider::Lxc {
+        eprintln!(
+            "checking the LXC provider (bridge {} at {}, base image) ...",
+            config.lxc_bridge,
+            config.lxc_network.host_address()
+        );
+    }
 
-    let app = Application::build(config)
+    let mut app = Application::build(config)
         .await
         .context("starting the corral server")?;
     std::fs::write(pid_file(&state_dir), format!("{}\n", std::process::id()))
         .context("writing up.pid")?;
     let url = app.url();
     let cluster = app.cluster();
+    let machines = app
+        .take_machines()
+        .context("the server runs no machine controller")?;
+    let controller = machines.controller.clone();
+    let progress = tokio::spawn(show_progress(controller.subscribe()));
     eprintln!(
-        "corral {} on {url} (state in {}, {})",
+        "corral {} on {url} (state in {}, {}; new nodes: {provider})",
         corral_proto::VERSION,
         state_dir.display(),
         app.database()
@@ -111,18 +121,8 @@ pub async fn up(config: Config, options: UpOptions) -> anyhow::Result<()> {
         );
     }
 
-    let provider = LocalProvider::new(LocalConfig {
-        server_url: url.clone(),
-        state_dir: state_dir.clone(),
-        agent_bin,
-        agent_args: vec!["--nginx-port".into(), options.nginx_port.to_string()],
-    });
     let handle = app.handle();
     let server = tokio::spawn(app.run_until_stopped());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let provider_task = tokio::spawn(provider.clone().run(cluster.clone(), stop_rx));
-    let progress = tokio::spawn(show_progress(provider.subscribe()));
-
     let ready = wait_until_ready(&cluster, options.nginx_port, started, options.ready_timeout);
     tokio::select! {
         outcome = ready => {
@@ -140,14 +140,13 @@ pub async fn up(config: Config, options: UpOptions) -> anyhow::Result<()> {
     }
 
     eprintln!("stopping the cluster ...");
-    let _ = stop_tx.send(true);
-    let _ = provider_task.await;
-    provider.stop_all().await;
+    machines.stop().await;
+    controller.stop_all().await;
     handle.stop(true).await;
     let _ = server.await;
-    // The progress task ends once it has printed everything the provider said.
-    drop(provider);
-    let _ = progress.await;
+    // The progress task ends once it has printed everything said.
+    drop(controller);
+    let _ = tokio::time::timeout(Duration::from_secs(1), progress).await;
     let _ = std::fs::remove_file(pid_file(&state_dir));
     eprintln!("cluster stopped; `corral up` resumes it");
     Ok(())
@@ -166,16 +165,16 @@ async fn wait_for_signal() {
 async fn show_progress(mut events: tokio::sync::broadcast::Receiver<ProviderEvent>) {
     loop {
         match events.recv().await {
-            Ok(ProviderEvent::AgentStarted { node, pid }) => {
-                eprintln!("  {node:<8} agent started (pid {pid})")
+            Ok(ProviderEvent::Ensuring { node, provider }) => {
+                eprintln!("  {node:<8} making its {provider} machine")
             }
-            Ok(ProviderEvent::AgentAdopted { node, pid }) => {
-                eprintln!("  {node:<8} agent already running (pid {pid}), adopted")
+            Ok(ProviderEvent::Ensured { node, detail }) => eprintln!("  {node:<8} {detail}"),
+            Ok(ProviderEvent::Adopted { node }) => {
+                eprintln!("  {node:<8} already running, adopted")
             }
-            Ok(ProviderEvent::AgentExited { node, how }) => {
-                eprintln!("  {node:<8} agent ended ({how})")
-            }
-            Ok(ProviderEvent::NodeStopped { node }) => eprintln!("  {node:<8} stopped"),
+            Ok(ProviderEvent::Exited { node, how }) => eprintln!("  {node:<8} ended ({how})"),
+            Ok(ProviderEvent::Stopped { node }) => eprintln!("  {node:<8} stopped"),
+            Ok(ProviderEvent::Destroyed { node }) => eprintln!("  {node:<8} deleted"),
             Ok(ProviderEvent::Failed { node, message }) => eprintln!("  {node:<8} {message}"),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(_) => break,
@@ -246,7 +245,11 @@ async fn wait_until_ready(
         for node in &nodes {
             let mut status = not_ready(node);
             if status.is_none() && node.role == Role::Web {
-                let url = format!("http://{}:{nginx_port}/todos", node.address);
+                let url = format!(
+                    "http://{}:{}/todos",
+                    node.address,
+                    lb_port(node, nginx_port)
+                );
                 status = match http.get(&url).send().await {
                     Ok(res) if res.status().is_success() => None,
                     Ok(res) => Some(format!("load balancer answers {}", res.status())),
@@ -276,13 +279,18 @@ async fn wait_until_ready(
     }
 }
 
+/// The port a web node's nginx listens on: `--nginx-port` applies to
+/// local nodes only; containers have a port 80 of their own.
+fn lb_port(node: &Node, nginx_port: u16) -> u16 {
+    if node.provider == Provider::Local {
+        nginx_port
+    } else {
+        corral_proto::ports::NGINX
+    }
+}
+
 fn print_ready(url: &str, nodes: &[Node], nginx_port: u16, state_dir: &Path, started: Instant) {
     let adm = nodes.iter().find(|n| n.role == Role::Adm);
-    let port = if nginx_port == 80 {
-        String::new()
-    } else {
-        format!(":{nginx_port}")
-    };
     eprintln!(
         "\ncluster ready in {:.1} s\n",
         started.elapsed().as_secs_f64()
@@ -292,9 +300,13 @@ fn print_ready(url: &str, nodes: &[Node], nginx_port: u16, state_dir: &Path, sta
         eprintln!("  Consul UI       http://{}:8500/ui", adm.address);
     }
     for web in nodes.iter().filter(|n| n.role == Role::Web) {
+        let port = match lb_port(web, nginx_port) {
+            80 => String::new(),
+            port => format!(":{port}"),
+        };
         eprintln!(
-            "  TodoMVC         http://{}{port}/   (via {})",
-            web.address, web.name
+            "  TodoMVC         http://{}{port}/   (via {}, {})",
+            web.address, web.name, web.provider
         );
     }
     eprintln!(
@@ -304,9 +316,11 @@ fn print_ready(url: &str, nodes: &[Node], nginx_port: u16, state_dir: &Path, sta
 }
 
 /// `corral down`: stop a running `up` (it stops its nodes in order), or,
-/// when none runs, stop the agents and services left in the state dir.
-pub async fn down(state_dir: &Path, agent_bin: Option<PathBuf>) -> anyhow::Result<()> {
-    if let Some(pid) = running_up(state_dir) {
+/// when none runs, stop the machines left in the state dir. With `purge`,
+/// then delete every machine with its data, and the cluster's state.
+pub async fn down(config: Config, purge: bool) -> anyhow::Result<()> {
+    let state_dir = config.state_dir.clone();
+    if let Some(pid) = running_up(&state_dir) {
         eprintln!("stopping corral up (pid {pid}) ...");
         kill(reaper::pid(pid), Signal::SIGTERM).context("signalling corral up")?;
         let deadline = Instant::now() + Duration::from_secs(180);
@@ -316,22 +330,51 @@ pub async fn down(state_dir: &Path, agent_bin: Option<PathBuf>) -> anyhow::Resul
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        eprintln!("cluster stopped");
-        return Ok(());
+        if !purge {
+            eprintln!("cluster stopped");
+            return Ok(());
+        }
     }
     Reaper::global();
-    let provider = LocalProvider::new(LocalConfig {
-        server_url: String::new(),
-        state_dir: state_dir.to_path_buf(),
-        agent_bin: agent_bin.unwrap_or_else(default_agent_bin),
+    let mut providers: Vec<Arc<dyn Machines>> = vec![LocalProvider::new(LocalConfig {
+        state_dir: state_dir.clone(),
+        agent_bin: config.agent_bin.clone(),
         agent_args: Vec::new(),
-    });
-    let progress = tokio::spawn(show_progress(provider.subscribe()));
-    provider.stop_all().await;
-    // Let the progress task print what is already queued.
-    tokio::task::yield_now().await;
-    progress.abort();
-    let _ = std::fs::remove_file(pid_file(state_dir));
-    eprintln!("cluster stopped");
+    })];
+    if state_dir.join("lxc").is_dir() {
+        let plan = config.lxc_network;
+        let mut lxc = LxcConfig::new(&state_dir, plan.host_address(), plan.prefix_len());
+        lxc.bridge = config.lxc_bridge.clone();
+        providers.push(LxcProvider::new(lxc));
+    }
+    let controller = MachineController::new(
+        providers,
+        BootConfig {
+            server_url: String::new(),
+            join_token: String::new(),
+        },
+    );
+    let progress = tokio::spawn(show_progress(controller.subscribe()));
+    if purge {
+        controller.destroy_all().await;
+    } else {
+        controller.stop_all().await;
+    }
+    drop(controller);
+    let _ = tokio::time::timeout(Duration::from_secs(1), progress).await;
+    let _ = std::fs::remove_file(pid_file(&state_dir));
+    if purge {
+        for name in ["corral.db", "corral.db-wal", "corral.db-shm"] {
+            let _ = std::fs::remove_file(state_dir.join(name));
+        }
+        let _ = std::fs::remove_dir_all(state_dir.join("nodes"));
+        let _ = std::fs::remove_dir_all(state_dir.join("lxc"));
+        eprintln!(
+            "cluster deleted: its machines, their data and the control plane's database in {} (secrets kept)",
+            state_dir.display()
+        );
+    } else {
+        eprintln!("cluster stopped");
+    }
     Ok(())
 }

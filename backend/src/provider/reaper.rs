@@ -55,6 +55,8 @@ pub struct Output {
     pub exit: Exit,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Killed because it outlived its limit.
+    pub timed_out: bool,
 }
 
 pub struct Reaper {
@@ -101,6 +103,18 @@ impl Reaper {
 
     /// Runs `cmd` to its end and collects its output.
     pub async fn output(&self, cmd: &mut Command) -> io::Result<Output> {
+        self.output_within(cmd, None).await
+    }
+
+    /// Like [`Reaper::output`], but once `limit` has passed the child's
+    /// process group is killed (the command must lead a group of its own:
+    /// `process_group(0)`); the output is then what it wrote until then and
+    /// `timed_out` is set.
+    pub async fn output_within(
+        &self,
+        cmd: &mut Command,
+        limit: Option<Duration>,
+    ) -> io::Result<Output> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -127,14 +141,26 @@ impl Reaper {
         };
         let out = read(stdout.map(|p| Box::new(p) as Box<dyn Read + Send>));
         let err = read(stderr.map(|p| Box::new(p) as Box<dyn Read + Send>));
-        let exit = spawned
-            .exit
-            .await
-            .map_err(|_| io::Error::other("the reaper lost the child"))?;
+        let mut exit_rx = spawned.exit;
+        let mut timed_out = false;
+        let exit = match limit {
+            None => exit_rx.await,
+            Some(limit) => match tokio::time::timeout(limit, &mut exit_rx).await {
+                Ok(exit) => exit,
+                Err(_) => {
+                    timed_out = true;
+                    let group = Pid::from_raw(-(spawned.pid as i32));
+                    let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+                    exit_rx.await
+                }
+            },
+        }
+        .map_err(|_| io::Error::other("the reaper lost the child"))?;
         Ok(Output {
             exit,
             stdout: out.await.unwrap_or_default(),
             stderr: err.await.unwrap_or_default(),
+            timed_out,
         })
     }
 

@@ -73,6 +73,17 @@ impl AddressPlan {
         }
     }
 
+    /// adm1's seed address (base+5): on the LXC bridge, the host's own.
+    pub fn host_address(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base + 5)
+    }
+
+    /// The block's prefix length (24 for `192.168.11.0/24`).
+    pub fn prefix_len(&self) -> u8 {
+        let span = (self.last + 1) ^ self.base;
+        span.leading_zeros() as u8
+    }
+
     /// How many nodes the plan can ever hold.
     pub fn capacity(&self) -> u32 {
         // adm1, 9 db, 9 web seed addresses plus the pool.

@@ -161,7 +161,13 @@ struct Served {
 async fn serve(state: &std::path::Path) -> Served {
     let mut child = Child(
         Command::new(CORRAL)
-            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .args([
+                "serve",
+                "--no-machines",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
             .arg(state)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
