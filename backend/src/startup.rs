@@ -52,6 +52,8 @@ pub struct Config {
     /// bridge's address is adm1's (base+5).
     pub lxc_network: AddressPlan,
     pub lxc_bridge: String,
+    /// Where the `.deb` packages LXC containers install are.
+    pub lxc_packages: PathBuf,
 }
 
 impl Config {
@@ -74,6 +76,7 @@ impl Config {
             agent_args: Vec::new(),
             lxc_network: default_lxc_network(),
             lxc_bridge: "corralbr0".into(),
+            lxc_packages: crate::provider::lxc::default_debs_dir(),
         }
     }
 
@@ -316,6 +319,7 @@ fn machine_providers(config: &Config) -> Vec<Arc<dyn Machines>> {
         let plan = config.lxc_network;
         let mut lxc = LxcConfig::new(&config.state_dir, plan.host_address(), plan.prefix_len());
         lxc.bridge = config.lxc_bridge.clone();
+        lxc.debs_dir = config.lxc_packages.clone();
         providers.push(LxcProvider::new(lxc));
     }
     providers

@@ -8,7 +8,9 @@
 //! (`corral`, `corral-agent`, `todomvc`): build them first with
 //! `cargo build --workspace --bins`, or point `CORRAL_BIN_DIR` elsewhere.
 
+pub mod faults;
 pub mod pg;
+pub mod writes;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -92,6 +94,16 @@ pub async fn run(cmd: &mut Command) -> anyhow::Result<reaper::Output> {
         .with_context(|| format!("running {cmd:?}"))
 }
 
+/// Where a test cluster's nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machines {
+    /// Processes on loopback addresses (the local provider).
+    Local,
+    /// LXC containers on a bridge of the test's own (the LXC provider);
+    /// adm1 is the host, on the bridge.
+    Lxc,
+}
+
 /// A cluster run by `corral up`.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -100,9 +112,54 @@ pub struct Cluster {
     pub url: String,
     pub token: String,
     pub http: reqwest::Client,
+    pub machines: Machines,
     up: Option<Up>,
     web: u32,
     db: u32,
+}
+
+/// Why LXC tests cannot run on this host, if they cannot: they need root,
+/// the lxc tools, debootstrap, nft and the packages from
+/// `scripts/package.sh`.
+pub fn lxc_unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    for tool in ["lxc-start", "lxc-copy", "lxc-freeze", "debootstrap", "nft"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()));
+        if !found {
+            return Some(format!(
+                "{tool} is not installed (apt-get install lxc debootstrap nftables)"
+            ));
+        }
+    }
+    let debs = lxc_packages();
+    for prefix in ["corral-agent_", "todomvc_"] {
+        let found = std::fs::read_dir(&debs).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        });
+        if !found {
+            return Some(format!(
+                "no {prefix}*.deb in {} (run scripts/package.sh)",
+                debs.display()
+            ));
+        }
+    }
+    None
+}
+
+/// The packages LXC test clusters install: `CORRAL_LXC_PACKAGES`, else
+/// `target/debian` of this target directory.
+pub fn lxc_packages() -> PathBuf {
+    if let Ok(dir) = std::env::var("CORRAL_LXC_PACKAGES") {
+        return PathBuf::from(dir);
+    }
+    bin_dir()
+        .parent()
+        .map(|t| t.join("debian"))
+        .unwrap_or_else(|| PathBuf::from("target/debian"))
 }
 
 struct Up {
@@ -114,6 +171,16 @@ impl Cluster {
     /// `corral up` with `web` and `db` nodes on `127.0.<octet>.0/24`; returns
     /// once it says the cluster is ready.
     pub async fn up(octet: u8, web: u32, db: u32) -> anyhow::Result<Cluster> {
+        Self::up_on(Machines::Local, octet, web, db).await
+    }
+
+    /// `corral up --provider lxc` with containers on `192.168.<octet>.0/24`
+    /// and a bridge of that octet's own.
+    pub async fn up_lxc(octet: u8, web: u32, db: u32) -> anyhow::Result<Cluster> {
+        Self::up_on(Machines::Lxc, octet, web, db).await
+    }
+
+    async fn up_on(machines: Machines, octet: u8, web: u32, db: u32) -> anyhow::Result<Cluster> {
         for b in ["corral", "corral-agent", "todomvc"] {
             bin(b);
         }
@@ -123,10 +190,14 @@ impl Cluster {
             .context("temp dir")?;
         // PostgreSQL runs as `postgres` and must reach its data directory.
         set_mode(dir.path(), 0o755)?;
-        let net = format!("127.0.{octet}");
+        let net = match machines {
+            Machines::Local => format!("127.0.{octet}"),
+            Machines::Lxc => format!("192.168.{octet}"),
+        };
         let mut cluster = Cluster {
             url: format!("http://{net}.5:7000"),
             net,
+            machines,
             dir,
             token: String::new(),
             http: reqwest::Client::builder()
@@ -144,6 +215,71 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// The host bridge of an LXC test cluster: one per subnet.
+    pub fn bridge(&self) -> String {
+        format!("corrale2e{}", self.net.rsplit('.').next().unwrap_or("0"))
+    }
+
+    /// The LXC containers' lxcpath.
+    pub fn lxc_path(&self) -> PathBuf {
+        self.dir.path().join("lxc")
+    }
+
+    /// Where a node's agent keeps its state, as seen from this host: its
+    /// node directory (local), or inside the container's overlay (LXC).
+    pub fn node_root(&self, node: &str) -> PathBuf {
+        match (self.machines, node.starts_with("adm")) {
+            (Machines::Local, _) | (Machines::Lxc, true) => {
+                self.dir.path().join("nodes").join(node)
+            }
+            (Machines::Lxc, false) => self
+                .lxc_path()
+                .join(node)
+                .join("overlay/delta/var/lib/corral-agent"),
+        }
+    }
+
+    /// The names of the nodes that have a machine here.
+    pub fn machine_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = [self.dir.path().join("nodes"), self.lxc_path()]
+            .iter()
+            .flat_map(|d| {
+                std::fs::read_dir(d)
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            })
+            .filter(|n| corral_proto::Role::parse_node_name(n).is_some())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Runs a command inside an LXC node, at most `limit`.
+    pub async fn attach(
+        &self,
+        node: &str,
+        args: &[&str],
+        limit: Duration,
+    ) -> anyhow::Result<reaper::Output> {
+        let mut cmd = Command::new("lxc-attach");
+        cmd.arg("-P")
+            .arg(self.lxc_path())
+            .args(["-n", node, "--clear-env", "--"])
+            .args(args)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        Reaper::global()
+            .output_within(&mut cmd, Some(limit))
+            .await
+            .with_context(|| format!("lxc-attach {node} {args:?}"))
+    }
+
     pub fn up_log(&self) -> PathBuf {
         self.dir.path().join("up.log")
     }
@@ -156,12 +292,21 @@ impl Cluster {
             .append(true)
             .open(self.up_log())?;
         let mut cmd = Command::new(bin("corral"));
-        cmd.arg("up")
-            .arg("--state-dir")
-            .arg(self.dir.path())
-            .arg("--network")
-            .arg(format!("{}.0/24", self.net))
-            .arg("--web")
+        cmd.arg("up").arg("--state-dir").arg(self.dir.path());
+        match self.machines {
+            Machines::Local => {
+                cmd.arg("--network").arg(format!("{}.0/24", self.net));
+            }
+            Machines::Lxc => {
+                cmd.args(["--provider", "lxc", "--lxc-network"])
+                    .arg(format!("{}.0/24", self.net))
+                    .arg("--lxc-bridge")
+                    .arg(self.bridge())
+                    .arg("--lxc-packages")
+                    .arg(lxc_packages());
+            }
+        }
+        cmd.arg("--web")
             .arg(self.web.to_string())
             .arg("--db")
             .arg(self.db.to_string())
@@ -222,12 +367,12 @@ impl Cluster {
             lines[lines.len().saturating_sub(n)..].join("\n")
         };
         out.push_str(&tail(&self.up_log(), 60));
-        if let Ok(nodes) = std::fs::read_dir(self.dir.path().join("nodes")) {
-            for n in nodes.flatten() {
-                let node = n.file_name().to_string_lossy().into_owned();
+        for node in self.machine_names() {
+            let root = self.node_root(&node);
+            {
                 out.push_str(&format!("\n--- {node} agent.log ---\n"));
-                out.push_str(&tail(&n.path().join("agent.log"), 30));
-                if let Ok(logs) = std::fs::read_dir(n.path().join("logs")) {
+                out.push_str(&tail(&root.join("agent.log"), 30));
+                if let Ok(logs) = std::fs::read_dir(root.join("logs")) {
                     for l in logs.flatten() {
                         out.push_str(&format!(
                             "\n--- {node} {} ---\n",
@@ -327,14 +472,22 @@ impl Cluster {
             let _ = kill(reaper::pid(up.pid), Signal::SIGTERM);
             wait_blocking(up.exit, Duration::from_secs(120));
         }
-        // Whatever a killed `up` left: agents and services by pid file.
+        // Whatever a killed `up` left: agents and services by pid file,
+        // containers (deleted: their overlays live in the temp dir).
         let mut cmd = Command::new(bin_dir().join("corral"));
         cmd.arg("down")
             .arg("--state-dir")
             .arg(self.dir.path())
             .arg("--agent-bin")
-            .arg(bin_dir().join("corral-agent"))
-            .stdin(Stdio::null())
+            .arg(bin_dir().join("corral-agent"));
+        if self.machines == Machines::Lxc {
+            cmd.arg("--purge")
+                .arg("--lxc-network")
+                .arg(format!("{}.0/24", self.net))
+                .arg("--lxc-bridge")
+                .arg(self.bridge());
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Ok(spawned) = Reaper::global().spawn(&mut cmd) {
@@ -343,6 +496,14 @@ impl Cluster {
         // Last resort: anything still running from the state directory.
         for pid in self.processes() {
             let _ = kill(reaper::pid(pid), Signal::SIGKILL);
+        }
+        if self.machines == Machines::Lxc {
+            // The test's own fault rules and bridge go with it.
+            let table = self.nft_table();
+            for family in ["bridge", "inet"] {
+                run_blocking(Command::new("nft").args(["delete", "table", family, &table]));
+            }
+            run_blocking(Command::new("ip").args(["link", "delete", &self.bridge()]));
         }
     }
 }
@@ -353,6 +514,16 @@ impl Drop for Cluster {
             eprintln!("--- cluster logs ---\n{}", self.tail_logs());
         }
         self.cleanup();
+    }
+}
+
+/// Runs a command to its end from a context that cannot await (a drop).
+pub(crate) fn run_blocking(cmd: &mut Command) {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Ok(spawned) = Reaper::global().spawn(cmd) {
+        wait_blocking(spawned.exit, Duration::from_secs(30));
     }
 }
 

@@ -9,7 +9,7 @@ use crate::{Cluster, run};
 
 /// SQL as the superuser over the node's private socket.
 pub async fn sql(c: &Cluster, node: &str, query: &str) -> anyhow::Result<String> {
-    let socket = c.state_dir().join("nodes").join(node).join("pgsock");
+    let socket = c.node_root(node).join("pgsock");
     let out = run(Command::new("/usr/lib/postgresql/15/bin/psql")
         .arg("-h")
         .arg(&socket)
@@ -28,16 +28,10 @@ pub async fn sql(c: &Cluster, node: &str, query: &str) -> anyhow::Result<String>
 
 /// The db nodes that have a state directory, by name.
 pub fn db_nodes(c: &Cluster) -> Vec<String> {
-    let mut nodes: Vec<String> = std::fs::read_dir(c.state_dir().join("nodes"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("pg"))
-                .collect()
-        })
-        .unwrap_or_default();
-    nodes.sort();
-    nodes
+    c.machine_names()
+        .into_iter()
+        .filter(|n| n.starts_with("pg"))
+        .collect()
 }
 
 /// The one node whose postgres takes writes; fails while there are none
@@ -75,11 +69,7 @@ pub async fn streams_from(c: &Cluster, node: &str, primary: &str) -> anyhow::Res
 
 /// The postmaster pid of a node.
 pub fn postmaster(c: &Cluster, node: &str) -> anyhow::Result<u32> {
-    let path = c
-        .state_dir()
-        .join("nodes")
-        .join(node)
-        .join("pgdata/postmaster.pid");
+    let path = c.node_root(node).join("pgdata/postmaster.pid");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
     Ok(text.lines().next().unwrap_or("").trim().parse()?)
 }

@@ -160,6 +160,11 @@ struct ServeArgs {
     /// The host bridge LXC containers sit on (made if missing).
     #[arg(long, env = "CORRAL_LXC_BRIDGE", default_value = "corralbr0")]
     lxc_bridge: String,
+    /// Directory of the corral-agent and todomvc .deb packages LXC
+    /// containers install [default: target/debian beside the corral
+    /// executable (scripts/package.sh), else /var/lib/corral/debs].
+    #[arg(long, env = "CORRAL_LXC_PACKAGES")]
+    lxc_packages: Option<PathBuf>,
     /// The corral-agent executable local nodes run [default: next to
     /// corral, else PATH].
     #[arg(long, env = "CORRAL_AGENT_BIN")]
@@ -464,6 +469,9 @@ fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
     config.network = args.network;
     config.lxc_network = args.lxc_network;
     config.lxc_bridge = args.lxc_bridge.clone();
+    if let Some(dir) = &args.lxc_packages {
+        config.lxc_packages = dir.clone();
+    }
     config.default_provider = args.provider;
     config.providers = args.providers.clone();
     config.providers.push(args.provider);

@@ -345,6 +345,7 @@ pub async fn down(config: Config, purge: bool) -> anyhow::Result<()> {
         let plan = config.lxc_network;
         let mut lxc = LxcConfig::new(&state_dir, plan.host_address(), plan.prefix_len());
         lxc.bridge = config.lxc_bridge.clone();
+        lxc.debs_dir = config.lxc_packages.clone();
         providers.push(LxcProvider::new(lxc));
     }
     let controller = MachineController::new(

@@ -404,7 +404,7 @@ impl MachineController {
                 self.say(ProviderEvent::Destroyed { node: node.clone() })
             }
             (Action::Ensure { node, .. } | Action::Destroy { node, .. }, Err(message)) => {
-                tracing::warn!(node = %node, error = %message, "provider call failed");
+                tracing::debug!(node = %node, error = %message, "provider call failed");
                 self.say(ProviderEvent::Failed {
                     node: node.clone(),
                     message: message.clone(),

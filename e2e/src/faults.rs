@@ -1,0 +1,164 @@
+//! Faults that need real isolation, on an LXC test cluster: network
+//! partitions cut with nftables, and whole nodes hung with `lxc-freeze`.
+//! Every rule lives in tables named after the cluster, removed by
+//! [`Partition`]'s drop (and by the cluster's own cleanup), so a failing
+//! test never leaves the host cut off.
+//!
+//! Containers talk to each other across the bridge (nft's `bridge` family,
+//! `forward` hook); adm1 is the host itself, whose traffic with a container
+//! passes the `inet` family's `input` and `output` hooks.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::{Cluster, Machines, run};
+
+impl Cluster {
+    /// The nft tables' name for this cluster's fault rules.
+    pub fn nft_table(&self) -> String {
+        format!("corral_e2e_{}", self.net.replace('.', "_"))
+    }
+}
+
+async fn nft(script: &str) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("rules.nft");
+    std::fs::write(&file, script)?;
+    let out = run(Command::new("nft").arg("-f").arg(&file)).await?;
+    if !out.exit.success() {
+        bail!(
+            "nft -f failed: {}\n{script}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Traffic cut between two groups of nodes, both ways, until dropped.
+pub struct Partition {
+    table: String,
+}
+
+impl Partition {
+    /// Cuts every packet between a node of `side` and a node of `others`
+    /// (names; `adm1` means the host).
+    pub async fn cut(c: &Cluster, side: &[&str], others: &[&str]) -> anyhow::Result<Partition> {
+        if c.machines != Machines::Lxc {
+            bail!("partitions need the LXC provider");
+        }
+        let table = c.nft_table();
+        let host = c.address("adm1");
+        let mut bridge_rules = String::new();
+        let mut host_rules_in = String::new();
+        let mut host_rules_out = String::new();
+        for a in side {
+            for b in others {
+                let (ia, ib) = (c.address(a), c.address(b));
+                if ia == host || ib == host {
+                    let other = if ia == host { ib } else { ia };
+                    host_rules_in.push_str(&format!("    ip saddr {other} drop\n"));
+                    host_rules_out.push_str(&format!("    ip daddr {other} drop\n"));
+                } else {
+                    bridge_rules.push_str(&format!(
+                        "    ip saddr {ia} ip daddr {ib} drop\n    ip saddr {ib} ip daddr {ia} drop\n"
+                    ));
+                }
+            }
+        }
+        let script = format!(
+            "table bridge {table} {{\n  chain forward {{\n    type filter hook forward priority -10; policy accept;\n{bridge_rules}  }}\n}}\n\
+             table inet {table} {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n{host_rules_in}  }}\n  chain output {{\n    type filter hook output priority -10; policy accept;\n{host_rules_out}  }}\n}}\n"
+        );
+        // Start from a clean slate: a previous partition's rules go.
+        heal(&table).await;
+        nft(&script).await.context("cutting the network")?;
+        Ok(Partition { table })
+    }
+
+    /// Restores every path.
+    pub async fn heal(self) {
+        heal(&self.table).await;
+    }
+}
+
+async fn heal(table: &str) {
+    for family in ["bridge", "inet"] {
+        let _ = run(Command::new("nft").args(["delete", "table", family, table])).await;
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for family in ["bridge", "inet"] {
+            crate::run_blocking(Command::new("nft").args(["delete", "table", family, &self.table]));
+        }
+    }
+}
+
+/// A container hung whole with `lxc-freeze`, thawed when dropped.
+pub struct Freeze {
+    lxc_path: std::path::PathBuf,
+    node: String,
+    thawed: bool,
+}
+
+impl Freeze {
+    pub async fn node(c: &Cluster, node: &str) -> anyhow::Result<Freeze> {
+        let out = run(Command::new("lxc-freeze")
+            .arg("-P")
+            .arg(c.lxc_path())
+            .args(["-n", node]))
+        .await?;
+        if !out.exit.success() {
+            bail!(
+                "lxc-freeze {node}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Freeze {
+            lxc_path: c.lxc_path(),
+            node: node.to_string(),
+            thawed: false,
+        })
+    }
+
+    pub async fn thaw(mut self) -> anyhow::Result<()> {
+        self.thawed = true;
+        let out = run(Command::new("lxc-unfreeze")
+            .arg("-P")
+            .arg(&self.lxc_path)
+            .args(["-n", &self.node]))
+        .await?;
+        if !out.exit.success() {
+            bail!(
+                "lxc-unfreeze {}: {}",
+                self.node,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Freeze {
+    fn drop(&mut self) {
+        if !self.thawed {
+            crate::run_blocking(
+                Command::new("lxc-unfreeze")
+                    .arg("-P")
+                    .arg(&self.lxc_path)
+                    .args(["-n", &self.node]),
+            );
+        }
+    }
+}
+
+/// How long a TCP connect to `addr` takes to fail or succeed, at most `limit`.
+pub async fn reachable(addr: &str, limit: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}

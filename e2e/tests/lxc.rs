@@ -1,0 +1,454 @@
+//! The LXC provider end to end, on real containers: `corral up --provider
+//! lxc` brings up the seed's cluster as containers on a bridge of the test's
+//! own (adm1 is the host), each installing the project's .deb packages; a
+//! web node is added and serves through both load balancers; then, in sync
+//! mode with writers through both load balancers all along, the faults that
+//! need real isolation: a web node cut off from its load balancers, the
+//! primary partitioned from every other node, the primary frozen whole, a
+//! partition between primary and standby only, and the control plane
+//! stopped for a minute. After each: exactly one server takes writes and
+//! every acknowledged write is on it.
+//!
+//! Skipped, with the reason printed, where LXC cannot run (not root, no lxc
+//! tools, no packages from scripts/package.sh).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use corral_e2e::faults::{Freeze, Partition};
+use corral_e2e::pg::{sole_primary, sql};
+use corral_e2e::writes::{LONG, Writer, other, settled};
+use corral_e2e::{Cluster, eventually, lxc_unavailable};
+use reqwest::Method;
+use serde_json::json;
+
+/// The subnet octet of this test's cluster: 192.168.<OCTET>.0/24.
+const OCTET: u8 = 112;
+
+fn skip() -> bool {
+    match lxc_unavailable() {
+        Some(why) => {
+            eprintln!("SKIPPED: the LXC end-to-end test cannot run here: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// Which webapp answered a request through `lb`, or the failure.
+async fn served_by(http: &reqwest::Client, c: &Cluster, lb: &str) -> anyhow::Result<String> {
+    let res = http.get(c.lb(lb, "/todos")).send().await?;
+    if !res.status().is_success() {
+        anyhow::bail!("{lb}: {}", res.status());
+    }
+    Ok(res
+        .headers()
+        .get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Reads through both load balancers all along, counting failures and who
+/// served.
+struct Readers {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    by: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Readers {
+    fn start(c: &Cluster, lbs: &[&str]) -> Readers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let by = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client");
+        let tasks = lbs
+            .iter()
+            .map(|lb| {
+                let url = c.lb(lb, "/todos");
+                let (stop, ok, failed, by, http) = (
+                    stop.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    by.clone(),
+                    http.clone(),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match http.get(&url).send().await {
+                            Ok(res) if res.status().is_success() => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                let who = res
+                                    .headers()
+                                    .get("x-served-by")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or_default()
+                                    .to_string();
+                                *by.lock().expect("lock").entry(who).or_default() += 1;
+                            }
+                            _ => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+            })
+            .collect();
+        Readers {
+            stop,
+            ok,
+            failed,
+            by,
+            tasks,
+        }
+    }
+
+    /// Counts since the last call: (ok, failed, served by).
+    fn take(&self) -> (u64, u64, BTreeMap<String, u64>) {
+        (
+            self.ok.swap(0, Ordering::Relaxed),
+            self.failed.swap(0, Ordering::Relaxed),
+            std::mem::take(&mut *self.by.lock().expect("lock")),
+        )
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Whether `node`'s postgres refuses writes: down, or a standby. Read over
+/// its socket, which needs no network.
+async fn refuses_writes(c: &Cluster, node: &str) -> bool {
+    sql(c, node, "SELECT pg_is_in_recovery()")
+        .await
+        .map_or(true, |r| r == "t")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_control_plane() {
+    if skip() {
+        return;
+    }
+    let started = Instant::now();
+    let mut c = Cluster::up_lxc(OCTET, 2, 2).await.expect("cluster up");
+    eprintln!("lxc cluster up in {:.1} s", started.elapsed().as_secs_f64());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+
+    // The seed's addresses, in containers; adm1 is the host on the bridge.
+    let nodes = c.nodes().await.expect("nodes");
+    for n in &nodes {
+        assert_eq!(n.address, c.address(&n.name), "{} address", n.name);
+        let want = if n.name == "adm1" { "local" } else { "lxc" };
+        assert_eq!(n.provider.as_str(), want, "{} provider", n.name);
+    }
+    for lb in ["nginx1", "nginx2"] {
+        served_by(&http, &c, lb)
+            .await
+            .expect("the app through each load balancer");
+    }
+    let consul = http
+        .get(format!(
+            "http://{}:8500/v1/status/leader",
+            c.address("adm1")
+        ))
+        .send()
+        .await
+        .expect("consul on adm1");
+    assert!(consul.status().is_success());
+
+    // A provider that is not configured here is refused, changing nothing.
+    let res = c
+        .api(Method::POST, "/nodes")
+        .await
+        .json(&json!({"role": "web", "provider": "virtualbox"}))
+        .send()
+        .await
+        .expect("POST /nodes");
+    assert_eq!(
+        res.status().as_u16(),
+        422,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+
+    // Sync mode, then writes through both load balancers all along.
+    let res = c
+        .api(Method::PUT, "/topology")
+        .await
+        .json(&json!({"web": 2, "db": 2, "lb_policy": "round_robin", "replication": "sync"}))
+        .send()
+        .await
+        .expect("PUT topology");
+    assert!(res.status().is_success(), "{}", res.status());
+    let w1 = Writer::start(&c, "nginx1");
+    let w2 = Writer::start(&c, "nginx2");
+    let mut primary = settled(&c, &w1, "start").await.expect("start");
+    settled(&c, &w2, "start").await.expect("start");
+
+    // Add webserver: nginx3 at .23, serving through both load balancers. A
+    // container directory of that name that is not corral's is refused
+    // first, and the refusal reaches the node's events.
+    let foreign = c.lxc_path().join("nginx3");
+    std::fs::create_dir_all(&foreign).expect("foreign container dir");
+    std::fs::write(foreign.join("config"), "lxc.uts.name = nginx3\n").expect("foreign config");
+    let added = Instant::now();
+    let res = c
+        .api(Method::POST, "/nodes")
+        .await
+        .json(&json!({"role": "web", "provider": "lxc"}))
+        .send()
+        .await
+        .expect("POST /nodes");
+    assert!(res.status().is_success(), "{}", res.status());
+    let node: serde_json::Value = res.json().await.expect("node");
+    assert_eq!(node["name"], "nginx3");
+    assert_eq!(node["address"].as_str(), Some(c.address("nginx3").as_str()));
+    eventually("the refusal in nginx3's events", LONG, || async {
+        let events: Vec<serde_json::Value> = c
+            .api(Method::GET, "/events?limit=200")
+            .await
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(events
+            .into_iter()
+            .find(|e| e["subject"] == "nginx3" && e["kind"] == "node.provision_failed")
+            .filter(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("already exists"))
+            }))
+    })
+    .await
+    .expect("the refusal is an event");
+    std::fs::remove_dir_all(&foreign).expect("remove the foreign dir");
+    for lb in ["nginx1", "nginx2"] {
+        eventually(&format!("nginx3 to serve through {lb}"), LONG, || async {
+            Ok((served_by(&http, &c, lb).await? == "nginx3").then_some(()))
+        })
+        .await
+        .expect("nginx3 serves");
+    }
+    eprintln!(
+        "nginx3 added and serving through both load balancers in {:.1} s (after a refused first try)",
+        added.elapsed().as_secs_f64()
+    );
+
+    // 1. A web node cut off from its load balancers: out of rotation, and
+    // not one idempotent request fails.
+    let readers = Readers::start(&c, &["nginx1", "nginx2"]);
+    let cut = Partition::cut(&c, &["nginx3"], &["nginx1", "nginx2"])
+        .await
+        .expect("cut nginx3");
+    // nginx notices on the first failed connect (2 s) and retries elsewhere.
+    eventually("reads to flow while nginx3 is cut off", LONG, || async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (ok, _, _) = readers.take();
+        Ok((ok > 20).then_some(()))
+    })
+    .await
+    .expect("reads");
+    let (_, _, _) = readers.take();
+    let window = Instant::now();
+    eventually(
+        "a stretch of reads with nginx3 out of rotation",
+        LONG,
+        || async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok((window.elapsed() > Duration::from_secs(4)).then_some(()))
+        },
+    )
+    .await
+    .expect("window");
+    let (ok, failed, by) = readers.take();
+    cut.heal().await;
+    assert_eq!(
+        failed, 0,
+        "reads failed while nginx3 was cut off ({ok} ok, by {by:?})"
+    );
+    eprintln!("nginx3 cut off from its load balancers: {ok} reads, 0 failed, served by {by:?}");
+    drop(readers);
+
+    // 2. The primary partitioned from every other node, adm1 included: it
+    // stops taking writes within the fencing bound, the standby takes over,
+    // and once healed the old primary rejoins as a standby.
+    let standby = other(&c, &primary);
+    let everyone: Vec<String> = c
+        .machine_names()
+        .into_iter()
+        .filter(|n| *n != primary)
+        .collect();
+    let everyone: Vec<&str> = everyone.iter().map(String::as_str).collect();
+    let cut_at = Instant::now();
+    let cut = Partition::cut(&c, &[primary.as_str()], &everyone)
+        .await
+        .expect("partition the primary");
+    let fenced_after = eventually("the partitioned primary to fence itself", LONG, || async {
+        Ok(refuses_writes(&c, &primary).await.then(|| cut_at.elapsed()))
+    })
+    .await
+    .expect("fenced");
+    eprintln!(
+        "partitioned primary {primary} refused writes {:.1} s after the cut",
+        fenced_after.as_secs_f64()
+    );
+    // The watchdog fences 2 s after the lock was last confirmed; a tick and
+    // the shutdown come on top.
+    assert!(
+        fenced_after < Duration::from_secs(6),
+        "fenced only after {fenced_after:?}"
+    );
+    eventually(&format!("{standby} to take over"), LONG, || async {
+        Ok((sql(&c, &standby, "SELECT pg_is_in_recovery()").await? == "f").then_some(()))
+    })
+    .await
+    .expect("standby promoted");
+    w1.progresses("writes on the new primary", 20)
+        .await
+        .expect("writes");
+    cut.heal().await;
+    let now = settled(&c, &w1, "the primary partitioned, then healed")
+        .await
+        .expect("after the partition");
+    settled(&c, &w2, "the primary partitioned, then healed")
+        .await
+        .expect("after the partition");
+    assert_eq!(now, standby, "the standby that took over stays primary");
+    primary = now;
+
+    // 3. The primary frozen whole, then thawed.
+    let standby = other(&c, &primary);
+    let frozen = Freeze::node(&c, &primary).await.expect("freeze");
+    eventually(
+        &format!("{standby} to take over from frozen {primary}"),
+        LONG,
+        || async {
+            Ok((sql(&c, &standby, "SELECT pg_is_in_recovery()").await? == "f").then_some(()))
+        },
+    )
+    .await
+    .expect("standby promoted");
+    w2.progresses("writes while the old primary is frozen", 20)
+        .await
+        .expect("writes");
+    frozen.thaw().await.expect("thaw");
+    let now = settled(&c, &w2, "the primary frozen, then thawed")
+        .await
+        .expect("after the freeze");
+    settled(&c, &w1, "the primary frozen, then thawed")
+        .await
+        .expect("after the freeze");
+    assert_eq!(now, standby);
+    primary = now;
+
+    // 4. Primary and standby cut from each other only, both still reaching
+    // Consul: the primary keeps its lock, the standby must not promote.
+    let standby = other(&c, &primary);
+    let cut = Partition::cut(&c, &[primary.as_str()], &[standby.as_str()])
+        .await
+        .expect("pairwise partition");
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        assert_eq!(
+            sole_primary(&c)
+                .await
+                .expect("one primary during the pairwise partition"),
+            primary,
+            "the primary moved although it still held Consul"
+        );
+        assert_eq!(
+            sql(&c, &standby, "SELECT pg_is_in_recovery()")
+                .await
+                .ok()
+                .as_deref(),
+            Some("t"),
+            "the standby took writes while cut off from the primary only"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    cut.heal().await;
+    let now = settled(
+        &c,
+        &w1,
+        "primary and standby cut from each other, then healed",
+    )
+    .await
+    .expect("after the pairwise partition");
+    settled(
+        &c,
+        &w2,
+        "primary and standby cut from each other, then healed",
+    )
+    .await
+    .expect("after the pairwise partition");
+    assert_eq!(now, primary);
+
+    // 5. The control plane gone for a minute: the data plane serves 100 %.
+    let readers = Readers::start(&c, &["nginx1", "nginx2"]);
+    let before = (w1.count(), w2.count());
+    c.kill_control_plane().await.expect("kill corral up");
+    let gone = Instant::now();
+    while gone.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (ok, failed, _) = readers.take();
+    assert_eq!(
+        failed, 0,
+        "reads failed without the control plane ({ok} ok)"
+    );
+    assert!(
+        w1.count() > before.0 + 100 && w2.count() > before.1 + 100,
+        "writes stalled without the control plane"
+    );
+    eprintln!(
+        "control plane down 60 s: {ok} reads, 0 failed; {} writes",
+        w1.count() + w2.count() - before.0 - before.1
+    );
+    drop(readers);
+    c.start()
+        .await
+        .expect("corral up again adopts the running cluster");
+    settled(&c, &w1, "the control plane back")
+        .await
+        .expect("after");
+    settled(&c, &w2, "the control plane back")
+        .await
+        .expect("after");
+
+    // Scale in: removing nginx3 drains it, then destroys its container.
+    let res = c
+        .api(Method::DELETE, "/nodes/nginx3")
+        .await
+        .send()
+        .await
+        .expect("DELETE nginx3");
+    assert!(res.status().is_success(), "{}", res.status());
+    eventually("nginx3's container to be destroyed", LONG, || async {
+        Ok((!c.lxc_path().join("nginx3").exists()).then_some(()))
+    })
+    .await
+    .expect("destroyed");
+    drop(w1);
+    drop(w2);
+    c.stop().await.expect("corral up stops");
+}
