@@ -148,6 +148,20 @@ impl Machinery {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        // Providers check the host first (and make the LXC bridge, which
+        // carries the address this server may listen on): a host that cannot
+        // run them is told why before any state, node or machine is made.
+        let providers = if config.run_machines {
+            crate::provider::Reaper::global();
+            let providers = machine_providers(&config);
+            for provider in &providers {
+                provider.preflight().await?;
+            }
+            providers
+        } else {
+            Vec::new()
+        };
+
         let secrets = Secrets::load_or_create(&config.state_dir)?;
         let url = config
             .database_url
@@ -177,20 +191,6 @@ impl Application {
         )
         .await
         .map_err(|e| StartError::Init(e.to_string()))?;
-
-        // Providers check the host (and make the LXC bridge, which carries
-        // the address this server may listen on) before anything is bound
-        // or made, so a host that cannot run them leaves no half-made cluster.
-        let providers = if config.run_machines {
-            crate::provider::Reaper::global();
-            let providers = machine_providers(&config);
-            for provider in &providers {
-                provider.preflight().await?;
-            }
-            providers
-        } else {
-            Vec::new()
-        };
 
         let listener = TcpListener::bind(&config.listen).map_err(|source| StartError::Listen {
             addr: config.listen.clone(),

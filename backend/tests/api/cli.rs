@@ -359,3 +359,39 @@ async fn the_cli_switches_over_waits_for_the_outcome_and_shows_db_status() {
         run.stderr
     );
 }
+
+#[tokio::test]
+async fn up_with_the_lxc_provider_on_a_host_without_lxc_says_what_is_missing_and_makes_nothing() {
+    let state = tempfile::tempdir().expect("state dir");
+    let out = Command::new(CORRAL)
+        .args([
+            "up",
+            "--provider",
+            "lxc",
+            "--lxc-bridge",
+            "corralnone0",
+            "--state-dir",
+        ])
+        .arg(state.path())
+        // A host without the lxc tools (and, when not root, without root).
+        .env("PATH", state.path().join("no-such-bin"))
+        .output()
+        .await
+        .expect("run corral up");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the lxc provider cannot run here"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("lxc-copy") || stderr.contains("needs root"),
+        "names what is missing: {stderr}"
+    );
+    for made in ["corral.db", "nodes", "lxc", "admin-token"] {
+        assert!(
+            !state.path().join(made).exists(),
+            "{made} was made although the provider cannot run: {stderr}"
+        );
+    }
+}
