@@ -1,21 +1,27 @@
 //! Failover benchmark: eight concurrent writers (four through nginx and the
 //! webapp, four straight into PostgreSQL) insert unique ids and log each
-//! acknowledgement; every postgres process of the primary is killed with
-//! SIGKILL; after the cluster has recovered, the
-//! acknowledged ids missing from the new primary are counted and the write
-//! outage measured (last acknowledged write before the kill to the first
-//! after). Rounds per replication mode.
+//! acknowledgement; then the primary fails: every postgres process killed
+//! with SIGKILL (`--kill postgres`, the default), or, on the LXC provider,
+//! its container frozen whole (`--kill freeze`) or partitioned from every
+//! other node (`--kill partition`), undone once writes resume elsewhere.
+//! After the cluster has recovered, the acknowledged ids missing from the
+//! new primary are counted and the write outage measured (last
+//! acknowledged write before the fault to the first after). Rounds per
+//! replication mode.
 //!
-//!   cargo run --release -p corral-e2e --example failover_bench -- [ROUNDS] [MODES] [OCTET]
+//!   cargo run --release -p corral-e2e --example failover_bench -- \
+//!       [ROUNDS] [MODES] [OCTET] [--kill postgres|freeze|partition] [--lxc]
 //!
-//! (defaults: 20 rounds, `sync,async`, cluster on 127.0.24.0/24). Run it
-//! through `scripts/bench/failover.sh`, which builds what it needs.
+//! (defaults: 20 rounds, `sync,async`, cluster on 127.0.24.0/24, or on
+//! 192.168.OCTET.0/24 in containers with `--lxc`). Run it through
+//! `scripts/bench/failover.sh`, which builds what it needs.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use corral_e2e::faults::{Freeze, Partition};
 use corral_e2e::pg::{commits_wait, db_nodes, kill_postgres, sole_primary, sql, streams_from};
 use corral_e2e::{Cluster, eventually};
 use reqwest::Method;
@@ -151,7 +157,60 @@ async fn healthy(c: &Cluster, synchronous: bool) -> anyhow::Result<String> {
     .await
 }
 
-async fn round(c: &Cluster, mode: &str, index: usize, password: &str) -> anyhow::Result<Round> {
+/// How the primary fails in a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Postgres,
+    Freeze,
+    Partition,
+}
+
+/// A fault in force, undone by [`Injected::undo`].
+enum Injected {
+    None,
+    Frozen(Freeze),
+    Cut(Partition),
+}
+
+impl Injected {
+    async fn undo(self) -> anyhow::Result<()> {
+        match self {
+            Injected::None => Ok(()),
+            Injected::Frozen(f) => f.thaw().await,
+            Injected::Cut(p) => {
+                p.heal().await;
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn inject(c: &Cluster, fault: Fault, primary: &str) -> anyhow::Result<Injected> {
+    Ok(match fault {
+        Fault::Postgres => {
+            kill_postgres(c, primary)?;
+            Injected::None
+        }
+        Fault::Freeze => Injected::Frozen(Freeze::node(c, primary).await?),
+        Fault::Partition => {
+            let others: Vec<String> = c
+                .machine_names()
+                .into_iter()
+                .filter(|n| n != primary)
+                .collect();
+            let others: Vec<&str> = others.iter().map(String::as_str).collect();
+            Injected::Cut(Partition::cut(c, &[primary], &others).await?)
+        }
+    })
+}
+
+async fn round(
+    c: &Cluster,
+    mode: &str,
+    fault: Fault,
+    index: usize,
+    password: &str,
+) -> anyhow::Result<Round> {
     let synchronous = mode != "async";
     let primary = healthy(c, synchronous).await?;
     let acks: Acks = Arc::default();
@@ -185,9 +244,10 @@ async fn round(c: &Cluster, mode: &str, index: usize, password: &str) -> anyhow:
         Ok((count() > 200).then_some(()))
     })
     .await?;
-    // The moment every postgres process is gone (finding the backends in
-    // /proc takes milliseconds, during which writes still succeed).
-    kill_postgres(c, &primary)?;
+    // The moment the fault is complete: every postgres process gone
+    // (finding the backends in /proc takes milliseconds, during which writes
+    // still succeed), the container frozen, the rules in place.
+    let injected = inject(c, fault, &primary).await?;
     let killed_at = Instant::now();
     // The first write sent after the kill and acknowledged; writes in
     // flight at the kill do not count as resumed.
@@ -206,6 +266,7 @@ async fn round(c: &Cluster, mode: &str, index: usize, password: &str) -> anyhow:
     for t in tasks {
         let _ = t.await;
     }
+    injected.undo().await?;
     let acks = acks.lock().expect("lock").clone();
     let last_before = acks
         .iter()
@@ -226,7 +287,8 @@ async fn round(c: &Cluster, mode: &str, index: usize, password: &str) -> anyhow:
             (first.acked - killed_at).as_millis()
         );
     }
-    let new_primary = healthy(c, false).await?;
+    // Every node back: the old primary rejoined as a standby.
+    let new_primary = healthy(c, mode != "async").await?;
     let stored: std::collections::HashSet<String> = sql(
         c,
         &new_primary,
@@ -251,7 +313,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let lxc = take_flag(&mut args, "--lxc");
+    let fault = match take_value(&mut args, "--kill").as_deref() {
+        None | Some("postgres") => Fault::Postgres,
+        Some("freeze") => Fault::Freeze,
+        Some("partition") => Fault::Partition,
+        Some(other) => bail!("--kill {other}: expected postgres, freeze or partition"),
+    };
+    if fault != Fault::Postgres && !lxc {
+        bail!("--kill freeze and --kill partition need --lxc (real isolation)");
+    }
     let rounds: usize = args.first().map_or(Ok(20), |a| a.parse())?;
     let modes: Vec<String> = args
         .get(1)
@@ -260,8 +332,13 @@ async fn main() -> anyhow::Result<()> {
         .map(String::from)
         .collect();
     let octet: u8 = args.get(2).map_or(Ok(24), |a| a.parse())?;
-    eprintln!("==> corral up (1 web, 2 db) on 127.0.{octet}.0/24");
-    let c = Cluster::up(octet, 1, 2).await?;
+    let c = if lxc {
+        eprintln!("==> corral up --provider lxc (1 web, 2 db) on 192.168.{octet}.0/24");
+        Cluster::up_lxc(octet, 1, 2).await?
+    } else {
+        eprintln!("==> corral up (1 web, 2 db) on 127.0.{octet}.0/24");
+        Cluster::up(octet, 1, 2).await?
+    };
     let password = std::fs::read_to_string(c.state_dir().join("db-password"))?
         .trim()
         .to_string();
@@ -292,7 +369,7 @@ async fn main() -> anyhow::Result<()> {
         let (mut acked, mut lost) = (0, 0);
         for i in 0..rounds {
             let n = seq.fetch_add(1, Ordering::Relaxed) as usize;
-            let r = round(&c, mode, n, &password).await?;
+            let r = round(&c, mode, fault, n, &password).await?;
             println!(
                 "{mode:>6} round {:>2}: outage {:>6} ms, {:>6} writes acknowledged, {} lost",
                 i + 1,
@@ -311,11 +388,28 @@ async fn main() -> anyhow::Result<()> {
             outages.last().copied().unwrap_or_default().as_secs_f64()
         ));
     }
-    println!(
-        "\nsummary (kill -9 of every postgres process of the primary; 4 writers through nginx, 4 direct)"
-    );
+    let what = match fault {
+        Fault::Postgres => "kill -9 of every postgres process of the primary",
+        Fault::Freeze => "the primary's container frozen (lxc-freeze) until writes resume",
+        Fault::Partition => "the primary partitioned from every other node until writes resume",
+    };
+    println!("\nsummary ({what}; 4 writers through nginx, 4 direct)");
     for line in summary {
         println!("{line}");
     }
     Ok(())
+}
+
+/// Removes `flag` from `args`; whether it was there.
+fn take_flag(args: &mut Vec<String>, flag: &str) -> bool {
+    let before = args.len();
+    args.retain(|a| a != flag);
+    args.len() != before
+}
+
+/// Removes `flag VALUE` from `args`; the value.
+fn take_value(args: &mut Vec<String>, flag: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.remove(i);
+    (i < args.len()).then(|| args.remove(i))
 }

@@ -6,7 +6,9 @@
 # write before the kill to the first after) and the acknowledged writes that
 # are missing after the failover.
 #
-#   scripts/bench/failover.sh [ROUNDS] [MODES] [OCTET]   (default 20 sync,async 24)
+#   scripts/bench/failover.sh [ROUNDS] [MODES] [OCTET] [--kill postgres|freeze|partition] [--lxc]
+#   (default 20 sync,async 24 --kill postgres; freeze and partition need --lxc,
+#   see scripts/bench/lxc.sh failover)
 #
 # Runs its own cluster (1 web, 2 db) on 127.0.OCTET.0/24 in a temp dir.
 set -euo pipefail
