@@ -3,31 +3,57 @@
 # nginx1, nginx2, pg1 and pg2 on 127.0.11.x with real Consul, nginx,
 # PostgreSQL and the TodoMVC webapp, configured by corral agents.
 #
-#   scripts/demo.sh            run in the foreground; Ctrl-C stops the cluster
-#   scripts/demo.sh --detach   run in the background (progress in .corral/up.log)
-#   scripts/demo.sh stop       stop a detached cluster (corral down)
+#   scripts/demo.sh                   run in the foreground; Ctrl-C stops the cluster
+#   scripts/demo.sh --detach          run in the background (progress in .corral/up.log)
+#   scripts/demo.sh --provider lxc    the nodes as LXC containers at the seed's own
+#                                     192.168.11.x (adm1 is this host, on the bridge);
+#                                     builds the .deb packages they install
+#   scripts/demo.sh [--provider lxc] stop   stop a detached cluster (corral down)
 #
-# State (control-plane database, PostgreSQL data, logs) lives in ./.corral
+# State (control-plane database, PostgreSQL data, logs; the containers'
+# overlays) lives in ./.corral, or ./.corral-lxc for the LXC cluster
 # (CORRAL_STATE_DIR), so running it again resumes the same cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-state=${CORRAL_STATE_DIR:-$PWD/.corral}
 say() { printf '==> %s\n' "$*" >&2; }
 
-case "${1:-}" in
-  stop)
-    exec target/release/corral down --state-dir "$state"
-    ;;
-  --detach|"") ;;
-  *) echo "usage: scripts/demo.sh [--detach|stop]" >&2; exit 2 ;;
+detach=0
+stop=0
+provider=local
+while [ $# -gt 0 ]; do
+  case "$1" in
+    stop) stop=1 ;;
+    --detach) detach=1 ;;
+    --provider) provider=${2:-}; shift ;;
+    --provider=*) provider=${1#--provider=} ;;
+    *) echo "usage: scripts/demo.sh [--detach] [--provider local|lxc] | stop" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$provider" in
+  local) state=${CORRAL_STATE_DIR:-$PWD/.corral} ;;
+  # A cluster of its own: its nodes live at other addresses.
+  lxc) state=${CORRAL_STATE_DIR:-$PWD/.corral-lxc} ;;
+  *) echo "demo.sh: --provider is local or lxc, not '$provider'" >&2; exit 2 ;;
 esac
+if [ "$stop" = 1 ]; then
+  exec target/release/corral down --state-dir "$state"
+fi
 
-scripts/setup.sh
+if [ "$provider" = lxc ]; then
+  scripts/setup.sh --lxc
+else
+  scripts/setup.sh
+fi
 say "building corral, corral-agent and todomvc (release)"
 cargo build -q --release --locked -p corral-server -p corral-agent -p todomvc
 if [ -x scripts/build-ui.sh ]; then
   scripts/build-ui.sh
+fi
+if [ "$provider" = lxc ]; then
+  say "building the .deb packages the containers install"
+  scripts/package.sh >/dev/null
 fi
 
 mkdir -p "$state"
@@ -35,11 +61,12 @@ mkdir -p "$state"
 # directory under the state dir.
 chmod 755 "$state"
 
-if [ "${1:-}" = "--detach" ]; then
+up=(target/release/corral up --state-dir "$state" --provider "$provider")
+if [ "$detach" = 1 ]; then
   log="$state/up.log"
   say "starting the cluster in the background (progress in $log)"
   : >"$log"
-  setsid target/release/corral up --state-dir "$state" >>"$log" 2>&1 </dev/null &
+  setsid "${up[@]}" >>"$log" 2>&1 </dev/null &
   pid=$!
   until grep -q -e '^cluster ready' -e 'not every node is ready' "$log"; do
     if ! kill -0 "$pid" 2>/dev/null; then
@@ -51,5 +78,5 @@ if [ "${1:-}" = "--detach" ]; then
   cat "$log"
   say "stop it with: scripts/demo.sh stop"
 else
-  exec target/release/corral up --state-dir "$state"
+  exec "${up[@]}"
 fi

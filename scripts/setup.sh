@@ -6,17 +6,20 @@
 #   scripts/setup.sh --fuzz     also the API fuzzer (schemathesis) in .venv
 #   scripts/setup.sh --bench    also load generators for the benchmarks
 #   scripts/setup.sh --ui       also build the web UI (frontend/dist)
+#   scripts/setup.sh --lxc      also LXC, debootstrap and nftables (the LXC provider)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_fuzz=0
 want_bench=0
 want_ui=0
+want_lxc=0
 for arg in "$@"; do
   case "$arg" in
     --fuzz) want_fuzz=1 ;;
     --bench) want_bench=1 ;;
     --ui) want_ui=1 ;;
+    --lxc) want_lxc=1 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -59,6 +62,7 @@ echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/corr
 packages=(postgresql-15 postgresql-client-15 nginx-light consul chromium chromium-driver
           nodejs curl jq procps iproute2 util-linux ca-certificates)
 [ "$want_bench" = 1 ] && packages+=(wrk)
+[ "$want_lxc" = 1 ] && packages+=(lxc debootstrap nftables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
