@@ -701,7 +701,7 @@ impl Machines for LxcProvider {
                         .map(|n| format!("/var/cache/corral/debs/{}", n.to_string_lossy()))
                 })
                 .collect();
-            let mut args = vec!["dpkg", "-i", "--force-confold"];
+            let mut args = vec!["dpkg", "-i", "--force-confdef", "--force-confold"];
             args.extend(debs.iter().map(String::as_str));
             self.attach(name, &args, Duration::from_secs(300)).await?;
             self.attach(
