@@ -13,8 +13,8 @@ use actix_web::{App, HttpServer, web};
 use corral_proto::Provider;
 
 use crate::auth::{Secrets, SecretsError};
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::reconcile::{AddressPlan, ClusterSettings};
-use crate::service::{Cluster, ClusterConfig};
 use crate::store::{self, Store, StoreError};
 
 /// Everything `corral serve` can be told.

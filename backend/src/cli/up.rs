@@ -16,9 +16,9 @@ use nix::sys::signal::{Signal, kill};
 use tokio::sync::watch;
 
 use crate::auth::Caller;
+use crate::cluster::Cluster;
 use crate::provider::local::{LocalConfig, LocalProvider, ProviderEvent, default_agent_bin};
 use crate::provider::{Reaper, reaper};
-use crate::service::Cluster;
 use crate::startup::{Application, Config};
 
 /// What `up` needs beyond the server's own settings.

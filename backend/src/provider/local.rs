@@ -16,7 +16,7 @@ use corral_proto::{Node, Provider, Role};
 use tokio::sync::{Mutex, broadcast, watch};
 
 use super::reaper::{self, Reaper};
-use crate::service::Cluster;
+use crate::cluster::Cluster;
 
 /// How the provider starts agents.
 #[derive(Debug, Clone)]
