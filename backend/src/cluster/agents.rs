@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use chrono::Utc;
 use corral_proto::{
-    EnrollRequest, EnrollResponse, Heartbeat, Node, NodeState, ObservedState, ReplicationStatus,
+    EnrollRequest, EnrollResponse, Heartbeat, Node, ObservedState, ReplicationStatus,
     validate_node_name,
 };
 
 use super::Cluster;
-use super::rows::{event_from_row, parse_role, parse_state};
+use super::rows::event_from_row;
 use crate::auth::{Caller, hash_token, new_token};
 use crate::error::ApiError;
-use crate::store::{self, NewEvent};
+use crate::store::{self, NewEvent, node};
 
 impl Cluster {
     /// Trades the join token for a node token; enrolling again revokes the
@@ -29,19 +29,12 @@ impl Cluster {
         let _guard = self.write.lock().await;
         let row = self.node_row(self.store.conn(), &req.node).await?;
         let token = new_token("corral-node-");
-        let state = match parse_state(&row.state)? {
-            NodeState::Draining => NodeState::Draining,
-            _ => NodeState::Active,
+        let state = match row.state {
+            node::State::Draining => node::State::Draining,
+            _ => node::State::Active,
         };
         let txn = self.store.begin().await?;
-        store::set_node_token(
-            &txn,
-            row.id,
-            &hash_token(&token),
-            state.as_str(),
-            Utc::now(),
-        )
-        .await?;
+        store::set_node_token(&txn, row.id, &hash_token(&token), state, Utc::now()).await?;
         let again = row.token_hash.is_some();
         let events = store::insert_events(
             &txn,
@@ -67,7 +60,7 @@ impl Cluster {
             node: row.name,
             token,
             address: row.address,
-            role: parse_role(&row.role)?,
+            role: row.role.into(),
         })
     }
 

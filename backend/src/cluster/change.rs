@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
-use corral_proto::{NodeState, Order, OrderKind, Provider, TopologyUpdate, WorkOrder};
+use corral_proto::{Order, OrderKind, Provider, Role, TopologyUpdate, WorkOrder};
 use sea_orm::DatabaseTransaction;
 
 use super::rows::{event_from_row, node_view, order_row};
@@ -15,7 +15,7 @@ use super::{Cluster, Desired};
 use crate::bus::OrderBatch;
 use crate::error::ApiError;
 use crate::reconcile::{self, PlanError};
-use crate::store::{self, NewEvent, NewNodeRow, event};
+use crate::store::{self, NewEvent, NewNodeRow, event, node};
 
 /// How long the phases of a change took, for the log and the standard
 /// `Server-Timing` response header (shown by browsers' developer tools).
@@ -119,10 +119,10 @@ impl Cluster {
                 .iter()
                 .map(|n| NewNodeRow {
                     name: &n.name,
-                    role: n.role.as_str(),
+                    role: n.role.into(),
                     address: n.address.to_string(),
-                    provider: n.provider.as_str(),
-                    state: NodeState::Provisioning.as_str(),
+                    provider: n.provider.into(),
+                    state: node::State::Provisioning,
                 })
                 .collect(),
             now,
@@ -140,14 +140,17 @@ impl Cluster {
                 subject: row.name.clone(),
                 message: format!(
                     "{} node {} at {} ({})",
-                    row.role, row.name, row.address, row.provider
+                    Role::from(row.role),
+                    row.name,
+                    row.address,
+                    Provider::from(row.provider)
                 ),
             });
             outcome.created.push(row.name.clone());
         }
         let never_enrolled: HashSet<&str> = rows
             .iter()
-            .filter(|r| r.state == NodeState::Provisioning.as_str())
+            .filter(|r| r.state == node::State::Provisioning)
             .map(|r| r.name.as_str())
             .collect();
         let mut removed_names = HashSet::new();
@@ -168,7 +171,7 @@ impl Cluster {
                 removed_names.insert(name.clone());
                 continue;
             }
-            store::set_node_state(txn, id, NodeState::Draining.as_str(), now).await?;
+            store::set_node_state(txn, id, node::State::Draining, now).await?;
             events.push(NewEvent {
                 actor: actor.into(),
                 kind: "node.draining".into(),

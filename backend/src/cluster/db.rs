@@ -8,7 +8,7 @@ use corral_proto::{
 
 use super::Cluster;
 use super::change::Outcome;
-use super::rows::{order_row, parse_role, parse_state};
+use super::rows::order_row;
 use crate::auth::Caller;
 use crate::bus::OrderBatch;
 use crate::error::ApiError;
@@ -36,20 +36,18 @@ impl Cluster {
         let rows = store::db_nodes_and(&txn, &to).await?;
         let standings = rows
             .iter()
-            .map(|row| {
-                Ok(switchover::Standing {
-                    name: row.name.clone(),
-                    role: parse_role(&row.role)?,
-                    state: parse_state(&row.state)?,
-                    fresh: self.is_fresh(row.last_heartbeat, now),
-                    replication: row
-                        .observed
-                        .as_deref()
-                        .and_then(|s| serde_json::from_str::<ObservedState>(s).ok())
-                        .and_then(|o| o.replication),
-                })
+            .map(|row| switchover::Standing {
+                name: row.name.clone(),
+                role: row.role.into(),
+                state: row.state.into(),
+                fresh: self.is_fresh(row.last_heartbeat, now),
+                replication: row
+                    .observed
+                    .as_deref()
+                    .and_then(|s| serde_json::from_str::<ObservedState>(s).ok())
+                    .and_then(|o| o.replication),
             })
-            .collect::<Result<Vec<_>, ApiError>>()?;
+            .collect::<Vec<_>>();
         let from =
             switchover::check(&to, &standings, switchover::MAX_LAG_BYTES).map_err(|refusal| {
                 match refusal {

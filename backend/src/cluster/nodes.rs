@@ -5,7 +5,6 @@ use chrono::Utc;
 use corral_proto::{CreateNode, MAX_NODES_PER_ROLE, Node, NodeState, Role, validate_node_name};
 use sea_orm::ConnectionTrait;
 
-use super::rows::{parse_role, parse_state};
 use super::topology::save_spec;
 use super::{Cluster, Removal};
 use crate::auth::Caller;
@@ -98,13 +97,13 @@ impl Cluster {
         let txn = self.store.begin().await?;
         let now = Utc::now();
         let row = self.node_row(&txn, name).await?;
-        let role = parse_role(&row.role)?;
+        let role = Role::from(row.role);
         if role == Role::Adm {
             return Err(ApiError::conflict(format!(
                 "{name} hosts the control plane and cannot be removed"
             )));
         }
-        let state = parse_state(&row.state)?;
+        let state = NodeState::from(row.state);
         if state == NodeState::Draining && !force {
             drop(txn);
             return Ok(Removal::Draining(Box::new(self.node_from_row(&row, now)?)));
@@ -134,7 +133,7 @@ impl Cluster {
                 },
             });
         } else {
-            store::set_node_state(&txn, row.id, NodeState::Draining.as_str(), now).await?;
+            store::set_node_state(&txn, row.id, node::State::Draining, now).await?;
             events.push(NewEvent {
                 actor: caller.actor(),
                 kind: "node.draining".into(),

@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use chrono::{DateTime, Utc};
-use corral_proto::{Event, Node, NodeState, Order, Role, Topology, TopologyUpdate, WorkOrder};
+use corral_proto::{Event, Node, Order, Role, Topology, TopologyUpdate, WorkOrder};
 
 use super::Cluster;
 use crate::error::ApiError;
@@ -20,10 +20,10 @@ impl Cluster {
         let health = self.health(row.last_heartbeat, now);
         Ok(Node {
             name: row.name.clone(),
-            role: parse_role(&row.role)?,
+            role: row.role.into(),
             address: row.address.clone(),
-            provider: row.provider.parse().map_err(ApiError::Internal)?,
-            state: parse_state(&row.state)?,
+            provider: row.provider.into(),
+            state: row.state.into(),
             health,
             last_seq: row.last_seq,
             last_heartbeat: row.last_heartbeat,
@@ -36,14 +36,6 @@ impl Cluster {
             created_at: row.created_at,
         })
     }
-}
-
-pub(super) fn parse_role(s: &str) -> Result<Role, ApiError> {
-    s.parse().map_err(ApiError::Internal)
-}
-
-pub(super) fn parse_state(s: &str) -> Result<NodeState, ApiError> {
-    s.parse().map_err(ApiError::Internal)
 }
 
 pub(super) fn node_view(row: &store::NodeBrief) -> Result<NodeView, ApiError> {
@@ -59,7 +51,7 @@ pub(super) fn node_view(row: &store::NodeBrief) -> Result<NodeView, ApiError> {
         role,
         index,
         address,
-        state: parse_state(&row.state)?,
+        state: row.state.into(),
         observed: row
             .observed
             .as_deref()
