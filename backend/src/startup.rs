@@ -14,7 +14,7 @@ use corral_proto::Provider;
 
 use crate::auth::{Secrets, SecretsError};
 use crate::cluster::{Cluster, ClusterConfig};
-use crate::reconcile::{AddressPlan, ClusterSettings};
+use crate::reconcile::{AddressPlan, AddressPlans, ClusterSettings};
 use crate::store::{self, Store, StoreError};
 
 /// Everything `corral serve` can be told.
@@ -95,7 +95,7 @@ impl Application {
             store,
             ClusterConfig {
                 settings: ClusterSettings {
-                    addressing: config.network,
+                    addressing: AddressPlans::new(config.network),
                     datacenter: config.datacenter.clone(),
                     gossip_key: secrets.gossip_key.clone(),
                     db_password: secrets.db_password.clone(),
