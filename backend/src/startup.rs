@@ -13,13 +13,13 @@ use actix_web::{App, HttpServer, web};
 use corral_proto::Provider;
 
 use crate::auth::{Secrets, SecretsError};
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::provider::controller::NodeSource;
 use crate::provider::{
     BootConfig, LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines,
     ProviderError,
 };
-use crate::reconcile::{AddressPlan, ClusterSettings};
-use crate::service::{Cluster, ClusterConfig};
+use crate::reconcile::{AddressPlan, AddressPlans, ClusterSettings};
 use crate::store::{self, Store, StoreError};
 
 /// Everything `corral serve` can be told.
@@ -88,6 +88,14 @@ impl Config {
         list.sort_by_key(|p| p.as_str());
         list.dedup();
         list
+    }
+
+    /// Every provider's address plan; adm1 lives in the default provider's.
+    pub fn address_plans(&self) -> AddressPlans {
+        let mut plans = AddressPlans::new(self.plan_for(self.default_provider));
+        plans.set(Provider::Local, self.network);
+        plans.set(Provider::Lxc, self.lxc_network);
+        plans
     }
 
     /// The address plan of a provider's nodes.
@@ -178,7 +186,7 @@ impl Application {
             store,
             ClusterConfig {
                 settings: ClusterSettings {
-                    addressing: config.network,
+                    addressing: config.address_plans(),
                     datacenter: config.datacenter.clone(),
                     gossip_key: secrets.gossip_key.clone(),
                     db_password: secrets.db_password.clone(),

@@ -13,8 +13,8 @@ use utoipa::IntoParams;
 use super::Body;
 use super::non_negative;
 use crate::auth::Caller;
+use crate::cluster::Cluster;
 use crate::error::ApiError;
-use crate::service::Cluster;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/agents/enroll").route(web::post().to(enroll)))

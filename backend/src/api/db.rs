@@ -6,8 +6,8 @@ use corral_proto::{ErrorBody, SwitchoverAccepted, SwitchoverRequest};
 
 use super::Body;
 use crate::auth::Caller;
+use crate::cluster::Cluster;
 use crate::error::ApiError;
-use crate::service::Cluster;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/db/switchover").route(web::post().to(switchover)));

@@ -16,8 +16,8 @@ use utoipa::IntoParams;
 
 use super::{limit, non_negative};
 use crate::auth::Caller;
+use crate::cluster::Cluster;
 use crate::error::ApiError;
-use crate::service::Cluster;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/events").route(web::get().to(list_events)))
@@ -111,7 +111,7 @@ pub async fn stream_events(
     let (backlog, last_id) = match after {
         Some(after) => {
             let events = cluster
-                .events(Some(after), crate::service::MAX_LIST_LIMIT)
+                .events(Some(after), crate::cluster::MAX_LIST_LIMIT)
                 .await?;
             (events.into(), after)
         }
@@ -169,7 +169,7 @@ impl Stream {
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         // Fell behind the live channel: catch up from the log.
                         let after = self.last_id.max(0);
-                        match self.cluster.events(Some(after), crate::service::MAX_LIST_LIMIT).await {
+                        match self.cluster.events(Some(after), crate::cluster::MAX_LIST_LIMIT).await {
                             Ok(events) => self.pending.extend(events),
                             Err(_) => return None,
                         }

@@ -16,8 +16,8 @@ use utoipa::IntoParams;
 
 use super::Body;
 use crate::auth::Caller;
+use crate::cluster::Cluster;
 use crate::error::ApiError;
-use crate::service::Cluster;
 
 /// Most services one node may keep logs of, so a confused agent cannot
 /// grow the server's memory without bound.

@@ -1,5 +1,5 @@
 //! The REST API under `/api/v1`, `/healthz`, `/version` and the Swagger UI
-//! at `/docs`. Handlers are thin: parse, call [`crate::service::Cluster`],
+//! at `/docs`. Handlers are thin: parse, call [`crate::cluster::Cluster`],
 //! map the result. The OpenAPI document is derived from them by utoipa;
 //! `openapi.yaml` at the repository root is its committed copy.
 
@@ -27,7 +27,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::auth::{self, Caller};
 use crate::error::{ApiError, path_error, query_error};
 
-use crate::service::Cluster;
+use crate::cluster::Cluster;
 pub use body::Body;
 pub use logs::ServiceLogs;
 
@@ -218,10 +218,10 @@ fn created<T: serde::Serialize>(location: String, body: &T) -> HttpResponse {
 fn limit(value: Option<u64>, default: u64) -> Result<u64, ApiError> {
     match value {
         None => Ok(default),
-        Some(n) if (1..=crate::service::MAX_LIST_LIMIT).contains(&n) => Ok(n),
+        Some(n) if (1..=crate::cluster::MAX_LIST_LIMIT).contains(&n) => Ok(n),
         Some(n) => Err(ApiError::BadRequest(format!(
             "limit={n} is out of range 1..={}",
-            crate::service::MAX_LIST_LIMIT
+            crate::cluster::MAX_LIST_LIMIT
         ))),
     }
 }

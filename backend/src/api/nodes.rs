@@ -9,8 +9,8 @@ use utoipa::IntoParams;
 use super::Body;
 use super::{created, limit, non_negative};
 use crate::auth::Caller;
+use crate::cluster::{Cluster, Removal};
 use crate::error::ApiError;
-use crate::service::{Cluster, Removal};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(

@@ -5,8 +5,8 @@ use corral_proto::{ErrorBody, Topology, TopologyChange, TopologyUpdate};
 
 use super::Body;
 use crate::auth::Caller;
+use crate::cluster::Cluster;
 use crate::error::ApiError;
-use crate::service::Cluster;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(

@@ -17,11 +17,11 @@ use corral_proto::{Node, NodeHealth, NodeState, Provider, Role, ServiceState, To
 use nix::sys::signal::{Signal, kill};
 
 use crate::auth::Caller;
+use crate::cluster::Cluster;
 use crate::provider::{
     BootConfig, LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines,
     ProviderEvent, Reaper, reaper,
 };
-use crate::service::Cluster;
 use crate::startup::{Application, Config};
 
 /// What `up` needs beyond the server's own settings.

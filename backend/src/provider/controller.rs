@@ -64,7 +64,7 @@ pub enum ProviderEvent {
 }
 
 /// Where the controller reads the nodes from and reports to: the
-/// control plane ([`crate::service::Cluster`]), or a fake in tests.
+/// control plane ([`crate::cluster::Cluster`]), or a fake in tests.
 #[async_trait]
 pub trait NodeSource: Send + Sync + 'static {
     async fn nodes(&self) -> Result<Vec<Node>, String>;
@@ -474,9 +474,9 @@ impl MachineController {
 }
 
 #[async_trait]
-impl NodeSource for crate::service::Cluster {
+impl NodeSource for crate::cluster::Cluster {
     async fn nodes(&self) -> Result<Vec<Node>, String> {
-        crate::service::Cluster::nodes(self)
+        crate::cluster::Cluster::nodes(self)
             .await
             .map_err(|e| e.to_string())
     }

@@ -1,13 +1,15 @@
 //! Where nodes live on the network. The seed scheme puts `adm1` at base+5,
 //! `pg1..pg9` at base+11.., `nginx1..nginx9` at base+21..; further nodes take
-//! the lowest free address from base+30 to the end of the block.
+//! the lowest free address from base+30 to the end of the block. Each
+//! provider may have a plan of its own ([`AddressPlans`]): local nodes live on
+//! loopback, LXC containers on their bridge's network.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-use corral_proto::Role;
+use corral_proto::{Provider, Role};
 
 /// The first address of the overflow pool, relative to the base.
 const POOL_START: u32 = 30;
@@ -16,7 +18,7 @@ const POOL_START: u32 = 30;
 /// default, loopback) or `192.168.11.0/24` (the seed's VirtualBox network).
 /// The base need not be the block's first address: `127.0.11.0/16` keeps the
 /// seed addresses and lets the pool run on to 127.0.255.254.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AddressPlan {
     base: u32,
     last: u32,
@@ -61,16 +63,7 @@ impl AddressPlan {
     /// The address for a new node: its seed address when free, else the
     /// lowest free pool address; `None` when the block is full.
     pub fn allocate(&self, role: Role, index: u32, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-        self.allocator(used.clone()).allocate(role, index)
-    }
-
-    /// An allocator for many addresses in a row, given those in use.
-    pub fn allocator(&self, used: HashSet<Ipv4Addr>) -> Allocator {
-        Allocator {
-            plan: *self,
-            used,
-            cursor: self.base + POOL_START,
-        }
+        Allocator::new(used.clone()).allocate(self, role, index)
     }
 
     /// adm1's seed address (base+5): on the LXC bridge, the host's own.
@@ -91,25 +84,78 @@ impl AddressPlan {
     }
 }
 
-/// Hands out addresses one after another. The pool cursor only moves
-/// forward, so allocating n addresses costs O(n), not O(n²).
+/// The address plan of each provider. The default plan is that of the
+/// server's default provider: `adm1` (the control plane's own host) takes
+/// its seed address, and every provider without a plan of its own uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressPlans {
+    default: AddressPlan,
+    own: Vec<(Provider, AddressPlan)>,
+}
+
+impl AddressPlans {
+    pub fn new(default_plan: AddressPlan) -> Self {
+        Self {
+            default: default_plan,
+            own: Vec::new(),
+        }
+    }
+
+    /// Gives `provider` a plan of its own.
+    pub fn set(&mut self, provider: Provider, plan: AddressPlan) {
+        self.own.retain(|(p, _)| *p != provider);
+        self.own.push((provider, plan));
+    }
+
+    /// The plan `provider`'s nodes take their addresses from.
+    pub fn plan_for(&self, provider: Provider) -> &AddressPlan {
+        self.own
+            .iter()
+            .find(|(p, _)| *p == provider)
+            .map_or(&self.default, |(_, plan)| plan)
+    }
+
+    /// The default provider's plan, where `adm1` lives.
+    pub fn default_plan(&self) -> &AddressPlan {
+        &self.default
+    }
+}
+
+impl Default for AddressPlans {
+    fn default() -> Self {
+        Self::new(AddressPlan::default())
+    }
+}
+
+/// Hands out addresses one after another, from whichever plan each node
+/// belongs to, never one already in use in any plan (plans may overlap). The
+/// pool cursor of each plan only moves forward, so allocating n addresses
+/// costs O(n), not O(n²).
 #[derive(Debug, Clone)]
 pub struct Allocator {
-    plan: AddressPlan,
     used: HashSet<Ipv4Addr>,
-    cursor: u32,
+    cursors: HashMap<AddressPlan, u32>,
 }
 
 impl Allocator {
-    pub fn allocate(&mut self, role: Role, index: u32) -> Option<Ipv4Addr> {
-        if let Some(addr) = self.plan.seed_address(role, index)
+    /// An allocator given the addresses in use.
+    pub fn new(used: HashSet<Ipv4Addr>) -> Self {
+        Self {
+            used,
+            cursors: HashMap::new(),
+        }
+    }
+
+    pub fn allocate(&mut self, plan: &AddressPlan, role: Role, index: u32) -> Option<Ipv4Addr> {
+        if let Some(addr) = plan.seed_address(role, index)
             && self.used.insert(addr)
         {
             return Some(addr);
         }
-        while self.cursor <= self.plan.last {
-            let addr = Ipv4Addr::from(self.cursor);
-            self.cursor += 1;
+        let cursor = self.cursors.entry(*plan).or_insert(plan.base + POOL_START);
+        while *cursor <= plan.last {
+            let addr = Ipv4Addr::from(*cursor);
+            *cursor += 1;
             if self.used.insert(addr) {
                 return Some(addr);
             }
@@ -202,6 +248,39 @@ mod tests {
         );
         assert_eq!(plan.to_string(), "127.0.11.0/16");
         assert_eq!(AddressPlan::default().to_string(), "127.0.11.0/24");
+    }
+
+    #[test]
+    fn a_provider_without_a_plan_of_its_own_uses_the_default() {
+        let mut plans = AddressPlans::new("192.168.11.0/24".parse().expect("plan"));
+        plans.set(Provider::Local, AddressPlan::default());
+        assert_eq!(plans.plan_for(Provider::Local), &AddressPlan::default());
+        assert_eq!(plans.plan_for(Provider::Lxc).to_string(), "192.168.11.0/24");
+        assert_eq!(plans.default_plan().to_string(), "192.168.11.0/24");
+        plans.set(Provider::Local, "127.0.12.0/24".parse().expect("plan"));
+        assert_eq!(plans.plan_for(Provider::Local).to_string(), "127.0.12.0/24");
+    }
+
+    #[test]
+    fn overlapping_plans_never_give_an_address_twice() {
+        let narrow = AddressPlan::default();
+        let wide: AddressPlan = "127.0.11.0/16".parse().expect("plan");
+        let mut alloc = Allocator::new(HashSet::new());
+        assert_eq!(
+            alloc.allocate(&narrow, Role::Web, 10),
+            Some(ip("127.0.11.30"))
+        );
+        // The wide plan's pool starts at the same address: it takes the next.
+        assert_eq!(
+            alloc.allocate(&wide, Role::Web, 11),
+            Some(ip("127.0.11.31"))
+        );
+        assert_eq!(alloc.allocate(&wide, Role::Web, 1), Some(ip("127.0.11.21")));
+        // Taken through the other plan: the seed address is not given again.
+        assert_eq!(
+            alloc.allocate(&narrow, Role::Web, 1),
+            Some(ip("127.0.11.32"))
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use corral_proto::{
     ReplicationRole, Role, TopologyUpdate, WEBAPP_SERVICE, WebappSpec, WorkOrder, ports,
 };
 
-pub use addressing::AddressPlan;
+pub use addressing::{AddressPlan, AddressPlans};
 
 /// A node as the reconciler sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +30,8 @@ pub struct NodeView {
 /// Cluster-wide settings that end up in orders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
-    pub addressing: AddressPlan,
+    /// Where each provider's nodes take their addresses from.
+    pub addressing: AddressPlans,
     pub datacenter: String,
     /// Consul gossip encryption key.
     pub gossip_key: String,
@@ -80,8 +81,10 @@ pub type LastOrders = HashMap<(String, OrderKind), WorkOrder>;
 
 /// Plans the changes that make `nodes` match `spec`.
 ///
-/// New nodes take the lowest free index of their role and its address;
-/// surplus nodes are drained highest index first. Every live node then gets
+/// New nodes take the lowest free index of their role and its address in
+/// the plan of `provider`, the provider they are created with; `adm1`, the
+/// control plane's own host, is always `local`, in the default plan. Surplus
+/// nodes are drained highest index first. Every live node then gets
 /// the orders of its role, filed only where they differ from the last order
 /// of that kind; a draining node gets one `Drain` order and nothing else.
 pub fn plan(
@@ -92,9 +95,7 @@ pub fn plan(
     provider: Provider,
 ) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
-    let mut addresses = settings
-        .addressing
-        .allocator(nodes.iter().map(|n| n.address).collect());
+    let mut addresses = addressing::Allocator::new(nodes.iter().map(|n| n.address).collect());
     // Live (not draining) nodes of the outcome, by role and index.
     let mut live: BTreeMap<(Role, u32), (String, Ipv4Addr)> = nodes
         .iter()
@@ -123,13 +124,16 @@ pub fn plan(
                 .find(|i| !taken_indexes.contains(&(role, *i)) && !live.contains_key(&(role, *i)))
                 .unwrap_or(u32::MAX);
             let name = format!("{}{index}", role.name_prefix());
-            let address =
-                addresses
-                    .allocate(role, index)
-                    .ok_or_else(|| PlanError::AddressPoolExhausted {
-                        plan: settings.addressing.to_string(),
-                        name: name.clone(),
-                    })?;
+            let (provider, network) = match role {
+                Role::Adm => (Provider::Local, settings.addressing.default_plan()),
+                _ => (provider, settings.addressing.plan_for(provider)),
+            };
+            let address = addresses.allocate(network, role, index).ok_or_else(|| {
+                PlanError::AddressPoolExhausted {
+                    plan: network.to_string(),
+                    name: name.clone(),
+                }
+            })?;
             live.insert((role, index), (name.clone(), address));
             plan.create.push(NewNode {
                 name,
@@ -253,7 +257,7 @@ mod tests {
 
     fn settings() -> ClusterSettings {
         ClusterSettings {
-            addressing: AddressPlan::default(),
+            addressing: AddressPlans::default(),
             datacenter: "corral".into(),
             gossip_key: "a2V5".into(),
             db_password: "secret".into(),
@@ -541,10 +545,79 @@ mod tests {
         assert!(nginx2.server);
     }
 
+    /// Settings of a server whose default provider is lxc, with its own
+    /// local plan on loopback.
+    fn lxc_settings() -> ClusterSettings {
+        let mut plans = AddressPlans::new("192.168.11.0/24".parse().expect("plan"));
+        plans.set(Provider::Local, AddressPlan::default());
+        ClusterSettings {
+            addressing: plans,
+            ..settings()
+        }
+    }
+
+    #[test]
+    fn adm1_is_local_at_the_default_providers_seed_address() {
+        let s = lxc_settings();
+        let p = plan(&spec(1, 0), &[], &LastOrders::new(), &s, Provider::Lxc).expect("plan");
+        let placed: Vec<_> = p
+            .create
+            .iter()
+            .map(|n| (n.name.as_str(), n.provider, n.address.to_string()))
+            .collect();
+        assert_eq!(
+            placed,
+            vec![
+                ("adm1", Provider::Local, "192.168.11.5".to_string()),
+                ("nginx1", Provider::Lxc, "192.168.11.21".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_node_takes_its_address_from_its_providers_plan() {
+        let s = lxc_settings();
+        let mut nodes = Vec::new();
+        let mut last = LastOrders::new();
+        let p = plan(&spec(1, 1), &nodes, &last, &s, Provider::Lxc).expect("plan");
+        apply(&mut nodes, &mut last, &p);
+        let p = plan(&spec(2, 1), &nodes, &last, &s, Provider::Local).expect("plan");
+        let placed: Vec<_> = p
+            .create
+            .iter()
+            .map(|n| (n.name.as_str(), n.provider, n.address.to_string()))
+            .collect();
+        assert_eq!(
+            placed,
+            vec![("nginx2", Provider::Local, "127.0.11.22".to_string())]
+        );
+    }
+
+    #[test]
+    fn providers_sharing_a_plan_never_share_an_address() {
+        // lxc has no plan of its own: it shares the default (loopback) one.
+        let s = settings();
+        let mut nodes = Vec::new();
+        let mut last = LastOrders::new();
+        let p = plan(&spec(10, 0), &nodes, &last, &s, Provider::Local).expect("plan");
+        apply(&mut nodes, &mut last, &p);
+        let p = plan(&spec(12, 0), &nodes, &last, &s, Provider::Lxc).expect("plan");
+        apply(&mut nodes, &mut last, &p);
+        let addrs: HashSet<_> = nodes.iter().map(|n| n.address).collect();
+        assert_eq!(addrs.len(), nodes.len(), "{nodes:?}");
+        assert_eq!(
+            p.create
+                .iter()
+                .map(|n| n.address.to_string())
+                .collect::<Vec<_>>(),
+            vec!["127.0.11.31", "127.0.11.32"]
+        );
+    }
+
     #[test]
     fn exhausted_address_pool_is_an_error_not_a_partial_plan() {
         let mut s = settings();
-        s.addressing = "10.0.0.0/27".parse().expect("plan");
+        s.addressing = AddressPlans::new("10.0.0.0/27".parse().expect("plan"));
         let err = plan(&spec(11, 0), &[], &LastOrders::new(), &s, Provider::Local).unwrap_err();
         assert!(
             matches!(err, PlanError::AddressPoolExhausted { .. }),
@@ -555,7 +628,7 @@ mod tests {
     #[test]
     fn ten_thousand_web_nodes_plan_quickly_and_uniquely() {
         let mut s = settings();
-        s.addressing = "127.0.11.0/16".parse().expect("plan");
+        s.addressing = AddressPlans::new("127.0.11.0/16".parse().expect("plan"));
         let p = plan(
             &spec(10_000, 0),
             &[],

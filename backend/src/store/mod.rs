@@ -181,9 +181,9 @@ pub async fn all_nodes<C: ConnectionTrait>(c: &C) -> Result<Vec<node::Model>> {
 pub struct NodeBrief {
     pub id: i32,
     pub name: String,
-    pub role: String,
+    pub role: node::Role,
     pub address: String,
-    pub state: String,
+    pub state: node::State,
     pub last_seq: i64,
     pub observed: Option<String>,
 }
@@ -214,7 +214,11 @@ pub async fn reconcile_nodes<C: ConnectionTrait>(c: &C) -> Result<Vec<NodeBrief>
 /// switchover request is judged on.
 pub async fn db_nodes_and<C: ConnectionTrait>(c: &C, name: &str) -> Result<Vec<node::Model>> {
     Ok(node::Entity::find()
-        .filter(node::Column::Role.eq("db").or(node::Column::Name.eq(name)))
+        .filter(
+            node::Column::Role
+                .eq(node::Role::Db)
+                .or(node::Column::Name.eq(name)),
+        )
         .order_by_asc(node::Column::Id)
         .all(c)
         .await?)
@@ -244,10 +248,10 @@ pub async fn node_by_token_hash<C: ConnectionTrait>(
 /// A node row to insert.
 pub struct NewNodeRow<'a> {
     pub name: &'a str,
-    pub role: &'a str,
+    pub role: node::Role,
     pub address: String,
-    pub provider: &'a str,
-    pub state: &'a str,
+    pub provider: node::Provider,
+    pub state: node::State,
 }
 
 /// Largest number of rows per multi-row INSERT: SQLite allows 32766 bind
@@ -272,10 +276,10 @@ pub async fn insert_nodes<C: ConnectionTrait>(
     let models = rows.into_iter().map(|r| node::ActiveModel {
         id: NotSet,
         name: Set(r.name.to_owned()),
-        role: Set(r.role.to_owned()),
+        role: Set(r.role),
         address: Set(r.address),
-        provider: Set(r.provider.to_owned()),
-        state: Set(r.state.to_owned()),
+        provider: Set(r.provider),
+        state: Set(r.state),
         token_hash: Set(None),
         last_seq: Set(0),
         last_heartbeat: Set(None),
@@ -296,7 +300,7 @@ pub async fn insert_nodes<C: ConnectionTrait>(
 pub async fn set_node_state<C: ConnectionTrait>(
     c: &C,
     id: i32,
-    state: &str,
+    state: node::State,
     now: DateTime<Utc>,
 ) -> Result<()> {
     node::Entity::update_many()
@@ -312,7 +316,7 @@ pub async fn set_node_token<C: ConnectionTrait>(
     c: &C,
     id: i32,
     token_hash: &str,
-    state: &str,
+    state: node::State,
     now: DateTime<Utc>,
 ) -> Result<()> {
     node::Entity::update_many()

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use corral_server::service::Cluster;
+use corral_server::cluster::Cluster;
 use corral_server::startup::{Application, Config};
 use reqwest::{Method, Response};
 use serde_json::Value;

@@ -1,5 +1,8 @@
 //! `nodes`: one row per cluster node. `observed` holds the agent's last
 //! reported state as JSON; `token_hash` the SHA-256 of its bearer token.
+//! Role, provider and state are read into enums of their own: the API's
+//! enums live in `corral-proto`, which also compiles to wasm and knows
+//! nothing of sea-orm. The stored strings are the API's names for them.
 
 use sea_orm::entity::prelude::*;
 
@@ -10,11 +13,11 @@ pub struct Model {
     pub id: i32,
     #[sea_orm(unique)]
     pub name: String,
-    pub role: String,
+    pub role: Role,
     #[sea_orm(unique)]
     pub address: String,
-    pub provider: String,
-    pub state: String,
+    pub provider: Provider,
+    pub state: State,
     pub token_hash: Option<String>,
     pub last_seq: i64,
     pub last_heartbeat: Option<DateTimeUtc>,
@@ -23,6 +26,77 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }
+
+/// [`corral_proto::Role`] as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::N(16))")]
+pub enum Role {
+    #[sea_orm(string_value = "web")]
+    Web,
+    #[sea_orm(string_value = "db")]
+    Db,
+    #[sea_orm(string_value = "adm")]
+    Adm,
+}
+
+/// [`corral_proto::Provider`] as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::N(16))")]
+pub enum Provider {
+    #[sea_orm(string_value = "local")]
+    Local,
+    #[sea_orm(string_value = "lxc")]
+    Lxc,
+    #[sea_orm(string_value = "virtualbox")]
+    Virtualbox,
+    #[sea_orm(string_value = "manual")]
+    Manual,
+}
+
+/// [`corral_proto::NodeState`] as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::N(16))")]
+pub enum State {
+    #[sea_orm(string_value = "provisioning")]
+    Provisioning,
+    #[sea_orm(string_value = "active")]
+    Active,
+    #[sea_orm(string_value = "draining")]
+    Draining,
+}
+
+/// Both ways between a stored enum and the API's, variant for variant.
+macro_rules! same_variants {
+    ($stored:ty, $api:ty, [$($variant:ident),+]) => {
+        impl From<$stored> for $api {
+            fn from(v: $stored) -> Self {
+                match v {
+                    $(<$stored>::$variant => <$api>::$variant,)+
+                }
+            }
+        }
+
+        impl From<$api> for $stored {
+            fn from(v: $api) -> Self {
+                match v {
+                    $(<$api>::$variant => <$stored>::$variant,)+
+                }
+            }
+        }
+    };
+}
+
+same_variants!(Role, corral_proto::Role, [Web, Db, Adm]);
+same_variants!(
+    Provider,
+    corral_proto::Provider,
+    [Local, Lxc, Virtualbox, Manual]
+);
+same_variants!(
+    State,
+    corral_proto::NodeState,
+    [Provisioning, Active, Draining]
+);
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
 pub enum Relation {
@@ -37,3 +111,30 @@ impl Related<super::work_order::Entity> for Entity {
 }
 
 impl ActiveModelBehavior for ActiveModel {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::{ActiveEnum, Iterable};
+
+    /// The stored strings must stay the API's names: rows written before
+    /// these enums existed hold them, and no migration changed them.
+    #[test]
+    fn stored_strings_are_the_api_names() {
+        for role in Role::iter() {
+            assert_eq!(role.to_value(), corral_proto::Role::from(role).as_str());
+        }
+        for provider in Provider::iter() {
+            assert_eq!(
+                provider.to_value(),
+                corral_proto::Provider::from(provider).as_str()
+            );
+        }
+        for state in State::iter() {
+            assert_eq!(
+                state.to_value(),
+                corral_proto::NodeState::from(state).as_str()
+            );
+        }
+    }
+}

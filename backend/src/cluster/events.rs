@@ -1,0 +1,38 @@
+//! The audit log: reading it, and following it as it is written.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use corral_proto::Event;
+use tokio::sync::broadcast;
+
+use super::rows::event_from_row;
+use super::{Cluster, MAX_LIST_LIMIT};
+use crate::error::ApiError;
+use crate::store::{self, NewEvent};
+
+impl Cluster {
+    /// Audit events after `after`, or the newest ones, oldest first.
+    pub async fn events(&self, after: Option<i64>, limit: u64) -> Result<Vec<Event>, ApiError> {
+        let limit = limit.min(MAX_LIST_LIMIT);
+        let rows = match after {
+            Some(after) => store::events_after(self.store.conn(), after, limit).await?,
+            None => store::latest_events(self.store.conn(), limit).await?,
+        };
+        Ok(rows.iter().map(event_from_row).collect())
+    }
+
+    /// Events as they are committed.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    /// Writes events outside a change and publishes them.
+    pub(super) async fn record_events(&self, events: Vec<NewEvent>) -> Result<(), ApiError> {
+        let rows = store::insert_events(self.store.conn(), events, Utc::now()).await?;
+        for e in &rows {
+            self.events.publish(event_from_row(e));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,195 @@
+//! The control plane's business rules, behind the thin HTTP handlers, one
+//! file per use case: `topology`, `nodes`, `db` (switchover), `agents`
+//! (enrollment and heartbeats), `orders` (long polls and results) and
+//! `events`. Every change to desired state goes through `change`: it runs the
+//! reconciler in the same transaction and writes its audit events there too,
+//! so a change is all-or-nothing; after the commit, waiting long polls and
+//! event streams are woken. `rows` turns database rows into API types.
+
+mod agents;
+mod change;
+mod db;
+mod events;
+mod nodes;
+mod orders;
+mod rows;
+mod topology;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use corral_proto::{Node, NodeHealth, Provider, TopologyUpdate};
+use tokio::sync::mpsc;
+
+use crate::auth::{Caller, NodeRef, Secrets, TokenCache, hash_token};
+use crate::bus::{EventBus, OrderBus};
+use crate::error::ApiError;
+use crate::reconcile::{ClusterSettings, LastOrders};
+use crate::store::{self, Store};
+
+use agents::watch_heartbeats;
+use orders::mark_delivered;
+use rows::update_from_row;
+use topology::save_spec;
+
+pub use change::Timings;
+pub use rows::{event_from_row, order_from_row};
+
+/// The most orders one poll answer carries; the agent polls again for more.
+pub const MAX_POLL_ORDERS: u64 = 100;
+/// The most rows a list call returns.
+pub const MAX_LIST_LIMIT: u64 = 1000;
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub settings: ClusterSettings,
+    /// Provider of nodes created without one.
+    pub default_provider: Provider,
+    /// Longest a long poll may hold (the `wait` parameter is capped to it).
+    pub max_poll_wait: Duration,
+    /// A node is `stale` when its last heartbeat is older than this.
+    pub heartbeat_stale_after: Duration,
+}
+
+/// The outcome of removing a node.
+#[derive(Debug)]
+pub enum Removal {
+    /// The node's agent was told to drain; it is removed once it has.
+    Draining(Box<Node>),
+    /// The node is gone.
+    Removed,
+}
+
+/// What the reconciler needs besides the nodes: the last order of each kind
+/// of each node. Kept in memory (it would cost a scan of every order and a
+/// JSON parse each per change otherwise), loaded from the database on first
+/// use and after any commit whose outcome is unknown. This assumes one
+/// server per database, which is how corral runs.
+#[derive(Default)]
+struct Desired {
+    last: LastOrders,
+    loaded: bool,
+}
+
+pub struct Cluster {
+    store: Store,
+    config: ClusterConfig,
+    secrets: Secrets,
+    orders: OrderBus,
+    events: EventBus,
+    tokens: TokenCache,
+    /// Serialises changes to desired state: the reconciler reads the whole
+    /// cluster and must not interleave with another run.
+    write: tokio::sync::Mutex<Desired>,
+    delivered: mpsc::UnboundedSender<(i32, i64)>,
+    stale: Mutex<HashSet<i32>>,
+}
+
+impl Cluster {
+    /// Sets up the cluster state (topology row, `adm1`) and starts the
+    /// background tasks, which end when the returned `Arc` is dropped.
+    pub async fn start(
+        store: Store,
+        config: ClusterConfig,
+        secrets: Secrets,
+    ) -> Result<Arc<Self>, ApiError> {
+        let (delivered, delivered_rx) = mpsc::unbounded_channel();
+        let cluster = Arc::new(Self {
+            store,
+            config,
+            secrets,
+            orders: OrderBus::default(),
+            events: EventBus::default(),
+            tokens: TokenCache::default(),
+            write: tokio::sync::Mutex::new(Desired::default()),
+            delivered,
+            stale: Mutex::new(HashSet::new()),
+        });
+        cluster.init().await?;
+        tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
+        tokio::spawn(watch_heartbeats(Arc::downgrade(&cluster)));
+        Ok(cluster)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// First start: an empty topology and the admin node.
+    async fn init(&self) -> Result<(), ApiError> {
+        let mut desired = self.write.lock().await;
+        let txn = self.store.begin().await?;
+        let now = Utc::now();
+        let spec = match store::load_topology(&txn).await? {
+            Some(row) => update_from_row(&row)?,
+            None => {
+                let spec = TopologyUpdate {
+                    web: 0,
+                    db: 0,
+                    lb_policy: Default::default(),
+                    replication: Default::default(),
+                };
+                save_spec(&txn, &spec, now).await?;
+                spec
+            }
+        };
+        let outcome = self
+            .apply_plan(
+                &txn,
+                &mut desired,
+                &spec,
+                self.config.default_provider,
+                "reconciler",
+                Vec::new(),
+            )
+            .await?;
+        self.commit(txn, outcome, &mut desired).await?;
+        Ok(())
+    }
+
+    /// Who a bearer token belongs to: the admin, or the agent of a node.
+    pub async fn authenticate(&self, token: &str) -> Result<Caller, ApiError> {
+        if self.secrets.is_admin(token) {
+            return Ok(Caller::Admin);
+        }
+        let hash = hash_token(token);
+        if let Some(node) = self.tokens.get(&hash) {
+            return Ok(Caller::Agent(node));
+        }
+        match store::node_by_token_hash(self.store.conn(), &hash).await? {
+            Some(row) => {
+                let node = NodeRef {
+                    id: row.id,
+                    name: row.name,
+                };
+                self.tokens.insert(hash, node.clone());
+                Ok(Caller::Agent(node))
+            }
+            None => Err(ApiError::Unauthorized("unknown or revoked token".into())),
+        }
+    }
+
+    /// Whether a heartbeat at `at` still counts as recent: the node is
+    /// `healthy` rather than `stale` or `unknown`.
+    fn is_fresh(&self, at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+        self.health(at, now) == NodeHealth::Healthy
+    }
+
+    fn health(&self, at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> NodeHealth {
+        match at {
+            None => NodeHealth::Unknown,
+            Some(at)
+                if (now - at).to_std().unwrap_or_default() > self.config.heartbeat_stale_after =>
+            {
+                NodeHealth::Stale
+            }
+            Some(_) => NodeHealth::Healthy,
+        }
+    }
+}
