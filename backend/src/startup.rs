@@ -80,10 +80,12 @@ impl Config {
         }
     }
 
-    /// The providers this server accepts nodes of.
+    /// The providers this server accepts nodes of: those configured, the
+    /// default, `manual`, and `local`, where adm1 (this host) always lives.
     pub fn accepted_providers(&self) -> Vec<Provider> {
         let mut list = self.providers.clone();
         list.push(Provider::Manual);
+        list.push(Provider::Local);
         list.push(self.default_provider);
         list.sort_by_key(|p| p.as_str());
         list.dedup();

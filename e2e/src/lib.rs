@@ -239,6 +239,28 @@ impl Cluster {
         }
     }
 
+    /// The directory of a node's PostgreSQL socket, reachable from this
+    /// host: in the node's directory (local), or through the container's
+    /// own view of its files, `/proc/<its init>/root` (LXC: a socket cannot
+    /// be reached through the overlay's upper directory).
+    pub async fn pg_socket_dir(&self, node: &str) -> anyhow::Result<PathBuf> {
+        if self.machines == Machines::Local {
+            return Ok(self.node_root(node).join("pgsock"));
+        }
+        let out = run(Command::new("lxc-info")
+            .arg("-P")
+            .arg(self.lxc_path())
+            .args(["-n", node, "-p", "-H"]))
+        .await?;
+        let pid: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .with_context(|| format!("{node} has no running init"))?;
+        Ok(PathBuf::from(format!(
+            "/proc/{pid}/root/var/lib/corral-agent/pgsock"
+        )))
+    }
+
     /// The names of the nodes that have a machine here.
     pub fn machine_names(&self) -> Vec<String> {
         let mut names: Vec<String> = [self.dir.path().join("nodes"), self.lxc_path()]

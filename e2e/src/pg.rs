@@ -9,7 +9,7 @@ use crate::{Cluster, run};
 
 /// SQL as the superuser over the node's private socket.
 pub async fn sql(c: &Cluster, node: &str, query: &str) -> anyhow::Result<String> {
-    let socket = c.node_root(node).join("pgsock");
+    let socket = c.pg_socket_dir(node).await?;
     let out = run(Command::new("/usr/lib/postgresql/15/bin/psql")
         .arg("-h")
         .arg(&socket)

@@ -282,7 +282,7 @@ impl MachineController {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut changes = source.node_changes();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Action, Result<(), String>)>();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Action, Result<String, String>)>();
         loop {
             self.tick(&source, &done_tx).await;
             tokio::select! {
@@ -319,7 +319,7 @@ impl MachineController {
     async fn tick(
         self: &Arc<Self>,
         source: &Arc<dyn NodeSource>,
-        done: &mpsc::UnboundedSender<(Action, Result<(), String>)>,
+        done: &mpsc::UnboundedSender<(Action, Result<String, String>)>,
     ) {
         let nodes = match source.nodes().await {
             Ok(nodes) => nodes,
@@ -359,7 +359,7 @@ impl MachineController {
         }
     }
 
-    async fn act(&self, action: &Action, node: Option<&Node>) -> Result<(), ProviderError> {
+    async fn act(&self, action: &Action, node: Option<&Node>) -> Result<String, ProviderError> {
         match action {
             Action::Ensure {
                 node: name,
@@ -379,7 +379,7 @@ impl MachineController {
                 let provider = self.providers.get(provider).ok_or_else(|| {
                     ProviderError::Other(format!("provider {provider} is not configured"))
                 })?;
-                provider.destroy(node).await
+                provider.destroy(node).await.map(|()| String::new())
             }
         }
     }
@@ -388,19 +388,20 @@ impl MachineController {
         &self,
         source: &Arc<dyn NodeSource>,
         action: Action,
-        result: Result<(), String>,
+        result: Result<String, String>,
     ) {
+        let outcome = result.as_ref().map(|_| ()).map_err(Clone::clone);
         let report = self
             .book
             .lock()
             .await
-            .finished(Instant::now(), &action, &result);
+            .finished(Instant::now(), &action, &outcome);
         match (&action, &result) {
-            (Action::Ensure { node, provider }, Ok(())) => self.say(ProviderEvent::Ensured {
+            (Action::Ensure { node, provider }, Ok(detail)) => self.say(ProviderEvent::Ensured {
                 node: node.clone(),
-                detail: format!("{provider} machine running"),
+                detail: format!("{provider}: {detail}"),
             }),
-            (Action::Destroy { node, .. }, Ok(())) => {
+            (Action::Destroy { node, .. }, Ok(_)) => {
                 self.say(ProviderEvent::Destroyed { node: node.clone() })
             }
             (Action::Ensure { node, .. } | Action::Destroy { node, .. }, Err(message)) => {

@@ -171,13 +171,13 @@ impl Machines for LocalProvider {
             .collect())
     }
 
-    async fn ensure(&self, node: &Node, boot: &BootConfig) -> Result<(), ProviderError> {
+    async fn ensure(&self, node: &Node, boot: &BootConfig) -> Result<String, ProviderError> {
         if self.running(&node.name) {
-            return Ok(());
+            return Ok("agent already running".into());
         }
         let pid = self.start_agent(node, boot)?;
         self.started().insert(node.name.clone(), pid);
-        Ok(())
+        Ok(format!("agent started (pid {pid})"))
     }
 
     async fn stop(&self, name: &str) -> Result<(), ProviderError> {

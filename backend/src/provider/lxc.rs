@@ -647,10 +647,11 @@ impl Machines for LxcProvider {
             .collect())
     }
 
-    async fn ensure(&self, node: &Node, boot: &BootConfig) -> Result<(), ProviderError> {
+    async fn ensure(&self, node: &Node, boot: &BootConfig) -> Result<String, ProviderError> {
         self.preflight().await?;
         let (packages, stamp) = self.packages()?;
         let name = node.name.as_str();
+        let mut steps = Steps::default();
         if !self.is_ours(name) {
             self.check_free(node).await?;
             let _ = std::fs::remove_dir_all(self.config.dir(name));
@@ -667,6 +668,7 @@ impl Machines for LxcProvider {
             )
             .await?;
             self.write_config(node)?;
+            steps.done("cloned");
         }
         let mut state = self.state_of(name).await?;
         if state == "FROZEN" {
@@ -691,8 +693,10 @@ impl Machines for LxcProvider {
                 Duration::from_secs(40),
             )
             .await?;
+            steps.done("started");
         }
         self.wait_booted(name).await?;
+        steps.done("booted");
         if self.installed_stamp(name).as_deref() != Some(stamp.as_str()) {
             let debs: Vec<String> = packages
                 .iter()
@@ -720,6 +724,7 @@ impl Machines for LxcProvider {
                 format!("mkdir -p /var/lib/corral && echo {stamp} > /var/lib/corral/packages");
             self.attach(name, &["sh", "-c", &script], Duration::from_secs(30))
                 .await?;
+            steps.done("packages installed, agent started");
         } else {
             self.attach(
                 name,
@@ -727,8 +732,9 @@ impl Machines for LxcProvider {
                 Duration::from_secs(60),
             )
             .await?;
+            steps.done("agent running");
         }
-        Ok(())
+        Ok(format!("container running: {}", steps.0.join(", ")))
     }
 
     async fn stop(&self, name: &str) -> Result<(), ProviderError> {
@@ -792,6 +798,23 @@ impl Machines for LxcProvider {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// What `ensure` did, each step with the time it took.
+struct Steps(Vec<String>, Instant);
+
+impl Default for Steps {
+    fn default() -> Self {
+        Steps(Vec::new(), Instant::now())
+    }
+}
+
+impl Steps {
+    fn done(&mut self, what: &str) {
+        self.0
+            .push(format!("{what} {:.1} s", self.1.elapsed().as_secs_f64()));
+        self.1 = Instant::now();
     }
 }
 

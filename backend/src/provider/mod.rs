@@ -89,8 +89,9 @@ pub trait Machines: Send + Sync + 'static {
     async fn inventory(&self) -> Result<Vec<Machine>, ProviderError>;
 
     /// Makes `node`'s machine exist and run its agent: creates it, or starts
-    /// it again, or adopts it when it already runs.
-    async fn ensure(&self, node: &Node, boot: &BootConfig) -> Result<(), ProviderError>;
+    /// it again, or adopts it when it already runs. Says what it did, with
+    /// the time its steps took.
+    async fn ensure(&self, node: &Node, boot: &BootConfig) -> Result<String, ProviderError>;
 
     /// Stops a machine and keeps its data (`corral down`).
     async fn stop(&self, name: &str) -> Result<(), ProviderError>;
