@@ -31,6 +31,10 @@ pub enum ApiError {
     /// Well-formed but breaks a rule: an unknown field, a value out of range.
     #[error("{0}")]
     Unprocessable(String),
+    /// Well-formed, but asks for what this server is not set up to give (a
+    /// provider it does not run): 422 with a code of its own.
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
     /// The database cannot be reached; try again later.
     #[error("{0}")]
     Unavailable(String),
@@ -49,6 +53,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable(_) => "unprocessable_entity",
+            ApiError::Invalid { code, .. } => code,
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -84,7 +89,9 @@ impl ResponseError for ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unprocessable(_) | ApiError::Invalid { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

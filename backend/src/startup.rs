@@ -27,6 +27,8 @@ pub struct Config {
     pub network: AddressPlan,
     pub datacenter: String,
     pub default_provider: Provider,
+    /// The providers nodes may be created with (the default one always).
+    pub providers: Vec<Provider>,
     pub max_poll_wait: Duration,
     pub heartbeat_stale_after: Duration,
     /// HTTP worker threads; one per core when unset.
@@ -46,6 +48,7 @@ impl Config {
             network: AddressPlan::default(),
             datacenter: "corral".into(),
             default_provider: Provider::Local,
+            providers: vec![Provider::Local],
             max_poll_wait: Duration::from_secs(60),
             heartbeat_stale_after: Duration::from_secs(15),
             workers: None,
@@ -101,6 +104,7 @@ impl Application {
                     db_password: secrets.db_password.clone(),
                 },
                 default_provider: config.default_provider,
+                providers: config.providers.clone(),
                 max_poll_wait: config.max_poll_wait,
                 heartbeat_stale_after: config.heartbeat_stale_after,
             },

@@ -53,6 +53,7 @@ impl Cluster {
         .await?;
         txn.commit().await?;
         self.tokens.forget_node(row.id);
+        self.nodes_changed();
         for e in &events {
             self.events.publish(event_from_row(e));
         }

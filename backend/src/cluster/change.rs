@@ -50,6 +50,7 @@ impl Timings {
 #[derive(Default)]
 pub(super) struct Outcome {
     pub(super) created: Vec<String>,
+    /// Nodes put into `draining`.
     pub(super) draining: Vec<String>,
     /// Nodes deleted: id and name.
     pub(super) removed: Vec<(i32, String)>,
@@ -289,6 +290,9 @@ impl Cluster {
             outcome.draining.len(),
             outcome.orders_filed,
         );
+        if created > 0 || draining > 0 || !outcome.removed.is_empty() {
+            self.nodes_changed();
+        }
         self.announce(outcome);
         timings.record("announce", clock.elapsed() - committed);
         if orders > 0 || created > 0 || draining > 0 {

@@ -27,6 +27,24 @@ impl Cluster {
         self.events.subscribe()
     }
 
+    /// Writes one audit event outside any change (a provider that failed to
+    /// make a node's machine, say) and publishes it to event streams.
+    pub async fn record_event(
+        &self,
+        actor: &str,
+        kind: &str,
+        subject: &str,
+        message: &str,
+    ) -> Result<(), ApiError> {
+        self.record_events(vec![NewEvent {
+            actor: actor.into(),
+            kind: kind.into(),
+            subject: subject.into(),
+            message: message.into(),
+        }])
+        .await
+    }
+
     /// Writes events outside a change and publishes them.
     pub(super) async fn record_events(&self, events: Vec<NewEvent>) -> Result<(), ApiError> {
         let rows = store::insert_events(self.store.conn(), events, Utc::now()).await?;

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use corral_proto::{Node, NodeHealth, Provider, TopologyUpdate};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Caller, NodeRef, Secrets, TokenCache, hash_token};
 use crate::bus::{EventBus, OrderBus};
@@ -47,6 +47,9 @@ pub struct ClusterConfig {
     pub settings: ClusterSettings,
     /// Provider of nodes created without one.
     pub default_provider: Provider,
+    /// The providers this server runs: nodes may be created only with one
+    /// of these. The default provider always counts as configured.
+    pub providers: Vec<Provider>,
     /// Longest a long poll may hold (the `wait` parameter is capped to it).
     pub max_poll_wait: Duration,
     /// A node is `stale` when its last heartbeat is older than this.
@@ -85,6 +88,9 @@ pub struct Cluster {
     write: tokio::sync::Mutex<Desired>,
     delivered: mpsc::UnboundedSender<(i32, i64)>,
     stale: Mutex<HashSet<i32>>,
+    /// Bumped after every commit that creates or removes a node or changes
+    /// a node's state: what providers watch.
+    node_changes: watch::Sender<u64>,
 }
 
 impl Cluster {
@@ -92,9 +98,12 @@ impl Cluster {
     /// background tasks, which end when the returned `Arc` is dropped.
     pub async fn start(
         store: Store,
-        config: ClusterConfig,
+        mut config: ClusterConfig,
         secrets: Secrets,
     ) -> Result<Arc<Self>, ApiError> {
+        if !config.providers.contains(&config.default_provider) {
+            config.providers.push(config.default_provider);
+        }
         let (delivered, delivered_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Self {
             store,
@@ -106,6 +115,7 @@ impl Cluster {
             write: tokio::sync::Mutex::new(Desired::default()),
             delivered,
             stale: Mutex::new(HashSet::new()),
+            node_changes: watch::Sender::new(0),
         });
         cluster.init().await?;
         tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
@@ -119,6 +129,19 @@ impl Cluster {
 
     pub fn config(&self) -> &ClusterConfig {
         &self.config
+    }
+
+    /// A generation counter of the nodes, bumped after every commit that
+    /// creates or removes a node or changes a node's state (provisioning,
+    /// active, draining), enrollments included. Whoever turns nodes into
+    /// machines waits on it, then reads [`Cluster::nodes`] afresh: a node
+    /// gone from that list has been removed.
+    pub fn subscribe_node_changes(&self) -> watch::Receiver<u64> {
+        self.node_changes.subscribe()
+    }
+
+    fn nodes_changed(&self) {
+        self.node_changes.send_modify(|generation| *generation += 1);
     }
 
     /// First start: an empty topology and the admin node.

@@ -47,6 +47,16 @@ impl Cluster {
         caller.require_admin()?;
         let role = Role::from(req.role);
         let provider = req.provider.unwrap_or(self.config.default_provider);
+        if !self.config.providers.contains(&provider) {
+            let configured: Vec<&str> = self.config.providers.iter().map(|p| p.as_str()).collect();
+            return Err(ApiError::Invalid {
+                code: "provider_not_configured",
+                message: format!(
+                    "provider {provider} is not configured on this server (configured: {})",
+                    configured.join(", ")
+                ),
+            });
+        }
         let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();
@@ -155,6 +165,7 @@ impl Cluster {
             outcome.removed.push((row.id, name.to_string()));
             Removal::Removed
         } else {
+            outcome.draining.push(name.to_string());
             let row = self.node_row(&txn, name).await?;
             Removal::Draining(Box::new(self.node_from_row(&row, now)?))
         };
