@@ -1,12 +1,14 @@
 //! The one place where what went wrong becomes an HTTP status and the JSON
-//! body `{"error": code, "message": text}`. Every error a user can cause has
-//! its own variant; nothing a user sends may end up as `Internal`.
+//! body `{"error": code, "message": text}`: the request's own errors here,
+//! the cluster's ([`ClusterError`]) mapped in. Every error a user can cause
+//! has its own variant; nothing a user sends may end up as `Internal`.
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use corral_proto::ErrorBody;
 
+use crate::cluster::ClusterError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +132,24 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Unauthenticated(m) => ApiError::Unauthorized(m),
+            ClusterError::NotAllowed(m) => ApiError::Forbidden(m),
+            ClusterError::NotFound(m) => ApiError::NotFound(m),
+            ClusterError::Invalid(m) => ApiError::Unprocessable(m),
+            e @ ClusterError::ProviderNotConfigured { .. } => ApiError::Invalid {
+                code: "provider_not_configured",
+                message: e.to_string(),
+            },
+            ClusterError::Conflict { code, message } => ApiError::Conflict { code, message },
+            ClusterError::Store(e) => e.into(),
+            ClusterError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
 impl From<sea_orm::DbErr> for ApiError {
     fn from(e: sea_orm::DbErr) -> Self {
         StoreError::from(e).into()
@@ -153,6 +173,59 @@ mod tests {
         let body = ApiError::Internal("password=hunter2".into()).body();
         assert_eq!(body.error, "internal");
         assert!(!body.message.contains("hunter2"));
+    }
+
+    #[test]
+    fn cluster_errors_get_their_status_and_code_at_the_edge() {
+        use corral_proto::Provider;
+        let refused = ApiError::from(ClusterError::ProviderNotConfigured {
+            provider: Provider::Virtualbox,
+            configured: vec![Provider::Local, Provider::Lxc],
+        });
+        assert_eq!(refused.status_code(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(refused.body().error, "provider_not_configured");
+        assert_eq!(
+            refused.body().message,
+            "provider virtualbox is not configured on this server (configured: local, lxc)"
+        );
+        for (e, status, code) in [
+            (
+                ClusterError::Unauthenticated("x".into()),
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+            ),
+            (
+                ClusterError::NotAllowed("x".into()),
+                StatusCode::FORBIDDEN,
+                "forbidden",
+            ),
+            (
+                ClusterError::NotFound("x".into()),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                ClusterError::Invalid("x".into()),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unprocessable_entity",
+            ),
+            (
+                ClusterError::Conflict {
+                    code: "switchover_in_progress",
+                    message: "x".into(),
+                },
+                StatusCode::CONFLICT,
+                "switchover_in_progress",
+            ),
+            (
+                ClusterError::Internal("x".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+        ] {
+            let e = ApiError::from(e);
+            assert_eq!((e.status_code(), e.code()), (status, code));
+        }
     }
 
     #[test]

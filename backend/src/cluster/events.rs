@@ -6,14 +6,14 @@ use chrono::Utc;
 use corral_proto::Event;
 use tokio::sync::broadcast;
 
+use super::ClusterError;
 use super::rows::event_from_row;
 use super::{Cluster, MAX_LIST_LIMIT};
-use crate::error::ApiError;
 use crate::store::{self, NewEvent};
 
 impl Cluster {
     /// Audit events after `after`, or the newest ones, oldest first.
-    pub async fn events(&self, after: Option<i64>, limit: u64) -> Result<Vec<Event>, ApiError> {
+    pub async fn events(&self, after: Option<i64>, limit: u64) -> Result<Vec<Event>, ClusterError> {
         let limit = limit.min(MAX_LIST_LIMIT);
         let rows = match after {
             Some(after) => store::events_after(self.store.conn(), after, limit).await?,
@@ -35,7 +35,7 @@ impl Cluster {
         kind: &str,
         subject: &str,
         message: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ClusterError> {
         self.record_events(vec![NewEvent {
             actor: actor.into(),
             kind: kind.into(),
@@ -46,7 +46,7 @@ impl Cluster {
     }
 
     /// Writes events outside a change and publishes them.
-    pub(super) async fn record_events(&self, events: Vec<NewEvent>) -> Result<(), ApiError> {
+    pub(super) async fn record_events(&self, events: Vec<NewEvent>) -> Result<(), ClusterError> {
         let rows = store::insert_events(self.store.conn(), events, Utc::now()).await?;
         for e in &rows {
             self.events.publish(event_from_row(e));

@@ -9,6 +9,7 @@
 mod agents;
 mod change;
 mod db;
+mod error;
 mod events;
 mod nodes;
 mod orders;
@@ -25,7 +26,6 @@ use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Caller, NodeRef, Secrets, TokenCache, hash_token};
 use crate::bus::{EventBus, OrderBus};
-use crate::error::ApiError;
 use crate::reconcile::{ClusterSettings, LastOrders};
 use crate::store::{self, Store};
 
@@ -35,6 +35,7 @@ use rows::update_from_row;
 use topology::save_spec;
 
 pub use change::Timings;
+pub use error::ClusterError;
 pub use rows::{event_from_row, order_from_row};
 
 /// The most orders one poll answer carries; the agent polls again for more.
@@ -100,7 +101,7 @@ impl Cluster {
         store: Store,
         mut config: ClusterConfig,
         secrets: Secrets,
-    ) -> Result<Arc<Self>, ApiError> {
+    ) -> Result<Arc<Self>, ClusterError> {
         if !config.providers.contains(&config.default_provider) {
             config.providers.push(config.default_provider);
         }
@@ -145,7 +146,7 @@ impl Cluster {
     }
 
     /// First start: an empty topology and the admin node.
-    async fn init(&self) -> Result<(), ApiError> {
+    async fn init(&self) -> Result<(), ClusterError> {
         let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();
@@ -177,7 +178,7 @@ impl Cluster {
     }
 
     /// Who a bearer token belongs to: the admin, or the agent of a node.
-    pub async fn authenticate(&self, token: &str) -> Result<Caller, ApiError> {
+    pub async fn authenticate(&self, token: &str) -> Result<Caller, ClusterError> {
         if self.secrets.is_admin(token) {
             return Ok(Caller::Admin);
         }
@@ -194,7 +195,9 @@ impl Cluster {
                 self.tokens.insert(hash, node.clone());
                 Ok(Caller::Agent(node))
             }
-            None => Err(ApiError::Unauthorized("unknown or revoked token".into())),
+            None => Err(ClusterError::Unauthenticated(
+                "unknown or revoked token".into(),
+            )),
         }
     }
 
