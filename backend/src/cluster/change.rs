@@ -102,7 +102,7 @@ impl Cluster {
                 match e {
                     PlanError::AddressPoolExhausted { .. } => ClusterError::Conflict {
                         code: "address_pool_exhausted",
-                        message: format!("{e}; widen --network or remove nodes"),
+                        message: format!("{e}; widen that network or remove nodes"),
                     },
                 }
             })?;

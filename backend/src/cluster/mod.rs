@@ -4,7 +4,8 @@
 //! `events`. Every change to desired state goes through `change`: it runs the
 //! reconciler in the same transaction and writes its audit events there too,
 //! so a change is all-or-nothing; after the commit, waiting long polls and
-//! event streams are woken. `rows` turns database rows into API types.
+//! event streams are woken. `rows` turns database rows into API types;
+//! `error` names what the use cases refuse, leaving HTTP to `crate::error`.
 
 mod agents;
 mod change;
