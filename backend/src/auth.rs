@@ -18,6 +18,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::cluster::ClusterError;
 use crate::error::ApiError;
 
 /// Random bytes in every token: 256 bits, beyond guessing, so a fast hash
@@ -199,10 +200,10 @@ impl Caller {
         }
     }
 
-    pub fn require_admin(&self) -> Result<(), ApiError> {
+    pub fn require_admin(&self) -> Result<(), ClusterError> {
         match self {
             Caller::Admin => Ok(()),
-            Caller::Agent(node) => Err(ApiError::Forbidden(format!(
+            Caller::Agent(node) => Err(ClusterError::NotAllowed(format!(
                 "the agent token of {} reaches only that node's agent endpoints",
                 node.name
             ))),
@@ -210,11 +211,11 @@ impl Caller {
     }
 
     /// Admin, or the agent of `node` itself.
-    pub fn require_node(&self, node: &str) -> Result<(), ApiError> {
+    pub fn require_node(&self, node: &str) -> Result<(), ClusterError> {
         match self {
             Caller::Admin => Ok(()),
             Caller::Agent(own) if own.name == node => Ok(()),
-            Caller::Agent(own) => Err(ApiError::Forbidden(format!(
+            Caller::Agent(own) => Err(ClusterError::NotAllowed(format!(
                 "the agent token of {} does not reach node {node}",
                 own.name
             ))),
@@ -286,9 +287,12 @@ mod tests {
         assert!(agent.require_node("nginx1").is_ok());
         assert!(matches!(
             agent.require_node("nginx2"),
-            Err(ApiError::Forbidden(_))
+            Err(ClusterError::NotAllowed(_))
         ));
-        assert!(matches!(agent.require_admin(), Err(ApiError::Forbidden(_))));
+        assert!(matches!(
+            agent.require_admin(),
+            Err(ClusterError::NotAllowed(_))
+        ));
         assert!(Caller::Admin.require_node("nginx2").is_ok());
     }
 }

@@ -1,12 +1,14 @@
 //! The one place where what went wrong becomes an HTTP status and the JSON
-//! body `{"error": code, "message": text}`. Every error a user can cause has
-//! its own variant; nothing a user sends may end up as `Internal`.
+//! body `{"error": code, "message": text}`: the request's own errors here,
+//! the cluster's ([`ClusterError`]) mapped in. Every error a user can cause
+//! has its own variant; nothing a user sends may end up as `Internal`.
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use corral_proto::ErrorBody;
 
+use crate::cluster::ClusterError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,10 @@ pub enum ApiError {
     /// Well-formed but breaks a rule: an unknown field, a value out of range.
     #[error("{0}")]
     Unprocessable(String),
+    /// Well-formed, but asks for what this server is not set up to give (a
+    /// provider it does not run): 422 with a code of its own.
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
     /// The database cannot be reached; try again later.
     #[error("{0}")]
     Unavailable(String),
@@ -49,6 +55,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable(_) => "unprocessable_entity",
+            ApiError::Invalid { code, .. } => code,
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -84,7 +91,9 @@ impl ResponseError for ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unprocessable(_) | ApiError::Invalid { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -123,6 +132,24 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Unauthenticated(m) => ApiError::Unauthorized(m),
+            ClusterError::NotAllowed(m) => ApiError::Forbidden(m),
+            ClusterError::NotFound(m) => ApiError::NotFound(m),
+            ClusterError::Invalid(m) => ApiError::Unprocessable(m),
+            e @ ClusterError::ProviderNotConfigured { .. } => ApiError::Invalid {
+                code: "provider_not_configured",
+                message: e.to_string(),
+            },
+            ClusterError::Conflict { code, message } => ApiError::Conflict { code, message },
+            ClusterError::Store(e) => e.into(),
+            ClusterError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
 impl From<sea_orm::DbErr> for ApiError {
     fn from(e: sea_orm::DbErr) -> Self {
         StoreError::from(e).into()
@@ -146,6 +173,59 @@ mod tests {
         let body = ApiError::Internal("password=hunter2".into()).body();
         assert_eq!(body.error, "internal");
         assert!(!body.message.contains("hunter2"));
+    }
+
+    #[test]
+    fn cluster_errors_get_their_status_and_code_at_the_edge() {
+        use corral_proto::Provider;
+        let refused = ApiError::from(ClusterError::ProviderNotConfigured {
+            provider: Provider::Virtualbox,
+            configured: vec![Provider::Local, Provider::Lxc],
+        });
+        assert_eq!(refused.status_code(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(refused.body().error, "provider_not_configured");
+        assert_eq!(
+            refused.body().message,
+            "provider virtualbox is not configured on this server (configured: local, lxc)"
+        );
+        for (e, status, code) in [
+            (
+                ClusterError::Unauthenticated("x".into()),
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+            ),
+            (
+                ClusterError::NotAllowed("x".into()),
+                StatusCode::FORBIDDEN,
+                "forbidden",
+            ),
+            (
+                ClusterError::NotFound("x".into()),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                ClusterError::Invalid("x".into()),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unprocessable_entity",
+            ),
+            (
+                ClusterError::Conflict {
+                    code: "switchover_in_progress",
+                    message: "x".into(),
+                },
+                StatusCode::CONFLICT,
+                "switchover_in_progress",
+            ),
+            (
+                ClusterError::Internal("x".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+            ),
+        ] {
+            let e = ApiError::from(e);
+            assert_eq!((e.status_code(), e.code()), (status, code));
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use utoipa::IntoParams;
 
 use super::Body;
 use crate::auth::Caller;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterError};
 use crate::error::ApiError;
 
 /// Most services one node may keep logs of, so a confused agent cannot
@@ -188,10 +188,10 @@ pub async fn get_logs(
     };
     let logs = logs_of(logs)?;
     if let Err(e) = cluster.node(&name).await {
-        if matches!(e, ApiError::NotFound(_)) {
+        if matches!(e, ClusterError::NotFound(_)) {
             logs.forget(&name);
         }
-        return Err(e);
+        return Err(e.into());
     }
     Ok(web::Json(logs.recent(
         &name,

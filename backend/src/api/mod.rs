@@ -190,7 +190,7 @@ async fn authenticate(
             .app_data::<web::Data<Cluster>>()
             .cloned()
             .ok_or_else(|| ApiError::Internal("cluster state missing from app".into()))?;
-        let caller = cluster.authenticate(&token).await?;
+        let caller = cluster.authenticate(&token).await.map_err(ApiError::from)?;
         req.extensions_mut().insert(caller);
     }
     next.call(req).await

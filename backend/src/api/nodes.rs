@@ -63,7 +63,7 @@ pub async fn list_nodes(
         (status = 409, description = "No free address left, or the role already has the most nodes allowed", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "Unknown field or role (adm cannot be added)", body = ErrorBody),
+        (status = 422, description = "Unknown field or role (adm cannot be added), or `provider_not_configured`: a provider this server does not run", body = ErrorBody),
     )
 )]
 pub async fn create_node(

@@ -12,20 +12,20 @@ use corral_proto::{
 };
 
 use super::Cluster;
+use super::ClusterError;
 use super::rows::event_from_row;
 use crate::auth::{Caller, hash_token, new_token};
-use crate::error::ApiError;
 use crate::store::{self, NewEvent, node};
 
 impl Cluster {
     /// Trades the join token for a node token; enrolling again revokes the
     /// previous one.
     #[tracing::instrument(skip(self, req), fields(node = %req.node))]
-    pub async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, ApiError> {
+    pub async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, ClusterError> {
         if !self.secrets.is_join_token(&req.join_token) {
-            return Err(ApiError::Unauthorized("invalid join token".into()));
+            return Err(ClusterError::Unauthenticated("invalid join token".into()));
         }
-        validate_node_name(&req.node).map_err(ApiError::Unprocessable)?;
+        validate_node_name(&req.node).map_err(ClusterError::Invalid)?;
         let _guard = self.write.lock().await;
         let row = self.node_row(self.store.conn(), &req.node).await?;
         let token = new_token("corral-node-");
@@ -53,6 +53,7 @@ impl Cluster {
         .await?;
         txn.commit().await?;
         self.tokens.forget_node(row.id);
+        self.nodes_changed();
         for e in &events {
             self.events.publish(event_from_row(e));
         }
@@ -71,12 +72,12 @@ impl Cluster {
         name: &str,
         heartbeat: Heartbeat,
         caller: &Caller,
-    ) -> Result<Node, ApiError> {
+    ) -> Result<Node, ClusterError> {
         caller.require_node(name)?;
         heartbeat
             .observed
             .validate()
-            .map_err(ApiError::Unprocessable)?;
+            .map_err(ClusterError::Invalid)?;
         let row = self.node_row(self.store.conn(), name).await?;
         let previous: Option<ObservedState> = row
             .observed
@@ -84,7 +85,7 @@ impl Cluster {
             .and_then(|s| serde_json::from_str(s).ok());
         let now = Utc::now();
         let json = serde_json::to_string(&heartbeat.observed)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(|e| ClusterError::Internal(e.to_string()))?;
         store::record_heartbeat(self.store.conn(), row.id, &json, now).await?;
         let mut events = Vec::new();
         let actor = format!("agent:{name}");

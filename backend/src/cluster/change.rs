@@ -10,10 +10,10 @@ use chrono::Utc;
 use corral_proto::{Order, OrderKind, Provider, Role, TopologyUpdate, WorkOrder};
 use sea_orm::DatabaseTransaction;
 
+use super::ClusterError;
 use super::rows::{event_from_row, node_view, order_row};
 use super::{Cluster, Desired};
 use crate::bus::OrderBatch;
-use crate::error::ApiError;
 use crate::reconcile::{self, PlanError};
 use crate::store::{self, NewEvent, NewNodeRow, event, node};
 
@@ -50,6 +50,7 @@ impl Timings {
 #[derive(Default)]
 pub(super) struct Outcome {
     pub(super) created: Vec<String>,
+    /// Nodes put into `draining`.
     pub(super) draining: Vec<String>,
     /// Nodes deleted: id and name.
     pub(super) removed: Vec<(i32, String)>,
@@ -74,7 +75,7 @@ impl Cluster {
         provider: Provider,
         actor: &str,
         mut events: Vec<NewEvent>,
-    ) -> Result<Outcome, ApiError> {
+    ) -> Result<Outcome, ClusterError> {
         let now = Utc::now();
         let clock = std::time::Instant::now();
         let rows = store::reconcile_nodes(txn).await?;
@@ -88,7 +89,7 @@ impl Cluster {
                     continue;
                 };
                 let order: WorkOrder = serde_json::from_str(&payload).map_err(|e| {
-                    ApiError::Internal(format!("stored order of {name} is corrupt: {e}"))
+                    ClusterError::Internal(format!("stored order of {name} is corrupt: {e}"))
                 })?;
                 desired.last.insert((name.to_string(), kind), order);
             }
@@ -99,9 +100,9 @@ impl Cluster {
         let plan =
             reconcile::plan(spec, &views, last, &self.config.settings, provider).map_err(|e| {
                 match e {
-                    PlanError::AddressPoolExhausted { .. } => ApiError::Conflict {
+                    PlanError::AddressPoolExhausted { .. } => ClusterError::Conflict {
                         code: "address_pool_exhausted",
-                        message: format!("{e}; widen --network or remove nodes"),
+                        message: format!("{e}; widen that network or remove nodes"),
                     },
                 }
             })?;
@@ -260,7 +261,7 @@ impl Cluster {
         txn: DatabaseTransaction,
         mut outcome: Outcome,
         desired: &mut Desired,
-    ) -> Result<Timings, ApiError> {
+    ) -> Result<Timings, ClusterError> {
         let clock = std::time::Instant::now();
         if let Err(e) = txn.commit().await {
             // Whether it committed is unknown: reload the cache next time.
@@ -289,6 +290,9 @@ impl Cluster {
             outcome.draining.len(),
             outcome.orders_filed,
         );
+        if created > 0 || draining > 0 || !outcome.removed.is_empty() {
+            self.nodes_changed();
+        }
         self.announce(outcome);
         timings.record("announce", clock.elapsed() - committed);
         if orders > 0 || created > 0 || draining > 0 {

@@ -7,11 +7,11 @@ use corral_proto::{
 };
 
 use super::Cluster;
+use super::ClusterError;
 use super::change::Outcome;
 use super::rows::order_row;
 use crate::auth::Caller;
 use crate::bus::OrderBatch;
-use crate::error::ApiError;
 use crate::store::{self, NewEvent};
 use crate::switchover;
 
@@ -24,11 +24,11 @@ impl Cluster {
         &self,
         req: SwitchoverRequest,
         caller: &Caller,
-    ) -> Result<SwitchoverAccepted, ApiError> {
+    ) -> Result<SwitchoverAccepted, ClusterError> {
         caller.require_admin()?;
         let to = req.to;
         if validate_node_name(&to).is_err() {
-            return Err(ApiError::NotFound(format!("no node named {to}")));
+            return Err(ClusterError::NotFound(format!("no node named {to}")));
         }
         let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
@@ -51,24 +51,23 @@ impl Cluster {
         let from =
             switchover::check(&to, &standings, switchover::MAX_LAG_BYTES).map_err(|refusal| {
                 match refusal {
-                    switchover::Refusal::UnknownNode(_) => ApiError::NotFound(refusal.to_string()),
-                    switchover::Refusal::NotDb { .. } => {
-                        ApiError::Unprocessable(refusal.to_string())
+                    switchover::Refusal::UnknownNode(_) => {
+                        ClusterError::NotFound(refusal.to_string())
                     }
-                    other => ApiError::Conflict {
+                    switchover::Refusal::NotDb { .. } => ClusterError::Invalid(refusal.to_string()),
+                    other => ClusterError::Conflict {
                         code: other.conflict_code(),
                         message: other.to_string(),
                     },
                 }
             })?;
-        let primary = rows
-            .iter()
-            .find(|r| r.name == from)
-            .ok_or_else(|| ApiError::Internal("the primary vanished from its own list".into()))?;
+        let primary = rows.iter().find(|r| r.name == from).ok_or_else(|| {
+            ClusterError::Internal("the primary vanished from its own list".into())
+        })?;
         if let Some(running) =
             store::unfinished_order(&txn, primary.id, OrderKind::Switchover.as_str()).await?
         {
-            return Err(ApiError::Conflict {
+            return Err(ClusterError::Conflict {
                 code: "switchover_in_progress",
                 message: format!(
                     "{from} has not finished switchover order {} yet; follow it in GET /api/v1/nodes/{from}/orders",

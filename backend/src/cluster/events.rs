@@ -6,14 +6,14 @@ use chrono::Utc;
 use corral_proto::Event;
 use tokio::sync::broadcast;
 
+use super::ClusterError;
 use super::rows::event_from_row;
 use super::{Cluster, MAX_LIST_LIMIT};
-use crate::error::ApiError;
 use crate::store::{self, NewEvent};
 
 impl Cluster {
     /// Audit events after `after`, or the newest ones, oldest first.
-    pub async fn events(&self, after: Option<i64>, limit: u64) -> Result<Vec<Event>, ApiError> {
+    pub async fn events(&self, after: Option<i64>, limit: u64) -> Result<Vec<Event>, ClusterError> {
         let limit = limit.min(MAX_LIST_LIMIT);
         let rows = match after {
             Some(after) => store::events_after(self.store.conn(), after, limit).await?,
@@ -27,8 +27,26 @@ impl Cluster {
         self.events.subscribe()
     }
 
+    /// Writes one audit event outside any change (a provider that failed to
+    /// make a node's machine, say) and publishes it to event streams.
+    pub async fn record_event(
+        &self,
+        actor: &str,
+        kind: &str,
+        subject: &str,
+        message: &str,
+    ) -> Result<(), ClusterError> {
+        self.record_events(vec![NewEvent {
+            actor: actor.into(),
+            kind: kind.into(),
+            subject: subject.into(),
+            message: message.into(),
+        }])
+        .await
+    }
+
     /// Writes events outside a change and publishes them.
-    pub(super) async fn record_events(&self, events: Vec<NewEvent>) -> Result<(), ApiError> {
+    pub(super) async fn record_events(&self, events: Vec<NewEvent>) -> Result<(), ClusterError> {
         let rows = store::insert_events(self.store.conn(), events, Utc::now()).await?;
         for e in &rows {
             self.events.publish(event_from_row(e));

@@ -4,11 +4,13 @@
 //! `events`. Every change to desired state goes through `change`: it runs the
 //! reconciler in the same transaction and writes its audit events there too,
 //! so a change is all-or-nothing; after the commit, waiting long polls and
-//! event streams are woken. `rows` turns database rows into API types.
+//! event streams are woken. `rows` turns database rows into API types;
+//! `error` names what the use cases refuse, leaving HTTP to `crate::error`.
 
 mod agents;
 mod change;
 mod db;
+mod error;
 mod events;
 mod nodes;
 mod orders;
@@ -21,11 +23,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use corral_proto::{Node, NodeHealth, Provider, TopologyUpdate};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Caller, NodeRef, Secrets, TokenCache, hash_token};
 use crate::bus::{EventBus, OrderBus};
-use crate::error::ApiError;
 use crate::reconcile::{ClusterSettings, LastOrders};
 use crate::store::{self, Store};
 
@@ -35,6 +36,7 @@ use rows::update_from_row;
 use topology::save_spec;
 
 pub use change::Timings;
+pub use error::ClusterError;
 pub use rows::{event_from_row, order_from_row};
 
 /// The most orders one poll answer carries; the agent polls again for more.
@@ -47,6 +49,9 @@ pub struct ClusterConfig {
     pub settings: ClusterSettings,
     /// Provider of nodes created without one.
     pub default_provider: Provider,
+    /// The providers this server runs: nodes may be created only with one
+    /// of these. The default provider always counts as configured.
+    pub providers: Vec<Provider>,
     /// Longest a long poll may hold (the `wait` parameter is capped to it).
     pub max_poll_wait: Duration,
     /// A node is `stale` when its last heartbeat is older than this.
@@ -85,6 +90,9 @@ pub struct Cluster {
     write: tokio::sync::Mutex<Desired>,
     delivered: mpsc::UnboundedSender<(i32, i64)>,
     stale: Mutex<HashSet<i32>>,
+    /// Bumped after every commit that creates or removes a node or changes
+    /// a node's state: what providers watch.
+    node_changes: watch::Sender<u64>,
 }
 
 impl Cluster {
@@ -92,9 +100,12 @@ impl Cluster {
     /// background tasks, which end when the returned `Arc` is dropped.
     pub async fn start(
         store: Store,
-        config: ClusterConfig,
+        mut config: ClusterConfig,
         secrets: Secrets,
-    ) -> Result<Arc<Self>, ApiError> {
+    ) -> Result<Arc<Self>, ClusterError> {
+        if !config.providers.contains(&config.default_provider) {
+            config.providers.push(config.default_provider);
+        }
         let (delivered, delivered_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Self {
             store,
@@ -106,6 +117,7 @@ impl Cluster {
             write: tokio::sync::Mutex::new(Desired::default()),
             delivered,
             stale: Mutex::new(HashSet::new()),
+            node_changes: watch::Sender::new(0),
         });
         cluster.init().await?;
         tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
@@ -121,8 +133,21 @@ impl Cluster {
         &self.config
     }
 
+    /// A generation counter of the nodes, bumped after every commit that
+    /// creates or removes a node or changes a node's state (provisioning,
+    /// active, draining), enrollments included. Whoever turns nodes into
+    /// machines waits on it, then reads [`Cluster::nodes`] afresh: a node
+    /// gone from that list has been removed.
+    pub fn subscribe_node_changes(&self) -> watch::Receiver<u64> {
+        self.node_changes.subscribe()
+    }
+
+    fn nodes_changed(&self) {
+        self.node_changes.send_modify(|generation| *generation += 1);
+    }
+
     /// First start: an empty topology and the admin node.
-    async fn init(&self) -> Result<(), ApiError> {
+    async fn init(&self) -> Result<(), ClusterError> {
         let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();
@@ -154,7 +179,7 @@ impl Cluster {
     }
 
     /// Who a bearer token belongs to: the admin, or the agent of a node.
-    pub async fn authenticate(&self, token: &str) -> Result<Caller, ApiError> {
+    pub async fn authenticate(&self, token: &str) -> Result<Caller, ClusterError> {
         if self.secrets.is_admin(token) {
             return Ok(Caller::Admin);
         }
@@ -171,7 +196,9 @@ impl Cluster {
                 self.tokens.insert(hash, node.clone());
                 Ok(Caller::Agent(node))
             }
-            None => Err(ApiError::Unauthorized("unknown or revoked token".into())),
+            None => Err(ClusterError::Unauthenticated(
+                "unknown or revoked token".into(),
+            )),
         }
     }
 

@@ -5,15 +5,15 @@ use chrono::Utc;
 use corral_proto::{CreateNode, MAX_NODES_PER_ROLE, Node, NodeState, Role, validate_node_name};
 use sea_orm::ConnectionTrait;
 
+use super::ClusterError;
 use super::topology::save_spec;
 use super::{Cluster, Removal};
 use crate::auth::Caller;
-use crate::error::ApiError;
 use crate::store::{self, NewEvent, node};
 
 impl Cluster {
     /// Every node, oldest first, draining ones included.
-    pub async fn nodes(&self) -> Result<Vec<Node>, ApiError> {
+    pub async fn nodes(&self) -> Result<Vec<Node>, ClusterError> {
         let now = Utc::now();
         store::all_nodes(self.store.conn())
             .await?
@@ -23,7 +23,7 @@ impl Cluster {
     }
 
     /// One node by name.
-    pub async fn node(&self, name: &str) -> Result<Node, ApiError> {
+    pub async fn node(&self, name: &str) -> Result<Node, ClusterError> {
         let row = self.node_row(self.store.conn(), name).await?;
         self.node_from_row(&row, Utc::now())
     }
@@ -33,20 +33,30 @@ impl Cluster {
         &self,
         c: &C,
         name: &str,
-    ) -> Result<node::Model, ApiError> {
-        validate_node_name(name).map_err(ApiError::NotFound)?;
+    ) -> Result<node::Model, ClusterError> {
+        validate_node_name(name).map_err(ClusterError::NotFound)?;
         store::node_by_name(c, name)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no node named {name}")))
+            .ok_or_else(|| ClusterError::NotFound(format!("no node named {name}")))
     }
 
     /// Adds a node of a role: the topology grows by one and the reconciler
     /// gives the node its name, address and orders.
     #[tracing::instrument(skip(self, caller), fields(actor = %caller.actor()))]
-    pub async fn create_node(&self, req: CreateNode, caller: &Caller) -> Result<Node, ApiError> {
+    pub async fn create_node(
+        &self,
+        req: CreateNode,
+        caller: &Caller,
+    ) -> Result<Node, ClusterError> {
         caller.require_admin()?;
         let role = Role::from(req.role);
         let provider = req.provider.unwrap_or(self.config.default_provider);
+        if !self.config.providers.contains(&provider) {
+            return Err(ClusterError::ProviderNotConfigured {
+                provider,
+                configured: self.config.providers.clone(),
+            });
+        }
         let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();
@@ -56,7 +66,7 @@ impl Cluster {
             _ => &mut spec.db,
         };
         if *count >= MAX_NODES_PER_ROLE {
-            return Err(ApiError::conflict(format!(
+            return Err(ClusterError::conflict(format!(
                 "the topology already has the most {role} nodes allowed ({MAX_NODES_PER_ROLE})"
             )));
         }
@@ -77,7 +87,7 @@ impl Cluster {
             .iter()
             .find(|n| Role::parse_node_name(n).is_some_and(|(r, _)| r == role))
             .cloned()
-            .ok_or_else(|| ApiError::Internal("the plan created no node".into()))?;
+            .ok_or_else(|| ClusterError::Internal("the plan created no node".into()))?;
         let row = self.node_row(&txn, &name).await?;
         self.commit(txn, outcome, &mut desired).await?;
         self.node_from_row(&row, now)
@@ -91,7 +101,7 @@ impl Cluster {
         name: &str,
         force: bool,
         caller: &Caller,
-    ) -> Result<Removal, ApiError> {
+    ) -> Result<Removal, ClusterError> {
         caller.require_admin()?;
         let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
@@ -99,7 +109,7 @@ impl Cluster {
         let row = self.node_row(&txn, name).await?;
         let role = Role::from(row.role);
         if role == Role::Adm {
-            return Err(ApiError::conflict(format!(
+            return Err(ClusterError::conflict(format!(
                 "{name} hosts the control plane and cannot be removed"
             )));
         }
@@ -155,6 +165,7 @@ impl Cluster {
             outcome.removed.push((row.id, name.to_string()));
             Removal::Removed
         } else {
+            outcome.draining.push(name.to_string());
             let row = self.node_row(&txn, name).await?;
             Removal::Draining(Box::new(self.node_from_row(&row, now)?))
         };

@@ -10,10 +10,10 @@ use corral_proto::{
 };
 use tokio::sync::mpsc;
 
+use super::ClusterError;
 use super::rows::order_from_row;
 use super::{Cluster, MAX_LIST_LIMIT, MAX_POLL_ORDERS};
 use crate::auth::Caller;
-use crate::error::ApiError;
 use crate::store::{self, NewEvent, Store};
 
 impl Cluster {
@@ -23,13 +23,18 @@ impl Cluster {
     }
 
     /// How many long polls are waiting for `name`'s orders right now.
-    pub async fn waiting_polls(&self, name: &str) -> Result<usize, ApiError> {
+    pub async fn waiting_polls(&self, name: &str) -> Result<usize, ClusterError> {
         let row = self.node_row(self.store.conn(), name).await?;
         Ok(self.orders.waiting(row.id))
     }
 
     /// The orders of a node after `after`, oldest first.
-    pub async fn orders(&self, name: &str, after: i64, limit: u64) -> Result<Vec<Order>, ApiError> {
+    pub async fn orders(
+        &self,
+        name: &str,
+        after: i64,
+        limit: u64,
+    ) -> Result<Vec<Order>, ClusterError> {
         let row = self.node_row(self.store.conn(), name).await?;
         store::orders_after(self.store.conn(), row.id, after, limit.min(MAX_LIST_LIMIT))
             .await?
@@ -47,11 +52,11 @@ impl Cluster {
         after: i64,
         wait: Duration,
         caller: &Caller,
-    ) -> Result<PollResponse, ApiError> {
+    ) -> Result<PollResponse, ClusterError> {
         caller.require_node(name)?;
         let row = self.node_row(self.store.conn(), name).await?;
         if after > row.last_seq {
-            return Err(ApiError::conflict(format!(
+            return Err(ClusterError::conflict(format!(
                 "after={after} is beyond {name}'s last order ({}); the agent's state belongs to another life of this node: reset it and enroll again",
                 row.last_seq
             )));
@@ -73,7 +78,7 @@ impl Cluster {
                 changed = rx.changed() => {
                     if changed.is_err() {
                         // The node was removed while we waited.
-                        return Err(ApiError::NotFound(format!("node {name} was removed")));
+                        return Err(ClusterError::NotFound(format!("node {name} was removed")));
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => {
@@ -123,29 +128,29 @@ impl Cluster {
         seq: i64,
         result: OrderResult,
         caller: &Caller,
-    ) -> Result<Order, ApiError> {
+    ) -> Result<Order, ClusterError> {
         caller.require_node(name)?;
         let length = result.message.chars().count();
         if length > MAX_RESULT_LEN {
-            return Err(ApiError::Unprocessable(format!(
+            return Err(ClusterError::Invalid(format!(
                 "message is {length} characters; at most {MAX_RESULT_LEN} allowed"
             )));
         }
         let row = self.node_row(self.store.conn(), name).await?;
         let order = store::order(self.store.conn(), row.id, seq)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("{name} has no order {seq}")))?;
+            .ok_or_else(|| ClusterError::NotFound(format!("{name} has no order {seq}")))?;
         let status = OrderStatus::from(result.outcome);
-        let current: OrderStatus = order.status.parse().map_err(ApiError::Internal)?;
+        let current: OrderStatus = order.status.parse().map_err(ClusterError::Internal)?;
         if current.is_finished() {
             if current == status {
                 return order_from_row(&order, name);
             }
-            return Err(ApiError::conflict(format!(
+            return Err(ClusterError::conflict(format!(
                 "order {seq} of {name} is already {current}"
             )));
         }
-        let kind: OrderKind = order.kind.parse().map_err(ApiError::Internal)?;
+        let kind: OrderKind = order.kind.parse().map_err(ClusterError::Internal)?;
         let now = Utc::now();
         let summary: String = result.message.chars().take(200).collect();
         let finished_event = NewEvent {
@@ -199,7 +204,7 @@ impl Cluster {
         self.record_events(vec![finished_event]).await?;
         let updated = store::order(self.store.conn(), row.id, seq)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("{name} has no order {seq}")))?;
+            .ok_or_else(|| ClusterError::NotFound(format!("{name} has no order {seq}")))?;
         order_from_row(&updated, name)
     }
 }
@@ -229,7 +234,7 @@ pub(super) async fn mark_delivered(store: Store, mut rx: mpsc::UnboundedReceiver
     }
 }
 
-async fn write_delivered(store: &Store, upto: &HashMap<i32, i64>) -> Result<(), ApiError> {
+async fn write_delivered(store: &Store, upto: &HashMap<i32, i64>) -> Result<(), ClusterError> {
     // After a fan-out most nodes were handed the same seq: one statement per
     // distinct seq (and chunk of nodes), not one per node.
     let mut by_seq: BTreeMap<i64, Vec<i32>> = BTreeMap::new();

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use corral_proto::{Event, Node, Order, Role, Topology, TopologyUpdate, WorkOrder};
 
 use super::Cluster;
-use crate::error::ApiError;
+use super::ClusterError;
 use crate::reconcile::NodeView;
 use crate::store::{self, NewOrderRow, event, node, work_order};
 
@@ -16,7 +16,7 @@ impl Cluster {
         &self,
         row: &node::Model,
         now: DateTime<Utc>,
-    ) -> Result<Node, ApiError> {
+    ) -> Result<Node, ClusterError> {
         let health = self.health(row.last_heartbeat, now);
         Ok(Node {
             name: row.name.clone(),
@@ -32,20 +32,21 @@ impl Cluster {
                 .as_deref()
                 .map(serde_json::from_str)
                 .transpose()
-                .map_err(|e| ApiError::Internal(format!("observed state of {}: {e}", row.name)))?,
+                .map_err(|e| {
+                    ClusterError::Internal(format!("observed state of {}: {e}", row.name))
+                })?,
             created_at: row.created_at,
         })
     }
 }
 
-pub(super) fn node_view(row: &store::NodeBrief) -> Result<NodeView, ApiError> {
+pub(super) fn node_view(row: &store::NodeBrief) -> Result<NodeView, ClusterError> {
     let (role, index) = Role::parse_node_name(&row.name).ok_or_else(|| {
-        ApiError::Internal(format!("stored node name {:?} is off-scheme", row.name))
+        ClusterError::Internal(format!("stored node name {:?} is off-scheme", row.name))
     })?;
-    let address: Ipv4Addr = row
-        .address
-        .parse()
-        .map_err(|_| ApiError::Internal(format!("stored address {:?} is corrupt", row.address)))?;
+    let address: Ipv4Addr = row.address.parse().map_err(|_| {
+        ClusterError::Internal(format!("stored address {:?} is corrupt", row.address))
+    })?;
     Ok(NodeView {
         name: row.name.clone(),
         role,
@@ -59,16 +60,18 @@ pub(super) fn node_view(row: &store::NodeBrief) -> Result<NodeView, ApiError> {
     })
 }
 
-pub(super) fn update_from_row(row: &store::topology::Model) -> Result<TopologyUpdate, ApiError> {
+pub(super) fn update_from_row(
+    row: &store::topology::Model,
+) -> Result<TopologyUpdate, ClusterError> {
     Ok(TopologyUpdate {
-        web: u32::try_from(row.web).map_err(|e| ApiError::Internal(e.to_string()))?,
-        db: u32::try_from(row.db).map_err(|e| ApiError::Internal(e.to_string()))?,
-        lb_policy: row.lb_policy.parse().map_err(ApiError::Internal)?,
-        replication: row.replication.parse().map_err(ApiError::Internal)?,
+        web: u32::try_from(row.web).map_err(|e| ClusterError::Internal(e.to_string()))?,
+        db: u32::try_from(row.db).map_err(|e| ClusterError::Internal(e.to_string()))?,
+        lb_policy: row.lb_policy.parse().map_err(ClusterError::Internal)?,
+        replication: row.replication.parse().map_err(ClusterError::Internal)?,
     })
 }
 
-pub(super) fn topology_from_row(row: &store::topology::Model) -> Result<Topology, ApiError> {
+pub(super) fn topology_from_row(row: &store::topology::Model) -> Result<Topology, ClusterError> {
     let spec = update_from_row(row)?;
     Ok(Topology {
         web: spec.web,
@@ -79,13 +82,13 @@ pub(super) fn topology_from_row(row: &store::topology::Model) -> Result<Topology
     })
 }
 
-pub fn order_from_row(row: &work_order::Model, node: &str) -> Result<Order, ApiError> {
+pub fn order_from_row(row: &work_order::Model, node: &str) -> Result<Order, ClusterError> {
     Ok(Order {
         node: node.to_string(),
         seq: row.seq,
         payload: serde_json::from_str(&row.payload)
-            .map_err(|e| ApiError::Internal(format!("stored order payload: {e}")))?,
-        status: row.status.parse().map_err(ApiError::Internal)?,
+            .map_err(|e| ClusterError::Internal(format!("stored order payload: {e}")))?,
+        status: row.status.parse().map_err(ClusterError::Internal)?,
         result: row.result.clone(),
         created_at: row.created_at,
         updated_at: row.updated_at,
@@ -108,11 +111,11 @@ pub(super) fn order_row(
     node_id: i32,
     seq: i64,
     order: &WorkOrder,
-) -> Result<NewOrderRow, ApiError> {
+) -> Result<NewOrderRow, ClusterError> {
     Ok(NewOrderRow {
         node_id,
         seq,
         kind: order.kind().as_str().into(),
-        payload: serde_json::to_string(order).map_err(|e| ApiError::Internal(e.to_string()))?,
+        payload: serde_json::to_string(order).map_err(|e| ClusterError::Internal(e.to_string()))?,
     })
 }

@@ -5,18 +5,18 @@ use chrono::{DateTime, Utc};
 use corral_proto::{Topology, TopologyChange, TopologyUpdate};
 use sea_orm::ConnectionTrait;
 
+use super::ClusterError;
 use super::rows::{topology_from_row, update_from_row};
 use super::{Cluster, Timings};
 use crate::auth::Caller;
-use crate::error::ApiError;
 use crate::store::{self, NewEvent};
 
 impl Cluster {
     /// The desired topology.
-    pub async fn topology(&self) -> Result<Topology, ApiError> {
+    pub async fn topology(&self) -> Result<Topology, ClusterError> {
         let row = store::load_topology(self.store.conn())
             .await?
-            .ok_or_else(|| ApiError::Internal("topology row missing".into()))?;
+            .ok_or_else(|| ClusterError::Internal("topology row missing".into()))?;
         topology_from_row(&row)
     }
 
@@ -26,9 +26,9 @@ impl Cluster {
         &self,
         update: TopologyUpdate,
         caller: &Caller,
-    ) -> Result<(TopologyChange, Timings), ApiError> {
+    ) -> Result<(TopologyChange, Timings), ClusterError> {
         caller.require_admin()?;
-        update.validate().map_err(ApiError::Unprocessable)?;
+        update.validate().map_err(ClusterError::Invalid)?;
         let waited = std::time::Instant::now();
         let mut desired = self.write.lock().await;
         let waited = waited.elapsed();
@@ -63,7 +63,7 @@ impl Cluster {
             .await?;
         let row = store::load_topology(&txn)
             .await?
-            .ok_or_else(|| ApiError::Internal("topology row missing".into()))?;
+            .ok_or_else(|| ClusterError::Internal("topology row missing".into()))?;
         let change = TopologyChange {
             topology: topology_from_row(&row)?,
             created: outcome.created.clone(),
@@ -77,10 +77,13 @@ impl Cluster {
     }
 
     /// The topology spec as stored.
-    pub(super) async fn spec<C: ConnectionTrait>(&self, c: &C) -> Result<TopologyUpdate, ApiError> {
+    pub(super) async fn spec<C: ConnectionTrait>(
+        &self,
+        c: &C,
+    ) -> Result<TopologyUpdate, ClusterError> {
         let row = store::load_topology(c)
             .await?
-            .ok_or_else(|| ApiError::Internal("topology row missing".into()))?;
+            .ok_or_else(|| ClusterError::Internal("topology row missing".into()))?;
         update_from_row(&row)
     }
 }
@@ -89,7 +92,7 @@ pub(super) async fn save_spec<C: ConnectionTrait>(
     c: &C,
     spec: &TopologyUpdate,
     now: DateTime<Utc>,
-) -> Result<(), ApiError> {
+) -> Result<(), ClusterError> {
     store::save_topology(
         c,
         spec.web,

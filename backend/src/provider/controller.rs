@@ -483,27 +483,13 @@ impl NodeSource for crate::cluster::Cluster {
     }
 
     fn node_changes(&self) -> watch::Receiver<u64> {
-        // Until the cluster publishes node changes of its own: every event.
-        let (tx, rx) = watch::channel(0u64);
-        let mut events = self.subscribe_events();
-        tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        tx.send_modify(|n| *n += 1);
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                }
-                if tx.is_closed() {
-                    break;
-                }
-            }
-        });
-        rx
+        self.subscribe_node_changes()
     }
 
     async fn note(&self, kind: &str, node: &str, message: &str) {
-        tracing::warn!(kind, node, message, "provider");
+        if let Err(e) = self.record_event("provider", kind, node, message).await {
+            tracing::warn!(kind, node, message, error = %e, "cannot record a provider event");
+        }
     }
 }
 

@@ -72,8 +72,12 @@ impl Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("no free address left in {plan} for {name}")]
-    AddressPoolExhausted { plan: String, name: String },
+    #[error("no free address left in {plan}, the network of {provider} nodes, for {name}")]
+    AddressPoolExhausted {
+        plan: String,
+        provider: Provider,
+        name: String,
+    },
 }
 
 /// The last order of each kind filed for each node.
@@ -131,6 +135,7 @@ pub fn plan(
             let address = addresses.allocate(network, role, index).ok_or_else(|| {
                 PlanError::AddressPoolExhausted {
                     plan: network.to_string(),
+                    provider,
                     name: name.clone(),
                 }
             })?;

@@ -67,4 +67,19 @@ both_backends! {
         assert_eq!(resumed[0].0, live[1].0, "replay starts right after Last-Event-ID");
         assert_eq!(resumed[1].1["subject"], "pg1");
     }
+
+    async fn an_event_recorded_outside_a_change_is_logged_and_streamed(app) {
+        let res = app.get("/api/v1/events/stream").await;
+        assert_eq!(res.status(), 200);
+        app.cluster
+            .record_event("provider:lxc", "node.provision_failed", "nginx1", "lxc-create: exit status 1")
+            .await
+            .expect("recorded");
+        let live = read_events(res, 1).await;
+        assert_eq!(live[0].1["kind"], "node.provision_failed");
+        assert_eq!(live[0].1["actor"], "provider:lxc");
+        assert_eq!(live[0].1["message"], "lxc-create: exit status 1");
+        let logged = app.events().await;
+        assert_eq!(logged.last().map(|e| &e["id"]), Some(&live[0].1["id"]));
+    }
 }

@@ -232,13 +232,17 @@ pub async fn assert_error(res: Response, status: u16, code: &str) -> Value {
 #[macro_export]
 macro_rules! both_backends {
     ($(async fn $name:ident($app:ident) $body:block)*) => {
+        $crate::both_backends! { with |_| {}; $(async fn $name($app) $body)* }
+    };
+    // Servers whose `Config` the closure adjusts first.
+    (with $tweak:expr; $(async fn $name:ident($app:ident) $body:block)*) => {
         mod sqlite {
             #[allow(unused_imports)]
             use super::*;
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let $app = $crate::helpers::spawn_app($crate::helpers::Backend::Sqlite).await;
+                    let $app = $crate::helpers::spawn_with($crate::helpers::Backend::Sqlite, $tweak).await;
                     $body
                 }
             )*
@@ -249,7 +253,7 @@ macro_rules! both_backends {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let $app = $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await;
+                    let $app = $crate::helpers::spawn_with($crate::helpers::Backend::Postgres, $tweak).await;
                     $body
                 }
             )*

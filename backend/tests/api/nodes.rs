@@ -38,11 +38,43 @@ both_backends! {
         assert_eq!(app.node_names().await, vec!["adm1"]);
     }
 
-    async fn a_node_with_a_provider_keeps_it(app) {
+    async fn a_provider_the_server_does_not_run_is_refused_and_changes_nothing(app) {
+        let events_before = app.event_kinds().await;
         let res = app.post("/api/v1/nodes", json!({"role": "db", "provider": "virtualbox"})).await;
-        assert_eq!(res.status(), 201);
-        let node: serde_json::Value = res.json().await.expect("json");
-        assert_eq!(node["provider"], "virtualbox");
+        let body = assert_error(res, 422, "provider_not_configured").await;
+        assert_eq!(
+            body["message"],
+            "provider virtualbox is not configured on this server (configured: local)"
+        );
+        assert_eq!(app.node_names().await, vec!["adm1"]);
+        assert_eq!(app.get_json("/api/v1/topology").await["db"], 0);
+        assert_eq!(app.event_kinds().await, events_before);
+    }
+
+    async fn node_changes_are_signalled_but_other_changes_are_not(app) {
+        let mut changes = app.cluster.subscribe_node_changes();
+        changes.borrow_and_update();
+        app.add_node("web").await;
+        assert!(changes.has_changed().expect("open"), "a node was created");
+        changes.borrow_and_update();
+        app.set_topology(1, 0, "uri_hash").await;
+        assert!(!changes.has_changed().expect("open"), "only orders were filed");
+        let token = app.enroll("nginx1").await;
+        assert!(changes.has_changed().expect("open"), "nginx1 became active");
+        changes.borrow_and_update();
+        assert_eq!(app.delete("/api/v1/nodes/nginx1").await.status(), 202);
+        assert!(changes.has_changed().expect("open"), "nginx1 is draining");
+        changes.borrow_and_update();
+        let orders = app.get_json("/api/v1/nodes/nginx1/orders").await;
+        let drain = orders.as_array().and_then(|o| o.last()).expect("the drain order");
+        assert_eq!(drain["payload"]["kind"], "drain");
+        let res = app
+            .as_token(&token, Method::POST, &format!("/api/v1/agents/nginx1/orders/{}/result", drain["seq"]))
+            .json(&json!({"outcome": "applied", "message": "drained"}))
+            .send().await.expect("result");
+        assert_eq!(res.status(), 200);
+        assert!(changes.has_changed().expect("open"), "nginx1 was removed");
+        assert_eq!(app.node_names().await, vec!["adm1"]);
     }
 
     async fn concurrent_adds_get_distinct_names_and_addresses(app) {
@@ -132,5 +164,27 @@ both_backends! {
         let page = app.get_json("/api/v1/nodes/nginx1/orders?after=2&limit=2").await;
         let seqs: Vec<_> = page.as_array().expect("array").iter().map(|o| o["seq"].as_i64()).collect();
         assert_eq!(seqs, vec![Some(3), Some(4)]);
+    }
+}
+
+mod providers {
+    use super::*;
+
+    both_backends! {
+        with |c| c.providers = vec![corral_proto::Provider::Local, corral_proto::Provider::Lxc];
+
+        async fn a_node_with_a_configured_provider_keeps_it(app) {
+            let res = app.post("/api/v1/nodes", json!({"role": "db", "provider": "lxc"})).await;
+            assert_eq!(res.status(), 201);
+            let node: serde_json::Value = res.json().await.expect("json");
+            assert_eq!(node["provider"], "lxc");
+            assert_eq!(app.get_json("/api/v1/nodes/adm1").await["provider"], "local");
+            let res = app.post("/api/v1/nodes", json!({"role": "web", "provider": "manual"})).await;
+            let body = assert_error(res, 422, "provider_not_configured").await;
+            assert_eq!(
+                body["message"],
+                "provider manual is not configured on this server (configured: local, lxc)"
+            );
+        }
     }
 }
