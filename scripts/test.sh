@@ -23,6 +23,9 @@ scripts/build-ui.sh
 step "build the binaries the end-to-end tests run (corral, corral-agent, todomvc)"
 cargo build --workspace --bins --locked
 
+step "Debian packages and the apt repository (scripts/package.sh): the apt tests and the LXC nodes install them"
+scripts/package.sh >/dev/null
+
 step "cargo test (SQLite and PostgreSQL 15, whole clusters of real processes, the UI in Chromium)"
 cargo test --workspace --locked
 

@@ -97,16 +97,19 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("heartbeat-interval", "CORRAL_HEARTBEAT_INTERVAL"),
 ];
 
-/// Adds the settings of `run`'s config file to `args` as flags, where
-/// neither a flag nor the environment (`env_set`) gives them already.
+/// Adds the settings of the config file to `args` as flags, where neither
+/// a flag nor the environment (`env_set`) gives them already: all of them
+/// for `run`, the state directory for `stop-all` (so one file serves both).
 pub fn merge_config_file(
     args: Vec<OsString>,
     env_set: impl Fn(&str) -> bool,
     read: impl Fn(&std::path::Path) -> std::io::Result<String>,
 ) -> Result<Vec<OsString>, String> {
-    if args.get(1).and_then(|a| a.to_str()) != Some("run") {
-        return Ok(args);
-    }
+    let only_state_dir = match args.get(1).and_then(|a| a.to_str()) {
+        Some("run") => false,
+        Some("stop-all") => true,
+        _ => return Ok(args),
+    };
     let text_args: Vec<String> = args
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
@@ -150,6 +153,9 @@ pub fn merge_config_file(
                     .join(", ")
             ));
         };
+        if only_state_dir && *flag != "state-dir" {
+            continue;
+        }
         let long = format!("--{flag}");
         let given = text_args
             .iter()
@@ -217,6 +223,33 @@ mod tests {
                 "pg2",
                 "--server",
                 "http://127.0.11.5:7000",
+            ])
+        );
+    }
+
+    #[test]
+    fn stop_all_takes_only_the_state_dir_from_the_config_file() {
+        let file = "server = http://127.0.11.5:7000\nstate-dir = /var/lib/corral-agent\n";
+        let merged = merge_config_file(
+            args(&[
+                "corral-agent",
+                "stop-all",
+                "--config",
+                "/etc/corral/agent.conf",
+            ]),
+            |_| false,
+            |_| Ok(file.to_string()),
+        )
+        .expect("merge");
+        assert_eq!(
+            merged,
+            args(&[
+                "corral-agent",
+                "stop-all",
+                "--config",
+                "/etc/corral/agent.conf",
+                "--state-dir",
+                "/var/lib/corral-agent",
             ])
         );
     }

@@ -24,6 +24,9 @@ enum Command {
     StopAll {
         #[arg(long, env = "CORRAL_AGENT_STATE_DIR")]
         state_dir: PathBuf,
+        /// `run`'s config file; only its `state-dir` is used.
+        #[arg(long, env = "CORRAL_AGENT_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Consul script check: PostgreSQL answers SQL in the expected role.
     CheckPostgres(CheckArgs),
@@ -39,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(args);
     match cli.command {
         Command::CheckPostgres(args) => std::process::exit(check_postgres(&args)),
-        Command::StopAll { state_dir } => {
+        Command::StopAll { state_dir, .. } => {
             init_tracing();
             corral_agent::stop_all::stop_all(&state_dir)?;
             Ok(())

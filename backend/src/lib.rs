@@ -3,6 +3,7 @@
 //! the web UI, the CLI and every node agent talk to.
 
 pub mod api;
+pub mod apt;
 pub mod auth;
 pub mod bus;
 pub mod cli;

@@ -54,14 +54,19 @@ pub struct Config {
     pub lxc_bridge: String,
     /// Where the `.deb` packages LXC containers install are.
     pub lxc_packages: PathBuf,
+    /// corral's apt repository served at `/apt/` (`scripts/package.sh`
+    /// builds it); none: not served.
+    pub apt_dir: Option<PathBuf>,
 }
 
 impl Config {
     /// Defaults for a server with its state in `state_dir`.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        let state_dir = state_dir.into();
+        let apt_dir = crate::apt::default_dir(&state_dir);
         Self {
             listen: format!("127.0.11.5:{}", corral_proto::ports::CONTROL_PLANE),
-            state_dir: state_dir.into(),
+            state_dir,
             database_url: None,
             network: AddressPlan::default(),
             datacenter: "corral".into(),
@@ -77,6 +82,7 @@ impl Config {
             lxc_network: default_lxc_network(),
             lxc_bridge: "corralbr0".into(),
             lxc_packages: crate::provider::lxc::default_debs_dir(),
+            apt_dir,
         }
     }
 
@@ -214,6 +220,7 @@ impl Application {
         let data = web::Data::from(cluster.clone());
         let logs = web::Data::new(crate::api::ServiceLogs::default());
         let ui_dir = config.ui_dir.clone();
+        let apt_dir = config.apt_dir.clone();
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
@@ -221,6 +228,7 @@ impl Application {
                 .wrap(from_fn(crate::api::json_errors))
                 .wrap(from_fn(log_request))
                 .configure(crate::api::configure)
+                .configure(|cfg| crate::apt::configure(cfg, apt_dir.clone()))
                 .configure(|cfg| crate::ui::configure(cfg, ui_dir.clone()))
         })
         // Thousands of agents hold long polls; let the burst of connects

@@ -188,6 +188,10 @@ struct ServeArgs {
     /// current directory or the executable's, if built).
     #[arg(long, env = "CORRAL_UI_DIR")]
     ui_dir: Option<PathBuf>,
+    /// corral's apt repository to serve at /apt/ (default: <state-dir>/apt,
+    /// else target/debian/repo under the current directory, if there).
+    #[arg(long, env = "CORRAL_APT_DIR")]
+    apt_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -499,6 +503,9 @@ fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(dir) = &args.ui_dir {
         config.ui_dir = Some(dir.clone());
     }
+    if let Some(dir) = &args.apt_dir {
+        config.apt_dir = Some(dir.clone());
+    }
     if args.max_poll_wait.is_zero() {
         bail!("--max-poll-wait must be more than 0");
     }
@@ -507,6 +514,7 @@ fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
 
 async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     let config = server_config(cli, args)?;
+    let config_apt_dir = config.apt_dir.clone();
     let app = Application::build(config)
         .await
         .context("starting the corral server")?;
@@ -523,6 +531,9 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         "  join token for agents: in {}",
         cli.state_dir.join("join-token").display()
     );
+    if let Some(apt) = &config_apt_dir {
+        eprintln!("  apt repo:  {url}/apt/ (from {})", apt.display());
+    }
     match app.new_admin_token() {
         Some(token) => {
             eprintln!(

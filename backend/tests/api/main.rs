@@ -4,6 +4,7 @@
 mod helpers;
 
 mod agents;
+mod apt;
 mod auth;
 mod bad_input;
 mod cli;
