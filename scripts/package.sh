@@ -14,13 +14,19 @@
 # stdout, progress on stderr. Installs cargo-deb (pinned) and apt-utils if
 # missing. Options:
 #   --no-consul   leave consul out of the repository
+#   --debug       package the debug build (cargo's dev profile) instead of a
+#                 release build: what scripts/test.sh does, since its tests
+#                 build those binaries anyway (a cold release build would add
+#                 minutes to every CI run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_consul=1
+profile=release
 for arg in "$@"; do
   case "$arg" in
     --no-consul) with_consul=0 ;;
+    --debug) profile=dev ;;
     *) echo "package.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -46,8 +52,15 @@ if ! command -v apt-ftparchive >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends apt-utils >/dev/null
 fi
 
-step "release binaries (cargo build --release -p corral-server -p corral-agent -p todomvc)"
-cargo build -q --release --locked -p corral-server -p corral-agent -p todomvc
+if [ "$profile" = release ]; then
+  bin_dir="$target_dir/release"
+  step "release binaries (cargo build --release -p corral-server -p corral-agent -p todomvc)"
+  cargo build -q --release --locked -p corral-server -p corral-agent -p todomvc
+else
+  bin_dir="$target_dir/debug"
+  step "debug binaries (cargo build -p corral-server -p corral-agent -p todomvc)"
+  cargo build -q --locked -p corral-server -p corral-agent -p todomvc
+fi
 
 # crate : crate dir : Debian package : binary
 packages=(corral-server:backend:corral:corral
@@ -56,6 +69,7 @@ packages=(corral-server:backend:corral:corral
 # The workspace version (the first `version =` line of Cargo.toml).
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 arch=$(dpkg --print-architecture)
+mkdir -p "$out"
 debs=()
 for entry in "${packages[@]}"; do
   IFS=: read -r crate dir name bin <<<"$entry"
@@ -63,16 +77,23 @@ for entry in "${packages[@]}"; do
   debs+=("$deb")
   # Everything the package is made of: the binary, the manifests, the unit
   # and config file (agents/debian), the README (todomvc).
-  inputs=("$target_dir/release/$bin" "$dir/Cargo.toml" Cargo.toml)
+  inputs=("$bin_dir/$bin" "$dir/Cargo.toml" Cargo.toml)
   [ -d "$dir/debian" ] && inputs+=("$dir/debian")
   [ -f "$dir/README.md" ] && inputs+=("$dir/README.md")
-  if [ -f "$deb" ] && [ -z "$(find "${inputs[@]}" -newer "$deb" -print -quit)" ]; then
+  if [ -f "$deb" ] && [ "$(cat "$out/.profile" 2>/dev/null)" = "$profile" ] &&
+     [ -z "$(find "${inputs[@]}" -newer "$deb" -print -quit)" ]; then
     step "$deb is up to date"
     continue
   fi
   step "packaging $deb"
-  cargo deb -q --no-build --locked -p "$crate" --output "$deb" >/dev/null
+  if [ "$profile" = release ]; then
+    cargo deb -q --no-build --locked -p "$crate" --output "$deb" >/dev/null
+  else
+    cargo deb -q --no-build --no-strip --profile dev --locked -p "$crate" --output "$deb" >/dev/null
+  fi
 done
+
+echo "$profile" > "$out/.profile"
 
 step "apt repository in $repo"
 mkdir -p "$repo"
