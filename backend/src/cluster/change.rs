@@ -84,10 +84,10 @@ impl Cluster {
             let names: HashMap<i32, &str> = rows.iter().map(|r| (r.id, r.name.as_str())).collect();
             desired.last.clear();
             for (node_id, kind, payload) in store::latest_orders(txn).await? {
-                let (Some(name), Ok(kind)) = (names.get(&node_id), kind.parse::<OrderKind>())
-                else {
+                let Some(name) = names.get(&node_id) else {
                     continue;
                 };
+                let kind = OrderKind::from(kind);
                 let order: WorkOrder = serde_json::from_str(&payload).map_err(|e| {
                     ClusterError::Internal(format!("stored order of {name} is corrupt: {e}"))
                 })?;

@@ -65,7 +65,7 @@ impl Cluster {
             ClusterError::Internal("the primary vanished from its own list".into())
         })?;
         if let Some(running) =
-            store::unfinished_order(&txn, primary.id, OrderKind::Switchover.as_str()).await?
+            store::unfinished_order(&txn, primary.id, OrderKind::Switchover.into()).await?
         {
             return Err(ClusterError::Conflict {
                 code: "switchover_in_progress",

@@ -141,7 +141,7 @@ impl Cluster {
             .await?
             .ok_or_else(|| ClusterError::NotFound(format!("{name} has no order {seq}")))?;
         let status = OrderStatus::from(result.outcome);
-        let current: OrderStatus = order.status.parse().map_err(ClusterError::Internal)?;
+        let current = OrderStatus::from(order.status);
         if current.is_finished() {
             if current == status {
                 return order_from_row(&order, name);
@@ -150,7 +150,7 @@ impl Cluster {
                 "order {seq} of {name} is already {current}"
             )));
         }
-        let kind: OrderKind = order.kind.parse().map_err(ClusterError::Internal)?;
+        let kind = OrderKind::from(order.kind);
         let now = Utc::now();
         let summary: String = result.message.chars().take(200).collect();
         let finished_event = NewEvent {
@@ -163,9 +163,9 @@ impl Cluster {
             // The node has drained: it leaves the cluster now.
             let mut desired = self.write.lock().await;
             let txn = self.store.begin().await?;
-            store::finish_order(&txn, order.id, status.as_str(), &result.message, now).await?;
+            store::finish_order(&txn, order.id, status.into(), &result.message, now).await?;
             let mut finished = order.clone();
-            finished.status = status.as_str().into();
+            finished.status = status.into();
             finished.result = Some(result.message.clone());
             finished.updated_at = now;
             store::delete_node(&txn, row.id).await?;
@@ -196,7 +196,7 @@ impl Cluster {
         store::finish_order(
             self.store.conn(),
             order.id,
-            status.as_str(),
+            status.into(),
             &result.message,
             now,
         )

@@ -66,8 +66,8 @@ pub(super) fn update_from_row(
     Ok(TopologyUpdate {
         web: u32::try_from(row.web).map_err(|e| ClusterError::Internal(e.to_string()))?,
         db: u32::try_from(row.db).map_err(|e| ClusterError::Internal(e.to_string()))?,
-        lb_policy: row.lb_policy.parse().map_err(ClusterError::Internal)?,
-        replication: row.replication.parse().map_err(ClusterError::Internal)?,
+        lb_policy: row.lb_policy.into(),
+        replication: row.replication.into(),
     })
 }
 
@@ -88,7 +88,7 @@ pub fn order_from_row(row: &work_order::Model, node: &str) -> Result<Order, Clus
         seq: row.seq,
         payload: serde_json::from_str(&row.payload)
             .map_err(|e| ClusterError::Internal(format!("stored order payload: {e}")))?,
-        status: row.status.parse().map_err(ClusterError::Internal)?,
+        status: row.status.into(),
         result: row.result.clone(),
         created_at: row.created_at,
         updated_at: row.updated_at,
@@ -115,7 +115,7 @@ pub(super) fn order_row(
     Ok(NewOrderRow {
         node_id,
         seq,
-        kind: order.kind().as_str().into(),
+        kind: order.kind().into(),
         payload: serde_json::to_string(order).map_err(|e| ClusterError::Internal(e.to_string()))?,
     })
 }

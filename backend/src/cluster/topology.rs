@@ -97,8 +97,8 @@ pub(super) async fn save_spec<C: ConnectionTrait>(
         c,
         spec.web,
         spec.db,
-        spec.lb_policy.as_str(),
-        spec.replication.as_str(),
+        spec.lb_policy.into(),
+        spec.replication.into(),
         now,
     )
     .await?;

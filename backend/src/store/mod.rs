@@ -137,16 +137,16 @@ pub async fn save_topology<C: ConnectionTrait>(
     c: &C,
     web: u32,
     db: u32,
-    lb_policy: &str,
-    replication: &str,
+    lb_policy: topology::LbPolicy,
+    replication: topology::Replication,
     now: DateTime<Utc>,
 ) -> Result<()> {
     let row = topology::ActiveModel {
         id: Set(1),
         web: Set(web as i32),
         db: Set(db as i32),
-        lb_policy: Set(lb_policy.to_owned()),
-        replication: Set(replication.to_owned()),
+        lb_policy: Set(lb_policy),
+        replication: Set(replication),
         updated_at: Set(now),
     };
     topology::Entity::insert(row)
@@ -361,7 +361,9 @@ pub async fn delete_node<C: ConnectionTrait>(c: &C, id: i32) -> Result<()> {
 // ---- work orders ----------------------------------------------------------
 
 /// The newest order of each kind of each node: `(node_id, kind, payload)`.
-pub async fn latest_orders<C: ConnectionTrait>(c: &C) -> Result<Vec<(i32, String, String)>> {
+pub async fn latest_orders<C: ConnectionTrait>(
+    c: &C,
+) -> Result<Vec<(i32, work_order::Kind, String)>> {
     let sql = "SELECT w.node_id, w.kind, w.payload FROM work_orders w \
                JOIN (SELECT node_id, kind, MAX(seq) AS seq FROM work_orders GROUP BY node_id, kind) m \
                ON w.node_id = m.node_id AND w.seq = m.seq";
@@ -372,7 +374,7 @@ pub async fn latest_orders<C: ConnectionTrait>(c: &C) -> Result<Vec<(i32, String
         .map(|row| {
             Ok((
                 row.try_get::<i32>("", "node_id")?,
-                row.try_get::<String>("", "kind")?,
+                row.try_get::<work_order::Kind>("", "kind")?,
                 row.try_get::<String>("", "payload")?,
             ))
         })
@@ -383,7 +385,7 @@ pub async fn latest_orders<C: ConnectionTrait>(c: &C) -> Result<Vec<(i32, String
 pub struct NewOrderRow {
     pub node_id: i32,
     pub seq: i64,
-    pub kind: String,
+    pub kind: work_order::Kind,
     pub payload: String,
 }
 
@@ -400,7 +402,7 @@ pub async fn insert_orders<C: ConnectionTrait>(
         seq: Set(r.seq),
         kind: Set(r.kind),
         payload: Set(r.payload),
-        status: Set("pending".into()),
+        status: Set(work_order::Status::Pending),
         result: Set(None),
         created_at: Set(now),
         updated_at: Set(now),
@@ -460,12 +462,15 @@ pub async fn order<C: ConnectionTrait>(
 pub async fn unfinished_order<C: ConnectionTrait>(
     c: &C,
     node_id: i32,
-    kind: &str,
+    kind: work_order::Kind,
 ) -> Result<Option<work_order::Model>> {
     Ok(work_order::Entity::find()
         .filter(work_order::Column::NodeId.eq(node_id))
         .filter(work_order::Column::Kind.eq(kind))
-        .filter(work_order::Column::Status.is_in(["pending", "delivered"]))
+        .filter(
+            work_order::Column::Status
+                .is_in([work_order::Status::Pending, work_order::Status::Delivered]),
+        )
         .order_by_desc(work_order::Column::Seq)
         .one(c)
         .await?)
@@ -474,7 +479,7 @@ pub async fn unfinished_order<C: ConnectionTrait>(
 pub async fn finish_order<C: ConnectionTrait>(
     c: &C,
     id: i64,
-    status: &str,
+    status: work_order::Status,
     result: &str,
     now: DateTime<Utc>,
 ) -> Result<()> {
@@ -498,11 +503,14 @@ pub async fn mark_delivered<C: ConnectionTrait>(
     let mut affected = 0;
     for chunk in ids.chunks(INSERT_CHUNK) {
         let res = work_order::Entity::update_many()
-            .col_expr(work_order::Column::Status, Expr::value("delivered"))
+            .col_expr(
+                work_order::Column::Status,
+                Expr::value(work_order::Status::Delivered),
+            )
             .col_expr(work_order::Column::UpdatedAt, Expr::value(now))
             .filter(work_order::Column::NodeId.is_in(chunk.iter().copied()))
             .filter(work_order::Column::Seq.lte(upto))
-            .filter(work_order::Column::Status.eq("pending"))
+            .filter(work_order::Column::Status.eq(work_order::Status::Pending))
             .exec(c)
             .await?;
         affected += res.rows_affected;

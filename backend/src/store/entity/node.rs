@@ -1,8 +1,5 @@
 //! `nodes`: one row per cluster node. `observed` holds the agent's last
 //! reported state as JSON; `token_hash` the SHA-256 of its bearer token.
-//! Role, provider and state are read into enums of their own: the API's
-//! enums live in `corral-proto`, which also compiles to wasm and knows
-//! nothing of sea-orm. The stored strings are the API's names for them.
 
 use sea_orm::entity::prelude::*;
 
@@ -63,27 +60,6 @@ pub enum State {
     Active,
     #[sea_orm(string_value = "draining")]
     Draining,
-}
-
-/// Both ways between a stored enum and the API's, variant for variant.
-macro_rules! same_variants {
-    ($stored:ty, $api:ty, [$($variant:ident),+]) => {
-        impl From<$stored> for $api {
-            fn from(v: $stored) -> Self {
-                match v {
-                    $(<$stored>::$variant => <$api>::$variant,)+
-                }
-            }
-        }
-
-        impl From<$api> for $stored {
-            fn from(v: $api) -> Self {
-                match v {
-                    $(<$api>::$variant => <$stored>::$variant,)+
-                }
-            }
-        }
-    };
 }
 
 same_variants!(Role, corral_proto::Role, [Web, Db, Adm]);

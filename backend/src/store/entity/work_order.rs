@@ -9,15 +9,58 @@ pub struct Model {
     pub id: i64,
     pub node_id: i32,
     pub seq: i64,
-    pub kind: String,
+    pub kind: Kind,
     #[sea_orm(column_type = "Text")]
     pub payload: String,
-    pub status: String,
+    pub status: Status,
     #[sea_orm(column_type = "Text", nullable)]
     pub result: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }
+
+/// [`corral_proto::OrderKind`] as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::N(32))")]
+pub enum Kind {
+    #[sea_orm(string_value = "consul")]
+    Consul,
+    #[sea_orm(string_value = "postgres")]
+    Postgres,
+    #[sea_orm(string_value = "webapp")]
+    Webapp,
+    #[sea_orm(string_value = "load_balancer")]
+    LoadBalancer,
+    #[sea_orm(string_value = "drain")]
+    Drain,
+    #[sea_orm(string_value = "switchover")]
+    Switchover,
+}
+
+/// [`corral_proto::OrderStatus`] as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::N(16))")]
+pub enum Status {
+    #[sea_orm(string_value = "pending")]
+    Pending,
+    #[sea_orm(string_value = "delivered")]
+    Delivered,
+    #[sea_orm(string_value = "applied")]
+    Applied,
+    #[sea_orm(string_value = "failed")]
+    Failed,
+}
+
+same_variants!(
+    Kind,
+    corral_proto::OrderKind,
+    [Consul, Postgres, Webapp, LoadBalancer, Drain, Switchover]
+);
+same_variants!(
+    Status,
+    corral_proto::OrderStatus,
+    [Pending, Delivered, Applied, Failed]
+);
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
 pub enum Relation {
@@ -37,3 +80,26 @@ impl Related<super::node::Entity> for Entity {
 }
 
 impl ActiveModelBehavior for ActiveModel {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::{ActiveEnum, Iterable};
+
+    /// Rows written before these enums existed hold the API's names.
+    #[test]
+    fn stored_strings_are_the_api_names() {
+        for kind in Kind::iter() {
+            assert_eq!(
+                kind.to_value(),
+                corral_proto::OrderKind::from(kind).as_str()
+            );
+        }
+        for status in Status::iter() {
+            assert_eq!(
+                status.to_value(),
+                corral_proto::OrderStatus::from(status).as_str()
+            );
+        }
+    }
+}
