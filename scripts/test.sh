@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs every check corral has, on a fresh Debian 12 machine as root:
-# formatting, clippy, all tests (real PostgreSQL, consul, nginx, Chromium),
-# the OpenAPI drift check and the API fuzz. Installs what it needs first.
+# formatting, clippy, all tests (real PostgreSQL, consul, nginx, Chromium,
+# LXC containers), the OpenAPI drift check and the API fuzz. Installs what it
+# needs first. The LXC test builds the containers' base image once per
+# machine (about 3 minutes, cached in /var/lib/corral/images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "setup"
-scripts/setup.sh --fuzz
+scripts/setup.sh --fuzz --lxc
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -23,8 +25,8 @@ scripts/build-ui.sh
 step "build the binaries the end-to-end tests run (corral, corral-agent, todomvc)"
 cargo build --workspace --bins --locked
 
-step "Debian packages and the apt repository (scripts/package.sh): the apt tests and the LXC nodes install them"
-scripts/package.sh >/dev/null
+step "Debian packages and the apt repository (scripts/package.sh --debug): the apt tests and the LXC nodes install them"
+scripts/package.sh --debug >/dev/null
 
 step "cargo test (SQLite and PostgreSQL 15, whole clusters of real processes, the UI in Chromium)"
 cargo test --workspace --locked
