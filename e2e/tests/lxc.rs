@@ -403,6 +403,19 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
     .expect("after the pairwise partition");
     assert_eq!(now, primary);
 
+    // Scale in: removing nginx3 drains it, then destroys its container.
+    let res = c
+        .api(Method::DELETE, "/nodes/nginx3")
+        .await
+        .send()
+        .await
+        .expect("DELETE nginx3");
+    assert!(res.status().is_success(), "{}", res.status());
+    eventually("nginx3's container to be destroyed", LONG, || async {
+        Ok((!c.lxc_path().join("nginx3").exists()).then_some(()))
+    })
+    .await
+    .expect("destroyed");
     // 5. The control plane gone for a minute: the data plane serves 100 %.
     let readers = Readers::start(&c, &["nginx1", "nginx2"]);
     let before = (w1.count(), w2.count());
@@ -435,19 +448,6 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
         .await
         .expect("after");
 
-    // Scale in: removing nginx3 drains it, then destroys its container.
-    let res = c
-        .api(Method::DELETE, "/nodes/nginx3")
-        .await
-        .send()
-        .await
-        .expect("DELETE nginx3");
-    assert!(res.status().is_success(), "{}", res.status());
-    eventually("nginx3's container to be destroyed", LONG, || async {
-        Ok((!c.lxc_path().join("nginx3").exists()).then_some(()))
-    })
-    .await
-    .expect("destroyed");
     drop(w1);
     drop(w2);
     c.stop().await.expect("corral up stops");
