@@ -107,10 +107,17 @@ pub fn default_debs_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/corral/debs"))
 }
 
+/// The packages' files and what was last computed of them.
+type StampCache = Option<(Vec<(PathBuf, u64, std::time::SystemTime)>, String)>;
+
 pub struct LxcProvider {
     config: LxcConfig,
     /// Serialises base-image builds and the bridge set-up in this process.
     setup: tokio::sync::Mutex<bool>,
+    /// The packages' stamp, hashed again only when a file changes.
+    stamp: std::sync::Mutex<StampCache>,
+    /// Serialises release-image builds in this process.
+    release: tokio::sync::Mutex<()>,
 }
 
 impl LxcProvider {
@@ -118,6 +125,8 @@ impl LxcProvider {
         Arc::new(Self {
             config,
             setup: tokio::sync::Mutex::new(false),
+            stamp: std::sync::Mutex::new(None),
+            release: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -138,7 +147,6 @@ impl LxcProvider {
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         let mut chosen = Vec::new();
-        let mut hasher = Sha256::new();
         for prefix in PACKAGES {
             let newest = entries
                 .iter()
@@ -156,13 +164,30 @@ impl LxcProvider {
                         dir.display()
                     ),
                 })?;
-            let bytes = std::fs::read(&newest).map_err(|e| {
-                ProviderError::Other(format!("cannot read {}: {e}", newest.display()))
-            })?;
-            hasher.update(&bytes);
             chosen.push(newest);
         }
-        Ok((chosen, hex::encode(&hasher.finalize()[..8])))
+        let key: Vec<(PathBuf, u64, std::time::SystemTime)> = chosen
+            .iter()
+            .filter_map(|p| {
+                let m = p.metadata().ok()?;
+                Some((p.clone(), m.len(), m.modified().ok()?))
+            })
+            .collect();
+        let mut cache = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached_key, stamp)) = cache.as_ref()
+            && *cached_key == key
+        {
+            return Ok((chosen, stamp.clone()));
+        }
+        let mut hasher = Sha256::new();
+        for deb in &chosen {
+            let bytes = std::fs::read(deb)
+                .map_err(|e| ProviderError::Other(format!("cannot read {}: {e}", deb.display())))?;
+            hasher.update(&bytes);
+        }
+        let stamp = hex::encode(&hasher.finalize()[..8]);
+        *cache = Some((key, stamp.clone()));
+        Ok((chosen, stamp))
     }
 
     /// Containers in this cluster's lxcpath that carry the marker.
@@ -514,10 +539,159 @@ impl LxcProvider {
         Ok(())
     }
 
+    /// The stamp of the packages a container has: written in its overlay
+    /// when they were installed there, else that of the image it was cloned
+    /// from.
     fn installed_stamp(&self, name: &str) -> Option<String> {
-        std::fs::read_to_string(self.config.delta(name).join("var/lib/corral/packages"))
-            .ok()
-            .map(|s| s.trim().to_string())
+        let stamp = "var/lib/corral/packages";
+        let read = |dir: &Path| {
+            std::fs::read_to_string(dir.join(stamp))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        read(&self.config.delta(name)).or_else(|| {
+            let config = std::fs::read_to_string(self.config.dir(name).join("config")).ok()?;
+            let lower = config.lines().find_map(|l| {
+                let spec = l.trim().strip_prefix("lxc.rootfs.path")?;
+                let spec = spec.trim_start().strip_prefix('=')?.trim();
+                let rest = spec
+                    .strip_prefix("overlay:")
+                    .or_else(|| spec.strip_prefix("overlayfs:"))?;
+                rest.split(':').next().map(PathBuf::from)
+            })?;
+            read(&lower)
+        })
+    }
+
+    /// The image new containers are cloned from: the base image with this
+    /// build's packages installed (`dpkg -i` in a chroot) and the agent's
+    /// unit enabled, made once per build of the packages. Images of older
+    /// builds that no container uses any more are deleted.
+    async fn ensure_release(
+        &self,
+        stamp: &str,
+        packages: &[PathBuf],
+    ) -> Result<String, ProviderError> {
+        let c = &self.config;
+        let base = c.image_name();
+        let name = format!("{base}-{stamp}");
+        let dir = c.image_path.join(&name);
+        let done = dir.join("rootfs/var/lib/corral/packages");
+        if done.is_file() {
+            return Ok(name);
+        }
+        let _one = self.release.lock().await;
+        let lock_path = c.image_path.join(format!("{name}.lock"));
+        let lock = std::fs::File::create(&lock_path).map_err(|e| {
+            ProviderError::Other(format!("cannot create {}: {e}", lock_path.display()))
+        })?;
+        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+            .await
+            .map_err(|e| ProviderError::Other(e.to_string()))?
+            .map_err(|e| ProviderError::Other(format!("cannot lock the image build: {e}")))?;
+        if done.is_file() {
+            drop(lock);
+            return Ok(name);
+        }
+        let started = Instant::now();
+        let work = c.image_path.join(format!("{name}.building"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)
+            .map_err(|e| ProviderError::Other(format!("cannot create {}: {e}", work.display())))?;
+        let rootfs = work.join("rootfs");
+        run(
+            Command::new("cp")
+                .arg("-a")
+                .arg(c.image_path.join(&base).join("rootfs"))
+                .arg(&rootfs),
+            Duration::from_secs(900),
+        )
+        .await?;
+        let debs_dir = rootfs.join("var/cache/corral/debs");
+        std::fs::create_dir_all(&debs_dir).map_err(|e| {
+            ProviderError::Other(format!("cannot create {}: {e}", debs_dir.display()))
+        })?;
+        let mut args = vec![
+            rootfs.to_string_lossy().into_owned(),
+            "dpkg".into(),
+            "-i".into(),
+            "--force-confdef".into(),
+            "--force-confold".into(),
+        ];
+        for deb in packages {
+            let file = deb.file_name().unwrap_or_default();
+            std::fs::copy(deb, debs_dir.join(file))
+                .map_err(|e| ProviderError::Other(format!("cannot copy {}: {e}", deb.display())))?;
+            args.push(format!("/var/cache/corral/debs/{}", file.to_string_lossy()));
+        }
+        run(
+            Command::new("chroot")
+                .args(&args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            Duration::from_secs(600),
+        )
+        .await?;
+        run(
+            Command::new("systemctl")
+                .arg(format!("--root={}", rootfs.display()))
+                .args(["enable", "corral-agent.service"]),
+            Duration::from_secs(60),
+        )
+        .await?;
+        let _ = std::fs::remove_dir_all(&debs_dir);
+        write_atomic(
+            &rootfs.join("var/lib/corral/packages"),
+            format!("{stamp}\n").as_bytes(),
+            0o644,
+        )?;
+        std::fs::write(
+            work.join("config"),
+            format!(
+                "lxc.include = /usr/share/lxc/config/common.conf\nlxc.arch = linux64\nlxc.uts.name = {name}\nlxc.rootfs.path = dir:{}\nlxc.apparmor.profile = unconfined\n",
+                dir.join("rootfs").display()
+            ),
+        )
+        .map_err(|e| ProviderError::Other(format!("cannot write the image config: {e}")))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&work, &dir).map_err(|e| {
+            ProviderError::Other(format!("cannot move the image into {}: {e}", dir.display()))
+        })?;
+        drop(lock);
+        let _ = std::fs::remove_file(&lock_path);
+        tracing::info!(image = %name, secs = started.elapsed().as_secs_f64(), "release image made");
+        self.forget_old_releases(&base, &name);
+        Ok(name)
+    }
+
+    /// Deletes the images of other builds that no container was cloned from
+    /// (or whose clones are all gone).
+    fn forget_old_releases(&self, base: &str, keep: &str) {
+        let Ok(dirs) = std::fs::read_dir(&self.config.image_path) else {
+            return;
+        };
+        for entry in dirs.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == keep
+                || !name.starts_with(&format!("{base}-"))
+                || name.ends_with(".building")
+                || name.ends_with(".lock")
+            {
+                continue;
+            }
+            // lxc-copy lists every clone in the image's lxc_snapshots:
+            // lines of lxcpath, then name.
+            let clones =
+                std::fs::read_to_string(entry.path().join("lxc_snapshots")).unwrap_or_default();
+            let lines: Vec<&str> = clones.lines().collect();
+            let used = lines.chunks(2).any(|pair| {
+                pair.len() == 2 && Path::new(pair[0]).join(pair[1]).join("config").is_file()
+            });
+            if !used {
+                tracing::info!(image = %name, "deleting an unused image of an older build");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 
     /// Runs a command inside the container.
@@ -654,8 +828,9 @@ impl Machines for LxcProvider {
         let mut steps = Steps::default();
         if !self.is_ours(name) {
             self.check_free(node).await?;
+            let image = self.ensure_release(&stamp, &packages).await?;
+            steps.done("image ready");
             let _ = std::fs::remove_dir_all(self.config.dir(name));
-            let image = self.config.image_name();
             run(
                 Command::new("lxc-copy")
                     .arg("-P")
@@ -679,9 +854,10 @@ impl Machines for LxcProvider {
             .await?;
             state = self.state_of(name).await?;
         }
+        let current = self.installed_stamp(name).as_deref() == Some(stamp.as_str());
         if state == "STOPPED" {
             self.write_config(node)?;
-            self.seed_files(node, boot, &packages)?;
+            self.seed_files(node, boot, if current { &[] } else { &packages })?;
             run(
                 self.lxc("lxc-start").args(["-n", name]),
                 Duration::from_secs(60),
@@ -694,10 +870,16 @@ impl Machines for LxcProvider {
             )
             .await?;
             steps.done("started");
+            if current {
+                // Its image has this build's packages and the agent's unit
+                // enabled: its own systemd starts the agent.
+                return Ok(format!("container running: {}", steps.0.join(", ")));
+            }
         }
         self.wait_booted(name).await?;
         steps.done("booted");
-        if self.installed_stamp(name).as_deref() != Some(stamp.as_str()) {
+        if !current {
+            // Made from an older build's image: upgrade in place.
             let debs: Vec<String> = packages
                 .iter()
                 .filter_map(|p| {
