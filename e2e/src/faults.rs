@@ -162,3 +162,48 @@ pub async fn reachable(addr: &str, limit: Duration) -> bool {
         Ok(Ok(_))
     )
 }
+
+/// An address given to this host's loopback device for a while (to take an
+/// address a node is about to get), removed when dropped.
+pub struct HostAddress {
+    cidr: String,
+    removed: bool,
+}
+
+impl HostAddress {
+    pub async fn add(addr: &str) -> anyhow::Result<HostAddress> {
+        let cidr = format!("{addr}/32");
+        let out = run(Command::new("ip").args(["addr", "add", &cidr, "dev", "lo"])).await?;
+        if !out.exit.success() {
+            bail!(
+                "ip addr add {cidr}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(HostAddress {
+            cidr,
+            removed: false,
+        })
+    }
+
+    pub async fn remove(mut self) -> anyhow::Result<()> {
+        self.removed = true;
+        let out = run(Command::new("ip").args(["addr", "del", &self.cidr, "dev", "lo"])).await?;
+        if !out.exit.success() {
+            bail!(
+                "ip addr del {}: {}",
+                self.cidr,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        if !self.removed {
+            crate::run_blocking(Command::new("ip").args(["addr", "del", &self.cidr, "dev", "lo"]));
+        }
+    }
+}

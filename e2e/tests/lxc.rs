@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use corral_e2e::faults::{Freeze, Partition};
+use corral_e2e::faults::{Freeze, HostAddress, Partition};
 use corral_e2e::pg::{sole_primary, sql};
 use corral_e2e::writes::{LONG, Writer, other, settled};
 use corral_e2e::{Cluster, eventually, lxc_unavailable};
@@ -206,7 +206,8 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
 
     // Add webserver: nginx3 at .23, serving through both load balancers. A
     // container directory of that name that is not corral's is refused
-    // first, and the refusal reaches the node's events.
+    // first, then its address while this host has it; each refusal reaches
+    // the node's events and nothing is made until both are free.
     let foreign = c.lxc_path().join("nginx3");
     std::fs::create_dir_all(&foreign).expect("foreign container dir");
     std::fs::write(foreign.join("config"), "lxc.uts.name = nginx3\n").expect("foreign config");
@@ -241,7 +242,35 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
     })
     .await
     .expect("the refusal is an event");
+    // Then its address, taken by this host meanwhile, is refused too.
+    let taken = HostAddress::add(&c.address("nginx3"))
+        .await
+        .expect("take nginx3's address");
     std::fs::remove_dir_all(&foreign).expect("remove the foreign dir");
+    eventually("the address refusal in nginx3's events", LONG, || async {
+        let events: Vec<serde_json::Value> = c
+            .api(Method::GET, "/events?limit=200")
+            .await
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(events
+            .into_iter()
+            .find(|e| e["subject"] == "nginx3" && e["kind"] == "node.provision_failed")
+            .filter(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("already taken by this host"))
+            }))
+    })
+    .await
+    .expect("the address refusal is an event");
+    assert!(
+        !c.lxc_path().join("nginx3").exists(),
+        "nothing is made while the address is taken"
+    );
+    taken.remove().await.expect("free nginx3's address");
     for lb in ["nginx1", "nginx2"] {
         eventually(&format!("nginx3 to serve through {lb}"), LONG, || async {
             Ok((served_by(&http, &c, lb).await? == "nginx3").then_some(()))
@@ -250,7 +279,7 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
         .expect("nginx3 serves");
     }
     eprintln!(
-        "nginx3 added and serving through both load balancers in {:.1} s (after a refused first try)",
+        "nginx3 added and serving through both load balancers in {:.1} s (after two refused tries)",
         added.elapsed().as_secs_f64()
     );
 
