@@ -71,7 +71,8 @@ for entry in "${packages[@]}"; do
     continue
   fi
   step "packaging $deb"
-  cargo deb -q --no-build --locked -p "$crate" --output "$deb" >/dev/null
+  # stdout is only the path; warnings (a unit not found...) stay visible.
+  cargo deb --no-build --locked -p "$crate" --output "$deb" >/dev/null
 done
 
 step "apt repository in $repo"
