@@ -8,28 +8,33 @@
 #   target/debian/repo/                                 a flat apt repository of the three
 #                                                       (+ Debian's consul, which bookworm lacks)
 #
-# Release binaries once, then `cargo deb --no-build` per package; a package
-# or index that is newer than everything it is made of is left alone, so a
-# second run with nothing changed is quick. Prints the paths of the .debs on
+# Binaries once (release, or --profile dev), then `cargo deb --no-build` per
+# package; a package or index that is newer than everything it is made of is
+# left alone, so a second run with nothing changed is quick. Prints the paths of the .debs on
 # stdout, progress on stderr. Installs cargo-deb (pinned) and apt-utils if
 # missing. Options:
-#   --no-consul   leave consul out of the repository
-#   --debug       package the debug build (cargo's dev profile) instead of a
-#                 release build: what scripts/test.sh does, since its tests
-#                 build those binaries anyway (a cold release build would add
-#                 minutes to every CI run)
+#   --no-consul       leave consul out of the repository
+#   --profile dev     package the debug binaries `cargo build --workspace --bins`
+#                     leaves (what scripts/test.sh does: a cold release build
+#                     costs CI far more than anything else here); same
+#                     packages otherwise. Default: release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_consul=1
 profile=release
-for arg in "$@"; do
-  case "$arg" in
+while [ $# -gt 0 ]; do
+  case "$1" in
     --no-consul) with_consul=0 ;;
-    --debug) profile=dev ;;
-    *) echo "package.sh: unknown option $arg" >&2; exit 2 ;;
+    --profile) profile=${2:?--profile needs a cargo profile}; shift ;;
+    *) echo "package.sh: unknown option $1" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$profile" in
+  dev | debug) profile=dev; profile_dir=debug ;;
+  *) profile_dir=$profile ;;
+esac
 
 started=$(date +%s)
 step() { printf '==> [%3ds] %s\n' "$(( $(date +%s) - started ))" "$*" >&2; }
@@ -52,14 +57,20 @@ if ! command -v apt-ftparchive >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends apt-utils >/dev/null
 fi
 
-if [ "$profile" = release ]; then
-  bin_dir="$target_dir/release"
-  step "release binaries (cargo build --release -p corral-server -p corral-agent -p todomvc)"
-  cargo build -q --release --locked -p corral-server -p corral-agent -p todomvc
+if [ "$profile" = dev ]; then
+  # Exactly test.sh's build, so there it is a no-op (a subset of the
+  # workspace can resolve other features and rebuild).
+  step "dev binaries (cargo build --workspace --bins)"
+  cargo build -q --workspace --bins --locked
 else
-  bin_dir="$target_dir/debug"
-  step "debug binaries (cargo build -p corral-server -p corral-agent -p todomvc)"
-  cargo build -q --locked -p corral-server -p corral-agent -p todomvc
+  step "$profile binaries (cargo build --profile $profile -p corral-server -p corral-agent -p todomvc)"
+  cargo build -q --profile "$profile" --locked -p corral-server -p corral-agent -p todomvc
+fi
+mkdir -p "$out"
+# Packages of another profile have the same names: start over.
+if [ "$(cat "$out/.profile" 2>/dev/null)" != "$profile" ]; then
+  rm -f "$out"/*.deb
+  echo "$profile" > "$out/.profile"
 fi
 
 # crate : crate dir : Debian package : binary
@@ -69,7 +80,6 @@ packages=(corral-server:backend:corral:corral
 # The workspace version (the first `version =` line of Cargo.toml).
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 arch=$(dpkg --print-architecture)
-mkdir -p "$out"
 debs=()
 for entry in "${packages[@]}"; do
   IFS=: read -r crate dir name bin <<<"$entry"
@@ -77,23 +87,25 @@ for entry in "${packages[@]}"; do
   debs+=("$deb")
   # Everything the package is made of: the binary, the manifests, the unit
   # and config file (agents/debian), the README (todomvc).
-  inputs=("$bin_dir/$bin" "$dir/Cargo.toml" Cargo.toml)
+  inputs=("$target_dir/$profile_dir/$bin" "$dir/Cargo.toml" Cargo.toml)
   [ -d "$dir/debian" ] && inputs+=("$dir/debian")
   [ -f "$dir/README.md" ] && inputs+=("$dir/README.md")
-  if [ -f "$deb" ] && [ "$(cat "$out/.profile" 2>/dev/null)" = "$profile" ] &&
-     [ -z "$(find "${inputs[@]}" -newer "$deb" -print -quit)" ]; then
+  if [ -f "$deb" ] && [ -z "$(find "${inputs[@]}" -newer "$deb" -print -quit)" ]; then
     step "$deb is up to date"
     continue
   fi
   step "packaging $deb"
-  if [ "$profile" = release ]; then
-    cargo deb -q --no-build --locked -p "$crate" --output "$deb" >/dev/null
-  else
-    cargo deb -q --no-build --no-strip --profile dev --locked -p "$crate" --output "$deb" >/dev/null
+  # stdout is only the path; warnings (a unit not found...) are shown,
+  # except the one about packaging a dev build, which is the point of dev.
+  if ! warnings=$(cargo deb --no-build --locked -p "$crate" --profile "$profile" --output "$deb" 2>&1 >/dev/null); then
+    echo "$warnings" >&2
+    exit 1
   fi
+  if [ "$profile" = dev ]; then
+    warnings=$(grep -v "dev profile is not supported\|cargo-deb is for making releases\|To enable debug symbols\|Cargo also supports custom" <<<"$warnings" || true)
+  fi
+  if [ -n "$warnings" ]; then echo "$warnings" >&2; fi
 done
-
-echo "$profile" > "$out/.profile"
 
 step "apt repository in $repo"
 mkdir -p "$repo"

@@ -25,8 +25,10 @@ scripts/build-ui.sh
 step "build the binaries the end-to-end tests run (corral, corral-agent, todomvc)"
 cargo build --workspace --bins --locked
 
-step "Debian packages and the apt repository (scripts/package.sh --debug): the apt tests and the LXC nodes install them"
-scripts/package.sh --debug >/dev/null
+# Of the debug binaries just built: a cold release build would cost more
+# than any test here. The packages are otherwise the ones a release has.
+step "Debian packages and the apt repository (scripts/package.sh --profile dev): the apt tests and the LXC nodes install them"
+scripts/package.sh --profile dev >/dev/null
 
 step "cargo test (SQLite and PostgreSQL 15, whole clusters of real processes, the UI in Chromium)"
 cargo test --workspace --locked

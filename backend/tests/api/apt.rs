@@ -319,7 +319,7 @@ fn the_packages_hold_what_a_node_needs() {
     for path in [
         "./usr/bin/corral-agent",
         "./etc/corral/agent.conf",
-        "./lib/systemd/system/corral-agent.service",
+        "./usr/lib/systemd/system/corral-agent.service",
     ] {
         assert!(contents.contains(path), "{path} in\n{contents}");
     }
@@ -355,8 +355,11 @@ fn the_packages_hold_what_a_node_needs() {
         let version = run(Command::new(root.path().join("usr/bin").join(program)).arg("--version"));
         assert!(version.contains(program), "{version}");
     }
-    let unit = std::fs::read_to_string(root.path().join("lib/systemd/system/corral-agent.service"))
-        .expect("unit");
+    let unit = std::fs::read_to_string(
+        root.path()
+            .join("usr/lib/systemd/system/corral-agent.service"),
+    )
+    .expect("unit");
     assert!(unit.contains("ExecStart=/usr/bin/corral-agent run --config /etc/corral/agent.conf"));
     assert!(unit.contains("KillMode=process"));
     // The unit's ExecCondition skips the agent while the shipped config
