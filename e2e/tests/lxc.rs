@@ -231,14 +231,13 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
             .await?
             .json()
             .await?;
-        Ok(events
-            .into_iter()
-            .find(|e| e["subject"] == "nginx3" && e["kind"] == "node.provision_failed")
-            .filter(|e| {
-                e["message"]
+        Ok(events.into_iter().find(|e| {
+            e["subject"] == "nginx3"
+                && e["kind"] == "node.provision_failed"
+                && e["message"]
                     .as_str()
                     .is_some_and(|m| m.contains("already exists"))
-            }))
+        }))
     })
     .await
     .expect("the refusal is an event");
@@ -255,14 +254,13 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
             .await?
             .json()
             .await?;
-        Ok(events
-            .into_iter()
-            .find(|e| e["subject"] == "nginx3" && e["kind"] == "node.provision_failed")
-            .filter(|e| {
-                e["message"]
+        Ok(events.into_iter().find(|e| {
+            e["subject"] == "nginx3"
+                && e["kind"] == "node.provision_failed"
+                && e["message"]
                     .as_str()
                     .is_some_and(|m| m.contains("already taken by this host"))
-            }))
+        }))
     })
     .await
     .expect("the address refusal is an event");
