@@ -44,7 +44,7 @@ both_backends! {
         let body = assert_error(res, 422, "provider_not_configured").await;
         assert_eq!(
             body["message"],
-            "provider virtualbox is not configured on this server (configured: local)"
+            "provider virtualbox is not configured on this server (configured: local, manual)"
         );
         assert_eq!(app.node_names().await, vec!["adm1"]);
         assert_eq!(app.get_json("/api/v1/topology").await["db"], 0);
@@ -179,11 +179,15 @@ mod providers {
             let node: serde_json::Value = res.json().await.expect("json");
             assert_eq!(node["provider"], "lxc");
             assert_eq!(app.get_json("/api/v1/nodes/adm1").await["provider"], "local");
+            // Agents installed by hand (`apt install corral-agent`) are
+            // always welcome; a provider the server does not run is not.
             let res = app.post("/api/v1/nodes", json!({"role": "web", "provider": "manual"})).await;
+            assert_eq!(res.status(), 201);
+            let res = app.post("/api/v1/nodes", json!({"role": "web", "provider": "virtualbox"})).await;
             let body = assert_error(res, 422, "provider_not_configured").await;
             assert_eq!(
                 body["message"],
-                "provider manual is not configured on this server (configured: local, lxc)"
+                "provider virtualbox is not configured on this server (configured: local, lxc, manual)"
             );
         }
     }
