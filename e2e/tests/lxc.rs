@@ -132,6 +132,34 @@ impl Drop for Readers {
     }
 }
 
+/// Waits for a `node.provision_failed` event of `node` whose message says
+/// `why`.
+async fn provision_refused(
+    c: &Cluster,
+    node: &str,
+    why: &str,
+) -> anyhow::Result<serde_json::Value> {
+    eventually(
+        &format!("{node}'s refusal ({why}) in its events"),
+        LONG,
+        || async {
+            let events: Vec<serde_json::Value> = c
+                .api(Method::GET, "/events?limit=200")
+                .await
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok(events.into_iter().find(|e| {
+                e["subject"] == node
+                    && e["kind"] == "node.provision_failed"
+                    && e["message"].as_str().is_some_and(|m| m.contains(why))
+            }))
+        },
+    )
+    .await
+}
+
 /// Whether `node`'s postgres refuses writes: down, or a standby. Read over
 /// its socket, which needs no network.
 async fn refuses_writes(c: &Cluster, node: &str) -> bool {
@@ -223,47 +251,17 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
     let node: serde_json::Value = res.json().await.expect("node");
     assert_eq!(node["name"], "nginx3");
     assert_eq!(node["address"].as_str(), Some(c.address("nginx3").as_str()));
-    eventually("the refusal in nginx3's events", LONG, || async {
-        let events: Vec<serde_json::Value> = c
-            .api(Method::GET, "/events?limit=200")
-            .await
-            .send()
-            .await?
-            .json()
-            .await?;
-        Ok(events.into_iter().find(|e| {
-            e["subject"] == "nginx3"
-                && e["kind"] == "node.provision_failed"
-                && e["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("already exists"))
-        }))
-    })
-    .await
-    .expect("the refusal is an event");
+    provision_refused(&c, "nginx3", "already exists")
+        .await
+        .expect("the refusal is an event");
     // Then its address, taken by this host meanwhile, is refused too.
     let taken = HostAddress::add(&c.address("nginx3"))
         .await
         .expect("take nginx3's address");
     std::fs::remove_dir_all(&foreign).expect("remove the foreign dir");
-    eventually("the address refusal in nginx3's events", LONG, || async {
-        let events: Vec<serde_json::Value> = c
-            .api(Method::GET, "/events?limit=200")
-            .await
-            .send()
-            .await?
-            .json()
-            .await?;
-        Ok(events.into_iter().find(|e| {
-            e["subject"] == "nginx3"
-                && e["kind"] == "node.provision_failed"
-                && e["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("already taken by this host"))
-        }))
-    })
-    .await
-    .expect("the address refusal is an event");
+    provision_refused(&c, "nginx3", "already taken by this host")
+        .await
+        .expect("the address refusal is an event");
     assert!(
         !c.lxc_path().join("nginx3").exists(),
         "nothing is made while the address is taken"

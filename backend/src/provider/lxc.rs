@@ -290,13 +290,7 @@ impl LxcProvider {
         })?;
         // One builder per host: other processes wait on the lock.
         let lock_path = c.image_path.join(format!("{name}.lock"));
-        let lock = std::fs::File::create(&lock_path).map_err(|e| {
-            ProviderError::Other(format!("cannot create {}: {e}", lock_path.display()))
-        })?;
-        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
-            .await
-            .map_err(|e| ProviderError::Other(e.to_string()))?
-            .map_err(|e| ProviderError::Other(format!("cannot lock the image build: {e}")))?;
+        let lock = lock_image_build(&lock_path).await?;
         if done.is_file() {
             drop(lock);
             return Ok(());
@@ -388,18 +382,7 @@ impl LxcProvider {
                 chrono::Utc::now().to_rfc3339()
             ),
         )?;
-        std::fs::write(
-            work.join("config"),
-            format!(
-                "lxc.include = /usr/share/lxc/config/common.conf\nlxc.arch = linux64\nlxc.uts.name = {name}\nlxc.rootfs.path = dir:{}\nlxc.apparmor.profile = unconfined\n",
-                dir.join("rootfs").display()
-            ),
-        )
-        .map_err(|e| ProviderError::Other(format!("cannot write the image config: {e}")))?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&work, &dir).map_err(|e| {
-            ProviderError::Other(format!("cannot move the image into {}: {e}", dir.display()))
-        })?;
+        move_image_into_place(&work, &dir, &name)?;
         say("ready");
         drop(lock);
         Ok(())
@@ -582,13 +565,7 @@ impl LxcProvider {
         }
         let _one = self.release.lock().await;
         let lock_path = c.image_path.join(format!("{name}.lock"));
-        let lock = std::fs::File::create(&lock_path).map_err(|e| {
-            ProviderError::Other(format!("cannot create {}: {e}", lock_path.display()))
-        })?;
-        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
-            .await
-            .map_err(|e| ProviderError::Other(e.to_string()))?
-            .map_err(|e| ProviderError::Other(format!("cannot lock the image build: {e}")))?;
+        let lock = lock_image_build(&lock_path).await?;
         if done.is_file() {
             drop(lock);
             return Ok(name);
@@ -645,18 +622,7 @@ impl LxcProvider {
             format!("{stamp}\n").as_bytes(),
             0o644,
         )?;
-        std::fs::write(
-            work.join("config"),
-            format!(
-                "lxc.include = /usr/share/lxc/config/common.conf\nlxc.arch = linux64\nlxc.uts.name = {name}\nlxc.rootfs.path = dir:{}\nlxc.apparmor.profile = unconfined\n",
-                dir.join("rootfs").display()
-            ),
-        )
-        .map_err(|e| ProviderError::Other(format!("cannot write the image config: {e}")))?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&work, &dir).map_err(|e| {
-            ProviderError::Other(format!("cannot move the image into {}: {e}", dir.display()))
-        })?;
+        move_image_into_place(&work, &dir, &name)?;
         drop(lock);
         let _ = std::fs::remove_file(&lock_path);
         tracing::info!(image = %name, secs = started.elapsed().as_secs_f64(), "release image made");
@@ -981,6 +947,33 @@ impl Machines for LxcProvider {
         .await?;
         Ok(())
     }
+}
+
+/// Takes the host-wide lock on one image's build: other processes wait.
+async fn lock_image_build(path: &Path) -> Result<std::fs::File, ProviderError> {
+    let lock = std::fs::File::create(path)
+        .map_err(|e| ProviderError::Other(format!("cannot create {}: {e}", path.display())))?;
+    tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+        .await
+        .map_err(|e| ProviderError::Other(e.to_string()))?
+        .map_err(|e| ProviderError::Other(format!("cannot lock the image build: {e}")))
+}
+
+/// Gives a finished image under `work` its LXC config (a plain rootfs at
+/// its final place) and renames it in as `dir`.
+fn move_image_into_place(work: &Path, dir: &Path, name: &str) -> Result<(), ProviderError> {
+    std::fs::write(
+        work.join("config"),
+        format!(
+            "lxc.include = /usr/share/lxc/config/common.conf\nlxc.arch = linux64\nlxc.uts.name = {name}\nlxc.rootfs.path = dir:{}\nlxc.apparmor.profile = unconfined\n",
+            dir.join("rootfs").display()
+        ),
+    )
+    .map_err(|e| ProviderError::Other(format!("cannot write the image config: {e}")))?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(work, dir).map_err(|e| {
+        ProviderError::Other(format!("cannot move the image into {}: {e}", dir.display()))
+    })
 }
 
 /// What `ensure` did, each step with the time it took.
