@@ -30,10 +30,30 @@ cargo build --workspace --bins --locked
 step "Debian packages and the apt repository (scripts/package.sh --profile dev): the apt tests and the LXC nodes install them"
 scripts/package.sh --profile dev >/dev/null
 
+# --no-fail-fast: one failing test must not hide the others; the fuzz runs
+# too, and the summary below names every failure.
 step "cargo test (SQLite and PostgreSQL 15, whole clusters of real processes, the UI in Chromium)"
-cargo test --workspace --locked
+log=$(mktemp /tmp/corral-test.XXXXXX)
+trap 'rm -f "$log"' EXIT
+failed=0
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || failed=1
 
 step "API fuzz against openapi.yaml (schemathesis)"
-scripts/fuzz-api.sh
+fuzz=0
+scripts/fuzz-api.sh || fuzz=1
 
-step "all checks passed"
+if [ "$failed" = 0 ] && [ "$fuzz" = 0 ]; then
+  step "all checks passed ($(( SECONDS / 60 )) min $(( SECONDS % 60 )) s)"
+  exit 0
+fi
+step "FAILED ($(( SECONDS / 60 )) min $(( SECONDS % 60 )) s)"
+if [ "$failed" = 1 ]; then
+  echo "failed tests:" >&2
+  # "Running <target> (target/debug/deps/<binary>-<hash>)" names the test
+  # binary; libtest prints "test <name> ... FAILED" for each failure.
+  awk '/^ +Running /{bin=$NF; gsub(/^\(.*\/|-[0-9a-f]+\)$/, "", bin)}
+       /^test .* \.\.\. FAILED$/{print "  " bin ": " $2}' "$log" | sort -u >&2
+  grep -E '^error: (test failed|[0-9]+ targets? failed)' -A20 "$log" | grep -E '^ +`' >&2 || true
+fi
+[ "$fuzz" = 1 ] && echo "the API fuzz failed (its output is above)" >&2
+exit 1

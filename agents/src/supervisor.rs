@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -226,23 +227,52 @@ impl Supervisor {
             .append(true)
             .open(&log_path)?;
         let err = log.try_clone()?;
-        // `setsid` execs in place (the child is no group leader), so the pid
-        // we get is the service's own; so does `setpriv`.
-        let mut cmd = Command::new("setsid");
-        if let Some(account) = spec.run_as.as_ref().filter(|_| running_as_root()) {
-            cmd.arg("setpriv")
-                .arg(format!("--reuid={}", account.uid))
-                .arg(format!("--regid={}", account.gid))
-                .arg("--init-groups")
-                .arg("--");
-        }
-        cmd.arg(&spec.program)
-            .args(&spec.args)
+        // The child leaves the agent's session and drops to its account
+        // itself, between fork and exec. std's spawn then returns only once
+        // the exec of the program itself succeeded (it waits for a pipe
+        // closed on exec), so the pid file written below always names a
+        // process whose command line is already the service's: an agent
+        // restarting at any moment recognises it and never starts a second
+        // copy. (Spawning through `setsid`/`setpriv` binaries left a window
+        // in which the pid still ran the launcher.)
+        let drop_to = match spec.run_as.as_ref().filter(|_| running_as_root()) {
+            Some(account) => {
+                let name = std::ffi::CString::new(account.name.as_str()).map_err(|_| {
+                    HostError::Spawn {
+                        command: spec.program.display().to_string(),
+                        source: std::io::Error::other("account name holds a NUL byte"),
+                    }
+                })?;
+                let gid = nix::unistd::Gid::from_raw(account.gid);
+                let groups =
+                    nix::unistd::getgrouplist(&name, gid).map_err(|e| HostError::Spawn {
+                        command: spec.program.display().to_string(),
+                        source: std::io::Error::from_raw_os_error(e as i32),
+                    })?;
+                Some((nix::unistd::Uid::from_raw(account.uid), gid, groups))
+            }
+            None => None,
+        };
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
             .current_dir("/");
+        // SAFETY: between fork and exec only async-signal-safe system calls
+        // run (setsid, setgroups, setgid, setuid), on values prepared above.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setsid()?;
+                if let Some((uid, gid, groups)) = &drop_to {
+                    nix::unistd::setgroups(groups)?;
+                    nix::unistd::setgid(*gid)?;
+                    nix::unistd::setuid(*uid)?;
+                }
+                Ok(())
+            });
+        }
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("CORRAL_") {
                 cmd.env_remove(key);
@@ -485,6 +515,7 @@ impl Host for Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::Account;
 
     fn sleeper(dir: &Path) -> ServiceSpec {
         ServiceSpec {
@@ -508,6 +539,55 @@ mod tests {
         }
     }
 
+    /// The `Uid:` line of /proc/<pid>/status: real, effective, saved, fs.
+    fn uids(pid: u32) -> String {
+        fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("status")
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Uid:")
+                    .map(|u| u.split_whitespace().collect::<Vec<_>>().join(" "))
+            })
+            .expect("Uid line")
+    }
+
+    #[tokio::test]
+    async fn a_service_with_an_account_runs_as_that_account_in_its_own_session() {
+        if !running_as_root() {
+            eprintln!("skipped: dropping to an account needs root");
+            return;
+        }
+        let account = Account::lookup("nobody").expect("the nobody account");
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut spec = sleeper(dir.path());
+        spec.name = "dropped".into();
+        spec.run_as = Some(account.clone());
+        let sup = Supervisor::new(dir.path()).expect("supervisor");
+        assert_eq!(sup.ensure(&spec).await.expect("start"), Ensured::Started);
+        let pid = read_pid(&sup.pid_file("dropped")).expect("pid file");
+        let u = account.uid;
+        assert_eq!(uids(pid), format!("{u} {u} {u} {u}"));
+        assert_eq!(
+            nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).ok(),
+            Some(Pid::from_raw(pid as i32))
+        );
+        sup.stop("dropped").await.expect("stop");
+        assert!(!pid_alive(pid));
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_an_error_and_leaves_no_pid_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut spec = sleeper(dir.path());
+        spec.program = dir.path().join("no-such-program");
+        let sup = Supervisor::new(dir.path()).expect("supervisor");
+        assert!(matches!(
+            sup.ensure(&spec).await,
+            Err(HostError::Spawn { .. })
+        ));
+        assert!(read_pid(&sup.pid_file("sleeper")).is_none());
+    }
+
     #[tokio::test]
     async fn a_dead_service_is_restarted_and_a_new_supervisor_adopts_it() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -516,15 +596,13 @@ mod tests {
         assert_eq!(first.ensure(&spec).await.expect("start"), Ensured::Started);
         assert_eq!(first.ensure(&spec).await.expect("again"), Ensured::Running);
         let pid = read_pid(&first.pid_file("sleeper")).expect("pid file");
-        // setsid execs in place: the pid is the service's own, leading its
-        // own session (once the exec and setsid have run: the pid file is
-        // written at spawn, possibly before).
-        until("the service running in its own session", || {
-            cmdline(pid).is_some_and(|c| c.contains(&spec.marker))
-                && nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).ok()
-                    == Some(Pid::from_raw(pid as i32))
-        })
-        .await;
+        // The pid file names the service itself, already exec'd and leading
+        // its own session, the moment `ensure` returns.
+        assert!(cmdline(pid).is_some_and(|c| c.contains(&spec.marker)));
+        assert_eq!(
+            nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).ok(),
+            Some(Pid::from_raw(pid as i32))
+        );
 
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill");
         until("a restart", || {
