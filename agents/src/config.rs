@@ -20,9 +20,9 @@ pub struct RunConfig {
     /// This node's name (as the control plane knows it).
     #[arg(long, env = "CORRAL_NODE")]
     pub node: String,
-    /// The node's address: every service binds it.
+    /// The node's IP address: every service binds it.
     #[arg(long, env = "CORRAL_AGENT_ADDRESS")]
-    pub address: String,
+    pub address: std::net::IpAddr,
     /// Where the agent keeps its state, pid files, logs and service data.
     #[arg(long, env = "CORRAL_AGENT_STATE_DIR")]
     pub state_dir: PathBuf,

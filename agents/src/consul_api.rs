@@ -2,6 +2,7 @@
 //! registration, health (with blocking queries), checks, sessions and KV.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -20,7 +21,10 @@ pub enum ConsulError {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Instance {
     pub node: String,
-    pub address: String,
+    /// Always an IP address: an entry whose address is anything else is
+    /// dropped (and logged) before it can reach nginx.conf or a connection
+    /// string.
+    pub address: IpAddr,
     pub port: u16,
     pub tags: Vec<String>,
 }
@@ -213,16 +217,7 @@ impl ConsulApi {
         let entries: Vec<HealthEntry> = res.json().await?;
         let mut instances: Vec<Instance> = entries
             .into_iter()
-            .map(|e| Instance {
-                address: if e.service.address.is_empty() {
-                    e.node.address.clone()
-                } else {
-                    e.service.address
-                },
-                node: e.node.node,
-                port: e.service.port,
-                tags: e.service.tags.unwrap_or_default(),
-            })
+            .filter_map(|e| instance(service, e))
             .collect();
         instances.sort();
         Ok((new_index, instances))
@@ -424,6 +419,34 @@ impl RawKv {
     }
 }
 
+/// The instance a health entry describes, if its address is an IP address
+/// and its port not 0.
+fn instance(service: &str, e: HealthEntry) -> Option<Instance> {
+    let text = if e.service.address.is_empty() {
+        &e.node.address
+    } else {
+        &e.service.address
+    };
+    match text.parse::<IpAddr>() {
+        Ok(address) if e.service.port != 0 => Some(Instance {
+            address,
+            node: e.node.node,
+            port: e.service.port,
+            tags: e.service.tags.unwrap_or_default(),
+        }),
+        _ => {
+            tracing::warn!(
+                service,
+                node = %e.node.node,
+                address = %text,
+                port = e.service.port,
+                "ignoring an instance whose address is not an IP address and port"
+            );
+            None
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct HealthEntry {
     #[serde(rename = "Node")]
@@ -448,4 +471,47 @@ struct HealthService {
     port: u16,
     #[serde(rename = "Tags")]
     tags: Option<Vec<String>>,
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    fn entry(node_address: &str, service_address: &str, port: u16) -> HealthEntry {
+        HealthEntry {
+            node: HealthNode {
+                node: "web1".into(),
+                address: node_address.into(),
+            },
+            service: HealthService {
+                address: service_address.into(),
+                port,
+                tags: None,
+            },
+        }
+    }
+
+    #[test]
+    fn only_ip_addresses_and_real_ports_become_instances() {
+        let ok = instance("todomvc", entry("10.0.0.1", "192.168.11.21", 8080)).expect("valid");
+        assert_eq!(ok.address, "192.168.11.21".parse::<IpAddr>().unwrap());
+        // No service address: the node's.
+        let node = instance("todomvc", entry("10.0.0.1", "", 8080)).expect("valid");
+        assert_eq!(node.address, "10.0.0.1".parse::<IpAddr>().unwrap());
+        let v6 = instance("todomvc", entry("10.0.0.1", "fd00::21", 8080)).expect("valid");
+        assert_eq!(v6.address, "fd00::21".parse::<IpAddr>().unwrap());
+        for forged in [
+            "1.1.1.1:1; } server { listen 4444",
+            "web1.example",
+            "127.0.0.1 ",
+            "127.0.0.1;",
+            "",
+        ] {
+            assert!(
+                instance("todomvc", entry("", forged, 8080)).is_none(),
+                "{forged:?} was accepted"
+            );
+        }
+        assert!(instance("todomvc", entry("10.0.0.1", "", 0)).is_none());
+    }
 }

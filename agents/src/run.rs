@@ -186,7 +186,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let agent_exe = std::env::current_exe().context("locating our own executable")?;
     let ctx = Arc::new(NodeContext {
         node: config.node.clone(),
-        address: config.address.clone(),
+        address: config.address,
         state_dir: state_dir.clone(),
         bins: Binaries {
             consul: config.consul_bin.clone(),
@@ -197,7 +197,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         },
         nginx_port: config.nginx_port,
         host: supervisor.clone(),
-        consul: ConsulApi::new(&config.address),
+        consul: ConsulApi::new(&config.address.to_string()),
         start_wait: Duration::from_secs(10),
     });
     tracing::info!(node = %config.node, address = %config.address, state = %state_dir.display(), "agent starting");
@@ -266,7 +266,7 @@ mod tests {
         let ctx = Arc::new(NodeContext {
             node: "nginx1".into(),
             // Nothing listens there: Consul calls fail fast.
-            address: "127.0.99.1".into(),
+            address: [127, 0, 99, 1].into(),
             state_dir: dir.path().to_path_buf(),
             bins: Binaries {
                 consul: "consul".into(),

@@ -76,7 +76,7 @@ pub fn stop_all(state_dir: &Path) -> std::io::Result<()> {
             services.push((name.to_string(), pid));
         }
     }
-    // Services lead sessions of their own (setsid).
+    // Services lead process groups of their own.
     stop_and_wait(&services, Duration::from_secs(60), true);
     for entry in std::fs::read_dir(&run)?.flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();

@@ -1,5 +1,5 @@
-//! The real process layer: starts the node's services in sessions of their
-//! own (so a Ctrl-C to the agent never reaches them), keeps pid files in
+//! The real process layer: starts the node's services in process groups of
+//! their own (so a Ctrl-C to the agent never reaches them), keeps pid files in
 //! `<state>/run/`, appends their output to `<state>/logs/<service>.log`,
 //! restarts them with capped backoff, stops them gracefully and reaps them.
 //! A restarted agent adopts the instances its predecessor left running
@@ -227,51 +227,25 @@ impl Supervisor {
             .append(true)
             .open(&log_path)?;
         let err = log.try_clone()?;
-        // The child leaves the agent's session and drops to its account
-        // itself, between fork and exec. std's spawn then returns only once
-        // the exec of the program itself succeeded (it waits for a pipe
-        // closed on exec), so the pid file written below always names a
-        // process whose command line is already the service's: an agent
-        // restarting at any moment recognises it and never starts a second
-        // copy. (Spawning through `setsid`/`setpriv` binaries left a window
-        // in which the pid still ran the launcher.)
-        let drop_to = match spec.run_as.as_ref().filter(|_| running_as_root()) {
-            Some(account) => {
-                let name = std::ffi::CString::new(account.name.as_str()).map_err(|_| {
-                    HostError::Spawn {
-                        command: spec.program.display().to_string(),
-                        source: std::io::Error::other("account name holds a NUL byte"),
-                    }
-                })?;
-                let gid = nix::unistd::Gid::from_raw(account.gid);
-                let groups =
-                    nix::unistd::getgrouplist(&name, gid).map_err(|e| HostError::Spawn {
-                        command: spec.program.display().to_string(),
-                        source: std::io::Error::from_raw_os_error(e as i32),
-                    })?;
-                Some((nix::unistd::Uid::from_raw(account.uid), gid, groups))
-            }
-            None => None,
-        };
+        // The child leads a process group of its own (so a Ctrl-C to the
+        // agent never reaches it, and its workers can be killed as a group)
+        // and drops to its account, both between fork and exec. std's spawn
+        // returns only once the exec of the program itself succeeded, so the
+        // pid file written below always names a process whose command line
+        // is already the service's: an agent restarting at any moment
+        // recognises it and never starts a second copy. (Spawning through
+        // the `setsid` and `setpriv` binaries left a window in which the pid
+        // still ran the launcher.) Supplementary groups are dropped.
         let mut cmd = Command::new(&spec.program);
-        cmd.args(&spec.args)
+        cmd.process_group(0)
+            .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
             .current_dir("/");
-        // SAFETY: between fork and exec only async-signal-safe system calls
-        // run (setsid, setgroups, setgid, setuid), on values prepared above.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::setsid()?;
-                if let Some((uid, gid, groups)) = &drop_to {
-                    nix::unistd::setgroups(groups)?;
-                    nix::unistd::setgid(*gid)?;
-                    nix::unistd::setuid(*uid)?;
-                }
-                Ok(())
-            });
+        if let Some(account) = spec.run_as.as_ref().filter(|_| running_as_root()) {
+            cmd.gid(account.gid).uid(account.uid);
         }
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("CORRAL_") {
@@ -552,7 +526,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_service_with_an_account_runs_as_that_account_in_its_own_session() {
+    async fn a_service_with_an_account_runs_as_that_account_in_its_own_group() {
         if !running_as_root() {
             eprintln!("skipped: dropping to an account needs root");
             return;
@@ -568,7 +542,7 @@ mod tests {
         let u = account.uid;
         assert_eq!(uids(pid), format!("{u} {u} {u} {u}"));
         assert_eq!(
-            nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).ok(),
+            nix::unistd::getpgid(Some(Pid::from_raw(pid as i32))).ok(),
             Some(Pid::from_raw(pid as i32))
         );
         sup.stop("dropped").await.expect("stop");
@@ -597,10 +571,10 @@ mod tests {
         assert_eq!(first.ensure(&spec).await.expect("again"), Ensured::Running);
         let pid = read_pid(&first.pid_file("sleeper")).expect("pid file");
         // The pid file names the service itself, already exec'd and leading
-        // its own session, the moment `ensure` returns.
+        // its own process group, the moment `ensure` returns.
         assert!(cmdline(pid).is_some_and(|c| c.contains(&spec.marker)));
         assert_eq!(
-            nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).ok(),
+            nix::unistd::getpgid(Some(Pid::from_raw(pid as i32))).ok(),
             Some(Pid::from_raw(pid as i32))
         );
 

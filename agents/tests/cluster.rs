@@ -368,6 +368,57 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         assert!(rss < 15 * 1024, "{} agent uses {rss} kB", a.node);
     }
 
+    // Anyone who reaches a Consul agent can register an instance of the
+    // webapp. One whose address carries nginx directives never reaches
+    // nginx.conf; a well-formed one registered after it does, which shows
+    // the watcher saw both.
+    let nginx_conf = nginx1.join("nginx/conf/nginx.conf");
+    let consul = format!("http://{net}.21:{}", corral_proto::ports::CONSUL_HTTP);
+    for (id, address) in [
+        (
+            "forged",
+            "1.1.1.1:1; } server { listen 4444; location / { return 200",
+        ),
+        ("extra", "127.0.41.99"),
+    ] {
+        let res = http
+            .put(format!("{consul}/v1/agent/service/register"))
+            .json(&json!({"ID": id, "Name": corral_proto::WEBAPP_SERVICE, "Address": address, "Port": 8080}))
+            .send()
+            .await
+            .expect("consul register");
+        assert!(
+            res.status().is_success(),
+            "consul refused {id}: {}",
+            res.status()
+        );
+    }
+    eventually(
+        "the well-formed extra instance in nginx.conf",
+        Duration::from_secs(30),
+        || async {
+            std::fs::read_to_string(&nginx_conf).is_ok_and(|c| c.contains("127.0.41.99:8080"))
+        },
+    )
+    .await;
+    let conf = std::fs::read_to_string(&nginx_conf).expect("nginx.conf");
+    assert!(
+        !conf.contains("1.1.1.1") && !conf.contains("4444"),
+        "a forged upstream reached nginx.conf:\n{conf}"
+    );
+    for id in ["forged", "extra"] {
+        http.put(format!("{consul}/v1/agent/service/deregister/{id}"))
+            .send()
+            .await
+            .expect("consul deregister");
+    }
+    eventually(
+        "the extra instance gone from nginx.conf",
+        Duration::from_secs(30),
+        || async { std::fs::read_to_string(&nginx_conf).is_ok_and(|c| !c.contains("127.0.41.99")) },
+    )
+    .await;
+
     // kill -9 the nginx1 agent; the new one adopts instead of duplicating.
     let nginx_pid = pid_of(&nginx1, "nginx").expect("nginx pid");
     let todomvc_pid = pid_of(&nginx1, "todomvc").expect("todomvc pid");

@@ -85,7 +85,7 @@ impl ConsulDriver {
         mkdir(&self.ctx.path(CONF_DIR))?;
         let config = render_config(
             &self.ctx.node,
-            &self.ctx.address,
+            &self.ctx.address.to_string(),
             &data.to_string_lossy(),
             spec,
         );

@@ -9,6 +9,7 @@
 //! in `sync`/`strict` mode — only when every standby reports, because any one
 //! of them may be the one that acknowledged the latest commits.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use corral_proto::ReplicationMode;
@@ -41,7 +42,7 @@ pub enum MemberRole {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub node: String,
-    pub address: String,
+    pub address: IpAddr,
     pub port: u16,
     pub role: MemberRole,
     /// WAL position: received (standby) or written (primary), as a byte
@@ -199,7 +200,7 @@ mod tests {
     fn member(node: &str, role: MemberRole, lsn: u64, at_ms: u64) -> Member {
         Member {
             node: node.into(),
-            address: "127.0.0.1".into(),
+            address: [127, 0, 0, 1].into(),
             port: 5432,
             role,
             lsn,
@@ -215,6 +216,14 @@ mod tests {
         assert_eq!(parse_lsn("0/3000060"), Some(0x300_0060));
         assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374_D848));
         assert_eq!(parse_lsn("garbage"), None);
+    }
+
+    #[test]
+    fn a_member_record_whose_address_is_no_ip_is_refused() {
+        let good = serde_json::to_string(&member("pg1", MemberRole::Primary, 1, NOW)).unwrap();
+        assert_eq!(serde_json::from_str::<Member>(&good).unwrap().node, "pg1");
+        let forged = good.replace("127.0.0.1", "127.0.0.1 password=x host=evil");
+        assert!(serde_json::from_str::<Member>(&forged).is_err());
     }
 
     #[test]

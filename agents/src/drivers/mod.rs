@@ -31,7 +31,7 @@ pub struct Binaries {
 /// What every driver needs to know about its node.
 pub struct NodeContext {
     pub node: String,
-    pub address: String,
+    pub address: std::net::IpAddr,
     pub state_dir: PathBuf,
     pub bins: Binaries,
     /// nginx listens here instead of on the order's port.

@@ -4,6 +4,7 @@
 //! `nginx -t` and reloaded (SIGHUP) only when the set or the order changes,
 //! so a bad render never replaces a good config.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +21,7 @@ pub const SERVICE: &str = "nginx";
 /// One backend of the upstream block.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Upstream {
-    pub address: String,
+    pub address: IpAddr,
     pub port: u16,
 }
 
@@ -84,8 +85,8 @@ pub fn render(r: &Render<'_>) -> String {
         }
         for u in r.upstreams {
             out.push_str(&format!(
-                "        server {}:{} max_fails=1 fail_timeout=5s;\n",
-                u.address, u.port
+                "        server {} max_fails=1 fail_timeout=5s;\n",
+                SocketAddr::new(u.address, u.port)
             ));
         }
         out.push_str("        keepalive 16;\n    }\n");
@@ -368,7 +369,7 @@ fn to_upstreams(instances: &[crate::consul_api::Instance]) -> Vec<Upstream> {
     let mut set: Vec<Upstream> = instances
         .iter()
         .map(|i| Upstream {
-            address: i.address.clone(),
+            address: i.address,
             port: i.port,
         })
         .collect();
@@ -384,11 +385,11 @@ mod tests {
     fn upstreams() -> Vec<Upstream> {
         vec![
             Upstream {
-                address: "127.0.11.21".into(),
+                address: [127, 0, 11, 21].into(),
                 port: 8080,
             },
             Upstream {
-                address: "127.0.11.22".into(),
+                address: [127, 0, 11, 22].into(),
                 port: 8080,
             },
         ]
@@ -403,6 +404,15 @@ mod tests {
             upstreams: ups,
             user: Some("www-data"),
         })
+    }
+
+    #[test]
+    fn ipv6_upstreams_are_bracketed() {
+        let ups = [Upstream {
+            address: "fd00::21".parse().unwrap(),
+            port: 8080,
+        }];
+        assert!(conf(LbPolicy::RoundRobin, &ups).contains("server [fd00::21]:8080 max_fails"));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! former primary is rewound with `pg_rewind` (or cloned afresh) and rejoins
 //! as a standby. The supervisor never restarts PostgreSQL on its own.
 
+use std::net::IpAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -170,7 +171,7 @@ impl PostgresDriver {
         let pgdata = self.pgdata().display().to_string();
         let mut args = vec!["-D".to_string(), pgdata.clone()];
         for (k, v) in [
-            ("listen_addresses", self.ctx.address.clone()),
+            ("listen_addresses", self.ctx.address.to_string()),
             ("port", spec.port.to_string()),
             (
                 "unix_socket_directories",
@@ -419,7 +420,7 @@ impl PostgresDriver {
                 .await
             {
                 Ok((_, list)) if !list.is_empty() => {
-                    return Ok((list[0].address.clone(), list[0].port));
+                    return Ok((list[0].address.to_string(), list[0].port));
                 }
                 Ok(_) | Err(_) if Instant::now() > deadline => {
                     return Err(DriverError::Refused(format!(
@@ -683,7 +684,7 @@ impl PostgresDriver {
     }
 
     /// How a standby of this node connects to the primary at `address`.
-    fn conninfo(&self, spec: &PostgresSpec, address: &str, port: u16) -> String {
+    fn conninfo(&self, spec: &PostgresSpec, address: IpAddr, port: u16) -> String {
         format!(
             "host={address} port={port} user={REPLICATION_USER} password={} application_name={} connect_timeout=2",
             conninfo_value(&spec.password),
@@ -754,7 +755,15 @@ impl PostgresDriver {
             .kv_list(&keys.members)
             .await?
             .into_iter()
-            .filter_map(|e| serde_json::from_str::<Member>(&e.value).ok())
+            .filter_map(|e| match serde_json::from_str::<Member>(&e.value) {
+                Ok(m) => Some(m),
+                // A record that is not ours (an address that is no IP, a
+                // field missing) never reaches a connection string.
+                Err(error) => {
+                    tracing::warn!(key = %e.key, %error, "ignoring a malformed member record");
+                    None
+                }
+            })
             .collect())
     }
 
@@ -837,7 +846,7 @@ impl PostgresDriver {
             .and_then(|e| serde_json::from_str::<ha::Switchover>(&e.value).ok());
         let me = Member {
             node: self.ctx.node.clone(),
-            address: self.ctx.address.clone(),
+            address: self.ctx.address,
             port: spec.port,
             role: match &local {
                 Some(l) if l.in_recovery => MemberRole::Replica,
@@ -1052,7 +1061,7 @@ impl PostgresDriver {
                     *self.streamed_at.lock().expect("lock") = None;
                     return Ok(());
                 }
-                let conninfo = self.conninfo(spec, &leader.address, leader.port);
+                let conninfo = self.conninfo(spec, leader.address, leader.port);
                 let slot = slot_name(&self.ctx.node);
                 if local.conninfo != conninfo || local.slot_name != slot {
                     self.query(
@@ -1153,7 +1162,7 @@ impl PostgresDriver {
         }
         let conninfo = leader
             .as_ref()
-            .map(|l| self.conninfo(spec, &l.address, l.port))
+            .map(|l| self.conninfo(spec, l.address, l.port))
             .unwrap_or_default();
         let slot = if leader.is_some() {
             slot_name(&self.ctx.node)
@@ -1357,7 +1366,7 @@ impl PostgresDriver {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let conninfo = self.conninfo(&spec, &t.address, t.port);
+        let conninfo = self.conninfo(&spec, t.address, t.port);
         self.set_auto_conf(&[
             ("primary_conninfo", &conninfo),
             ("primary_slot_name", &slot_name(&node)),

@@ -142,7 +142,7 @@ impl WebappDriver {
                 .consul
                 .register_service(&registration(
                     &self.ctx.node,
-                    &self.ctx.address,
+                    &self.ctx.address.to_string(),
                     port,
                     self.healthy(port).await,
                 ))
