@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -222,9 +223,12 @@ impl Supervisor {
 
     fn spawn(&self, spec: &ServiceSpec) -> Result<Child, HostError> {
         let log_path = self.log_dir.join(format!("{}.log", spec.name));
+        // Logs may carry what a service prints about its peers: not for
+        // every local user.
         let log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o640)
             .open(&log_path)?;
         let err = log.try_clone()?;
         // The child leads a process group of its own (so a Ctrl-C to the
@@ -490,6 +494,7 @@ impl Host for Supervisor {
 mod tests {
     use super::*;
     use crate::host::Account;
+    use std::os::unix::fs::PermissionsExt;
 
     fn sleeper(dir: &Path) -> ServiceSpec {
         ServiceSpec {
@@ -570,6 +575,8 @@ mod tests {
         assert_eq!(first.ensure(&spec).await.expect("start"), Ensured::Started);
         assert_eq!(first.ensure(&spec).await.expect("again"), Ensured::Running);
         let pid = read_pid(&first.pid_file("sleeper")).expect("pid file");
+        let log = fs::metadata(dir.path().join("logs/sleeper.log")).expect("log");
+        assert_eq!(log.permissions().mode() & 0o777, 0o640);
         // The pid file names the service itself, already exec'd and leading
         // its own process group, the moment `ensure` returns.
         assert!(cmdline(pid).is_some_and(|c| c.contains(&spec.marker)));

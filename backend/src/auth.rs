@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
@@ -71,6 +71,52 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretsError + '_ {
     }
 }
 
+/// Creates the state dir 0711, or takes read and write for group and others
+/// off an existing one: nobody else may list it (its files are secrets, the
+/// database among them), while an agent's postgres, running as its own
+/// account under `nodes/<node>/` with the local provider, may still pass
+/// through it.
+pub fn private_state_dir(dir: &Path) -> Result<(), SecretsError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    let mode = fs::metadata(dir).map_err(io_err(dir))?.permissions().mode() & 0o7777;
+    if mode & 0o066 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode & !0o066)).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+/// Creates the SQLite database file 0600 before SQLite opens it (its `-wal`
+/// and `-shm` files take the database file's mode), or makes an existing
+/// one 0600: every order payload in it carries the database password and
+/// the gossip key.
+pub fn private_database_file(path: &Path) -> Result<(), SecretsError> {
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            for suffix in ["", "-wal", "-shm"] {
+                let file = PathBuf::from(format!("{}{suffix}", path.display()));
+                match fs::set_permissions(&file, fs::Permissions::from_mode(0o600)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io_err(&file)(e));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 /// Reads a secret file, or creates it with `make()` and mode 0600.
 fn secret_file(path: &Path, make: impl FnOnce() -> String) -> Result<(String, bool), SecretsError> {
     match fs::read_to_string(path) {
@@ -112,7 +158,7 @@ fn secret_file(path: &Path, make: impl FnOnce() -> String) -> Result<(String, bo
 
 impl Secrets {
     pub fn load_or_create(state_dir: &Path) -> Result<Self, SecretsError> {
-        fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
+        private_state_dir(state_dir)?;
         let admin_token_path = state_dir.join("admin-token");
         let (admin, created) = secret_file(&admin_token_path, || new_token("corral-admin-"))?;
         let (join_token, _) =
@@ -266,6 +312,28 @@ mod tests {
         assert!(!second.is_admin("corral-admin-wrong"));
         assert_eq!(second.join_token, first.join_token);
         assert_eq!(second.gossip_key, first.gossip_key);
+    }
+
+    #[test]
+    fn the_state_dir_cannot_be_listed_and_the_database_is_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        Secrets::load_or_create(&state).expect("create");
+        let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o7777;
+        assert_eq!(mode(&state), 0o711);
+        // An existing, more open one is tightened.
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).expect("chmod");
+        Secrets::load_or_create(&state).expect("load");
+        assert_eq!(mode(&state), 0o711);
+
+        let db = state.join("corral.db");
+        private_database_file(&db).expect("create");
+        assert_eq!(mode(&db), 0o600);
+        fs::set_permissions(&db, fs::Permissions::from_mode(0o644)).expect("chmod");
+        fs::write(state.join("corral.db-wal"), "").expect("wal");
+        private_database_file(&db).expect("tighten");
+        assert_eq!(mode(&db), 0o600);
+        assert_eq!(mode(&state.join("corral.db-wal")), 0o600);
     }
 
     #[test]

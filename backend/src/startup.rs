@@ -179,10 +179,13 @@ impl Application {
         };
 
         let secrets = Secrets::load_or_create(&config.state_dir)?;
-        let url = config
-            .database_url
-            .clone()
-            .unwrap_or_else(|| store::sqlite_url(&config.state_dir));
+        let url = match &config.database_url {
+            Some(url) => url.clone(),
+            None => {
+                crate::auth::private_database_file(&config.state_dir.join(store::SQLITE_FILE))?;
+                store::sqlite_url(&config.state_dir)
+            }
+        };
         let database = if url.starts_with("sqlite:") {
             "sqlite"
         } else {

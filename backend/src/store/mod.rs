@@ -58,10 +58,13 @@ pub struct Store {
 }
 
 /// The SQLite URL of the default store in `state_dir`.
+/// The default database's file in the state dir.
+pub const SQLITE_FILE: &str = "corral.db";
+
 pub fn sqlite_url(state_dir: &Path) -> String {
     format!(
         "sqlite://{}?mode=rwc",
-        state_dir.join("corral.db").display()
+        state_dir.join(SQLITE_FILE).display()
     )
 }
 
