@@ -30,7 +30,8 @@ pub enum ApiError {
         method: String,
         allowed: &'static str,
     },
-    #[error("{0}")]
+    /// The detail (which database, what failed) goes to the log only.
+    #[error("database unavailable")]
     Unavailable(String),
     #[error("internal error")]
     Internal(String),
@@ -74,7 +75,10 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         response.insert_header((header::CACHE_CONTROL, "no-store"));
         match self {
-            ApiError::Unavailable(_) => {
+            ApiError::Unavailable(detail) => {
+                // Endpoints and driver errors are for the operator: the
+                // client gets the request id to find them in the log.
+                tracing::warn!(%detail, "database unavailable");
                 response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
             }
             ApiError::MethodNotAllowed { allowed, .. } => {
@@ -86,9 +90,15 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
+        let message = match (self, crate::http::current_request_id()) {
+            (ApiError::Unavailable(_) | ApiError::Internal(_), Some(id)) => {
+                format!("{self}; request id {id} (the details are in the webapp's log)")
+            }
+            _ => self.to_string(),
+        };
         response.json(ErrorBody {
             error: self.code(),
-            message: self.to_string(),
+            message,
         })
     }
 }

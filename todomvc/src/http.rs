@@ -16,6 +16,17 @@ use tracing::Instrument;
 use crate::AppState;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+tokio::task_local! {
+    /// The id of the request being handled, for error bodies that point at
+    /// the log instead of carrying details.
+    static CURRENT_REQUEST: String;
+}
+
+/// The id of the request this task is handling, if any.
+pub fn current_request_id() -> Option<String> {
+    CURRENT_REQUEST.try_with(Clone::clone).ok()
+}
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 pub const READ_FROM: HeaderName = HeaderName::from_static("x-read-from");
 
@@ -78,8 +89,8 @@ pub async fn around_request(
         // responses (and get the headers below); an `Err` would come only
         // from the service stack itself. The request must not be cloned
         // before routing, so there is no request left to answer that with.
-        next.call(req)
-            .instrument(span.clone())
+        CURRENT_REQUEST
+            .scope(id.clone(), next.call(req).instrument(span.clone()))
             .await?
             .map_into_left_body()
     };

@@ -453,6 +453,19 @@ async fn healthz_is_503_and_writes_are_503_when_no_database_answers() -> anyhow:
     let r = c.post_json("/todos", &json!({"title": "lost?"})).await?;
     assert_eq!((r.status, r.header("retry-after")), (503, Some("1")));
     assert_eq!(r.json["error"], "unavailable");
+    // The public answer names no database endpoint and no driver error,
+    // only the request id the details are logged under.
+    let message = r.json["message"].as_str().unwrap_or_default();
+    let id = r.header("x-request-id").expect("a request id");
+    assert!(
+        message.starts_with("database unavailable; request id "),
+        "{message}"
+    );
+    assert!(message.contains(id), "{message}");
+    assert!(
+        !message.contains(&port.to_string()) && !message.contains("127.0.0.1"),
+        "{message}"
+    );
     let r = c.get("/todos").await?;
     assert_eq!(
         (r.status, r.json["error"].as_str()),
