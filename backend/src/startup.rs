@@ -34,6 +34,7 @@ pub struct Config {
     pub default_provider: Provider,
     pub max_poll_wait: Duration,
     pub heartbeat_stale_after: Duration,
+    pub retention: crate::cluster::Retention,
     /// HTTP worker threads; one per core when unset.
     pub workers: Option<usize>,
     /// The built web UI served at `/` (`frontend/dist`); none: `/` says how
@@ -74,6 +75,7 @@ impl Config {
             providers: vec![Provider::Local],
             max_poll_wait: Duration::from_secs(60),
             heartbeat_stale_after: Duration::from_secs(15),
+            retention: crate::cluster::Retention::default(),
             workers: None,
             ui_dir: crate::ui::default_dir(),
             run_machines: false,
@@ -206,6 +208,7 @@ impl Application {
                 providers: config.accepted_providers(),
                 max_poll_wait: config.max_poll_wait,
                 heartbeat_stale_after: config.heartbeat_stale_after,
+                retention: config.retention,
             },
             secrets.clone(),
         )

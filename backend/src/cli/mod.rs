@@ -181,6 +181,15 @@ struct ServeArgs {
     /// A node is stale after this long without a heartbeat.
     #[arg(long, default_value = "15s", value_parser = duration)]
     heartbeat_stale_after: Duration,
+    /// Finished orders kept per node (besides the newest of each kind).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    keep_orders: u64,
+    /// Events kept at most (the oldest go first).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    keep_events: u64,
+    /// Events older than this go, e.g. 30d, 12h.
+    #[arg(long, default_value = "30d", value_parser = age)]
+    keep_events_for: Duration,
     /// HTTP worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -263,6 +272,30 @@ enum TopologyCommand {
 
 fn duration(s: &str) -> Result<Duration, String> {
     parse_wait(s).map_err(|e| e.to_string())
+}
+
+/// A retention age: `30d`, `12h`, or a duration like `90m`.
+fn age(s: &str) -> Result<Duration, String> {
+    let count = |n: &str, unit: u64| {
+        n.parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| Duration::from_secs(u64::from(n) * unit))
+            .ok_or_else(|| format!("{s:?} is not an age like 30d, 12h or 90m"))
+    };
+    if let Some(days) = s.strip_suffix('d') {
+        count(days, 24 * 3600)
+    } else if let Some(hours) = s.strip_suffix('h') {
+        count(hours, 3600)
+    } else {
+        duration(s).and_then(|d| {
+            if d.is_zero() {
+                Err(format!("{s:?} is not an age like 30d, 12h or 90m"))
+            } else {
+                Ok(d)
+            }
+        })
+    }
 }
 
 impl Cli {
@@ -499,6 +532,12 @@ fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
     config.datacenter = args.datacenter.clone();
     config.max_poll_wait = args.max_poll_wait;
     config.heartbeat_stale_after = args.heartbeat_stale_after;
+    config.retention = crate::cluster::Retention {
+        orders_per_node: args.keep_orders,
+        events: args.keep_events,
+        event_age: args.keep_events_for,
+        ..Default::default()
+    };
     config.workers = args.workers;
     if let Some(dir) = &args.ui_dir {
         config.ui_dir = Some(dir.clone());

@@ -18,7 +18,7 @@ mod rows;
 mod topology;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -56,6 +56,32 @@ pub struct ClusterConfig {
     pub max_poll_wait: Duration,
     /// A node is `stale` when its last heartbeat is older than this.
     pub heartbeat_stale_after: Duration,
+    pub retention: Retention,
+}
+
+/// How much history the database keeps: without bounds, orders and events
+/// (a heartbeat that changes what a node reports is one) grow forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished orders kept per node, besides the newest of each kind.
+    pub orders_per_node: u64,
+    /// Events kept at most, newest first.
+    pub events: u64,
+    /// Events older than this go.
+    pub event_age: Duration,
+    /// How often the pruning runs (also once at start).
+    pub every: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            orders_per_node: 200,
+            events: 100_000,
+            event_age: Duration::from_secs(30 * 24 * 3600),
+            every: Duration::from_secs(60),
+        }
+    }
 }
 
 /// The outcome of removing a node.
@@ -122,6 +148,7 @@ impl Cluster {
         cluster.init().await?;
         tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
         tokio::spawn(watch_heartbeats(Arc::downgrade(&cluster)));
+        tokio::spawn(prune(Arc::downgrade(&cluster)));
         Ok(cluster)
     }
 
@@ -218,5 +245,40 @@ impl Cluster {
             }
             Some(_) => NodeHealth::Healthy,
         }
+    }
+}
+
+/// Applies the retention now and then, until the cluster is dropped.
+async fn prune(cluster: Weak<Cluster>) {
+    let every = match cluster.upgrade() {
+        Some(c) => c.config.retention.every,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        if let Err(e) = cluster.prune_now().await {
+            tracing::warn!(error = %e, "pruning old orders and events failed");
+        }
+    }
+}
+
+impl Cluster {
+    /// Deletes what the retention no longer keeps; returns (orders, events)
+    /// deleted.
+    pub async fn prune_now(&self) -> Result<(u64, u64), ClusterError> {
+        let r = self.config.retention;
+        let orders = store::prune_orders(self.store.conn(), r.orders_per_node).await?;
+        let before = Utc::now()
+            - chrono::Duration::from_std(r.event_age).unwrap_or(chrono::Duration::days(30));
+        let events = store::prune_events(self.store.conn(), r.events, before).await?;
+        if orders + events > 0 {
+            tracing::info!(orders, events, "pruned old orders and events");
+        }
+        Ok((orders, events))
     }
 }

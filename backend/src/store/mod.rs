@@ -384,6 +384,57 @@ pub async fn latest_orders<C: ConnectionTrait>(
         .collect()
 }
 
+/// Deletes finished orders beyond the newest `keep` of each node, except the
+/// newest order of each kind of each node (the reconciler's desired state
+/// and what a fresh agent needs). Pending and delivered orders stay.
+/// Returns how many went.
+pub async fn prune_orders<C: ConnectionTrait>(c: &C, keep: u64) -> Result<u64> {
+    // `keep` is a number from the configuration, not input: formatted in.
+    let sql = format!(
+        "DELETE FROM work_orders WHERE id IN (SELECT id FROM (\
+           SELECT id, status, \
+             ROW_NUMBER() OVER (PARTITION BY node_id ORDER BY seq DESC) AS newest, \
+             ROW_NUMBER() OVER (PARTITION BY node_id, kind ORDER BY seq DESC) AS newest_of_kind \
+           FROM work_orders) ranked \
+         WHERE newest > {keep} AND newest_of_kind > 1 AND status IN ('applied', 'failed'))"
+    );
+    let done = c
+        .execute_raw(Statement::from_string(c.get_database_backend(), sql))
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes events older than `before` and all but the newest `keep`.
+/// Returns how many went.
+pub async fn prune_events<C: ConnectionTrait>(
+    c: &C,
+    keep: u64,
+    before: DateTime<Utc>,
+) -> Result<u64> {
+    let mut gone = event::Entity::delete_many()
+        .filter(event::Column::At.lt(before))
+        .exec(c)
+        .await?
+        .rows_affected;
+    let oldest_kept = event::Entity::find()
+        .select_only()
+        .column(event::Column::Id)
+        .order_by_desc(event::Column::Id)
+        .offset(keep.saturating_sub(1))
+        .limit(1)
+        .into_tuple::<i64>()
+        .one(c)
+        .await?;
+    if let Some(id) = oldest_kept {
+        gone += event::Entity::delete_many()
+            .filter(event::Column::Id.lt(id))
+            .exec(c)
+            .await?
+            .rows_affected;
+    }
+    Ok(gone)
+}
+
 /// An order row to insert; `seq` is already allocated.
 pub struct NewOrderRow {
     pub node_id: i32,

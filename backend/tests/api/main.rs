@@ -13,5 +13,6 @@ mod events;
 mod logs;
 mod nodes;
 mod openapi;
+mod retention;
 mod topology;
 mod ui;
