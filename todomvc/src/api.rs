@@ -113,17 +113,61 @@ fn todo_id(req: &HttpRequest, raw: &str) -> Result<i64, ApiError> {
     parse_id(raw).ok_or_else(|| ApiError::NotFound(req.path().to_string()))
 }
 
+/// The most todos one `GET /todos` answers with; `Link: <…>; rel="next"`
+/// points at the rest.
+pub const MAX_PAGE: i64 = 1000;
+
+/// `?limit=N&offset=M` of a list read: limit 1..=1000 (default 1000),
+/// offset 0 or more.
+fn page(req: &HttpRequest) -> Result<(i64, i64), ApiError> {
+    let mut limit = MAX_PAGE;
+    let mut offset = 0;
+    for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = |min: i64, max: i64| {
+            value
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| {
+                    ApiError::BadQuery(format!(
+                        "{name}={value:?} is not a number from {min} to {max}"
+                    ))
+                })
+        };
+        match name {
+            "limit" => limit = number(1, MAX_PAGE)?,
+            "offset" => offset = number(0, i64::MAX / 2)?,
+            _ => {}
+        }
+    }
+    Ok((limit, offset))
+}
+
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let (limit, offset) = page(&req)?;
+    // One more than asked: whether there is a next page.
     let read = state
         .cluster
-        .read(session_lsn(&req), |conn| Box::pin(store::list(conn)))
+        .read(session_lsn(&req), move |conn| {
+            Box::pin(store::list(conn, limit + 1, offset))
+        })
         .await?;
     let base = base_url(&req);
-    let todos = read
+    let mut todos = read
         .value
         .views(&base)
         .map_err(|e| ApiError::Internal(format!("decoding todos: {e}")))?;
-    Ok(answer(StatusCode::OK, read.seen, Some(read.from)).json(todos))
+    let mut response = answer(StatusCode::OK, read.seen, Some(read.from));
+    if todos.len() as i64 > limit {
+        todos.truncate(limit as usize);
+        let next = format!(
+            "<{base}/todos?limit={limit}&offset={}>; rel=\"next\"",
+            offset + limit
+        );
+        response.insert_header((header::LINK, next));
+    }
+    Ok(response.json(todos))
 }
 
 async fn create(

@@ -23,6 +23,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     BadBody(String),
+    #[error("{0}")]
+    BadQuery(String),
     #[error("no todo at {0}")]
     NotFound(String),
     #[error("{method} is not allowed here; allowed: {allowed}")]
@@ -50,6 +52,7 @@ impl ApiError {
             ApiError::InvalidTodo(_) => "invalid_todo",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::BadBody(_) => "bad_body",
+            ApiError::BadQuery(_) => "bad_query",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
@@ -61,7 +64,9 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::InvalidJson(_) | ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidJson(_) | ApiError::BadBody(_) | ApiError::BadQuery(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::InvalidTodo(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,

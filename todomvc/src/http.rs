@@ -102,7 +102,9 @@ pub async fn around_request(
     );
     headers.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Location, Retry-After, X-Request-Id, X-Served-By, X-Read-From"),
+        HeaderValue::from_static(
+            "Link, Location, Retry-After, X-Request-Id, X-Served-By, X-Read-From",
+        ),
     );
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert(REQUEST_ID, v);

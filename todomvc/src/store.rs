@@ -122,13 +122,21 @@ impl TodoRows {
     }
 }
 
-/// Every todo, in the client's `order` and then in creation order.
-pub async fn list(conn: &mut PgConnection) -> Result<(Fence, TodoRows), sqlx::Error> {
+/// Up to `limit` todos from `offset` on, in the client's `order` and then in
+/// creation order.
+pub async fn list(
+    conn: &mut PgConnection,
+    limit: i64,
+    offset: i64,
+) -> Result<(Fence, TodoRows), sqlx::Error> {
     let rows = sqlx::query(fenced!(
         "SELECT f.standby, f.lsn, f.started, t.id, t.title, t.completed, t.\"order\" \
-         FROM fence f LEFT JOIN todos t ON true \
+         FROM fence f LEFT JOIN (SELECT id, title, completed, \"order\" FROM todos \
+           ORDER BY \"order\" NULLS LAST, id LIMIT $1 OFFSET $2) t ON true \
          ORDER BY t.\"order\" NULLS LAST, t.id"
     ))
+    .bind(limit)
+    .bind(offset)
     .fetch_all(conn)
     .await?;
     let first = rows

@@ -110,6 +110,65 @@ async fn todo_backend_spec_walkthrough_passes() -> anyhow::Result<()> {
 
 /// The list is rendered by PostgreSQL and a single todo by the app: both
 /// must give exactly the same JSON, whatever the title holds.
+/// A list read answers at most a page (1,000 by default); `Link: rel=next`
+/// leads through the rest, and a bad page is a 400 that reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lists_come_in_pages_linked_to_the_next() -> anyhow::Result<()> {
+    let (app, _db) = app_on_shared_db("pages").await?;
+    let c = app.session();
+    for i in 0..5 {
+        c.post_json("/todos", &json!({"title": format!("t{i}"), "order": i}))
+            .await?;
+    }
+    let mut titles = Vec::new();
+    let mut path = "/todos?limit=2".to_string();
+    let mut pages = 0;
+    loop {
+        let r = c.get(&path).await?;
+        assert_eq!(r.status, 200, "{}", r.text);
+        pages += 1;
+        titles.extend(r.titles());
+        let Some(link) = r.header("link") else { break };
+        let url = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once(">; rel=\"next\""))
+            .map(|(url, _)| url.to_string())
+            .unwrap_or_else(|| panic!("a Link header like <url>; rel=\"next\": {link}"));
+        path = url[url.find("/todos").expect("path")..].to_string();
+        assert!(pages < 10, "the pages never end");
+    }
+    assert_eq!(
+        (pages, titles),
+        (
+            3,
+            vec!["t0", "t1", "t2", "t3", "t4"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        )
+    );
+    // The whole list fits the default page: no Link.
+    let r = c.get("/todos").await?;
+    assert_eq!((r.titles().len(), r.header("link")), (5, None));
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "offset=-1",
+        "offset=",
+        "limit=1e3",
+    ] {
+        let r = c.get(&format!("/todos?{bad}")).await?;
+        assert_eq!(
+            (r.status, r.json["error"].as_str()),
+            (400, Some("bad_query")),
+            "{bad}: {}",
+            r.text
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listed_todos_are_exactly_the_todos_fetched_alone() -> anyhow::Result<()> {
     let (app, _db) = app_on_shared_db("same").await?;
