@@ -377,7 +377,8 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     for (id, address) in [
         (
             "forged",
-            "1.1.1.1:1; } server { listen 4444; location / { return 200",
+            // Valid nginx once rendered: a server of the attacker's.
+            "127.0.0.1:9; } server { listen 127.0.41.21:4444; location / { return 200 pwned; } } upstream x { server 127.0.0.1",
         ),
         ("extra", "127.0.41.99"),
     ] {
@@ -403,7 +404,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     .await;
     let conf = std::fs::read_to_string(&nginx_conf).expect("nginx.conf");
     assert!(
-        !conf.contains("1.1.1.1") && !conf.contains("4444"),
+        !conf.contains("pwned") && !conf.contains("4444"),
         "a forged upstream reached nginx.conf:\n{conf}"
     );
     for id in ["forged", "extra"] {
@@ -645,6 +646,53 @@ fn psql(state: &Path, sql: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Scans every process's command line for a secret, as fast as it can, on
+/// a thread of its own until stopped.
+struct CmdlineWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl CmdlineWatch {
+    fn start(secret: String) -> Self {
+        assert!(secret.len() >= 16, "a real secret to look for");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut scans, mut seen) = (0u64, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                    let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+                        continue;
+                    };
+                    let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+                    if line.contains(&secret) && seen.len() < 10 {
+                        seen.push(line.replace(&secret, "<the password>"));
+                    }
+                }
+                scans += 1;
+            }
+            (scans, seen)
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many full scans ran, and the command lines that held the secret.
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().expect("thread").join().expect("watcher")
+    }
+}
+
+impl Drop for CmdlineWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     let net = "127.0.42";
@@ -656,6 +704,13 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
             Some(json!({"web": 1, "db": 2, "lb_policy": "uri_hash", "replication": "sync"})),
         )
         .await;
+    // The database password must never be on a command line, where every
+    // local user sees it: watch them all while db orders apply.
+    let password = std::fs::read_to_string(cluster.dir.path().join("server/db-password"))
+        .expect("db password")
+        .trim()
+        .to_string();
+    let watcher = CmdlineWatch::start(password);
     for (node, host) in [("adm1", 5), ("pg1", 11), ("pg2", 12), ("nginx1", 21)] {
         cluster.spawn_agent(node, &format!("{net}.{host}"));
     }
@@ -743,6 +798,15 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         },
     )
     .await;
+    // Roles with passwords made, primary_conninfo set, a base backup taken:
+    // no command line carried the password meanwhile.
+    let (scans, seen) = watcher.finish();
+    eprintln!("{scans} scans of every command line while the db nodes set up");
+    assert!(scans > 10, "the watcher hardly ran ({scans} scans)");
+    assert!(
+        seen.is_empty(),
+        "the database password was on command lines: {seen:#?}"
+    );
 
     // Scaling db back to 1 drains pg2: the server removes it once applied.
     // The new policy is a reload of the same nginx, not a restart.

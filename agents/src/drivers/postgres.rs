@@ -204,7 +204,10 @@ impl PostgresDriver {
     }
 
     /// `psql` on the local socket as the superuser (trust: the socket
-    /// directory is private to the postgres account).
+    /// directory is private to the postgres account). The SQL goes in on
+    /// stdin, never on the command line: it may carry the database password
+    /// (roles, `primary_conninfo`), and a command line is visible to every
+    /// local user in `ps` and ends up in error messages.
     fn psql(&self, port: u16, sql: &str) -> OneShot {
         OneShot::new(
             self.bin("psql"),
@@ -225,8 +228,8 @@ impl PostgresDriver {
         .arg(self.socket_dir().display().to_string())
         .arg("-p")
         .arg(port.to_string())
-        .arg("-c")
-        .arg(sql)
+        // Terminated, as a script's last statement must be.
+        .stdin(format!("{};\n", sql.trim_end().trim_end_matches(';')))
         .timeout(Duration::from_secs(10))
     }
 
