@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use super::ha::{self, FENCE_AFTER, Keys, Member, MemberRole};
 use super::leader::{ALIVE_CHECK, LeaderLock, LockState};
 use super::{DriverError, NodeContext, mkdir};
-use crate::host::{Account, OneShot, ServiceSpec};
+use crate::host::{Account, HostError, OneShot, ServiceSpec};
 
 pub const SERVICE: &str = "postgres";
 /// The role standbys replicate (and pg_rewind reads) as.
@@ -235,7 +235,21 @@ impl PostgresDriver {
 
     async fn query(&self, port: u16, sql: &str) -> Result<String, DriverError> {
         let cmd = self.psql(port, sql);
-        let out = self.ctx.host.run(&cmd).await?.check(&cmd)?;
+        let out = self
+            .ctx
+            .host
+            .run(&cmd)
+            .await?
+            .check(&cmd)
+            .map_err(|e| match e {
+                // psql quotes the statement it failed on ("LINE 1: ALTER
+                // ROLE … PASSWORD '…'"): not for order results and logs.
+                HostError::Failed { command, output } => HostError::Failed {
+                    command,
+                    output: redact_passwords(&output),
+                },
+                other => other,
+            })?;
         Ok(out.stdout.trim().to_string())
     }
 
@@ -1476,6 +1490,58 @@ impl PostgresDriver {
 }
 
 /// A conninfo value, quoted.
+/// `output` with the quoted value after every `password` (SQL's `PASSWORD
+/// '…'`, conninfo's `password='…'` or `password=…`) replaced by `***`.
+pub fn redact_passwords(output: &str) -> String {
+    let lower = output.to_ascii_lowercase();
+    let mut out = String::with_capacity(output.len());
+    let mut at = 0;
+    while let Some(found) = lower[at..].find("password") {
+        let key_end = at + found + "password".len();
+        out.push_str(&output[at..key_end]);
+        let rest = &output[key_end..];
+        let gap = rest.len() - rest.trim_start_matches([' ', '=']).len();
+        out.push_str(&rest[..gap]);
+        let value = &rest[gap..];
+        let skip = if let Some(quoted) = value.strip_prefix('\'') {
+            // Up to the closing quote ('' is an escaped quote), or the end.
+            let mut end = quoted.len();
+            let bytes = quoted.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                // conninfo escapes with a backslash; erring towards hiding
+                // more is fine for SQL, where a backslash is plain.
+                if bytes[i] == b'\\' {
+                    i += 2;
+                    continue;
+                }
+                if bytes[i] == b'\'' {
+                    if bytes.get(i + 1) == Some(&b'\'') {
+                        i += 2;
+                        continue;
+                    }
+                    end = i + 1;
+                    break;
+                }
+                i += 1;
+            }
+            out.push_str("'***'");
+            1 + end
+        } else {
+            let end = value
+                .find(|c: char| c.is_whitespace() || c == ';')
+                .unwrap_or(value.len());
+            if end > 0 {
+                out.push_str("***");
+            }
+            end
+        };
+        at = key_end + gap + skip;
+    }
+    out.push_str(&output[at..]);
+    out
+}
+
 fn conninfo_value(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
@@ -1498,6 +1564,23 @@ fn empty_dir(dir: &Path) -> Result<(), DriverError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_psql_errors() {
+        let err = "ERROR:  syntax error at or near \"WITH\"\n\
+                   LINE 1: ALTER ROLE app WITH PASSWORD 's3cr''et' x;\n\
+                   primary_conninfo = 'host=10.0.0.1 password=\\'qx\\'zz\\' user=r'\n\
+                   password=plain next";
+        let red = redact_passwords(err);
+        for secret in ["s3cr", "et'", "qx", "zz", "plain"] {
+            assert!(!red.contains(secret), "{secret} left in {red}");
+        }
+        assert!(red.contains("PASSWORD '***' x;"), "{red}");
+        assert!(red.contains("password=*** next"), "{red}");
+        assert!(red.contains("syntax error"), "{red}");
+        assert_eq!(redact_passwords("no secrets here"), "no secrets here");
+        assert_eq!(redact_passwords("password"), "password");
+    }
 
     #[test]
     fn sql_quoting_doubles_quotes() {
