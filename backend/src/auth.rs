@@ -201,32 +201,51 @@ pub struct NodeRef {
 
 /// Agent token hash -> node, so 10,000 long polls don't each cost a query
 /// to authenticate. Entries go when a node re-enrolls or is removed.
+///
+/// A lookup that read the database before a revocation committed must not
+/// cache what it read after the revocation has cleared the cache: every
+/// `forget_node` bumps a generation, and `insert` only caches when the
+/// generation is still the one read before the database lookup.
 #[derive(Default)]
 pub struct TokenCache {
-    by_hash: Mutex<HashMap<String, NodeRef>>,
+    inner: Mutex<Tokens>,
+}
+
+#[derive(Default)]
+struct Tokens {
+    by_hash: HashMap<String, NodeRef>,
+    generation: u64,
 }
 
 impl TokenCache {
-    pub fn get(&self, hash: &str) -> Option<NodeRef> {
-        self.by_hash
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(hash)
-            .cloned()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tokens> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn insert(&self, hash: String, node: NodeRef) {
-        self.by_hash
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(hash, node);
+    pub fn get(&self, hash: &str) -> Option<NodeRef> {
+        self.lock().by_hash.get(hash).cloned()
+    }
+
+    /// To read before looking a token up in the database.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Caches `hash` unless a node was forgotten since `generation` was
+    /// read; returns whether it did.
+    pub fn insert(&self, hash: String, node: NodeRef, generation: u64) -> bool {
+        let mut t = self.lock();
+        if t.generation != generation {
+            return false;
+        }
+        t.by_hash.insert(hash, node);
+        true
     }
 
     pub fn forget_node(&self, node_id: i32) {
-        self.by_hash
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, n| n.id != node_id);
+        let mut t = self.lock();
+        t.generation += 1;
+        t.by_hash.retain(|_, n| n.id != node_id);
     }
 }
 
@@ -334,6 +353,26 @@ mod tests {
         private_database_file(&db).expect("tighten");
         assert_eq!(mode(&db), 0o600);
         assert_eq!(mode(&state.join("corral.db-wal")), 0o600);
+    }
+
+    #[test]
+    fn a_lookup_that_raced_a_revocation_is_not_cached() {
+        let cache = TokenCache::default();
+        let pg1 = NodeRef {
+            id: 3,
+            name: "pg1".into(),
+        };
+        // Read before the database lookup; meanwhile pg1 enrolls again.
+        let before = cache.generation();
+        cache.forget_node(pg1.id);
+        assert!(!cache.insert("old-hash".into(), pg1.clone(), before));
+        assert_eq!(cache.get("old-hash"), None);
+        // A lookup with nothing in between is cached.
+        let now = cache.generation();
+        assert!(cache.insert("new-hash".into(), pg1.clone(), now));
+        assert_eq!(cache.get("new-hash"), Some(pg1.clone()));
+        cache.forget_node(pg1.id);
+        assert_eq!(cache.get("new-hash"), None);
     }
 
     #[test]

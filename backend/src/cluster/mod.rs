@@ -214,13 +214,14 @@ impl Cluster {
         if let Some(node) = self.tokens.get(&hash) {
             return Ok(Caller::Agent(node));
         }
+        let generation = self.tokens.generation();
         match store::node_by_token_hash(self.store.conn(), &hash).await? {
             Some(row) => {
                 let node = NodeRef {
                     id: row.id,
                     name: row.name,
                 };
-                self.tokens.insert(hash, node.clone());
+                self.tokens.insert(hash, node.clone(), generation);
                 Ok(Caller::Agent(node))
             }
             None => Err(ClusterError::Unauthenticated(

@@ -70,6 +70,29 @@ both_backends! {
         let res = app.as_token(&new, Method::GET, "/api/v1/agents/pg1/orders").send().await.expect("new");
         assert_eq!(res.status(), 200);
     }
+
+    async fn a_token_revoked_while_requests_use_it_is_refused_at_once(app) {
+        // Requests authenticating with the old token race the enrollment
+        // that revokes it; once that enrollment has answered, the old token
+        // must be refused, whatever the racing lookups cached.
+        app.add_node("db").await;
+        let mut token = app.enroll("pg1").await;
+        for round in 0..30 {
+            let racers: Vec<_> = (0..6)
+                .map(|_| {
+                    let req = app.as_token(&token, Method::GET, "/api/v1/agents/pg1/orders?wait=0s");
+                    tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+                })
+                .collect();
+            let old = std::mem::replace(&mut token, app.enroll("pg1").await);
+            for r in racers {
+                let status = r.await.expect("racer").expect("request");
+                assert!(status == 200 || status == 401, "round {round}: {status}");
+            }
+            let res = app.as_token(&old, Method::GET, "/api/v1/agents/pg1/orders?wait=0s").send().await.expect("old");
+            assert_eq!(res.status(), 401, "round {round}: the revoked token still works");
+        }
+    }
 }
 
 #[tokio::test]
