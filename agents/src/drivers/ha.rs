@@ -114,6 +114,15 @@ pub fn now_ms() -> u64 {
 /// silent record of it does not block (it is the primary that failed — in
 /// the synchronous modes its acknowledged commits are on a standby too — and
 /// its record may still say `replica` from the tick before it promoted).
+///
+/// In the synchronous modes every other member that is not a fresh,
+/// running standby blocks too — silent, stopped (crashed, restarting,
+/// rewinding) or primary — since it may be the one standby that holds the
+/// latest acknowledged commits (a stopped one publishes its last known
+/// position, and may have received more after it). Only a member that
+/// cannot hold them does not: one that never had WAL (position 0), or whose
+/// last known timeline is older than mine (commits acknowledged on my
+/// timeline were never sent to it).
 pub fn may_promote(
     me: &Member,
     others: &[Member],
@@ -135,14 +144,21 @@ pub fn may_promote(
             Err(format!("a switchover to {} is in progress", s.to))
         };
     }
-    for other in others
-        .iter()
-        .filter(|o| o.node != me.node && o.role == MemberRole::Replica)
-    {
-        if !other.fresh(now_ms) {
-            if mode.is_synchronous() && last_leader != Some(other.node.as_str()) {
+    for other in others.iter().filter(|o| o.node != me.node) {
+        let running_standby = other.role == MemberRole::Replica && other.fresh(now_ms);
+        if !running_standby {
+            let cannot_hold_newer = other.lsn == 0 || other.timeline < me.timeline;
+            if mode.is_synchronous()
+                && last_leader != Some(other.node.as_str())
+                && !cannot_hold_newer
+            {
+                let state = if other.fresh(now_ms) {
+                    format!("is {:?}", other.role).to_lowercase()
+                } else {
+                    "does not report".to_string()
+                };
                 return Err(format!(
-                    "{} does not report: in {mode} mode it may hold the latest acknowledged commits",
+                    "{} {state}: in {mode} mode it may hold the latest acknowledged commits",
                     other.node
                 ));
             }
@@ -248,12 +264,57 @@ mod tests {
     }
 
     #[test]
-    fn the_dead_primary_and_stopped_nodes_are_no_competition() {
+    fn the_dead_primary_and_stopped_nodes_are_no_competition_in_async_mode() {
         let pg1 = member("pg1", MemberRole::Primary, 900, NOW - 60_000);
         let pg2 = member("pg2", MemberRole::Replica, 100, NOW);
         let pg3 = member("pg3", MemberRole::Stopped, 800, NOW);
         let all = [pg1, pg2.clone(), pg3];
-        assert!(may_promote(&pg2, &all, ReplicationMode::Strict, None, None, NOW).is_ok());
+        assert!(may_promote(&pg2, &all, ReplicationMode::Async, None, Some("pg1"), NOW).is_ok());
+    }
+
+    #[test]
+    fn a_stopped_standby_blocks_promotion_in_synchronous_modes() {
+        // pg3 streamed until it stopped (restarting, rewinding, its probe
+        // failing): it may hold commits pg2 lacks, whatever its last known
+        // position says.
+        let pg1 = member("pg1", MemberRole::Primary, 900, NOW - 60_000);
+        let pg2 = member("pg2", MemberRole::Replica, 800, NOW);
+        for pg3_lsn in [700, 800, 900] {
+            let pg3 = member("pg3", MemberRole::Stopped, pg3_lsn, NOW);
+            let all = [pg1.clone(), pg2.clone(), pg3];
+            for mode in [ReplicationMode::Sync, ReplicationMode::Strict] {
+                let why = may_promote(&pg2, &all, mode, None, Some("pg1"), NOW).unwrap_err();
+                assert!(why.contains("pg3 is stopped"), "{why}");
+            }
+        }
+        // The same with a silent or a primary record that is not the last
+        // leader's.
+        for pg3 in [
+            member("pg3", MemberRole::Stopped, 900, NOW - 60_000),
+            member("pg3", MemberRole::Primary, 900, NOW - 60_000),
+        ] {
+            let all = [pg1.clone(), pg2.clone(), pg3];
+            assert!(
+                may_promote(&pg2, &all, ReplicationMode::Sync, None, Some("pg1"), NOW).is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn a_member_that_cannot_hold_newer_commits_does_not_block() {
+        let pg2 = Member {
+            timeline: 2,
+            ..member("pg2", MemberRole::Replica, 800, NOW)
+        };
+        // A new node still cloning: it never had WAL.
+        let cloning = member("pg3", MemberRole::Stopped, 0, NOW);
+        // A former primary being rewound: its last timeline is older.
+        let rewinding = Member {
+            timeline: 1,
+            ..member("pg1", MemberRole::Stopped, 5_000, NOW)
+        };
+        let all = [pg2.clone(), cloning, rewinding];
+        assert!(may_promote(&pg2, &all, ReplicationMode::Strict, None, Some("pg4"), NOW).is_ok());
     }
 
     #[test]

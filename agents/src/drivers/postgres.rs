@@ -855,6 +855,13 @@ impl PostgresDriver {
             .filter(|e| e.session.is_none())
             .map(|e| e.value.clone());
         let members = self.members(&keys).await?;
+        // Stopped, this node publishes the last position it knew, not 0: a
+        // standby that may hold acknowledged commits must keep blocking the
+        // promotion of one that lacks them (see `ha::may_promote`).
+        let last_known = members
+            .iter()
+            .find(|m| m.node == self.ctx.node)
+            .map_or((0, 0), |m| (m.lsn, m.timeline));
         let switchover = self
             .ctx
             .consul
@@ -870,8 +877,8 @@ impl PostgresDriver {
                 Some(_) => MemberRole::Primary,
                 None => MemberRole::Stopped,
             },
-            lsn: local.as_ref().map_or(0, |l| l.lsn),
-            timeline: local.as_ref().map_or(0, |l| l.timeline),
+            lsn: local.as_ref().map_or(last_known.0, |l| l.lsn),
+            timeline: local.as_ref().map_or(last_known.1, |l| l.timeline),
             at_ms: ha::now_ms(),
         };
         self.publish(&keys, &me).await?;
