@@ -89,15 +89,10 @@ if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
   rustup target add wasm32-unknown-unknown
 fi
 
-# The web UI's build tools, in ~/.cargo/bin. trunk 0.22 needs a newer rustc
-# than the pinned one; wasm-bindgen-cli must be exactly the version of the
-# wasm-bindgen crate in Cargo.lock (trunk refuses another, and offline it
-# cannot fetch one).
-trunk_version=0.21.14
-if ! trunk --version 2>/dev/null | grep -qx "trunk $trunk_version"; then
-  say "installing trunk $trunk_version"
-  cargo install -q trunk --version "$trunk_version" --locked
-fi
+# The web UI's build tools (scripts/build-ui.sh; no trunk: compiling it
+# took minutes for what four steps of that script do). wasm-bindgen-cli, in
+# ~/.cargo/bin, must be exactly the version of the wasm-bindgen crate in
+# Cargo.lock: the generated glue and the crate must agree.
 bindgen_version=$(awk '/^name = "wasm-bindgen"$/ {getline; gsub(/"/, "", $3); print $3; exit}' Cargo.lock)
 if ! wasm-bindgen --version 2>/dev/null | grep -qx "wasm-bindgen $bindgen_version"; then
   say "installing wasm-bindgen-cli $bindgen_version"
@@ -105,7 +100,7 @@ if ! wasm-bindgen --version 2>/dev/null | grep -qx "wasm-bindgen $bindgen_versio
 fi
 # wasm-opt: Debian's binaryen (108) cannot read the reference-types code
 # rustc emits by default since 1.82, so binaryen's own build from npm
-# (scripts/build-ui.sh puts it first on PATH for trunk).
+# (scripts/build-ui.sh puts it first on PATH).
 if ! command -v npm >/dev/null; then
   # Debian's nodejs comes without npm; NodeSource's includes it.
   say "installing npm"

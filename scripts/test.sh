@@ -18,7 +18,7 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "the web UI: clippy for wasm32 and the trunk build the browser tests serve"
+step "the web UI: clippy for wasm32 and the build the browser tests serve"
 cargo clippy -q -p corral-frontend --target wasm32-unknown-unknown --locked -- -D warnings
 scripts/build-ui.sh
 

@@ -1,4 +1,4 @@
-//! Serves the web UI (the trunk-built `frontend/dist`) at `/`: its files
+//! Serves the web UI (`frontend/dist`, built by scripts/build-ui.sh) at `/`: its files
 //! as they are, and `index.html` for any other page path, so the browser's
 //! own routes (`/nodes/nginx1`, `/settings`) survive a reload. Paths of the
 //! API (`/api...`) never fall back. Without a built UI, pages answer a
@@ -45,8 +45,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, dir: Option<PathBuf>) {
 
 struct UiDir(Option<PathBuf>);
 
-const HOW_TO_BUILD: &str = "the web UI is not built: run `trunk build --release` in frontend/ \
-     (scripts/setup.sh installs trunk), or start corral with --ui-dir pointing at a built dist";
+const HOW_TO_BUILD: &str = "the web UI is not built: run scripts/build-ui.sh \
+     (scripts/setup.sh installs what it needs), or start corral with --ui-dir pointing at a built dist";
 
 async fn serve(req: HttpRequest, dir: web::Data<UiDir>) -> Result<HttpResponse, ApiError> {
     let path = req.path();
@@ -114,7 +114,7 @@ fn content_type(path: &Path) -> &'static str {
 }
 
 /// A file of the UI, or `None` when there is no such regular file.
-/// `index.html` is revalidated every time; trunk gives every other file a
+/// `index.html` is revalidated every time; the build gives every other file a
 /// content hash in its name, so those may be cached for good.
 async fn file(path: &Path, is_index: bool) -> Option<HttpResponse> {
     if !tokio::fs::metadata(path).await.ok()?.is_file() {

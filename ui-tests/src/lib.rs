@@ -1,5 +1,5 @@
 //! The harness of the web UI's browser tests: a real corral server serving
-//! the trunk-built `frontend/dist` ([`server`]), node agents simulated
+//! the built `frontend/dist` ([`server`]), node agents simulated
 //! through the real agent endpoints ([`agents`]), headless Chromium through
 //! chromedriver ([`browser`]) and the console's pages as a test sees them
 //! ([`console`]). The cluster part is separate from the browser part so a

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use corral_server::startup::{Application, Config};
 
-/// The built UI; the tests need it (`trunk build --release` in frontend/).
+/// The built UI; the tests need it (scripts/build-ui.sh).
 pub fn built_ui() -> anyhow::Result<PathBuf> {
     let dist = crate::workspace_root().join("frontend/dist");
     if !dist.join("index.html").is_file() {
         bail!(
-            "{} has no built UI: run `trunk build --release` in frontend/ first \
+            "{} has no built UI: run scripts/build-ui.sh first \
              (scripts/test.sh does)",
             dist.display()
         );

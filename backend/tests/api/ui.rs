@@ -79,7 +79,7 @@ async fn without_a_built_ui_the_root_says_how_to_build_it() {
         body["message"]
             .as_str()
             .expect("message")
-            .contains("trunk build")
+            .contains("scripts/build-ui.sh")
     );
     let page = app
         .http
@@ -93,6 +93,6 @@ async fn without_a_built_ui_the_root_says_how_to_build_it() {
         page.text()
             .await
             .expect("body")
-            .contains("trunk build --release")
+            .contains("scripts/build-ui.sh")
     );
 }
