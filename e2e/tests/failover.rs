@@ -141,6 +141,48 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     .expect("after consul freeze");
     let primary = standby;
 
+    // 2b. The same while the primary's agent crashes: the provider restarts
+    // it, and the new agent adopts a running primary whose lock it can
+    // never confirm (Consul does not answer). It must fence it all the same.
+    let run = c.state_dir().join("nodes").join(&primary).join("run");
+    let pid = |service: &str| -> u32 {
+        std::fs::read_to_string(run.join(format!("{service}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{primary} has no {service} pid"))
+    };
+    let agent = pid("agent");
+    let frozen = Frozen(vec![pid("consul")]);
+    signal_all(&frozen.0, Signal::SIGSTOP);
+    signal_all(&[agent], Signal::SIGKILL);
+    let standby = other(&c, &primary);
+    eventually(
+        "a new agent adopting the unconfirmed primary to fence it",
+        LONG,
+        || async {
+            let restarted = std::fs::read_to_string(run.join("agent.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .is_some_and(|p| p != agent);
+            let fenced = sql(&c, &primary, "SELECT pg_is_in_recovery()")
+                .await
+                .map_or(true, |r| r == "t");
+            Ok((restarted && fenced).then_some(()))
+        },
+    )
+    .await
+    .expect("fenced after an agent restart");
+    takes_over_then_rejoins(
+        &c,
+        &w,
+        &standby,
+        frozen,
+        "the primary's agent restarted while its consul was frozen",
+    )
+    .await
+    .expect("after the agent restart");
+    let primary = standby;
+
     // 3. The whole primary node frozen (agent, consul, postgres), then
     // thawed: a failover, then the old primary rewinds and rejoins.
     let frozen = Frozen(node_processes(&c, &primary));

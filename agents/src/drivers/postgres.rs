@@ -47,6 +47,12 @@ pub struct PostgresDriver {
     ha: tokio::sync::Mutex<()>,
     /// While primary: when the lock was last confirmed ours.
     confirmed: Mutex<Option<Instant>>,
+    /// Since when a running primary has been seen that this agent never
+    /// confirmed the lock for (one it adopted after a restart, say): the
+    /// watchdog fences it too once that is older than [`FENCE_AFTER`], so an
+    /// agent restarted while Consul is unreachable cannot leave a writable
+    /// primary behind.
+    unconfirmed_since: Mutex<Option<Instant>>,
     /// The lock holder as last seen, for the heartbeat.
     seen_leader: Mutex<Option<String>>,
     /// A standby's streaming last worked then (or it started then).
@@ -132,6 +138,7 @@ impl PostgresDriver {
             leader,
             ha: tokio::sync::Mutex::new(()),
             confirmed: Mutex::new(None),
+            unconfirmed_since: Mutex::new(None),
             seen_leader: Mutex::new(None),
             streamed_at: Mutex::new(None),
             degraded: Mutex::new(false),
@@ -800,10 +807,10 @@ impl PostgresDriver {
     async fn watchdog(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let stale = self
-                .confirmed
-                .lock()
-                .expect("lock")
+            let confirmed = *self.confirmed.lock().expect("lock");
+            let unconfirmed = *self.unconfirmed_since.lock().expect("lock");
+            let stale = confirmed
+                .or(unconfirmed)
                 .is_some_and(|t| t.elapsed() > FENCE_AFTER);
             if stale {
                 self.fence(&format!(
@@ -818,6 +825,7 @@ impl PostgresDriver {
     /// as a standby, rewound first.
     async fn fence(&self, why: &str) {
         *self.confirmed.lock().expect("lock") = None;
+        *self.unconfirmed_since.lock().expect("lock") = None;
         tracing::error!(why, "fencing: stopping the primary");
         self.mark_rejoin();
         if let Err(e) = self.ctx.host.stop(SERVICE).await {
@@ -841,6 +849,18 @@ impl PostgresDriver {
         } else {
             None
         };
+        {
+            // Start the fencing clock of a primary whose lock this agent has
+            // not confirmed yet, before asking Consul anything.
+            let primary = local.as_ref().is_some_and(|l| !l.in_recovery);
+            let confirmed = self.confirmed.lock().expect("lock").is_some();
+            let mut since = self.unconfirmed_since.lock().expect("lock");
+            if primary && !confirmed {
+                since.get_or_insert_with(Instant::now);
+            } else {
+                *since = None;
+            }
+        }
         // Consul unreachable: do nothing; the watchdog fences a primary.
         let lock = self.ctx.consul.kv_get(&keys.leader).await?;
         let holder_session = lock.as_ref().and_then(|e| e.session.clone());
