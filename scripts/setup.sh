@@ -24,7 +24,7 @@ for arg in "$@"; do
   esac
 done
 
-say() { printf '==> %s\n' "$*" >&2; }
+say() { printf '==> [%2d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup.sh installs system packages and must run as root" >&2
