@@ -466,12 +466,17 @@ impl LxcProvider {
              lxc.net.0.flags = up\n\
              lxc.net.0.name = eth0\n\
              lxc.net.0.ipv4.address = {address}/{prefix}\n\
-             lxc.net.0.ipv4.gateway = {gateway}\n",
+             lxc.net.0.ipv4.gateway = {gateway}\n{hwaddr}",
             name = node.name,
             bridge = c.bridge,
             address = node.address,
             prefix = c.prefix_len,
             gateway = c.host_address,
+            hwaddr = node
+                .address
+                .parse()
+                .map(|ip| format!("lxc.net.0.hwaddr = {}\n", mac_for(ip)))
+                .unwrap_or_default(),
         );
         write_atomic(&path, text.as_bytes(), 0o644)
     }
@@ -1020,4 +1025,29 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ProviderErro
     file.sync_all().map_err(err)?;
     set_mode(&tmp, mode)?;
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// The MAC address of the container at `ip`: locally administered, fixed
+/// per address. A node made again at the same address (a web node removed
+/// and added back) then keeps its MAC, so its peers' ARP caches stay right;
+/// with a random one they kept sending to the gone container's MAC until
+/// their neighbour entries timed out, seconds in which the new node was
+/// unreachable.
+pub fn mac_for(ip: std::net::Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("02:43:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_keeps_its_mac_across_machines_at_its_address() {
+        assert_eq!(mac_for([192, 168, 11, 23].into()), "02:43:c0:a8:0b:17");
+        assert_ne!(
+            mac_for([192, 168, 11, 23].into()),
+            mac_for([192, 168, 11, 24].into())
+        );
+    }
 }
