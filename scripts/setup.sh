@@ -60,7 +60,7 @@ mkdir -p /etc/postgresql-common/createcluster.d
 echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/corral.conf
 
 packages=(postgresql-15 postgresql-client-15 nginx-light consul chromium chromium-driver
-          nodejs curl jq procps iproute2 util-linux ca-certificates)
+          nodejs curl jq procps iproute2 util-linux ca-certificates python3)
 [ "$want_bench" = 1 ] && packages+=(wrk)
 [ "$want_lxc" = 1 ] && packages+=(lxc debootstrap nftables)
 missing=()
