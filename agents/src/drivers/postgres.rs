@@ -1516,7 +1516,6 @@ impl PostgresDriver {
     }
 }
 
-/// A conninfo value, quoted.
 /// `output` with the quoted value after every `password` (SQL's `PASSWORD
 /// '…'`, conninfo's `password='…'` or `password=…`) replaced by `***`.
 pub fn redact_passwords(output: &str) -> String {
@@ -1569,6 +1568,7 @@ pub fn redact_passwords(output: &str) -> String {
     out
 }
 
+/// A conninfo value, quoted.
 fn conninfo_value(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
