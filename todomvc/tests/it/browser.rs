@@ -19,22 +19,22 @@ use serde_json::{Value, json};
 
 use crate::support::{TestApp, eventually, shared_app_database};
 
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-const ENTER: &str = "\u{E007}";
-const ESCAPE: &str = "\u{E00C}";
-const CONTROL: &str = "\u{E009}";
-const RELEASE_MODIFIERS: &str = "\u{E000}";
+pub const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+pub const ENTER: &str = "\u{E007}";
+pub const ESCAPE: &str = "\u{E00C}";
+pub const CONTROL: &str = "\u{E009}";
+pub const RELEASE_MODIFIERS: &str = "\u{E000}";
 
 /// chromedriver and the browsers it starts, in their own process group so
 /// that all of them go on drop, even when the test fails midway.
-struct Chromedriver {
+pub struct Chromedriver {
     child: Child,
     url: String,
     _profile: tempfile::TempDir,
 }
 
 impl Chromedriver {
-    async fn start() -> anyhow::Result<Chromedriver> {
+    pub async fn start() -> anyhow::Result<Chromedriver> {
         let port = free_port("127.0.0.1")?;
         // setpriv's pdeathsig: a test process killed outright takes
         // chromedriver with it (Drop handles every other ending).
@@ -66,7 +66,7 @@ impl Chromedriver {
         Ok(driver)
     }
 
-    async fn session(&self) -> anyhow::Result<Browser> {
+    pub async fn session(&self) -> anyhow::Result<Browser> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()?;
@@ -108,7 +108,7 @@ impl Drop for Chromedriver {
 }
 
 /// One browser session.
-struct Browser {
+pub struct Browser {
     http: reqwest::Client,
     session: String,
 }
@@ -136,15 +136,15 @@ impl Browser {
         Ok(r["value"].clone())
     }
 
-    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         self.call(reqwest::Method::POST, path, body).await
     }
 
-    async fn goto(&self, url: &str) -> anyhow::Result<()> {
+    pub async fn goto(&self, url: &str) -> anyhow::Result<()> {
         self.post("/url", json!({ "url": url })).await.map(drop)
     }
 
-    async fn find(&self, css: &str) -> anyhow::Result<String> {
+    pub async fn find(&self, css: &str) -> anyhow::Result<String> {
         let v = self
             .post("/element", json!({"using": "css selector", "value": css}))
             .await?;
@@ -154,36 +154,30 @@ impl Browser {
             .with_context(|| format!("finding {css:?}: {v}"))
     }
 
-    /// Finds `css` and acts on it. The page redraws its list from each
-    /// answer of the API, so an element found just before a redraw is gone
-    /// by the time it is used; then it is found again.
+    /// Finds `css` and acts on it. Not retried when the element has gone
+    /// stale in between: the page keeps an item's elements across server
+    /// round trips, and a test that had to find them again would hide it
+    /// if it did not.
     async fn on<F, Fut>(&self, css: &str, act: F) -> anyhow::Result<()>
     where
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Value>>,
     {
-        let mut attempts = 0;
-        loop {
-            let el = self.find(css).await?;
-            match act(el).await {
-                Err(e) if e.to_string().contains("stale element") && attempts < 5 => attempts += 1,
-                other => {
-                    return other
-                        .map(drop)
-                        .with_context(|| format!("acting on {css:?}"));
-                }
-            }
-        }
+        let el = self.find(css).await?;
+        act(el)
+            .await
+            .map(drop)
+            .with_context(|| format!("acting on {css:?}"))
     }
 
-    async fn click(&self, css: &str) -> anyhow::Result<()> {
+    pub async fn click(&self, css: &str) -> anyhow::Result<()> {
         self.on(css, |el| async move {
             self.post(&format!("/element/{el}/click"), json!({})).await
         })
         .await
     }
 
-    async fn type_into(&self, css: &str, text: &str) -> anyhow::Result<()> {
+    pub async fn type_into(&self, css: &str, text: &str) -> anyhow::Result<()> {
         self.on(css, |el| async move {
             self.post(&format!("/element/{el}/value"), json!({ "text": text }))
                 .await
@@ -208,7 +202,7 @@ impl Browser {
         .await
     }
 
-    async fn double_click(&self, css: &str) -> anyhow::Result<()> {
+    pub async fn double_click(&self, css: &str) -> anyhow::Result<()> {
         self.on(css, |el| {
             let press = [
                 json!({"type": "pointerDown", "button": 0}),
@@ -224,13 +218,98 @@ impl Browser {
         .await
     }
 
-    async fn script(&self, script: &str) -> anyhow::Result<Value> {
+    /// Every element matching `css`, in document order.
+    pub async fn find_all(&self, css: &str) -> anyhow::Result<Vec<String>> {
+        let v = self
+            .post("/elements", json!({"using": "css selector", "value": css}))
+            .await?;
+        v.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|e| e[ELEMENT].as_str().map(str::to_string))
+                    .collect()
+            })
+            .with_context(|| format!("finding all {css:?}: {v}"))
+    }
+
+    /// The first element matching `css` inside the element `el`.
+    pub async fn find_in(&self, el: &str, css: &str) -> anyhow::Result<String> {
+        let v = self
+            .post(
+                &format!("/element/{el}/element"),
+                json!({"using": "css selector", "value": css}),
+            )
+            .await?;
+        v[ELEMENT]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("finding {css:?} in {el}: {v}"))
+    }
+
+    /// The rendered text of an element found earlier; fails with "stale
+    /// element reference" if the page has replaced it since.
+    pub async fn text_of(&self, el: &str) -> anyhow::Result<String> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/element/{el}/text"),
+                Value::Null,
+            )
+            .await?;
+        v.as_str()
+            .map(str::to_string)
+            .context("text is not a string")
+    }
+
+    pub async fn is_displayed(&self, el: &str) -> anyhow::Result<bool> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/element/{el}/displayed"),
+                Value::Null,
+            )
+            .await?;
+        v.as_bool().context("displayed is not a boolean")
+    }
+
+    pub async fn click_element(&self, el: &str) -> anyhow::Result<()> {
+        self.post(&format!("/element/{el}/click"), json!({}))
+            .await
+            .map(drop)
+    }
+
+    pub async fn keys_to(&self, el: &str, text: &str) -> anyhow::Result<()> {
+        self.post(&format!("/element/{el}/value"), json!({ "text": text }))
+            .await
+            .map(drop)
+    }
+
+    pub async fn double_click_element(&self, el: &str) -> anyhow::Result<()> {
+        let press = [
+            json!({"type": "pointerDown", "button": 0}),
+            json!({"type": "pointerUp", "button": 0}),
+        ];
+        let mut actions = vec![
+            json!({"type": "pointerMove", "duration": 0, "origin": {ELEMENT: el}, "x": 0, "y": 0}),
+        ];
+        actions.extend(press.iter().cloned());
+        actions.extend(press.iter().cloned());
+        self.pointer(actions).await.map(drop)
+    }
+
+    /// Runs an asynchronous script: it ends by calling its last argument.
+    pub async fn script_async(&self, script: &str) -> anyhow::Result<Value> {
+        self.post("/execute/async", json!({"script": script, "args": []}))
+            .await
+    }
+
+    pub async fn script(&self, script: &str) -> anyhow::Result<Value> {
         self.post("/execute/sync", json!({"script": script, "args": []}))
             .await
     }
 
     /// What the page shows: the visible items and the footer.
-    async fn shown(&self) -> anyhow::Result<Shown> {
+    pub async fn shown(&self) -> anyhow::Result<Shown> {
         let v = self
             .script(
                 "const q = s => document.querySelector(s);
@@ -252,7 +331,7 @@ impl Browser {
         Ok(serde_json::from_value(v)?)
     }
 
-    async fn quit(&self) -> anyhow::Result<()> {
+    pub async fn quit(&self) -> anyhow::Result<()> {
         self.call(reqwest::Method::DELETE, "", Value::Null)
             .await
             .map(drop)
@@ -261,27 +340,31 @@ impl Browser {
 
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Shown {
-    items: Vec<(String, bool)>,
-    count: String,
-    main: bool,
-    footer: bool,
-    clear: bool,
-    toggle_all: bool,
-    editing: bool,
-    hash: String,
-    selected: Option<String>,
-    status: String,
+pub struct Shown {
+    pub items: Vec<(String, bool)>,
+    pub count: String,
+    pub main: bool,
+    pub footer: bool,
+    pub clear: bool,
+    pub toggle_all: bool,
+    pub editing: bool,
+    pub hash: String,
+    pub selected: Option<String>,
+    pub status: String,
 }
 
 impl Shown {
-    fn titles(&self) -> Vec<&str> {
+    pub fn titles(&self) -> Vec<&str> {
         self.items.iter().map(|(t, _)| t.as_str()).collect()
     }
 }
 
 /// Waits until the page shows what `want` accepts, reporting what it showed.
-async fn until(b: &Browser, what: &str, want: impl Fn(&Shown) -> bool) -> anyhow::Result<Shown> {
+pub async fn until(
+    b: &Browser,
+    what: &str,
+    want: impl Fn(&Shown) -> bool,
+) -> anyhow::Result<Shown> {
     let last = std::sync::Mutex::new(None);
     let outcome = eventually(what, Duration::from_secs(15), || async {
         let shown = b.shown().await?;

@@ -6,6 +6,7 @@ mod api;
 mod browser;
 mod consul;
 mod failover;
+mod load_balanced;
 mod process;
 mod replicas;
 mod support;

@@ -93,6 +93,7 @@ pub fn endpoint(pg: &Postgres) -> String {
 /// The app, running in this process on a free port; stopped on drop.
 pub struct TestApp {
     pub base: String,
+    pub addr: std::net::SocketAddr,
     handle: ServerHandle,
 }
 
@@ -126,6 +127,7 @@ impl TestApp {
         tokio::spawn(app.run());
         Ok(TestApp {
             base: format!("http://{addr}"),
+            addr,
             handle,
         })
     }
