@@ -23,6 +23,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::Notify;
 
 use crate::discovery::{Candidate, Candidates, Discovery, Endpoint, Tag};
+use crate::list_cache::{ListCache, ListSnapshot};
 use crate::lsn::Lsn;
 use crate::store::{self, Fence, ServerStatus};
 
@@ -36,6 +37,9 @@ pub struct DbSettings {
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
     pub probe_interval: Duration,
+    /// How long a whole list read from the primary may be served again
+    /// (zero: never); see `list_cache`.
+    pub list_cache_max_age: Duration,
 }
 
 impl DbSettings {
@@ -92,6 +96,8 @@ pub enum DbError {
 pub enum Role {
     Primary,
     Replica,
+    /// The list cache (a list read from the primary a moment ago).
+    Cache,
 }
 
 impl Role {
@@ -99,6 +105,7 @@ impl Role {
         match self {
             Role::Primary => "primary",
             Role::Replica => "replica",
+            Role::Cache => "cache",
         }
     }
 }
@@ -262,6 +269,7 @@ struct Inner {
     topology: RwLock<Arc<Topology>>,
     reprobe: Notify,
     next_replica: AtomicUsize,
+    lists: ListCache,
 }
 
 /// The app's handle on the database servers; cheap to clone.
@@ -293,10 +301,11 @@ impl Cluster {
     /// Tokio runtime that outlives the app (the prober runs on it).
     pub fn start(settings: DbSettings, discovery: Discovery) -> (Cluster, Prober) {
         let inner = Arc::new(Inner {
-            settings,
             topology: RwLock::new(Arc::new(Topology::empty())),
             reprobe: Notify::new(),
             next_replica: AtomicUsize::new(0),
+            lists: ListCache::new(settings.list_cache_max_age),
+            settings,
         });
         let task = tokio::spawn(probe_forever(inner.clone(), discovery));
         (Cluster { inner }, Prober { task })
@@ -484,6 +493,45 @@ impl Cluster {
         })
     }
 
+    /// The cached whole list, if it holds everything a session at `wanted`
+    /// wrote (see `list_cache`).
+    pub fn cached_list(&self, wanted: Lsn) -> Option<Arc<ListSnapshot>> {
+        let lists = &self.inner.lists;
+        if !lists.enabled() {
+            return None;
+        }
+        let topology = self.topology();
+        lists.lookup(wanted, topology.primary.as_ref()?)
+    }
+
+    /// Reads the whole list (at most `limit` todos) from the primary after
+    /// taking a floor position, caches it and returns it if it holds what a
+    /// session at `wanted` wrote. `None` (another fill under way, no
+    /// primary, a longer list, an error): read the usual way instead.
+    pub async fn fill_list(&self, wanted: Lsn, limit: i64) -> Option<Arc<ListSnapshot>> {
+        let lists = &self.inner.lists;
+        if !lists.enabled() {
+            return None;
+        }
+        let _filling = lists.filling.try_lock().ok()?;
+        let generation = lists.generation();
+        let primary = self.topology().primary.clone()?;
+        let op = on_connection(|conn| {
+            Box::pin(async move {
+                let floor = store::wal_floor(conn).await?;
+                let (fence, rows) = store::list(conn, limit + 1, 0).await?;
+                Ok((floor, fence, rows.todos()?))
+            })
+        });
+        let (floor, fence, todos) = self.run(&primary, &op).await.ok()?;
+        if fence.standby || todos.len() as i64 > limit {
+            return None;
+        }
+        let entry = Arc::new(ListSnapshot::new(floor?, primary, todos));
+        lists.install(generation, entry.clone());
+        entry.covers(wanted).then_some(entry)
+    }
+
     /// Writes with `op` on the primary, once: a write that fails after it
     /// may have reached the server is reported, never retried (retrying an
     /// insert whose commit we did not hear about could store it twice).
@@ -510,7 +558,11 @@ impl Cluster {
                 }
             }
         });
-        let value = self.run(&primary, &once).await?;
+        let value = self.run(&primary, &once).await;
+        // Whatever the outcome (an unknown one included), the cached list
+        // may now be behind.
+        self.inner.lists.invalidate();
+        let value = value?;
         // The write is committed: from here on, failing to learn its
         // position must not turn it into an error (the client would retry
         // and write twice). The session then reads from the primary only.

@@ -75,6 +75,12 @@ pub struct Config {
     #[arg(long, env = "TODOMVC_PROBE_INTERVAL_MS", default_value_t = 500)]
     pub probe_interval_ms: u64,
 
+    /// How long, in milliseconds, a whole list read from the primary may be
+    /// served again to sessions it holds every write of (0: no list cache).
+    /// Other clients' writes through other webapps show within this time.
+    #[arg(long, env = "TODOMVC_LIST_CACHE_MS", default_value_t = 250)]
+    pub list_cache_ms: u64,
+
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "TODOMVC_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout_secs: u64,
@@ -147,6 +153,10 @@ impl Config {
 
     pub fn statement_timeout(&self) -> Duration {
         Duration::from_millis(self.db_statement_timeout_ms)
+    }
+
+    pub fn list_cache_max_age(&self) -> Duration {
+        Duration::from_millis(self.list_cache_ms)
     }
 
     pub fn probe_interval(&self) -> Duration {

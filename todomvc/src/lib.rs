@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod error;
 mod health;
 mod http;
+pub mod list_cache;
 pub mod lsn;
 mod page;
 pub mod store;
@@ -78,6 +79,7 @@ impl Application {
             connect_timeout: config.connect_timeout(),
             statement_timeout: config.statement_timeout(),
             probe_interval: config.probe_interval(),
+            list_cache_max_age: config.list_cache_max_age(),
         };
         let (cluster, prober) = Cluster::start(settings, discovery);
         let state = web::Data::new(AppState {

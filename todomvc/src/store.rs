@@ -122,6 +122,23 @@ impl TodoRows {
     }
 }
 
+impl TodoRows {
+    /// The todos, owned (for the list cache, which outlives the rows).
+    pub fn todos(&self) -> Result<Vec<Todo>, sqlx::Error> {
+        self.views("")?
+            .into_iter()
+            .map(|v| {
+                Ok(Todo {
+                    id: v.id,
+                    title: v.title.to_string(),
+                    completed: v.completed,
+                    order: v.order,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Up to `limit` todos from `offset` on, in the client's `order` and then in
 /// creation order.
 pub async fn list(
@@ -201,6 +218,18 @@ pub async fn delete(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Erro
 pub async fn delete_all(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
     let done = sqlx::query("DELETE FROM todos").execute(conn).await?;
     Ok(done.rows_affected())
+}
+
+/// A floor for the list cache: writes a tiny non-transactional WAL record
+/// (a logical decoding message; nothing decodes it, and it needs no flush)
+/// and returns the position right after it. Any position a client was given
+/// before is below it, even on an idle server.
+pub async fn wal_floor(conn: &mut PgConnection) -> Result<Option<Lsn>, sqlx::Error> {
+    let lsn: Option<String> =
+        sqlx::query_scalar("SELECT pg_logical_emit_message(false, 'todomvc', '')::text")
+            .fetch_one(conn)
+            .await?;
+    Ok(lsn.and_then(|l| l.parse().ok()))
 }
 
 /// The primary's WAL insert position, asked right after a write committed:

@@ -106,12 +106,13 @@ impl Drop for Nginx {
 pub struct Cluster {
     pub replica: Postgres,
     pub nginx: Nginx,
-    _apps: [TestApp; 2],
+    pub apps: [TestApp; 2],
     _primary: Postgres,
 }
 
 impl Cluster {
-    pub async fn start() -> anyhow::Result<Cluster> {
+    /// `list_cache_ms` as for `todomvc --list-cache-ms`.
+    pub async fn start(list_cache_ms: &str) -> anyhow::Result<Cluster> {
         let (primary, replica) = primary_and_replica("todomvc")?;
         let mut apps = Vec::new();
         for node in ["web1", "web2"] {
@@ -124,6 +125,8 @@ impl Cluster {
                 &endpoint(&primary),
                 "--db-replica",
                 &endpoint(&replica),
+                "--list-cache-ms",
+                list_cache_ms,
             ])
             .await?;
             app.wait_writable().await?;
@@ -151,7 +154,7 @@ impl Cluster {
         Ok(Cluster {
             replica,
             nginx,
-            _apps: apps,
+            apps,
             _primary: primary,
         })
     }
@@ -317,7 +320,8 @@ async fn run_scenario(b: &Browser, base: &str, scenario: Scenario) -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_through_nginx_and_two_webapps_twenty_times_in_a_row() -> anyhow::Result<()> {
-    let cluster = Cluster::start().await?;
+    // The webapps' default list cache, as deployed.
+    let cluster = Cluster::start("250").await?;
     let driver = Chromedriver::start().await?;
     let b = driver.session().await?;
     b.goto(&format!("{}/", cluster.nginx.base)).await?;
@@ -354,5 +358,78 @@ async fn editing_through_nginx_and_two_webapps_twenty_times_in_a_row() -> anyhow
         || async { Ok(s.get("/todos").await?.read_from() == Some("replica")) },
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_cache_never_serves_a_list_older_than_the_sessions_position() -> anyhow::Result<()> {
+    // Entries live for a minute here: correctness must not rest on expiry.
+    let cluster = Cluster::start("60000").await?;
+    let [web1, web2] = &cluster.apps;
+    let at = |app: &TestApp| format!("{}/todos", app.base);
+    // The replica cannot serve anything written from here on.
+    cluster.replica.pause_replay()?;
+
+    // Alice's list through web1 comes from web1's cache once filled.
+    let alice = Session::new(&web1.base);
+    let first = alice.add("first").await?;
+    let first_url = first.json["url"].as_str().context("url")?.to_string();
+    let r = alice.get(&at(web1)).await?;
+    assert_eq!(r.titles(), ["first"]);
+    assert_eq!(r.read_from(), Some("cache"), "a fill serves the reader");
+    let r = alice.get(&at(web1)).await?;
+    assert_eq!(r.read_from(), Some("cache"));
+    // Carol has read that list too, so her position is as old as it.
+    let carol = Session::new(&web1.base);
+    let r = carol.get(&at(web1)).await?;
+    assert_eq!(r.read_from(), Some("primary"), "no cookie, no cache");
+    let r = carol.get(&at(web1)).await?;
+    assert_eq!(
+        (r.titles(), r.read_from()),
+        (vec!["first".to_string()], Some("cache"))
+    );
+
+    let mut second_url: Option<String> = None;
+    for round in 1..=10 {
+        // Alice writes through the other webapp: web1's cache does not hear
+        // of it and still holds the older list...
+        let title = format!("second, version {round}");
+        let body = serde_json::json!({ "title": title });
+        let r = match &second_url {
+            None => alice.post_json(&at(web2), &body).await?,
+            Some(url) => alice.patch_json(url, &body).await?,
+        };
+        assert!(r.status == 200 || r.status == 201, "{}", r.text);
+        assert_eq!(r.header("x-served-by"), Some("web2"));
+        second_url = r.json["url"].as_str().map(str::to_string);
+        let r = carol.get(&at(web1)).await?;
+        assert_eq!(r.read_from(), Some("cache"), "round {round}: carol");
+        assert!(
+            !r.titles().contains(&title),
+            "round {round}: web1's cache is older than alice's write: {:?}",
+            r.titles()
+        );
+        // ...but never serves it to Alice, directly or through nginx.
+        for url in [at(web1), format!("{}/todos", cluster.nginx.base)] {
+            let r = alice.get(&url).await?;
+            assert_eq!(r.status, 200, "{}", r.text);
+            assert_eq!(
+                r.titles(),
+                ["first".to_string(), title.clone()],
+                "round {round}: alice read an older list at {url} from {:?}",
+                r.read_from()
+            );
+        }
+    }
+    // A write through web1 itself drops its cache for everyone.
+    let r = alice.delete(&first_url).await?;
+    assert_eq!(r.status, 204);
+    let r = carol.get(&at(web1)).await?;
+    assert!(
+        !r.titles().contains(&"first".to_string()),
+        "{:?}",
+        r.titles()
+    );
+    cluster.replica.resume_replay()?;
     Ok(())
 }

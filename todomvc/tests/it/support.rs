@@ -99,8 +99,8 @@ pub struct TestApp {
 
 impl TestApp {
     /// Starts the app with these flags; unless they say otherwise, on a free
-    /// port, with two workers, a quick prober, short timeouts and the app's
-    /// role.
+    /// port, with two workers, a quick prober, short timeouts, no list cache
+    /// and the app's role.
     pub async fn spawn(args: &[&str]) -> anyhow::Result<TestApp> {
         init_logging();
         let defaults = [
@@ -111,6 +111,9 @@ impl TestApp {
             ("--probe-interval-ms", "100"),
             ("--db-connect-timeout-ms", "1000"),
             ("--db-statement-timeout-ms", "2000"),
+            // Off unless a test turns it on, so where a read is served from
+            // (primary or replica) stays what the test arranges.
+            ("--list-cache-ms", "0"),
         ];
         let mut argv = vec!["todomvc"];
         for (flag, value) in defaults {
