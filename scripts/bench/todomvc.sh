@@ -128,32 +128,18 @@ measure() {
 }
 
 
-# Starts one todomvc binary with nginx in front of it, stores 100 todos,
-# measures, and stops both. Sets r_<label>_<what> variables: req/s, p50, p99.
-bench_app() {
+# Starts one todomvc binary with nginx in front of it; sets app_<label> and
+# proxy_<label> (base URLs) and cookie_<label> (a page session's cookie).
+start_app() {
   local bin="$1" label="$2"
-  local app_port nginx_port app proxy app_pid nginx_pid cookie
+  local app_port nginx_port app proxy cookie
   app_port=$(free_port)
   app="http://127.0.0.1:$app_port"
   say "[$label] starting $bin on $app (database $primary)"
-  "$bin" --listen "127.0.0.1:$app_port" --node-name bench \
+  "$bin" --listen "127.0.0.1:$app_port" --node-name "bench-$label" \
     --db-primary "$primary" --db-name todomvc --db-user todomvc >"$tmp/app-$label.log" 2>&1 &
-  app_pid=$!
-  pids+=("$app_pid")
+  pids+=($!)
   wait_for "todomvc to reach its primary" 30 sh -c "curl -fsS $app/healthz | grep -q '\"writable\":true'"
-
-  say "[$label] storing 100 todos"
-  curl -fsS -X DELETE "$app/todos" >/dev/null
-  for i in $(seq 1 100); do
-    curl -fsS -o /dev/null -H 'Content-Type: application/json' \
-      -d "{\"title\":\"todo number $i\",\"order\":$i}" "$app/todos"
-  done
-  local count
-  count=$(curl -fsS "$app/todos" | grep -o '"id":' | wc -l)
-  [ "$count" -eq 100 ] || die "expected 100 todos, found $count"
-  # A page's session: the cookie its last answer set.
-  cookie=$(curl -fsS -o /dev/null -D - "$app/todos" | sed -n 's/^[Ss]et-[Cc]ookie: \(todomvc_lsn=[^;]*\).*/\1/p')
-  [ -n "$cookie" ] || die "no todomvc_lsn cookie from $app/todos"
 
   nginx_port=$(free_port)
   proxy="http://127.0.0.1:$nginx_port"
@@ -161,32 +147,18 @@ bench_app() {
   nginx_conf "$tmp/nginx-$label" "$app_port" "$nginx_port" >"$tmp/nginx-$label/nginx.conf"
   say "[$label] starting nginx on $proxy"
   nginx -e "$tmp/nginx-$label/error.log" -p "$tmp/nginx-$label" -c "$tmp/nginx-$label/nginx.conf" &
-  nginx_pid=$!
-  pids+=("$nginx_pid")
+  pids+=($!)
   wait_for "nginx" 10 curl -fsS "$proxy/healthz"
+  printf -v "app_$label" '%s' "$app"
+  printf -v "proxy_$label" '%s' "$proxy"
+}
 
-  say "[$label] warming up"
-  measure "$app/todos" 2 >/dev/null
-  measure "$proxy/todos" 2 >/dev/null
-
-  local what url extra
-  for what in get_direct get_direct_session get_nginx get_nginx_session post_direct post_nginx; do
-    case "$what" in
-      *_direct*) url="$app/todos" ;;
-      *) url="$proxy/todos" ;;
-    esac
-    extra=()
-    case "$what" in
-      *_session) extra=(-H "Cookie: $cookie") ;;
-      post_*) extra=(-s "$tmp/post.lua") ;;
-    esac
-    say "[$label] measuring $what (${duration}s, $connections connections)"
-    read -r "r_${label}_${what}_rps" "r_${label}_${what}_p50" "r_${label}_${what}_p99" \
-      < <(measure "$url" "$duration" "${extra[@]}")
-  done
-
-  kill -TERM "$nginx_pid" "$app_pid" 2>/dev/null || true
-  wait "$nginx_pid" "$app_pid" 2>/dev/null || true
+# A page's session: the cookie the app's answer to a list read set.
+session_cookie() {
+  local cookie
+  cookie=$(curl -fsS -o /dev/null -D - "$1/todos" | sed -n 's/^[Ss]et-[Cc]ookie: \(todomvc_lsn=[^;]*\).*/\1/p')
+  [ -n "$cookie" ] || die "no todomvc_lsn cookie from $1/todos"
+  echo "$cookie"
 }
 
 # nginx.conf as a web node's nginx fronts todomvc, tuned for proxying:
@@ -232,11 +204,49 @@ CONF
 }
 
 labels=(current)
-bench_app "$release/todomvc" current
+start_app "$release/todomvc" current
 if [ -n "$baseline" ]; then
   labels+=(baseline)
-  bench_app "$baseline" baseline
+  start_app "$baseline" baseline
 fi
+
+# Both apps share the database, so the GETs (same 100 todos) come first and
+# the POSTs (which add thousands) last; each line runs for every app back to
+# back, so a change in the machine's load hits both alike.
+say "storing 100 todos"
+curl -fsS -X DELETE "$app_current/todos" >/dev/null
+for i in $(seq 1 100); do
+  curl -fsS -o /dev/null -H 'Content-Type: application/json' \
+    -d "{\"title\":\"todo number $i\",\"order\":$i}" "$app_current/todos"
+done
+count=$(curl -fsS "$app_current/todos" | grep -o '"id":' | wc -l)
+[ "$count" -eq 100 ] || die "expected 100 todos, found $count"
+
+for label in "${labels[@]}"; do
+  app="app_$label"; proxy="proxy_$label"
+  printf -v "cookie_$label" '%s' "$(session_cookie "${!app}")"
+  say "[$label] warming up"
+  measure "${!app}/todos" 2 >/dev/null
+  measure "${!proxy}/todos" 2 >/dev/null
+done
+
+for what in get_direct get_direct_session get_nginx get_nginx_session post_direct post_nginx; do
+  for label in "${labels[@]}"; do
+    case "$what" in
+      *_direct*) url="app_$label" ;;
+      *) url="proxy_$label" ;;
+    esac
+    url="${!url}/todos"
+    extra=()
+    case "$what" in
+      *_session) cookie="cookie_$label"; extra=(-H "Cookie: ${!cookie}") ;;
+      post_*) extra=(-s "$tmp/post.lua") ;;
+    esac
+    say "[$label] measuring $what (${duration}s, $connections connections)"
+    read -r "r_${label}_${what}_rps" "r_${label}_${what}_p50" "r_${label}_${what}_p99" \
+      < <(measure "$url" "$duration" "${extra[@]}")
+  done
+done
 
 # The database's own ceiling for the INSERT behind POST /todos: pgbench with
 # prepared statements, as many connections as the app's pool (8 per worker,

@@ -55,6 +55,10 @@ pub fn render(r: &Render<'_>) -> String {
     ));
     out.push_str("events { worker_connections 1024; }\n\nhttp {\n");
     out.push_str("    access_log off;\n    server_tokens off;\n");
+    // A client connection is kept for many more requests than nginx's
+    // default 1000 (a load generator or a busy page would otherwise
+    // reconnect every thousand requests).
+    out.push_str("    keepalive_requests 100000;\n");
     for (directive, dir) in [
         ("client_body_temp_path", "client_body"),
         ("proxy_temp_path", "proxy"),
@@ -89,7 +93,11 @@ pub fn render(r: &Render<'_>) -> String {
                 SocketAddr::new(u.address, u.port)
             ));
         }
-        out.push_str("        keepalive 16;\n    }\n");
+        // Idle keep-alive connections to the webapps, per worker: enough for
+        // a burst of concurrent requests to reuse them instead of opening a
+        // TCP connection each (which costs both sides more than the request),
+        // and kept for many requests.
+        out.push_str("        keepalive 64;\n        keepalive_requests 100000;\n    }\n");
         out.push_str(&format!(
             "\n    server {{\n        listen {listen};\n        location / {{\n            \
              proxy_pass http://{name};\n            proxy_http_version 1.1;\n            \
