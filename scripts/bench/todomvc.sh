@@ -39,7 +39,14 @@ done
 [ -z "$baseline" ] || [ -x "$baseline" ] || { echo "bench: $baseline is not an executable" >&2; exit 2; }
 
 say() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'bench: %b\n' "$*" >&2; exit 1; }
+die() {
+  printf "bench: %b\n" "$*" >&2
+  local log
+  for log in "${tmp:-/nonexistent}"/app-*.log; do
+    [ -f "$log" ] && { echo "--- $log (last lines)" >&2; tail -5 "$log" >&2; }
+  done
+  exit 1
+}
 
 if ! command -v wrk >/dev/null; then
   [ "$(id -u)" -eq 0 ] || die "wrk is missing and installing it needs root (apt-get install wrk)"
@@ -139,7 +146,7 @@ start_app() {
   "$bin" --listen "127.0.0.1:$app_port" --node-name "bench-$label" \
     --db-primary "$primary" --db-name todomvc --db-user todomvc >"$tmp/app-$label.log" 2>&1 &
   pids+=($!)
-  wait_for "todomvc to reach its primary" 30 sh -c "curl -fsS $app/healthz | grep -q '\"writable\":true'"
+  wait_for "todomvc to reach its primary" 60 sh -c "curl -fsS $app/healthz | grep -q '\"writable\":true'"
 
   nginx_port=$(free_port)
   proxy="http://127.0.0.1:$nginx_port"
