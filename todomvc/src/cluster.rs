@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, join_all};
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Notify;
 
@@ -153,10 +153,74 @@ fn advance(mark: Option<ReplayMark>, started: i64, lsn: Option<Lsn>) -> Option<R
 pub struct Node {
     pub endpoint: Endpoint,
     settings: DbSettings,
-    pools: Mutex<HashMap<ThreadId, PgPool>>,
+    pools: Mutex<HashMap<ThreadId, Arc<WorkerPool>>>,
     /// Replay only moves forward within one run of a server, so a position
     /// seen earlier is a floor for any snapshot taken later by that run.
     mark: Mutex<Option<ReplayMark>>,
+}
+
+/// One worker's connections to one server.
+///
+/// Not sqlx's `Pool`: that one pings every connection as it is released (a
+/// Sync round trip, to catch a connection left mid-query by a cancelled
+/// future), which doubled the round trips of every request. Here a
+/// connection goes back only when its operation finished successfully;
+/// one whose operation failed, or was dropped by the timeout in `run`, is
+/// closed instead. A connection idle for over a second is pinged before use,
+/// as it is the one likely to have lost its server (restart, failover).
+struct WorkerPool {
+    idle: Mutex<Vec<(PgConnection, Instant)>>,
+    /// Connections open or being opened, at most the pool size.
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// A connection out of a `WorkerPool`; it returns only through `release`.
+struct Pooled {
+    conn: PgConnection,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl WorkerPool {
+    fn new(size: u32) -> Self {
+        WorkerPool {
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(size.max(1) as usize)),
+        }
+    }
+
+    async fn acquire(&self, settings: &DbSettings, at: &Endpoint) -> Result<Pooled, sqlx::Error> {
+        let slot =
+            tokio::time::timeout(settings.connect_timeout, self.slots.clone().acquire_owned())
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)?
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some((mut conn, since)) = idle else { break };
+            if since.elapsed() > Duration::from_secs(60) {
+                continue; // the server may well have closed it; a new one is cheaper
+            }
+            if since.elapsed() <= Duration::from_secs(1) || conn.ping().await.is_ok() {
+                return Ok(Pooled { conn, _slot: slot });
+            }
+        }
+        let options = settings.connect_options(at);
+        let conn = tokio::time::timeout(
+            settings.connect_timeout,
+            PgConnection::connect_with(&options),
+        )
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        Ok(Pooled { conn, _slot: slot })
+    }
+
+    fn release(&self, pooled: Pooled) {
+        let Pooled { conn, _slot } = pooled;
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((conn, Instant::now()));
+    }
 }
 
 impl Node {
@@ -169,33 +233,13 @@ impl Node {
         }
     }
 
-    /// The calling thread's pool for this server, made on first use (lazily
-    /// connecting, so this never waits).
-    fn pool(&self) -> PgPool {
+    /// The calling thread's pool for this server, made on first use (empty:
+    /// connections are opened as needed, so this never waits).
+    fn pool(&self) -> Arc<WorkerPool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
             .entry(std::thread::current().id())
-            .or_insert_with(|| {
-                PgPoolOptions::new()
-                    .max_connections(self.settings.pool_size)
-                    .min_connections(0)
-                    .acquire_timeout(self.settings.connect_timeout)
-                    .idle_timeout(Some(Duration::from_secs(60)))
-                    // Pinging every connection before use would double the
-                    // round trips; a connection idle for a while is the one
-                    // likely to have lost its server (restart, failover), so
-                    // only those are checked.
-                    .test_before_acquire(false)
-                    .before_acquire(|conn, meta| {
-                        Box::pin(async move {
-                            if meta.idle_for > Duration::from_secs(1) {
-                                conn.ping().await?;
-                            }
-                            Ok(true)
-                        })
-                    })
-                    .connect_lazy_with(self.settings.connect_options(&self.endpoint))
-            })
+            .or_insert_with(|| Arc::new(WorkerPool::new(self.settings.pool_size)))
             .clone()
     }
 
@@ -339,8 +383,11 @@ impl Cluster {
         F: for<'c> Fn(&'c mut PgConnection) -> BoxFuture<'c, Result<T, sqlx::Error>>,
     {
         let work = async {
-            let mut conn = node.pool().acquire().await?;
-            op(&mut conn).await
+            let pool = node.pool();
+            let mut pooled = pool.acquire(&self.inner.settings, &node.endpoint).await?;
+            let value = op(&mut pooled.conn).await?;
+            pool.release(pooled);
+            Ok(value)
         };
         match tokio::time::timeout(self.inner.settings.operation_timeout(), work).await {
             Ok(Ok(value)) => Ok(value),
