@@ -19,7 +19,7 @@
 # with a temporary configuration. Installs wrk if it is missing (root).
 #
 #   scripts/bench/todomvc.sh [--duration 10] [--connections 32] [--threads 2]
-#                            [--baseline BINARY]
+#                            [--baseline BINARY] [--repeat N]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -27,13 +27,15 @@ duration=10      # seconds per measurement
 connections=32
 threads=2
 baseline=
+repeat=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) duration="$2"; shift 2 ;;
     --connections) connections="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     --baseline) baseline="$(realpath "$2")"; shift 2 ;;
-    *) echo "usage: $0 [--duration SECONDS] [--connections N] [--threads N] [--baseline BINARY]" >&2; exit 2 ;;
+    --repeat) repeat="$2"; shift 2 ;;
+    *) echo "usage: $0 [--duration SECONDS] [--connections N] [--threads N] [--baseline BINARY] [--repeat N]" >&2; exit 2 ;;
   esac
 done
 [ -z "$baseline" ] || [ -x "$baseline" ] || { echo "bench: $baseline is not an executable" >&2; exit 2; }
@@ -43,7 +45,7 @@ die() {
   printf "bench: %b\n" "$*" >&2
   local log
   for log in "${tmp:-/nonexistent}"/app-*.log; do
-    [ -f "$log" ] && { echo "--- $log (last lines)" >&2; tail -5 "$log" >&2; }
+    [ -f "$log" ] && { echo "--- $log (last lines)" >&2; grep -v "^ *[0-9]*: \|^ *at " "$log" | tail -8 >&2; }
   done
   exit 1
 }
@@ -218,57 +220,78 @@ if [ -n "$baseline" ]; then
 fi
 
 # Both apps share the database, so the GETs (same 100 todos) come first and
-# the POSTs (which add thousands) last; each line runs for every app back to
-# back, so a change in the machine's load hits both alike.
-say "storing 100 todos"
-curl -fsS -X DELETE "$app_current/todos" >/dev/null
-for i in $(seq 1 100); do
-  curl -fsS -o /dev/null -H 'Content-Type: application/json' \
-    -d "{\"title\":\"todo number $i\",\"order\":$i}" "$app_current/todos"
-done
-count=$(curl -fsS "$app_current/todos" | grep -o '"id":' | wc -l)
-[ "$count" -eq 100 ] || die "expected 100 todos, found $count"
-
-for label in "${labels[@]}"; do
-  app="app_$label"; proxy="proxy_$label"
-  printf -v "cookie_$label" '%s' "$(session_cookie "${!app}")"
-  say "[$label] warming up"
-  measure "${!app}/todos" 2 >/dev/null
-  measure "${!proxy}/todos" 2 >/dev/null
-done
-
-for what in get_direct get_direct_session get_nginx get_nginx_session post_direct post_nginx; do
-  for label in "${labels[@]}"; do
-    case "$what" in
-      *_direct*) url="app_$label" ;;
-      *) url="proxy_$label" ;;
-    esac
-    url="${!url}/todos"
-    extra=()
-    case "$what" in
-      *_session) cookie="cookie_$label"; extra=(-H "Cookie: ${!cookie}") ;;
-      post_*) extra=(-s "$tmp/post.lua") ;;
-    esac
-    say "[$label] measuring $what (${duration}s, $connections connections)"
-    read -r "r_${label}_${what}_rps" "r_${label}_${what}_p50" "r_${label}_${what}_p99" \
-      < <(measure "$url" "$duration" "${extra[@]}")
-  done
-done
-
-# The database's own ceiling for the INSERT behind POST /todos: pgbench with
-# prepared statements, as many connections as the app's pool (8 per worker,
-# one worker per CPU), on the same server.
+# the POSTs (which add thousands) last, then pgbench; each line runs for
+# every app back to back, so a change in the machine's load hits both alike.
+# With --repeat N the whole round runs N times (the table reset to 100 todos
+# each time) and the medians are printed.
 pool=$((8 * $(nproc)))
+pg_host=${primary%:*}
+pg_port=${primary##*:}
 cat >"$tmp/insert.sql" <<'SQL'
 INSERT INTO todos (title, completed, "order") VALUES ('written by pgbench', false, NULL) RETURNING id, title, completed, "order";
 SQL
-say "measuring the INSERT ceiling with pgbench ($pool connections)"
-pg_host=${primary%:*}
-pg_port=${primary##*:}
-pgbench_tps=$("$pgbin/pgbench" -n -M prepared -c "$pool" -j "$threads" -T "$duration" \
-  -h "$pg_host" -p "$pg_port" -U todomvc -f "$tmp/insert.sql" todomvc 2>/dev/null \
-  | awk '/^tps = / {printf "%.0f", $3}')
-[ -n "$pgbench_tps" ] || die "pgbench gave no figure"
+for round in $(seq 1 "$repeat"); do
+  say "round $round of $repeat: storing 100 todos"
+  curl -fsS -X DELETE "$app_current/todos" >/dev/null
+  for i in $(seq 1 100); do
+    curl -fsS -o /dev/null -H 'Content-Type: application/json' \
+      -d "{\"title\":\"todo number $i\",\"order\":$i}" "$app_current/todos"
+  done
+  count=$(curl -fsS "$app_current/todos" | grep -o '"id":' | wc -l)
+  [ "$count" -eq 100 ] || die "expected 100 todos, found $count"
+
+  for label in "${labels[@]}"; do
+    app="app_$label"; proxy="proxy_$label"
+    printf -v "cookie_$label" '%s' "$(session_cookie "${!app}")"
+    if [ "$round" -eq 1 ]; then
+      say "[$label] warming up"
+      measure "${!app}/todos" 2 >/dev/null
+      measure "${!proxy}/todos" 2 >/dev/null
+    fi
+  done
+
+  for what in get_direct get_direct_session get_nginx get_nginx_session post_direct post_nginx; do
+    for label in "${labels[@]}"; do
+      case "$what" in
+        *_direct*) url="app_$label" ;;
+        *) url="proxy_$label" ;;
+      esac
+      url="${!url}/todos"
+      extra=()
+      case "$what" in
+        *_session) cookie="cookie_$label"; extra=(-H "Cookie: ${!cookie}") ;;
+        post_*) extra=(-s "$tmp/post.lua") ;;
+      esac
+      say "[$label] measuring $what (${duration}s, $connections connections)"
+      read -r rps p50 p99 < <(measure "$url" "$duration" "${extra[@]}")
+      for k in rps p50 p99; do
+        v="all_${label}_${what}_$k"
+        printf -v "$v" '%s' "${!v:-} ${!k}"
+      done
+    done
+  done
+
+  # The database's own ceiling for the INSERT behind POST /todos: pgbench
+  # with prepared statements, as many connections as the app's pool (8 per
+  # worker, one worker per CPU), on the same server.
+  say "measuring the INSERT ceiling with pgbench ($pool connections)"
+  tps=$("$pgbin/pgbench" -n -M prepared -c "$pool" -j "$threads" -T "$duration" \
+    -h "$pg_host" -p "$pg_port" -U todomvc -f "$tmp/insert.sql" todomvc 2>/dev/null \
+    | awk '/^tps = / {printf "%.0f", $3}')
+  [ -n "$tps" ] || die "pgbench gave no figure"
+  all_pgbench="${all_pgbench:-} $tps"
+done
+
+median() { tr ' ' '\n' <<<"$*" | grep . | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+for label in "${labels[@]}"; do
+  for what in get_direct get_direct_session get_nginx get_nginx_session post_direct post_nginx; do
+    for k in rps p50 p99; do
+      v="all_${label}_${what}_$k"
+      printf -v "r_${label}_${what}_$k" '%s' "$(median "${!v}")"
+    done
+  done
+done
+pgbench_tps=$(median "$all_pgbench")
 pg_settings=$("$pgbin/psql" -X -A -t -h "$pg_host" -p "$pg_port" -U todomvc -d todomvc \
   -c "SELECT 'fsync=' || current_setting('fsync') || ', synchronous_commit=' || current_setting('synchronous_commit')")
 
@@ -276,6 +299,7 @@ echo
 echo "todomvc benchmark: $(nproc) CPUs, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)"
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "100 todos stored; wrk $threads threads, $connections connections, ${duration}s per line;"
+echo "median of $repeat round(s), current and baseline alternating line by line"
 echo "todomvc with default workers; PostgreSQL 15 on loopback ($pg_settings)"
 echo "'session' lines carry a page's todomvc_lsn cookie; the others none"
 for label in "${labels[@]}"; do
