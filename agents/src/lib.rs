@@ -18,6 +18,7 @@ pub mod observe;
 pub mod run;
 pub mod stop_all;
 pub mod supervisor;
+pub mod vbox;
 
 pub use config::RunConfig;
 pub use run::run;

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod error;
 pub mod event;
 pub mod logs;
+pub mod machine;
 pub mod node;
 pub mod order;
 pub mod topology;
@@ -20,6 +21,9 @@ pub use event::Event;
 pub use logs::{
     KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_BATCH_LINES, MAX_LOG_LINE_CHARS,
     validate_service_name,
+};
+pub use machine::{
+    HostMachine, HostOrders, HostPoll, MachineOrder, MachineResult, MachineSpec, MachineStatus,
 };
 pub use node::{
     CreateNode, Node, NodeHealth, NodeState, Provider, Role, ScalableRole, validate_node_name,
