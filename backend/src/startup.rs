@@ -13,14 +13,18 @@ use actix_web::{App, HttpServer, web};
 use corral_proto::Provider;
 
 use crate::auth::{Secrets, SecretsError};
-use crate::cluster::{Cluster, ClusterConfig};
+use crate::cluster::{Cluster, ClusterConfig, Hosts};
 use crate::provider::controller::NodeSource;
 use crate::provider::{
     BootConfig, LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines,
-    ProviderError,
+    ProviderError, RemoteProvider,
 };
 use crate::reconcile::{AddressPlan, AddressPlans, ClusterSettings};
 use crate::store::{self, Store, StoreError};
+
+/// Providers whose machines a host agent (`corral-agent host`) makes, on a
+/// host other than the server's.
+pub const HOST_AGENT_PROVIDERS: [Provider; 1] = [Provider::Virtualbox];
 
 /// Everything `corral serve` can be told.
 #[derive(Debug, Clone)]
@@ -169,9 +173,15 @@ impl Application {
         // Providers check the host first (and make the LXC bridge, which
         // carries the address this server may listen on): a host that cannot
         // run them is told why before any state, node or machine is made.
+        let hosts = Arc::new(Hosts::new(
+            config
+                .accepted_providers()
+                .into_iter()
+                .filter(|p| HOST_AGENT_PROVIDERS.contains(p)),
+        ));
         let providers = if config.run_machines {
             crate::provider::Reaper::global();
-            let providers = machine_providers(&config);
+            let providers = machine_providers(&config, &hosts);
             for provider in &providers {
                 provider.preflight().await?;
             }
@@ -209,6 +219,7 @@ impl Application {
                 max_poll_wait: config.max_poll_wait,
                 heartbeat_stale_after: config.heartbeat_stale_after,
                 retention: config.retention,
+                hosts,
             },
             secrets.clone(),
         )
@@ -330,7 +341,7 @@ impl Application {
 }
 
 /// The providers this server makes machines with.
-fn machine_providers(config: &Config) -> Vec<Arc<dyn Machines>> {
+fn machine_providers(config: &Config, hosts: &Arc<Hosts>) -> Vec<Arc<dyn Machines>> {
     let mut providers: Vec<Arc<dyn Machines>> = Vec::new();
     let accepted = config.accepted_providers();
     if accepted.contains(&Provider::Local) {
@@ -346,6 +357,9 @@ fn machine_providers(config: &Config) -> Vec<Arc<dyn Machines>> {
         lxc.bridge = config.lxc_bridge.clone();
         lxc.debs_dir = config.lxc_packages.clone();
         providers.push(LxcProvider::new(lxc));
+    }
+    for kind in hosts.providers() {
+        providers.push(RemoteProvider::new(kind, hosts.clone()));
     }
     providers
 }

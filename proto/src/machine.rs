@@ -30,6 +30,8 @@ pub enum MachineSpec {
         /// The node's enrollment secret, handed to the guest once.
         secret: String,
     },
+    /// Shut the node's machine down, keeping its disks (`corral down`).
+    Stop { node: String },
     /// Stop the node's machine and delete it with its disks.
     Destroy { node: String },
 }
@@ -37,7 +39,9 @@ pub enum MachineSpec {
 impl MachineSpec {
     pub fn node(&self) -> &str {
         match self {
-            MachineSpec::Ensure { node, .. } | MachineSpec::Destroy { node } => node,
+            MachineSpec::Ensure { node, .. }
+            | MachineSpec::Stop { node }
+            | MachineSpec::Destroy { node } => node,
         }
     }
 }

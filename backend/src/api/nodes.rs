@@ -60,7 +60,7 @@ pub async fn list_nodes(
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "An agent token", body = ErrorBody),
-        (status = 409, description = "No free address left, or the role already has the most nodes allowed", body = ErrorBody),
+        (status = 409, description = "No free address left, the role already has the most nodes allowed, or `host_agent_missing`: no host agent of the node's provider (virtualbox) is connected", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "Unknown field or role (adm cannot be added), or `provider_not_configured`: a provider this server does not run", body = ErrorBody),

@@ -9,12 +9,15 @@
 //!   machine, with one `corral-agent` process (the default).
 //! - [`lxc`]: each node is a Debian LXC container on a host bridge, an
 //!   overlayfs clone of a base image, running the project's packages.
+//! - [`remote`]: machines a host agent makes on another host (VirtualBox),
+//!   through machine orders it long-polls.
 
 pub mod command;
 pub mod controller;
 pub mod local;
 pub mod lxc;
 pub mod reaper;
+pub mod remote;
 
 use async_trait::async_trait;
 use corral_proto::{Node, Provider};
@@ -23,6 +26,7 @@ pub use controller::{MachineController, ProviderEvent};
 pub use local::{LocalConfig, LocalProvider};
 pub use lxc::{LxcConfig, LxcProvider};
 pub use reaper::Reaper;
+pub use remote::RemoteProvider;
 
 /// What every agent needs to find and join the control plane.
 #[derive(Debug, Clone)]
