@@ -164,6 +164,7 @@ pub struct VmInfo {
 pub struct HostOnlyIf {
     pub name: String,
     pub ip: Option<String>,
+    pub netmask: Option<String>,
     pub status: Option<String>,
 }
 
@@ -559,12 +560,18 @@ pub fn parse_hostonlyifs(text: &str) -> Vec<HostOnlyIf> {
                 current = Some(HostOnlyIf {
                     name: value,
                     ip: None,
+                    netmask: None,
                     status: None,
                 });
             }
             "IPAddress" => {
                 if let Some(c) = current.as_mut() {
                     c.ip = Some(value);
+                }
+            }
+            "NetworkMask" => {
+                if let Some(c) = current.as_mut() {
+                    c.netmask = Some(value);
                 }
             }
             "Status" => {
@@ -729,6 +736,7 @@ VBoxManage: error: Context: \"LockMachine(a->session, LockType_Write)\" at line 
         assert_eq!(ifs.len(), 2);
         assert_eq!(ifs[0].name, "vboxnet0");
         assert_eq!(ifs[0].ip.as_deref(), Some("192.168.11.1"));
+        assert_eq!(ifs[0].netmask.as_deref(), Some("255.255.255.0"));
         assert_eq!(ifs[1].status.as_deref(), Some("Down"));
     }
 

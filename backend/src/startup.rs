@@ -41,6 +41,11 @@ pub struct Config {
     pub retention: crate::cluster::Retention,
     /// HTTP worker threads; one per core when unset.
     pub workers: Option<usize>,
+    /// Whether SIGINT/SIGTERM stop the HTTP server at once (`corral
+    /// serve`); `corral up` handles them itself and keeps serving until its
+    /// machines are stopped, since a host agent stops its VMs only through
+    /// the API.
+    pub stop_on_signals: bool,
     /// The built web UI served at `/` (`frontend/dist`); none: `/` says how
     /// to build it.
     pub ui_dir: Option<PathBuf>,
@@ -81,6 +86,7 @@ impl Config {
             heartbeat_stale_after: Duration::from_secs(15),
             retention: crate::cluster::Retention::default(),
             workers: None,
+            stop_on_signals: true,
             ui_dir: crate::ui::default_dir(),
             run_machines: false,
             agent_bin: crate::provider::local::default_agent_bin(),
@@ -254,6 +260,9 @@ impl Application {
         .shutdown_timeout(5);
         if let Some(workers) = config.workers {
             server = server.workers(workers);
+        }
+        if !config.stop_on_signals {
+            server = server.disable_signals();
         }
         let server = server
             .listen(listener)

@@ -106,6 +106,11 @@ pub struct MachineResult {
     /// a picture older than the order it just saw finish.
     #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
     pub machines: Vec<HostMachine>,
+    /// Trying again will not help (a VM that never reported its agent
+    /// within the boot timeout): the control plane stops asking until the
+    /// node is removed.
+    #[serde(default)]
+    pub permanent: bool,
 }
 
 fn validate_machines(machines: &[HostMachine]) -> Result<(), String> {

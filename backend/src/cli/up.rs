@@ -58,6 +58,8 @@ pub async fn up(mut config: Config, options: UpOptions) -> anyhow::Result<()> {
     Reaper::global();
     let started = Instant::now();
     config.run_machines = true;
+    // The HTTP server lives until the machines are stopped (below).
+    config.stop_on_signals = false;
     let provider = config.default_provider;
     if provider == Provider::Lxc {
         eprintln!(

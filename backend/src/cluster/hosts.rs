@@ -29,7 +29,14 @@ use crate::auth::Caller;
 pub const CONNECTED_GRACE: Duration = Duration::from_secs(10);
 
 /// What became of a machine order: what was done, or why it failed.
-pub type MachineOutcome = Result<String, String>;
+pub type MachineOutcome = Result<String, MachineFailure>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineFailure {
+    pub message: String,
+    /// Trying again will not help (see [`MachineResult::permanent`]).
+    pub permanent: bool,
+}
 
 /// The machine orders of every provider whose machines host agents make.
 pub struct Hosts {
@@ -242,7 +249,10 @@ impl Hosts {
         let outcome = if result.ok {
             Ok(result.message)
         } else {
-            Err(result.message)
+            Err(MachineFailure {
+                message: result.message,
+                permanent: result.permanent,
+            })
         };
         let _ = pending.reply.send(outcome);
         Ok(())
@@ -384,6 +394,7 @@ mod tests {
                     ok: true,
                     message: "deleted".into(),
                     machines: vec![],
+                    permanent: false,
                 },
             )
             .expect("waiting");
@@ -397,7 +408,8 @@ mod tests {
                     MachineResult {
                         ok: true,
                         message: String::new(),
-                        machines: vec![]
+                        machines: vec![],
+                        permanent: false,
                     }
                 )
                 .is_err(),

@@ -6,7 +6,8 @@
 //! unknown (an error, so the controller acts on nothing) and every order is
 //! refused at once.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,11 +25,22 @@ const ORDER_LIMIT: Duration = Duration::from_secs(20 * 60);
 pub struct RemoteProvider {
     kind: Provider,
     hosts: Arc<Hosts>,
+    /// Nodes whose machine failed for good (never reported its agent), with
+    /// why: not asked for again until the node is removed.
+    gave_up: Mutex<HashMap<String, String>>,
 }
 
 impl RemoteProvider {
     pub fn new(kind: Provider, hosts: Arc<Hosts>) -> Arc<Self> {
-        Arc::new(Self { kind, hosts })
+        Arc::new(Self {
+            kind,
+            hosts,
+            gave_up: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn gave_up(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.gave_up.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn order(&self, spec: MachineSpec) -> Result<String, ProviderError> {
@@ -37,17 +49,43 @@ impl RemoteProvider {
             .hosts
             .file(self.kind, spec)
             .map_err(ProviderError::Refused)?;
-        match tokio::time::timeout(ORDER_LIMIT, reply).await {
-            Ok(Ok(Ok(done))) => Ok(done),
-            Ok(Ok(Err(failed))) => Err(ProviderError::Other(failed)),
-            Ok(Err(_)) => Err(ProviderError::Other(format!(
-                "the machine order for {node} was replaced before the host agent answered"
-            ))),
-            Err(_) => Err(ProviderError::Other(format!(
-                "the {} host agent did not answer the order for {node} within {} minutes",
-                self.kind,
-                ORDER_LIMIT.as_secs() / 60
-            ))),
+        let deadline = tokio::time::Instant::now() + ORDER_LIMIT;
+        let mut reply = std::pin::pin!(reply);
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                answer = &mut reply => {
+                    return match answer {
+                        Ok(Ok(done)) => Ok(done),
+                        Ok(Err(failed)) => {
+                            if failed.permanent {
+                                self.gave_up().insert(node, failed.message.clone());
+                            }
+                            Err(ProviderError::Other(failed.message))
+                        }
+                        Err(_) => Err(ProviderError::Other(format!(
+                            "the machine order for {node} was replaced before the host agent answered"
+                        ))),
+                    };
+                }
+                _ = check.tick() => {
+                    // A host agent that went away (and no other took over)
+                    // answers nothing: say so rather than wait.
+                    if !self.hosts.connected(self.kind) {
+                        return Err(ProviderError::Other(format!(
+                            "the {} host agent went away before it answered the order for {node}",
+                            self.kind
+                        )));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ProviderError::Other(format!(
+                            "the {} host agent did not answer the order for {node} within {} minutes",
+                            self.kind,
+                            ORDER_LIMIT.as_secs() / 60
+                        )));
+                    }
+                }
+            }
         }
     }
 }
@@ -84,6 +122,11 @@ impl Machines for RemoteProvider {
     }
 
     async fn ensure(&self, node: &Node, boot: &BootConfig) -> Result<String, ProviderError> {
+        if let Some(why) = self.gave_up().get(&node.name) {
+            return Err(ProviderError::Refused(format!(
+                "not tried again (remove the node to clear it): {why}"
+            )));
+        }
         self.order(MachineSpec::Ensure {
             node: node.name.clone(),
             role: node.role,
@@ -103,6 +146,7 @@ impl Machines for RemoteProvider {
     }
 
     async fn destroy(&self, name: &str) -> Result<(), ProviderError> {
+        self.gave_up().remove(name);
         self.order(MachineSpec::Destroy {
             node: name.to_string(),
         })
