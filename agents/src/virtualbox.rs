@@ -308,11 +308,9 @@ impl VirtualBox {
     /// reported.
     async fn boot_failed(&self, name: &str, why: &str) -> MachineError {
         let mut state = Vec::new();
-        if let Ok(info) = self.vbox().showvminfo(name).await {
+        let info = self.vbox().showvminfo(name).await.ok();
+        if let Some(info) = &info {
             state.push(format!("VMState={:?}", info.state));
-            if info.state.is_up() {
-                let _ = self.vbox().poweroff(name).await;
-            }
         }
         for key in [
             AGENT_PROPERTY,
@@ -326,6 +324,9 @@ impl VirtualBox {
                 .ok()
                 .flatten();
             state.push(format!("{key}={}", value.as_deref().unwrap_or("(unset)")));
+        }
+        if info.is_some_and(|i| i.state.is_up()) {
+            let _ = self.vbox().poweroff(name).await;
         }
         let _ = self
             .vbox()

@@ -154,3 +154,85 @@ impl Machines for RemoteProvider {
         .map(drop)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::{HostPoll, MachineResult, NodeHealth, NodeState, Role};
+
+    fn nginx3() -> Node {
+        Node {
+            name: "nginx3".into(),
+            role: Role::Web,
+            address: "192.168.11.23".into(),
+            provider: Provider::Virtualbox,
+            state: NodeState::Provisioning,
+            health: NodeHealth::Unknown,
+            last_seq: 0,
+            last_heartbeat: None,
+            observed: None,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    fn boot() -> BootConfig {
+        BootConfig {
+            server_url: "http://192.168.11.5:7000".into(),
+            join_token: "secret".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vm_that_failed_for_good_is_not_asked_for_again_until_destroyed() {
+        let hosts = Arc::new(Hosts::new([Provider::Virtualbox]));
+        let provider = RemoteProvider::new(Provider::Virtualbox, hosts.clone());
+        // No host agent: nothing is known, nothing is filed.
+        assert!(provider.inventory().await.is_err());
+        assert!(provider.ensure(&nginx3(), &boot()).await.is_err());
+
+        hosts
+            .poll(Provider::Virtualbox, HostPoll::default(), Duration::ZERO)
+            .await;
+        let ensuring = {
+            let provider = provider.clone();
+            tokio::spawn(async move { provider.ensure(&nginx3(), &boot()).await })
+        };
+        let order = loop {
+            let got = hosts
+                .poll(
+                    Provider::Virtualbox,
+                    HostPoll::default(),
+                    Duration::from_secs(5),
+                )
+                .await;
+            if let Some(order) = got.orders.into_iter().next() {
+                break order;
+            }
+        };
+        hosts
+            .finish(
+                Provider::Virtualbox,
+                order.id,
+                MachineResult {
+                    ok: false,
+                    message: "corral-nginx3 did not report its agent within 300 s".into(),
+                    machines: vec![],
+                    permanent: true,
+                },
+            )
+            .expect("waiting");
+        let err = ensuring.await.expect("joined").expect_err("failed");
+        assert!(err.to_string().contains("did not report"), "{err}");
+
+        // Asked again: refused at once, with why; no order filed.
+        let err = provider
+            .ensure(&nginx3(), &boot())
+            .await
+            .expect_err("given up");
+        assert!(err.to_string().contains("not tried again"), "{err}");
+        let none = hosts
+            .poll(Provider::Virtualbox, HostPoll::default(), Duration::ZERO)
+            .await;
+        assert!(none.orders.is_empty());
+    }
+}
