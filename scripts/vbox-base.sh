@@ -68,7 +68,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends corral-agent todomvc consul nginx-light postgresql-15 iproute2
 rm -f /usr/sbin/policy-rc.d
 systemctl mask nginx.service postgresql.service consul.service
-systemctl enable corral-vbox-firstboot.service
+systemctl enable /usr/lib/corral/corral-vbox-firstboot.service
 command -v VBoxControl >/dev/null || { echo "no VBoxControl: the VM lacks the Guest Additions" >&2; exit 1; }
 apt-get clean
 # Each clone gets its own machine id (and so its own DHCP identity on NAT).
