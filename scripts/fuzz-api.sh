@@ -20,9 +20,11 @@ cleanup() {
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-# Long polls are capped at 1 s so generated `wait` values cannot stall the run.
+# Long polls (agents' and host agents') are capped at 1 s so generated `wait`
+# values cannot stall the run.
+# virtualbox: the host agents' endpoints answer (no machines are made).
 target/debug/corral serve --listen "127.0.0.1:$port" --state-dir "$work/state" \
-  --no-machines --max-poll-wait 1s >"$work/token" 2>"$work/server.log" &
+  --no-machines --max-poll-wait 1s --providers virtualbox >"$work/token" 2>"$work/server.log" &
 server_pid=$!
 for _ in $(seq 1 200); do
   grep -q '^serving on' "$work/server.log" 2>/dev/null && break

@@ -68,7 +68,10 @@ pub enum MachineStatus {
 #[serde(deny_unknown_fields)]
 pub struct HostMachine {
     /// The node the machine is for.
-    #[cfg_attr(feature = "openapi", schema(max_length = 64))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 63, pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+    )]
     pub node: String,
     pub status: MachineStatus,
 }
