@@ -249,6 +249,8 @@ async fn serving(c: &Cluster, node: &str, lbs: &[&str]) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
+    let started = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("[{:5.1} s] {what}", started.elapsed().as_secs_f64());
     let mut c = Cluster::up_with(OCTET, 2, 1, &["--providers", "virtualbox"])
         .await
         .expect("corral up");
@@ -280,6 +282,7 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
         assert_eq!(body["error"], "host_agent_missing");
         assert!(!c.nodes().await?.iter().any(|n| n.name == "nginx3"));
 
+        phase("cluster up, base VM and network made; no host agent refused");
         // The host agent makes nginx3: clone, configure, properties, start.
         guard.host = Some(HostAgent::start(&c, &fake, None)?);
         let from = fake.calls().len();
@@ -310,6 +313,7 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
         let nginx3 = c.nodes().await?.into_iter().find(|n| n.name == "nginx3").context("nginx3")?;
         assert_eq!(nginx3.provider, corral_proto::Provider::Virtualbox);
 
+        phase("nginx3 made by the host agent, serving through both load balancers");
         // Removal: the VM is powered off, then deleted with its disks.
         let from = fake.calls().len();
         let res = c.api(Method::DELETE, "/nodes/nginx3").await.send().await?;
@@ -331,6 +335,7 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
         let left = Cluster::pids_with(&guest.to_string_lossy());
         assert!(left.is_empty(), "processes of nginx3's VM still run: {left:?}");
 
+        phase("nginx3 removed, its VM deleted");
         // The host agent is killed right after the clone of a new nginx3.
         guard.host.take().expect("host agent").kill().await;
         std::fs::write(fake.dir.join("hold"), "")?;
@@ -357,10 +362,12 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
         assert_eq!(changes, expected);
         assert_eq!(fake.vm_names().await?, vec!["corral-base", "corral-nginx3"]);
 
+        phase("nginx3 finished by the next host agent after a kill mid-ensure");
         // `corral up` stops the VM through the host agent as it ends.
         c.stop().await?;
         let info = fake.vbox(&["showvminfo", "corral-nginx3", "--machinereadable"]).await?;
         anyhow::ensure!(info.contains("VMState=\"poweroff\""), "still up after corral up stopped: {info}");
+        phase("corral up stopped, the VM powered off through the host agent");
         anyhow::Ok(())
     }
     .await;
