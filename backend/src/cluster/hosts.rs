@@ -163,12 +163,12 @@ impl Hosts {
         &self,
         provider: Provider,
         spec: MachineSpec,
-    ) -> Result<oneshot::Receiver<MachineOutcome>, String> {
+    ) -> Result<(u64, oneshot::Receiver<MachineOutcome>), String> {
         if !self.serves(provider) {
             return Err(format!("no host agents make {provider} machines here"));
         }
         let (tx, rx) = oneshot::channel();
-        {
+        let id = {
             let mut state = self.lock();
             let host = state.entry(provider).or_default();
             if !host.connected(Instant::now()) {
@@ -185,11 +185,21 @@ impl Hosts {
                     reply: tx,
                 },
             );
-        }
+            id
+        };
         if let Some(filed) = self.filed.get(&provider) {
             filed.send_modify(|n| *n += 1);
         }
-        Ok(rx)
+        Ok((id, rx))
+    }
+
+    /// Takes back an order nobody waits for any more (its host agent went
+    /// away), so a later host agent is not handed work that is no longer
+    /// wanted; the machine controller files again what still is.
+    pub fn withdraw(&self, provider: Provider, id: u64) {
+        if let Some(host) = self.lock().get_mut(&provider) {
+            host.orders.remove(&id);
+        }
     }
 
     /// A host agent's poll: records what it holds, hands out new orders (and
@@ -377,7 +387,7 @@ mod tests {
             })
         };
         // The poll is parked before the order is filed, or finds it at once.
-        let reply = hosts
+        let (_, reply) = hosts
             .file(Provider::Virtualbox, destroy("nginx3"))
             .expect("connected");
         let got = tokio::time::timeout(Duration::from_secs(5), poller)
@@ -440,5 +450,21 @@ mod tests {
             .poll(Provider::Virtualbox, report(vec![]), Duration::ZERO)
             .await;
         assert_eq!(restarted.orders, first.orders);
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_order_is_not_handed_out() {
+        let hosts = Hosts::new([Provider::Virtualbox]);
+        hosts
+            .poll(Provider::Virtualbox, report(vec![]), Duration::ZERO)
+            .await;
+        let (id, _reply) = hosts
+            .file(Provider::Virtualbox, destroy("nginx3"))
+            .expect("connected");
+        hosts.withdraw(Provider::Virtualbox, id);
+        let got = hosts
+            .poll(Provider::Virtualbox, report(vec![]), Duration::ZERO)
+            .await;
+        assert!(got.orders.is_empty());
     }
 }

@@ -45,7 +45,7 @@ impl RemoteProvider {
 
     async fn order(&self, spec: MachineSpec) -> Result<String, ProviderError> {
         let node = spec.node().to_string();
-        let reply = self
+        let (id, reply) = self
             .hosts
             .file(self.kind, spec)
             .map_err(ProviderError::Refused)?;
@@ -72,12 +72,14 @@ impl RemoteProvider {
                     // A host agent that went away (and no other took over)
                     // answers nothing: say so rather than wait.
                     if !self.hosts.connected(self.kind) {
+                        self.hosts.withdraw(self.kind, id);
                         return Err(ProviderError::Other(format!(
                             "the {} host agent went away before it answered the order for {node}",
                             self.kind
                         )));
                     }
                     if tokio::time::Instant::now() >= deadline {
+                        self.hosts.withdraw(self.kind, id);
                         return Err(ProviderError::Other(format!(
                             "the {} host agent did not answer the order for {node} within {} minutes",
                             self.kind,
