@@ -12,12 +12,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use corral_proto::{HostOrders, HostPoll, MachineOrder, MachineResult, MachineSpec, Provider};
+use corral_proto::{
+    HostMachine, HostOrders, HostPoll, MachineOrder, MachineResult, MachineSpec, Provider,
+};
 
 use crate::vbox::VBoxManage;
 use crate::virtualbox::{GuestBoot, MachineError, VirtualBox, VirtualBoxConfig};
@@ -97,6 +100,11 @@ struct HostAgent {
     working: Mutex<HashSet<u64>>,
     /// One order at a time per node.
     nodes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Numbers each picture of the machines as it begins, so the server
+    /// keeps the newest of a poll and a result that cross; `session` tells
+    /// the server the numbering of this run starts over.
+    inventory_seq: AtomicU64,
+    session: u64,
 }
 
 /// Runs the host agent until SIGINT/SIGTERM.
@@ -125,6 +133,8 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
         machines: VirtualBox::new(config.virtualbox()),
         working: Mutex::new(HashSet::new()),
         nodes: Mutex::new(HashMap::new()),
+        inventory_seq: AtomicU64::new(0),
+        session: session_id(),
     });
     tracing::info!(server = %agent.base, provider = %agent.provider, "host agent started");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -163,8 +173,14 @@ impl HostAgent {
         self.working.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The machines as VirtualBox lists them now, and the picture's number.
+    async fn inventory(&self) -> Result<(Vec<HostMachine>, u64), crate::vbox::VBoxError> {
+        let seq = self.inventory_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok((self.machines.inventory().await?, seq))
+    }
+
     async fn poll_once(&self) -> anyhow::Result<HostOrders> {
-        let machines = self.machines.inventory().await.context("listing the VMs")?;
+        let (machines, inventory_seq) = self.inventory().await.context("listing the VMs")?;
         let working = self.working().iter().copied().collect();
         let res = self
             .http
@@ -175,7 +191,12 @@ impl HostAgent {
                 POLL_WAIT.as_secs()
             ))
             .bearer_auth(&self.token)
-            .json(&HostPoll { machines, working })
+            .json(&HostPoll {
+                machines,
+                working,
+                inventory_seq,
+                session: self.session,
+            })
             .send()
             .await?;
         let status = res.status();
@@ -248,7 +269,7 @@ impl HostAgent {
             .take(corral_proto::machine::MAX_MACHINE_TEXT)
             .collect();
         for attempt in 1..=5u64 {
-            let machines = match self.machines.inventory().await {
+            let (machines, inventory_seq) = match self.inventory().await {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list the VMs for a result");
@@ -267,6 +288,8 @@ impl HostAgent {
                     ok,
                     message: message.clone(),
                     machines,
+                    inventory_seq,
+                    session: self.session,
                     permanent,
                 })
                 .send()
@@ -281,6 +304,16 @@ impl HostAgent {
             tokio::time::sleep(Duration::from_secs(attempt)).await;
         }
     }
+}
+
+/// A number that differs between runs of the host agent: the time it
+/// started and its pid.
+fn session_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 /// An order's kind, for logs: never the secret.

@@ -235,6 +235,22 @@ async fn add_vbox_web(c: &Cluster) -> anyhow::Result<String> {
     .await
 }
 
+/// Waits until the host agent has taken the enrollment secret of `vm` back,
+/// its last step of an ensure (the node may serve before that).
+async fn secret_taken_back(fake: &Fake, vm: &str) -> anyhow::Result<()> {
+    eventually(
+        &format!("{vm}'s secret to be deleted"),
+        LONG,
+        || async move {
+            let value = fake
+                .vbox(&["guestproperty", "get", vm, "/corral/secret"])
+                .await?;
+            Ok((value.trim() == "No value set!").then_some(()))
+        },
+    )
+    .await
+}
+
 /// Waits until `node` is enrolled and every load balancer in `lbs` routes
 /// to its webapp.
 async fn serving(c: &Cluster, node: &str, lbs: &[&str]) -> anyhow::Result<()> {
@@ -305,11 +321,8 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
             // Once enrolled, the secret is taken back.
             "guestproperty set corral-nginx3 /corral/secret".into(),
         ];
+        secret_taken_back(&fake, "corral-nginx3").await?;
         assert_eq!(fake.changes_since(from), expected);
-        assert_eq!(
-            fake.vbox(&["guestproperty", "get", "corral-nginx3", "/corral/secret"]).await?.trim(),
-            "No value set!"
-        );
         let nginx3 = c.nodes().await?.into_iter().find(|n| n.name == "nginx3").context("nginx3")?;
         assert_eq!(nginx3.provider, corral_proto::Provider::Virtualbox);
 
@@ -356,6 +369,7 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
         // The next host agent finishes that VM: no second clone, no orphan.
         guard.host = Some(HostAgent::start(&c, &fake, None)?);
         serving(&c, "nginx3", &["nginx1", "nginx2"]).await?;
+        secret_taken_back(&fake, "corral-nginx3").await?;
         let changes = fake.changes_since(from);
         // The very calls of an uncut ensure: one clone (before the kill),
         // then configure, properties and start (after it).
@@ -384,5 +398,10 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
             c.tail_logs()
         );
     }
+    // Shown with --nocapture: when each order came and went.
+    eprintln!(
+        "--- host agent ---\n{}",
+        std::fs::read_to_string(fake.dir.join("host-agent.log")).unwrap_or_default()
+    );
     drop(guard);
 }

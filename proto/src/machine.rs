@@ -87,6 +87,14 @@ pub struct HostPoll {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
     pub working: Vec<u64>,
+    /// Numbers the host agent's pictures of its machines in the order it
+    /// began taking them: a report older than one already seen from the
+    /// same `session` (a poll sent while an order finished) is not applied.
+    #[serde(default)]
+    pub inventory_seq: u64,
+    /// Random for each run of the host agent; its numbering starts over.
+    #[serde(default)]
+    pub session: u64,
 }
 
 /// The answer to a poll: new orders, possibly none (the wait ended).
@@ -109,6 +117,11 @@ pub struct MachineResult {
     /// a picture older than the order it just saw finish.
     #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
     pub machines: Vec<HostMachine>,
+    /// As in [`HostPoll::inventory_seq`] and [`HostPoll::session`].
+    #[serde(default)]
+    pub inventory_seq: u64,
+    #[serde(default)]
+    pub session: u64,
     /// Trying again will not help (a VM that never reported its agent
     /// within the boot timeout): the control plane stops asking until the
     /// node is removed.
@@ -179,6 +192,8 @@ mod tests {
                 status: MachineStatus::Running,
             }],
             working: vec![],
+            inventory_seq: 0,
+            session: 0,
         };
         assert!(poll.validate().is_err());
         assert!(HostPoll::default().validate().is_ok());

@@ -60,8 +60,11 @@ struct Host {
     polls: usize,
     /// When the last poll ended (or began).
     last_seen: Option<Instant>,
-    /// The machines the host agent last reported.
+    /// The machines the host agent last reported, and the number of that
+    /// report.
     machines: Option<Vec<HostMachine>>,
+    machines_seq: u64,
+    machines_session: u64,
     next_id: u64,
     orders: BTreeMap<u64, Pending>,
 }
@@ -73,6 +76,16 @@ struct Pending {
 }
 
 impl Host {
+    /// Takes a report of the machines unless a newer one of the same run of
+    /// the host agent was applied (a new run starts its numbering over).
+    fn report(&mut self, machines: Vec<HostMachine>, seq: u64, session: u64) {
+        if self.machines.is_none() || session != self.machines_session || seq >= self.machines_seq {
+            self.machines = Some(machines);
+            self.machines_seq = seq;
+            self.machines_session = session;
+        }
+    }
+
     fn connected(&self, now: Instant) -> bool {
         self.polls > 0
             || self
@@ -212,7 +225,7 @@ impl Hosts {
         {
             let mut state = self.lock();
             let host = state.entry(provider).or_default();
-            host.machines = Some(report.machines);
+            host.report(report.machines, report.inventory_seq, report.session);
             host.last_seen = Some(Instant::now());
             for (id, pending) in host.orders.iter_mut() {
                 if pending.handed_out && !report.working.contains(id) {
@@ -250,7 +263,7 @@ impl Hosts {
     pub fn finish(&self, provider: Provider, id: u64, result: MachineResult) -> Result<(), String> {
         let mut state = self.lock();
         let host = state.entry(provider).or_default();
-        host.machines = Some(result.machines);
+        host.report(result.machines, result.inventory_seq, result.session);
         host.last_seen = Some(Instant::now());
         let pending = host
             .orders
@@ -353,6 +366,8 @@ mod tests {
                 status: MachineStatus::Running,
             }],
             working,
+            inventory_seq: 0,
+            session: 0,
         }
     }
 
@@ -404,6 +419,8 @@ mod tests {
                     ok: true,
                     message: "deleted".into(),
                     machines: vec![],
+                    inventory_seq: 0,
+                    session: 0,
                     permanent: false,
                 },
             )
@@ -419,6 +436,8 @@ mod tests {
                         ok: true,
                         message: String::new(),
                         machines: vec![],
+                        inventory_seq: 0,
+                        session: 0,
                         permanent: false,
                     }
                 )
@@ -466,5 +485,50 @@ mod tests {
             .poll(Provider::Virtualbox, report(vec![]), Duration::ZERO)
             .await;
         assert!(got.orders.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_older_picture_of_the_machines_does_not_replace_a_newer_one() {
+        let hosts = Hosts::new([Provider::Virtualbox]);
+        hosts
+            .poll(Provider::Virtualbox, HostPoll::default(), Duration::ZERO)
+            .await;
+        let (id, _reply) = hosts
+            .file(Provider::Virtualbox, destroy("nginx3"))
+            .expect("connected");
+        // The result (picture 5) arrives before a poll whose picture (4)
+        // was taken earlier.
+        hosts
+            .finish(
+                Provider::Virtualbox,
+                id,
+                MachineResult {
+                    ok: true,
+                    message: String::new(),
+                    machines: vec![],
+                    inventory_seq: 5,
+                    session: 1,
+                    permanent: false,
+                },
+            )
+            .expect("waiting");
+        let mut older = report(vec![]);
+        older.inventory_seq = 4;
+        older.session = 1;
+        hosts
+            .poll(Provider::Virtualbox, older, Duration::ZERO)
+            .await;
+        assert_eq!(hosts.machines(Provider::Virtualbox), Some(vec![]));
+        // A restarted host agent numbers from 1 again: its pictures count.
+        let mut restarted = report(vec![]);
+        restarted.inventory_seq = 1;
+        restarted.session = 2;
+        hosts
+            .poll(Provider::Virtualbox, restarted, Duration::ZERO)
+            .await;
+        assert_eq!(
+            hosts.machines(Provider::Virtualbox).map(|m| m.len()),
+            Some(1)
+        );
     }
 }

@@ -219,6 +219,8 @@ mod tests {
                     ok: false,
                     message: "corral-nginx3 did not report its agent within 300 s".into(),
                     machines: vec![],
+                    inventory_seq: 0,
+                    session: 0,
                     permanent: true,
                 },
             )
