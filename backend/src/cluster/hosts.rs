@@ -67,6 +67,10 @@ struct Host {
     machines_session: u64,
     next_id: u64,
     orders: BTreeMap<u64, Pending>,
+    /// Numbers polls as they come: only the newest hands out orders. A host
+    /// agent has one poll in flight; an older one still parked belongs to a
+    /// host agent that was killed, whose connection nobody reads.
+    poll_generation: u64,
 }
 
 struct Pending {
@@ -151,6 +155,12 @@ impl Hosts {
         self.providers.iter().copied().collect()
     }
 
+    /// Polls parked now.
+    #[cfg(test)]
+    fn parked(&self, provider: Provider) -> usize {
+        self.lock().get(&provider).map_or(0, |h| h.polls)
+    }
+
     /// Whether a host agent of this provider polls now (or did moments ago).
     pub fn connected(&self, provider: Provider) -> bool {
         self.lock()
@@ -222,7 +232,7 @@ impl Hosts {
             return HostOrders::default();
         };
         let mut rx = filed.subscribe();
-        {
+        let generation = {
             let mut state = self.lock();
             let host = state.entry(provider).or_default();
             host.report(report.machines, report.inventory_seq, report.session);
@@ -232,12 +242,14 @@ impl Hosts {
                     pending.handed_out = false;
                 }
             }
+            host.poll_generation += 1;
             let orders = host.take_new();
             if !orders.is_empty() || wait.is_zero() {
                 return HostOrders { orders };
             }
             host.polls += 1;
-        }
+            host.poll_generation
+        };
         let _parked = Parked {
             hosts: self,
             provider,
@@ -249,7 +261,13 @@ impl Hosts {
                     if changed.is_err() {
                         return HostOrders::default();
                     }
-                    let orders = self.lock().entry(provider).or_default().take_new();
+                    let mut state = self.lock();
+                    let host = state.entry(provider).or_default();
+                    if host.poll_generation != generation {
+                        // A newer poll came: this one's caller is gone.
+                        return HostOrders::default();
+                    }
+                    let orders = host.take_new();
                     if !orders.is_empty() {
                         return HostOrders { orders };
                     }
@@ -530,5 +548,51 @@ mod tests {
             hosts.machines(Provider::Virtualbox).map(|m| m.len()),
             Some(1)
         );
+    }
+
+    #[tokio::test]
+    async fn a_poll_left_parked_by_a_killed_host_agent_hands_out_nothing() {
+        let hosts = std::sync::Arc::new(Hosts::new([Provider::Virtualbox]));
+        let park = |hosts: std::sync::Arc<Hosts>| {
+            tokio::spawn(async move {
+                hosts
+                    .poll(
+                        Provider::Virtualbox,
+                        report(vec![]),
+                        Duration::from_secs(30),
+                    )
+                    .await
+            })
+        };
+        // The killed host agent's poll, then its successor's.
+        let parked = |n: usize| {
+            let hosts = hosts.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), async {
+                    while hosts.parked(Provider::Virtualbox) < n {
+                        tokio::task::yield_now().await;
+                    }
+                })
+                .await
+                .expect("the poll parks");
+            }
+        };
+        let dead = park(hosts.clone());
+        parked(1).await;
+        let live = park(hosts.clone());
+        parked(2).await;
+        let (_, _reply) = hosts
+            .file(Provider::Virtualbox, destroy("nginx3"))
+            .expect("connected");
+        let live = tokio::time::timeout(Duration::from_secs(5), live)
+            .await
+            .expect("woken")
+            .expect("joined");
+        assert_eq!(live.orders.len(), 1, "the newest poll gets the order");
+        let dead = tokio::time::timeout(Duration::from_secs(5), dead)
+            .await
+            .expect("woken")
+            .expect("joined");
+        assert!(dead.orders.is_empty());
     }
 }
