@@ -31,6 +31,11 @@ for _ in $(seq 1 200); do
 done
 token=$(head -n1 "$work/token")
 
+# Enrollments need a secret minted per node: scripts/fuzz_hooks.py makes
+# half of the valid enroll requests real ones.
+export CORRAL_FUZZ_URL="http://127.0.0.1:$port" CORRAL_FUZZ_TOKEN="$token"
+export PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=fuzz_hooks
+
 # The event stream never ends by design, so the fuzzer cannot judge it; the
 # API tests cover it.
 status=0
@@ -45,6 +50,29 @@ status=0
   --generation-database none \
   --report junit --report-dir "$work/report" \
   --no-color || status=$?
+
+# The hook must have driven real enrollments, or the success path went
+# unfuzzed.
+enrolled=$(python3 - "http://127.0.0.1:$port" "$token" <<'PY'
+import json, sys, urllib.request
+after, count = 0, 0
+while True:
+    req = urllib.request.Request(
+        "%s/api/v1/events?after=%d&limit=1000" % (sys.argv[1], after),
+        headers={"Authorization": "Bearer " + sys.argv[2]})
+    events = json.load(urllib.request.urlopen(req, timeout=10))
+    if not events:
+        break
+    count += sum(1 for e in events if e["kind"] == "node.enrolled")
+    after = events[-1]["id"]
+print(count)
+PY
+) || enrolled=0
+echo "real enrollments during the fuzz: $enrolled"
+if [ "$enrolled" -eq 0 ]; then
+  echo "no enrollment succeeded: scripts/fuzz_hooks.py did not reach the enroll path" >&2
+  status=1
+fi
 
 if grep -q 'request failed' "$work/server.log"; then
   echo "the server logged 5xx responses:" >&2

@@ -26,12 +26,14 @@ pub struct RunConfig {
     /// Where the agent keeps its state, pid files, logs and service data.
     #[arg(long, env = "CORRAL_AGENT_STATE_DIR")]
     pub state_dir: PathBuf,
-    /// The cluster join token (prefer the file or the environment).
-    #[arg(long, env = "CORRAL_JOIN_TOKEN", hide_env_values = true)]
-    pub join_token: Option<String>,
-    /// A file holding the cluster join token.
-    #[arg(long, env = "CORRAL_JOIN_TOKEN_FILE")]
-    pub join_token_file: Option<PathBuf>,
+    /// The node's single-use enrollment secret (prefer the file or the
+    /// environment). Needed only while the agent holds no token of its own.
+    #[arg(long, env = "CORRAL_ENROLL_SECRET", hide_env_values = true)]
+    pub enroll_secret: Option<String>,
+    /// A file holding the node's enrollment secret, read each time the
+    /// agent enrolls (so a secret minted later can be dropped in).
+    #[arg(long, env = "CORRAL_ENROLL_SECRET_FILE")]
+    pub enroll_secret_file: Option<PathBuf>,
     /// nginx listens on this port instead of the one in the order.
     #[arg(long, env = "CORRAL_NGINX_PORT")]
     pub nginx_port: Option<u16>,
@@ -55,16 +57,11 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// The join token from the flag/env, else from the file.
-    pub fn join_token(&self) -> Result<String, String> {
-        if let Some(t) = &self.join_token {
-            return Ok(t.trim().to_string());
-        }
-        match &self.join_token_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| format!("reading the join token from {}: {e}", path.display())),
-            None => Err("no join token: pass --join-token or --join-token-file".into()),
+    /// Where the enrollment secret comes from.
+    pub fn enroll_secret(&self) -> EnrollSecretSource {
+        EnrollSecretSource {
+            value: self.enroll_secret.as_ref().map(|t| t.trim().to_string()),
+            file: self.enroll_secret_file.clone(),
         }
     }
 
@@ -81,14 +78,40 @@ impl RunConfig {
     }
 }
 
+/// The node's enrollment secret: given directly, or in a file read afresh at
+/// every enrollment.
+#[derive(Debug, Clone, Default)]
+pub struct EnrollSecretSource {
+    pub value: Option<String>,
+    pub file: Option<PathBuf>,
+}
+
+impl EnrollSecretSource {
+    pub fn read(&self) -> Result<String, String> {
+        if let Some(t) = &self.value {
+            return Ok(t.clone());
+        }
+        match &self.file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("reading the enrollment secret from {}: {e}", path.display())),
+            None => Err(
+                "no enrollment secret: pass --enroll-secret or --enroll-secret-file \
+                 (an admin mints one with `corral nodes reenroll NODE`)"
+                    .into(),
+            ),
+        }
+    }
+}
+
 /// The flags a config file may set, with their environment variables.
 const FILE_KEYS: &[(&str, &str)] = &[
     ("server", "CORRAL_SERVER"),
     ("node", "CORRAL_NODE"),
     ("address", "CORRAL_AGENT_ADDRESS"),
     ("state-dir", "CORRAL_AGENT_STATE_DIR"),
-    ("join-token", "CORRAL_JOIN_TOKEN"),
-    ("join-token-file", "CORRAL_JOIN_TOKEN_FILE"),
+    ("enroll-secret", "CORRAL_ENROLL_SECRET"),
+    ("enroll-secret-file", "CORRAL_ENROLL_SECRET_FILE"),
     ("nginx-port", "CORRAL_NGINX_PORT"),
     ("todomvc-bin", "CORRAL_TODOMVC_BIN"),
     ("pg-bin", "CORRAL_PG_BIN"),

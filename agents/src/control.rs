@@ -1,7 +1,9 @@
 //! The control plane as the agent sees it: enrollment, the long poll for
 //! orders, order results, heartbeats and log lines. A 401 means the node
-//! token is no longer valid (the node re-enrolled elsewhere or the server
-//! lost it): the client enrolls again with the join token and retries once.
+//! token is no longer valid (an admin minted the node a new secret, or the
+//! server lost it): the client enrolls again with the node's enrollment
+//! secret, read afresh, and retries once. Secrets are single-use, so that
+//! works only with a newly minted one; otherwise the server's 403 says so.
 
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::config::EnrollSecretSource;
 use crate::durable::StateDir;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,8 @@ pub enum ControlError {
     Status { status: StatusCode, body: String },
     #[error("cannot save the node token: {0}")]
     State(#[from] crate::durable::StateError),
+    #[error("{0}")]
+    NoSecret(String),
 }
 
 impl ControlError {
@@ -49,7 +54,7 @@ struct RawPoll {
 pub struct ControlPlane {
     base: String,
     node: String,
-    join_token: String,
+    secret: EnrollSecretSource,
     http: reqwest::Client,
     state: StateDir,
     /// Held across an enrollment, so concurrent callers (the order and
@@ -58,7 +63,7 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    pub fn new(server: &str, node: &str, join_token: String, state: StateDir) -> Self {
+    pub fn new(server: &str, node: &str, secret: EnrollSecretSource, state: StateDir) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(75))
@@ -68,22 +73,24 @@ impl ControlPlane {
         Self {
             base: server.trim_end_matches('/').to_string(),
             node: node.to_string(),
-            join_token,
+            secret,
             http,
             state,
             token: tokio::sync::Mutex::new(token),
         }
     }
 
-    /// Trades the join token for a node token and keeps it (mode 0600).
+    /// Trades the node's enrollment secret for a node token and keeps it
+    /// (mode 0600).
     #[tracing::instrument(skip_all, fields(node = %self.node))]
     async fn enroll(&self, slot: &mut Option<String>) -> Result<String, ControlError> {
+        let secret = self.secret.read().map_err(ControlError::NoSecret)?;
         let res = self
             .http
             .post(format!("{}/api/v1/agents/enroll", self.base))
             .json(&EnrollRequest {
                 node: self.node.clone(),
-                join_token: self.join_token.clone(),
+                secret,
             })
             .send()
             .await?;

@@ -170,17 +170,22 @@ fn write_pid_file(run_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    let join_token = config.join_token().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating {}", config.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&config.state_dir)?;
     write_pid_file(&state_dir.join("run"))?;
     let state = StateDir::open(&state_dir)?;
     let supervisor = Arc::new(Supervisor::new(&state_dir)?);
+    let secret = config.enroll_secret();
+    if state.token().is_none() {
+        // Without a token of its own the agent can do nothing but enroll:
+        // say at once when it has nothing to enroll with.
+        secret.read().map_err(anyhow::Error::msg)?;
+    }
     let control = Arc::new(ControlPlane::new(
         &config.server,
         &config.node,
-        join_token,
+        secret,
         state.clone(),
     ));
     let agent_exe = std::env::current_exe().context("locating our own executable")?;

@@ -46,7 +46,6 @@ struct Agent {
 struct Cluster {
     dir: tempfile::TempDir,
     url: String,
-    join_file: PathBuf,
     admin: String,
     agents: Vec<Agent>,
     http: reqwest::Client,
@@ -99,7 +98,6 @@ impl Cluster {
             .to_string();
         Self {
             url,
-            join_file: state.join("join-token"),
             admin,
             agents: Vec::new(),
             http: reqwest::Client::new(),
@@ -112,7 +110,25 @@ impl Cluster {
         self.dir.path().join("nodes").join(node)
     }
 
-    fn spawn_agent(&mut self, node: &str, address: &str) {
+    /// Mints the node's enrollment secret through the admin API, as a
+    /// provider does when it makes a machine, into a file of its own.
+    async fn enroll_secret_file(&self, node: &str) -> PathBuf {
+        let res = self
+            .http
+            .post(format!("{}/api/v1/nodes/{node}/enroll-secret", self.url))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .expect("mint");
+        assert_eq!(res.status(), 201, "minting {node}'s secret");
+        let body: serde_json::Value = res.json().await.expect("json");
+        let file = self.dir.path().join(format!("{node}.enroll-secret"));
+        std::fs::write(&file, body["secret"].as_str().expect("secret")).expect("write secret");
+        file
+    }
+
+    async fn spawn_agent(&mut self, node: &str, address: &str) {
+        let secret = self.enroll_secret_file(node).await;
         let state = self.node_state(node);
         std::fs::create_dir_all(&state).expect("node dir");
         let log = std::fs::OpenOptions::new()
@@ -132,8 +148,8 @@ impl Cluster {
             ])
             .arg("--state-dir")
             .arg(&state)
-            .arg("--join-token-file")
-            .arg(&self.join_file)
+            .arg("--enroll-secret-file")
+            .arg(&secret)
             .arg("--todomvc-bin")
             .arg(todomvc_bin())
             .args(["--heartbeat-interval", "1s"])
@@ -274,7 +290,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         )
         .await;
     for (node, host) in [("adm1", 5), ("pg1", 11), ("nginx1", 21)] {
-        cluster.spawn_agent(node, &format!("{net}.{host}"));
+        cluster.spawn_agent(node, &format!("{net}.{host}")).await;
     }
 
     // A todo written through nginx1:80 comes back through it.
@@ -437,7 +453,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     }
     // A token the server no longer knows: the agent must enroll again.
     std::fs::write(nginx1.join("node-token"), "stale-token").expect("token");
-    cluster.spawn_agent("nginx1", &format!("{net}.21"));
+    cluster.spawn_agent("nginx1", &format!("{net}.21")).await;
     let url = cluster.url.clone();
     let admin = cluster.admin.clone();
     // The restarted agent reports again (a fresh heartbeat after restart).
@@ -528,7 +544,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     }
     assert_eq!(pid_of(&pg1, "postgres"), Some(postgres_pid));
     assert!(std::fs::metadata(format!("/proc/{postgres_pid}")).is_ok());
-    cluster.spawn_agent("pg1", &format!("{net}.11"));
+    cluster.spawn_agent("pg1", &format!("{net}.11")).await;
 
     // With the control plane down the data plane keeps serving; agents
     // come back to it on their own.
@@ -583,7 +599,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         .arg(format!("{net}.11"))
         .arg("--state-dir")
         .arg(&pg1)
-        .args(["--join-token", "x"])
+        .args(["--enroll-secret", "x"])
         .output()
         .expect("second agent");
     assert!(!out.status.success());
@@ -712,7 +728,7 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         .to_string();
     let watcher = CmdlineWatch::start(password);
     for (node, host) in [("adm1", 5), ("pg1", 11), ("pg2", 12), ("nginx1", 21)] {
-        cluster.spawn_agent(node, &format!("{net}.{host}"));
+        cluster.spawn_agent(node, &format!("{net}.{host}")).await;
     }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))

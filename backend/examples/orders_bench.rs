@@ -22,8 +22,6 @@ struct Args {
     url: String,
     #[arg(long)]
     token: String,
-    #[arg(long)]
-    join_token: String,
     #[arg(long, default_value_t = 10_000)]
     agents: u32,
     /// PID of the server, for RSS and CPU figures.
@@ -135,23 +133,30 @@ async fn main() -> anyhow::Result<()> {
         ms(created)
     );
 
-    // 2. Each enrolls with the join token.
+    // 2. Each gets its enrollment secret minted (as a provider would) and
+    // enrolls with it.
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(args.concurrency));
     let mut enrolls = Vec::with_capacity(n as usize);
     for i in 1..=n {
-        let (http, url, join, gate) = (
-            http.clone(),
-            url.clone(),
-            args.join_token.clone(),
-            gate.clone(),
-        );
+        let (http, url, admin, gate) =
+            (http.clone(), url.clone(), args.token.clone(), gate.clone());
         enrolls.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
             let node = format!("nginx{i}");
             let res = http
+                .post(format!("{url}/api/v1/nodes/{node}/enroll-secret"))
+                .bearer_auth(&admin)
+                .send()
+                .await?;
+            if !res.status().is_success() {
+                bail!("minting {node}'s secret: {}", res.status());
+            }
+            let minted: Value = res.json().await?;
+            let secret = minted["secret"].as_str().unwrap_or_default().to_string();
+            let res = http
                 .post(format!("{url}/api/v1/agents/enroll"))
-                .json(&json!({"node": node, "join_token": join}))
+                .json(&json!({"node": node, "secret": secret}))
                 .send()
                 .await?;
             if !res.status().is_success() {
@@ -165,7 +170,10 @@ async fn main() -> anyhow::Result<()> {
     for e in enrolls {
         agents.push(e.await??);
     }
-    println!("enrolled {n} agents: {}", ms(started.elapsed()));
+    println!(
+        "minted secrets for and enrolled {n} agents: {}",
+        ms(started.elapsed())
+    );
 
     // 3. Every agent holds a long poll after its current orders (3 each).
     // The polls use a bare HTTP/1.1 exchange on their own connection rather

@@ -1,8 +1,8 @@
 //! Who is calling. The admin token (made at first start, kept in the state
 //! directory with mode 0600) reaches the whole API; each node's agent token
 //! (stored only as a SHA-256 hash) reaches that node's agent endpoints and
-//! nothing else. The cluster join token is traded for an agent token at
-//! enrollment.
+//! nothing else. An agent gets its token by enrolling with its node's
+//! single-use enrollment secret (stored hashed on the node's row).
 
 use std::collections::HashMap;
 use std::fs;
@@ -43,7 +43,6 @@ fn same_hash(a: &str, b: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Secrets {
     pub admin_token_hash: String,
-    pub join_token: String,
     pub gossip_key: String,
     pub db_password: String,
     /// Set only when this start created the admin token: it is shown once.
@@ -161,8 +160,6 @@ impl Secrets {
         private_state_dir(state_dir)?;
         let admin_token_path = state_dir.join("admin-token");
         let (admin, created) = secret_file(&admin_token_path, || new_token("corral-admin-"))?;
-        let (join_token, _) =
-            secret_file(&state_dir.join("join-token"), || new_token("corral-join-"))?;
         let (gossip_key, _) = secret_file(&state_dir.join("gossip-key"), || {
             let mut key = [0u8; 32];
             rand::rng().fill_bytes(&mut key);
@@ -175,7 +172,6 @@ impl Secrets {
         })?;
         Ok(Self {
             admin_token_hash: hash_token(&admin),
-            join_token,
             gossip_key,
             db_password,
             new_admin_token: created.then_some(admin),
@@ -185,10 +181,6 @@ impl Secrets {
 
     pub fn is_admin(&self, token: &str) -> bool {
         same_hash(&hash_token(token), &self.admin_token_hash)
-    }
-
-    pub fn is_join_token(&self, token: &str) -> bool {
-        same_hash(&hash_token(token), &hash_token(&self.join_token))
     }
 }
 
@@ -329,7 +321,6 @@ mod tests {
         );
         assert!(second.is_admin(&token));
         assert!(!second.is_admin("corral-admin-wrong"));
-        assert_eq!(second.join_token, first.join_token);
         assert_eq!(second.gossip_key, first.gossip_key);
     }
 

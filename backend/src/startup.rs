@@ -16,8 +16,7 @@ use crate::auth::{Secrets, SecretsError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::provider::controller::NodeSource;
 use crate::provider::{
-    BootConfig, LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines,
-    ProviderError,
+    LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines, ProviderError,
 };
 use crate::reconcile::{AddressPlan, AddressPlans, ClusterSettings};
 use crate::store::{self, Store, StoreError};
@@ -35,6 +34,8 @@ pub struct Config {
     pub max_poll_wait: Duration,
     pub heartbeat_stale_after: Duration,
     pub retention: crate::cluster::Retention,
+    /// How long an enrollment secret stays valid once minted.
+    pub enroll_secret_ttl: Duration,
     /// HTTP worker threads; one per core when unset.
     pub workers: Option<usize>,
     /// The built web UI served at `/` (`frontend/dist`); none: `/` says how
@@ -76,6 +77,7 @@ impl Config {
             max_poll_wait: Duration::from_secs(60),
             heartbeat_stale_after: Duration::from_secs(15),
             retention: crate::cluster::Retention::default(),
+            enroll_secret_ttl: crate::cluster::ENROLL_SECRET_TTL,
             workers: None,
             ui_dir: crate::ui::default_dir(),
             run_machines: false,
@@ -209,6 +211,7 @@ impl Application {
                 max_poll_wait: config.max_poll_wait,
                 heartbeat_stale_after: config.heartbeat_stale_after,
                 retention: config.retention,
+                enroll_secret_ttl: config.enroll_secret_ttl,
             },
             secrets.clone(),
         )
@@ -252,13 +255,7 @@ impl Application {
             })?
             .run();
         let machines = (config.run_machines).then(|| {
-            let controller = MachineController::new(
-                providers,
-                BootConfig {
-                    server_url: format!("http://{addr}"),
-                    join_token: secrets.join_token.clone(),
-                },
-            );
+            let controller = MachineController::new(providers, format!("http://{addr}"));
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             let source: Arc<dyn NodeSource> = cluster.clone();
             let task = tokio::spawn(controller.clone().run(source, stop_rx));

@@ -45,7 +45,6 @@ echo "==> corral serve pid $server_pid on 127.0.0.1:$port ($(grep -o '(sqlite)\|
 target/release/examples/orders_bench \
   --url "http://127.0.0.1:$port" \
   --token "$(head -n1 "$work/token")" \
-  --join-token "$(cat "$work/state/join-token")" \
   --agents "$agents" \
   --server-pid "$server_pid" \
   ${PERF_OUT:+--perf-out "$PERF_OUT"}

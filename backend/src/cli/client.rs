@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use corral_proto::{
-    CreateNode, ErrorBody, Event, Node, Order, SwitchoverAccepted, SwitchoverRequest, Topology,
-    TopologyChange, TopologyUpdate,
+    CreateNode, EnrollSecret, ErrorBody, Event, Node, Order, SwitchoverAccepted, SwitchoverRequest,
+    Topology, TopologyChange, TopologyUpdate,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -145,6 +145,11 @@ impl Client {
             detail: e.to_string(),
         })?;
         Ok(Removed::Draining(Box::new(node)))
+    }
+
+    pub async fn mint_enroll_secret(&self, name: &str) -> Result<EnrollSecret, ClientError> {
+        self.json(self.request(Method::POST, &format!("/api/v1/nodes/{name}/enroll-secret")))
+            .await
     }
 
     pub async fn orders(

@@ -225,6 +225,11 @@ enum NodesCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Mint a node's enrollment secret (single-use, expires in an hour), to
+    /// enroll its agent by hand: a `manual` node, or a machine that lost its
+    /// agent's state. Prints the secret alone on stdout.
+    #[command(alias = "enroll-secret")]
+    Reenroll { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -352,6 +357,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         })
                         .await?;
                     out.node(&node)
+                }
+                NodesCommand::Reenroll { name } => {
+                    out.enroll_secret(&client.mint_enroll_secret(name).await?)
                 }
                 NodesCommand::Remove { name, force } => {
                     match client.remove_node(name, *force).await? {
@@ -566,10 +574,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     );
     eprintln!("  network:   {}", args.network);
     eprintln!("  API docs:  {url}/docs/");
-    eprintln!(
-        "  join token for agents: in {}",
-        cli.state_dir.join("join-token").display()
-    );
+    eprintln!("  agents enroll with per-node secrets: `corral nodes reenroll NODE` mints one");
     if let Some(apt) = &config_apt_dir {
         eprintln!("  apt repo:  {url}/apt/ (from {})", apt.display());
     }

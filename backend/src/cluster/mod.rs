@@ -57,7 +57,13 @@ pub struct ClusterConfig {
     /// A node is `stale` when its last heartbeat is older than this.
     pub heartbeat_stale_after: Duration,
     pub retention: Retention,
+    /// How long an enrollment secret stays valid once minted.
+    pub enroll_secret_ttl: Duration,
 }
+
+/// Default lifetime of an enrollment secret: long enough for a VM to boot
+/// and install, short enough that a secret found later is worthless.
+pub const ENROLL_SECRET_TTL: Duration = Duration::from_secs(3600);
 
 /// How much history the database keeps: without bounds, orders and events
 /// (a heartbeat that changes what a node reports is one) grow forever.

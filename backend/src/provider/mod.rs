@@ -24,13 +24,15 @@ pub use local::{LocalConfig, LocalProvider};
 pub use lxc::{LxcConfig, LxcProvider};
 pub use reaper::Reaper;
 
-/// What every agent needs to find and join the control plane.
+/// What one node's agent needs to find and join the control plane.
 #[derive(Debug, Clone)]
 pub struct BootConfig {
     /// URL agents reach the control plane at.
     pub server_url: String,
-    /// The cluster join token.
-    pub join_token: String,
+    /// The node's enrollment secret, minted for this `ensure`: single-use,
+    /// expiring, and for this node only. It goes into the machine and
+    /// nowhere else.
+    pub secret: String,
 }
 
 /// What a provider knows of one of its machines.
