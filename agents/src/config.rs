@@ -54,6 +54,12 @@ pub struct RunConfig {
     /// How often to send a heartbeat and ship logs: `2s`, `500ms`.
     #[arg(long, env = "CORRAL_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// A service log is rotated past this size: `10M`, `512K`, bytes.
+    #[arg(long, env = "CORRAL_LOG_MAX_SIZE", default_value = "10M", value_parser = parse_size)]
+    pub log_max_size: u64,
+    /// Rotated logs kept per service (`<service>.log.1` newest).
+    #[arg(long, env = "CORRAL_LOG_KEEP", default_value_t = 3)]
+    pub log_keep: u32,
 }
 
 impl RunConfig {
@@ -118,6 +124,8 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("consul-bin", "CORRAL_CONSUL_BIN"),
     ("nginx-bin", "CORRAL_NGINX_BIN"),
     ("heartbeat-interval", "CORRAL_HEARTBEAT_INTERVAL"),
+    ("log-max-size", "CORRAL_LOG_MAX_SIZE"),
+    ("log-keep", "CORRAL_LOG_KEEP"),
 ];
 
 /// Adds the settings of the config file to `args` as flags, where neither
@@ -191,6 +199,29 @@ pub fn merge_config_file(
     Ok(args)
 }
 
+/// Parses a size: bytes, or with `K`, `M` or `G` (powers of 1024); at
+/// least 4 KiB, so a log always holds a few lines.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size like 10M, 512K or 1048576");
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+    if bytes < 4096 {
+        return Err(format!("{s:?} is too small: at least 4K"));
+    }
+    Ok(bytes)
+}
+
 /// Parses `2s`, `500ms`, `1m` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration like 2s, 500ms or 1m");
@@ -214,6 +245,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        for bad in ["", "M", "10X", "-1", "100", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
 
     fn args(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()

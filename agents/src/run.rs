@@ -20,7 +20,7 @@ use crate::durable::{LastResult, Progress, StateDir, StateError, write_atomic};
 use crate::logship::LogShipper;
 use crate::node::Node;
 use crate::observe::Observer;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{LogRotation, Supervisor};
 
 const POLL_WAIT: Duration = Duration::from_secs(30);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -175,7 +175,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let state_dir = std::fs::canonicalize(&config.state_dir)?;
     write_pid_file(&state_dir.join("run"))?;
     let state = StateDir::open(&state_dir)?;
-    let supervisor = Arc::new(Supervisor::new(&state_dir)?);
+    let supervisor = Arc::new(Supervisor::new(&state_dir)?.with_log_rotation(LogRotation {
+        max_bytes: config.log_max_size,
+        keep: config.log_keep,
+    }));
     let secret = config.enroll_secret();
     if state.token().is_none() {
         // Without a token of its own the agent can do nothing but enroll:
