@@ -37,12 +37,18 @@ export CORRAL_FUZZ_URL="http://127.0.0.1:$port" CORRAL_FUZZ_TOKEN="$token"
 export PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=fuzz_hooks
 
 # The event stream never ends by design, so the fuzzer cannot judge it; the
-# API tests cover it.
+# API tests cover it. use_after_free (ST301) is off: DELETE of an enrolled
+# node answers 202 Accepted and the node drains first, staying readable
+# (state `draining`, its orders and logs too) until its agent reports the
+# drain done; the fuzz enrolls nodes for real (scripts/fuzz_hooks.py), so
+# any read of a node after its DELETE may find it. (The CLI's --checks all
+# outranks a global setting in the config file, hence the flag.)
 status=0
 .venv/bin/st --config-file scripts/schemathesis.toml run openapi.yaml \
   --url "http://127.0.0.1:$port" \
   --header "Authorization: Bearer $token" \
   --checks all \
+  --exclude-checks use_after_free \
   --exclude-path /api/v1/events/stream \
   --max-examples "${FUZZ_EXAMPLES:-40}" \
   --seed "${FUZZ_SEED:-20261125}" \

@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
-    #[cfg_attr(feature = "openapi", schema(example = "nginx1"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(example = "nginx1", pattern = "^[a-z][a-z0-9-]{0,62}$")
+    )]
     pub node: String,
     /// The node's enrollment secret: minted when its provider made the
     /// machine, or by an admin (`corral nodes reenroll NODE`).
