@@ -34,6 +34,10 @@ pub struct RunConfig {
     /// agent enrolls (so a secret minted later can be dropped in).
     #[arg(long, env = "CORRAL_ENROLL_SECRET_FILE")]
     pub enroll_secret_file: Option<PathBuf>,
+    /// The cluster CA (PEM) to trust for an `https://` server, and nothing
+    /// else: it comes with the enrollment secret.
+    #[arg(long, env = "CORRAL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// nginx listens on this port instead of the one in the order.
     #[arg(long, env = "CORRAL_NGINX_PORT")]
     pub nginx_port: Option<u16>,
@@ -118,6 +122,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("state-dir", "CORRAL_AGENT_STATE_DIR"),
     ("enroll-secret", "CORRAL_ENROLL_SECRET"),
     ("enroll-secret-file", "CORRAL_ENROLL_SECRET_FILE"),
+    ("ca-file", "CORRAL_CA_FILE"),
     ("nginx-port", "CORRAL_NGINX_PORT"),
     ("todomvc-bin", "CORRAL_TODOMVC_BIN"),
     ("pg-bin", "CORRAL_PG_BIN"),

@@ -27,6 +27,8 @@ pub enum ControlError {
     State(#[from] crate::durable::StateError),
     #[error("{0}")]
     NoSecret(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl ControlError {
@@ -63,21 +65,46 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    pub fn new(server: &str, node: &str, secret: EnrollSecretSource, state: StateDir) -> Self {
-        let http = reqwest::Client::builder()
+    /// A client of the control plane at `server`; an `https://` one must
+    /// come with the cluster CA (`ca_pem`), the only certificate it trusts.
+    pub fn new(
+        server: &str,
+        node: &str,
+        secret: EnrollSecretSource,
+        ca_pem: Option<&[u8]>,
+        state: StateDir,
+    ) -> Result<Self, ControlError> {
+        let mut builder = reqwest::Client::builder();
+        if server.starts_with("https://") {
+            let pem = ca_pem.ok_or_else(|| {
+                ControlError::Tls(format!(
+                    "{server} speaks TLS: pass --ca-file with the cluster CA (the provider \
+                     writes it beside the enrollment secret; on the control plane it is \
+                     <state-dir>/tls/ca.pem)"
+                ))
+            })?;
+            let ca = reqwest::Certificate::from_pem(pem).map_err(|e| {
+                ControlError::Tls(format!("the cluster CA is not a PEM certificate: {e}"))
+            })?;
+            builder = builder
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca);
+        }
+        let http = builder
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(75))
             .build()
-            .expect("an HTTP client without TLS builds");
+            .map_err(|e| ControlError::Tls(format!("cannot build the HTTP client: {e}")))?;
         let token = state.token();
-        Self {
+        Ok(Self {
             base: server.trim_end_matches('/').to_string(),
             node: node.to_string(),
             secret,
             http,
             state,
             token: tokio::sync::Mutex::new(token),
-        }
+        })
     }
 
     /// Trades the node's enrollment secret for a node token and keeps it

@@ -185,12 +185,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         // say at once when it has nothing to enroll with.
         secret.read().map_err(anyhow::Error::msg)?;
     }
+    let ca_pem = match &config.ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading the cluster CA from {}", path.display()))?,
+        ),
+        None => None,
+    };
     let control = Arc::new(ControlPlane::new(
         &config.server,
         &config.node,
         secret,
+        ca_pem.as_deref(),
         state.clone(),
-    ));
+    )?);
     let agent_exe = std::env::current_exe().context("locating our own executable")?;
     let ctx = Arc::new(NodeContext {
         node: config.node.clone(),

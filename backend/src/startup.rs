@@ -59,6 +59,12 @@ pub struct Config {
     /// corral's apt repository served at `/apt/` (`scripts/package.sh`
     /// builds it); none: not served.
     pub apt_dir: Option<PathBuf>,
+    /// TLS for the API: by default on unless the listen address is a
+    /// loopback one (plain HTTP is refused off loopback).
+    pub tls: crate::tls::TlsMode,
+    /// Names and addresses the server certificate is for, besides the
+    /// listen address (e.g. `adm1`).
+    pub tls_names: Vec<String>,
 }
 
 impl Config {
@@ -87,6 +93,8 @@ impl Config {
             lxc_bridge: "corralbr0".into(),
             lxc_packages: crate::provider::lxc::default_debs_dir(),
             apt_dir,
+            tls: crate::tls::TlsMode::Auto,
+            tls_names: vec!["adm1".into()],
         }
     }
 
@@ -139,6 +147,8 @@ pub enum StartError {
     Init(String),
     #[error("{0}")]
     Provider(#[from] ProviderError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 pub struct Application {
@@ -148,6 +158,8 @@ pub struct Application {
     secrets: Secrets,
     database: String,
     machines: Option<Machinery>,
+    /// The cluster CA (PEM) clients pin, when the API is served over TLS.
+    ca_pem: Option<String>,
 }
 
 /// The running machine controller and how to end its loop.
@@ -226,6 +238,22 @@ impl Application {
             addr: config.listen.clone(),
             source,
         })?;
+        let tls = if config.tls.resolve(addr.ip())? {
+            let mut names = config.tls_names.clone();
+            if !addr.ip().is_unspecified() {
+                names.push(addr.ip().to_string());
+            }
+            names.dedup();
+            Some(crate::tls::load_or_create(&config.state_dir, &names)?)
+        } else {
+            tracing::warn!(
+                %addr,
+                "serving plain HTTP: allowed on a loopback address only, where traffic stays on this host"
+            );
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
         let data = web::Data::from(cluster.clone());
         let logs = web::Data::new(crate::api::ServiceLogs::default());
         let ui_dir = config.ui_dir.clone();
@@ -247,15 +275,18 @@ impl Application {
         if let Some(workers) = config.workers {
             server = server.workers(workers);
         }
-        let server = server
-            .listen(listener)
-            .map_err(|source| StartError::Listen {
-                addr: config.listen.clone(),
-                source,
-            })?
-            .run();
+        let server = match tls {
+            Some(tls) => server.listen_rustls_0_23(listener, tls.config),
+            None => server.listen(listener),
+        }
+        .map_err(|source| StartError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?
+        .run();
         let machines = (config.run_machines).then(|| {
-            let controller = MachineController::new(providers, format!("http://{addr}"));
+            let controller =
+                MachineController::new(providers, format!("{scheme}://{addr}"), ca_pem.clone());
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             let source: Arc<dyn NodeSource> = cluster.clone();
             let task = tokio::spawn(controller.clone().run(source, stop_rx));
@@ -272,6 +303,7 @@ impl Application {
             secrets,
             database,
             machines,
+            ca_pem,
         })
     }
 
@@ -291,7 +323,17 @@ impl Application {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The cluster CA (PEM) to pin, when the API is served over TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// The admin token, when this start created it (it is shown only once).

@@ -348,7 +348,7 @@ pub async fn down(config: Config, purge: bool) -> anyhow::Result<()> {
         lxc.debs_dir = config.lxc_packages.clone();
         providers.push(LxcProvider::new(lxc));
     }
-    let controller = MachineController::new(providers, String::new());
+    let controller = MachineController::new(providers, String::new(), None);
     let progress = tokio::spawn(show_progress(controller.subscribe()));
     if purge {
         controller.destroy_all().await;

@@ -240,15 +240,22 @@ pub struct MachineController {
     providers: BTreeMap<Provider, Arc<dyn Machines>>,
     /// URL agents reach the control plane at.
     server_url: String,
+    /// The cluster CA agents pin (TLS only).
+    ca_pem: Option<String>,
     book: Mutex<Book>,
     events: broadcast::Sender<ProviderEvent>,
 }
 
 impl MachineController {
-    pub fn new(providers: Vec<Arc<dyn Machines>>, server_url: String) -> Arc<Self> {
+    pub fn new(
+        providers: Vec<Arc<dyn Machines>>,
+        server_url: String,
+        ca_pem: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             providers: providers.into_iter().map(|p| (p.kind(), p)).collect(),
             server_url,
+            ca_pem,
             book: Mutex::new(Book::default()),
             events: broadcast::channel(1024).0,
         })
@@ -389,6 +396,7 @@ impl MachineController {
                 let boot = BootConfig {
                     server_url: self.server_url.clone(),
                     secret,
+                    ca_pem: self.ca_pem.clone(),
                 };
                 provider.ensure(node, &boot).await
             }

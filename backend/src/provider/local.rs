@@ -93,6 +93,10 @@ impl LocalProvider {
         // never on the command line; the agent reads it when it enrolls.
         let secret_file = dir.join("enroll-secret");
         super::lxc::write_atomic(&secret_file, format!("{}\n", boot.secret).as_bytes(), 0o600)?;
+        let ca_file = dir.join("ca.pem");
+        if let Some(ca) = &boot.ca_pem {
+            super::lxc::write_atomic(&ca_file, ca.as_bytes(), 0o644)?;
+        }
         let mut cmd = Command::new(&self.config.agent_bin);
         cmd.arg("run")
             .arg("--server")
@@ -105,6 +109,13 @@ impl LocalProvider {
             .arg(&dir)
             .arg("--enroll-secret-file")
             .arg(&secret_file)
+            .args(
+                boot.ca_pem
+                    .as_ref()
+                    .map(|_| [std::ffi::OsStr::new("--ca-file"), ca_file.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.config.agent_args)
             .stdin(Stdio::null())
             .stdout(log)

@@ -491,10 +491,14 @@ impl LxcProvider {
         packages: &[PathBuf],
     ) -> Result<(), ProviderError> {
         let delta = self.config.delta(&node.name);
-        let conf = format!(
+        let mut conf = format!(
             "# written by corral's lxc provider\nserver = {}\nnode = {}\naddress = {}\nstate-dir = {AGENT_STATE_DIR}\nenroll-secret = {}\n",
             boot.server_url, node.name, node.address, boot.secret
         );
+        if let Some(ca) = &boot.ca_pem {
+            write_atomic(&delta.join("etc/corral/ca.pem"), ca.as_bytes(), 0o644)?;
+            conf.push_str("ca-file = /etc/corral/ca.pem\n");
+        }
         write_atomic(&delta.join("etc/corral/agent.conf"), conf.as_bytes(), 0o600)?;
         write_atomic(
             &delta.join("etc/hostname"),

@@ -33,6 +33,8 @@ pub struct BootConfig {
     /// expiring, and for this node only. It goes into the machine and
     /// nowhere else.
     pub secret: String,
+    /// The cluster CA (PEM) the agent pins, when the server speaks TLS.
+    pub ca_pem: Option<String>,
 }
 
 /// What a provider knows of one of its machines.
