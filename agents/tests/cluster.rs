@@ -647,11 +647,16 @@ fn parse_rfc3339_secs(s: &str) -> Option<i64> {
         .map(|t| t.timestamp())
 }
 
-/// psql as the superuser over a node's private socket.
+/// psql as the superuser over a node's private socket, in the app's
+/// database.
 fn psql(state: &Path, sql: &str) -> Option<String> {
+    psql_in(state, "todomvc", sql)
+}
+
+fn psql_in(state: &Path, database: &str, sql: &str) -> Option<String> {
     let out = Command::new("/usr/lib/postgresql/15/bin/psql")
         .args([
-            "-X", "-A", "-t", "-q", "-U", "postgres", "-d", "todomvc", "-h",
+            "-X", "-A", "-t", "-q", "-U", "postgres", "-d", database, "-h",
         ])
         .arg(state.join("pgsock"))
         .args(["-c", sql])
@@ -670,8 +675,10 @@ struct CmdlineWatch {
 }
 
 impl CmdlineWatch {
-    fn start(secret: String) -> Self {
-        assert!(secret.len() >= 16, "a real secret to look for");
+    fn start(secrets: Vec<String>) -> Self {
+        for secret in &secrets {
+            assert!(secret.len() >= 16, "a real secret to look for");
+        }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -682,8 +689,10 @@ impl CmdlineWatch {
                         continue;
                     };
                     let line = String::from_utf8_lossy(&raw).replace('\0', " ");
-                    if line.contains(&secret) && seen.len() < 10 {
-                        seen.push(line.replace(&secret, "<the password>"));
+                    for secret in &secrets {
+                        if line.contains(secret.as_str()) && seen.len() < 10 {
+                            seen.push(line.replace(secret.as_str(), "<a password>"));
+                        }
                     }
                 }
                 scans += 1;
@@ -720,13 +729,18 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
             Some(json!({"web": 1, "db": 2, "lb_policy": "uri_hash", "replication": "sync"})),
         )
         .await;
-    // The database password must never be on a command line, where every
-    // local user sees it: watch them all while db orders apply.
-    let password = std::fs::read_to_string(cluster.dir.path().join("server/db-password"))
-        .expect("db password")
-        .trim()
-        .to_string();
-    let watcher = CmdlineWatch::start(password);
+    // The database passwords must never be on a command line, where every
+    // local user sees them: watch them all while db orders apply.
+    let secret = |name: &str| {
+        std::fs::read_to_string(cluster.dir.path().join("server").join(name))
+            .expect("a password")
+            .trim()
+            .to_string()
+    };
+    let (app_password, replication_password) =
+        (secret("db-password"), secret("replication-password"));
+    assert_ne!(app_password, replication_password);
+    let watcher = CmdlineWatch::start(vec![app_password.clone(), replication_password.clone()]);
     for (node, host) in [("adm1", 5), ("pg1", 11), ("pg2", 12), ("nginx1", 21)] {
         cluster.spawn_agent(node, &format!("{net}.{host}")).await;
     }
@@ -821,7 +835,66 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     assert!(scans > 10, "the watcher hardly ran ({scans} scans)");
     assert!(
         seen.is_empty(),
-        "the database password was on command lines: {seen:#?}"
+        "a database password was on command lines: {seen:#?}"
+    );
+    // Least privilege: the standby streams as `replicator`, which reads no
+    // file; pg_rewind's `rewinder` reads files but cannot replicate; the
+    // webapp's password opens neither.
+    // (Function privileges are per database: pg_rewind reads through
+    // `postgres`.)
+    let may = |role: &str, function: &str| {
+        psql_in(
+            &pg1,
+            "postgres",
+            &format!("SELECT has_function_privilege('{role}', '{function}', 'execute')"),
+        )
+    };
+    for f in [
+        "pg_catalog.pg_read_binary_file(text)",
+        "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+    ] {
+        assert_eq!(
+            may("replicator", f).as_deref(),
+            Some("f"),
+            "replicator may run {f}"
+        );
+        assert_eq!(
+            may("rewinder", f).as_deref(),
+            Some("t"),
+            "rewinder may not run {f}"
+        );
+    }
+    assert_eq!(
+        psql(
+            &pg1,
+            "SELECT rolname FROM pg_roles WHERE rolreplication AND rolname <> 'postgres' ORDER BY 1"
+        )
+        .as_deref(),
+        Some("replicator")
+    );
+    assert_eq!(
+        psql(&pg1, "SELECT usename FROM pg_stat_replication").as_deref(),
+        Some("replicator")
+    );
+    let login = |user: &str, password: &str| {
+        Command::new("/usr/lib/postgresql/15/bin/psql")
+            .args(["-X", "-A", "-t", "-q", "-U", user, "-d", "postgres", "-h"])
+            .arg(format!("{net}.11"))
+            .args(["-c", "SELECT 1"])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .expect("psql runs")
+            .status
+            .success()
+    };
+    assert!(
+        login("rewinder", &replication_password),
+        "rewinder logs in with its password"
+    );
+    assert!(
+        !login("rewinder", &app_password),
+        "the webapp's password opens rewinder"
     );
 
     // Scaling db back to 1 drains pg2: the server removes it once applied.

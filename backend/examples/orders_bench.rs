@@ -128,7 +128,9 @@ fn ms(d: Duration) -> String {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let ca_pem = match &args.ca {
-        Some(path) => Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?),
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
         None => None,
     };
     let tls = match &ca_pem {

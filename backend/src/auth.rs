@@ -45,6 +45,8 @@ pub struct Secrets {
     pub admin_token_hash: String,
     pub gossip_key: String,
     pub db_password: String,
+    /// The replication roles' own password (replicator, rewinder).
+    pub replication_password: String,
     /// Set only when this start created the admin token: it is shown once.
     pub new_admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -165,15 +167,19 @@ impl Secrets {
             rand::rng().fill_bytes(&mut key);
             base64::engine::general_purpose::STANDARD.encode(key)
         })?;
-        let (db_password, _) = secret_file(&state_dir.join("db-password"), || {
+        let password = || {
             let mut bytes = [0u8; 24];
             rand::rng().fill_bytes(&mut bytes);
             hex::encode(bytes)
-        })?;
+        };
+        let (db_password, _) = secret_file(&state_dir.join("db-password"), password)?;
+        let (replication_password, _) =
+            secret_file(&state_dir.join("replication-password"), password)?;
         Ok(Self {
             admin_token_hash: hash_token(&admin),
             gossip_key,
             db_password,
+            replication_password,
             new_admin_token: created.then_some(admin),
             admin_token_path,
         })

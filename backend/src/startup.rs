@@ -217,6 +217,7 @@ impl Application {
                     datacenter: config.datacenter.clone(),
                     gossip_key: secrets.gossip_key.clone(),
                     db_password: secrets.db_password.clone(),
+                    replication_password: secrets.replication_password.clone(),
                 },
                 default_provider: config.default_provider,
                 providers: config.accepted_providers(),

@@ -185,6 +185,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
 
     // 3. The whole primary node frozen (agent, consul, postgres), then
     // thawed: a failover, then the old primary rewinds and rejoins.
+    let frozen_node = primary.clone();
     let frozen = Frozen(node_processes(&c, &primary));
     assert!(
         frozen.0.len() >= 3,
@@ -202,6 +203,18 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     )
     .await
     .expect("after node freeze");
+    // It rejoined by pg_rewind (as `rewinder`, with the replication
+    // password), not by the fallback of a fresh clone.
+    let log = std::fs::read_to_string(c.node_root(&frozen_node).join("agent.log"))
+        .expect("the frozen node's agent log");
+    assert!(
+        log.contains("rewound with pg_rewind") && !log.contains("pg_rewind failed"),
+        "{frozen_node} did not rejoin by pg_rewind:\n{}",
+        log.lines()
+            .filter(|l| l.contains("rewind") || l.contains("clon"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let primary = standby;
 
     // 4. The whole primary node crashes (agent, consul, every postgres

@@ -31,8 +31,11 @@ use super::{DriverError, NodeContext, mkdir};
 use crate::host::{Account, HostError, OneShot, ServiceSpec};
 
 pub const SERVICE: &str = "postgres";
-/// The role standbys replicate (and pg_rewind reads) as.
+/// The role standbys replicate as: REPLICATION and LOGIN, nothing else.
 pub const REPLICATION_USER: &str = "replicator";
+/// The role pg_rewind reads the new primary's files as: LOGIN plus the
+/// four functions pg_rewind calls, and no replication.
+pub const REWIND_USER: &str = "rewinder";
 /// How long a new standby waits for a primary to appear in Consul.
 const PRIMARY_WAIT: Duration = Duration::from_secs(300);
 /// A standby that follows a leader but has not streamed from it for this
@@ -327,22 +330,45 @@ impl PostgresDriver {
         Ok(())
     }
 
+    /// The application's role and the two replication roles, each with
+    /// the least it needs: the webapp's password opens neither replication
+    /// role, `replicator` can stream but read no file, `rewinder` can read
+    /// the files pg_rewind needs but not stream. (A cluster made before the
+    /// split had `replicator` holding the file functions: they are revoked.)
     async fn create_roles(&self, spec: &PostgresSpec) -> Result<(), DriverError> {
+        let functions = [
+            "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+            "pg_catalog.pg_stat_file(text, boolean)",
+            "pg_catalog.pg_read_binary_file(text)",
+            "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
+        ];
+        let grants: String = functions
+            .iter()
+            .map(|f| {
+                format!(
+                    "REVOKE EXECUTE ON FUNCTION {f} FROM {repl}; GRANT EXECUTE ON FUNCTION {f} TO {rew}; ",
+                    repl = ident(REPLICATION_USER),
+                    rew = ident(REWIND_USER),
+                )
+            })
+            .collect();
         let sql = format!(
             "DO $$BEGIN \
              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {repl_lit}) THEN CREATE ROLE {repl} WITH REPLICATION LOGIN; END IF; \
+             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {rew_lit}) THEN CREATE ROLE {rew} WITH LOGIN; END IF; \
              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {user_lit}) THEN CREATE ROLE {user} WITH LOGIN; END IF; \
              END$$; \
-             ALTER ROLE {repl} WITH PASSWORD {pw}; ALTER ROLE {user} WITH PASSWORD {pw}; \
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {repl}; \
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {repl}; \
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO {repl}; \
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {repl};",
+             ALTER ROLE {repl} WITH REPLICATION LOGIN PASSWORD {repl_pw}; \
+             ALTER ROLE {rew} WITH NOREPLICATION LOGIN PASSWORD {repl_pw}; \
+             ALTER ROLE {user} WITH NOREPLICATION PASSWORD {pw}; {grants}",
             repl_lit = literal(REPLICATION_USER),
             repl = ident(REPLICATION_USER),
+            rew_lit = literal(REWIND_USER),
+            rew = ident(REWIND_USER),
             user_lit = literal(&spec.user),
             user = ident(&spec.user),
             pw = literal(&spec.password),
+            repl_pw = literal(spec.replication_password()),
         );
         self.query(spec.port, &sql).await?;
         let exists = self
@@ -476,7 +502,7 @@ impl PostgresDriver {
             .arg("--checkpoint=fast")
             .arg("-S")
             .arg(slot.clone())
-            .env("PGPASSWORD", spec.password.clone())
+            .env("PGPASSWORD", spec.replication_password().to_string())
             .env("PGCONNECT_TIMEOUT", "5")
             .run_as(Self::account())
             .timeout(Duration::from_secs(600));
@@ -711,7 +737,7 @@ impl PostgresDriver {
     fn conninfo(&self, spec: &PostgresSpec, address: IpAddr, port: u16) -> String {
         format!(
             "host={address} port={port} user={REPLICATION_USER} password={} application_name={} connect_timeout=2",
-            conninfo_value(&spec.password),
+            conninfo_value(spec.replication_password()),
             conninfo_value(&self.ctx.node)
         )
     }
@@ -1235,14 +1261,14 @@ impl PostgresDriver {
     async fn rejoin(&self, spec: &PostgresSpec, leader: &Member) -> Result<(), DriverError> {
         let started = Instant::now();
         let source = format!(
-            "host={} port={} user={REPLICATION_USER} dbname=postgres connect_timeout=5",
+            "host={} port={} user={REWIND_USER} dbname=postgres connect_timeout=5",
             leader.address, leader.port
         );
         let cmd = OneShot::new(self.bin("pg_rewind"), &["--target-pgdata"])
             .arg(self.pgdata().display().to_string())
             .arg("--source-server")
             .arg(source)
-            .env("PGPASSWORD", spec.password.clone())
+            .env("PGPASSWORD", spec.replication_password().to_string())
             .run_as(Self::account())
             .timeout(Duration::from_secs(600));
         let out = self.ctx.host.run(&cmd).await?;
