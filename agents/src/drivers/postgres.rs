@@ -192,6 +192,11 @@ impl PostgresDriver {
             ("max_replication_slots", "10".into()),
             ("hot_standby", "on".into()),
             ("wal_log_hints", "on".into()),
+            // A former primary rewinds by reading its own WAL back to the
+            // last checkpoint before the timelines forked: keep enough that
+            // a checkpoint after the fork has not recycled it (else
+            // pg_rewind fails and the node is cloned whole).
+            ("wal_keep_size", "256MB".into()),
             // A standby retries its primary (a new one after a failover)
             // every half second instead of every five.
             ("wal_retrieve_retry_interval", "500ms".into()),
@@ -1404,10 +1409,11 @@ impl PostgresDriver {
             .await?
             .map_err(DriverError::Refused)?;
         let target = |members: &[Member]| members.iter().find(|m| m.node == to).cloned();
-        let record = ha::Switchover {
+        let mut record = ha::Switchover {
             from: node.clone(),
             to: to.clone(),
             at_ms: ha::now_ms(),
+            min_lsn: 0,
         };
         self.ctx
             .consul
@@ -1420,6 +1426,17 @@ impl PostgresDriver {
         *self.confirmed.lock().expect("lock") = None;
         self.ctx.host.stop(SERVICE).await?;
         let end = self.checkpoint_lsn().await?;
+        // The target may promote only past this, even if the lock frees
+        // before it has the last records (it does: our leader session dies
+        // with its postgres-alive check during the shutdown).
+        record.min_lsn = end;
+        self.ctx
+            .consul
+            .kv_put(
+                &keys.switchover,
+                &serde_json::to_string(&record).expect("json"),
+            )
+            .await?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let members = self.members(&keys).await.unwrap_or_default();
@@ -1427,12 +1444,7 @@ impl PostgresDriver {
                 break;
             }
             if Instant::now() > deadline {
-                let _ = self.ctx.consul.kv_delete(&keys.switchover).await;
-                self.ctx.host.ensure(&self.service_spec(&spec)).await?;
-                *self.confirmed.lock().expect("lock") = Some(Instant::now());
-                return Err(DriverError::Refused(format!(
-                    "{to} did not receive the final WAL within 15 s; {node} stays primary"
-                )));
+                return Err(self.give_up_switchover(&spec, &keys, &to).await);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1465,6 +1477,44 @@ impl PostgresDriver {
         Ok(format!(
             "switched over from {node} to {to} in {:.1} s; {node} follows it as a standby",
             started.elapsed().as_secs_f64()
+        ))
+    }
+
+    /// A switchover whose target did not get the final WAL in time: this
+    /// node has the newest WAL, so it comes back, but as primary only while
+    /// it still holds the leader lock. Its session usually died during the
+    /// shutdown (postgres-alive failed), freeing the lock: then it comes
+    /// back as a standby of nothing and wins the election that follows
+    /// (no one is ahead of it), rather than writing without the lock.
+    async fn give_up_switchover(&self, spec: &PostgresSpec, keys: &Keys, to: &str) -> DriverError {
+        let node = &self.ctx.node;
+        let held = match (
+            self.leader.session(),
+            self.ctx.consul.lock_holder(&keys.leader).await,
+        ) {
+            (Some(mine), Ok(Some(holder))) => holder == mine,
+            _ => false,
+        };
+        let _ = self.ctx.consul.kv_delete(&keys.switchover).await;
+        if held {
+            if let Err(e) = self.ctx.host.ensure(&self.service_spec(spec)).await {
+                return e.into();
+            }
+            *self.confirmed.lock().expect("lock") = Some(Instant::now());
+            return DriverError::Refused(format!(
+                "{to} did not receive the final WAL within 15 s; {node} stays primary"
+            ));
+        }
+        if let Err(e) = self.write_standby_signal() {
+            return e;
+        }
+        if let Err(e) = self.ctx.host.ensure(&self.service_spec(spec)).await {
+            return e.into();
+        }
+        DriverError::Refused(format!(
+            "{to} did not receive the final WAL within 15 s, and {node} lost the leader lock \
+             while shut down: it is back as a standby and, holding the newest WAL, wins the \
+             election that follows"
         ))
     }
 
