@@ -39,7 +39,7 @@ run_once() {
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   # /16 so the address pool holds 10,000+ nodes.
   RUST_LOG=${RUST_LOG:-info,sqlx=warn} "${CORRAL_BIN:-target/release/corral}" serve --listen "127.0.0.1:$port" --state-dir "$state" \
-    --network 127.0.11.0/16 --tls "$tls" >"$work/token-$tls" 2>"$work/server-$tls.log" &
+    --network 127.0.11.0/16 --no-machines --tls "$tls" >"$work/token-$tls" 2>"$work/server-$tls.log" &
   server_pid=$!
   for _ in $(seq 1 300); do
     grep -q '^serving on' "$work/server-$tls.log" 2>/dev/null && break

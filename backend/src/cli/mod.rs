@@ -326,6 +326,11 @@ impl Cli {
         }
     }
 
+    /// `serve` and `up`: the commands that run the server for long.
+    pub fn is_long_running(&self) -> bool {
+        matches!(self.command, Command::Serve(_) | Command::Up(_))
+    }
+
     fn client(&self) -> Client {
         let token = self.token.clone().or_else(|| {
             std::fs::read_to_string(self.state_dir.join("admin-token"))
