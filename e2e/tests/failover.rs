@@ -134,6 +134,56 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     let w = Writer::start(&c, "nginx1");
     let primary = settled(&c, &w, "start").await.expect("start");
 
+    // 0. A slow HA step must not fence a healthy primary: a transaction
+    // holding the view pg_stat_wal_receiver exclusively for 4 s makes the
+    // step's status query (which reads it) wait, far past the 2 s fencing
+    // bound, while postgres itself answers (its alive check, the webapps).
+    // The lock stays confirmed apart from the step, so the primary is
+    // still the primary afterwards, on the same timeline. (Stalling every
+    // query, with pg_class, must fence instead: the alive check times out
+    // and the leader session ends, as for a hung server.)
+    let fences = || {
+        std::fs::read_to_string(c.node_root(&primary).join("agent.log"))
+            .unwrap_or_default()
+            .matches("fencing: stopping the primary")
+            .count()
+    };
+    let (fences_before, timeline) = (
+        fences(),
+        sql(
+            &c,
+            &primary,
+            "SELECT timeline_id FROM pg_control_checkpoint()",
+        )
+        .await
+        .expect("timeline"),
+    );
+    // (In `postgres`, the database the agent's queries use: catalogs and
+    // their views are per database.)
+    corral_e2e::pg::sql_in(
+        &c,
+        &primary,
+        "postgres",
+        "BEGIN; LOCK TABLE pg_catalog.pg_stat_wal_receiver IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT",
+    )
+    .await
+    .expect("holding pg_stat_wal_receiver for 4 s");
+    let primary = settled(&c, &w, "a 4 s stall of the primary's queries")
+        .await
+        .expect("after the stall");
+    assert_eq!(fences(), fences_before, "the stalled primary fenced itself");
+    assert_eq!(
+        sql(
+            &c,
+            &primary,
+            "SELECT timeline_id FROM pg_control_checkpoint()"
+        )
+        .await
+        .expect("timeline"),
+        timeline,
+        "the primary changed"
+    );
+
     // 1. kill -9 of the primary's postgres.
     kill_postgres(&c, &primary).expect("kill postgres");
     let primary = settled(&c, &w, "kill -9 of the primary's postgres")

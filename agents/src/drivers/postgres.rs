@@ -26,6 +26,9 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use super::ha::{self, FENCE_AFTER, Keys, Member, MemberRole};
+
+/// How often a primary confirms its lock apart from the HA step.
+const CONFIRM_EVERY: Duration = Duration::from_millis(250);
 use super::leader::{ALIVE_CHECK, LeaderLock, LockState};
 use super::{DriverError, NodeContext, mkdir};
 use crate::host::{Account, HostError, OneShot, ServiceSpec};
@@ -822,14 +825,56 @@ impl PostgresDriver {
             .collect())
     }
 
-    /// Runs forever: the HA loop and its fencing watchdog.
+    /// Runs forever: the HA loop, the lock confirmer and the fencing
+    /// watchdog.
     pub async fn keeper(self: Arc<Self>) {
         tokio::spawn(self.clone().watchdog());
+        tokio::spawn(self.clone().confirmer());
         loop {
             if let Err(e) = self.step().await {
                 tracing::debug!(error = %e, "postgres HA step");
             }
             tokio::time::sleep(ha::TICK).await;
+        }
+    }
+
+    /// Confirms a primary's lock on its own clock, every [`CONFIRM_EVERY`],
+    /// with one Consul read, outside the HA mutex. The HA step confirms too,
+    /// but one step (psql, about ten Consul calls, a reload) can take longer
+    /// than [`FENCE_AFTER`] on a loaded machine, and a healthy primary
+    /// fenced itself. Only a primary that confirmed its lock before is kept
+    /// confirmed: this never makes a node primary, and a fence between the
+    /// read and the write wins (both hold the same mutex).
+    async fn confirmer(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(CONFIRM_EVERY).await;
+            if self.confirmed.lock().expect("lock").is_none() {
+                continue;
+            }
+            let Some(key) = self
+                .desired
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .map(|s| Keys::new(&s.leader_key).leader)
+            else {
+                continue;
+            };
+            let Some(mine) = self.leader.session() else {
+                continue;
+            };
+            let asked = Instant::now();
+            let held = matches!(
+                self.ctx.consul.kv_get(&key).await,
+                Ok(Some(entry)) if entry.session.as_deref() == Some(mine.as_str())
+            );
+            if held {
+                let mut confirmed = self.confirmed.lock().expect("lock");
+                if let Some(last) = *confirmed {
+                    // As of when we asked: a slow answer confirms no later.
+                    *confirmed = Some(last.max(asked));
+                }
+            }
         }
     }
 
