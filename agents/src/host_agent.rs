@@ -33,9 +33,13 @@ pub struct HostConfig {
     /// The provider whose machines this host makes (virtualbox).
     #[arg(long, env = "CORRAL_HOST_PROVIDER", default_value = "virtualbox")]
     pub provider: Provider,
-    /// The control plane, e.g. http://192.168.11.5:7000.
+    /// The control plane, e.g. https://192.168.11.5:7000.
     #[arg(long, env = "CORRAL_SERVER")]
     pub server: String,
+    /// The cluster CA (the server's <state-dir>/tls/ca.pem) to trust for an
+    /// https:// server, and nothing else.
+    #[arg(long, env = "CORRAL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// A file holding the control plane's admin token.
     #[arg(long, env = "CORRAL_TOKEN_FILE")]
     pub token_file: PathBuf,
@@ -126,10 +130,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
         base: config.server.trim_end_matches('/').to_string(),
         token,
         provider: config.provider,
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(POLL_WAIT + Duration::from_secs(30))
-            .build()?,
+        http: http_client(&config)?,
         machines: VirtualBox::new(config.virtualbox()),
         working: Mutex::new(HashSet::new()),
         nodes: Mutex::new(HashMap::new()),
@@ -241,6 +242,7 @@ impl HostAgent {
                 address,
                 server_url,
                 secret,
+                ca,
             } => {
                 self.machines
                     .ensure(&GuestBoot {
@@ -249,6 +251,7 @@ impl HostAgent {
                         address,
                         server_url,
                         secret,
+                        ca: ca.as_deref(),
                     })
                     .await
             }
@@ -323,4 +326,28 @@ fn kind(spec: &MachineSpec) -> &'static str {
         MachineSpec::Stop { .. } => "stop",
         MachineSpec::Destroy { .. } => "destroy",
     }
+}
+
+/// The client of the control plane: over https it trusts the cluster CA
+/// and nothing else.
+fn http_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder();
+    if config.server.starts_with("https://") {
+        let path = config.ca_file.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} speaks TLS: pass --ca-file with the cluster CA (<state-dir>/tls/ca.pem on the control plane)",
+                config.server
+            )
+        })?;
+        let pem = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("reading the cluster CA {}: {e}", path.display()))?;
+        builder = builder
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    Ok(builder
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(POLL_WAIT + Duration::from_secs(30))
+        .build()?)
 }

@@ -22,6 +22,8 @@ use crate::vbox::{VBoxError, VBoxManage, VmInfo, VmSettings, VmState};
 pub const AGENT_PROPERTY: &str = "/corral/agent";
 /// The node's enrollment secret, until its agent has enrolled.
 pub const SECRET_PROPERTY: &str = "/corral/secret";
+/// The cluster CA (PEM), when the control plane speaks TLS.
+pub const CA_PROPERTY: &str = "/corral/ca";
 
 /// How the host agent makes VMs.
 #[derive(Debug, Clone)]
@@ -81,6 +83,8 @@ pub struct GuestBoot<'a> {
     pub address: &'a str,
     pub server_url: &'a str,
     pub secret: &'a str,
+    /// The cluster CA (PEM) the guest's agent pins (TLS only).
+    pub ca: Option<&'a str>,
 }
 
 pub struct VirtualBox {
@@ -249,6 +253,11 @@ impl VirtualBox {
                     .guestproperty_set(&name, key, Some(value))
                     .await?;
             }
+            // The CA the guest pins, or none for a plain-HTTP (loopback)
+            // control plane.
+            self.vbox()
+                .guestproperty_set(&name, CA_PROPERTY, boot.ca)
+                .await?;
             // What an earlier boot reported is not this boot's.
             self.vbox()
                 .guestproperty_set(&name, AGENT_PROPERTY, None)

@@ -169,6 +169,34 @@ fn a_clone_configures_its_interface_writes_agent_conf_and_reports_enrolled() {
 }
 
 #[test]
+fn a_tls_control_planes_ca_reaches_the_agent_conf_whole() {
+    let ca = "-----BEGIN CERTIFICATE-----\nMIIBfake\nline2\n-----END CERTIFICATE-----";
+    let mut props = BOOT.to_vec();
+    props.push(("/corral/ca", ca));
+    props[0] = ("/corral/server", "https://192.168.11.5:7000");
+    let guest = Guest::new(&props, true);
+    let out = guest.boot();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem = guest.read("root/etc/corral/ca.pem");
+    assert_eq!(pem.trim(), ca, "every line of the PEM");
+    let conf = guest.read("root/etc/corral/agent.conf");
+    let wanted = format!(
+        "ca-file = {}",
+        guest.path("root/etc/corral/ca.pem").display()
+    );
+    assert!(conf.contains(&wanted), "{wanted} in {conf}");
+    assert!(
+        conf.contains("server = https://192.168.11.5:7000"),
+        "{conf}"
+    );
+    assert!(!conf.contains("corral-secret-123"), "{conf}");
+}
+
+#[test]
 fn a_vm_without_corrals_properties_is_left_alone() {
     let guest = Guest::new(&[], true);
     let out = guest.boot();

@@ -104,6 +104,7 @@ fn boot() -> GuestBoot<'static> {
         address: "127.0.99.23",
         server_url: "http://127.0.99.5:7000",
         secret: "s3cret",
+        ca: None,
     }
 }
 

@@ -16,8 +16,8 @@ use crate::auth::{Secrets, SecretsError};
 use crate::cluster::{Cluster, ClusterConfig, Hosts};
 use crate::provider::controller::NodeSource;
 use crate::provider::{
-    BootConfig, LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines,
-    ProviderError, RemoteProvider,
+    LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines, ProviderError,
+    RemoteProvider,
 };
 use crate::reconcile::{AddressPlan, AddressPlans, ClusterSettings};
 use crate::store::{self, Store, StoreError};
@@ -39,6 +39,8 @@ pub struct Config {
     pub max_poll_wait: Duration,
     pub heartbeat_stale_after: Duration,
     pub retention: crate::cluster::Retention,
+    /// How long an enrollment secret stays valid once minted.
+    pub enroll_secret_ttl: Duration,
     /// HTTP worker threads; one per core when unset.
     pub workers: Option<usize>,
     /// Whether SIGINT/SIGTERM stop the HTTP server at once (`corral
@@ -67,6 +69,12 @@ pub struct Config {
     /// corral's apt repository served at `/apt/` (`scripts/package.sh`
     /// builds it); none: not served.
     pub apt_dir: Option<PathBuf>,
+    /// TLS for the API: by default on unless the listen address is a
+    /// loopback one (plain HTTP is refused off loopback).
+    pub tls: crate::tls::TlsMode,
+    /// Names and addresses the server certificate is for, besides the
+    /// listen address (e.g. `adm1`).
+    pub tls_names: Vec<String>,
 }
 
 impl Config {
@@ -85,6 +93,7 @@ impl Config {
             max_poll_wait: Duration::from_secs(60),
             heartbeat_stale_after: Duration::from_secs(15),
             retention: crate::cluster::Retention::default(),
+            enroll_secret_ttl: crate::cluster::ENROLL_SECRET_TTL,
             workers: None,
             stop_on_signals: true,
             ui_dir: crate::ui::default_dir(),
@@ -95,6 +104,8 @@ impl Config {
             lxc_bridge: "corralbr0".into(),
             lxc_packages: crate::provider::lxc::default_debs_dir(),
             apt_dir,
+            tls: crate::tls::TlsMode::Auto,
+            tls_names: vec!["adm1".into()],
         }
     }
 
@@ -147,6 +158,8 @@ pub enum StartError {
     Init(String),
     #[error("{0}")]
     Provider(#[from] ProviderError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 pub struct Application {
@@ -156,6 +169,8 @@ pub struct Application {
     secrets: Secrets,
     database: String,
     machines: Option<Machinery>,
+    /// The cluster CA (PEM) clients pin, when the API is served over TLS.
+    ca_pem: Option<String>,
 }
 
 /// The running machine controller and how to end its loop.
@@ -219,6 +234,7 @@ impl Application {
                     datacenter: config.datacenter.clone(),
                     gossip_key: secrets.gossip_key.clone(),
                     db_password: secrets.db_password.clone(),
+                    replication_password: secrets.replication_password.clone(),
                 },
                 default_provider: config.default_provider,
                 providers: config.accepted_providers(),
@@ -226,6 +242,7 @@ impl Application {
                 heartbeat_stale_after: config.heartbeat_stale_after,
                 retention: config.retention,
                 hosts,
+                enroll_secret_ttl: config.enroll_secret_ttl,
             },
             secrets.clone(),
         )
@@ -240,6 +257,22 @@ impl Application {
             addr: config.listen.clone(),
             source,
         })?;
+        let tls = if config.tls.resolve(addr.ip())? {
+            let mut names = config.tls_names.clone();
+            if !addr.ip().is_unspecified() {
+                names.push(addr.ip().to_string());
+            }
+            names.dedup();
+            Some(crate::tls::load_or_create(&config.state_dir, &names)?)
+        } else {
+            tracing::warn!(
+                %addr,
+                "serving plain HTTP: allowed on a loopback address only, where traffic stays on this host"
+            );
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
         let data = web::Data::from(cluster.clone());
         let logs = web::Data::new(crate::api::ServiceLogs::default());
         let ui_dir = config.ui_dir.clone();
@@ -264,21 +297,18 @@ impl Application {
         if !config.stop_on_signals {
             server = server.disable_signals();
         }
-        let server = server
-            .listen(listener)
-            .map_err(|source| StartError::Listen {
-                addr: config.listen.clone(),
-                source,
-            })?
-            .run();
+        let server = match tls {
+            Some(tls) => server.listen_rustls_0_23(listener, tls.config),
+            None => server.listen(listener),
+        }
+        .map_err(|source| StartError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?
+        .run();
         let machines = (config.run_machines).then(|| {
-            let controller = MachineController::new(
-                providers,
-                BootConfig {
-                    server_url: format!("http://{addr}"),
-                    join_token: secrets.join_token.clone(),
-                },
-            );
+            let controller =
+                MachineController::new(providers, format!("{scheme}://{addr}"), ca_pem.clone());
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             let source: Arc<dyn NodeSource> = cluster.clone();
             let task = tokio::spawn(controller.clone().run(source, stop_rx));
@@ -295,6 +325,7 @@ impl Application {
             secrets,
             database,
             machines,
+            ca_pem,
         })
     }
 
@@ -314,7 +345,17 @@ impl Application {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The cluster CA (PEM) to pin, when the API is served over TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// The admin token, when this start created it (it is shown only once).

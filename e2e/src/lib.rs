@@ -391,6 +391,19 @@ impl Cluster {
         self.token = std::fs::read_to_string(self.dir.path().join("admin-token"))?
             .trim()
             .to_string();
+        // Off loopback (LXC) the control plane speaks TLS with the cluster
+        // CA it made in the state dir; pin it, as agents and the CLI do.
+        if let Ok(ca) = std::fs::read(self.dir.path().join("tls/ca.pem")) {
+            if let Some(rest) = self.url.strip_prefix("http://") {
+                self.url = format!("https://{rest}");
+            }
+            self.http = reqwest::Client::builder()
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+                .timeout(Duration::from_secs(10))
+                .build()?;
+        }
         Ok(())
     }
 

@@ -316,6 +316,8 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
             format!("guestproperty set corral-nginx3 /corral/address {address}"),
             "guestproperty set corral-nginx3 /corral/netmask 255.255.255.0".into(),
             "guestproperty set corral-nginx3 /corral/secret <secret>".into(),
+            // No CA: this control plane is on loopback, plain HTTP.
+            "guestproperty set corral-nginx3 /corral/ca".into(),
             "guestproperty set corral-nginx3 /corral/agent".into(),
             "startvm corral-nginx3 --type headless".into(),
             // Once enrolled, the secret is taken back.

@@ -13,8 +13,8 @@ pub mod order;
 pub mod topology;
 
 pub use agent::{
-    EnrollRequest, EnrollResponse, Heartbeat, MetricsSample, ObservedState, ReplicationRole,
-    ReplicationStatus, ServiceState, ServiceStatus,
+    EnrollRequest, EnrollResponse, EnrollSecret, Heartbeat, MetricsSample, ObservedState,
+    ReplicationRole, ReplicationStatus, ServiceState, ServiceStatus,
 };
 pub use error::ErrorBody;
 pub use event::Event;

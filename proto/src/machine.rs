@@ -29,6 +29,10 @@ pub enum MachineSpec {
         server_url: String,
         /// The node's enrollment secret, handed to the guest once.
         secret: String,
+        /// The cluster CA (PEM) the guest's agent pins, when the control
+        /// plane speaks TLS.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca: Option<String>,
     },
     /// Shut the node's machine down, keeping its disks (`corral down`).
     Stop { node: String },
@@ -175,6 +179,7 @@ mod tests {
                 address: "192.168.11.23".into(),
                 server_url: "http://192.168.11.5:7000".into(),
                 secret: "s".into(),
+                ca: None,
             },
         };
         let json = serde_json::to_value(&order).expect("json");

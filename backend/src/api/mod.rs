@@ -52,6 +52,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         nodes::get_node,
         nodes::delete_node,
         nodes::list_orders,
+        nodes::mint_enroll_secret,
         db::switchover,
         events::list_events,
         events::stream_events,

@@ -61,7 +61,13 @@ pub struct ClusterConfig {
     pub retention: Retention,
     /// Machine orders of the providers whose machines host agents make.
     pub hosts: Arc<hosts::Hosts>,
+    /// How long an enrollment secret stays valid once minted.
+    pub enroll_secret_ttl: Duration,
 }
+
+/// Default lifetime of an enrollment secret: long enough for a VM to boot
+/// and install, short enough that a secret found later is worthless.
+pub const ENROLL_SECRET_TTL: Duration = Duration::from_secs(3600);
 
 /// How much history the database keeps: without bounds, orders and events
 /// (a heartbeat that changes what a node reports is one) grow forever.

@@ -28,13 +28,17 @@ pub use lxc::{LxcConfig, LxcProvider};
 pub use reaper::Reaper;
 pub use remote::RemoteProvider;
 
-/// What every agent needs to find and join the control plane.
+/// What one node's agent needs to find and join the control plane.
 #[derive(Debug, Clone)]
 pub struct BootConfig {
     /// URL agents reach the control plane at.
     pub server_url: String,
-    /// The cluster join token.
-    pub join_token: String,
+    /// The node's enrollment secret, minted for this `ensure`: single-use,
+    /// expiring, and for this node only. It goes into the machine and
+    /// nowhere else.
+    pub secret: String,
+    /// The cluster CA (PEM) the agent pins, when the server speaks TLS.
+    pub ca_pem: Option<String>,
 }
 
 /// What a provider knows of one of its machines.

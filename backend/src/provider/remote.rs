@@ -134,7 +134,8 @@ impl Machines for RemoteProvider {
             role: node.role,
             address: node.address.clone(),
             server_url: boot.server_url.clone(),
-            secret: boot.join_token.clone(),
+            secret: boot.secret.clone(),
+            ca: boot.ca_pem.clone(),
         })
         .await
     }
@@ -180,7 +181,8 @@ mod tests {
     fn boot() -> BootConfig {
         BootConfig {
             server_url: "http://192.168.11.5:7000".into(),
-            join_token: "secret".into(),
+            secret: "secret".into(),
+            ca_pem: None,
         }
     }
 
