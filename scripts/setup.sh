@@ -7,6 +7,7 @@
 #   scripts/setup.sh --bench    also load generators for the benchmarks
 #   scripts/setup.sh --ui       also build the web UI (frontend/dist)
 #   scripts/setup.sh --lxc      also LXC, debootstrap and nftables (the LXC provider)
+#   scripts/setup.sh --vagrant  also Vagrant and Ruby (to check the Vagrantfile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,12 +15,14 @@ want_fuzz=0
 want_bench=0
 want_ui=0
 want_lxc=0
+want_vagrant=0
 for arg in "$@"; do
   case "$arg" in
     --fuzz) want_fuzz=1 ;;
     --bench) want_bench=1 ;;
     --ui) want_ui=1 ;;
     --lxc) want_lxc=1 ;;
+    --vagrant) want_vagrant=1 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -63,6 +66,7 @@ packages=(postgresql-15 postgresql-client-15 nginx-light consul chromium chromiu
           nodejs curl jq procps iproute2 util-linux ca-certificates python3)
 [ "$want_bench" = 1 ] && packages+=(wrk)
 [ "$want_lxc" = 1 ] && packages+=(lxc debootstrap nftables)
+[ "$want_vagrant" = 1 ] && packages+=(vagrant ruby)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -10,10 +10,16 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> [%2d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 
 step "setup"
-scripts/setup.sh --fuzz --lxc
+scripts/setup.sh --fuzz --lxc --vagrant
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+# VirtualBox cannot run here: the provider's own config block is skipped
+# (--ignore-provider), everything else Vagrant checks.
+step "Vagrantfile: ruby -c and vagrant validate"
+ruby -c Vagrantfile >/dev/null
+vagrant validate --ignore-provider >/dev/null
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings

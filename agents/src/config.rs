@@ -26,12 +26,18 @@ pub struct RunConfig {
     /// Where the agent keeps its state, pid files, logs and service data.
     #[arg(long, env = "CORRAL_AGENT_STATE_DIR")]
     pub state_dir: PathBuf,
-    /// The cluster join token (prefer the file or the environment).
-    #[arg(long, env = "CORRAL_JOIN_TOKEN", hide_env_values = true)]
-    pub join_token: Option<String>,
-    /// A file holding the cluster join token.
-    #[arg(long, env = "CORRAL_JOIN_TOKEN_FILE")]
-    pub join_token_file: Option<PathBuf>,
+    /// The node's single-use enrollment secret (prefer the file or the
+    /// environment). Needed only while the agent holds no token of its own.
+    #[arg(long, env = "CORRAL_ENROLL_SECRET", hide_env_values = true)]
+    pub enroll_secret: Option<String>,
+    /// A file holding the node's enrollment secret, read each time the
+    /// agent enrolls (so a secret minted later can be dropped in).
+    #[arg(long, env = "CORRAL_ENROLL_SECRET_FILE")]
+    pub enroll_secret_file: Option<PathBuf>,
+    /// The cluster CA (PEM) to trust for an `https://` server, and nothing
+    /// else: it comes with the enrollment secret.
+    #[arg(long, env = "CORRAL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// nginx listens on this port instead of the one in the order.
     #[arg(long, env = "CORRAL_NGINX_PORT")]
     pub nginx_port: Option<u16>,
@@ -52,19 +58,20 @@ pub struct RunConfig {
     /// How often to send a heartbeat and ship logs: `2s`, `500ms`.
     #[arg(long, env = "CORRAL_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// A service log is rotated past this size: `10M`, `512K`, bytes.
+    #[arg(long, env = "CORRAL_LOG_MAX_SIZE", default_value = "10M", value_parser = parse_size)]
+    pub log_max_size: u64,
+    /// Rotated logs kept per service (`<service>.log.1` newest).
+    #[arg(long, env = "CORRAL_LOG_KEEP", default_value_t = 3)]
+    pub log_keep: u32,
 }
 
 impl RunConfig {
-    /// The join token from the flag/env, else from the file.
-    pub fn join_token(&self) -> Result<String, String> {
-        if let Some(t) = &self.join_token {
-            return Ok(t.trim().to_string());
-        }
-        match &self.join_token_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| format!("reading the join token from {}: {e}", path.display())),
-            None => Err("no join token: pass --join-token or --join-token-file".into()),
+    /// Where the enrollment secret comes from.
+    pub fn enroll_secret(&self) -> EnrollSecretSource {
+        EnrollSecretSource {
+            value: self.enroll_secret.as_ref().map(|t| t.trim().to_string()),
+            file: self.enroll_secret_file.clone(),
         }
     }
 
@@ -81,20 +88,49 @@ impl RunConfig {
     }
 }
 
+/// The node's enrollment secret: given directly, or in a file read afresh at
+/// every enrollment.
+#[derive(Debug, Clone, Default)]
+pub struct EnrollSecretSource {
+    pub value: Option<String>,
+    pub file: Option<PathBuf>,
+}
+
+impl EnrollSecretSource {
+    pub fn read(&self) -> Result<String, String> {
+        if let Some(t) = &self.value {
+            return Ok(t.clone());
+        }
+        match &self.file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("reading the enrollment secret from {}: {e}", path.display())),
+            None => Err(
+                "no enrollment secret: pass --enroll-secret or --enroll-secret-file \
+                 (an admin mints one with `corral nodes reenroll NODE`)"
+                    .into(),
+            ),
+        }
+    }
+}
+
 /// The flags a config file may set, with their environment variables.
 const FILE_KEYS: &[(&str, &str)] = &[
     ("server", "CORRAL_SERVER"),
     ("node", "CORRAL_NODE"),
     ("address", "CORRAL_AGENT_ADDRESS"),
     ("state-dir", "CORRAL_AGENT_STATE_DIR"),
-    ("join-token", "CORRAL_JOIN_TOKEN"),
-    ("join-token-file", "CORRAL_JOIN_TOKEN_FILE"),
+    ("enroll-secret", "CORRAL_ENROLL_SECRET"),
+    ("enroll-secret-file", "CORRAL_ENROLL_SECRET_FILE"),
+    ("ca-file", "CORRAL_CA_FILE"),
     ("nginx-port", "CORRAL_NGINX_PORT"),
     ("todomvc-bin", "CORRAL_TODOMVC_BIN"),
     ("pg-bin", "CORRAL_PG_BIN"),
     ("consul-bin", "CORRAL_CONSUL_BIN"),
     ("nginx-bin", "CORRAL_NGINX_BIN"),
     ("heartbeat-interval", "CORRAL_HEARTBEAT_INTERVAL"),
+    ("log-max-size", "CORRAL_LOG_MAX_SIZE"),
+    ("log-keep", "CORRAL_LOG_KEEP"),
 ];
 
 /// Adds the settings of the config file to `args` as flags, where neither
@@ -168,6 +204,29 @@ pub fn merge_config_file(
     Ok(args)
 }
 
+/// Parses a size: bytes, or with `K`, `M` or `G` (powers of 1024); at
+/// least 4 KiB, so a log always holds a few lines.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size like 10M, 512K or 1048576");
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+    if bytes < 4096 {
+        return Err(format!("{s:?} is too small: at least 4K"));
+    }
+    Ok(bytes)
+}
+
 /// Parses `2s`, `500ms`, `1m` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration like 2s, 500ms or 1m");
@@ -191,6 +250,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        for bad in ["", "M", "10X", "-1", "100", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
 
     fn args(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()

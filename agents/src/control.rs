@@ -1,7 +1,9 @@
 //! The control plane as the agent sees it: enrollment, the long poll for
 //! orders, order results, heartbeats and log lines. A 401 means the node
-//! token is no longer valid (the node re-enrolled elsewhere or the server
-//! lost it): the client enrolls again with the join token and retries once.
+//! token is no longer valid (an admin minted the node a new secret, or the
+//! server lost it): the client enrolls again with the node's enrollment
+//! secret, read afresh, and retries once. Secrets are single-use, so that
+//! works only with a newly minted one; otherwise the server's 403 says so.
 
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::config::EnrollSecretSource;
 use crate::durable::StateDir;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,10 @@ pub enum ControlError {
     Status { status: StatusCode, body: String },
     #[error("cannot save the node token: {0}")]
     State(#[from] crate::durable::StateError),
+    #[error("{0}")]
+    NoSecret(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl ControlError {
@@ -49,7 +56,7 @@ struct RawPoll {
 pub struct ControlPlane {
     base: String,
     node: String,
-    join_token: String,
+    secret: EnrollSecretSource,
     http: reqwest::Client,
     state: StateDir,
     /// Held across an enrollment, so concurrent callers (the order and
@@ -58,32 +65,59 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    pub fn new(server: &str, node: &str, join_token: String, state: StateDir) -> Self {
-        let http = reqwest::Client::builder()
+    /// A client of the control plane at `server`; an `https://` one must
+    /// come with the cluster CA (`ca_pem`), the only certificate it trusts.
+    pub fn new(
+        server: &str,
+        node: &str,
+        secret: EnrollSecretSource,
+        ca_pem: Option<&[u8]>,
+        state: StateDir,
+    ) -> Result<Self, ControlError> {
+        let mut builder = reqwest::Client::builder();
+        if server.starts_with("https://") {
+            let pem = ca_pem.ok_or_else(|| {
+                ControlError::Tls(format!(
+                    "{server} speaks TLS: pass --ca-file with the cluster CA (the provider \
+                     writes it beside the enrollment secret; on the control plane it is \
+                     <state-dir>/tls/ca.pem)"
+                ))
+            })?;
+            let ca = reqwest::Certificate::from_pem(pem).map_err(|e| {
+                ControlError::Tls(format!("the cluster CA is not a PEM certificate: {e}"))
+            })?;
+            builder = builder
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca);
+        }
+        let http = builder
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(75))
             .build()
-            .expect("an HTTP client without TLS builds");
+            .map_err(|e| ControlError::Tls(format!("cannot build the HTTP client: {e}")))?;
         let token = state.token();
-        Self {
+        Ok(Self {
             base: server.trim_end_matches('/').to_string(),
             node: node.to_string(),
-            join_token,
+            secret,
             http,
             state,
             token: tokio::sync::Mutex::new(token),
-        }
+        })
     }
 
-    /// Trades the join token for a node token and keeps it (mode 0600).
+    /// Trades the node's enrollment secret for a node token and keeps it
+    /// (mode 0600).
     #[tracing::instrument(skip_all, fields(node = %self.node))]
     async fn enroll(&self, slot: &mut Option<String>) -> Result<String, ControlError> {
+        let secret = self.secret.read().map_err(ControlError::NoSecret)?;
         let res = self
             .http
             .post(format!("{}/api/v1/agents/enroll", self.base))
             .json(&EnrollRequest {
                 node: self.node.clone(),
-                join_token: self.join_token.clone(),
+                secret,
             })
             .send()
             .await?;

@@ -12,12 +12,15 @@ pub mod control;
 pub mod drivers;
 pub mod durable;
 pub mod host;
+pub mod host_agent;
 pub mod logship;
 pub mod node;
 pub mod observe;
 pub mod run;
 pub mod stop_all;
 pub mod supervisor;
+pub mod vbox;
+pub mod virtualbox;
 
 pub use config::RunConfig;
 pub use run::run;

@@ -1,5 +1,6 @@
-//! `corral-agent`: `run` the node agent, `stop-all` of a node, or
-//! `check-postgres` (the SQL-level Consul check).
+//! `corral-agent`: `run` the node agent, `stop-all` of a node,
+//! `check-postgres` (the SQL-level Consul check), or `host`, the host agent
+//! that makes VirtualBox VMs.
 
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,9 @@ enum Command {
     },
     /// Consul script check: PostgreSQL answers SQL in the expected role.
     CheckPostgres(CheckArgs),
+    /// The host agent: make the machines of a provider the control plane
+    /// cannot drive itself (VirtualBox VMs, with VBoxManage on this host).
+    Host(Box<corral_agent::host_agent::HostConfig>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +50,13 @@ fn main() -> anyhow::Result<()> {
             init_tracing();
             corral_agent::stop_all::stop_all(&state_dir)?;
             Ok(())
+        }
+        Command::Host(config) => {
+            init_tracing();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(corral_agent::host_agent::run(*config))
         }
         Command::Run(config) => {
             init_tracing();

@@ -20,7 +20,7 @@ use crate::durable::{LastResult, Progress, StateDir, StateError, write_atomic};
 use crate::logship::LogShipper;
 use crate::node::Node;
 use crate::observe::Observer;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{LogRotation, Supervisor};
 
 const POLL_WAIT: Duration = Duration::from_secs(30);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -170,19 +170,35 @@ fn write_pid_file(run_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    let join_token = config.join_token().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating {}", config.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&config.state_dir)?;
     write_pid_file(&state_dir.join("run"))?;
     let state = StateDir::open(&state_dir)?;
-    let supervisor = Arc::new(Supervisor::new(&state_dir)?);
+    let supervisor = Arc::new(Supervisor::new(&state_dir)?.with_log_rotation(LogRotation {
+        max_bytes: config.log_max_size,
+        keep: config.log_keep,
+    }));
+    let secret = config.enroll_secret();
+    if state.token().is_none() {
+        // Without a token of its own the agent can do nothing but enroll:
+        // say at once when it has nothing to enroll with.
+        secret.read().map_err(anyhow::Error::msg)?;
+    }
+    let ca_pem = match &config.ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading the cluster CA from {}", path.display()))?,
+        ),
+        None => None,
+    };
     let control = Arc::new(ControlPlane::new(
         &config.server,
         &config.node,
-        join_token,
+        secret,
+        ca_pem.as_deref(),
         state.clone(),
-    ));
+    )?);
     let agent_exe = std::env::current_exe().context("locating our own executable")?;
     let ctx = Arc::new(NodeContext {
         node: config.node.clone(),

@@ -1,7 +1,7 @@
 //! The real process layer: starts the node's services in process groups of
 //! their own (so a Ctrl-C to the agent never reaches them), keeps pid files in
-//! `<state>/run/`, appends their output to `<state>/logs/<service>.log`,
-//! restarts them with capped backoff, stops them gracefully and reaps them.
+//! `<state>/run/`, appends their output to `<state>/logs/<service>.log`
+//! (rotated by size: `<service>.log.1` ... `.N`), restarts them with capped backoff, stops them gracefully and reaps them.
 //! A restarted agent adopts the instances its predecessor left running
 //! (pid file + `/proc/<pid>/cmdline`) and watches those by polling.
 
@@ -141,7 +141,59 @@ pub fn read_pid(path: &Path) -> Option<u32> {
 pub struct Supervisor {
     run_dir: PathBuf,
     log_dir: PathBuf,
+    rotation: LogRotation,
     entries: Mutex<HashMap<String, Entry>>,
+}
+
+/// When a service log is rotated and how many old ones are kept: logs
+/// share a disk with pgdata, so none may grow without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRotation {
+    /// A log is rotated once it is larger than this.
+    pub max_bytes: u64,
+    /// Rotated logs kept (`.1` newest); 0 keeps none.
+    pub keep: u32,
+}
+
+impl Default for LogRotation {
+    fn default() -> Self {
+        Self {
+            max_bytes: 10 << 20,
+            keep: 3,
+        }
+    }
+}
+
+/// Rotates `path` when it is larger than `rotation.max_bytes`: `.N-1` ...
+/// `.1` move up one (the oldest goes), a copy becomes `.1` and the log is
+/// truncated in place. Services hold their log open in append mode, so they
+/// write on at the start of the emptied file; lines written between the
+/// copy and the truncation are lost (the copy-truncate trade: a service
+/// cannot be told to reopen its stdout). `Ok(true)` when it rotated.
+pub fn rotate_log(path: &Path, rotation: LogRotation) -> std::io::Result<bool> {
+    let len = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= rotation.max_bytes {
+        return Ok(false);
+    }
+    let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
+    let ignore_missing = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    if rotation.keep > 0 {
+        ignore_missing(fs::remove_file(numbered(rotation.keep)))?;
+        for n in (1..rotation.keep).rev() {
+            ignore_missing(fs::rename(numbered(n), numbered(n + 1)))?;
+        }
+        // fs::copy carries the mode (0640) over.
+        fs::copy(path, numbered(1))?;
+    }
+    OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    Ok(true)
 }
 
 impl Supervisor {
@@ -153,8 +205,26 @@ impl Supervisor {
         Ok(Self {
             run_dir,
             log_dir,
+            rotation: LogRotation::default(),
             entries: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn with_log_rotation(mut self, rotation: LogRotation) -> Self {
+        self.rotation = rotation;
+        self
+    }
+
+    /// Rotates every service log grown past the limit.
+    fn rotate_logs(&self, names: impl Iterator<Item = String>) {
+        for name in names {
+            let path = self.log_dir.join(format!("{name}.log"));
+            match rotate_log(&path, self.rotation) {
+                Ok(true) => tracing::info!(service = %name, "log rotated"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(service = %name, error = %e, "cannot rotate the log"),
+            }
+        }
     }
 
     pub fn pid_file(&self, name: &str) -> PathBuf {
@@ -169,6 +239,7 @@ impl Supervisor {
     /// Called every half second by the agent.
     pub fn tick(&self) {
         let mut entries = self.entries.lock().expect("supervisor lock");
+        self.rotate_logs(entries.keys().cloned());
         let now = Instant::now();
         for entry in entries.values_mut() {
             let was_alive = !matches!(entry.proc, Proc::Dead);
@@ -565,6 +636,92 @@ mod tests {
             Err(HostError::Spawn { .. })
         ));
         assert!(read_pid(&sup.pid_file("sleeper")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_chatty_service_log_is_rotated_by_size_and_keeps_the_newest_lines() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let marker = format!("chatty-{}", std::process::id());
+        let spec = ServiceSpec {
+            name: "chatty".into(),
+            program: "sh".into(),
+            args: vec![
+                "-c".into(),
+                format!("i=0; while :; do echo \"$0 line $i\"; i=$((i+1)); done"),
+                marker.clone(),
+            ],
+            env: vec![],
+            run_as: None,
+            marker: marker.clone(),
+            stop_signal: Signal::SIGKILL,
+            restart: false,
+        };
+        let rotation = LogRotation {
+            max_bytes: 64 << 10,
+            keep: 2,
+        };
+        let sup = Supervisor::new(dir.path())
+            .expect("supervisor")
+            .with_log_rotation(rotation);
+        sup.ensure(&spec).await.expect("start");
+        let log = dir.path().join("logs/chatty.log");
+        let rotated = |n: u32| dir.path().join(format!("logs/chatty.log.{n}"));
+        let mut rotations = 0;
+        until("three rotations", || {
+            let before = fs::metadata(rotated(1)).ok().map(|m| m.modified().ok());
+            sup.tick();
+            let after = fs::metadata(rotated(1)).ok().map(|m| m.modified().ok());
+            if after.is_some() && after != before {
+                rotations += 1;
+            }
+            rotations >= 3 && rotated(2).exists()
+        })
+        .await;
+        sup.stop("chatty").await.expect("stop");
+        assert!(!rotated(3).exists(), "only two rotated logs are kept");
+        for path in [rotated(1), rotated(2)] {
+            let meta = fs::metadata(&path).expect("rotated log");
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                0o640,
+                "{}",
+                path.display()
+            );
+            let text = fs::read_to_string(&path).expect("rotated log is text");
+            assert!(
+                text.lines().any(|l| l.starts_with(&marker)),
+                "{}",
+                path.display()
+            );
+        }
+        // The service wrote on at the start of the emptied log: no hole of
+        // zeros where the old content was.
+        let live = fs::read(&log).expect("live log");
+        assert!(
+            !live.starts_with(&[0]),
+            "the live log starts with NUL bytes"
+        );
+        // And the rotated logs are older than the live one: .2 < .1 < live.
+        let first_line = |bytes: &[u8]| -> u64 {
+            let text = String::from_utf8_lossy(bytes);
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&marker))
+                .expect("a line")
+                .to_string();
+            line.rsplit(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("line number")
+        };
+        let (two, one) = (
+            first_line(&fs::read(rotated(2)).expect(".2")),
+            first_line(&fs::read(rotated(1)).expect(".1")),
+        );
+        assert!(two < one, ".2 starts at line {two}, .1 at {one}");
+        if !live.is_empty() {
+            assert!(one < first_line(&live), "the live log continues after .1");
+        }
     }
 
     #[tokio::test]

@@ -46,7 +46,6 @@ struct Agent {
 struct Cluster {
     dir: tempfile::TempDir,
     url: String,
-    join_file: PathBuf,
     admin: String,
     agents: Vec<Agent>,
     http: reqwest::Client,
@@ -99,7 +98,6 @@ impl Cluster {
             .to_string();
         Self {
             url,
-            join_file: state.join("join-token"),
             admin,
             agents: Vec::new(),
             http: reqwest::Client::new(),
@@ -112,7 +110,25 @@ impl Cluster {
         self.dir.path().join("nodes").join(node)
     }
 
-    fn spawn_agent(&mut self, node: &str, address: &str) {
+    /// Mints the node's enrollment secret through the admin API, as a
+    /// provider does when it makes a machine, into a file of its own.
+    async fn enroll_secret_file(&self, node: &str) -> PathBuf {
+        let res = self
+            .http
+            .post(format!("{}/api/v1/nodes/{node}/enroll-secret", self.url))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .expect("mint");
+        assert_eq!(res.status(), 201, "minting {node}'s secret");
+        let body: serde_json::Value = res.json().await.expect("json");
+        let file = self.dir.path().join(format!("{node}.enroll-secret"));
+        std::fs::write(&file, body["secret"].as_str().expect("secret")).expect("write secret");
+        file
+    }
+
+    async fn spawn_agent(&mut self, node: &str, address: &str) {
+        let secret = self.enroll_secret_file(node).await;
         let state = self.node_state(node);
         std::fs::create_dir_all(&state).expect("node dir");
         let log = std::fs::OpenOptions::new()
@@ -132,8 +148,8 @@ impl Cluster {
             ])
             .arg("--state-dir")
             .arg(&state)
-            .arg("--join-token-file")
-            .arg(&self.join_file)
+            .arg("--enroll-secret-file")
+            .arg(&secret)
             .arg("--todomvc-bin")
             .arg(todomvc_bin())
             .args(["--heartbeat-interval", "1s"])
@@ -274,7 +290,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         )
         .await;
     for (node, host) in [("adm1", 5), ("pg1", 11), ("nginx1", 21)] {
-        cluster.spawn_agent(node, &format!("{net}.{host}"));
+        cluster.spawn_agent(node, &format!("{net}.{host}")).await;
     }
 
     // A todo written through nginx1:80 comes back through it.
@@ -437,7 +453,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     }
     // A token the server no longer knows: the agent must enroll again.
     std::fs::write(nginx1.join("node-token"), "stale-token").expect("token");
-    cluster.spawn_agent("nginx1", &format!("{net}.21"));
+    cluster.spawn_agent("nginx1", &format!("{net}.21")).await;
     let url = cluster.url.clone();
     let admin = cluster.admin.clone();
     // The restarted agent reports again (a fresh heartbeat after restart).
@@ -528,7 +544,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     }
     assert_eq!(pid_of(&pg1, "postgres"), Some(postgres_pid));
     assert!(std::fs::metadata(format!("/proc/{postgres_pid}")).is_ok());
-    cluster.spawn_agent("pg1", &format!("{net}.11"));
+    cluster.spawn_agent("pg1", &format!("{net}.11")).await;
 
     // With the control plane down the data plane keeps serving; agents
     // come back to it on their own.
@@ -583,7 +599,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         .arg(format!("{net}.11"))
         .arg("--state-dir")
         .arg(&pg1)
-        .args(["--join-token", "x"])
+        .args(["--enroll-secret", "x"])
         .output()
         .expect("second agent");
     assert!(!out.status.success());
@@ -631,11 +647,16 @@ fn parse_rfc3339_secs(s: &str) -> Option<i64> {
         .map(|t| t.timestamp())
 }
 
-/// psql as the superuser over a node's private socket.
+/// psql as the superuser over a node's private socket, in the app's
+/// database.
 fn psql(state: &Path, sql: &str) -> Option<String> {
+    psql_in(state, "todomvc", sql)
+}
+
+fn psql_in(state: &Path, database: &str, sql: &str) -> Option<String> {
     let out = Command::new("/usr/lib/postgresql/15/bin/psql")
         .args([
-            "-X", "-A", "-t", "-q", "-U", "postgres", "-d", "todomvc", "-h",
+            "-X", "-A", "-t", "-q", "-U", "postgres", "-d", database, "-h",
         ])
         .arg(state.join("pgsock"))
         .args(["-c", sql])
@@ -654,8 +675,10 @@ struct CmdlineWatch {
 }
 
 impl CmdlineWatch {
-    fn start(secret: String) -> Self {
-        assert!(secret.len() >= 16, "a real secret to look for");
+    fn start(secrets: Vec<String>) -> Self {
+        for secret in &secrets {
+            assert!(secret.len() >= 16, "a real secret to look for");
+        }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -666,8 +689,10 @@ impl CmdlineWatch {
                         continue;
                     };
                     let line = String::from_utf8_lossy(&raw).replace('\0', " ");
-                    if line.contains(&secret) && seen.len() < 10 {
-                        seen.push(line.replace(&secret, "<the password>"));
+                    for secret in &secrets {
+                        if line.contains(secret.as_str()) && seen.len() < 10 {
+                            seen.push(line.replace(secret.as_str(), "<a password>"));
+                        }
                     }
                 }
                 scans += 1;
@@ -704,15 +729,20 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
             Some(json!({"web": 1, "db": 2, "lb_policy": "uri_hash", "replication": "sync"})),
         )
         .await;
-    // The database password must never be on a command line, where every
-    // local user sees it: watch them all while db orders apply.
-    let password = std::fs::read_to_string(cluster.dir.path().join("server/db-password"))
-        .expect("db password")
-        .trim()
-        .to_string();
-    let watcher = CmdlineWatch::start(password);
+    // The database passwords must never be on a command line, where every
+    // local user sees them: watch them all while db orders apply.
+    let secret = |name: &str| {
+        std::fs::read_to_string(cluster.dir.path().join("server").join(name))
+            .expect("a password")
+            .trim()
+            .to_string()
+    };
+    let (app_password, replication_password) =
+        (secret("db-password"), secret("replication-password"));
+    assert_ne!(app_password, replication_password);
+    let watcher = CmdlineWatch::start(vec![app_password.clone(), replication_password.clone()]);
     for (node, host) in [("adm1", 5), ("pg1", 11), ("pg2", 12), ("nginx1", 21)] {
-        cluster.spawn_agent(node, &format!("{net}.{host}"));
+        cluster.spawn_agent(node, &format!("{net}.{host}")).await;
     }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -805,7 +835,66 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     assert!(scans > 10, "the watcher hardly ran ({scans} scans)");
     assert!(
         seen.is_empty(),
-        "the database password was on command lines: {seen:#?}"
+        "a database password was on command lines: {seen:#?}"
+    );
+    // Least privilege: the standby streams as `replicator`, which reads no
+    // file; pg_rewind's `rewinder` reads files but cannot replicate; the
+    // webapp's password opens neither.
+    // (Function privileges are per database: pg_rewind reads through
+    // `postgres`.)
+    let may = |role: &str, function: &str| {
+        psql_in(
+            &pg1,
+            "postgres",
+            &format!("SELECT has_function_privilege('{role}', '{function}', 'execute')"),
+        )
+    };
+    for f in [
+        "pg_catalog.pg_read_binary_file(text)",
+        "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+    ] {
+        assert_eq!(
+            may("replicator", f).as_deref(),
+            Some("f"),
+            "replicator may run {f}"
+        );
+        assert_eq!(
+            may("rewinder", f).as_deref(),
+            Some("t"),
+            "rewinder may not run {f}"
+        );
+    }
+    assert_eq!(
+        psql(
+            &pg1,
+            "SELECT rolname FROM pg_roles WHERE rolreplication AND rolname <> 'postgres' ORDER BY 1"
+        )
+        .as_deref(),
+        Some("replicator")
+    );
+    assert_eq!(
+        psql(&pg1, "SELECT usename FROM pg_stat_replication").as_deref(),
+        Some("replicator")
+    );
+    let login = |user: &str, password: &str| {
+        Command::new("/usr/lib/postgresql/15/bin/psql")
+            .args(["-X", "-A", "-t", "-q", "-U", user, "-d", "postgres", "-h"])
+            .arg(format!("{net}.11"))
+            .args(["-c", "SELECT 1"])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .expect("psql runs")
+            .status
+            .success()
+    };
+    assert!(
+        login("rewinder", &replication_password),
+        "rewinder logs in with its password"
+    );
+    assert!(
+        !login("rewinder", &app_password),
+        "the webapp's password opens rewinder"
     );
 
     // Scaling db back to 1 drains pg2: the server removes it once applied.

@@ -6,7 +6,9 @@
 //! duration and server phases, order delivery latency p50/p99/max from the
 //! commit of the orders (placed by the server's `Server-Timing` phases) and
 //! end to end from the moment the filing request was sent, and the server's
-//! RSS and CPU time (read from /proc of `--server-pid`).
+//! RSS and CPU time (read from /proc of `--server-pid`). With an
+//! `https://` URL every agent's poll is a TLS connection of its own,
+//! pinning `--ca`, as real agents do.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,8 +24,9 @@ struct Args {
     url: String,
     #[arg(long)]
     token: String,
+    /// The cluster CA, for an https:// URL.
     #[arg(long)]
-    join_token: String,
+    ca: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 10_000)]
     agents: u32,
     /// PID of the server, for RSS and CPU figures.
@@ -56,15 +59,28 @@ fn proc_stats(pid: u32) -> Option<(u64, u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?, ticks))
 }
 
+/// A poll's connection: plain TCP, or TLS over it.
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Conn for T {}
+
 /// Sends one request and reads the response; returns when its head arrived,
 /// how many orders (`"seq":`) the body holds, and the open connection.
 async fn poll_once(
     addr: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
     request: &[u8],
-) -> anyhow::Result<(Instant, usize, tokio::net::TcpStream)> {
+) -> anyhow::Result<(Instant, usize, Box<dyn Conn>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut stream: Box<dyn Conn> = match tls {
+        Some(connector) => {
+            let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
+            Box::new(connector.connect(name, tcp).await?)
+        }
+        None => Box::new(tcp),
+    };
     stream.write_all(request).await?;
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 2048];
@@ -111,7 +127,32 @@ fn ms(d: Duration) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let http = reqwest::Client::builder()
+    let ca_pem = match &args.ca {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
+    };
+    let tls = match &ca_pem {
+        Some(pem) => {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                roots.add(cert.context("the CA file")?)?;
+            }
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        }
+        None => None,
+    };
+    let http = corral_server::tls::client_builder(ca_pem.as_deref())
+        .map_err(anyhow::Error::msg)?
         .pool_max_idle_per_host(usize::MAX)
         .timeout(Duration::from_secs(120))
         .build()?;
@@ -135,23 +176,30 @@ async fn main() -> anyhow::Result<()> {
         ms(created)
     );
 
-    // 2. Each enrolls with the join token.
+    // 2. Each gets its enrollment secret minted (as a provider would) and
+    // enrolls with it.
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(args.concurrency));
     let mut enrolls = Vec::with_capacity(n as usize);
     for i in 1..=n {
-        let (http, url, join, gate) = (
-            http.clone(),
-            url.clone(),
-            args.join_token.clone(),
-            gate.clone(),
-        );
+        let (http, url, admin, gate) =
+            (http.clone(), url.clone(), args.token.clone(), gate.clone());
         enrolls.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
             let node = format!("nginx{i}");
             let res = http
+                .post(format!("{url}/api/v1/nodes/{node}/enroll-secret"))
+                .bearer_auth(&admin)
+                .send()
+                .await?;
+            if !res.status().is_success() {
+                bail!("minting {node}'s secret: {}", res.status());
+            }
+            let minted: Value = res.json().await?;
+            let secret = minted["secret"].as_str().unwrap_or_default().to_string();
+            let res = http
                 .post(format!("{url}/api/v1/agents/enroll"))
-                .json(&json!({"node": node, "join_token": join}))
+                .json(&json!({"node": node, "secret": secret}))
                 .send()
                 .await?;
             if !res.status().is_success() {
@@ -165,7 +213,10 @@ async fn main() -> anyhow::Result<()> {
     for e in enrolls {
         agents.push(e.await??);
     }
-    println!("enrolled {n} agents: {}", ms(started.elapsed()));
+    println!(
+        "minted secrets for and enrolled {n} agents: {}",
+        ms(started.elapsed())
+    );
 
     // 3. Every agent holds a long poll after its current orders (3 each).
     // The polls use a bare HTTP/1.1 exchange on their own connection rather
@@ -173,19 +224,23 @@ async fn main() -> anyhow::Result<()> {
     // server, and every cycle it spends delays the arrival times it records.
     let addr = url
         .strip_prefix("http://")
-        .context("--url must be http://host:port")?
+        .or_else(|| url.strip_prefix("https://"))
+        .context("--url must be http(s)://host:port")?
         .to_string();
+    if url.starts_with("https://") && tls.is_none() {
+        bail!("an https:// URL needs --ca");
+    }
     // Agents keep their connection open afterwards, as real ones do: a
     // close would make the server spend the fan-out tearing sockets down.
     let (tx, mut rx) =
-        tokio::sync::mpsc::unbounded_channel::<(Instant, usize, Option<tokio::net::TcpStream>)>();
+        tokio::sync::mpsc::unbounded_channel::<(Instant, usize, Option<Box<dyn Conn>>)>();
     for (node, token) in agents {
-        let (addr, tx) = (addr.clone(), tx.clone());
+        let (addr, tx, tls) = (addr.clone(), tx.clone(), tls.clone());
         tokio::spawn(async move {
             let request = format!(
                 "GET /api/v1/agents/{node}/orders?after=3&wait=60s HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
             );
-            let outcome = match poll_once(&addr, request.as_bytes()).await {
+            let outcome = match poll_once(&addr, tls.as_ref(), request.as_bytes()).await {
                 Ok((at, orders, stream)) => (at, orders, Some(stream)),
                 Err(_) => (Instant::now(), 0, None),
             };

@@ -5,7 +5,7 @@
 //! `deb [trusted=yes] http://<server>/apt/ ./` and `apt install corral-agent`.
 //!
 //! No token: apt has no way to send one, and the packages hold no secrets
-//! (the join token is what lets a node in). Only plain file names directly
+//! (a node's enrollment secret is what lets it in). Only plain file names directly
 //! in that directory are served; anything else is refused before the file
 //! system is touched.
 

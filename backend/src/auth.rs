@@ -1,8 +1,8 @@
 //! Who is calling. The admin token (made at first start, kept in the state
 //! directory with mode 0600) reaches the whole API; each node's agent token
 //! (stored only as a SHA-256 hash) reaches that node's agent endpoints and
-//! nothing else. The cluster join token is traded for an agent token at
-//! enrollment.
+//! nothing else. An agent gets its token by enrolling with its node's
+//! single-use enrollment secret (stored hashed on the node's row).
 
 use std::collections::HashMap;
 use std::fs;
@@ -43,9 +43,10 @@ fn same_hash(a: &str, b: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Secrets {
     pub admin_token_hash: String,
-    pub join_token: String,
     pub gossip_key: String,
     pub db_password: String,
+    /// The replication roles' own password (replicator, rewinder).
+    pub replication_password: String,
     /// Set only when this start created the admin token: it is shown once.
     pub new_admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -161,23 +162,24 @@ impl Secrets {
         private_state_dir(state_dir)?;
         let admin_token_path = state_dir.join("admin-token");
         let (admin, created) = secret_file(&admin_token_path, || new_token("corral-admin-"))?;
-        let (join_token, _) =
-            secret_file(&state_dir.join("join-token"), || new_token("corral-join-"))?;
         let (gossip_key, _) = secret_file(&state_dir.join("gossip-key"), || {
             let mut key = [0u8; 32];
             rand::rng().fill_bytes(&mut key);
             base64::engine::general_purpose::STANDARD.encode(key)
         })?;
-        let (db_password, _) = secret_file(&state_dir.join("db-password"), || {
+        let password = || {
             let mut bytes = [0u8; 24];
             rand::rng().fill_bytes(&mut bytes);
             hex::encode(bytes)
-        })?;
+        };
+        let (db_password, _) = secret_file(&state_dir.join("db-password"), password)?;
+        let (replication_password, _) =
+            secret_file(&state_dir.join("replication-password"), password)?;
         Ok(Self {
             admin_token_hash: hash_token(&admin),
-            join_token,
             gossip_key,
             db_password,
+            replication_password,
             new_admin_token: created.then_some(admin),
             admin_token_path,
         })
@@ -185,10 +187,6 @@ impl Secrets {
 
     pub fn is_admin(&self, token: &str) -> bool {
         same_hash(&hash_token(token), &self.admin_token_hash)
-    }
-
-    pub fn is_join_token(&self, token: &str) -> bool {
-        same_hash(&hash_token(token), &hash_token(&self.join_token))
     }
 }
 
@@ -329,7 +327,6 @@ mod tests {
         );
         assert!(second.is_admin(&token));
         assert!(!second.is_admin("corral-admin-wrong"));
-        assert_eq!(second.join_token, first.join_token);
         assert_eq!(second.gossip_key, first.gossip_key);
     }
 

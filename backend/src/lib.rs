@@ -14,6 +14,7 @@ pub mod reconcile;
 pub mod startup;
 pub mod store;
 pub mod switchover;
+pub mod tls;
 pub mod ui;
 
 pub use startup::{Application, Config};

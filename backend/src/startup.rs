@@ -13,14 +13,18 @@ use actix_web::{App, HttpServer, web};
 use corral_proto::Provider;
 
 use crate::auth::{Secrets, SecretsError};
-use crate::cluster::{Cluster, ClusterConfig};
+use crate::cluster::{Cluster, ClusterConfig, Hosts};
 use crate::provider::controller::NodeSource;
 use crate::provider::{
-    BootConfig, LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines,
-    ProviderError,
+    LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines, ProviderError,
+    RemoteProvider,
 };
 use crate::reconcile::{AddressPlan, AddressPlans, ClusterSettings};
 use crate::store::{self, Store, StoreError};
+
+/// Providers whose machines a host agent (`corral-agent host`) makes, on a
+/// host other than the server's.
+pub const HOST_AGENT_PROVIDERS: [Provider; 1] = [Provider::Virtualbox];
 
 /// Everything `corral serve` can be told.
 #[derive(Debug, Clone)]
@@ -35,8 +39,15 @@ pub struct Config {
     pub max_poll_wait: Duration,
     pub heartbeat_stale_after: Duration,
     pub retention: crate::cluster::Retention,
+    /// How long an enrollment secret stays valid once minted.
+    pub enroll_secret_ttl: Duration,
     /// HTTP worker threads; one per core when unset.
     pub workers: Option<usize>,
+    /// Whether SIGINT/SIGTERM stop the HTTP server at once (`corral
+    /// serve`); `corral up` handles them itself and keeps serving until its
+    /// machines are stopped, since a host agent stops its VMs only through
+    /// the API.
+    pub stop_on_signals: bool,
     /// The built web UI served at `/` (`frontend/dist`); none: `/` says how
     /// to build it.
     pub ui_dir: Option<PathBuf>,
@@ -58,6 +69,12 @@ pub struct Config {
     /// corral's apt repository served at `/apt/` (`scripts/package.sh`
     /// builds it); none: not served.
     pub apt_dir: Option<PathBuf>,
+    /// TLS for the API: by default on unless the listen address is a
+    /// loopback one (plain HTTP is refused off loopback).
+    pub tls: crate::tls::TlsMode,
+    /// Names and addresses the server certificate is for, besides the
+    /// listen address (e.g. `adm1`).
+    pub tls_names: Vec<String>,
 }
 
 impl Config {
@@ -76,7 +93,9 @@ impl Config {
             max_poll_wait: Duration::from_secs(60),
             heartbeat_stale_after: Duration::from_secs(15),
             retention: crate::cluster::Retention::default(),
+            enroll_secret_ttl: crate::cluster::ENROLL_SECRET_TTL,
             workers: None,
+            stop_on_signals: true,
             ui_dir: crate::ui::default_dir(),
             run_machines: false,
             agent_bin: crate::provider::local::default_agent_bin(),
@@ -85,6 +104,8 @@ impl Config {
             lxc_bridge: "corralbr0".into(),
             lxc_packages: crate::provider::lxc::default_debs_dir(),
             apt_dir,
+            tls: crate::tls::TlsMode::Auto,
+            tls_names: vec!["adm1".into()],
         }
     }
 
@@ -137,6 +158,8 @@ pub enum StartError {
     Init(String),
     #[error("{0}")]
     Provider(#[from] ProviderError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 pub struct Application {
@@ -146,6 +169,8 @@ pub struct Application {
     secrets: Secrets,
     database: String,
     machines: Option<Machinery>,
+    /// The cluster CA (PEM) clients pin, when the API is served over TLS.
+    ca_pem: Option<String>,
 }
 
 /// The running machine controller and how to end its loop.
@@ -169,9 +194,15 @@ impl Application {
         // Providers check the host first (and make the LXC bridge, which
         // carries the address this server may listen on): a host that cannot
         // run them is told why before any state, node or machine is made.
+        let hosts = Arc::new(Hosts::new(
+            config
+                .accepted_providers()
+                .into_iter()
+                .filter(|p| HOST_AGENT_PROVIDERS.contains(p)),
+        ));
         let providers = if config.run_machines {
             crate::provider::Reaper::global();
-            let providers = machine_providers(&config);
+            let providers = machine_providers(&config, &hosts);
             for provider in &providers {
                 provider.preflight().await?;
             }
@@ -203,12 +234,15 @@ impl Application {
                     datacenter: config.datacenter.clone(),
                     gossip_key: secrets.gossip_key.clone(),
                     db_password: secrets.db_password.clone(),
+                    replication_password: secrets.replication_password.clone(),
                 },
                 default_provider: config.default_provider,
                 providers: config.accepted_providers(),
                 max_poll_wait: config.max_poll_wait,
                 heartbeat_stale_after: config.heartbeat_stale_after,
                 retention: config.retention,
+                hosts,
+                enroll_secret_ttl: config.enroll_secret_ttl,
             },
             secrets.clone(),
         )
@@ -223,6 +257,22 @@ impl Application {
             addr: config.listen.clone(),
             source,
         })?;
+        let tls = if config.tls.resolve(addr.ip())? {
+            let mut names = config.tls_names.clone();
+            if !addr.ip().is_unspecified() {
+                names.push(addr.ip().to_string());
+            }
+            names.dedup();
+            Some(crate::tls::load_or_create(&config.state_dir, &names)?)
+        } else {
+            tracing::warn!(
+                %addr,
+                "serving plain HTTP: allowed on a loopback address only, where traffic stays on this host"
+            );
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
         let data = web::Data::from(cluster.clone());
         let logs = web::Data::new(crate::api::ServiceLogs::default());
         let ui_dir = config.ui_dir.clone();
@@ -244,21 +294,21 @@ impl Application {
         if let Some(workers) = config.workers {
             server = server.workers(workers);
         }
-        let server = server
-            .listen(listener)
-            .map_err(|source| StartError::Listen {
-                addr: config.listen.clone(),
-                source,
-            })?
-            .run();
+        if !config.stop_on_signals {
+            server = server.disable_signals();
+        }
+        let server = match tls {
+            Some(tls) => server.listen_rustls_0_23(listener, tls.config),
+            None => server.listen(listener),
+        }
+        .map_err(|source| StartError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?
+        .run();
         let machines = (config.run_machines).then(|| {
-            let controller = MachineController::new(
-                providers,
-                BootConfig {
-                    server_url: format!("http://{addr}"),
-                    join_token: secrets.join_token.clone(),
-                },
-            );
+            let controller =
+                MachineController::new(providers, format!("{scheme}://{addr}"), ca_pem.clone());
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             let source: Arc<dyn NodeSource> = cluster.clone();
             let task = tokio::spawn(controller.clone().run(source, stop_rx));
@@ -275,6 +325,7 @@ impl Application {
             secrets,
             database,
             machines,
+            ca_pem,
         })
     }
 
@@ -294,7 +345,17 @@ impl Application {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The cluster CA (PEM) to pin, when the API is served over TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// The admin token, when this start created it (it is shown only once).
@@ -330,7 +391,7 @@ impl Application {
 }
 
 /// The providers this server makes machines with.
-fn machine_providers(config: &Config) -> Vec<Arc<dyn Machines>> {
+fn machine_providers(config: &Config, hosts: &Arc<Hosts>) -> Vec<Arc<dyn Machines>> {
     let mut providers: Vec<Arc<dyn Machines>> = Vec::new();
     let accepted = config.accepted_providers();
     if accepted.contains(&Provider::Local) {
@@ -346,6 +407,9 @@ fn machine_providers(config: &Config) -> Vec<Arc<dyn Machines>> {
         lxc.bridge = config.lxc_bridge.clone();
         lxc.debs_dir = config.lxc_packages.clone();
         providers.push(LxcProvider::new(lxc));
+    }
+    for kind in hosts.providers() {
+        providers.push(RemoteProvider::new(kind, hosts.clone()));
     }
     providers
 }

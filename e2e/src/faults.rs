@@ -1,5 +1,6 @@
-//! Faults that need real isolation, on an LXC test cluster: network
-//! partitions cut with nftables, and whole nodes hung with `lxc-freeze`.
+//! Faults that need real isolation: network partitions cut with nftables
+//! (between containers of an LXC cluster, or between the loopback
+//! addresses of a local one), and whole nodes hung with `lxc-freeze`.
 //! Every rule lives in tables named after the cluster, removed by
 //! [`Partition`]'s drop (and by the cluster's own cleanup), so a failing
 //! test never leaves the host cut off.
@@ -43,12 +44,28 @@ pub struct Partition {
 
 impl Partition {
     /// Cuts every packet between a node of `side` and a node of `others`
-    /// (names; `adm1` means the host).
+    /// (names; `adm1` means the host). On a local cluster every node is a
+    /// loopback address of this host, so the rules go into the `inet`
+    /// family's output hook, which loopback packets pass.
     pub async fn cut(c: &Cluster, side: &[&str], others: &[&str]) -> anyhow::Result<Partition> {
-        if c.machines != Machines::Lxc {
-            bail!("partitions need the LXC provider");
-        }
         let table = c.nft_table();
+        if c.machines == Machines::Local {
+            let mut rules = String::new();
+            for a in side {
+                for b in others {
+                    let (ia, ib) = (c.address(a), c.address(b));
+                    rules.push_str(&format!(
+                        "    ip saddr {ia} ip daddr {ib} drop\n    ip saddr {ib} ip daddr {ia} drop\n"
+                    ));
+                }
+            }
+            let script = format!(
+                "table inet {table} {{\n  chain output {{\n    type filter hook output priority -10; policy accept;\n{rules}  }}\n}}\n"
+            );
+            heal(&table).await;
+            nft(&script).await.context("cutting the network")?;
+            return Ok(Partition { table });
+        }
         let host = c.address("adm1");
         let mut bridge_rules = String::new();
         let mut host_rules_in = String::new();
@@ -74,6 +91,20 @@ impl Partition {
         // Start from a clean slate: a previous partition's rules go.
         heal(&table).await;
         nft(&script).await.context("cutting the network")?;
+        Ok(Partition { table })
+    }
+
+    /// Cuts one TCP connection of this host, both ways: every packet
+    /// between local port `a` and local port `b` (on a local cluster,
+    /// where nodes' connections between loopback addresses all leave from
+    /// 127.0.0.1 and cannot be told apart by address).
+    pub async fn cut_ports(c: &Cluster, a: u16, b: u16) -> anyhow::Result<Partition> {
+        let table = c.nft_table();
+        let script = format!(
+            "table inet {table} {{\n  chain output {{\n    type filter hook output priority -10; policy accept;\n    tcp sport {a} tcp dport {b} drop\n    tcp sport {b} tcp dport {a} drop\n  }}\n}}\n"
+        );
+        heal(&table).await;
+        nft(&script).await.context("cutting the connection")?;
         Ok(Partition { table })
     }
 

@@ -116,6 +116,8 @@ pub struct Cluster {
     up: Option<Up>,
     web: u32,
     db: u32,
+    /// More arguments for `corral up` (e.g. `--providers virtualbox`).
+    extra_args: Vec<String>,
 }
 
 /// Why LXC tests cannot run on this host, if they cannot: they need root,
@@ -171,16 +173,27 @@ impl Cluster {
     /// `corral up` with `web` and `db` nodes on `127.0.<octet>.0/24`; returns
     /// once it says the cluster is ready.
     pub async fn up(octet: u8, web: u32, db: u32) -> anyhow::Result<Cluster> {
-        Self::up_on(Machines::Local, octet, web, db).await
+        Self::up_on(Machines::Local, octet, web, db, &[]).await
+    }
+
+    /// [`Cluster::up`] with more arguments for `corral up`.
+    pub async fn up_with(octet: u8, web: u32, db: u32, args: &[&str]) -> anyhow::Result<Cluster> {
+        Self::up_on(Machines::Local, octet, web, db, args).await
     }
 
     /// `corral up --provider lxc` with containers on `192.168.<octet>.0/24`
     /// and a bridge of that octet's own.
     pub async fn up_lxc(octet: u8, web: u32, db: u32) -> anyhow::Result<Cluster> {
-        Self::up_on(Machines::Lxc, octet, web, db).await
+        Self::up_on(Machines::Lxc, octet, web, db, &[]).await
     }
 
-    async fn up_on(machines: Machines, octet: u8, web: u32, db: u32) -> anyhow::Result<Cluster> {
+    async fn up_on(
+        machines: Machines,
+        octet: u8,
+        web: u32,
+        db: u32,
+        args: &[&str],
+    ) -> anyhow::Result<Cluster> {
         for b in ["corral", "corral-agent", "todomvc"] {
             bin(b);
         }
@@ -206,6 +219,7 @@ impl Cluster {
             up: None,
             web,
             db,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
         };
         cluster.start().await?;
         Ok(cluster)
@@ -336,6 +350,7 @@ impl Cluster {
             .arg(bin("corral-agent"))
             .arg("--ready-timeout")
             .arg("240s")
+            .args(&self.extra_args)
             .env(
                 "RUST_LOG",
                 std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -376,6 +391,19 @@ impl Cluster {
         self.token = std::fs::read_to_string(self.dir.path().join("admin-token"))?
             .trim()
             .to_string();
+        // Off loopback (LXC) the control plane speaks TLS with the cluster
+        // CA it made in the state dir; pin it, as agents and the CLI do.
+        if let Ok(ca) = std::fs::read(self.dir.path().join("tls/ca.pem")) {
+            if let Some(rest) = self.url.strip_prefix("http://") {
+                self.url = format!("https://{rest}");
+            }
+            self.http = reqwest::Client::builder()
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+                .timeout(Duration::from_secs(10))
+                .build()?;
+        }
         Ok(())
     }
 

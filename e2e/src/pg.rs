@@ -7,13 +7,24 @@ use anyhow::{Context, bail};
 
 use crate::{Cluster, run};
 
-/// SQL as the superuser over the node's private socket.
+/// SQL as the superuser over the node's private socket, in the app's
+/// database.
 pub async fn sql(c: &Cluster, node: &str, query: &str) -> anyhow::Result<String> {
+    sql_in(c, node, "todomvc", query).await
+}
+
+/// SQL as the superuser over the node's private socket, in `database`.
+pub async fn sql_in(
+    c: &Cluster,
+    node: &str,
+    database: &str,
+    query: &str,
+) -> anyhow::Result<String> {
     let socket = c.pg_socket_dir(node).await?;
     let out = run(Command::new("/usr/lib/postgresql/15/bin/psql")
         .arg("-h")
         .arg(&socket)
-        .args(["-U", "postgres", "-d", "todomvc", "-XAtq", "-c", query])
+        .args(["-U", "postgres", "-d", database, "-XAtq", "-c", query])
         .env("PGCONNECT_TIMEOUT", "3")
         .env("PGOPTIONS", "-c statement_timeout=5000"))
     .await?;

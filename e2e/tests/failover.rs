@@ -49,6 +49,35 @@ fn signal_all(pids: &[u32], signal: Signal) {
     }
 }
 
+/// The local port of `node`'s WAL receiver connection (to its primary's
+/// 5432), from the receiver's socket in /proc/net/tcp.
+fn walreceiver_port(c: &Cluster, node: &str) -> Option<u16> {
+    let receiver = node_processes(c, node).into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).starts_with("postgres: walreceiver"))
+    })?;
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{receiver}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|l| {
+            l.to_string_lossy()
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(String::from)
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, inode) = (f.get(1)?, f.get(2)?, f.get(9)?);
+        let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
+        (inodes.iter().any(|i| i == inode) && port(remote) == Some(5432))
+            .then(|| port(local))
+            .flatten()
+    })
+}
+
 /// Thaws what a test froze, also when it fails.
 struct Frozen(Vec<u32>);
 
@@ -104,6 +133,56 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     .expect("sync mode");
     let w = Writer::start(&c, "nginx1");
     let primary = settled(&c, &w, "start").await.expect("start");
+
+    // 0. A slow HA step must not fence a healthy primary: a transaction
+    // holding the view pg_stat_wal_receiver exclusively for 4 s makes the
+    // step's status query (which reads it) wait, far past the 2 s fencing
+    // bound, while postgres itself answers (its alive check, the webapps).
+    // The lock stays confirmed apart from the step, so the primary is
+    // still the primary afterwards, on the same timeline. (Stalling every
+    // query, with pg_class, must fence instead: the alive check times out
+    // and the leader session ends, as for a hung server.)
+    let fences = || {
+        std::fs::read_to_string(c.node_root(&primary).join("agent.log"))
+            .unwrap_or_default()
+            .matches("fencing: stopping the primary")
+            .count()
+    };
+    let (fences_before, timeline) = (
+        fences(),
+        sql(
+            &c,
+            &primary,
+            "SELECT timeline_id FROM pg_control_checkpoint()",
+        )
+        .await
+        .expect("timeline"),
+    );
+    // (In `postgres`, the database the agent's queries use: catalogs and
+    // their views are per database.)
+    corral_e2e::pg::sql_in(
+        &c,
+        &primary,
+        "postgres",
+        "BEGIN; LOCK TABLE pg_catalog.pg_stat_wal_receiver IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT",
+    )
+    .await
+    .expect("holding pg_stat_wal_receiver for 4 s");
+    let primary = settled(&c, &w, "a 4 s stall of the primary's queries")
+        .await
+        .expect("after the stall");
+    assert_eq!(fences(), fences_before, "the stalled primary fenced itself");
+    assert_eq!(
+        sql(
+            &c,
+            &primary,
+            "SELECT timeline_id FROM pg_control_checkpoint()"
+        )
+        .await
+        .expect("timeline"),
+        timeline,
+        "the primary changed"
+    );
 
     // 1. kill -9 of the primary's postgres.
     kill_postgres(&c, &primary).expect("kill postgres");
@@ -185,6 +264,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
 
     // 3. The whole primary node frozen (agent, consul, postgres), then
     // thawed: a failover, then the old primary rewinds and rejoins.
+    let frozen_node = primary.clone();
     let frozen = Frozen(node_processes(&c, &primary));
     assert!(
         frozen.0.len() >= 3,
@@ -202,6 +282,19 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     )
     .await
     .expect("after node freeze");
+    // It rejoined by pg_rewind (as `rewinder`, with the replication
+    // password; a first try may meet the new primary still starting), not
+    // by the fallback of a fresh clone.
+    let log = std::fs::read_to_string(c.node_root(&frozen_node).join("agent.log"))
+        .expect("the frozen node's agent log");
+    assert!(
+        log.contains("rewound with pg_rewind") && !log.contains("cloning the primary afresh"),
+        "{frozen_node} did not rejoin by pg_rewind:\n{}",
+        log.lines()
+            .filter(|l| l.contains("rewind") || l.contains("clon"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let primary = standby;
 
     // 4. The whole primary node crashes (agent, consul, every postgres
@@ -218,13 +311,62 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
         .await
         .expect("after node crash");
 
-    // 5. Switchover and back.
+    // 5. Switchover and back. During the first, the target's WAL stops
+    // arriving from just before the request until 4 s after the primary
+    // recorded the switchover (packets between the two dropped; in sync
+    // mode no commit is acknowledged meanwhile): the old primary shuts
+    // down and its leader session dies with its postgres-alive check,
+    // freeing the lock, but the target must not take over before it has
+    // the old primary's last records. So the old primary follows it
+    // cleanly, with no pg_rewind, and nothing acknowledged is lost.
     let first = primary.clone();
+    let rewinds = || {
+        std::fs::read_to_string(c.node_root(&first).join("agent.log"))
+            .unwrap_or_default()
+            .matches("pg_rewind")
+            .count()
+    };
+    let rewinds_before = rewinds();
     for (to, what) in [
         (other(&c, &first), "switchover"),
         (first.clone(), "switchover back"),
     ] {
-        switchover(&c, &to).await.expect(what);
+        // The first switchover runs beside the cut; both borrow the cluster.
+        let slow = async {
+            if what != "switchover" {
+                return true;
+            }
+            let consul = format!(
+                "http://{}:8500/v1/kv/service/postgres/switchover",
+                c.address("adm1")
+            );
+            let http = reqwest::Client::new();
+            // Cut before the request: the switchover shuts the primary down
+            // within a fraction of a second of recording itself.
+            let port = walreceiver_port(&c, &to).expect("the target's WAL receiver connection");
+            let cut = corral_e2e::faults::Partition::cut_ports(&c, port, 5432)
+                .await
+                .expect("cutting the network");
+            let deadline = std::time::Instant::now() + LONG;
+            while std::time::Instant::now() < deadline {
+                let recorded = http
+                    .get(&consul)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                if recorded {
+                    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+                    cut.heal().await;
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            cut.heal().await;
+            false
+        };
+        let (cut, done) = tokio::join!(slow, switchover(&c, &to));
+        done.expect(what);
+        assert!(cut, "the switchover record never appeared");
         eventually(
             &format!("{to} to be primary after the {what}"),
             LONG,
@@ -234,6 +376,13 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
         .expect(what);
         let now = settled(&c, &w, what).await.expect(what);
         assert_eq!(now, to, "{what}");
+        if what == "switchover" {
+            assert_eq!(
+                rewinds(),
+                rewinds_before,
+                "{first} needed pg_rewind to follow {to}: {to} took over before it had {first}'s last WAL"
+            );
+        }
     }
     let primary = first;
 

@@ -3,15 +3,31 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `POST /api/v1/agents/enroll`: trade the cluster join token for a token of
-/// this node's own.
+/// `POST /api/v1/agents/enroll`: trade the node's single-use enrollment
+/// secret for a token of this node's own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
-    #[cfg_attr(feature = "openapi", schema(example = "nginx1"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(example = "nginx1", pattern = "^[a-z][a-z0-9-]{0,62}$")
+    )]
     pub node: String,
-    pub join_token: String,
+    /// The node's enrollment secret: minted when its provider made the
+    /// machine, or by an admin (`corral nodes reenroll NODE`).
+    pub secret: String,
+}
+
+/// `POST /api/v1/nodes/{name}/enroll-secret`: a node's new enrollment
+/// secret, shown once (stored hashed). A secret minted before is void.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EnrollSecret {
+    pub node: String,
+    pub secret: String,
+    /// After this the secret is refused; it is used up by one enrollment.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

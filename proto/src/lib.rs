@@ -7,19 +7,23 @@ pub mod agent;
 pub mod error;
 pub mod event;
 pub mod logs;
+pub mod machine;
 pub mod node;
 pub mod order;
 pub mod topology;
 
 pub use agent::{
-    EnrollRequest, EnrollResponse, Heartbeat, MetricsSample, ObservedState, ReplicationRole,
-    ReplicationStatus, ServiceState, ServiceStatus,
+    EnrollRequest, EnrollResponse, EnrollSecret, Heartbeat, MetricsSample, ObservedState,
+    ReplicationRole, ReplicationStatus, ServiceState, ServiceStatus,
 };
 pub use error::ErrorBody;
 pub use event::Event;
 pub use logs::{
     KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_BATCH_LINES, MAX_LOG_LINE_CHARS,
     validate_service_name,
+};
+pub use machine::{
+    HostMachine, HostOrders, HostPoll, MachineOrder, MachineResult, MachineSpec, MachineStatus,
 };
 pub use node::{
     CreateNode, Node, NodeHealth, NodeState, Provider, Role, ScalableRole, validate_node_name,

@@ -89,7 +89,8 @@ pub enum Provider {
     Lxc,
     /// A VirtualBox VM driven through VBoxManage.
     Virtualbox,
-    /// Installed by hand; its agent enrolls with the join token.
+    /// Installed by hand; its agent enrolls with a secret an admin mints
+    /// (`corral nodes reenroll NODE`).
     Manual,
 }
 

@@ -126,6 +126,22 @@ pub struct PostgresSpec {
     pub database: String,
     pub user: String,
     pub password: String,
+    /// Password of the `replicator` (streaming only) and `rewinder`
+    /// (pg_rewind's file reads) roles, not the application's. Orders from
+    /// before it existed lack it: the application password then stands in.
+    #[serde(default)]
+    pub replication_password: String,
+}
+
+impl PostgresSpec {
+    /// The password of the replication roles.
+    pub fn replication_password(&self) -> &str {
+        if self.replication_password.is_empty() {
+            &self.password
+        } else {
+            &self.replication_password
+        }
+    }
 }
 
 /// A planned change of primary: the order goes to the current primary.

@@ -5,6 +5,9 @@
 #   DATABASE_URL=postgres://... scripts/bench/orders.sh
 #   CORRAL_BIN=/path/to/corral scripts/bench/orders.sh   (compare two builds)
 #   PERF_OUT=/tmp/perf.data scripts/bench/orders.sh      (profile the fan-out)
+#   TLS=on|off|both scripts/bench/orders.sh               default both: plain
+#       HTTP first (the same-run baseline), then TLS (--tls on, every agent
+#       a TLS connection pinning the cluster CA)
 #
 # Starts a release `corral serve` (SQLite in a temporary state dir unless
 # DATABASE_URL is set), creates AGENTS web nodes, enrolls an agent for each,
@@ -30,22 +33,35 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-# /16 so the address pool holds 10,000+ nodes.
-RUST_LOG=${RUST_LOG:-info,sqlx=warn} "${CORRAL_BIN:-target/release/corral}" serve --listen "127.0.0.1:$port" --state-dir "$work/state" \
-  --network 127.0.11.0/16 >"$work/token" 2>"$work/server.log" &
-server_pid=$!
-for _ in $(seq 1 300); do
-  grep -q '^serving on' "$work/server.log" 2>/dev/null && break
-  kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
-  sleep 0.1
-done
-echo "==> corral serve pid $server_pid on 127.0.0.1:$port ($(grep -o '(sqlite)\|(postgresql)' "$work/server.log" | head -1)), $agents agents, $(nproc) cores" >&2
+run_once() {
+  local tls=$1 state="$work/state-$1"
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  # /16 so the address pool holds 10,000+ nodes.
+  RUST_LOG=${RUST_LOG:-info,sqlx=warn} "${CORRAL_BIN:-target/release/corral}" serve --listen "127.0.0.1:$port" --state-dir "$state" \
+    --network 127.0.11.0/16 --no-machines --tls "$tls" >"$work/token-$tls" 2>"$work/server-$tls.log" &
+  server_pid=$!
+  for _ in $(seq 1 300); do
+    grep -q '^serving on' "$work/server-$tls.log" 2>/dev/null && break
+    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server-$tls.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  local scheme=http ca=()
+  if [ "$tls" = on ]; then scheme=https; ca=(--ca "$state/tls/ca.pem"); fi
+  echo "==> TLS $tls: corral serve pid $server_pid on $scheme://127.0.0.1:$port ($(grep -o '(sqlite)\|(postgresql)' "$work/server-$tls.log" | head -1)), $agents agents, $(nproc) cores" >&2
+  target/release/examples/orders_bench \
+    --url "$scheme://127.0.0.1:$port" \
+    --token "$(head -n1 "$work/token-$tls")" \
+    "${ca[@]}" \
+    --agents "$agents" \
+    --server-pid "$server_pid" \
+    ${PERF_OUT:+--perf-out "$PERF_OUT"}
+  kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+}
 
-target/release/examples/orders_bench \
-  --url "http://127.0.0.1:$port" \
-  --token "$(head -n1 "$work/token")" \
-  --join-token "$(cat "$work/state/join-token")" \
-  --agents "$agents" \
-  --server-pid "$server_pid" \
-  ${PERF_OUT:+--perf-out "$PERF_OUT"}
+case "${TLS:-both}" in
+  both) run_once off; run_once on ;;
+  on|off) run_once "$TLS" ;;
+  *) echo "TLS must be on, off or both" >&2; exit 2 ;;
+esac

@@ -1,5 +1,5 @@
 //! Node agents simulated through the server's real agent endpoints:
-//! enroll with the join token, take orders, report results, send
+//! enroll with a secret minted for each node, take orders, report results, send
 //! heartbeats with an observed state and ship log lines. A test moves a
 //! node step by step, or marks it live to have a background loop apply
 //! its orders and keep its heartbeats going, as a healthy agent would.
@@ -32,7 +32,6 @@ pub struct Agents {
     http: reqwest::Client,
     url: String,
     admin: String,
-    join: String,
     known: Mutex<Known>,
 }
 
@@ -42,7 +41,6 @@ impl Agents {
             http: reqwest::Client::new(),
             url: server.url.clone(),
             admin: server.admin_token.clone(),
-            join: server.join_token.clone(),
             known: Mutex::default(),
         })
     }
@@ -77,8 +75,22 @@ impl Agents {
     pub async fn enroll(&self, node: &str) -> anyhow::Result<()> {
         let res = self
             .http
+            .post(format!("{}/api/v1/nodes/{node}/enroll-secret", self.url))
+            .bearer_auth(&self.admin)
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!(
+                "minting {node}'s secret: {} {}",
+                res.status(),
+                res.text().await?
+            );
+        }
+        let minted: corral_proto::EnrollSecret = res.json().await?;
+        let res = self
+            .http
             .post(format!("{}/api/v1/agents/enroll", self.url))
-            .json(&json!({"node": node, "join_token": self.join}))
+            .json(&json!({"node": node, "secret": minted.secret}))
             .send()
             .await?;
         if !res.status().is_success() {

@@ -21,7 +21,6 @@ pub fn built_ui() -> anyhow::Result<PathBuf> {
 pub struct Server {
     pub url: String,
     pub admin_token: String,
-    pub join_token: String,
     handle: actix_web::dev::ServerHandle,
     _state: tempfile::TempDir,
 }
@@ -45,7 +44,6 @@ impl Server {
         let server = Server {
             url: app.url(),
             admin_token: read("admin-token")?,
-            join_token: read("join-token")?,
             handle: app.handle(),
             _state: state,
         };

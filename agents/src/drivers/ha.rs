@@ -65,6 +65,13 @@ pub struct Switchover {
     pub from: String,
     pub to: String,
     pub at_ms: u64,
+    /// Where the old primary's shutdown checkpoint starts, once it has shut
+    /// down (0 until then): the target may promote only with WAL past it,
+    /// whatever happens to the lock meanwhile (the old primary's session
+    /// dies with its postgres-alive check during the shutdown, which frees
+    /// the lock before the target has the last records).
+    #[serde(default)]
+    pub min_lsn: u64,
 }
 
 /// The KV keys of one cluster, derived from the leader key of the order
@@ -137,11 +144,22 @@ pub fn may_promote(
     if let Some(s) = switchover
         && now_ms.saturating_sub(s.at_ms) <= SWITCHOVER_TTL.as_millis() as u64
     {
-        // The old primary checked its target is caught up before it let go.
-        return if s.to == me.node {
-            Ok(())
-        } else {
+        // The old primary checked its target was caught up before it shut
+        // down; the target takes over only with every record it wrote.
+        return if s.to != me.node {
             Err(format!("a switchover to {} is in progress", s.to))
+        } else if s.min_lsn == 0 {
+            Err(format!(
+                "waiting for {} to shut down and name its last WAL position",
+                s.from
+            ))
+        } else if me.lsn <= s.min_lsn {
+            Err(format!(
+                "the switchover needs WAL past {} (the shutdown checkpoint of {}); I have {}",
+                s.min_lsn, s.from, me.lsn
+            ))
+        } else {
+            Ok(())
         };
     }
     for other in others.iter().filter(|o| o.node != me.node) {
@@ -348,6 +366,7 @@ mod tests {
             from: "pg1".into(),
             to: "pg2".into(),
             at_ms: NOW - 1000,
+            min_lsn: 99,
         };
         assert!(may_promote(&pg2, &all, ReplicationMode::Async, Some(&s), None, NOW).is_ok());
         assert!(may_promote(&pg3, &all, ReplicationMode::Async, Some(&s), None, NOW).is_err());
@@ -356,6 +375,47 @@ mod tests {
             ..s
         };
         assert!(may_promote(&pg3, &all, ReplicationMode::Async, Some(&old), None, NOW).is_ok());
+    }
+
+    #[test]
+    fn a_switchover_target_waits_for_the_old_primarys_last_wal_even_with_the_lock_free() {
+        let pg2 = member("pg2", MemberRole::Replica, 100, NOW);
+        let mut s = Switchover {
+            from: "pg1".into(),
+            to: "pg2".into(),
+            at_ms: NOW - 1000,
+            min_lsn: 0,
+        };
+        // pg1 has not shut down yet, or not said where its WAL ends.
+        let why = may_promote(
+            &pg2,
+            std::slice::from_ref(&pg2),
+            ReplicationMode::Sync,
+            Some(&s),
+            None,
+            NOW,
+        )
+        .expect_err("no promotion before the old primary names its last position");
+        assert!(why.contains("pg1"), "{why}");
+        // Its shutdown checkpoint starts at 100: pg2 needs WAL past it.
+        s.min_lsn = 100;
+        assert!(
+            may_promote(
+                &pg2,
+                std::slice::from_ref(&pg2),
+                ReplicationMode::Sync,
+                Some(&s),
+                None,
+                NOW
+            )
+            .is_err()
+        );
+        let caught_up = member("pg2", MemberRole::Replica, 101, NOW);
+        assert!(may_promote(&caught_up, &[], ReplicationMode::Async, Some(&s), None, NOW).is_ok());
+        // A record from before min_lsn existed reads as 0: it waits too.
+        let old: Switchover =
+            serde_json::from_str(r#"{"from":"pg1","to":"pg2","at_ms":1}"#).expect("old record");
+        assert_eq!(old.min_lsn, 0);
     }
 
     #[test]

@@ -26,13 +26,19 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use super::ha::{self, FENCE_AFTER, Keys, Member, MemberRole};
+
+/// How often a primary confirms its lock apart from the HA step.
+const CONFIRM_EVERY: Duration = Duration::from_millis(250);
 use super::leader::{ALIVE_CHECK, LeaderLock, LockState};
 use super::{DriverError, NodeContext, mkdir};
 use crate::host::{Account, HostError, OneShot, ServiceSpec};
 
 pub const SERVICE: &str = "postgres";
-/// The role standbys replicate (and pg_rewind reads) as.
+/// The role standbys replicate as: REPLICATION and LOGIN, nothing else.
 pub const REPLICATION_USER: &str = "replicator";
+/// The role pg_rewind reads the new primary's files as: LOGIN plus the
+/// four functions pg_rewind calls, and no replication.
+pub const REWIND_USER: &str = "rewinder";
 /// How long a new standby waits for a primary to appear in Consul.
 const PRIMARY_WAIT: Duration = Duration::from_secs(300);
 /// A standby that follows a leader but has not streamed from it for this
@@ -189,6 +195,11 @@ impl PostgresDriver {
             ("max_replication_slots", "10".into()),
             ("hot_standby", "on".into()),
             ("wal_log_hints", "on".into()),
+            // A former primary rewinds by reading its own WAL back to the
+            // last checkpoint before the timelines forked: keep enough that
+            // a checkpoint after the fork has not recycled it (else
+            // pg_rewind fails and the node is cloned whole).
+            ("wal_keep_size", "256MB".into()),
             // A standby retries its primary (a new one after a failover)
             // every half second instead of every five.
             ("wal_retrieve_retry_interval", "500ms".into()),
@@ -327,22 +338,45 @@ impl PostgresDriver {
         Ok(())
     }
 
+    /// The application's role and the two replication roles, each with
+    /// the least it needs: the webapp's password opens neither replication
+    /// role, `replicator` can stream but read no file, `rewinder` can read
+    /// the files pg_rewind needs but not stream. (A cluster made before the
+    /// split had `replicator` holding the file functions: they are revoked.)
     async fn create_roles(&self, spec: &PostgresSpec) -> Result<(), DriverError> {
+        let functions = [
+            "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+            "pg_catalog.pg_stat_file(text, boolean)",
+            "pg_catalog.pg_read_binary_file(text)",
+            "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
+        ];
+        let grants: String = functions
+            .iter()
+            .map(|f| {
+                format!(
+                    "REVOKE EXECUTE ON FUNCTION {f} FROM {repl}; GRANT EXECUTE ON FUNCTION {f} TO {rew}; ",
+                    repl = ident(REPLICATION_USER),
+                    rew = ident(REWIND_USER),
+                )
+            })
+            .collect();
         let sql = format!(
             "DO $$BEGIN \
              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {repl_lit}) THEN CREATE ROLE {repl} WITH REPLICATION LOGIN; END IF; \
+             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {rew_lit}) THEN CREATE ROLE {rew} WITH LOGIN; END IF; \
              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {user_lit}) THEN CREATE ROLE {user} WITH LOGIN; END IF; \
              END$$; \
-             ALTER ROLE {repl} WITH PASSWORD {pw}; ALTER ROLE {user} WITH PASSWORD {pw}; \
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {repl}; \
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {repl}; \
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO {repl}; \
-             GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {repl};",
+             ALTER ROLE {repl} WITH REPLICATION LOGIN PASSWORD {repl_pw}; \
+             ALTER ROLE {rew} WITH NOREPLICATION LOGIN PASSWORD {repl_pw}; \
+             ALTER ROLE {user} WITH NOREPLICATION PASSWORD {pw}; {grants}",
             repl_lit = literal(REPLICATION_USER),
             repl = ident(REPLICATION_USER),
+            rew_lit = literal(REWIND_USER),
+            rew = ident(REWIND_USER),
             user_lit = literal(&spec.user),
             user = ident(&spec.user),
             pw = literal(&spec.password),
+            repl_pw = literal(spec.replication_password()),
         );
         self.query(spec.port, &sql).await?;
         let exists = self
@@ -476,7 +510,7 @@ impl PostgresDriver {
             .arg("--checkpoint=fast")
             .arg("-S")
             .arg(slot.clone())
-            .env("PGPASSWORD", spec.password.clone())
+            .env("PGPASSWORD", spec.replication_password().to_string())
             .env("PGCONNECT_TIMEOUT", "5")
             .run_as(Self::account())
             .timeout(Duration::from_secs(600));
@@ -711,7 +745,7 @@ impl PostgresDriver {
     fn conninfo(&self, spec: &PostgresSpec, address: IpAddr, port: u16) -> String {
         format!(
             "host={address} port={port} user={REPLICATION_USER} password={} application_name={} connect_timeout=2",
-            conninfo_value(&spec.password),
+            conninfo_value(spec.replication_password()),
             conninfo_value(&self.ctx.node)
         )
     }
@@ -791,14 +825,56 @@ impl PostgresDriver {
             .collect())
     }
 
-    /// Runs forever: the HA loop and its fencing watchdog.
+    /// Runs forever: the HA loop, the lock confirmer and the fencing
+    /// watchdog.
     pub async fn keeper(self: Arc<Self>) {
         tokio::spawn(self.clone().watchdog());
+        tokio::spawn(self.clone().confirmer());
         loop {
             if let Err(e) = self.step().await {
                 tracing::debug!(error = %e, "postgres HA step");
             }
             tokio::time::sleep(ha::TICK).await;
+        }
+    }
+
+    /// Confirms a primary's lock on its own clock, every [`CONFIRM_EVERY`],
+    /// with one Consul read, outside the HA mutex. The HA step confirms too,
+    /// but one step (psql, about ten Consul calls, a reload) can take longer
+    /// than [`FENCE_AFTER`] on a loaded machine, and a healthy primary
+    /// fenced itself. Only a primary that confirmed its lock before is kept
+    /// confirmed: this never makes a node primary, and a fence between the
+    /// read and the write wins (both hold the same mutex).
+    async fn confirmer(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(CONFIRM_EVERY).await;
+            if self.confirmed.lock().expect("lock").is_none() {
+                continue;
+            }
+            let Some(key) = self
+                .desired
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .map(|s| Keys::new(&s.leader_key).leader)
+            else {
+                continue;
+            };
+            let Some(mine) = self.leader.session() else {
+                continue;
+            };
+            let asked = Instant::now();
+            let held = matches!(
+                self.ctx.consul.kv_get(&key).await,
+                Ok(Some(entry)) if entry.session.as_deref() == Some(mine.as_str())
+            );
+            if held {
+                let mut confirmed = self.confirmed.lock().expect("lock");
+                if let Some(last) = *confirmed {
+                    // As of when we asked: a slow answer confirms no later.
+                    *confirmed = Some(last.max(asked));
+                }
+            }
         }
     }
 
@@ -1235,14 +1311,14 @@ impl PostgresDriver {
     async fn rejoin(&self, spec: &PostgresSpec, leader: &Member) -> Result<(), DriverError> {
         let started = Instant::now();
         let source = format!(
-            "host={} port={} user={REPLICATION_USER} dbname=postgres connect_timeout=5",
+            "host={} port={} user={REWIND_USER} dbname=postgres connect_timeout=5",
             leader.address, leader.port
         );
         let cmd = OneShot::new(self.bin("pg_rewind"), &["--target-pgdata"])
             .arg(self.pgdata().display().to_string())
             .arg("--source-server")
             .arg(source)
-            .env("PGPASSWORD", spec.password.clone())
+            .env("PGPASSWORD", spec.replication_password().to_string())
             .run_as(Self::account())
             .timeout(Duration::from_secs(600));
         let out = self.ctx.host.run(&cmd).await?;
@@ -1378,10 +1454,11 @@ impl PostgresDriver {
             .await?
             .map_err(DriverError::Refused)?;
         let target = |members: &[Member]| members.iter().find(|m| m.node == to).cloned();
-        let record = ha::Switchover {
+        let mut record = ha::Switchover {
             from: node.clone(),
             to: to.clone(),
             at_ms: ha::now_ms(),
+            min_lsn: 0,
         };
         self.ctx
             .consul
@@ -1394,6 +1471,17 @@ impl PostgresDriver {
         *self.confirmed.lock().expect("lock") = None;
         self.ctx.host.stop(SERVICE).await?;
         let end = self.checkpoint_lsn().await?;
+        // The target may promote only past this, even if the lock frees
+        // before it has the last records (it does: our leader session dies
+        // with its postgres-alive check during the shutdown).
+        record.min_lsn = end;
+        self.ctx
+            .consul
+            .kv_put(
+                &keys.switchover,
+                &serde_json::to_string(&record).expect("json"),
+            )
+            .await?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let members = self.members(&keys).await.unwrap_or_default();
@@ -1401,12 +1489,7 @@ impl PostgresDriver {
                 break;
             }
             if Instant::now() > deadline {
-                let _ = self.ctx.consul.kv_delete(&keys.switchover).await;
-                self.ctx.host.ensure(&self.service_spec(&spec)).await?;
-                *self.confirmed.lock().expect("lock") = Some(Instant::now());
-                return Err(DriverError::Refused(format!(
-                    "{to} did not receive the final WAL within 15 s; {node} stays primary"
-                )));
+                return Err(self.give_up_switchover(&spec, &keys, &to).await);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1439,6 +1522,44 @@ impl PostgresDriver {
         Ok(format!(
             "switched over from {node} to {to} in {:.1} s; {node} follows it as a standby",
             started.elapsed().as_secs_f64()
+        ))
+    }
+
+    /// A switchover whose target did not get the final WAL in time: this
+    /// node has the newest WAL, so it comes back, but as primary only while
+    /// it still holds the leader lock. Its session usually died during the
+    /// shutdown (postgres-alive failed), freeing the lock: then it comes
+    /// back as a standby of nothing and wins the election that follows
+    /// (no one is ahead of it), rather than writing without the lock.
+    async fn give_up_switchover(&self, spec: &PostgresSpec, keys: &Keys, to: &str) -> DriverError {
+        let node = &self.ctx.node;
+        let held = match (
+            self.leader.session(),
+            self.ctx.consul.lock_holder(&keys.leader).await,
+        ) {
+            (Some(mine), Ok(Some(holder))) => holder == mine,
+            _ => false,
+        };
+        let _ = self.ctx.consul.kv_delete(&keys.switchover).await;
+        if held {
+            if let Err(e) = self.ctx.host.ensure(&self.service_spec(spec)).await {
+                return e.into();
+            }
+            *self.confirmed.lock().expect("lock") = Some(Instant::now());
+            return DriverError::Refused(format!(
+                "{to} did not receive the final WAL within 15 s; {node} stays primary"
+            ));
+        }
+        if let Err(e) = self.write_standby_signal() {
+            return e;
+        }
+        if let Err(e) = self.ctx.host.ensure(&self.service_spec(spec)).await {
+            return e.into();
+        }
+        DriverError::Refused(format!(
+            "{to} did not receive the final WAL within 15 s, and {node} lost the leader lock \
+             while shut down: it is back as a standby and, holding the newest WAL, wins the \
+             election that follows"
         ))
     }
 

@@ -1,4 +1,4 @@
-//! What node agents call: enroll with the join token, long-poll their
+//! What node agents call: enroll with their node's secret, long-poll their
 //! orders, report each order's result, and send heartbeats.
 
 use std::time::Duration;
@@ -25,8 +25,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/agents/{name}/heartbeat").route(web::post().to(heartbeat)));
 }
 
-/// Trades the cluster join token for the node's own agent token. Enrolling
-/// again (an agent that lost its state) replaces the previous token.
+/// Trades the node's single-use enrollment secret for the node's own agent
+/// token. Enrolling again (with a newly minted secret) replaces the
+/// previous token.
 #[utoipa::path(
     post,
     path = "/api/v1/agents/enroll",
@@ -35,8 +36,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     responses(
         (status = 200, description = "The node's token (shown once)", body = EnrollResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
-        (status = 401, description = "Wrong join token", body = ErrorBody),
-        (status = 404, description = "No such node: create it first", body = ErrorBody),
+        (status = 403, description = "No valid secret for this node: wrong, used or expired, or no such node, or adm1", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "Unknown field or invalid node name", body = ErrorBody),

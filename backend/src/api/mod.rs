@@ -7,6 +7,7 @@ mod agents;
 mod body;
 mod db;
 mod events;
+mod hosts;
 mod logs;
 mod meta;
 mod nodes;
@@ -51,6 +52,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         nodes::get_node,
         nodes::delete_node,
         nodes::list_orders,
+        nodes::mint_enroll_secret,
         db::switchover,
         events::list_events,
         events::stream_events,
@@ -58,6 +60,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         agents::poll_orders,
         agents::order_result,
         agents::heartbeat,
+        hosts::poll,
+        hosts::order_result,
         logs::post_logs,
         logs::get_logs,
         meta::healthz,
@@ -71,6 +75,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         (name = "db", description = "The PostgreSQL cluster: planned switchover of the primary"),
         (name = "events", description = "The audit log, listed or streamed live"),
         (name = "agents", description = "What node agents call: enroll, long-poll orders, report"),
+        (name = "hosts", description = "What host agents call: long-poll machine orders (VirtualBox VMs), report"),
         (name = "meta", description = "Liveness and version"),
     )
 )]
@@ -113,6 +118,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .configure(db::routes)
                 .configure(events::routes)
                 .configure(agents::routes)
+                .configure(hosts::routes)
                 .configure(logs::routes)
                 .default_service(web::to(not_found)),
         )

@@ -2,7 +2,7 @@
 //! (drain, then remove), and the orders of a node.
 
 use actix_web::{HttpResponse, web};
-use corral_proto::{CreateNode, ErrorBody, Node, Order};
+use corral_proto::{CreateNode, EnrollSecret, ErrorBody, Node, Order};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -23,7 +23,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(get_node))
             .route(web::delete().to(delete_node)),
     )
-    .service(web::resource("/nodes/{name}/orders").route(web::get().to(list_orders)));
+    .service(web::resource("/nodes/{name}/orders").route(web::get().to(list_orders)))
+    .service(
+        web::resource("/nodes/{name}/enroll-secret").route(web::post().to(mint_enroll_secret)),
+    );
 }
 
 /// Every node, oldest first.
@@ -60,7 +63,7 @@ pub async fn list_nodes(
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "An agent token", body = ErrorBody),
-        (status = 409, description = "No free address left, or the role already has the most nodes allowed", body = ErrorBody),
+        (status = 409, description = "No free address left, the role already has the most nodes allowed, or `host_agent_missing`: no host agent of the node's provider (virtualbox) is connected", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "Unknown field or role (adm cannot be added), or `provider_not_configured`: a provider this server does not run", body = ErrorBody),
@@ -96,6 +99,32 @@ pub async fn get_node(
 ) -> Result<web::Json<Node>, ApiError> {
     caller.require_admin()?;
     Ok(web::Json(cluster.node(&name).await?))
+}
+
+/// Mints a new single-use enrollment secret for a node (shown once; one
+/// minted before is void), to enroll its agent again by hand: a machine
+/// that lost its agent's state, a `manual` node. Enrolling with it revokes
+/// the node's current token.
+#[utoipa::path(
+    post,
+    path = "/api/v1/nodes/{name}/enroll-secret",
+    tag = "nodes",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Node name, e.g. nginx1", pattern = "^[a-z][a-z0-9-]{0,62}$")),
+    responses(
+        (status = 201, description = "The secret and when it expires", body = EnrollSecret),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "An agent token", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+    )
+)]
+pub async fn mint_enroll_secret(
+    cluster: web::Data<Cluster>,
+    caller: Caller,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let secret = cluster.mint_enroll_secret(&name, &caller).await?;
+    Ok(created(format!("/api/v1/nodes/{}", secret.node), &secret))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

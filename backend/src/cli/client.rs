@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use corral_proto::{
-    CreateNode, ErrorBody, Event, Node, Order, SwitchoverAccepted, SwitchoverRequest, Topology,
-    TopologyChange, TopologyUpdate,
+    CreateNode, EnrollSecret, ErrorBody, Event, Node, Order, SwitchoverAccepted, SwitchoverRequest,
+    Topology, TopologyChange, TopologyUpdate,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -38,11 +38,17 @@ pub enum Removed {
 }
 
 impl Client {
-    pub fn new(base: &str, token: Option<String>) -> Self {
+    /// A client of the server at `base`, trusting the cluster CA in
+    /// `ca_pem` (and nothing else) when given one.
+    pub fn new(base: &str, token: Option<String>, ca_pem: Option<&[u8]>) -> Self {
+        let builder = crate::tls::client_builder(ca_pem).unwrap_or_else(|e| {
+            eprintln!("warning: {e}");
+            reqwest::Client::builder()
+        });
         Self {
             base: base.trim_end_matches('/').to_string(),
             token,
-            http: reqwest::Client::builder()
+            http: builder
                 .connect_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),
@@ -145,6 +151,11 @@ impl Client {
             detail: e.to_string(),
         })?;
         Ok(Removed::Draining(Box::new(node)))
+    }
+
+    pub async fn mint_enroll_secret(&self, name: &str) -> Result<EnrollSecret, ClientError> {
+        self.json(self.request(Method::POST, &format!("/api/v1/nodes/{name}/enroll-secret")))
+            .await
     }
 
     pub async fn orders(

@@ -37,6 +37,10 @@ pub struct Cli {
         default_value = "http://127.0.11.5:7000"
     )]
     url: String,
+    /// The cluster CA to trust for an https:// server (default:
+    /// tls/ca.pem in --state-dir, if there).
+    #[arg(long, global = true, env = "CORRAL_CA")]
+    ca: Option<PathBuf>,
     /// Admin token (default: the admin-token file in --state-dir, if readable).
     #[arg(long, global = true, env = "CORRAL_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -201,6 +205,15 @@ struct ServeArgs {
     /// else target/debian/repo under the current directory, if there).
     #[arg(long, env = "CORRAL_APT_DIR")]
     apt_dir: Option<PathBuf>,
+    /// TLS for the API and agents: auto (on unless --listen is a loopback
+    /// address), on, or off (refused off loopback). The cluster CA is made
+    /// at first start in <state-dir>/tls/.
+    #[arg(long, env = "CORRAL_TLS", value_enum, default_value_t = crate::tls::TlsMode::Auto)]
+    tls: crate::tls::TlsMode,
+    /// More names or addresses for the server certificate (besides the
+    /// listen address and adm1).
+    #[arg(long = "tls-name", env = "CORRAL_TLS_NAMES", value_delimiter = ',')]
+    tls_names: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -225,6 +238,11 @@ enum NodesCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Mint a node's enrollment secret (single-use, expires in an hour), to
+    /// enroll its agent by hand: a `manual` node, or a machine that lost its
+    /// agent's state. Prints the secret alone on stdout.
+    #[command(alias = "enroll-secret")]
+    Reenroll { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -308,13 +326,32 @@ impl Cli {
         }
     }
 
+    /// `serve` and `up`: the commands that run the server for long.
+    pub fn is_long_running(&self) -> bool {
+        matches!(self.command, Command::Serve(_) | Command::Up(_))
+    }
+
     fn client(&self) -> Client {
         let token = self.token.clone().or_else(|| {
             std::fs::read_to_string(self.state_dir.join("admin-token"))
                 .ok()
                 .map(|s| s.trim().to_string())
         });
-        Client::new(&self.url, token)
+        let ca = match &self.ca {
+            Some(path) => Some(path.clone()),
+            None => Some(self.state_dir.join("tls/ca.pem")).filter(|p| p.is_file()),
+        };
+        let ca_pem = ca.and_then(|path| match std::fs::read(&path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                eprintln!(
+                    "warning: cannot read the cluster CA {}: {e}",
+                    path.display()
+                );
+                None
+            }
+        });
+        Client::new(&self.url, token, ca_pem.as_deref())
     }
 }
 
@@ -352,6 +389,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         })
                         .await?;
                     out.node(&node)
+                }
+                NodesCommand::Reenroll { name } => {
+                    out.enroll_secret(&client.mint_enroll_secret(name).await?)
                 }
                 NodesCommand::Remove { name, force } => {
                     match client.remove_node(name, *force).await? {
@@ -545,6 +585,8 @@ fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(dir) = &args.apt_dir {
         config.apt_dir = Some(dir.clone());
     }
+    config.tls = args.tls;
+    config.tls_names.extend(args.tls_names.iter().cloned());
     if args.max_poll_wait.is_zero() {
         bail!("--max-poll-wait must be more than 0");
     }
@@ -566,10 +608,13 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     );
     eprintln!("  network:   {}", args.network);
     eprintln!("  API docs:  {url}/docs/");
-    eprintln!(
-        "  join token for agents: in {}",
-        cli.state_dir.join("join-token").display()
-    );
+    if app.ca_pem().is_some() {
+        eprintln!(
+            "  TLS:       cluster CA in {} (agents and the CLI pin it; import it in a browser)",
+            cli.state_dir.join("tls/ca.pem").display()
+        );
+    }
+    eprintln!("  agents enroll with per-node secrets: `corral nodes reenroll NODE` mints one");
     if let Some(apt) = &config_apt_dir {
         eprintln!("  apt repo:  {url}/apt/ (from {})", apt.display());
     }

@@ -193,6 +193,23 @@ impl Output {
         Ok(())
     }
 
+    /// A new enrollment secret: the secret alone on stdout (to pipe into
+    /// the node's secret file), how to use it on stderr.
+    pub fn enroll_secret(&self, s: &corral_proto::EnrollSecret) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return print_json(s);
+        }
+        println!("{}", s.secret);
+        eprintln!(
+            "{}'s enrollment secret: single-use, valid until {}. Put it on the node \
+             (enroll-secret-file in /etc/corral/agent.conf, mode 0600); its agent enrolls \
+             with it and its previous token stops working.",
+            s.node,
+            s.expires_at.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        Ok(())
+    }
+
     pub fn switchover(&self, a: &SwitchoverAccepted) -> anyhow::Result<()> {
         if self.format == Format::Json {
             return print_json(a);

@@ -19,8 +19,8 @@ use nix::sys::signal::{Signal, kill};
 use crate::auth::Caller;
 use crate::cluster::Cluster;
 use crate::provider::{
-    BootConfig, LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines,
-    ProviderEvent, Reaper, reaper,
+    LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines, ProviderEvent,
+    Reaper, reaper,
 };
 use crate::startup::{Application, Config};
 
@@ -58,6 +58,8 @@ pub async fn up(mut config: Config, options: UpOptions) -> anyhow::Result<()> {
     Reaper::global();
     let started = Instant::now();
     config.run_machines = true;
+    // The HTTP server lives until the machines are stopped (below).
+    config.stop_on_signals = false;
     let provider = config.default_provider;
     if provider == Provider::Lxc {
         eprintln!(
@@ -348,13 +350,7 @@ pub async fn down(config: Config, purge: bool) -> anyhow::Result<()> {
         lxc.debs_dir = config.lxc_packages.clone();
         providers.push(LxcProvider::new(lxc));
     }
-    let controller = MachineController::new(
-        providers,
-        BootConfig {
-            server_url: String::new(),
-            join_token: String::new(),
-        },
-    );
+    let controller = MachineController::new(providers, String::new(), None);
     let progress = tokio::spawn(show_progress(controller.subscribe()));
     if purge {
         controller.destroy_all().await;

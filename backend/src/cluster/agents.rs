@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use corral_proto::{
-    EnrollRequest, EnrollResponse, Heartbeat, Node, ObservedState, ReplicationStatus,
+    EnrollRequest, EnrollResponse, EnrollSecret, Heartbeat, Node, ObservedState, ReplicationStatus,
     validate_node_name,
 };
 
@@ -18,23 +18,47 @@ use crate::auth::{Caller, hash_token, new_token};
 use crate::store::{self, NewEvent, node};
 
 impl Cluster {
-    /// Trades the join token for a node token; enrolling again revokes the
-    /// previous one.
+    /// Trades a node's enrollment secret for a node token. The secret is
+    /// single-use and expires; it exists only once a provider made the
+    /// node's machine or an admin minted one ([`Cluster::mint_enroll_secret`]).
+    /// Enrolling again (with a new secret) revokes the previous token. A
+    /// wrong, used or expired secret, an unknown node and the admin node all
+    /// get the same refusal, so the answer says nothing about which nodes
+    /// exist. That holds for adm1 too: its agent (the Consul server) has a
+    /// secret from its provider like every other node.
     #[tracing::instrument(skip(self, req), fields(node = %req.node))]
     pub async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, ClusterError> {
-        if !self.secrets.is_join_token(&req.join_token) {
-            return Err(ClusterError::Unauthenticated("invalid join token".into()));
-        }
         validate_node_name(&req.node).map_err(ClusterError::Invalid)?;
+        let refused = || {
+            ClusterError::NotAllowed(format!(
+                "no valid enrollment secret for {}: it is wrong, used or expired \
+                 (an admin mints a new one with `corral nodes reenroll {}`)",
+                req.node, req.node
+            ))
+        };
         let _guard = self.write.lock().await;
-        let row = self.node_row(self.store.conn(), &req.node).await?;
+        let Some(row) = store::node_by_name(self.store.conn(), &req.node).await? else {
+            return Err(refused());
+        };
         let token = new_token("corral-node-");
         let state = match row.state {
             node::State::Draining => node::State::Draining,
             _ => node::State::Active,
         };
+        let now = Utc::now();
         let txn = self.store.begin().await?;
-        store::set_node_token(&txn, row.id, &hash_token(&token), state, Utc::now()).await?;
+        let used = store::enroll_node(
+            &txn,
+            row.id,
+            &hash_token(&req.secret),
+            &hash_token(&token),
+            state,
+            now,
+        )
+        .await?;
+        if !used {
+            return Err(refused());
+        }
         let again = row.token_hash.is_some();
         let events = store::insert_events(
             &txn,
@@ -48,7 +72,7 @@ impl Cluster {
                     format!("{} enrolled", row.name)
                 },
             }],
-            Utc::now(),
+            now,
         )
         .await?;
         txn.commit().await?;
@@ -62,6 +86,41 @@ impl Cluster {
             token,
             address: row.address,
             role: row.role.into(),
+        })
+    }
+
+    /// Mints the one enrollment secret of a node (a secret minted before is
+    /// void), valid for [`ClusterConfig::enroll_secret_ttl`]. Providers call
+    /// this when they make a node's machine, with the secret going into the
+    /// machine only; an admin calls it to enroll a node again by hand.
+    ///
+    /// [`ClusterConfig::enroll_secret_ttl`]: super::ClusterConfig::enroll_secret_ttl
+    #[tracing::instrument(skip(self, caller), fields(actor = %caller.actor()))]
+    pub async fn mint_enroll_secret(
+        &self,
+        name: &str,
+        caller: &Caller,
+    ) -> Result<EnrollSecret, ClusterError> {
+        caller.require_admin()?;
+        let _guard = self.write.lock().await;
+        let row = self.node_row(self.store.conn(), name).await?;
+        let secret = new_token("corral-enroll-");
+        let now = Utc::now();
+        let ttl = chrono::Duration::from_std(self.config.enroll_secret_ttl)
+            .unwrap_or(chrono::Duration::hours(1));
+        let expires_at = now + ttl;
+        store::set_enroll_secret(
+            self.store.conn(),
+            row.id,
+            &hash_token(&secret),
+            expires_at,
+            now,
+        )
+        .await?;
+        Ok(EnrollSecret {
+            node: row.name,
+            secret,
+            expires_at,
         })
     }
 

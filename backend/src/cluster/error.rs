@@ -8,10 +8,11 @@ use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// An unknown or revoked token, or a wrong join token.
+    /// An unknown or revoked token.
     #[error("{0}")]
     Unauthenticated(String),
-    /// The caller may not do this: an agent acting outside its own node.
+    /// The caller may not do this: an agent acting outside its own node, an
+    /// enrollment without a valid secret for the node.
     #[error("{0}")]
     NotAllowed(String),
     /// No such node or order.

@@ -12,6 +12,7 @@ mod change;
 mod db;
 mod error;
 mod events;
+pub mod hosts;
 mod nodes;
 mod orders;
 mod rows;
@@ -37,6 +38,7 @@ use topology::save_spec;
 
 pub use change::Timings;
 pub use error::ClusterError;
+pub use hosts::Hosts;
 pub use rows::{event_from_row, order_from_row};
 
 /// The most orders one poll answer carries; the agent polls again for more.
@@ -57,7 +59,15 @@ pub struct ClusterConfig {
     /// A node is `stale` when its last heartbeat is older than this.
     pub heartbeat_stale_after: Duration,
     pub retention: Retention,
+    /// Machine orders of the providers whose machines host agents make.
+    pub hosts: Arc<hosts::Hosts>,
+    /// How long an enrollment secret stays valid once minted.
+    pub enroll_secret_ttl: Duration,
 }
+
+/// Default lifetime of an enrollment secret: long enough for a VM to boot
+/// and install, short enough that a secret found later is worthless.
+pub const ENROLL_SECRET_TTL: Duration = Duration::from_secs(3600);
 
 /// How much history the database keeps: without bounds, orders and events
 /// (a heartbeat that changes what a node reports is one) grow forever.

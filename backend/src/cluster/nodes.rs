@@ -57,6 +57,7 @@ impl Cluster {
                 configured: self.config.providers.clone(),
             });
         }
+        self.require_host_agent(provider)?;
         let mut desired = self.write.lock().await;
         let txn = self.store.begin().await?;
         let now = Utc::now();

@@ -72,6 +72,9 @@ pub trait NodeSource: Send + Sync + 'static {
     fn node_changes(&self) -> watch::Receiver<u64>;
     /// Writes an audit event about a node (a failed `lxc-*` call, say).
     async fn note(&self, kind: &str, node: &str, message: &str);
+    /// Mints the node's enrollment secret for the machine about to be made
+    /// (or started again); a secret minted before is void.
+    async fn enroll_secret(&self, node: &str) -> Result<String, String>;
 }
 
 /// What the controller decided to do about one node.
@@ -235,16 +238,24 @@ pub fn backoff(failures: u32) -> Duration {
 
 pub struct MachineController {
     providers: BTreeMap<Provider, Arc<dyn Machines>>,
-    boot: BootConfig,
+    /// URL agents reach the control plane at.
+    server_url: String,
+    /// The cluster CA agents pin (TLS only).
+    ca_pem: Option<String>,
     book: Mutex<Book>,
     events: broadcast::Sender<ProviderEvent>,
 }
 
 impl MachineController {
-    pub fn new(providers: Vec<Arc<dyn Machines>>, boot: BootConfig) -> Arc<Self> {
+    pub fn new(
+        providers: Vec<Arc<dyn Machines>>,
+        server_url: String,
+        ca_pem: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             providers: providers.into_iter().map(|p| (p.kind(), p)).collect(),
-            boot,
+            server_url,
+            ca_pem,
             book: Mutex::new(Book::default()),
             events: broadcast::channel(1024).0,
         })
@@ -348,18 +359,24 @@ impl MachineController {
         for action in actions {
             let this = self.clone();
             let done = done.clone();
+            let source = source.clone();
             let node = match &action {
                 Action::Ensure { node, .. } => nodes.iter().find(|n| &n.name == node).cloned(),
                 Action::Destroy { .. } => None,
             };
             tokio::spawn(async move {
-                let result = this.act(&action, node.as_ref()).await;
+                let result = this.act(&source, &action, node.as_ref()).await;
                 let _ = done.send((action, result.map_err(|e| e.to_string())));
             });
         }
     }
 
-    async fn act(&self, action: &Action, node: Option<&Node>) -> Result<String, ProviderError> {
+    async fn act(
+        &self,
+        source: &Arc<dyn NodeSource>,
+        action: &Action,
+        node: Option<&Node>,
+    ) -> Result<String, ProviderError> {
         match action {
             Action::Ensure {
                 node: name,
@@ -373,7 +390,15 @@ impl MachineController {
                     node: name.clone(),
                     provider: provider.kind(),
                 });
-                provider.ensure(node, &self.boot).await
+                let secret = source.enroll_secret(name).await.map_err(|e| {
+                    ProviderError::Other(format!("cannot mint {name}'s enrollment secret: {e}"))
+                })?;
+                let boot = BootConfig {
+                    server_url: self.server_url.clone(),
+                    secret,
+                    ca_pem: self.ca_pem.clone(),
+                };
+                provider.ensure(node, &boot).await
             }
             Action::Destroy { node, provider } => {
                 let provider = self.providers.get(provider).ok_or_else(|| {
@@ -484,6 +509,13 @@ impl NodeSource for crate::cluster::Cluster {
 
     fn node_changes(&self) -> watch::Receiver<u64> {
         self.subscribe_node_changes()
+    }
+
+    async fn enroll_secret(&self, node: &str) -> Result<String, String> {
+        self.mint_enroll_secret(node, &crate::auth::Caller::Admin)
+            .await
+            .map(|s| s.secret)
+            .map_err(|e| e.to_string())
     }
 
     async fn note(&self, kind: &str, node: &str, message: &str) {

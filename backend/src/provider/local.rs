@@ -20,7 +20,8 @@ use super::{BootConfig, Machine, MachineState, Machines, ProviderError};
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
     /// The control plane's state directory: node directories go under
-    /// `nodes/`, and agents read the join token from `join-token`.
+    /// `nodes/`, and each agent reads its node's enrollment secret
+    /// from `nodes/<node>/enroll-secret`.
     pub state_dir: PathBuf,
     /// The `corral-agent` executable.
     pub agent_bin: PathBuf,
@@ -88,6 +89,14 @@ impl LocalProvider {
         let log2 = log
             .try_clone()
             .map_err(|e| ProviderError::Other(format!("cannot open the agent log: {e}")))?;
+        // The secret goes in a file (0600) of the node's own directory,
+        // never on the command line; the agent reads it when it enrolls.
+        let secret_file = dir.join("enroll-secret");
+        super::lxc::write_atomic(&secret_file, format!("{}\n", boot.secret).as_bytes(), 0o600)?;
+        let ca_file = dir.join("ca.pem");
+        if let Some(ca) = &boot.ca_pem {
+            super::lxc::write_atomic(&ca_file, ca.as_bytes(), 0o644)?;
+        }
         let mut cmd = Command::new(&self.config.agent_bin);
         cmd.arg("run")
             .arg("--server")
@@ -98,8 +107,15 @@ impl LocalProvider {
             .arg(&node.address)
             .arg("--state-dir")
             .arg(&dir)
-            .arg("--join-token-file")
-            .arg(self.config.state_dir.join("join-token"))
+            .arg("--enroll-secret-file")
+            .arg(&secret_file)
+            .args(
+                boot.ca_pem
+                    .as_ref()
+                    .map(|_| [std::ffi::OsStr::new("--ca-file"), ca_file.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.config.agent_args)
             .stdin(Stdio::null())
             .stdout(log)

@@ -482,7 +482,7 @@ impl LxcProvider {
     }
 
     /// Files the container needs before it boots, written into its overlay:
-    /// the agent's config (with the join token, 0600), name and hosts, the
+    /// the agent's config (with the node's enrollment secret, 0600), name and hosts, the
     /// packages.
     fn seed_files(
         &self,
@@ -491,10 +491,14 @@ impl LxcProvider {
         packages: &[PathBuf],
     ) -> Result<(), ProviderError> {
         let delta = self.config.delta(&node.name);
-        let conf = format!(
-            "# written by corral's lxc provider\nserver = {}\nnode = {}\naddress = {}\nstate-dir = {AGENT_STATE_DIR}\njoin-token = {}\n",
-            boot.server_url, node.name, node.address, boot.join_token
+        let mut conf = format!(
+            "# written by corral's lxc provider\nserver = {}\nnode = {}\naddress = {}\nstate-dir = {AGENT_STATE_DIR}\nenroll-secret = {}\n",
+            boot.server_url, node.name, node.address, boot.secret
         );
+        if let Some(ca) = &boot.ca_pem {
+            write_atomic(&delta.join("etc/corral/ca.pem"), ca.as_bytes(), 0o644)?;
+            conf.push_str("ca-file = /etc/corral/ca.pem\n");
+        }
         write_atomic(&delta.join("etc/corral/agent.conf"), conf.as_bytes(), 0o600)?;
         write_atomic(
             &delta.join("etc/hostname"),
@@ -1005,7 +1009,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), ProviderError> {
 }
 
 /// Writes a file whole: temp file, fsync, rename.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ProviderError> {
+pub(super) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ProviderError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let err =

@@ -9,12 +9,15 @@
 //!   machine, with one `corral-agent` process (the default).
 //! - [`lxc`]: each node is a Debian LXC container on a host bridge, an
 //!   overlayfs clone of a base image, running the project's packages.
+//! - [`remote`]: machines a host agent makes on another host (VirtualBox),
+//!   through machine orders it long-polls.
 
 pub mod command;
 pub mod controller;
 pub mod local;
 pub mod lxc;
 pub mod reaper;
+pub mod remote;
 
 use async_trait::async_trait;
 use corral_proto::{Node, Provider};
@@ -23,14 +26,19 @@ pub use controller::{MachineController, ProviderEvent};
 pub use local::{LocalConfig, LocalProvider};
 pub use lxc::{LxcConfig, LxcProvider};
 pub use reaper::Reaper;
+pub use remote::RemoteProvider;
 
-/// What every agent needs to find and join the control plane.
+/// What one node's agent needs to find and join the control plane.
 #[derive(Debug, Clone)]
 pub struct BootConfig {
     /// URL agents reach the control plane at.
     pub server_url: String,
-    /// The cluster join token.
-    pub join_token: String,
+    /// The node's enrollment secret, minted for this `ensure`: single-use,
+    /// expiring, and for this node only. It goes into the machine and
+    /// nowhere else.
+    pub secret: String,
+    /// The cluster CA (PEM) the agent pins, when the server speaks TLS.
+    pub ca_pem: Option<String>,
 }
 
 /// What a provider knows of one of its machines.

@@ -37,6 +37,9 @@ pub struct ClusterSettings {
     pub gossip_key: String,
     /// Password of the application's database role.
     pub db_password: String,
+    /// Password of the replication roles (replicator, rewinder): the
+    /// webapps never see it.
+    pub replication_password: String,
 }
 
 pub const DB_NAME: &str = "todomvc";
@@ -236,6 +239,7 @@ pub fn plan(
                         database: DB_NAME.into(),
                         user: DB_USER.into(),
                         password: settings.db_password.clone(),
+                        replication_password: settings.replication_password.clone(),
                     }),
                 );
             }
@@ -266,6 +270,7 @@ mod tests {
             datacenter: "corral".into(),
             gossip_key: "a2V5".into(),
             db_password: "secret".into(),
+            replication_password: "other".into(),
         }
     }
 

@@ -284,6 +284,8 @@ pub async fn insert_nodes<C: ConnectionTrait>(
         provider: Set(r.provider),
         state: Set(r.state),
         token_hash: Set(None),
+        enroll_hash: Set(None),
+        enroll_expires_at: Set(None),
         last_seq: Set(0),
         last_heartbeat: Set(None),
         observed: Set(None),
@@ -315,16 +317,50 @@ pub async fn set_node_state<C: ConnectionTrait>(
     Ok(())
 }
 
-pub async fn set_node_token<C: ConnectionTrait>(
+/// Trades the node's outstanding enrollment secret (by hash) for a token
+/// (by hash), if the secret is still the node's and has not expired; the
+/// secret is used up either way it matches. `false`: no such secret, so
+/// nothing changed.
+pub async fn enroll_node<C: ConnectionTrait>(
     c: &C,
     id: i32,
+    secret_hash: &str,
     token_hash: &str,
     state: node::State,
     now: DateTime<Utc>,
+) -> Result<bool> {
+    let done = node::Entity::update_many()
+        .col_expr(node::Column::TokenHash, Expr::value(token_hash))
+        .col_expr(
+            node::Column::EnrollHash,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(
+            node::Column::EnrollExpiresAt,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(node::Column::State, Expr::value(state))
+        .col_expr(node::Column::UpdatedAt, Expr::value(now))
+        .filter(node::Column::Id.eq(id))
+        .filter(node::Column::EnrollHash.eq(secret_hash))
+        .filter(node::Column::EnrollExpiresAt.gt(now))
+        .exec(c)
+        .await?;
+    Ok(done.rows_affected == 1)
+}
+
+/// Makes `secret_hash` the node's one outstanding enrollment secret, valid
+/// until `expires`; a secret minted before is no longer valid.
+pub async fn set_enroll_secret<C: ConnectionTrait>(
+    c: &C,
+    id: i32,
+    secret_hash: &str,
+    expires: DateTime<Utc>,
+    now: DateTime<Utc>,
 ) -> Result<()> {
     node::Entity::update_many()
-        .col_expr(node::Column::TokenHash, Expr::value(token_hash))
-        .col_expr(node::Column::State, Expr::value(state))
+        .col_expr(node::Column::EnrollHash, Expr::value(secret_hash))
+        .col_expr(node::Column::EnrollExpiresAt, Expr::value(expires))
         .col_expr(node::Column::UpdatedAt, Expr::value(now))
         .filter(node::Column::Id.eq(id))
         .exec(c)

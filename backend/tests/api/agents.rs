@@ -17,6 +17,15 @@ async fn poll(app: &TestApp, token: &str, node: &str, query: &str) -> reqwest::R
     .expect("poll")
 }
 
+async fn enroll_with(app: &TestApp, node: &str, secret: &str) -> reqwest::Response {
+    app.http
+        .post(format!("{}/api/v1/agents/enroll", app.url))
+        .json(&json!({"node": node, "secret": secret}))
+        .send()
+        .await
+        .expect("enroll")
+}
+
 fn heartbeat_body(services: &[(&str, &str)]) -> Value {
     json!({"observed": {
         "agent_version": "0.1.0",
@@ -26,26 +35,65 @@ fn heartbeat_body(services: &[(&str, &str)]) -> Value {
 }
 
 both_backends! {
-    async fn enrolling_trades_the_join_token_for_a_node_token(app) {
+    async fn enrolling_trades_the_nodes_secret_for_a_node_token_once(app) {
         app.add_node("web").await;
-        let token = app.enroll("nginx1").await;
+        let secret = app.enroll_secret("nginx1").await;
+        assert!(secret.starts_with("corral-enroll-"));
+        let token = enroll_with(&app, "nginx1", &secret).await;
+        let token = token.json::<Value>().await.expect("json")["token"].as_str().expect("token").to_string();
         assert!(token.starts_with("corral-node-"));
         let node = app.get_json("/api/v1/nodes/nginx1").await;
         assert_eq!(node["state"], "active");
-        let res = app
-            .http
-            .post(format!("{}/api/v1/agents/enroll", app.url))
-            .json(&json!({"node": "nginx1", "join_token": "corral-join-wrong"}))
-            .send().await.expect("enroll");
-        assert_error(res, 401, "unauthorized").await;
-        let res = app
-            .http
-            .post(format!("{}/api/v1/agents/enroll", app.url))
-            .json(&json!({"node": "nginx7", "join_token": app.join}))
-            .send().await.expect("enroll");
-        assert_error(res, 404, "not_found").await;
+        // Single-use: replaying it (an impersonator who copied it) fails,
+        // and the node's token stays the one it got.
+        assert_error(enroll_with(&app, "nginx1", &secret).await, 403, "forbidden").await;
+        assert_eq!(poll(&app, &token, "nginx1", "after=0&wait=0").await.status(), 200);
+        // A wrong secret, and a node that does not exist, get the same answer.
+        assert_error(enroll_with(&app, "nginx1", "corral-enroll-wrong").await, 403, "forbidden").await;
+        assert_error(enroll_with(&app, "nginx7", &secret).await, 403, "forbidden").await;
     }
 
+    async fn a_secret_is_for_one_node_and_a_new_one_voids_the_old(app) {
+        app.set_topology(2, 1, "round_robin").await;
+        let web = app.enroll_secret("nginx1").await;
+        // nginx1's secret does not enroll pg1, nor adm1.
+        assert_error(enroll_with(&app, "pg1", &web).await, 403, "forbidden").await;
+        assert_error(enroll_with(&app, "adm1", &web).await, 403, "forbidden").await;
+        let newer = app.enroll_secret("nginx1").await;
+        assert_error(enroll_with(&app, "nginx1", &web).await, 403, "forbidden").await;
+        assert_eq!(enroll_with(&app, "nginx1", &newer).await.status(), 200);
+        // Minting needs the admin: an agent token gets a 403.
+        let token = app.enroll("nginx2").await;
+        let res = app.as_token(&token, Method::POST, "/api/v1/nodes/nginx2/enroll-secret").send().await.expect("mint");
+        assert_error(res, 403, "forbidden").await;
+        assert_error(app.post("/api/v1/nodes/nginx9/enroll-secret", Value::Null).await, 404, "not_found").await;
+    }
+
+    async fn reenrolling_with_a_new_secret_revokes_the_old_token_at_once(app) {
+        app.add_node("db").await;
+        let old = app.enroll("pg1").await;
+        assert_eq!(poll(&app, &old, "pg1", "after=0&wait=0").await.status(), 200);
+        let new = app.enroll("pg1").await;
+        assert_error(poll(&app, &old, "pg1", "after=0&wait=0").await, 401, "unauthorized").await;
+        assert_eq!(poll(&app, &new, "pg1", "after=0&wait=0").await.status(), 200);
+    }
+
+    async fn the_old_cluster_join_token_enrolls_no_one(app) {
+        // A state dir from before per-node secrets holds a cluster-wide
+        // join token that every agent knew: it must let no one in.
+        app.set_topology(1, 1, "round_robin").await;
+        let old = "corral-join-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        std::fs::write(app.state.join("join-token"), format!("{old}\n")).expect("old join token");
+        for node in ["adm1", "pg1", "nginx1"] {
+            assert_error(enroll_with(&app, node, old).await, 403, "forbidden").await;
+            // The request in the old shape is refused as malformed.
+            let res = app.http.post(format!("{}/api/v1/agents/enroll", app.url))
+                .json(&json!({"node": node, "join_token": old})).send().await.expect("enroll");
+            assert_eq!(res.status(), 422, "old request shape for {node}");
+        }
+        let nodes = app.get_json("/api/v1/nodes").await;
+        assert!(nodes.as_array().expect("nodes").iter().all(|n| n["state"] == "provisioning"), "{nodes}");
+    }
     async fn a_poll_answers_at_once_with_the_orders_it_has_not_seen(app) {
         app.add_node("web").await;
         let token = app.enroll("nginx1").await;
@@ -279,4 +327,16 @@ async fn a_silent_node_turns_stale_and_is_logged_once() {
         1
     );
     assert!(kinds.contains(&"node.recovered nginx1".to_string()));
+}
+
+mod expiry {
+    use super::*;
+
+    both_backends! { with |c| c.enroll_secret_ttl = Duration::ZERO;
+        async fn an_expired_secret_is_refused(app) {
+            app.add_node("web").await;
+            let secret = app.enroll_secret("nginx1").await;
+            assert_error(enroll_with(&app, "nginx1", &secret).await, 403, "forbidden").await;
+        }
+    }
 }

@@ -320,6 +320,9 @@ fn the_packages_hold_what_a_node_needs() {
         "./usr/bin/corral-agent",
         "./etc/corral/agent.conf",
         "./usr/lib/systemd/system/corral-agent.service",
+        // VirtualBox guests' first boot (enabled in the base VM only).
+        "./usr/lib/corral/corral-vbox-firstboot",
+        "./usr/lib/corral/corral-vbox-firstboot.service",
     ] {
         assert!(contents.contains(path), "{path} in\n{contents}");
     }
@@ -329,6 +332,10 @@ fn the_packages_hold_what_a_node_needs() {
     assert!(
         postinst.contains("deb-systemd-helper") && postinst.contains("corral-agent.service"),
         "{postinst}"
+    );
+    assert!(
+        !postinst.contains("corral-vbox-firstboot"),
+        "the first-boot unit is not enabled on install: {postinst}"
     );
 
     let (fields, contents, _) = inspect(&deb_of(&repo, "corral"));

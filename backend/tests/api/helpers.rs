@@ -19,7 +19,6 @@ pub enum Backend {
 pub struct TestApp {
     pub url: String,
     pub admin: String,
-    pub join: String,
     pub http: reqwest::Client,
     pub cluster: Arc<Cluster>,
     pub state: std::path::PathBuf,
@@ -60,10 +59,6 @@ pub async fn start(config: Config, tmp: Option<tempfile::TempDir>) -> TestApp {
         .expect("admin token file")
         .trim()
         .to_string();
-    let join = std::fs::read_to_string(state.join("join-token"))
-        .expect("join token file")
-        .trim()
-        .to_string();
     let url = app.url();
     let cluster = app.cluster();
     let handle = app.handle();
@@ -71,7 +66,6 @@ pub async fn start(config: Config, tmp: Option<tempfile::TempDir>) -> TestApp {
     TestApp {
         url,
         admin,
-        join,
         http: reqwest::Client::new(),
         cluster,
         state,
@@ -139,12 +133,24 @@ impl TestApp {
         res.json().await.expect("json")
     }
 
-    /// Enrolls `node` and returns its agent token.
+    /// Mints `node`'s enrollment secret as the admin, as a provider does.
+    pub async fn enroll_secret(&self, node: &str) -> String {
+        let res = self
+            .post(&format!("/api/v1/nodes/{node}/enroll-secret"), Value::Null)
+            .await;
+        assert_eq!(res.status(), 201, "minting {node}'s enrollment secret");
+        let body: Value = res.json().await.expect("json");
+        body["secret"].as_str().expect("secret").to_string()
+    }
+
+    /// Enrolls `node` with a freshly minted secret and returns its agent
+    /// token.
     pub async fn enroll(&self, node: &str) -> String {
+        let secret = self.enroll_secret(node).await;
         let res = self
             .http
             .post(format!("{}/api/v1/agents/enroll", self.url))
-            .json(&serde_json::json!({"node": node, "join_token": self.join}))
+            .json(&serde_json::json!({"node": node, "secret": secret}))
             .send()
             .await
             .expect("enroll");

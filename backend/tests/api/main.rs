@@ -10,6 +10,7 @@ mod bad_input;
 mod cli;
 mod db;
 mod events;
+mod hosts;
 mod logs;
 mod nodes;
 mod openapi;

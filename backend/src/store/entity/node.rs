@@ -1,5 +1,6 @@
 //! `nodes`: one row per cluster node. `observed` holds the agent's last
-//! reported state as JSON; `token_hash` the SHA-256 of its bearer token.
+//! reported state as JSON; `token_hash` the SHA-256 of its bearer token;
+//! `enroll_hash` that of its single-use enrollment secret until it is used.
 
 use sea_orm::entity::prelude::*;
 
@@ -16,6 +17,9 @@ pub struct Model {
     pub provider: Provider,
     pub state: State,
     pub token_hash: Option<String>,
+    /// SHA-256 of the node's outstanding enrollment secret, if any.
+    pub enroll_hash: Option<String>,
+    pub enroll_expires_at: Option<DateTimeUtc>,
     pub last_seq: i64,
     pub last_heartbeat: Option<DateTimeUtc>,
     #[sea_orm(column_type = "Text", nullable)]
