@@ -53,6 +53,9 @@ pub struct PostgresDriver {
     ha: tokio::sync::Mutex<()>,
     /// While primary: when the lock was last confirmed ours.
     confirmed: Mutex<Option<Instant>>,
+    /// The roles and the app database were made (or checked) as primary in
+    /// this agent's life.
+    roles_made: std::sync::atomic::AtomicBool,
     /// Since when a running primary has been seen that this agent never
     /// confirmed the lock for (one it adopted after a restart, say): the
     /// watchdog fences it too once that is older than [`FENCE_AFTER`], so an
@@ -144,6 +147,7 @@ impl PostgresDriver {
             leader,
             ha: tokio::sync::Mutex::new(()),
             confirmed: Mutex::new(None),
+            roles_made: std::sync::atomic::AtomicBool::new(false),
             unconfirmed_since: Mutex::new(None),
             seen_leader: Mutex::new(None),
             streamed_at: Mutex::new(None),
@@ -360,8 +364,10 @@ impl PostgresDriver {
                 )
             })
             .collect();
+        // Local commits: these must not wait for a synchronous standby that
+        // may not stream yet (the HA step runs this too).
         let sql = format!(
-            "DO $$BEGIN \
+            "SET synchronous_commit TO local; DO $$BEGIN \
              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {repl_lit}) THEN CREATE ROLE {repl} WITH REPLICATION LOGIN; END IF; \
              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {rew_lit}) THEN CREATE ROLE {rew} WITH LOGIN; END IF; \
              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {user_lit}) THEN CREATE ROLE {user} WITH LOGIN; END IF; \
@@ -392,7 +398,7 @@ impl PostgresDriver {
             self.query(
                 spec.port,
                 &format!(
-                    "CREATE DATABASE {} OWNER {}",
+                    "SET synchronous_commit TO local; CREATE DATABASE {} OWNER {}",
                     ident(&spec.database),
                     ident(&spec.user)
                 ),
@@ -570,6 +576,12 @@ impl PostgresDriver {
             self.check_reachable()?;
             self.private_dir(&self.socket_dir())?;
             let fresh = !self.pgdata().join("PG_VERSION").exists();
+            // The HA loop owns the server from here (and takes the new
+            // replication mode at once), also when making the data dir
+            // fails below (a clone while no primary answers): it makes it
+            // again each tick, so a transient failure never strands the
+            // node until the next topology change.
+            *self.desired.lock().expect("lock") = Some(spec.clone());
             let mut what = String::new();
             if fresh {
                 what = self.make_data_dir(spec).await?;
@@ -581,10 +593,6 @@ impl PostgresDriver {
             } else {
                 self.ctx.host.adopt(&service).await?
             };
-            // The HA loop manages the server from here (and takes the new
-            // replication mode at once: a commit below may wait for a
-            // standby that is gone until the loop lets sync mode fall back).
-            *self.desired.lock().expect("lock") = Some(spec.clone());
             (what, running)
         };
         let mut role = "stopped: the HA loop brings it back";
@@ -595,6 +603,8 @@ impl PostgresDriver {
                 role = "replica";
             } else {
                 self.create_roles(spec).await?;
+                self.roles_made
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 role = "primary";
             }
         }
@@ -1067,6 +1077,17 @@ impl PostgresDriver {
         *self.confirmed.lock().expect("lock") = Some(Instant::now());
         self.clear_rejoin();
         self.register(spec.port, "primary").await?;
+        // A primary the HA loop started or promoted (its order applied
+        // while it was stopped, say) makes the roles and the app database
+        // itself, once per agent life.
+        if !self.roles_made.load(std::sync::atomic::Ordering::Relaxed) {
+            match self.create_roles(spec).await {
+                Ok(()) => self
+                    .roles_made
+                    .store(true, std::sync::atomic::Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "cannot make the roles yet"),
+            }
+        }
         if switchover.is_some_and(|s| s.to == self.ctx.node) {
             self.ctx.consul.kv_delete(&keys.switchover).await?;
         }
