@@ -1288,6 +1288,12 @@ impl PostgresDriver {
             // It ran as primary and died (or was stopped with the node).
             if i_hold {
                 self.leader.let_go(&keys.leader).await?;
+                // And end the session: after a crash of the whole node it is
+                // one from before (its Consul agent restarted), which Consul
+                // may still end for that; a promotion that reused it was
+                // fenced a second later (seen in the failover e2e). A
+                // new session is made with the checks as they are now.
+                self.leader.release().await;
                 tracing::warn!("postgres died as primary: released the leader lock for a standby");
             }
             self.mark_rejoin();
