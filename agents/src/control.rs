@@ -64,6 +64,31 @@ pub struct ControlPlane {
     token: tokio::sync::Mutex<Option<String>>,
 }
 
+/// An HTTP client builder for the control plane at `server`: for an
+/// `https://` one it trusts the cluster CA in `ca_pem` and nothing else, and
+/// refuses to go on without it.
+pub fn pinned_client(
+    server: &str,
+    ca_pem: Option<&[u8]>,
+) -> Result<reqwest::ClientBuilder, String> {
+    let builder = reqwest::Client::builder();
+    if !server.starts_with("https://") {
+        return Ok(builder);
+    }
+    let pem = ca_pem.ok_or_else(|| {
+        format!(
+            "{server} speaks TLS: pass --ca-file with the cluster CA (the provider writes it \
+             beside the enrollment secret; on the control plane it is <state-dir>/tls/ca.pem)"
+        )
+    })?;
+    let ca = reqwest::Certificate::from_pem(pem)
+        .map_err(|e| format!("the cluster CA is not a PEM certificate: {e}"))?;
+    Ok(builder
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca))
+}
+
 impl ControlPlane {
     /// A client of the control plane at `server`; an `https://` one must
     /// come with the cluster CA (`ca_pem`), the only certificate it trusts.
@@ -74,24 +99,8 @@ impl ControlPlane {
         ca_pem: Option<&[u8]>,
         state: StateDir,
     ) -> Result<Self, ControlError> {
-        let mut builder = reqwest::Client::builder();
-        if server.starts_with("https://") {
-            let pem = ca_pem.ok_or_else(|| {
-                ControlError::Tls(format!(
-                    "{server} speaks TLS: pass --ca-file with the cluster CA (the provider \
-                     writes it beside the enrollment secret; on the control plane it is \
-                     <state-dir>/tls/ca.pem)"
-                ))
-            })?;
-            let ca = reqwest::Certificate::from_pem(pem).map_err(|e| {
-                ControlError::Tls(format!("the cluster CA is not a PEM certificate: {e}"))
-            })?;
-            builder = builder
-                .use_rustls_tls()
-                .tls_built_in_root_certs(false)
-                .add_root_certificate(ca);
-        }
-        let http = builder
+        let http = pinned_client(server, ca_pem)
+            .map_err(ControlError::Tls)?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(75))
             .build()

@@ -331,23 +331,18 @@ fn kind(spec: &MachineSpec) -> &'static str {
 /// The client of the control plane: over https it trusts the cluster CA
 /// and nothing else.
 fn http_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder();
-    if config.server.starts_with("https://") {
-        let path = config.ca_file.as_ref().ok_or_else(|| {
-            anyhow::anyhow!(
-                "{} speaks TLS: pass --ca-file with the cluster CA (<state-dir>/tls/ca.pem on the control plane)",
-                config.server
-            )
-        })?;
-        let pem = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("reading the cluster CA {}: {e}", path.display()))?;
-        builder = builder
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-    }
-    Ok(builder
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(POLL_WAIT + Duration::from_secs(30))
-        .build()?)
+    let pem = match &config.ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("reading the cluster CA {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(
+        crate::control::pinned_client(&config.server, pem.as_deref())
+            .map_err(anyhow::Error::msg)?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(POLL_WAIT + Duration::from_secs(30))
+            .build()?,
+    )
 }

@@ -397,10 +397,8 @@ impl Cluster {
             if let Some(rest) = self.url.strip_prefix("http://") {
                 self.url = format!("https://{rest}");
             }
-            self.http = reqwest::Client::builder()
-                .use_rustls_tls()
-                .tls_built_in_root_certs(false)
-                .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+            self.http = corral_server::tls::client_builder(Some(&ca))
+                .map_err(anyhow::Error::msg)?
                 .timeout(Duration::from_secs(10))
                 .build()?;
         }

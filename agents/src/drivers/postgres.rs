@@ -1487,13 +1487,7 @@ impl PostgresDriver {
             at_ms: ha::now_ms(),
             min_lsn: 0,
         };
-        self.ctx
-            .consul
-            .kv_put(
-                &keys.switchover,
-                &serde_json::to_string(&record).expect("json"),
-            )
-            .await?;
+        self.publish_switchover(&keys, &record).await?;
         tracing::warn!(%to, "switchover: shutting down cleanly");
         *self.confirmed.lock().expect("lock") = None;
         self.ctx.host.stop(SERVICE).await?;
@@ -1502,13 +1496,7 @@ impl PostgresDriver {
         // before it has the last records (it does: our leader session dies
         // with its postgres-alive check during the shutdown).
         record.min_lsn = end;
-        self.ctx
-            .consul
-            .kv_put(
-                &keys.switchover,
-                &serde_json::to_string(&record).expect("json"),
-            )
-            .await?;
+        self.publish_switchover(&keys, &record).await?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let members = self.members(&keys).await.unwrap_or_default();
@@ -1550,6 +1538,16 @@ impl PostgresDriver {
             "switched over from {node} to {to} in {:.1} s; {node} follows it as a standby",
             started.elapsed().as_secs_f64()
         ))
+    }
+
+    async fn publish_switchover(
+        &self,
+        keys: &Keys,
+        record: &ha::Switchover,
+    ) -> Result<(), DriverError> {
+        let json = serde_json::to_string(record).expect("json");
+        self.ctx.consul.kv_put(&keys.switchover, &json).await?;
+        Ok(())
     }
 
     /// A switchover whose target did not get the final WAL in time: this
