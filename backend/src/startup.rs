@@ -311,7 +311,12 @@ impl Application {
                 MachineController::new(providers, format!("{scheme}://{addr}"), ca_pem.clone());
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             let source: Arc<dyn NodeSource> = cluster.clone();
-            let task = tokio::spawn(controller.clone().run(source, stop_rx));
+            let task = tokio::spawn(run_while_leading(
+                controller.clone(),
+                source,
+                cluster.subscribe_leadership(),
+                stop_rx,
+            ));
             Machinery {
                 controller,
                 stop,
@@ -387,6 +392,39 @@ impl Application {
             machines.stop().await;
         }
         result
+    }
+}
+
+/// Runs the machine controller while this server leads (always, on SQLite)
+/// until `stop` turns true. Losing the lead stops it as `stop` would: calls
+/// in flight finish, nothing new starts; the next leader adopts the machines.
+async fn run_while_leading(
+    controller: Arc<MachineController>,
+    source: Arc<dyn NodeSource>,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            led = leader.wait_for(|leads| *leads) => {
+                if led.is_err() {
+                    return;
+                }
+            }
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let (inner_stop, inner_rx) = tokio::sync::watch::channel(false);
+        let run = tokio::spawn(controller.clone().run(source.clone(), inner_rx));
+        let stopping = tokio::select! {
+            _ = leader.wait_for(|leads| !*leads) => false,
+            _ = stop.wait_for(|stop| *stop) => true,
+        };
+        let _ = inner_stop.send(true);
+        let _ = run.await;
+        if stopping {
+            return;
+        }
+        tracing::warn!("machine controller stopped: this server no longer leads");
     }
 }
 

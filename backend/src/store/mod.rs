@@ -26,6 +26,13 @@ pub enum StoreError {
     Db(#[from] DbErr),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The database was migrated by a newer corral: this server does not
+    /// know its schema and must not write to it.
+    #[error(
+        "the database's schema is at {database}, newer than this server's {server}: \
+         upgrade this server (every server sharing a database runs the same version)"
+    )]
+    SchemaNewer { database: String, server: String },
 }
 
 impl StoreError {
@@ -36,7 +43,7 @@ impl StoreError {
                 e.sql_err(),
                 Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
             ),
-            StoreError::Corrupt(_) => false,
+            StoreError::Corrupt(_) | StoreError::SchemaNewer { .. } => false,
         }
     }
 
@@ -55,6 +62,20 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
+    /// The PostgreSQL URL, for the sessions of their own that wake-ups and
+    /// leadership need; none on SQLite.
+    postgres_url: Option<String>,
+}
+
+/// Advisory lock keys (PostgreSQL, one 64-bit space per database). Spelled
+/// as ASCII so `pg_locks` shows where they come from.
+pub mod lock_keys {
+    /// Held while migrations run: one server migrates, the others wait.
+    pub const MIGRATE: i64 = 0x636f_7272_616c_4d47; // "corralMG"
+    /// Held by the leader's session for as long as it leads.
+    pub const LEADER: i64 = 0x636f_7272_616c_4c44; // "corralLD"
+    /// Taken per transaction by every change to desired state, across servers.
+    pub const CHANGE: i64 = 0x636f_7272_616c_4348; // "corralCH"
 }
 
 /// The SQLite URL of the default store in `state_dir`.
@@ -96,8 +117,24 @@ impl Store {
             opts.max_connections(16);
         }
         let db = Database::connect(opts).await?;
+        if db.get_database_backend() == DbBackend::Postgres {
+            migrate_once(&db).await?;
+            return Ok(Self {
+                db,
+                postgres_url: Some(url.to_owned()),
+            });
+        }
         Migrator::up(&db, None).await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            postgres_url: None,
+        })
+    }
+
+    /// The PostgreSQL URL, when the store is PostgreSQL (several servers may
+    /// share it); none on SQLite (one server).
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.postgres_url.as_deref()
     }
 
     pub fn conn(&self) -> &DatabaseConnection {
@@ -128,6 +165,75 @@ impl Store {
     pub async fn close(self) {
         let _ = self.db.close().await;
     }
+}
+
+/// Runs the migrations this server has and the database lacks, under an
+/// advisory lock so that servers starting together migrate once. A database
+/// already past this server's newest migration is refused, naming both.
+async fn migrate_once(db: &DatabaseConnection) -> Result<()> {
+    // The lock belongs to a session: hold one connection of the pool for it
+    // while the migrations run on others.
+    let mut session = db
+        .get_postgres_connection_pool()
+        .acquire()
+        .await
+        .map_err(sqlx_error)?;
+    sea_orm::sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(lock_keys::MIGRATE)
+        .execute(&mut *session)
+        .await
+        .map_err(sqlx_error)?;
+    let result = async {
+        let known: Vec<String> = Migrator::migrations()
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect();
+        let applied = applied_migrations(db).await?;
+        if let Some(unknown) = applied.iter().rev().find(|v| !known.contains(v)) {
+            return Err(StoreError::SchemaNewer {
+                database: unknown.clone(),
+                server: known.last().cloned().unwrap_or_default(),
+            });
+        }
+        Migrator::up(db, None).await?;
+        Ok(())
+    }
+    .await;
+    let _ = sea_orm::sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(lock_keys::MIGRATE)
+        .execute(&mut *session)
+        .await;
+    result
+}
+
+/// A failure on a session of our own, as sea-orm's errors say it.
+pub fn sqlx_error(e: sea_orm::sqlx::Error) -> DbErr {
+    DbErr::Conn(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e)))
+}
+
+/// The migrations recorded in the database, oldest first (none on a new one).
+async fn applied_migrations(db: &DatabaseConnection) -> Result<Vec<String>> {
+    let exists = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT to_regclass('seaql_migrations') IS NOT NULL AS present",
+        ))
+        .await?
+        .map(|row| row.try_get::<bool>("", "present"))
+        .transpose()?
+        .unwrap_or(false);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT version FROM seaql_migrations ORDER BY version",
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| Ok(row.try_get::<String>("", "version")?))
+        .collect()
 }
 
 // ---- topology -------------------------------------------------------------
@@ -535,6 +641,29 @@ pub async fn orders_after<C: ConnectionTrait>(
         .await?)
 }
 
+/// Orders `first..=last` of every node in `ids`, by node then seq: the
+/// batches another server filed, read back by a server it woke.
+pub async fn orders_between<C: ConnectionTrait>(
+    c: &C,
+    ids: &[i32],
+    first: i64,
+    last: i64,
+) -> Result<Vec<work_order::Model>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(INSERT_CHUNK * 10) {
+        out.extend(
+            work_order::Entity::find()
+                .filter(work_order::Column::NodeId.is_in(chunk.iter().copied()))
+                .filter(work_order::Column::Seq.between(first, last))
+                .order_by_asc(work_order::Column::NodeId)
+                .order_by_asc(work_order::Column::Seq)
+                .all(c)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
 pub async fn order<C: ConnectionTrait>(
     c: &C,
     node_id: i32,
@@ -609,6 +738,61 @@ pub async fn mark_delivered<C: ConnectionTrait>(
 }
 
 // ---- events ---------------------------------------------------------------
+
+/// Events by id, oldest first (those pruned meanwhile are simply absent).
+pub async fn events_by_id<C: ConnectionTrait>(c: &C, ids: &[i64]) -> Result<Vec<event::Model>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(INSERT_CHUNK * 10) {
+        out.extend(
+            event::Entity::find()
+                .filter(event::Column::Id.is_in(chunk.iter().copied()))
+                .order_by_asc(event::Column::Id)
+                .all(c)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// The newest event's id, 0 for none.
+pub async fn last_event_id<C: ConnectionTrait>(c: &C) -> Result<i64> {
+    let row = c
+        .query_one_raw(Statement::from_string(
+            c.get_database_backend(),
+            "SELECT COALESCE(MAX(id), 0) AS last FROM events",
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "last"))
+        .transpose()?
+        .unwrap_or(0))
+}
+
+/// Waits for, and takes until the transaction ends, the lock every change
+/// to desired state takes on PostgreSQL, where other servers change it too.
+pub async fn lock_changes<C: ConnectionTrait>(c: &C) -> Result<()> {
+    c.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock($1)",
+        [lock_keys::CHANGE.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// `NOTIFY channel, payload` on PostgreSQL; inside a transaction it is sent
+/// only if and when it commits.
+pub async fn notify<C: ConnectionTrait>(c: &C, channel: &str, payloads: &[String]) -> Result<()> {
+    for payload in payloads {
+        c.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [channel.into(), payload.clone().into()],
+        ))
+        .await?;
+    }
+    Ok(())
+}
 
 pub struct NewEvent {
     pub actor: String,
