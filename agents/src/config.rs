@@ -14,9 +14,11 @@ pub struct RunConfig {
     /// `server = http://127.0.11.5:7000`; flags and the environment win.
     #[arg(long, env = "CORRAL_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The control plane, e.g. http://127.0.11.5:7000.
-    #[arg(long, env = "CORRAL_SERVER")]
-    pub server: String,
+    /// The control plane, e.g. http://127.0.11.5:7000. Repeat it (or
+    /// separate by commas) for servers sharing one database: the agent
+    /// moves to the next when one cannot be reached or answers 5xx.
+    #[arg(long, env = "CORRAL_SERVER", value_delimiter = ',', required = true)]
+    pub server: Vec<String>,
     /// This node's name (as the control plane knows it).
     #[arg(long, env = "CORRAL_NODE")]
     pub node: String,

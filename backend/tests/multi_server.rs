@@ -435,6 +435,23 @@ async fn the_leaders_death_moves_stale_node_detection_to_the_other_server() {
     }
     println!("B leads {:?} after A was killed", killed.elapsed());
 
+    // The CLI given both servers, A first, answers through B.
+    let out = Command::new(CORRAL)
+        .args(["--server", &a.url, "--server", &b.url, "--output", "json"])
+        .args(["--token", &cluster.admin(), "nodes", "list"])
+        .arg("--state-dir")
+        .arg(cluster.state.path())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("corral nodes list");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("nginx1"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // nginx1 stops heartbeating: B, now leading, notes it stale, once.
     let deadline = Instant::now() + Duration::from_secs(15);
     let stale_events = loop {

@@ -29,14 +29,18 @@ use output::Output;
     about = "Control plane for a web cluster: nginx, TodoMVC, PostgreSQL, Consul"
 )]
 pub struct Cli {
-    /// URL of the corral server.
+    /// URL of the corral server; repeat it (or separate by commas) for
+    /// servers sharing one database: a request that cannot connect or gets
+    /// a 5xx moves to the next.
     #[arg(
         long,
+        alias = "server",
         global = true,
         env = "CORRAL_URL",
+        value_delimiter = ',',
         default_value = "http://127.0.11.5:7000"
     )]
-    url: String,
+    url: Vec<String>,
     /// The cluster CA to trust for an https:// server (default:
     /// tls/ca.pem in --state-dir, if there).
     #[arg(long, global = true, env = "CORRAL_CA")]
