@@ -494,6 +494,30 @@ async fn a_server_refuses_a_database_migrated_by_a_newer_one() {
             "INSERT INTO seaql_migrations (version, applied_at) VALUES ('m20990101_000001_future', 0)",
         )
         .expect("a newer migration");
+    let stderr = refused(&cluster, cluster.state.path()).await;
+    assert!(
+        stderr.contains("m20990101_000001_future")
+            && stderr.contains("newer than this server's m20"),
+        "the refusal names both versions: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_with_other_secrets_refuses_the_clusters_database() {
+    let cluster = Cluster::new();
+    let mut a = cluster.server("127.0.25.3", &[]).await;
+    a.kill().await;
+    let elsewhere = tempfile::tempdir().expect("another state dir");
+    let stderr = refused(&cluster, elsewhere.path()).await;
+    assert!(
+        stderr.contains("gossip key differs") && stderr.contains("copy admin-token"),
+        "the refusal says what to do: {stderr}"
+    );
+}
+
+/// Runs `corral serve` on the cluster's database with `state`, expecting it
+/// to refuse to start; returns what it said.
+async fn refused(cluster: &Cluster, state: &Path) -> String {
     let port = corral_testkit::free_port("127.0.25.3").expect("port");
     let out = Command::new(CORRAL)
         .args([
@@ -502,22 +526,19 @@ async fn a_server_refuses_a_database_migrated_by_a_newer_one() {
             "--listen",
             &format!("127.0.25.3:{port}"),
         ])
+        .args(["--network", "127.0.26.0/24"])
         .args(["--database-url", &cluster.database])
         .arg("--state-dir")
-        .arg(cluster.state.path())
+        .arg(state)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), out)
         .await
         .expect("serve exits")
         .expect("serve runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "serve started: {stderr}");
-    assert!(
-        stderr.contains("m20990101_000001_future")
-            && stderr.contains("newer than this server's m20"),
-        "the refusal names both versions: {stderr}"
-    );
+    stderr
 }
 
 fn nodes_only(all: BTreeMap<String, i64>, nodes: &[String]) -> BTreeMap<String, i64> {

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use corral_proto::{Node, NodeHealth, Provider, TopologyUpdate};
+use corral_proto::{Node, NodeHealth, Provider, TopologyUpdate, WorkOrder};
 use sea_orm::DatabaseTransaction;
 use tokio::sync::{mpsc, watch};
 
@@ -180,6 +180,7 @@ impl Cluster {
             gone: watch::Sender::new(()),
         });
         if let Some(url) = postgres_url {
+            cluster.same_secrets_as_the_cluster().await?;
             // Listen before the first change, so nothing committed by
             // another server from here on is missed.
             let last = store::last_event_id(cluster.store.conn()).await?;
@@ -250,6 +251,29 @@ impl Cluster {
     fn publish_event(&self, row: &store::event::Model) {
         self.last_event.fetch_max(row.id, Ordering::Relaxed);
         self.events.publish(event_from_row(row));
+    }
+
+    /// Refuses to serve a database whose orders were made with other
+    /// secrets than this server's: it would file every node new orders
+    /// (and the next server back again). Servers sharing a database share
+    /// the secrets of one state directory.
+    async fn same_secrets_as_the_cluster(&self) -> Result<(), ClusterError> {
+        let Some(payload) = store::newest_consul_order(self.store.conn()).await? else {
+            return Ok(());
+        };
+        let Ok(WorkOrder::Consul(spec)) = serde_json::from_str::<WorkOrder>(&payload) else {
+            return Ok(());
+        };
+        if spec.encrypt != self.config.settings.gossip_key {
+            return Err(ClusterError::Internal(
+                "this server's secrets are not the ones the cluster's orders were made with \
+                 (the Consul gossip key differs): servers sharing a database must share the \
+                 secrets; copy admin-token, gossip-key, db-password, replication-password and \
+                 tls/ca.pem, tls/ca-key.pem from the first server's state directory"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// First start: an empty topology and the admin node.

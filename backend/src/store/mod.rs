@@ -526,6 +526,16 @@ pub async fn latest_orders<C: ConnectionTrait>(
         .collect()
 }
 
+/// The payload of the newest Consul order of any node, if there is one.
+pub async fn newest_consul_order<C: ConnectionTrait>(c: &C) -> Result<Option<String>> {
+    Ok(work_order::Entity::find()
+        .filter(work_order::Column::Kind.eq(work_order::Kind::Consul))
+        .order_by_desc(work_order::Column::Id)
+        .one(c)
+        .await?
+        .map(|o| o.payload))
+}
+
 /// Deletes finished orders beyond the newest `keep` of each node, except the
 /// newest order of each kind of each node (the reconciler's desired state
 /// and what a fresh agent needs). Pending and delivered orders stay.
