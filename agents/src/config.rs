@@ -268,6 +268,34 @@ mod tests {
         list.iter().map(OsString::from).collect()
     }
 
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        config: RunConfig,
+    }
+
+    #[test]
+    fn several_servers_come_repeated_or_comma_separated() {
+        use clap::Parser;
+        let base = ["run", "--node", "nginx1", "--address", "127.0.11.21"];
+        let parse = |servers: &[&str]| {
+            let mut argv: Vec<&str> = base.to_vec();
+            argv.extend(["--state-dir", "/tmp/x"]);
+            argv.extend(servers);
+            Run::try_parse_from(argv).map(|r| r.config.server)
+        };
+        let want = vec!["http://a:7000".to_string(), "http://b:7000".to_string()];
+        assert_eq!(
+            parse(&["--server", "http://a:7000", "--server", "http://b:7000"]).ok(),
+            Some(want.clone())
+        );
+        assert_eq!(
+            parse(&["--server", "http://a:7000,http://b:7000"]).ok(),
+            Some(want)
+        );
+        assert!(parse(&[]).is_err(), "a server is required");
+    }
+
     #[test]
     fn config_file_fills_in_what_flags_and_environment_leave_open() {
         let file = "# agent\nserver = \"http://127.0.11.5:7000\"\nnode = pg1\nstate_dir = /var/lib/corral\n";

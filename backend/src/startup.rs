@@ -75,6 +75,9 @@ pub struct Config {
     /// Names and addresses the server certificate is for, besides the
     /// listen address (e.g. `adm1`).
     pub tls_names: Vec<String>,
+    /// The URLs of other servers sharing this database: the agents of the
+    /// machines this server makes are given them after its own.
+    pub peers: Vec<String>,
 }
 
 impl Config {
@@ -106,6 +109,7 @@ impl Config {
             apt_dir,
             tls: crate::tls::TlsMode::Auto,
             tls_names: vec!["adm1".into()],
+            peers: Vec::new(),
         }
     }
 
@@ -307,8 +311,10 @@ impl Application {
         })?
         .run();
         let machines = (config.run_machines).then(|| {
-            let controller =
-                MachineController::new(providers, format!("{scheme}://{addr}"), ca_pem.clone());
+            // Agents take a comma-separated list of servers.
+            let mut urls = vec![format!("{scheme}://{addr}")];
+            urls.extend(config.peers.iter().cloned());
+            let controller = MachineController::new(providers, urls.join(","), ca_pem.clone());
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             let source: Arc<dyn NodeSource> = cluster.clone();
             let task = tokio::spawn(run_while_leading(

@@ -515,6 +515,27 @@ async fn a_server_with_other_secrets_refuses_the_clusters_database() {
     );
 }
 
+#[tokio::test]
+async fn peers_are_refused_without_a_shared_database() {
+    let state = tempfile::tempdir().expect("state dir");
+    let out = Command::new(CORRAL)
+        .args(["serve", "--no-machines", "--listen", "127.0.25.4:0"])
+        .args(["--peer", "http://127.0.25.5:7000"])
+        .arg("--state-dir")
+        .arg(state.path())
+        .env_remove("DATABASE_URL")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("serve runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve started: {stderr}");
+    assert!(
+        stderr.contains("--peer needs a PostgreSQL --database-url"),
+        "{stderr}"
+    );
+}
+
 /// Runs `corral serve` on the cluster's database with `state`, expecting it
 /// to refuse to start; returns what it said.
 async fn refused(cluster: &Cluster, state: &Path) -> String {
