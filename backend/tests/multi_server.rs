@@ -101,7 +101,7 @@ impl Server {
 /// The database and the shared state directory (the servers share their
 /// secrets: admin token, gossip key, database passwords).
 struct Cluster {
-    _pg: Postgres,
+    pg: Postgres,
     database: String,
     state: tempfile::TempDir,
 }
@@ -111,12 +111,15 @@ impl Cluster {
         let pg = Postgres::start_with(PgOptions {
             host: "127.0.25.10".into(),
             dir_prefix: "corral-pg-multi-".into(),
+            // A crash of PostgreSQL must not lose committed work, as in
+            // production (the testkit turns this off for speed).
+            settings: vec![("synchronous_commit".into(), "on".into())],
             ..PgOptions::default()
         })
         .expect("postgres");
         let database = pg.create_database("corral").expect("database");
         Cluster {
-            _pg: pg,
+            pg,
             database,
             state: tempfile::tempdir().expect("state dir"),
         }
@@ -482,13 +485,89 @@ async fn the_leaders_death_moves_stale_node_detection_to_the_other_server() {
     assert_eq!(stale_events.len(), 1, "{stale_events:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wake_ups_survive_a_postgres_crash_and_cut_listening_sessions() {
+    let mut cluster = Cluster::new();
+    let a = cluster.server("127.0.25.1", &[]).await;
+    let b = cluster.server("127.0.25.2", &[]).await;
+    let admin = Admin {
+        http: reqwest::Client::new(),
+        token: cluster.admin(),
+    };
+    admin.set_policy(&a.url, 1, "round_robin").await;
+    let token = admin.enroll(&a.url, "nginx1").await;
+    let received: Received = Arc::default();
+    let _agent = AbortOnDrop(vec![tokio::spawn(agent(
+        "nginx1".into(),
+        token,
+        vec![b.url.clone()],
+        received.clone(),
+    ))]);
+    let want = nodes_only(admin.last_seqs(&a.url).await, &["nginx1".into()]);
+    all_delivered(&received, &want, Duration::from_secs(10)).await;
+    wait_parked(&b, 1).await;
+
+    // PostgreSQL crashes and comes back: both servers answer again, one
+    // leads, and an order filed on A still wakes the poll parked on B.
+    cluster.pg.kill();
+    cluster.pg.restart().expect("postgres restarts");
+    let back = Instant::now();
+    a.wait_healthy().await;
+    b.wait_healthy().await;
+    println!(
+        "both servers healthy {:?} after PostgreSQL restarted",
+        back.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut leaders = 0;
+        for s in [&a, &b] {
+            if s.health().await.and_then(|h| h["leader"].as_bool()) == Some(true) {
+                leaders += 1;
+            }
+        }
+        if leaders == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{leaders} leaders 10 s after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_parked(&b, 1).await;
+    admin.set_policy(&a.url, 1, "least_conn").await;
+    let want = nodes_only(admin.last_seqs(&a.url).await, &["nginx1".into()]);
+    all_delivered(&received, &want, Duration::from_secs(5)).await;
+
+    // Every listening session cut and kept from coming back while an order
+    // is filed on A (its pool's open connections still work): B hears
+    // nothing of it, and finds it by reading again once it listens again.
+    cluster
+        .pg
+        .psql(
+            "postgres",
+            "ALTER DATABASE corral ALLOW_CONNECTIONS false; \
+             SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+        )
+        .expect("cut the listeners");
+    admin.set_policy(&a.url, 1, "uri_hash").await;
+    let want = nodes_only(admin.last_seqs(&a.url).await, &["nginx1".into()]);
+    cluster
+        .pg
+        .psql("postgres", "ALTER DATABASE corral ALLOW_CONNECTIONS true")
+        .expect("let them back");
+    all_delivered(&received, &want, Duration::from_secs(5)).await;
+    exactly_once(&received, &want);
+}
+
 #[tokio::test]
 async fn a_server_refuses_a_database_migrated_by_a_newer_one() {
     let cluster = Cluster::new();
     let mut a = cluster.server("127.0.25.3", &[]).await;
     a.kill().await;
     cluster
-        ._pg
+        .pg
         .psql(
             "corral",
             "INSERT INTO seaql_migrations (version, applied_at) VALUES ('m20990101_000001_future', 0)",
