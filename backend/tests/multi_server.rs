@@ -510,7 +510,16 @@ async fn wake_ups_survive_a_postgres_crash_and_cut_listening_sessions() {
     // PostgreSQL crashes and comes back: both servers answer again, one
     // leads, and an order filed on A still wakes the poll parked on B.
     cluster.pg.kill();
-    cluster.pg.restart().expect("postgres restarts");
+    // Its backends outlive the postmaster for a moment, holding the shared
+    // memory a new postmaster refuses to share: start again until it can.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = cluster.pg.restart() {
+        assert!(
+            Instant::now() < deadline,
+            "postgres does not start again: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let back = Instant::now();
     a.wait_healthy().await;
     b.wait_healthy().await;
