@@ -157,13 +157,21 @@ pub enum StartError {
     #[error("state directory: {0}")]
     Secrets(#[from] SecretsError),
     #[error("cannot open the state database: {0}")]
-    Store(#[from] StoreError),
+    // Not a `source` as well: the message carries it already, and `{:#}`
+    // would print it twice.
+    Store(StoreError),
     #[error("cannot initialise the cluster: {0}")]
     Init(String),
     #[error("{0}")]
     Provider(#[from] ProviderError),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+}
+
+impl From<StoreError> for StartError {
+    fn from(e: StoreError) -> Self {
+        StartError::Store(e)
+    }
 }
 
 pub struct Application {

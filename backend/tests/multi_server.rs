@@ -624,6 +624,31 @@ async fn peers_are_refused_without_a_shared_database() {
     );
 }
 
+#[tokio::test]
+async fn an_unreachable_database_is_named_at_start() {
+    let state = tempfile::tempdir().expect("state dir");
+    let port = corral_testkit::free_port("127.0.25.9").expect("port");
+    let out = Command::new(CORRAL)
+        .args(["serve", "--no-machines", "--listen", "127.0.25.4:0"])
+        .args([
+            "--database-url",
+            &format!("postgres://corral@127.0.25.9:{port}/corral"),
+        ])
+        .arg("--state-dir")
+        .arg(state.path())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("serve gives up in time")
+        .expect("serve runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve started: {stderr}");
+    let said = format!("cannot reach PostgreSQL at 127.0.25.9:{port} (database corral)");
+    assert!(stderr.contains(&said), "{stderr}");
+    assert_eq!(stderr.matches(&said).count(), 1, "said once: {stderr}");
+}
+
 /// Runs `corral serve` on the cluster's database with `state`, expecting it
 /// to refuse to start; returns what it said.
 async fn refused(cluster: &Cluster, state: &Path) -> String {

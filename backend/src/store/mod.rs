@@ -23,11 +23,15 @@ pub use entity::{event, node, topology, work_order};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Db(#[from] DbErr),
+    // Not a `source` as well: the message carries it already.
+    Db(DbErr),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     /// The database was migrated by a newer corral: this server does not
     /// know its schema and must not write to it.
+    /// PostgreSQL could not be reached at start: where, and why.
+    #[error("cannot reach PostgreSQL at {target}: {reason}")]
+    Unreachable { target: String, reason: String },
     #[error(
         "the database's schema is at {database}, newer than this server's {server}: \
          upgrade this server (every server sharing a database runs the same version)"
@@ -43,7 +47,9 @@ impl StoreError {
                 e.sql_err(),
                 Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
             ),
-            StoreError::Corrupt(_) | StoreError::SchemaNewer { .. } => false,
+            StoreError::Corrupt(_)
+            | StoreError::SchemaNewer { .. }
+            | StoreError::Unreachable { .. } => false,
         }
     }
 
@@ -53,6 +59,12 @@ impl StoreError {
             self,
             StoreError::Db(DbErr::ConnectionAcquire(_) | DbErr::Conn(_))
         )
+    }
+}
+
+impl From<DbErr> for StoreError {
+    fn from(e: DbErr) -> Self {
+        StoreError::Db(e)
     }
 }
 
@@ -116,6 +128,9 @@ impl Store {
         } else {
             opts.max_connections(16);
         }
+        if !url.starts_with("sqlite:") {
+            reach_postgres(url).await?;
+        }
         let db = Database::connect(opts).await?;
         if db.get_database_backend() == DbBackend::Postgres {
             migrate_once(&db).await?;
@@ -164,6 +179,42 @@ impl Store {
 
     pub async fn close(self) {
         let _ = self.db.close().await;
+    }
+}
+
+/// Connects once, to say at start where PostgreSQL could not be reached and
+/// why (the pool only says it timed out).
+async fn reach_postgres(url: &str) -> Result<()> {
+    use sea_orm::sqlx::Connection;
+    use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
+    let options: PgConnectOptions = url.parse().map_err(|e| StoreError::Unreachable {
+        target: "DATABASE_URL".into(),
+        reason: format!("not a PostgreSQL URL: {e}"),
+    })?;
+    let target = format!(
+        "{}:{} (database {})",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("of the user's name")
+    );
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        PgConnection::connect_with(&options),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(StoreError::Unreachable {
+            target,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(StoreError::Unreachable {
+            target,
+            reason: "no answer within 10 s".into(),
+        }),
     }
 }
 
