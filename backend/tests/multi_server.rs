@@ -571,6 +571,30 @@ async fn wake_ups_survive_a_postgres_crash_and_cut_listening_sessions() {
 }
 
 #[tokio::test]
+async fn a_change_on_one_server_is_planned_against_the_other_servers_changes() {
+    let cluster = Cluster::new();
+    let a = cluster.server("127.0.25.1", &[]).await;
+    let b = cluster.server("127.0.25.2", &[]).await;
+    let admin = Admin {
+        http: reqwest::Client::new(),
+        token: cluster.admin(),
+    };
+    let seq = |seqs: BTreeMap<String, i64>| seqs["nginx1"];
+    admin.set_policy(&a.url, 1, "round_robin").await;
+    admin.set_policy(&b.url, 1, "least_conn").await;
+    let after_b = seq(admin.last_seqs(&a.url).await);
+    // A goes back; B's own last change was least_conn, but nginx1's last
+    // order now says round_robin: asking B for least_conn files again.
+    admin.set_policy(&a.url, 1, "round_robin").await;
+    admin.set_policy(&b.url, 1, "least_conn").await;
+    assert_eq!(
+        seq(admin.last_seqs(&b.url).await),
+        after_b + 2,
+        "B planned against its own stale picture of the last orders"
+    );
+}
+
+#[tokio::test]
 async fn a_server_refuses_a_database_migrated_by_a_newer_one() {
     let cluster = Cluster::new();
     let mut a = cluster.server("127.0.25.3", &[]).await;

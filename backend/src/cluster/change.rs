@@ -281,15 +281,26 @@ impl Cluster {
             desired.loaded = false;
             return Err(e);
         }
+        // As this change leaves orders and nodes, for the next one to tell
+        // whether another server changed them meanwhile.
+        let leaves = if self.store.postgres_url().is_some() {
+            match store::orders_generation(&txn).await {
+                Ok(generation) => Some(generation),
+                Err(e) => {
+                    desired.loaded = false;
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
         if let Err(e) = txn.commit().await {
             // Whether it committed is unknown: reload the cache next time.
             desired.loaded = false;
             return Err(e.into());
         }
         let committed = clock.elapsed();
-        if let Some(newest) = wake.events.iter().max() {
-            desired.seen_event = desired.seen_event.max(*newest);
-        }
+        desired.seen = leaves;
         if desired.loaded {
             let removed: HashSet<&str> = outcome.removed.iter().map(|(_, n)| n.as_str()).collect();
             if !removed.is_empty() {

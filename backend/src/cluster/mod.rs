@@ -112,15 +112,15 @@ pub enum Removal {
 /// of each node. Kept in memory (it would cost a scan of every order and a
 /// JSON parse each per change otherwise), loaded from the database on first
 /// use and after any commit whose outcome is unknown. Where other servers
-/// share the database (PostgreSQL), it is also loaded again when the newest
-/// audit event is not the one this server last saw: every change that
-/// files orders or removes nodes writes one.
+/// share the database (PostgreSQL), it is also loaded again when the orders
+/// and nodes are not as this server left them after its last change
+/// ([`store::orders_generation`]): another server changed them.
 #[derive(Default)]
 struct Desired {
     last: LastOrders,
     loaded: bool,
-    /// The newest event id as of this server's last change (PostgreSQL).
-    seen_event: i64,
+    /// Orders and nodes as of this server's last change (PostgreSQL).
+    seen: Option<(i64, i64, i64)>,
 }
 
 pub struct Cluster {
@@ -238,10 +238,10 @@ impl Cluster {
         let txn = self.store.begin().await?;
         if self.store.postgres_url().is_some() {
             store::lock_changes(&txn).await?;
-            let newest = store::last_event_id(&txn).await?;
-            if newest != desired.seen_event {
+            let now = store::orders_generation(&txn).await?;
+            if desired.seen != Some(now) {
                 desired.loaded = false;
-                desired.seen_event = newest;
+                desired.seen = Some(now);
             }
         }
         Ok(txn)

@@ -829,6 +829,27 @@ pub async fn last_event_id<C: ConnectionTrait>(c: &C) -> Result<i64> {
         .unwrap_or(0))
 }
 
+/// What the reconciler's cache of last orders depends on, in three numbers:
+/// the newest order's id (any order filed moves it; pruning never deletes
+/// the newest), the newest node's id and the number of nodes (a node
+/// created or removed moves one of them).
+pub async fn orders_generation<C: ConnectionTrait>(c: &C) -> Result<(i64, i64, i64)> {
+    let row = c
+        .query_one_raw(Statement::from_string(
+            c.get_database_backend(),
+            "SELECT (SELECT COALESCE(MAX(id), 0) FROM work_orders) AS orders, \
+             (SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM nodes) AS newest, \
+             (SELECT COUNT(*) FROM nodes) AS nodes",
+        ))
+        .await?
+        .ok_or_else(|| StoreError::Corrupt("no row from a SELECT of counts".into()))?;
+    Ok((
+        row.try_get::<i64>("", "orders")?,
+        row.try_get::<i64>("", "newest")?,
+        row.try_get::<i64>("", "nodes")?,
+    ))
+}
+
 /// Waits for, and takes until the transaction ends, the lock every change
 /// to desired state takes on PostgreSQL, where other servers change it too.
 pub async fn lock_changes<C: ConnectionTrait>(c: &C) -> Result<()> {
