@@ -14,6 +14,7 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures_util::{FutureExt, StreamExt};
 use sea_orm::ConnectionTrait;
 use sea_orm::sqlx::postgres::PgListener;
 
@@ -46,6 +47,15 @@ pub(super) struct Wake {
 impl Wake {
     pub fn is_empty(&self) -> bool {
         *self == Wake::default()
+    }
+
+    /// Adds what `other` says.
+    pub fn merge(&mut self, other: Wake) {
+        self.orders.extend(other.orders);
+        self.events.extend(other.events);
+        self.nodes |= other.nodes;
+        self.removed.extend(other.removed);
+        self.tokens.extend(other.tokens);
     }
 
     /// The NOTIFY payloads: `<server> <kind> <item>,<item>...`, split to fit.
@@ -256,40 +266,68 @@ async fn listen_loop(cluster: Weak<Cluster>, url: String) {
             tracing::warn!(error = %e, "catching up with other servers failed");
         }
         drop(c);
+        // A stream keeps a receive in progress across the polls below, so
+        // taking what has arrived without waiting loses nothing.
+        let mut notes = Box::pin(futures_util::stream::unfold(listener, |mut l| async move {
+            let next = l.try_recv().await;
+            Some((next, l))
+        }));
         loop {
-            match listener.try_recv().await {
-                Ok(Some(note)) => {
-                    let Some(c) = cluster.upgrade() else { return };
-                    let Some((server, wake)) = Wake::decode(note.payload()) else {
-                        tracing::warn!(payload = note.payload(), "a notification not understood");
-                        continue;
-                    };
-                    if server == c.server_id {
-                        continue;
-                    }
-                    if let Err(e) = c.woken(wake).await {
-                        tracing::warn!(error = %e, "reading another server's commit failed");
-                        // Whatever it was, the polls find it in the database.
-                        c.orders.look_again_all();
-                    }
+            let Some(next) = notes.next().await else {
+                break;
+            };
+            // A fan-out comes as many payloads at once: read them back as one.
+            let mut arrived = vec![next];
+            while arrived.len() < MAX_MERGED {
+                match notes.next().now_or_never() {
+                    Some(Some(next)) => arrived.push(next),
+                    _ => break,
                 }
-                Ok(None) => {
+            }
+            let Some(c) = cluster.upgrade() else { return };
+            let mut wake = Wake::default();
+            let (mut reconnected, mut failed) = (false, None);
+            for next in arrived {
+                match next {
+                    Ok(Some(note)) => match Wake::decode(note.payload()) {
+                        Some((server, part)) if server != c.server_id => wake.merge(part),
+                        Some(_) => {}
+                        None => {
+                            tracing::warn!(
+                                payload = note.payload(),
+                                "a notification not understood"
+                            );
+                        }
+                    },
                     // The session dropped and was made again (PgListener
-                    // listens again before returning): catch up.
-                    tracing::warn!("the listening session to PostgreSQL was lost and made again");
-                    let Some(c) = cluster.upgrade() else { return };
-                    if let Err(e) = c.catch_up().await {
-                        tracing::warn!(error = %e, "catching up with other servers failed");
-                    }
+                    // listens again before saying so): catch up.
+                    Ok(None) => reconnected = true,
+                    Err(e) => failed = Some(e),
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "listening for other servers' commits failed");
-                    break;
+            }
+            if !wake.is_empty()
+                && let Err(e) = c.woken(wake).await
+            {
+                tracing::warn!(error = %e, "reading another server's commit failed");
+                // Whatever it was, the polls find it in the database.
+                c.orders.look_again_all();
+            }
+            if reconnected {
+                tracing::warn!("the listening session to PostgreSQL was lost and made again");
+                if let Err(e) = c.catch_up().await {
+                    tracing::warn!(error = %e, "catching up with other servers failed");
                 }
+            }
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, "listening for other servers' commits failed");
+                break;
             }
         }
     }
 }
+
+/// The most notifications read back together.
+const MAX_MERGED: usize = 1000;
 
 #[cfg(test)]
 mod tests {
