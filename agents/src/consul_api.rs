@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -33,6 +34,9 @@ pub struct Instance {
 pub struct ConsulApi {
     base: String,
     http: reqwest::Client,
+    /// The node's ACL token, sent with every call (`X-Consul-Token`) once
+    /// the Consul order has given one. Shared by every clone.
+    token: Arc<RwLock<Option<String>>>,
 }
 
 impl ConsulApi {
@@ -44,6 +48,7 @@ impl ConsulApi {
                 .timeout(Duration::from_secs(90))
                 .build()
                 .expect("an HTTP client without TLS builds"),
+            token: Arc::default(),
         }
     }
 
@@ -51,11 +56,34 @@ impl ConsulApi {
         &self.base
     }
 
+    /// Sets the token every later call carries.
+    pub fn set_token(&self, token: Option<String>) {
+        *self.token.write().expect("token lock") = token;
+    }
+
+    pub fn token(&self) -> Option<String> {
+        self.token.read().expect("token lock").clone()
+    }
+
     async fn call(
         &self,
         req: reqwest::RequestBuilder,
         timeout: Duration,
     ) -> Result<reqwest::Response, ConsulError> {
+        let token = self.token();
+        self.call_as(req, timeout, token.as_deref()).await
+    }
+
+    async fn call_as(
+        &self,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+        token: Option<&str>,
+    ) -> Result<reqwest::Response, ConsulError> {
+        let req = match token {
+            Some(t) => req.header("X-Consul-Token", t),
+            None => req,
+        };
         let res = req.timeout(timeout).send().await?;
         if res.status().is_success() {
             Ok(res)
@@ -363,6 +391,194 @@ impl ConsulApi {
         )
         .await
         .map(drop)
+    }
+
+    /// Whether `token` is a token Consul knows (and ACLs are past their
+    /// start-up legacy mode).
+    pub async fn acl_token_valid(&self, token: &str) -> Result<(), ConsulError> {
+        self.call_as(
+            self.http.get(format!("{}/v1/acl/token/self", self.base)),
+            Self::short(),
+            Some(token),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Creates or updates the policy `name` with `rules`, as `management`.
+    /// Returns the policy's id.
+    pub async fn acl_policy_put(
+        &self,
+        management: &str,
+        name: &str,
+        rules: &str,
+        description: &str,
+    ) -> Result<String, ConsulError> {
+        let existing = match self
+            .call_as(
+                self.http
+                    .get(format!("{}/v1/acl/policy/name/{name}", self.base)),
+                Self::short(),
+                Some(management),
+            )
+            .await
+        {
+            Ok(res) => Some(res.json::<Value>().await?),
+            // Consul 1.8 answers 403 "ACL not found" for a policy that does
+            // not exist (the management token was checked first).
+            Err(ConsulError::Status { status, .. })
+                if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let body = serde_json::json!({"Name": name, "Rules": rules, "Description": description});
+        let req = match &existing {
+            Some(p) if p["Rules"].as_str() == Some(rules) => {
+                return Ok(p["ID"].as_str().unwrap_or_default().to_string());
+            }
+            Some(p) => self.http.put(format!(
+                "{}/v1/acl/policy/{}",
+                self.base,
+                p["ID"].as_str().unwrap_or_default()
+            )),
+            None => self.http.put(format!("{}/v1/acl/policy", self.base)),
+        };
+        let res = self
+            .call_as(req.json(&body), Self::short(), Some(management))
+            .await?;
+        let v: Value = res.json().await?;
+        Ok(v["ID"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Makes sure the token `accessor` exists with `secret` and exactly the
+    /// policy `policy`, as `management`. True when it had to be written.
+    pub async fn acl_token_put(
+        &self,
+        management: &str,
+        accessor: &str,
+        secret: &str,
+        policy: &str,
+        description: &str,
+    ) -> Result<bool, ConsulError> {
+        let existing = match self
+            .call_as(
+                self.http
+                    .get(format!("{}/v1/acl/token/{accessor}", self.base)),
+                Self::short(),
+                Some(management),
+            )
+            .await
+        {
+            Ok(res) => Some(res.json::<Value>().await?),
+            // 403 "ACL not found" for a token id that does not exist.
+            Err(ConsulError::Status { status, .. })
+                if status == StatusCode::NOT_FOUND || status == StatusCode::FORBIDDEN =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let policies_match = |t: &Value| {
+            t["SecretID"].as_str() == Some(secret)
+                && t["Policies"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 1 && p[0]["Name"].as_str() == Some(policy))
+        };
+        if existing.as_ref().is_some_and(policies_match) {
+            return Ok(false);
+        }
+        let body = serde_json::json!({
+            "AccessorID": accessor,
+            "SecretID": secret,
+            "Description": description,
+            "Policies": [{"Name": policy}],
+            "Local": false,
+        });
+        let req = if existing.is_some() {
+            self.http
+                .put(format!("{}/v1/acl/token/{accessor}", self.base))
+        } else {
+            self.http.put(format!("{}/v1/acl/token", self.base))
+        };
+        self.call_as(req.json(&body), Self::short(), Some(management))
+            .await?;
+        Ok(true)
+    }
+
+    /// The tokens whose description starts with `prefix`: (accessor, policy
+    /// names), as `management`.
+    pub async fn acl_tokens(
+        &self,
+        management: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<String>)>, ConsulError> {
+        let res = self
+            .call_as(
+                self.http.get(format!("{}/v1/acl/tokens", self.base)),
+                Self::short(),
+                Some(management),
+            )
+            .await?;
+        let v: Vec<Value> = res.json().await?;
+        Ok(v.iter()
+            .filter(|t| {
+                t["Description"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with(prefix))
+            })
+            .map(|t| {
+                (
+                    t["AccessorID"].as_str().unwrap_or_default().to_string(),
+                    t["Policies"]
+                        .as_array()
+                        .map(|p| {
+                            p.iter()
+                                .filter_map(|p| p["Name"].as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
+    /// Deletes a token and then the policies named, as `management`.
+    pub async fn acl_token_delete(
+        &self,
+        management: &str,
+        accessor: &str,
+        policies: &[String],
+    ) -> Result<(), ConsulError> {
+        self.call_as(
+            self.http
+                .delete(format!("{}/v1/acl/token/{accessor}", self.base)),
+            Self::short(),
+            Some(management),
+        )
+        .await?;
+        for name in policies {
+            let res = self
+                .call_as(
+                    self.http
+                        .get(format!("{}/v1/acl/policy/name/{name}", self.base)),
+                    Self::short(),
+                    Some(management),
+                )
+                .await?;
+            let p: Value = res.json().await?;
+            if let Some(id) = p["ID"].as_str() {
+                self.call_as(
+                    self.http
+                        .delete(format!("{}/v1/acl/policy/{id}", self.base)),
+                    Self::short(),
+                    Some(management),
+                )
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     /// The session holding the lock on `key`, if any.

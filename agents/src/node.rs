@@ -17,7 +17,7 @@ use crate::durable::{StateDir, StateError};
 pub struct Node {
     pub ctx: Arc<NodeContext>,
     state: StateDir,
-    pub consul: ConsulDriver,
+    pub consul: Arc<ConsulDriver>,
     pub webapp: Arc<WebappDriver>,
     pub nginx: Arc<NginxDriver>,
     pub postgres: Arc<PostgresDriver>,
@@ -35,8 +35,13 @@ pub enum ApplyError {
 
 impl Node {
     pub fn new(ctx: Arc<NodeContext>, state: StateDir) -> Self {
+        // The loops that start before the orders are restored already talk
+        // to Consul: they need the node's token from the start.
+        if let Some(WorkOrder::Consul(spec)) = state.applied(OrderKind::Consul) {
+            ctx.consul.set_token(spec.acl.map(|a| a.token));
+        }
         Self {
-            consul: ConsulDriver::new(ctx.clone()),
+            consul: Arc::new(ConsulDriver::new(ctx.clone())),
             webapp: Arc::new(WebappDriver::new(ctx.clone())),
             nginx: Arc::new(NginxDriver::new(ctx.clone())),
             postgres: Arc::new(PostgresDriver::new(ctx.clone())),
@@ -48,6 +53,7 @@ impl Node {
     /// Starts the background loops that follow Consul (registration keepers,
     /// the nginx upstream watch).
     pub fn spawn_keepers(&self) {
+        tokio::spawn(self.consul.clone().keeper());
         tokio::spawn(self.webapp.clone().keeper());
         tokio::spawn(self.nginx.clone().watch());
         tokio::spawn(self.postgres.clone().keeper());

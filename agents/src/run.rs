@@ -314,6 +314,7 @@ mod tests {
             database: "todomvc".into(),
             user: "todomvc".into(),
             password: "pw".into(),
+            consul_token: None,
         }))
         .expect("json")
     }

@@ -340,6 +340,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
                 "http://{}:8500/v1/kv/service/postgres/switchover",
                 c.address("adm1")
             );
+            let token = c.consul_token();
             let http = reqwest::Client::new();
             // Cut before the request: the switchover shuts the primary down
             // within a fraction of a second of recording itself.
@@ -351,6 +352,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
             while std::time::Instant::now() < deadline {
                 let recorded = http
                     .get(&consul)
+                    .header("X-Consul-Token", token.as_str())
                     .send()
                     .await
                     .is_ok_and(|r| r.status() == 200);

@@ -2,9 +2,10 @@
 //! dir, server or client as the order says, script checks allowed locally
 //! (the PostgreSQL check runs `corral-agent check-postgres`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use corral_proto::{ConsulSpec, ports};
+use corral_proto::{ConsulAcl, ConsulSpec, ConsulToken, ports};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -20,7 +21,25 @@ pub const CONF_DIR: &str = "consul/conf.d";
 
 pub struct ConsulDriver {
     ctx: Arc<NodeContext>,
+    /// The tokens this node keeps in Consul (the admin node), with the
+    /// management token, and whether they are in place.
+    kept: Mutex<Option<KeptTokens>>,
+    kept_changed: tokio::sync::Notify,
 }
+
+#[derive(Clone)]
+struct KeptTokens {
+    management: String,
+    tokens: Vec<ConsulToken>,
+    in_place: bool,
+}
+
+/// Marks the tokens (and their policies) corral keeps, so that the ones of
+/// removed nodes can be found and deleted, and nothing else is touched.
+const KEPT_PREFIX: &str = "corral: ";
+
+/// How long applying a Consul order waits for the node's ACL token to exist.
+const TOKEN_WAIT: Duration = Duration::from_secs(60);
 
 /// The agent configuration for `spec` on this node (Consul 1.8 JSON).
 pub fn render_config(node: &str, address: &str, data_dir: &str, spec: &ConsulSpec) -> Value {
@@ -52,12 +71,122 @@ pub fn render_config(node: &str, address: &str, data_dir: &str, spec: &ConsulSpe
     if spec.server {
         config["bootstrap_expect"] = json!(spec.bootstrap_expect);
     }
+    if let Some(acl) = &spec.acl {
+        let mut tokens = json!({ "agent": acl.token });
+        if let Some(management) = &acl.management {
+            tokens["master"] = json!(management);
+        }
+        config["primary_datacenter"] = json!(spec.datacenter);
+        config["acl"] = json!({
+            "enabled": true,
+            "default_policy": "deny",
+            // Servers unreachable: keep using what was resolved before.
+            "down_policy": "extend-cache",
+            // A node's token may be used a moment before the admin node
+            // has created it; a short TTL keeps that "not found" from
+            // being cached for the default 30 s.
+            "token_ttl": "2s",
+            "tokens": tokens,
+        });
+    }
     config
 }
 
 impl ConsulDriver {
     pub fn new(ctx: Arc<NodeContext>) -> Self {
-        Self { ctx }
+        Self {
+            ctx,
+            kept: Mutex::new(None),
+            kept_changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Takes the node's token (and, on the admin node, the tokens to keep)
+    /// from `acl`: every later Consul call carries the token.
+    fn take_acl(&self, acl: Option<&ConsulAcl>) {
+        self.ctx.consul.set_token(acl.map(|a| a.token.clone()));
+        let kept = acl.and_then(|a| {
+            let management = a.management.clone()?;
+            (!a.tokens.is_empty()).then(|| KeptTokens {
+                management,
+                tokens: a.tokens.clone(),
+                in_place: false,
+            })
+        });
+        *self.kept.lock().expect("kept lock") = kept;
+        self.kept_changed.notify_one();
+    }
+
+    /// Runs forever on every node; acts on the admin node only: keeps each
+    /// node's token and policy in Consul, and deletes those of nodes that
+    /// are gone. Retries quickly while Consul has no leader yet (the tokens
+    /// are what the other nodes wait for), then checks every 30 s.
+    pub async fn keeper(self: Arc<Self>) {
+        loop {
+            let kept = self.kept.lock().expect("kept lock").clone();
+            let pause = match kept {
+                None => Duration::from_secs(3600),
+                Some(k) => match self.keep_tokens(&k).await {
+                    Ok(written) => {
+                        if let Some(current) = self.kept.lock().expect("kept lock").as_mut()
+                            && current.tokens == k.tokens
+                        {
+                            current.in_place = true;
+                        }
+                        if written > 0 {
+                            tracing::info!(written, "consul ACL tokens in place");
+                        }
+                        Duration::from_secs(30)
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "consul ACL tokens pending");
+                        Duration::from_millis(250)
+                    }
+                },
+            };
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.kept_changed.notified() => {}
+            }
+        }
+    }
+
+    /// Writes the policies and tokens that differ; returns how many.
+    async fn keep_tokens(&self, kept: &KeptTokens) -> Result<usize, DriverError> {
+        let consul = &self.ctx.consul;
+        // Until the elected server has created the management token, every
+        // read below would say "not found".
+        consul.acl_token_valid(&kept.management).await?;
+        let mut written = 0;
+        for t in &kept.tokens {
+            let policy = format!("corral-{}", t.name);
+            let description = format!("{KEPT_PREFIX}{}", t.name);
+            consul
+                .acl_policy_put(&kept.management, &policy, &t.rules, &description)
+                .await?;
+            if consul
+                .acl_token_put(
+                    &kept.management,
+                    &t.accessor,
+                    &t.secret,
+                    &policy,
+                    &description,
+                )
+                .await?
+            {
+                written += 1;
+            }
+        }
+        for (accessor, policies) in consul.acl_tokens(&kept.management, KEPT_PREFIX).await? {
+            if !kept.tokens.iter().any(|t| t.accessor == accessor) {
+                tracing::info!(%accessor, "deleting the consul token of a node that is gone");
+                consul
+                    .acl_token_delete(&kept.management, &accessor, &policies)
+                    .await?;
+                written += 1;
+            }
+        }
+        Ok(written)
     }
 
     fn service_spec(&self, config_file: &str) -> ServiceSpec {
@@ -79,6 +208,7 @@ impl ConsulDriver {
 
     #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
     pub async fn apply(&self, spec: &ConsulSpec) -> Result<String, DriverError> {
+        self.take_acl(spec.acl.as_ref());
         let dir = self.ctx.path("consul");
         let data = dir.join("data");
         mkdir(&data)?;
@@ -107,17 +237,35 @@ impl ConsulDriver {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             answering = self.ctx.consul.alive().await;
         }
+        // With ACLs, the orders after this one also need the node's token,
+        // which the admin node creates once the servers have a leader: wait
+        // for it too (a new cluster's servers start together).
+        let mut note = if answering { "" } else { ", not answering yet" };
+        if answering && let Some(acl) = &spec.acl {
+            let deadline = std::time::Instant::now() + TOKEN_WAIT;
+            let mut valid = self.ctx.consul.acl_token_valid(&acl.token).await;
+            while valid.is_err() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                valid = self.ctx.consul.acl_token_valid(&acl.token).await;
+            }
+            if let Err(e) = valid {
+                tracing::warn!(error = %e, "this node's consul token is not in place yet");
+                note = ", its ACL token not in place yet";
+            }
+        }
         let role = if spec.server { "server" } else { "client" };
-        let note = if answering { "" } else { ", not answering yet" };
         Ok(format!("consul {role} {ensured:?} on {}{note}", self.ctx.address).to_lowercase())
     }
 
     /// Leaves the cluster gracefully, then makes sure the agent is gone.
     pub async fn leave(&self) -> Result<(), DriverError> {
-        let cmd = OneShot::new(
+        let mut cmd = OneShot::new(
             &self.ctx.bins.consul,
             &["leave", &format!("-http-addr={}", self.ctx.consul.url())],
         );
+        if let Some(token) = self.ctx.consul.token() {
+            cmd.env.push(("CONSUL_HTTP_TOKEN".into(), token));
+        }
         if let Err(e) = self.ctx.host.run(&cmd).await.and_then(|o| o.check(&cmd)) {
             tracing::warn!(error = %e, "consul leave failed; stopping it anyway");
         }
@@ -139,6 +287,11 @@ mod tests {
             retry_join: vec!["127.0.11.5".into()],
             ui: false,
             encrypt: "k".into(),
+            acl: Some(ConsulAcl {
+                token: "node-token".into(),
+                management: server.then(|| "management".into()),
+                tokens: Vec::new(),
+            }),
         }
     }
 
@@ -153,5 +306,25 @@ mod tests {
         let client = render_config("nginx2", "127.0.11.22", "/d", &spec(false));
         assert!(client.get("bootstrap_expect").is_none());
         assert_eq!(client["server"], false);
+    }
+
+    #[test]
+    fn acls_deny_by_default_and_only_servers_hold_the_management_token() {
+        let server = render_config("nginx1", "127.0.11.21", "/d", &spec(true));
+        assert_eq!(server["acl"]["enabled"], true);
+        assert_eq!(server["acl"]["default_policy"], "deny");
+        assert_eq!(server["acl"]["tokens"]["agent"], "node-token");
+        assert_eq!(server["acl"]["tokens"]["master"], "management");
+        assert_eq!(server["primary_datacenter"], "dc");
+        let client = render_config("nginx2", "127.0.11.22", "/d", &spec(false));
+        assert_eq!(client["acl"]["tokens"]["agent"], "node-token");
+        assert!(client["acl"]["tokens"].get("master").is_none());
+        let mut old = spec(false);
+        old.acl = None;
+        assert!(
+            render_config("nginx2", "127.0.11.22", "/d", &old)
+                .get("acl")
+                .is_none()
+        );
     }
 }
