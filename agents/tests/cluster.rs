@@ -978,6 +978,15 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         "the webapp's password opens rewinder"
     );
 
+    let pg2_order: Value = serde_json::from_slice(
+        &std::fs::read(pg2.join("orders/consul.json")).expect("pg2's consul order"),
+    )
+    .expect("json");
+    let pg2_consul_token = pg2_order["acl"]["token"]
+        .as_str()
+        .expect("pg2's token")
+        .to_string();
+
     // Scaling db back to 1 drains pg2: the server removes it once applied.
     // The new policy is a reload of the same nginx, not a restart.
     let nginx1 = cluster.node_state("nginx1");
@@ -1017,6 +1026,20 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     for service in ["postgres", "consul"] {
         assert_eq!(pid_of(&pg2, service), None, "pg2 {service} still runs");
     }
+    // pg2's Consul token goes with it: it no longer opens the leader key.
+    let pg2_token = pg2_consul_token;
+    eventually(
+        "pg2's consul token deleted",
+        Duration::from_secs(60),
+        || async {
+            http.get(format!("http://{net}.11:8500/v1/acl/token/self"))
+                .header("X-Consul-Token", pg2_token.as_str())
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == reqwest::StatusCode::FORBIDDEN)
+        },
+    )
+    .await;
     // The drained agent idles (no polls against a removed node) until the
     // provider runs stop-all.
     let agent_log = cluster.dir.path().join("agent-pg2.log");
