@@ -17,7 +17,7 @@ use crate::durable::{StateDir, StateError};
 pub struct Node {
     pub ctx: Arc<NodeContext>,
     state: StateDir,
-    pub consul: Arc<ConsulDriver>,
+    pub consul: ConsulDriver,
     pub webapp: Arc<WebappDriver>,
     pub nginx: Arc<NginxDriver>,
     pub postgres: Arc<PostgresDriver>,
@@ -41,7 +41,7 @@ impl Node {
             ctx.consul.set_token(spec.acl.map(|a| a.token));
         }
         Self {
-            consul: Arc::new(ConsulDriver::new(ctx.clone())),
+            consul: ConsulDriver::new(ctx.clone()),
             webapp: Arc::new(WebappDriver::new(ctx.clone())),
             nginx: Arc::new(NginxDriver::new(ctx.clone())),
             postgres: Arc::new(PostgresDriver::new(ctx.clone())),
@@ -53,7 +53,6 @@ impl Node {
     /// Starts the background loops that follow Consul (registration keepers,
     /// the nginx upstream watch).
     pub fn spawn_keepers(&self) {
-        tokio::spawn(self.consul.clone().keeper());
         tokio::spawn(self.webapp.clone().keeper());
         tokio::spawn(self.nginx.clone().watch());
         tokio::spawn(self.postgres.clone().keeper());

@@ -128,23 +128,6 @@ pub struct ConsulAcl {
     /// leader creates it in Consul's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management: Option<String>,
-    /// The tokens this node keeps in place with the management token (the
-    /// admin node): every node's, and the webapps' read-only one. Tokens
-    /// corral made that are not listed are deleted.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tokens: Vec<ConsulToken>,
-}
-
-/// One ACL token with its own policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct ConsulToken {
-    /// Names the token and its policy, e.g. `node-nginx1`.
-    pub name: String,
-    pub accessor: String,
-    pub secret: String,
-    /// The policy's rules (Consul's HCL).
-    pub rules: String,
 }
 
 /// A PostgreSQL node. Which node is primary is decided at run time by a

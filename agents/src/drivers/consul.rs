@@ -2,10 +2,10 @@
 //! dir, server or client as the order says, script checks allowed locally
 //! (the PostgreSQL check runs `corral-agent check-postgres`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use corral_proto::{ConsulAcl, ConsulSpec, ConsulToken, ports};
+use corral_proto::{ConsulSpec, ports};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -21,22 +21,7 @@ pub const CONF_DIR: &str = "consul/conf.d";
 
 pub struct ConsulDriver {
     ctx: Arc<NodeContext>,
-    /// The tokens this node keeps in Consul (the admin node), with the
-    /// management token, and whether they are in place.
-    kept: Mutex<Option<KeptTokens>>,
-    kept_changed: tokio::sync::Notify,
 }
-
-#[derive(Clone)]
-struct KeptTokens {
-    management: String,
-    tokens: Vec<ConsulToken>,
-    in_place: bool,
-}
-
-/// Marks the tokens (and their policies) corral keeps, so that the ones of
-/// removed nodes can be found and deleted, and nothing else is touched.
-const KEPT_PREFIX: &str = "corral: ";
 
 /// How long applying a Consul order waits for the node's ACL token to exist.
 const TOKEN_WAIT: Duration = Duration::from_secs(60);
@@ -94,99 +79,7 @@ pub fn render_config(node: &str, address: &str, data_dir: &str, spec: &ConsulSpe
 
 impl ConsulDriver {
     pub fn new(ctx: Arc<NodeContext>) -> Self {
-        Self {
-            ctx,
-            kept: Mutex::new(None),
-            kept_changed: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Takes the node's token (and, on the admin node, the tokens to keep)
-    /// from `acl`: every later Consul call carries the token.
-    fn take_acl(&self, acl: Option<&ConsulAcl>) {
-        self.ctx.consul.set_token(acl.map(|a| a.token.clone()));
-        let kept = acl.and_then(|a| {
-            let management = a.management.clone()?;
-            (!a.tokens.is_empty()).then(|| KeptTokens {
-                management,
-                tokens: a.tokens.clone(),
-                in_place: false,
-            })
-        });
-        *self.kept.lock().expect("kept lock") = kept;
-        self.kept_changed.notify_one();
-    }
-
-    /// Runs forever on every node; acts on the admin node only: keeps each
-    /// node's token and policy in Consul, and deletes those of nodes that
-    /// are gone. Retries quickly while Consul has no leader yet (the tokens
-    /// are what the other nodes wait for), then checks every 30 s.
-    pub async fn keeper(self: Arc<Self>) {
-        loop {
-            let kept = self.kept.lock().expect("kept lock").clone();
-            let pause = match kept {
-                None => Duration::from_secs(3600),
-                Some(k) => match self.keep_tokens(&k).await {
-                    Ok(written) => {
-                        if let Some(current) = self.kept.lock().expect("kept lock").as_mut()
-                            && current.tokens == k.tokens
-                        {
-                            current.in_place = true;
-                        }
-                        if written > 0 {
-                            tracing::info!(written, "consul ACL tokens in place");
-                        }
-                        Duration::from_secs(30)
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "consul ACL tokens pending");
-                        Duration::from_millis(250)
-                    }
-                },
-            };
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = self.kept_changed.notified() => {}
-            }
-        }
-    }
-
-    /// Writes the policies and tokens that differ; returns how many.
-    async fn keep_tokens(&self, kept: &KeptTokens) -> Result<usize, DriverError> {
-        let consul = &self.ctx.consul;
-        // Until the elected server has created the management token, every
-        // read below would say "not found".
-        consul.acl_token_valid(&kept.management).await?;
-        let mut written = 0;
-        for t in &kept.tokens {
-            let policy = format!("corral-{}", t.name);
-            let description = format!("{KEPT_PREFIX}{}", t.name);
-            consul
-                .acl_policy_put(&kept.management, &policy, &t.rules, &description)
-                .await?;
-            if consul
-                .acl_token_put(
-                    &kept.management,
-                    &t.accessor,
-                    &t.secret,
-                    &policy,
-                    &description,
-                )
-                .await?
-            {
-                written += 1;
-            }
-        }
-        for (accessor, policies) in consul.acl_tokens(&kept.management, KEPT_PREFIX).await? {
-            if !kept.tokens.iter().any(|t| t.accessor == accessor) {
-                tracing::info!(%accessor, "deleting the consul token of a node that is gone");
-                consul
-                    .acl_token_delete(&kept.management, &accessor, &policies)
-                    .await?;
-                written += 1;
-            }
-        }
-        Ok(written)
+        Self { ctx }
     }
 
     fn service_spec(&self, config_file: &str) -> ServiceSpec {
@@ -208,7 +101,10 @@ impl ConsulDriver {
 
     #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
     pub async fn apply(&self, spec: &ConsulSpec) -> Result<String, DriverError> {
-        self.take_acl(spec.acl.as_ref());
+        // Every later Consul call of this agent carries the node's token.
+        self.ctx
+            .consul
+            .set_token(spec.acl.as_ref().map(|a| a.token.clone()));
         let dir = self.ctx.path("consul");
         let data = dir.join("data");
         mkdir(&data)?;
@@ -238,8 +134,8 @@ impl ConsulDriver {
             answering = self.ctx.consul.alive().await;
         }
         // With ACLs, the orders after this one also need the node's token,
-        // which the admin node creates once the servers have a leader: wait
-        // for it too (a new cluster's servers start together).
+        // which the control plane creates once the servers have a leader:
+        // wait for it too (a new cluster's servers start together).
         let mut note = if answering { "" } else { ", not answering yet" };
         if answering && let Some(acl) = &spec.acl {
             let deadline = std::time::Instant::now() + TOKEN_WAIT;
@@ -277,6 +173,7 @@ impl ConsulDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use corral_proto::ConsulAcl;
 
     fn spec(server: bool) -> ConsulSpec {
         ConsulSpec {
@@ -290,7 +187,6 @@ mod tests {
             acl: Some(ConsulAcl {
                 token: "node-token".into(),
                 management: server.then(|| "management".into()),
-                tokens: Vec::new(),
             }),
         }
     }

@@ -159,6 +159,7 @@ impl Cluster {
         tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
         tokio::spawn(watch_heartbeats(Arc::downgrade(&cluster)));
         tokio::spawn(prune(Arc::downgrade(&cluster)));
+        tokio::spawn(crate::consul_acl::keep(Arc::downgrade(&cluster)));
         Ok(cluster)
     }
 

@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use corral_proto::{
-    ConsulAcl, ConsulSpec, ConsulToken, LoadBalancerSpec, NodeState, ObservedState, OrderKind,
-    POSTGRES_SERVICE, PostgresSpec, Provider, ReplicationRole, Role, TopologyUpdate,
-    WEBAPP_SERVICE, WebappSpec, WorkOrder, ports,
+    ConsulAcl, ConsulSpec, LoadBalancerSpec, NodeState, ObservedState, OrderKind, POSTGRES_SERVICE,
+    PostgresSpec, Provider, ReplicationRole, Role, TopologyUpdate, WEBAPP_SERVICE, WebappSpec,
+    WorkOrder, ports,
 };
 
 pub use addressing::{AddressPlan, AddressPlans};
@@ -186,30 +186,11 @@ pub fn plan(
         .next()
         .map(|(_, (name, _))| name.clone());
 
-    // Consul ACLs: a token per node and the webapps' read-only one. The
-    // admin node keeps them all in place.
+    // Consul ACLs: a token per node, and the webapps' read-only one; the
+    // control plane keeps them in Consul (`consul_acl`).
     let acl_token =
         |name: &str| consul_id(&settings.consul_management, &format!("secret:node:{name}"));
     let webapp_token = consul_id(&settings.consul_management, "secret:webapp");
-    let mut managed: Vec<ConsulToken> = live
-        .iter()
-        .map(|((role, _), (name, _))| ConsulToken {
-            name: format!("node-{name}"),
-            accessor: consul_id(
-                &settings.consul_management,
-                &format!("accessor:node:{name}"),
-            ),
-            secret: acl_token(name),
-            rules: consul_node_rules(name, *role),
-        })
-        .collect();
-    managed.push(ConsulToken {
-        name: "webapp".into(),
-        accessor: consul_id(&settings.consul_management, "accessor:webapp"),
-        secret: webapp_token.clone(),
-        rules: CONSUL_READ_RULES.into(),
-    });
-    managed.sort_by(|a, b| a.name.cmp(&b.name));
 
     let mut file = |name: &str, order: WorkOrder| {
         let key = (name.to_string(), order.kind());
@@ -234,11 +215,6 @@ pub fn plan(
                     management: server_set
                         .contains(address)
                         .then(|| settings.consul_management.clone()),
-                    tokens: if *role == Role::Adm {
-                        managed.clone()
-                    } else {
-                        Vec::new()
-                    },
                 }),
             }),
         );
@@ -298,6 +274,42 @@ pub fn plan(
         file(&name, WorkOrder::Drain);
     }
     Ok(plan)
+}
+
+/// One Consul ACL token with a policy of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsulToken {
+    /// Names the token and its policy, e.g. `node-nginx1`.
+    pub name: String,
+    pub accessor: String,
+    pub secret: String,
+    /// The policy's rules (Consul's HCL).
+    pub rules: String,
+}
+
+/// Every token the cluster's nodes (given as name and role) and webapps
+/// use, sorted by name: what the control plane keeps in Consul.
+pub fn consul_tokens<'a>(
+    management: &str,
+    nodes: impl IntoIterator<Item = (&'a str, Role)>,
+) -> Vec<ConsulToken> {
+    let mut tokens: Vec<ConsulToken> = nodes
+        .into_iter()
+        .map(|(name, role)| ConsulToken {
+            name: format!("node-{name}"),
+            accessor: consul_id(management, &format!("accessor:node:{name}")),
+            secret: consul_id(management, &format!("secret:node:{name}")),
+            rules: consul_node_rules(name, role),
+        })
+        .collect();
+    tokens.push(ConsulToken {
+        name: "webapp".into(),
+        accessor: consul_id(management, "accessor:webapp"),
+        secret: consul_id(management, "secret:webapp"),
+        rules: CONSUL_READ_RULES.into(),
+    });
+    tokens.sort_by(|a, b| a.name.cmp(&b.name));
+    tokens
 }
 
 /// What every token may read: the catalog, for service discovery.
@@ -472,7 +484,7 @@ mod tests {
 
     #[test]
     fn each_node_gets_its_own_consul_token_and_only_servers_the_management_one() {
-        let (_, last, _) = converge(&spec(3, 2));
+        let (nodes, last, _) = converge(&spec(3, 2));
         let acl = |name: &str| match last.get(&(name.to_string(), OrderKind::Consul)) {
             Some(WorkOrder::Consul(c)) => c.acl.clone().expect("acl"),
             other => panic!("no consul order for {name}: {other:?}"),
@@ -483,10 +495,9 @@ mod tests {
         }
         for client in ["nginx2", "nginx3", "pg2"] {
             assert_eq!(acl(client).management, None, "{client}");
-            assert!(acl(client).tokens.is_empty(), "{client} keeps tokens");
         }
-        // adm1 keeps every node's token and the webapps'.
-        let kept = acl("adm1").tokens;
+        // The tokens the control plane keeps: every node's and the webapps'.
+        let kept = consul_tokens(&management, nodes.iter().map(|n| (n.name.as_str(), n.role)));
         let names: Vec<_> = kept.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(
             names,
@@ -510,6 +521,7 @@ mod tests {
             .iter()
             .find(|t| t.name == "node-nginx2")
             .expect("nginx2");
+        assert_eq!(nginx2.secret, acl("nginx2").token);
         assert!(!nginx2.rules.contains("key_prefix"), "{}", nginx2.rules);
         assert!(!nginx2.rules.contains("postgres"), "{}", nginx2.rules);
         let webapp = kept.iter().find(|t| t.name == "webapp").expect("webapp");
