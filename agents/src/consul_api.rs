@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -33,6 +34,9 @@ pub struct Instance {
 pub struct ConsulApi {
     base: String,
     http: reqwest::Client,
+    /// The node's ACL token, sent with every call (`X-Consul-Token`) once
+    /// the Consul order has given one. Shared by every clone.
+    token: Arc<RwLock<Option<String>>>,
 }
 
 impl ConsulApi {
@@ -44,6 +48,7 @@ impl ConsulApi {
                 .timeout(Duration::from_secs(90))
                 .build()
                 .expect("an HTTP client without TLS builds"),
+            token: Arc::default(),
         }
     }
 
@@ -51,11 +56,34 @@ impl ConsulApi {
         &self.base
     }
 
+    /// Sets the token every later call carries.
+    pub fn set_token(&self, token: Option<String>) {
+        *self.token.write().expect("token lock") = token;
+    }
+
+    pub fn token(&self) -> Option<String> {
+        self.token.read().expect("token lock").clone()
+    }
+
     async fn call(
         &self,
         req: reqwest::RequestBuilder,
         timeout: Duration,
     ) -> Result<reqwest::Response, ConsulError> {
+        let token = self.token();
+        self.call_as(req, timeout, token.as_deref()).await
+    }
+
+    async fn call_as(
+        &self,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+        token: Option<&str>,
+    ) -> Result<reqwest::Response, ConsulError> {
+        let req = match token {
+            Some(t) => req.header("X-Consul-Token", t),
+            None => req,
+        };
         let res = req.timeout(timeout).send().await?;
         if res.status().is_success() {
             Ok(res)
@@ -360,6 +388,18 @@ impl ConsulApi {
         self.call(
             self.http.delete(format!("{}/v1/kv/{key}", self.base)),
             Self::fast(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Whether `token` is a token Consul knows (and ACLs are past their
+    /// start-up legacy mode).
+    pub async fn acl_token_valid(&self, token: &str) -> Result<(), ConsulError> {
+        self.call_as(
+            self.http.get(format!("{}/v1/acl/token/self", self.base)),
+            Self::short(),
+            Some(token),
         )
         .await
         .map(drop)

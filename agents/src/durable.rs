@@ -47,6 +47,25 @@ pub struct Progress {
     /// The highest order seq finished (applied or failed).
     pub seq: i64,
     pub last: Option<LastResult>,
+    /// Results applied but not yet acknowledged by the control plane, in
+    /// seq order: an agent that dies mid-batch reports them all when it
+    /// starts again (a lost switchover result would otherwise leave the
+    /// order `delivered` forever and refuse every later switchover).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreported: Vec<LastResult>,
+}
+
+impl Progress {
+    /// What to report at start: the unreported results; from a state dir
+    /// written before they were kept, the last result (reporting twice is
+    /// harmless).
+    pub fn pending_reports(&self) -> Vec<LastResult> {
+        if self.unreported.is_empty() {
+            self.last.iter().cloned().collect()
+        } else {
+            self.unreported.clone()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +211,7 @@ mod tests {
                 outcome: OrderOutcome::Failed,
                 message: "boom".into(),
             }),
+            unreported: Vec::new(),
         };
         state.save_progress(&p).expect("save");
         let again = StateDir::open(dir.path()).expect("reopen");

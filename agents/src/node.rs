@@ -35,6 +35,11 @@ pub enum ApplyError {
 
 impl Node {
     pub fn new(ctx: Arc<NodeContext>, state: StateDir) -> Self {
+        // The loops that start before the orders are restored already talk
+        // to Consul: they need the node's token from the start.
+        if let Some(WorkOrder::Consul(spec)) = state.applied(OrderKind::Consul) {
+            ctx.consul.set_token(spec.acl.map(|a| a.token));
+        }
         Self {
             consul: ConsulDriver::new(ctx.clone()),
             webapp: Arc::new(WebappDriver::new(ctx.clone())),

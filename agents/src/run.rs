@@ -26,8 +26,9 @@ const POLL_WAIT: Duration = Duration::from_secs(30);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 /// Applies the orders of one poll in turn, recording each as done (applied
-/// or failed) before the next; orders at or below the durable seq were done
-/// before and are skipped. Returns the results to report.
+/// or failed, and unreported) before the next; orders at or below the
+/// durable seq were done before and are skipped. Returns the results to
+/// report.
 pub async fn apply_orders(
     node: &Node,
     state: &StateDir,
@@ -46,10 +47,9 @@ pub async fn apply_orders(
             outcome,
             message,
         };
-        *progress = Progress {
-            seq: order.seq,
-            last: Some(result.clone()),
-        };
+        progress.seq = order.seq;
+        progress.last = Some(result.clone());
+        progress.unreported.push(result.clone());
         state.save_progress(progress)?;
         results.push(result);
     }
@@ -58,6 +58,21 @@ pub async fn apply_orders(
 
 fn backoff_step(b: Duration) -> Duration {
     (b * 2).min(BACKOFF_CAP)
+}
+
+/// Reports every unreported result in turn, each crossed off on disk once
+/// the control plane has it.
+async fn report_pending(
+    control: &ControlPlane,
+    state: &StateDir,
+    progress: &mut Progress,
+) -> Result<(), StateError> {
+    for result in progress.pending_reports() {
+        report_until_done(control, &result).await;
+        progress.unreported.retain(|r| r.seq != result.seq);
+        state.save_progress(progress)?;
+    }
+    Ok(())
 }
 
 async fn report_until_done(control: &ControlPlane, result: &LastResult) {
@@ -85,10 +100,8 @@ async fn order_loop(
 ) -> anyhow::Result<()> {
     let mut progress = state.progress()?;
     applied.store(progress.seq, Ordering::Relaxed);
-    // The last report may have been lost when the agent died.
-    if let Some(last) = progress.last.clone() {
-        report_until_done(&control, &last).await;
-    }
+    // Reports may have been lost when the agent died.
+    report_pending(&control, &state, &mut progress).await?;
     let mut backoff = Duration::from_millis(500);
     loop {
         if state.applied(OrderKind::Drain).is_some() {
@@ -100,11 +113,9 @@ async fn order_loop(
         match control.poll(progress.seq, POLL_WAIT).await {
             Ok(orders) => {
                 backoff = Duration::from_millis(500);
-                let results = apply_orders(&node, &state, &mut progress, &orders).await?;
+                apply_orders(&node, &state, &mut progress, &orders).await?;
                 applied.store(progress.seq, Ordering::Relaxed);
-                for r in &results {
-                    report_until_done(&control, r).await;
-                }
+                report_pending(&control, &state, &mut progress).await?;
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "polling orders failed");
@@ -314,6 +325,7 @@ mod tests {
             database: "todomvc".into(),
             user: "todomvc".into(),
             password: "pw".into(),
+            consul_token: None,
         }))
         .expect("json")
     }
@@ -389,6 +401,25 @@ mod tests {
         assert_eq!(results.len(), 1);
         assert_eq!(results[0].seq, 2);
         assert_eq!(f.state.progress().expect("progress").seq, 2);
+    }
+
+    #[tokio::test]
+    async fn every_result_of_a_batch_stays_on_disk_until_reported() {
+        let f = fixture();
+        let mut progress = Progress::default();
+        apply_orders(
+            &f.node,
+            &f.state,
+            &mut progress,
+            &[order(1, webapp()), order(2, lb(LbPolicy::RoundRobin))],
+        )
+        .await
+        .expect("apply");
+        // The agent dies here, before reporting: a new one on the same state
+        // dir reports both, not only the last.
+        let resumed = f.state.progress().expect("progress");
+        let pending: Vec<i64> = resumed.pending_reports().iter().map(|r| r.seq).collect();
+        assert_eq!(pending, [1, 2]);
     }
 
     #[tokio::test]

@@ -384,12 +384,91 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         assert!(rss < 15 * 1024, "{} agent uses {rss} kB", a.node);
     }
 
-    // Anyone who reaches a Consul agent can register an instance of the
-    // webapp. One whose address carries nginx directives never reaches
-    // nginx.conf; a well-formed one registered after it does, which shows
-    // the watcher saw both.
-    let nginx_conf = nginx1.join("nginx/conf/nginx.conf");
+    // Consul denies by default. Without a token, or with the webapps'
+    // read-only one (taken from the running webapp's environment), nobody
+    // registers a service or takes the database's leader key; a web node's
+    // own token may not touch the leader key either.
     let consul = format!("http://{net}.21:{}", corral_proto::ports::CONSUL_HTTP);
+    let webapp_pid = pid_of(&nginx1, "todomvc").expect("todomvc pid");
+    let webapp_token = std::fs::read(format!("/proc/{webapp_pid}/environ"))
+        .expect("webapp environment")
+        .split(|b| *b == 0)
+        .find_map(|kv| {
+            kv.strip_prefix(b"CONSUL_HTTP_TOKEN=")
+                .map(|t| String::from_utf8_lossy(t).to_string())
+        })
+        .expect("the webapp runs with a consul token");
+    let nginx1_order: Value = serde_json::from_slice(
+        &std::fs::read(nginx1.join("orders/consul.json")).expect("nginx1's consul order"),
+    )
+    .expect("json");
+    let nginx1_token = nginx1_order["acl"]["token"]
+        .as_str()
+        .expect("node token")
+        .to_string();
+    let management =
+        std::fs::read_to_string(cluster.dir.path().join("server/consul-management-token"))
+            .expect("management token")
+            .trim()
+            .to_string();
+    let fake = json!({"ID": "fake-pg", "Name": "postgres", "Tags": ["primary"], "Address": "127.0.41.99", "Port": 5432});
+    for (who, token) in [
+        ("no token", None),
+        ("the webapp's token", Some(&webapp_token)),
+    ] {
+        let mut req = http
+            .put(format!("{consul}/v1/agent/service/register"))
+            .json(&fake);
+        if let Some(t) = token {
+            req = req.header("X-Consul-Token", t.as_str());
+        }
+        let res = req.send().await.expect("consul register");
+        assert_eq!(
+            res.status(),
+            reqwest::StatusCode::FORBIDDEN,
+            "a fake primary registered with {who}"
+        );
+    }
+    for (who, token) in [
+        ("no token", None),
+        ("the webapp's token", Some(&webapp_token)),
+        ("nginx1's token", Some(&nginx1_token)),
+    ] {
+        let mut req = http
+            .put(format!(
+                "{consul}/v1/kv/{}",
+                corral_server::reconcile::LEADER_KEY
+            ))
+            .body("nginx1");
+        if let Some(t) = token {
+            req = req.header("X-Consul-Token", t.as_str());
+        }
+        let res = req.send().await.expect("consul kv put");
+        assert_eq!(
+            res.status(),
+            reqwest::StatusCode::FORBIDDEN,
+            "the leader key written with {who}"
+        );
+    }
+    // The webapp's token reads what it needs: the primary.
+    let primaries: Value = http
+        .get(format!(
+            "{consul}/v1/health/service/postgres?passing=1&tag=primary"
+        ))
+        .header("X-Consul-Token", webapp_token.as_str())
+        .send()
+        .await
+        .expect("consul health")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(primaries.as_array().map(Vec::len), Some(1), "{primaries}");
+
+    // Whoever holds a token that may register an instance of the webapp
+    // (here the operator's management token) still cannot reach nginx.conf
+    // with an address that carries nginx directives; a well-formed one
+    // registered after it does, which shows the watcher saw both.
+    let nginx_conf = nginx1.join("nginx/conf/nginx.conf");
     for (id, address) in [
         (
             "forged",
@@ -400,6 +479,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     ] {
         let res = http
             .put(format!("{consul}/v1/agent/service/register"))
+            .header("X-Consul-Token", management.as_str())
             .json(&json!({"ID": id, "Name": corral_proto::WEBAPP_SERVICE, "Address": address, "Port": 8080}))
             .send()
             .await
@@ -425,6 +505,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     );
     for id in ["forged", "extra"] {
         http.put(format!("{consul}/v1/agent/service/deregister/{id}"))
+            .header("X-Consul-Token", management.as_str())
             .send()
             .await
             .expect("consul deregister");
@@ -897,6 +978,15 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         "the webapp's password opens rewinder"
     );
 
+    let pg2_order: Value = serde_json::from_slice(
+        &std::fs::read(pg2.join("orders/consul.json")).expect("pg2's consul order"),
+    )
+    .expect("json");
+    let pg2_consul_token = pg2_order["acl"]["token"]
+        .as_str()
+        .expect("pg2's token")
+        .to_string();
+
     // Scaling db back to 1 drains pg2: the server removes it once applied.
     // The new policy is a reload of the same nginx, not a restart.
     let nginx1 = cluster.node_state("nginx1");
@@ -936,6 +1026,20 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     for service in ["postgres", "consul"] {
         assert_eq!(pid_of(&pg2, service), None, "pg2 {service} still runs");
     }
+    // pg2's Consul token goes with it: it no longer opens the leader key.
+    let pg2_token = pg2_consul_token;
+    eventually(
+        "pg2's consul token deleted",
+        Duration::from_secs(60),
+        || async {
+            http.get(format!("http://{net}.11:8500/v1/acl/token/self"))
+                .header("X-Consul-Token", pg2_token.as_str())
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == reqwest::StatusCode::FORBIDDEN)
+        },
+    )
+    .await;
     // The drained agent idles (no polls against a removed node) until the
     // provider runs stop-all.
     let agent_log = cluster.dir.path().join("agent-pg2.log");

@@ -301,10 +301,11 @@ async fn main() -> anyhow::Result<()> {
     let before = args.server_pid.and_then(proc_stats);
     let peer_before = args.peer_pid.and_then(proc_stats);
     let client_before = proc_stats(std::process::id());
-    if let Some((rss, _, _)) = before {
+    if let Some((rss, hwm, _)) = before {
         println!(
-            "server RSS holding {n} long polls: {:.1} MiB",
-            rss as f64 / 1024.0
+            "server RSS holding {n} long polls: {:.1} MiB (peak so far, node creation and enrollment included: {:.1} MiB)",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
         );
     }
 

@@ -47,6 +47,10 @@ pub struct Secrets {
     pub db_password: String,
     /// The replication roles' own password (replicator, rewinder).
     pub replication_password: String,
+    /// Consul's management token (`consul-management-token`): a random
+    /// UUID. The operator's key to the Consul UI; every node's token is
+    /// derived from it.
+    pub consul_management: String,
     /// Set only when this start created the admin token: it is shown once.
     pub new_admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -175,8 +179,26 @@ impl Secrets {
         let (db_password, _) = secret_file(&state_dir.join("db-password"), password)?;
         let (replication_password, _) =
             secret_file(&state_dir.join("replication-password"), password)?;
+        let (consul_management, _) =
+            secret_file(&state_dir.join("consul-management-token"), || {
+                let mut bytes = [0u8; 16];
+                rand::rng().fill_bytes(&mut bytes);
+                // A version 4 UUID, the form Consul takes token ids in.
+                bytes[6] = (bytes[6] & 0x0f) | 0x40;
+                bytes[8] = (bytes[8] & 0x3f) | 0x80;
+                let h = hex::encode(bytes);
+                format!(
+                    "{}-{}-{}-{}-{}",
+                    &h[0..8],
+                    &h[8..12],
+                    &h[12..16],
+                    &h[16..20],
+                    &h[20..32]
+                )
+            })?;
         Ok(Self {
             admin_token_hash: hash_token(&admin),
+            consul_management,
             gossip_key,
             db_password,
             replication_password,

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod cluster;
+pub mod consul_acl;
 pub mod error;
 pub mod provider;
 pub mod reconcile;

@@ -247,6 +247,7 @@ impl Application {
                     gossip_key: secrets.gossip_key.clone(),
                     db_password: secrets.db_password.clone(),
                     replication_password: secrets.replication_password.clone(),
+                    consul_management: secrets.consul_management.clone(),
                 },
                 default_provider: config.default_provider,
                 providers: config.accepted_providers(),

@@ -1,7 +1,9 @@
 //! Failover benchmark: eight concurrent writers (four through nginx and the
 //! webapp, four straight into PostgreSQL) insert unique ids and log each
 //! acknowledgement; then the primary fails: every postgres process killed
-//! with SIGKILL (`--kill postgres`, the default), or, on the LXC provider,
+//! with SIGKILL (`--kill postgres`, the default), the whole node killed as
+//! a crashed machine (`--kill node`), its agent and postgres killed with its
+//! Consul agent left alive (`--kill agent+postgres`), or, on the LXC provider,
 //! its container frozen whole (`--kill freeze`) or partitioned from every
 //! other node (`--kill partition`), undone once writes resume elsewhere.
 //! After the cluster has recovered, the acknowledged ids missing from the
@@ -10,7 +12,7 @@
 //! replication mode.
 //!
 //!   cargo run --release -p corral-e2e --example failover_bench -- \
-//!       [ROUNDS] [MODES] [OCTET] [--kill postgres|freeze|partition] [--lxc]
+//!       [ROUNDS] [MODES] [OCTET] [--kill postgres|node|agent+postgres|freeze|partition] [--lxc]
 //!
 //! (defaults: 20 rounds, `sync,async`, cluster on 127.0.24.0/24, or on
 //! 192.168.OCTET.0/24 in containers with `--lxc`). Run it through
@@ -21,9 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use corral_e2e::faults::{Freeze, Partition};
+use corral_e2e::faults::{self, Freeze, Partition};
 use corral_e2e::pg::{commits_wait, db_nodes, kill_postgres, sole_primary, sql, streams_from};
 use corral_e2e::{Cluster, eventually};
+use nix::sys::signal::Signal;
 use reqwest::Method;
 use serde_json::json;
 use sqlx::Connection;
@@ -161,6 +164,13 @@ async fn healthy(c: &Cluster, synchronous: bool) -> anyhow::Result<String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     Postgres,
+    /// The whole node (agent, Consul agent, every postgres process)
+    /// SIGKILLed at once, as a crashed machine; the local provider starts
+    /// its agent again, which brings the rest back.
+    Node,
+    /// The agent and postgres SIGKILLed, the node's Consul agent left
+    /// alive (Patroni's crash test).
+    AgentPostgres,
     Freeze,
     Partition,
 }
@@ -189,6 +199,20 @@ async fn inject(c: &Cluster, fault: Fault, primary: &str) -> anyhow::Result<Inje
     Ok(match fault {
         Fault::Postgres => {
             kill_postgres(c, primary)?;
+            Injected::None
+        }
+        Fault::Node => {
+            let pids = faults::node_processes(c, primary)?;
+            // Stopped first, so none notices the others dying.
+            faults::signal_all(&pids, Signal::SIGSTOP);
+            faults::signal_all(&pids, Signal::SIGKILL);
+            Injected::None
+        }
+        Fault::AgentPostgres => {
+            let agent = faults::service_pid(c, primary, "agent")?;
+            faults::signal_all(&[agent], Signal::SIGSTOP);
+            kill_postgres(c, primary)?;
+            faults::signal_all(&[agent], Signal::SIGKILL);
             Injected::None
         }
         Fault::Freeze => Injected::Frozen(Freeze::node(c, primary).await?),
@@ -317,11 +341,18 @@ async fn main() -> anyhow::Result<()> {
     let lxc = take_flag(&mut args, "--lxc");
     let fault = match take_value(&mut args, "--kill").as_deref() {
         None | Some("postgres") => Fault::Postgres,
+        Some("node") => Fault::Node,
+        Some("agent+postgres") => Fault::AgentPostgres,
         Some("freeze") => Fault::Freeze,
         Some("partition") => Fault::Partition,
-        Some(other) => bail!("--kill {other}: expected postgres, freeze or partition"),
+        Some(other) => {
+            bail!("--kill {other}: expected postgres, node, agent+postgres, freeze or partition")
+        }
     };
-    if fault != Fault::Postgres && !lxc {
+    if matches!(fault, Fault::Node | Fault::AgentPostgres) && lxc {
+        bail!("--kill node and --kill agent+postgres run on the local provider (without --lxc)");
+    }
+    if matches!(fault, Fault::Freeze | Fault::Partition) && !lxc {
         bail!("--kill freeze and --kill partition need --lxc (real isolation)");
     }
     let rounds: usize = args.first().map_or(Ok(20), |a| a.parse())?;
@@ -390,6 +421,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let what = match fault {
         Fault::Postgres => "kill -9 of every postgres process of the primary",
+        Fault::Node => "the whole primary node (agent, Consul agent, postgres) killed at once",
+        Fault::AgentPostgres => "the primary's agent and postgres killed, its Consul agent alive",
         Fault::Freeze => "the primary's container frozen (lxc-freeze) until writes resume",
         Fault::Partition => "the primary partitioned from every other node until writes resume",
     };

@@ -238,3 +238,52 @@ impl Drop for HostAddress {
         }
     }
 }
+
+/// Every process of a local cluster's `node`: those naming its directory
+/// and their children (postgres backends rename themselves). Fails unless
+/// its agent, Consul and postgres are among them.
+pub fn node_processes(c: &Cluster, node: &str) -> anyhow::Result<Vec<u32>> {
+    let dir = c.state_dir().join("nodes").join(node);
+    // Paths under the node's directory, or the directory itself as an
+    // argument (the agent's --state-dir; arguments end in NUL).
+    let mut pids = Cluster::pids_with(&format!("{}/", dir.display()));
+    for pid in Cluster::pids_with(&format!("{}\0", dir.display())) {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    let children = crate::children_of(&pids);
+    pids.extend(children);
+    for service in ["agent", "consul", "postgres"] {
+        let pid: u32 = std::fs::read_to_string(dir.join("run").join(format!("{service}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .with_context(|| format!("{node} has no {service} pid file"))?;
+        if !pids.contains(&pid) {
+            bail!("{node}'s {service} ({pid}) not found among {pids:?}");
+        }
+    }
+    Ok(pids)
+}
+
+/// Sends `signal` to every pid (gone ones are ignored).
+pub fn signal_all(pids: &[u32], signal: nix::sys::signal::Signal) {
+    for pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), signal);
+    }
+}
+
+/// The pid in `node`'s `run/<service>.pid` (local clusters).
+pub fn service_pid(c: &Cluster, node: &str, service: &str) -> anyhow::Result<u32> {
+    let path = c
+        .state_dir()
+        .join("nodes")
+        .join(node)
+        .join("run")
+        .join(format!("{service}.pid"));
+    std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{} holds no pid", path.display()))
+}

@@ -229,6 +229,14 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// Consul's management token, which the control plane made: Consul
+    /// denies everything else to a caller without a token.
+    pub fn consul_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("consul-management-token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
+    }
+
     /// The host bridge of an LXC test cluster: one per subnet.
     pub fn bridge(&self) -> String {
         format!("corrale2e{}", self.net.rsplit('.').next().unwrap_or("0"))

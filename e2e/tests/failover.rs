@@ -8,45 +8,16 @@
 //! writes, and every write a client saw acknowledged is there.
 
 use anyhow::bail;
+use corral_e2e::faults::signal_all;
 use corral_e2e::pg::{kill_postgres, sole_primary, sql, streams_from};
 use corral_e2e::writes::{LONG, Writer, other, settled, switchover};
 use corral_e2e::{Cluster, eventually};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use reqwest::Method;
 use serde_json::json;
 
-/// Every process of a node: those naming its directory and their children
-/// (postgres backends rename themselves).
 fn node_processes(c: &Cluster, node: &str) -> Vec<u32> {
-    let dir = c.state_dir().join("nodes").join(node);
-    // Paths under the node's directory, or the directory itself as an
-    // argument (the agent's --state-dir; arguments end in NUL).
-    let mut pids = Cluster::pids_with(&format!("{}/", dir.display()));
-    for pid in Cluster::pids_with(&format!("{}\0", dir.display())) {
-        if !pids.contains(&pid) {
-            pids.push(pid);
-        }
-    }
-    let children = corral_e2e::children_of(&pids);
-    pids.extend(children);
-    for service in ["agent", "consul", "postgres"] {
-        let pid: u32 = std::fs::read_to_string(dir.join("run").join(format!("{service}.pid")))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{node} has no {service} pid file"));
-        assert!(
-            pids.contains(&pid),
-            "{node}'s {service} ({pid}) not found among {pids:?}"
-        );
-    }
-    pids
-}
-
-fn signal_all(pids: &[u32], signal: Signal) {
-    for pid in pids {
-        let _ = kill(Pid::from_raw(*pid as i32), signal);
-    }
+    corral_e2e::faults::node_processes(c, node).expect("the node's processes")
 }
 
 /// The local port of `node`'s WAL receiver connection (to its primary's
@@ -340,6 +311,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
                 "http://{}:8500/v1/kv/service/postgres/switchover",
                 c.address("adm1")
             );
+            let token = c.consul_token();
             let http = reqwest::Client::new();
             // Cut before the request: the switchover shuts the primary down
             // within a fraction of a second of recording itself.
@@ -351,6 +323,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
             while std::time::Instant::now() < deadline {
                 let recorded = http
                     .get(&consul)
+                    .header("X-Consul-Token", token.as_str())
                     .send()
                     .await
                     .is_ok_and(|r| r.status() == 200);

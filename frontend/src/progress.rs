@@ -195,6 +195,7 @@ mod tests {
                 database: "todo".into(),
                 user: "todo".into(),
                 password: "x".into(),
+                consul_token: None,
             }),
             status,
             result: result.map(String::from),

@@ -29,9 +29,9 @@ pub use node::{
     CreateNode, Node, NodeHealth, NodeState, Provider, Role, ScalableRole, validate_node_name,
 };
 pub use order::{
-    ConsulSpec, LoadBalancerSpec, Order, OrderKind, OrderOutcome, OrderResult, OrderStatus,
-    PollResponse, PostgresSpec, SwitchoverAccepted, SwitchoverRequest, SwitchoverSpec, WebappSpec,
-    WorkOrder,
+    ConsulAcl, ConsulSpec, LoadBalancerSpec, Order, OrderKind, OrderOutcome, OrderResult,
+    OrderStatus, PollResponse, PostgresSpec, SwitchoverAccepted, SwitchoverRequest, SwitchoverSpec,
+    WebappSpec, WorkOrder,
 };
 pub use topology::{
     LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Topology, TopologyChange, TopologyUpdate,

@@ -89,6 +89,8 @@ done
 # The floor: the same processes by hand on a spare address.
 key=$(cat "$state/gossip-key")
 dbpw=$(cat "$state/db-password")
+# Consul denies by default: by hand, an operator uses the management token.
+mgmt=$(cat "$state/consul-management-token")
 by_hand() { # first address offset, initial check status (critical|passing)
   local base=$1 status=$2 i addr name dir t0 t1 dt cpid tpid
   for i in $(seq 1 "$rounds"); do
@@ -99,9 +101,11 @@ by_hand() { # first address offset, initial check status (critical|passing)
     t0=$(now)
     consul agent -node "$name" -bind "$addr" -client "$addr" -advertise "$addr" \
       -data-dir "$dir/consul" -datacenter corral -encrypt "$key" \
-      -retry-join "$net.5" -retry-interval 1s >"$dir/consul.log" 2>&1 &
+      -retry-join "$net.5" -retry-interval 1s -hcl 'primary_datacenter = "corral"' \
+      -hcl "acl { enabled = true default_policy = \"deny\" tokens { agent = \"$mgmt\" } }" \
+      >"$dir/consul.log" 2>&1 &
     cpid=$!
-    TODOMVC_DB_PASSWORD=$dbpw "$bin/todomvc" --listen "$addr:8080" --node-name "$name" \
+    CONSUL_HTTP_TOKEN=$mgmt TODOMVC_DB_PASSWORD=$dbpw "$bin/todomvc" --listen "$addr:8080" --node-name "$name" \
       --consul "http://$addr:8500" >"$dir/todomvc.log" 2>&1 &
     tpid=$!
     hand_pids="$cpid $tpid"
@@ -109,7 +113,7 @@ by_hand() { # first address offset, initial check status (critical|passing)
     if [ "$status" = passing ]; then
       until curl -sf --max-time 1 "http://$addr:8080/healthz" >/dev/null; do sleep 0.02; done
     fi
-    curl -sf -X PUT "http://$addr:8500/v1/agent/service/register" -d "{
+    curl -sf -X PUT -H "X-Consul-Token: $mgmt" "http://$addr:8500/v1/agent/service/register" -d "{
       \"ID\": \"todomvc-$name\", \"Name\": \"todomvc\", \"Address\": \"$addr\", \"Port\": 8080,
       \"Check\": {\"HTTP\": \"http://$addr:8080/healthz\", \"Interval\": \"1s\",
                   \"Timeout\": \"1s\", \"Status\": \"$status\"}}"
@@ -118,8 +122,8 @@ by_hand() { # first address offset, initial check status (critical|passing)
     dt=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
     echo "$dt"
     printf 'by hand (%s) %2d: %s served through nginx1 after %.2f s\n' "$status" "$i" "$name" "$dt" >&2
-    curl -sf -X PUT "http://$addr:8500/v1/agent/service/deregister/todomvc-$name" || true
-    consul leave -http-addr "http://$addr:8500" >/dev/null 2>&1 || true
+    curl -sf -X PUT -H "X-Consul-Token: $mgmt" "http://$addr:8500/v1/agent/service/deregister/todomvc-$name" || true
+    CONSUL_HTTP_TOKEN=$mgmt consul leave -http-addr "http://$addr:8500" >/dev/null 2>&1 || true
     kill "$tpid" 2>/dev/null || true
     wait "$cpid" "$tpid" 2>/dev/null || true
     hand_pids=

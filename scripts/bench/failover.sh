@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Failover benchmark: eight concurrent writers (four through nginx and the
 # webapp, four straight into PostgreSQL) insert unique ids while the
-# primary's postgres processes are killed with SIGKILL, ROUNDS times per replication
-# mode. Prints, per round and per mode, the write outage (last acknowledged
+# primary fails, ROUNDS times per replication mode: its postgres processes
+# SIGKILLed (postgres), the whole node SIGKILLed as a crashed machine (node:
+# agent, Consul agent, postgres), agent and postgres with Consul left alive
+# (agent+postgres), or on LXC the container frozen or partitioned. Prints, per round and per mode, the write outage (last acknowledged
 # write before the kill to the first after) and the acknowledged writes that
 # are missing after the failover.
 #
-#   scripts/bench/failover.sh [ROUNDS] [MODES] [OCTET] [--kill postgres|freeze|partition] [--lxc]
+#   scripts/bench/failover.sh [ROUNDS] [MODES] [OCTET] [--kill postgres|node|agent+postgres|freeze|partition] [--lxc]
 #   (default 20 sync,async 24 --kill postgres; freeze and partition need --lxc,
 #   see scripts/bench/lxc.sh failover)
 #

@@ -33,6 +33,11 @@ pub struct Config {
     #[arg(long, env = "TODOMVC_CONSUL", conflicts_with_all = ["db_primary", "db_replica"])]
     pub consul: Option<String>,
 
+    /// Consul ACL token for the catalog reads (only the environment: a
+    /// flag would show in `ps`).
+    #[arg(skip = std::env::var("CONSUL_HTTP_TOKEN").ok().filter(|t| !t.is_empty()))]
+    pub consul_token: Option<String>,
+
     /// Consul service naming the PostgreSQL servers.
     #[arg(long, env = "TODOMVC_CONSUL_SERVICE", default_value = "postgres")]
     pub consul_service: String,

@@ -132,17 +132,29 @@ impl Discovery {
 
     /// Follows `service` in the Consul catalog at `base` (an http:// URL).
     /// Must be called inside a Tokio runtime.
-    pub fn consul(base: &str, service: &str) -> Self {
+    /// `token` is the ACL token the reads carry.
+    pub fn consul(base: &str, service: &str, token: Option<&str>) -> Self {
         let (tx, rx) = watch::channel(Candidates {
             list: Arc::new(Vec::new()),
             error: Some("not read from consul yet".into()),
             source: "consul",
         });
         let catalog = ConsulCatalog {
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
+            http: {
+                let mut headers = reqwest::header::HeaderMap::new();
+                if let Some(value) =
+                    token.and_then(|t| reqwest::header::HeaderValue::from_str(t).ok())
+                {
+                    let mut value = value;
+                    value.set_sensitive(true);
+                    headers.insert("X-Consul-Token", value);
+                }
+                reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(2))
+                    .default_headers(headers)
+                    .build()
+                    .unwrap_or_default()
+            },
             url: format!(
                 "{}/v1/health/service/{}",
                 base.trim_end_matches('/'),

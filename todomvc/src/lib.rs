@@ -68,7 +68,9 @@ impl Application {
         let served_by =
             HeaderValue::from_str(&node).map_err(|_| StartError::NodeName(node.clone()))?;
         let discovery = match &config.consul {
-            Some(url) => Discovery::consul(url, &config.consul_service),
+            Some(url) => {
+                Discovery::consul(url, &config.consul_service, config.consul_token.as_deref())
+            }
             None => Discovery::fixed(&config.db_primary, &config.db_replica),
         };
         let settings = DbSettings {

@@ -3,6 +3,7 @@
 //! (the PostgreSQL check runs `corral-agent check-postgres`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use corral_proto::{ConsulSpec, ports};
 use nix::sys::signal::Signal;
@@ -21,6 +22,9 @@ pub const CONF_DIR: &str = "consul/conf.d";
 pub struct ConsulDriver {
     ctx: Arc<NodeContext>,
 }
+
+/// How long applying a Consul order waits for the node's ACL token to exist.
+const TOKEN_WAIT: Duration = Duration::from_secs(60);
 
 /// The agent configuration for `spec` on this node (Consul 1.8 JSON).
 pub fn render_config(node: &str, address: &str, data_dir: &str, spec: &ConsulSpec) -> Value {
@@ -52,6 +56,24 @@ pub fn render_config(node: &str, address: &str, data_dir: &str, spec: &ConsulSpe
     if spec.server {
         config["bootstrap_expect"] = json!(spec.bootstrap_expect);
     }
+    if let Some(acl) = &spec.acl {
+        let mut tokens = json!({ "agent": acl.token });
+        if let Some(management) = &acl.management {
+            tokens["master"] = json!(management);
+        }
+        config["primary_datacenter"] = json!(spec.datacenter);
+        config["acl"] = json!({
+            "enabled": true,
+            "default_policy": "deny",
+            // Servers unreachable: keep using what was resolved before.
+            "down_policy": "extend-cache",
+            // A node's token may be used a moment before the admin node
+            // has created it; a short TTL keeps that "not found" from
+            // being cached for the default 30 s.
+            "token_ttl": "2s",
+            "tokens": tokens,
+        });
+    }
     config
 }
 
@@ -79,6 +101,10 @@ impl ConsulDriver {
 
     #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
     pub async fn apply(&self, spec: &ConsulSpec) -> Result<String, DriverError> {
+        // Every later Consul call of this agent carries the node's token.
+        self.ctx
+            .consul
+            .set_token(spec.acl.as_ref().map(|a| a.token.clone()));
         let dir = self.ctx.path("consul");
         let data = dir.join("data");
         mkdir(&data)?;
@@ -107,17 +133,35 @@ impl ConsulDriver {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             answering = self.ctx.consul.alive().await;
         }
+        // With ACLs, the orders after this one also need the node's token,
+        // which the control plane creates once the servers have a leader:
+        // wait for it too (a new cluster's servers start together).
+        let mut note = if answering { "" } else { ", not answering yet" };
+        if answering && let Some(acl) = &spec.acl {
+            let deadline = std::time::Instant::now() + TOKEN_WAIT;
+            let mut valid = self.ctx.consul.acl_token_valid(&acl.token).await;
+            while valid.is_err() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                valid = self.ctx.consul.acl_token_valid(&acl.token).await;
+            }
+            if let Err(e) = valid {
+                tracing::warn!(error = %e, "this node's consul token is not in place yet");
+                note = ", its ACL token not in place yet";
+            }
+        }
         let role = if spec.server { "server" } else { "client" };
-        let note = if answering { "" } else { ", not answering yet" };
         Ok(format!("consul {role} {ensured:?} on {}{note}", self.ctx.address).to_lowercase())
     }
 
     /// Leaves the cluster gracefully, then makes sure the agent is gone.
     pub async fn leave(&self) -> Result<(), DriverError> {
-        let cmd = OneShot::new(
+        let mut cmd = OneShot::new(
             &self.ctx.bins.consul,
             &["leave", &format!("-http-addr={}", self.ctx.consul.url())],
         );
+        if let Some(token) = self.ctx.consul.token() {
+            cmd.env.push(("CONSUL_HTTP_TOKEN".into(), token));
+        }
         if let Err(e) = self.ctx.host.run(&cmd).await.and_then(|o| o.check(&cmd)) {
             tracing::warn!(error = %e, "consul leave failed; stopping it anyway");
         }
@@ -129,6 +173,7 @@ impl ConsulDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use corral_proto::ConsulAcl;
 
     fn spec(server: bool) -> ConsulSpec {
         ConsulSpec {
@@ -139,6 +184,10 @@ mod tests {
             retry_join: vec!["127.0.11.5".into()],
             ui: false,
             encrypt: "k".into(),
+            acl: Some(ConsulAcl {
+                token: "node-token".into(),
+                management: server.then(|| "management".into()),
+            }),
         }
     }
 
@@ -153,5 +202,25 @@ mod tests {
         let client = render_config("nginx2", "127.0.11.22", "/d", &spec(false));
         assert!(client.get("bootstrap_expect").is_none());
         assert_eq!(client["server"], false);
+    }
+
+    #[test]
+    fn acls_deny_by_default_and_only_servers_hold_the_management_token() {
+        let server = render_config("nginx1", "127.0.11.21", "/d", &spec(true));
+        assert_eq!(server["acl"]["enabled"], true);
+        assert_eq!(server["acl"]["default_policy"], "deny");
+        assert_eq!(server["acl"]["tokens"]["agent"], "node-token");
+        assert_eq!(server["acl"]["tokens"]["master"], "management");
+        assert_eq!(server["primary_datacenter"], "dc");
+        let client = render_config("nginx2", "127.0.11.22", "/d", &spec(false));
+        assert_eq!(client["acl"]["tokens"]["agent"], "node-token");
+        assert!(client["acl"]["tokens"].get("master").is_none());
+        let mut old = spec(false);
+        old.acl = None;
+        assert!(
+            render_config("nginx2", "127.0.11.22", "/d", &old)
+                .get("acl")
+                .is_none()
+        );
     }
 }

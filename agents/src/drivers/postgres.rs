@@ -636,7 +636,7 @@ impl PostgresDriver {
                 expect,
             ])
         };
-        json!({
+        let mut definition = json!({
             "service": {
                 "id": self.service_id(),
                 "name": POSTGRES_SERVICE,
@@ -659,7 +659,14 @@ impl PostgresDriver {
                 "interval": "1s",
                 "timeout": "3s",
             },
-        })
+        });
+        // Consul syncs the service and its checks to the catalog with the
+        // service's own token: the node's, which may write `postgres`.
+        if let Some(token) = self.ctx.consul.token() {
+            definition["service"]["token"] = json!(token);
+            definition["check"]["token"] = json!(token);
+        }
+        definition
     }
 
     fn registration_file(&self) -> PathBuf {
@@ -671,7 +678,7 @@ impl PostgresDriver {
     /// Registers the server in Consul tagged with `role`, if not already.
     async fn register(&self, port: u16, role: &str) -> Result<(), DriverError> {
         let text = serde_json::to_string_pretty(&self.registration(port, role)).expect("json");
-        let changed = super::write_if_changed(&self.registration_file(), &text, 0o644)?;
+        let changed = super::write_if_changed(&self.registration_file(), &text, 0o600)?;
         let tags = self
             .ctx
             .consul

@@ -70,11 +70,17 @@ impl WebappDriver {
                 "--consul".into(),
                 self.ctx.consul.url().to_string(),
             ],
-            env: vec![
-                ("TODOMVC_DB_NAME".into(), spec.database.clone()),
-                ("TODOMVC_DB_USER".into(), spec.user.clone()),
-                ("TODOMVC_DB_PASSWORD".into(), spec.password.clone()),
-            ],
+            env: {
+                let mut env = vec![
+                    ("TODOMVC_DB_NAME".into(), spec.database.clone()),
+                    ("TODOMVC_DB_USER".into(), spec.user.clone()),
+                    ("TODOMVC_DB_PASSWORD".into(), spec.password.clone()),
+                ];
+                if let Some(token) = &spec.consul_token {
+                    env.push(("CONSUL_HTTP_TOKEN".into(), token.clone()));
+                }
+                env
+            },
             run_as: None,
             marker: format!("--listen {listen}"),
             stop_signal: Signal::SIGTERM,

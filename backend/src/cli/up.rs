@@ -299,7 +299,11 @@ fn print_ready(url: &str, nodes: &[Node], nginx_port: u16, state_dir: &Path, sta
     );
     eprintln!("  corral UI/API   {url}/   (API docs {url}/docs/)");
     if let Some(adm) = adm {
-        eprintln!("  Consul UI       http://{}:8500/ui", adm.address);
+        eprintln!(
+            "  Consul UI       http://{}:8500/ui   (log in with {})",
+            adm.address,
+            state_dir.join("consul-management-token").display()
+        );
     }
     for web in nodes.iter().filter(|n| n.role == Role::Web) {
         let port = match lb_port(web, nginx_port) {

@@ -192,6 +192,7 @@ impl Cluster {
         tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
         tokio::spawn(watch_heartbeats(Arc::downgrade(&cluster)));
         tokio::spawn(prune(Arc::downgrade(&cluster)));
+        tokio::spawn(crate::consul_acl::keep(Arc::downgrade(&cluster)));
         Ok(cluster)
     }
 
@@ -268,8 +269,9 @@ impl Cluster {
             return Err(ClusterError::Internal(
                 "this server's secrets are not the ones the cluster's orders were made with \
                  (the Consul gossip key differs): servers sharing a database must share the \
-                 secrets; copy admin-token, gossip-key, db-password, replication-password and \
-                 tls/ca.pem, tls/ca-key.pem from the first server's state directory"
+                 secrets; copy admin-token, gossip-key, db-password, replication-password, \
+                 consul-management-token and tls/ca.pem, tls/ca-key.pem from the first \
+                 server's state directory"
                     .into(),
             ));
         }

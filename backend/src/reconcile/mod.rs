@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use corral_proto::{
-    ConsulSpec, LoadBalancerSpec, NodeState, ObservedState, OrderKind, PostgresSpec, Provider,
-    ReplicationRole, Role, TopologyUpdate, WEBAPP_SERVICE, WebappSpec, WorkOrder, ports,
+    ConsulAcl, ConsulSpec, LoadBalancerSpec, NodeState, ObservedState, OrderKind, POSTGRES_SERVICE,
+    PostgresSpec, Provider, ReplicationRole, Role, TopologyUpdate, WEBAPP_SERVICE, WebappSpec,
+    WorkOrder, ports,
 };
 
 pub use addressing::{AddressPlan, AddressPlans};
@@ -40,6 +41,9 @@ pub struct ClusterSettings {
     /// Password of the replication roles (replicator, rewinder): the
     /// webapps never see it.
     pub replication_password: String,
+    /// Consul's management token (a UUID). Every other Consul token is
+    /// derived from it, see [`consul_id`].
+    pub consul_management: String,
 }
 
 pub const DB_NAME: &str = "todomvc";
@@ -182,6 +186,12 @@ pub fn plan(
         .next()
         .map(|(_, (name, _))| name.clone());
 
+    // Consul ACLs: a token per node, and the webapps' read-only one; the
+    // control plane keeps them in Consul (`consul_acl`).
+    let acl_token =
+        |name: &str| consul_id(&settings.consul_management, &format!("secret:node:{name}"));
+    let webapp_token = consul_id(&settings.consul_management, "secret:webapp");
+
     let mut file = |name: &str, order: WorkOrder| {
         let key = (name.to_string(), order.kind());
         if last.get(&key) != Some(&order) {
@@ -200,6 +210,12 @@ pub fn plan(
                 retry_join: servers.iter().map(ToString::to_string).collect(),
                 ui: *role == Role::Adm,
                 encrypt: settings.gossip_key.clone(),
+                acl: Some(ConsulAcl {
+                    token: acl_token(name),
+                    management: server_set
+                        .contains(address)
+                        .then(|| settings.consul_management.clone()),
+                }),
             }),
         );
         match role {
@@ -211,6 +227,7 @@ pub fn plan(
                         database: DB_NAME.into(),
                         user: DB_USER.into(),
                         password: settings.db_password.clone(),
+                        consul_token: Some(webapp_token.clone()),
                     }),
                 );
                 file(
@@ -259,6 +276,93 @@ pub fn plan(
     Ok(plan)
 }
 
+/// One Consul ACL token with a policy of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsulToken {
+    /// Names the token and its policy, e.g. `node-nginx1`.
+    pub name: String,
+    pub accessor: String,
+    pub secret: String,
+    /// The policy's rules (Consul's HCL).
+    pub rules: String,
+}
+
+/// Every token the cluster's nodes (given as name and role) and webapps
+/// use, sorted by name: what the control plane keeps in Consul.
+pub fn consul_tokens<'a>(
+    management: &str,
+    nodes: impl IntoIterator<Item = (&'a str, Role)>,
+) -> Vec<ConsulToken> {
+    let mut tokens: Vec<ConsulToken> = nodes
+        .into_iter()
+        .map(|(name, role)| ConsulToken {
+            name: format!("node-{name}"),
+            accessor: consul_id(management, &format!("accessor:node:{name}")),
+            secret: consul_id(management, &format!("secret:node:{name}")),
+            rules: consul_node_rules(name, role),
+        })
+        .collect();
+    tokens.push(ConsulToken {
+        name: "webapp".into(),
+        accessor: consul_id(management, "accessor:webapp"),
+        secret: consul_id(management, "secret:webapp"),
+        rules: CONSUL_READ_RULES.into(),
+    });
+    tokens.sort_by(|a, b| a.name.cmp(&b.name));
+    tokens
+}
+
+/// What every token may read: the catalog, for service discovery.
+const CONSUL_READ_RULES: &str =
+    "node_prefix \"\" { policy = \"read\" }\nservice_prefix \"\" { policy = \"read\" }\n";
+
+/// A node's policy: write its own node and agent and the services of its
+/// role; db nodes also hold the PostgreSQL leader, member and switchover
+/// keys and sessions on their own node. Nothing else writes those.
+pub fn consul_node_rules(name: &str, role: Role) -> String {
+    let mut rules = format!(
+        "node \"{name}\" {{ policy = \"write\" }}\nagent \"{name}\" {{ policy = \"write\" }}\n{CONSUL_READ_RULES}"
+    );
+    match role {
+        Role::Adm => {}
+        Role::Web => {
+            rules += &format!("service \"{WEBAPP_SERVICE}\" {{ policy = \"write\" }}\n");
+        }
+        Role::Db => {
+            let prefix = LEADER_KEY.rsplit_once('/').map_or(LEADER_KEY, |(p, _)| p);
+            rules += &format!(
+                "service \"{POSTGRES_SERVICE}\" {{ policy = \"write\" }}\n\
+                 key_prefix \"{prefix}/\" {{ policy = \"write\" }}\n\
+                 session \"{name}\" {{ policy = \"write\" }}\n\
+                 session_prefix \"\" {{ policy = \"read\" }}\n"
+            );
+        }
+    }
+    rules
+}
+
+/// A Consul token's secret or accessor id: a UUID-shaped digest of the
+/// management token and `label`. Deterministic, so the control plane keeps
+/// no table of tokens and planning stays pure; unguessable without the
+/// management token.
+pub fn consul_id(management: &str, label: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(management.as_bytes())
+        .chain_update([0u8])
+        .chain_update(label.as_bytes())
+        .finalize();
+    let h = hex::encode(&digest[..16]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +375,7 @@ mod tests {
             gossip_key: "a2V5".into(),
             db_password: "secret".into(),
             replication_password: "other".into(),
+            consul_management: "00000000-0000-4000-8000-000000000000".into(),
         }
     }
 
@@ -375,6 +480,69 @@ mod tests {
         );
         assert!(consul("adm1").ui);
         assert!(!consul("nginx1").ui);
+    }
+
+    #[test]
+    fn each_node_gets_its_own_consul_token_and_only_servers_the_management_one() {
+        let (nodes, last, _) = converge(&spec(3, 2));
+        let acl = |name: &str| match last.get(&(name.to_string(), OrderKind::Consul)) {
+            Some(WorkOrder::Consul(c)) => c.acl.clone().expect("acl"),
+            other => panic!("no consul order for {name}: {other:?}"),
+        };
+        let management = settings().consul_management;
+        for server in ["adm1", "nginx1", "pg1"] {
+            assert_eq!(acl(server).management.as_deref(), Some(management.as_str()));
+        }
+        for client in ["nginx2", "nginx3", "pg2"] {
+            assert_eq!(acl(client).management, None, "{client}");
+        }
+        // The tokens the control plane keeps: every node's and the webapps'.
+        let kept = consul_tokens(&management, nodes.iter().map(|n| (n.name.as_str(), n.role)));
+        let names: Vec<_> = kept.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "node-adm1",
+                "node-nginx1",
+                "node-nginx2",
+                "node-nginx3",
+                "node-pg1",
+                "node-pg2",
+                "webapp"
+            ]
+        );
+        let secrets: HashSet<_> = kept.iter().map(|t| t.secret.as_str()).collect();
+        assert_eq!(secrets.len(), kept.len(), "secrets are distinct");
+        assert!(!secrets.contains(management.as_str()));
+        let pg2 = kept.iter().find(|t| t.name == "node-pg2").expect("pg2");
+        assert_eq!(pg2.secret, acl("pg2").token);
+        assert!(pg2.rules.contains("key_prefix \"service/postgres/\""));
+        let nginx2 = kept
+            .iter()
+            .find(|t| t.name == "node-nginx2")
+            .expect("nginx2");
+        assert_eq!(nginx2.secret, acl("nginx2").token);
+        assert!(!nginx2.rules.contains("key_prefix"), "{}", nginx2.rules);
+        assert!(!nginx2.rules.contains("postgres"), "{}", nginx2.rules);
+        let webapp = kept.iter().find(|t| t.name == "webapp").expect("webapp");
+        assert!(!webapp.rules.contains("write"), "{}", webapp.rules);
+        match last.get(&("nginx3".to_string(), OrderKind::Webapp)) {
+            Some(WorkOrder::Webapp(w)) => {
+                assert_eq!(w.consul_token.as_deref(), Some(webapp.secret.as_str()))
+            }
+            other => panic!("no webapp order: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn consul_ids_are_uuids_that_depend_on_the_management_token() {
+        let id = consul_id("m1", "secret:node:pg1");
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+        assert!(id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
+        assert_eq!(id, consul_id("m1", "secret:node:pg1"));
+        assert_ne!(id, consul_id("m2", "secret:node:pg1"));
+        assert_ne!(id, consul_id("m1", "secret:node:pg2"));
     }
 
     #[test]
