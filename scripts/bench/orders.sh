@@ -8,6 +8,7 @@
 #   TLS=on|off|both scripts/bench/orders.sh               default both: plain
 #       HTTP first (the same-run baseline), then TLS (--tls on, every agent
 #       a TLS connection pinning the cluster CA)
+#   KEEP_LOGS=1 scripts/bench/orders.sh                   keep the servers' logs
 #   SERVERS=2 scripts/bench/orders.sh                     two servers on one
 #       PostgreSQL (127.0.25.1 and .2; DATABASE_URL names a database to
 #       make fresh ones beside, else a throwaway PostgreSQL on 127.0.25.10):
@@ -41,7 +42,11 @@ cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
   [ -n "$peer_pid" ] && kill "$peer_pid" 2>/dev/null && wait "$peer_pid" 2>/dev/null
   [ -n "$pg_data" ] && runuser -u postgres -- pg_ctl -D "$pg_data" -m immediate stop >/dev/null 2>&1
-  rm -rf "$work"
+  if [ -n "${KEEP_LOGS:-}" ]; then
+    echo "==> server logs kept in $work" >&2
+  else
+    rm -rf "$work"
+  fi
 }
 trap cleanup EXIT
 

@@ -160,6 +160,7 @@ impl Cluster {
             self.nodes_changed();
         }
         if !wake.orders.is_empty() {
+            let clock = std::time::Instant::now();
             let watched = self
                 .orders
                 .watched(wake.orders.iter().map(|(id, _, _)| *id));
@@ -198,7 +199,17 @@ impl Cluster {
                     ));
                 }
             }
+            let read = clock.elapsed();
+            let nodes = batches.len();
             self.orders.publish_all(batches);
+            if nodes > 0 {
+                tracing::info!(
+                    nodes,
+                    read_ms = read.as_millis() as u64,
+                    ms = clock.elapsed().as_millis() as u64,
+                    "woke polls with orders another server filed"
+                );
+            }
         }
         if !wake.events.is_empty() {
             for row in store::events_by_id(self.store.conn(), &wake.events).await? {
