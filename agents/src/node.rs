@@ -38,6 +38,7 @@ impl Node {
         // The loops that start before the orders are restored already talk
         // to Consul: they need the node's token from the start.
         if let Some(WorkOrder::Consul(spec)) = state.applied(OrderKind::Consul) {
+            ctx.consul.set_servers(spec.retry_join.clone());
             ctx.consul.set_token(spec.acl.map(|a| a.token));
         }
         Self {

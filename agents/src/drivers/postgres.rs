@@ -29,6 +29,15 @@ use super::ha::{self, FENCE_AFTER, Keys, Member, MemberRole};
 
 /// How often a primary confirms its lock apart from the HA step.
 const CONFIRM_EVERY: Duration = Duration::from_millis(250);
+/// How long after its local Consul agent stopped answering a primary may
+/// still confirm its lock through a Consul server. Its lock's session dies
+/// only once the cluster's gossip declares the node failed (with Consul's
+/// LAN defaults at least ~4.5 s after the agent went: a failed probe, then
+/// a 4 s suspicion), and nobody may take the lock for [`super::ha::LOCK_DELAY`]
+/// after that; so a primary whose agent is gone fences at the latest
+/// `REMOTE_GRACE + FENCE_AFTER` = 4 s after, before anyone can promote
+/// (≥ 5.5 s), yet rides out a local agent restart of a second or two.
+const REMOTE_GRACE: Duration = Duration::from_secs(2);
 use super::leader::{ALIVE_CHECK, LeaderLock, LockState};
 use super::{DriverError, NodeContext, mkdir};
 use crate::host::{Account, HostError, OneShot, ServiceSpec};
@@ -62,6 +71,8 @@ pub struct PostgresDriver {
     /// agent restarted while Consul is unreachable cannot leave a writable
     /// primary behind.
     unconfirmed_since: Mutex<Option<Instant>>,
+    /// Since when the local Consul agent has not answered the confirmer.
+    local_consul_down_since: Mutex<Option<Instant>>,
     /// The lock holder as last seen, for the heartbeat.
     seen_leader: Mutex<Option<String>>,
     /// A standby's streaming last worked then (or it started then).
@@ -149,6 +160,7 @@ impl PostgresDriver {
             confirmed: Mutex::new(None),
             roles_made: std::sync::atomic::AtomicBool::new(false),
             unconfirmed_since: Mutex::new(None),
+            local_consul_down_since: Mutex::new(None),
             seen_leader: Mutex::new(None),
             streamed_at: Mutex::new(None),
             degraded: Mutex::new(false),
@@ -658,6 +670,12 @@ impl PostgresDriver {
                 "args": check_args("any"),
                 "interval": "1s",
                 "timeout": "3s",
+                // A restarted Consul agent starts a script check critical
+                // until its first run, and the leader session (bound to this
+                // check) dies with it: a primary fenced itself over every
+                // local Consul agent restart. Passing until the first run, a
+                // second at most; the first run decides.
+                "status": "passing",
             },
         });
         // Consul syncs the service and its checks to the catalog with the
@@ -881,11 +899,25 @@ impl PostgresDriver {
                 continue;
             };
             let asked = Instant::now();
-            let held = matches!(
-                self.ctx.consul.kv_get(&key).await,
-                Ok(Some(entry)) if entry.session.as_deref() == Some(mine.as_str())
-            );
-            if held {
+            let (held, local) = match self.ctx.consul.kv_get_any(&key).await {
+                Ok((entry, local)) => (
+                    entry.is_some_and(|e| e.session.as_deref() == Some(mine.as_str())),
+                    local,
+                ),
+                Err(_) => (false, false),
+            };
+            // Through a server only within REMOTE_GRACE of the local agent's
+            // last answer (see there why that is safe).
+            let within_grace = {
+                let mut down = self.local_consul_down_since.lock().expect("lock");
+                if local {
+                    *down = None;
+                    true
+                } else {
+                    asked.duration_since(*down.get_or_insert(asked)) <= REMOTE_GRACE
+                }
+            };
+            if held && within_grace {
                 let mut confirmed = self.confirmed.lock().expect("lock");
                 if let Some(last) = *confirmed {
                     // As of when we asked: a slow answer confirms no later.
