@@ -4,6 +4,7 @@
 //! the UI speaks exactly the types the server does.
 
 pub mod agent;
+pub mod backup;
 pub mod error;
 pub mod event;
 pub mod logs;
@@ -15,6 +16,10 @@ pub mod topology;
 pub use agent::{
     EnrollRequest, EnrollResponse, EnrollSecret, Heartbeat, MetricsSample, ObservedState,
     ReplicationRole, ReplicationStatus, ServiceState, ServiceStatus,
+};
+pub use backup::{
+    Backup, BackupFile, BackupReport, BackupSpec, BackupStatus, RESTORE_PORT, RestoreAccepted,
+    RestoreReport, RestoreRequest, RestoreSpec,
 };
 pub use error::ErrorBody;
 pub use event::Event;
