@@ -274,4 +274,99 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
         .await
         .expect("json");
     assert_eq!(consul.len(), 2, "{consul:?}");
+
+    // The schedule lives in the topology; one that does not parse is 422
+    // and changes nothing.
+    let topology: Value = c
+        .api(Method::GET, "/topology")
+        .await
+        .send()
+        .await
+        .expect("topology")
+        .json()
+        .await
+        .expect("json");
+    let mut spec = json!({
+        "web": topology["web"],
+        "db": topology["db"],
+        "lb_policy": topology["lb_policy"],
+        "replication": topology["replication"],
+        "backup": {"schedule": "25:00", "keep": 1},
+    });
+    let res = c
+        .api(Method::PUT, "/topology")
+        .await
+        .json(&spec)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(res.status().as_u16(), 422);
+    let body: Value = res.json().await.expect("json");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("HH:MM"),
+        "{body}"
+    );
+
+    // Due at the first minute after the manual backup began: the scheduler
+    // takes one (within its tick), and keeping 1 deletes the manual one
+    // with its files and the WAL only it needed.
+    let manual = backup.clone();
+    let next_minute = manual.started_at + chrono::Duration::seconds(60);
+    spec["backup"] = json!({"schedule": next_minute.format("%H:%M").to_string(), "keep": 1});
+    let res = c
+        .api(Method::PUT, "/topology")
+        .await
+        .json(&spec)
+        .send()
+        .await
+        .expect("put");
+    assert!(res.status().is_success(), "{}", res.status());
+    let scheduled = eventually(
+        "a scheduled backup done and the old one gone",
+        LONG,
+        || async {
+            let all = backups(&c).await?;
+            Ok(match all.as_slice() {
+                [only] if only.trigger == "schedule" && only.status == BackupStatus::Done => {
+                    Some(only.clone())
+                }
+                _ => None,
+            })
+        },
+    )
+    .await
+    .expect("scheduled backup");
+    assert!(
+        !c.state_dir()
+            .join(format!("backups/base/{}", manual.id))
+            .exists(),
+        "the backup beyond the retention is deleted from the store"
+    );
+    let start = corral_proto::backup::segment_name(
+        scheduled.timeline.expect("timeline"),
+        scheduled.wal_start_lsn.as_deref().expect("lsn"),
+    )
+    .expect("segment");
+    let oldest = std::fs::read_dir(&wal)
+        .expect("wal dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24)
+        .min()
+        .expect("a segment");
+    assert!(
+        oldest[8..] >= start[8..],
+        "WAL before the oldest kept backup ({start}) is pruned; {oldest} is left"
+    );
+    let status: Value = c
+        .api(Method::GET, "/backups/status")
+        .await
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["overdue"], false, "{status}");
+    assert_eq!(status["last_done"]["id"], scheduled.id, "{status}");
 }

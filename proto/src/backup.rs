@@ -159,6 +159,21 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
+/// `GET /api/v1/backups/status`: the schedule, the last good backup and
+/// whether the one due is overdue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BackupsStatus {
+    pub schedule: Option<crate::topology::BackupSchedule>,
+    /// The newest backup that finished done.
+    pub last_done: Option<Backup>,
+    /// When the last scheduled backup was due.
+    pub due: Option<DateTime<Utc>>,
+    /// A scheduled backup was due more than an hour ago and none has
+    /// finished since.
+    pub overdue: bool,
+}
+
 /// The default port of a restored instance.
 pub const RESTORE_PORT: u16 = 5433;
 

@@ -18,8 +18,8 @@ pub use agent::{
     ReplicationRole, ReplicationStatus, ServiceState, ServiceStatus,
 };
 pub use backup::{
-    Backup, BackupFile, BackupReport, BackupSpec, BackupStatus, RESTORE_PORT, RestoreAccepted,
-    RestoreReport, RestoreRequest, RestoreSpec,
+    Backup, BackupFile, BackupReport, BackupSpec, BackupStatus, BackupsStatus, RESTORE_PORT,
+    RestoreAccepted, RestoreReport, RestoreRequest, RestoreSpec,
 };
 pub use error::ErrorBody;
 pub use event::Event;
@@ -39,7 +39,8 @@ pub use order::{
     WorkOrder,
 };
 pub use topology::{
-    LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Topology, TopologyChange, TopologyUpdate,
+    BackupSchedule, LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Topology, TopologyChange,
+    TopologyUpdate,
 };
 
 /// The version every corral binary reports (`/version`, `--version`).

@@ -7,7 +7,9 @@
 
 use actix_web::http::header::ContentType;
 use actix_web::{HttpRequest, HttpResponse, web};
-use corral_proto::{Backup, BackupFile, BackupReport, ErrorBody, RestoreAccepted, RestoreRequest};
+use corral_proto::{
+    Backup, BackupFile, BackupReport, BackupsStatus, ErrorBody, RestoreAccepted, RestoreRequest,
+};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -26,6 +28,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(list_backups))
             .route(web::post().to(backup_now)),
     )
+    .service(web::resource("/backups/status").route(web::get().to(backups_status)))
     .service(web::resource("/db/restore").route(web::post().to(restore)))
     .service(
         web::resource("/agents/{name}/backups/{id}/files/{file}")
@@ -70,6 +73,26 @@ pub async fn list_backups(
 ) -> Result<web::Json<Vec<Backup>>, ApiError> {
     let n = limit(query.limit, 100)?;
     Ok(web::Json(cluster.backups(n, &caller).await?))
+}
+
+/// The backup schedule, the last backup that finished done, and whether a
+/// scheduled backup is overdue (due over an hour ago, none done since).
+#[utoipa::path(
+    get,
+    path = "/api/v1/backups/status",
+    tag = "backups",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Where backups stand", body = BackupsStatus),
+        (status = 401, description = "No or unknown token", body = ErrorBody),
+        (status = 403, description = "An agent token", body = ErrorBody),
+    )
+)]
+pub async fn backups_status(
+    cluster: web::Data<Cluster>,
+    caller: Caller,
+) -> Result<web::Json<BackupsStatus>, ApiError> {
+    Ok(web::Json(cluster.backups_status(&caller).await?))
 }
 
 /// Takes a base backup now: files a `backup` order on the streaming

@@ -56,6 +56,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         nodes::mint_enroll_secret,
         db::switchover,
         backups::list_backups,
+        backups::backups_status,
         backups::backup_now,
         backups::restore,
         backups::upload_backup_file,

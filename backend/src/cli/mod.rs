@@ -331,6 +331,15 @@ enum TopologyCommand {
         lb_policy: Option<LbPolicy>,
         #[arg(long)]
         replication: Option<ReplicationMode>,
+        /// Take a base backup every day at this time (HH:MM, UTC).
+        #[arg(long, requires = "backup_keep")]
+        backup_schedule: Option<String>,
+        /// How many finished backups the schedule keeps.
+        #[arg(long, requires = "backup_schedule")]
+        backup_keep: Option<u32>,
+        /// Take no scheduled backups any more.
+        #[arg(long, conflicts_with_all = ["backup_schedule", "backup_keep"])]
+        no_backup_schedule: bool,
         /// Start from the seed topology (2 web, 2 db) instead of the current one.
         #[arg(long)]
         seed: bool,
@@ -571,6 +580,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     db,
                     lb_policy,
                     replication,
+                    backup_schedule,
+                    backup_keep,
+                    no_backup_schedule,
                     seed,
                 } => {
                     let mut spec = if *seed {
@@ -589,6 +601,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     if let Some(v) = replication {
                         spec.replication = *v;
+                    }
+                    if let (Some(schedule), Some(keep)) = (backup_schedule, backup_keep) {
+                        spec.backup = Some(corral_proto::BackupSchedule {
+                            schedule: schedule.clone(),
+                            keep: *keep,
+                        });
+                    }
+                    if *no_backup_schedule {
+                        spec.backup = None;
                     }
                     out.change(&client.set_topology(&spec).await?)
                 }

@@ -371,12 +371,16 @@ impl Output {
             return print_json(t);
         }
         table(
-            &["WEB", "DB", "LB_POLICY", "REPLICATION", "UPDATED"],
+            &["WEB", "DB", "LB_POLICY", "REPLICATION", "BACKUP", "UPDATED"],
             &[vec![
                 t.web.to_string(),
                 t.db.to_string(),
                 t.lb_policy.to_string(),
                 t.replication.to_string(),
+                t.backup
+                    .as_ref()
+                    .map(|b| format!("daily {} UTC, keep {}", b.schedule, b.keep))
+                    .unwrap_or_else(|| "-".into()),
                 t.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
             ]],
         );

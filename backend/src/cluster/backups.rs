@@ -5,11 +5,13 @@
 
 use actix_web::web::Bytes;
 use chrono::{DateTime, Utc};
-use corral_proto::backup::{is_backup_file_name, is_wal_file_name, validate_restore_name};
+use std::time::Duration;
+
+use corral_proto::backup::{DailyAt, is_backup_file_name, is_wal_file_name, validate_restore_name};
 use corral_proto::{
-    Backup, BackupFile, BackupReport, BackupSpec, BackupStatus, NodeState, ObservedState, Order,
-    OrderKind, RESTORE_PORT, ReplicationRole, RestoreAccepted, RestoreRequest, RestoreSpec, Role,
-    WorkOrder,
+    Backup, BackupFile, BackupReport, BackupSpec, BackupStatus, BackupsStatus, NodeState,
+    ObservedState, Order, OrderKind, RESTORE_PORT, ReplicationRole, RestoreAccepted,
+    RestoreRequest, RestoreSpec, Role, WorkOrder,
 };
 use futures_util::Stream;
 
@@ -22,6 +24,70 @@ use crate::bus::OrderBatch;
 use crate::reconcile::DB_NAME;
 use crate::store::{self, NewEvent, backup, node};
 use crate::switchover::Standing;
+
+/// A scheduled backup counts as overdue this long after it was due.
+pub const OVERDUE_AFTER: Duration = Duration::from_secs(3600);
+/// A scheduled backup that could not be ordered is tried again this often.
+const RETRY_SCHEDULED: Duration = Duration::from_secs(300);
+/// How often the schedule is looked at.
+const SCHEDULE_EVERY: Duration = Duration::from_secs(15);
+
+/// Where the schedule stands at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// When the last scheduled backup was due.
+    pub due: DateTime<Utc>,
+    /// No backup started since then is running or done: take one.
+    pub take: bool,
+    /// None finished done since, and it was due longer than the grace ago.
+    pub overdue: bool,
+}
+
+/// Decides from the recent backups (any order) whether the backup due at
+/// the last `at` is still to be taken and whether it is overdue.
+pub fn due_state(at: DailyAt, now: DateTime<Utc>, recent: &[Backup], grace: Duration) -> Due {
+    let due = at.last_due(now);
+    let since = |b: &&Backup| b.started_at >= due;
+    let taken = recent
+        .iter()
+        .filter(since)
+        .any(|b| b.status != BackupStatus::Failed);
+    let done = recent
+        .iter()
+        .any(|b| b.status == BackupStatus::Done && b.finished_at.is_some_and(|f| f >= due));
+    let late = (now - due).to_std().unwrap_or_default() > grace;
+    Due {
+        due,
+        take: !taken,
+        overdue: !done && late,
+    }
+}
+
+/// What the scheduler remembers between ticks.
+#[derive(Default)]
+struct ScheduleMemory {
+    /// The due time last tried and when.
+    tried: Option<(DateTime<Utc>, std::time::Instant)>,
+    /// The due time already reported overdue.
+    overdue_for: Option<DateTime<Utc>>,
+}
+
+/// Takes the scheduled backups and reports overdue ones, until the cluster
+/// is dropped.
+pub(super) async fn schedule_backups(cluster: std::sync::Weak<Cluster>) {
+    let mut memory = ScheduleMemory::default();
+    let mut tick = tokio::time::interval(SCHEDULE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        if let Err(e) = cluster.schedule_tick(&mut memory).await {
+            tracing::warn!(error = %e, "the backup schedule failed a tick");
+        }
+    }
+}
 
 /// The node restores run on: the control plane's own, beside the store.
 pub const RESTORE_NODE: &str = "adm1";
@@ -625,7 +691,81 @@ impl Cluster {
 
     /// How many finished backups the schedule keeps (none: all are kept).
     async fn backup_keep(&self) -> Option<u32> {
-        None
+        let spec = self.spec(self.store.conn()).await.ok()?;
+        spec.backup.map(|b| b.keep)
+    }
+
+    /// The schedule, the last good backup and whether one is overdue.
+    pub async fn backups_status(&self, caller: &Caller) -> Result<BackupsStatus, ClusterError> {
+        caller.require_admin()?;
+        let (status, _) = self.schedule_state(Utc::now()).await?;
+        Ok(status)
+    }
+
+    async fn schedule_state(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<(BackupsStatus, Option<Due>), ClusterError> {
+        let spec = self.spec(self.store.conn()).await?;
+        let rows = store::list_backups(self.store.conn(), 50).await?;
+        let recent: Vec<Backup> = rows.iter().map(backup_from_row).collect::<Result<_, _>>()?;
+        let last_done = recent
+            .iter()
+            .find(|b| b.status == BackupStatus::Done)
+            .cloned();
+        let due = spec
+            .backup
+            .as_ref()
+            .and_then(|b| b.validate().ok())
+            .map(|at| due_state(at, now, &recent, OVERDUE_AFTER));
+        Ok((
+            BackupsStatus {
+                schedule: spec.backup,
+                last_done,
+                due: due.map(|d| d.due),
+                overdue: due.is_some_and(|d| d.overdue),
+            },
+            due,
+        ))
+    }
+
+    /// One tick of the schedule: file the backup that is due, and note once
+    /// per due time that it is overdue.
+    async fn schedule_tick(&self, memory: &mut ScheduleMemory) -> Result<(), ClusterError> {
+        let now = Utc::now();
+        let (status, Some(due)) = self.schedule_state(now).await? else {
+            return Ok(());
+        };
+        if due.take
+            && memory
+                .tried
+                .is_none_or(|(at, when)| at != due.due || when.elapsed() > RETRY_SCHEDULED)
+        {
+            memory.tried = Some((due.due, std::time::Instant::now()));
+            match self.take_backup("schedule").await {
+                Ok(b) => tracing::info!(id = b.id, node = %b.node, "scheduled backup ordered"),
+                Err(e) => tracing::warn!(error = %e, "the scheduled backup could not be ordered"),
+            }
+        }
+        if due.overdue && memory.overdue_for != Some(due.due) {
+            memory.overdue_for = Some(due.due);
+            let last = status
+                .last_done
+                .and_then(|b| b.finished_at)
+                .map(|f| format!("the last good one finished {}", f.to_rfc3339()))
+                .unwrap_or_else(|| "there has never been a good one".into());
+            self.record_events(vec![NewEvent {
+                actor: "schedule".into(),
+                kind: "backup.overdue".into(),
+                subject: "backups".into(),
+                message: format!(
+                    "the backup due at {} has not completed; {last}",
+                    due.due.to_rfc3339()
+                ),
+            }])
+            .await?;
+        }
+        Ok(())
     }
 
     /// Keeps the newest `keep` finished backups of the schedule (when one
@@ -684,6 +824,52 @@ mod tests {
                 leader: None,
             }),
         }
+    }
+
+    fn backup(status: BackupStatus, started: &str, finished: Option<&str>) -> Backup {
+        Backup {
+            id: 1,
+            node: "pg2".into(),
+            status,
+            started_at: started.parse().expect("time"),
+            finished_at: finished.map(|f| f.parse().expect("time")),
+            size_bytes: 0,
+            files: Vec::new(),
+            wal_start_lsn: None,
+            wal_end_lsn: None,
+            timeline: None,
+            error: None,
+            trigger: "schedule".into(),
+        }
+    }
+
+    #[test]
+    fn a_scheduled_backup_is_taken_once_per_day_and_is_overdue_after_the_grace() {
+        let at = DailyAt { hour: 3, minute: 0 };
+        let grace = Duration::from_secs(3600);
+        let now: DateTime<Utc> = "2026-12-03T03:30:00Z".parse().expect("time");
+        let yesterday = backup(
+            BackupStatus::Done,
+            "2026-12-02T03:00:05Z",
+            Some("2026-12-02T03:01:00Z"),
+        );
+        let d = due_state(at, now, std::slice::from_ref(&yesterday), grace);
+        assert!(d.take && !d.overdue, "{d:?}");
+        let running = backup(BackupStatus::Running, "2026-12-03T03:00:05Z", None);
+        let d = due_state(at, now, &[running.clone(), yesterday.clone()], grace);
+        assert!(!d.take && !d.overdue, "{d:?}");
+        // Still not done at 04:30: overdue.
+        let later: DateTime<Utc> = "2026-12-03T04:30:00Z".parse().expect("time");
+        let d = due_state(at, later, &[running, yesterday.clone()], grace);
+        assert!(!d.take && d.overdue, "{d:?}");
+        // A failed attempt is taken again and does not count as done.
+        let failed = backup(
+            BackupStatus::Failed,
+            "2026-12-03T03:00:05Z",
+            Some("2026-12-03T03:00:09Z"),
+        );
+        let d = due_state(at, later, &[failed, yesterday], grace);
+        assert!(d.take && d.overdue, "{d:?}");
     }
 
     #[test]

@@ -163,6 +163,7 @@ impl Cluster {
         tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
         tokio::spawn(watch_heartbeats(Arc::downgrade(&cluster)));
         tokio::spawn(prune(Arc::downgrade(&cluster)));
+        tokio::spawn(backups::schedule_backups(Arc::downgrade(&cluster)));
         Ok(cluster)
     }
 
@@ -200,6 +201,7 @@ impl Cluster {
                     db: 0,
                     lb_policy: Default::default(),
                     replication: Default::default(),
+                    backup: None,
                 };
                 save_spec(&txn, &spec, now).await?;
                 spec

@@ -142,14 +142,18 @@ pub async fn save_topology<C: ConnectionTrait>(
     db: u32,
     lb_policy: topology::LbPolicy,
     replication: topology::Replication,
+    backup: Option<(String, i32)>,
     now: DateTime<Utc>,
 ) -> Result<()> {
+    let (backup_schedule, backup_keep) = backup.map_or((None, None), |(s, k)| (Some(s), Some(k)));
     let row = topology::ActiveModel {
         id: Set(1),
         web: Set(web as i32),
         db: Set(db as i32),
         lb_policy: Set(lb_policy),
         replication: Set(replication),
+        backup_schedule: Set(backup_schedule),
+        backup_keep: Set(backup_keep),
         updated_at: Set(now),
     };
     topology::Entity::insert(row)
@@ -160,6 +164,8 @@ pub async fn save_topology<C: ConnectionTrait>(
                     topology::Column::Db,
                     topology::Column::LbPolicy,
                     topology::Column::Replication,
+                    topology::Column::BackupSchedule,
+                    topology::Column::BackupKeep,
                     topology::Column::UpdatedAt,
                 ])
                 .to_owned(),
