@@ -199,6 +199,9 @@ pub fn validate_restore_name(name: &str) -> Result<(), String> {
 /// (`000000010000000000000003`), a timeline history (`00000002.history`),
 /// a backup history file (`…03.00000028.backup`) or a partial segment.
 pub fn is_wal_file_name(name: &str) -> bool {
+    if !name.is_ascii() {
+        return false;
+    }
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     if let Some(tli) = name.strip_suffix(".history") {
         return hex(tli, 8);
@@ -296,6 +299,8 @@ mod tests {
             "000000010000000000000003.backup",
             "0000000g0000000000000003",
             "x.history",
+            "0\u{80}\u{80}\u{80}\u{80}\u{10000}\u{10000}\u{10000}\u{10000}",
+            "À򫳑󥣜©󪱦򠁙þ·",
         ] {
             assert!(!is_wal_file_name(bad), "{bad}");
         }

@@ -617,10 +617,10 @@ impl Cluster {
         caller: &Caller,
     ) -> Result<(), ClusterError> {
         caller.require_node(node)?;
+        let row = self.node_row(self.store.conn(), node).await?;
         if matches!(caller, Caller::Admin) {
             return Ok(());
         }
-        let row = self.node_row(self.store.conn(), node).await?;
         let restoring =
             store::unfinished_order(self.store.conn(), row.id, OrderKind::Restore.into())
                 .await?
