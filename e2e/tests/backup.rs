@@ -275,6 +275,42 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
         .expect("json");
     assert_eq!(consul.len(), 2, "{consul:?}");
 
+    // With the archived WAL out of reach, recovery cannot get to T: the
+    // restore fails with the reason, and nothing half-restored is left
+    // running or on disk.
+    let hidden = c.state_dir().join("backups/wal-hidden");
+    std::fs::rename(&wal, &hidden).expect("hide the archive");
+    let (ok, out) = corral(
+        &c,
+        &[
+            "db", "restore", "--to", "restore2", "--time", &t_arg, "--port", "5434",
+        ],
+    )
+    .await
+    .expect("restore");
+    // Segments shipped meanwhile went to a new directory: merge them back.
+    if let Ok(fresh) = std::fs::read_dir(&wal) {
+        for e in fresh.flatten() {
+            std::fs::rename(e.path(), hidden.join(e.file_name())).expect("merge");
+        }
+        std::fs::remove_dir(&wal).expect("remove the new dir");
+    }
+    std::fs::rename(&hidden, &wal).expect("restore the archive");
+    assert!(!ok, "a restore that cannot reach T must fail: {out}");
+    assert!(
+        out.contains("archived WAL ends before the target time"),
+        "{out}"
+    );
+    assert!(!c.node_root("adm1").join("restores/restore2").exists());
+    assert!(
+        !corral_e2e::faults::reachable(
+            &format!("{}:5434", c.address("adm1")),
+            Duration::from_secs(1)
+        )
+        .await,
+        "the failed restore's postgres is not running"
+    );
+
     // The schedule lives in the topology; one that does not parse is 422
     // and changes nothing.
     let topology: Value = c

@@ -496,10 +496,18 @@ impl BackupDriver {
                 .iter()
                 .any(|s| s.name == service && s.running);
             if !running || Instant::now() > deadline {
+                let log = self.log_tail(&service);
+                let hint = if log.contains("before configured recovery target was reached") {
+                    " The archived WAL ends before the target time: recovery stops at the \
+                     first commit after it, so one must be archived (the primary ships its \
+                     current segment within archive_timeout, 60 s); choose an earlier time \
+                     or try again later."
+                } else {
+                    ""
+                };
                 return Err(DriverError::Refused(format!(
-                    "recovery did not complete{}; the restore is removed. PostgreSQL said:\n{}",
+                    "recovery did not complete{}; the restore is removed.{hint} PostgreSQL said:\n{log}",
                     if running { " in time" } else { "" },
-                    self.log_tail(&service)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
