@@ -5,8 +5,8 @@
 use std::fmt;
 
 use corral_proto::{
-    Backup, BackupsStatus, CreateNode, ErrorBody, Event, LogLine, Node, Order, SwitchoverAccepted, SwitchoverRequest,
-    Topology, TopologyChange, TopologyUpdate,
+    Backup, BackupsStatus, CreateNode, ErrorBody, Event, LogLine, Node, Order, SwitchoverAccepted,
+    SwitchoverRequest, Topology, TopologyChange, TopologyUpdate,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;

@@ -786,7 +786,7 @@ impl Cluster {
                 store::delete_backup(self.store.conn(), old.id).await?;
                 tracing::info!(id = old.id, "backup beyond retention deleted");
             }
-            if let Some(oldest) = done.iter().take(keep as usize).last()
+            if let Some(oldest) = done.iter().take(keep as usize).next_back()
                 && let (Some(lsn), Some(tli)) = (&oldest.wal_start_lsn, oldest.timeline)
                 && let Some(segment) = corral_proto::backup::segment_name(tli as u32, lsn)
             {

@@ -90,7 +90,7 @@ pub fn BackupPanel() -> Html {
             <p class="schedule">
                 { match &schedule {
                     Some(s) => format!("Daily at {} UTC, keeping {}.", s.schedule, s.keep),
-                    None => "No schedule (set one in Settings or with corral topology set).".to_string(),
+                    None => "No schedule: corral topology set --backup-schedule HH:MM --backup-keep N.".to_string(),
                 } }
             </p>
             <button type="button" class="primary" {onclick} disabled={running}>
