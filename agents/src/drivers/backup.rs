@@ -120,10 +120,7 @@ impl BackupDriver {
             Ok(report) => {
                 let size: u64 = report.files.iter().map(|f| f.size).sum();
                 let body = serde_json::to_value(&report).expect("serializes");
-                self.control
-                    .post_json(&format!("/backups/{}/report", spec.id), &body)
-                    .await
-                    .map_err(|e| DriverError::Refused(format!("reporting the backup: {e}")))?;
+                self.report(spec.id, &body).await?;
                 Ok(format!(
                     "backup {}: {} files, {size} bytes, WAL {} to {} on timeline {}, in {:.1}s",
                     spec.id,
@@ -151,6 +148,29 @@ impl BackupDriver {
                     tracing::warn!(error = %re, "reporting a failed backup failed");
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Reports a finished backup; the files are stored already, so a
+    /// control plane that is away for a moment is waited for (a minute).
+    async fn report(&self, id: i64, body: &Value) -> Result<(), DriverError> {
+        let path = format!("/backups/{id}/report");
+        let mut wait = Duration::from_millis(500);
+        let mut attempt = 0;
+        loop {
+            match self.control.post_json(&path, body).await {
+                Ok(_) => return Ok(()),
+                // The server looked and said no: trying again changes nothing.
+                Err(e) if e.status().is_some_and(|s| s.is_client_error()) || attempt >= 6 => {
+                    return Err(DriverError::Refused(format!("reporting the backup: {e}")));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reporting the backup failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(15));
+                    attempt += 1;
+                }
             }
         }
     }
@@ -365,6 +385,8 @@ impl BackupDriver {
         self.ctx.host.ensure(&service).await?;
         self.wait_recovered(spec, &sock).await?;
         let report = self.verify(spec, &sock, needed.len(), started).await?;
+        // Promoted: recovery reads no archived WAL any more.
+        let _ = std::fs::remove_dir_all(&wal);
         serde_json::to_string(&report).map_err(|e| DriverError::Refused(e.to_string()))
     }
 

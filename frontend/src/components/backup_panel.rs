@@ -22,13 +22,14 @@ pub fn BackupPanel() -> Html {
     let ctx = use_ctx();
     let status = use_state(|| None::<BackupsStatus>);
     let outcome = use_state(|| Outcome::Idle);
-    // Every event that may change what is shown.
+    // The newest event that may change what is shown.
     let changes = ctx
         .state
         .events
         .iter()
         .filter(|e| e.kind.starts_with("backup.") || e.kind == "topology.updated")
-        .count();
+        .map(|e| e.id)
+        .max();
     {
         let (ctx, status) = (ctx.clone(), status.clone());
         use_effect_with(changes, move |_| {
