@@ -311,6 +311,21 @@ impl ControlPlane {
                     what: format!("opening {}", file.display()),
                     source,
                 })?;
+            // A MiB per read: reqwest's own file body reads 4 KiB at a time,
+            // each a trip to the blocking pool.
+            let chunks = futures_util::stream::unfold(Some(f), |f| async move {
+                use tokio::io::AsyncReadExt;
+                let mut f = f?;
+                let mut buf = vec![0u8; 1 << 20];
+                match f.read(&mut buf).await {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok::<_, std::io::Error>(buf), Some(f)))
+                    }
+                    Err(e) => Some((Err(e), None)),
+                }
+            });
             let res = self
                 .http
                 .put(&url)
@@ -318,7 +333,7 @@ impl ControlPlane {
                 .header(SHA256_HEADER, sha256)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .timeout(timeout)
-                .body(reqwest::Body::from(f))
+                .body(reqwest::Body::wrap_stream(chunks))
                 .send()
                 .await
                 .map_err(ControlError::from)?;
@@ -351,9 +366,12 @@ impl ControlPlane {
                 TransferError::Checksum(format!("GET {path} came without a checksum"))
             })?;
         let io = |what: String| move |source| TransferError::Io { what, source };
-        let mut file = tokio::fs::File::create(dest)
-            .await
-            .map_err(io(format!("creating {}", dest.display())))?;
+        let mut file = tokio::io::BufWriter::with_capacity(
+            1 << 20,
+            tokio::fs::File::create(dest)
+                .await
+                .map_err(io(format!("creating {}", dest.display())))?,
+        );
         let mut hasher = sha2::Sha256::new();
         while let Some(chunk) = res.chunk().await.map_err(ControlError::from)? {
             hasher.update(&chunk);
@@ -361,7 +379,11 @@ impl ControlPlane {
                 .await
                 .map_err(io(format!("writing {}", dest.display())))?;
         }
-        file.sync_all()
+        file.flush()
+            .await
+            .map_err(io(format!("writing {}", dest.display())))?;
+        file.get_ref()
+            .sync_all()
             .await
             .map_err(io(format!("fsync {}", dest.display())))?;
         let actual = hex::encode(hasher.finalize());

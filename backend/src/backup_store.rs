@@ -89,9 +89,14 @@ impl BackupStore {
             .unwrap_or_default();
         let part = dir.join(format!(".{name}.{:016x}.part", rand::random::<u64>()));
         let result = async {
-            let mut file = tokio::fs::File::create(&part)
-                .await
-                .map_err(io(format!("creating {}", part.display())))?;
+            // Chunks arrive in tens of KiB; each tokio file write is a trip
+            // to the blocking pool, so they are gathered a MiB at a time.
+            let mut file = tokio::io::BufWriter::with_capacity(
+                1 << 20,
+                tokio::fs::File::create(&part)
+                    .await
+                    .map_err(io(format!("creating {}", part.display())))?,
+            );
             let mut hasher = Sha256::new();
             let mut size = 0u64;
             while let Some(chunk) = body.next().await {
@@ -114,7 +119,11 @@ impl BackupStore {
                     actual,
                 });
             }
-            file.sync_all()
+            file.flush()
+                .await
+                .map_err(io(format!("writing {}", part.display())))?;
+            file.get_ref()
+                .sync_all()
                 .await
                 .map_err(io(format!("fsync {}", part.display())))?;
             Ok((size, actual))
@@ -237,7 +246,7 @@ pub fn file_stream(
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + 'static {
     futures_util::stream::unfold(Some(file), |file| async move {
         let mut file = file?;
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = vec![0u8; 1 << 20];
         match file.read(&mut buf).await {
             Ok(0) => None,
             Ok(n) => {
