@@ -191,14 +191,18 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
             "{name}"
         );
     }
-    assert!(
-        std::fs::read_dir(c.node_root(&primary).join("wal-spool"))
-            .expect("spool")
+    // A shipped segment leaves the spool (deleted right after its upload).
+    let spool = c.node_root(&primary).join("wal-spool");
+    eventually("shipped segments gone from the spool", LONG, || async {
+        let lingering = std::fs::read_dir(&spool)?
             .flatten()
-            .all(|e| e.file_name().to_string_lossy().starts_with('.')
-                || !wal.join(e.file_name()).exists()),
-        "shipped segments leave the spool"
-    );
+            .map(|e| e.file_name())
+            .filter(|n| !n.to_string_lossy().starts_with('.') && wal.join(n).exists())
+            .count();
+        Ok((lingering == 0).then_some(()))
+    })
+    .await
+    .expect("spool emptied");
 
     // Bad input changes nothing: a time before the first backup finished,
     // a time in the future, a bad name or port.
