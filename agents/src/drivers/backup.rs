@@ -25,6 +25,8 @@ use crate::host::{OneShot, ServiceSpec};
 
 /// The files of a base backup in tar format, in upload order.
 const BACKUP_FILES: [&str; 3] = ["base.tar", "pg_wal.tar", "backup_manifest"];
+/// A finished restore's report, in its directory: it marks it done.
+const REPORT_FILE: &str = "restore.json";
 /// How long a base backup or a restore's recovery may take.
 const LONG: Duration = Duration::from_secs(6 * 3600);
 
@@ -306,11 +308,31 @@ impl BackupDriver {
     pub async fn restore(&self, spec: &RestoreSpec) -> Result<String, DriverError> {
         corral_proto::backup::validate_restore_name(&spec.name).map_err(DriverError::Refused)?;
         let root = self.ctx.path(format!("restores/{}", spec.name));
-        if root.join("pgdata/PG_VERSION").exists() {
-            return Err(DriverError::Refused(format!(
-                "a restore named {} already exists on {}",
-                spec.name, self.ctx.node
-            )));
+        if let Ok(saved) = std::fs::read_to_string(root.join(REPORT_FILE)) {
+            // This very restore finished before (the order again after an
+            // agent restart): its report, nothing redone.
+            return match serde_json::from_str::<RestoreReport>(&saved) {
+                Ok(r) if r.backup_id == spec.backup_id && r.target_time == spec.target_time => {
+                    Ok(saved)
+                }
+                _ => Err(DriverError::Refused(format!(
+                    "a restore named {} already exists on {}",
+                    spec.name, self.ctx.node
+                ))),
+            };
+        }
+        if root.exists() {
+            // An attempt that never finished (its agent died): stop what it
+            // left running and start over.
+            let service = self.restore_spec(
+                spec,
+                &root.join("pgdata"),
+                &root.join("wal"),
+                &root.join("sock"),
+            );
+            let _ = self.ctx.host.adopt(&service).await;
+            let _ = self.ctx.host.stop(&service.name).await;
+            let _ = std::fs::remove_dir_all(&root);
         }
         let started = Instant::now();
         let result = self.restore_into(spec, &root, started).await;
@@ -387,7 +409,11 @@ impl BackupDriver {
         let report = self.verify(spec, &sock, needed.len(), started).await?;
         // Promoted: recovery reads no archived WAL any more.
         let _ = std::fs::remove_dir_all(&wal);
-        serde_json::to_string(&report).map_err(|e| DriverError::Refused(e.to_string()))
+        let text =
+            serde_json::to_string(&report).map_err(|e| DriverError::Refused(e.to_string()))?;
+        crate::durable::write_atomic(&root.join(REPORT_FILE), text.as_bytes(), 0o600)
+            .map_err(DriverError::io("saving the restore's report"))?;
+        Ok(text)
     }
 
     async fn untar(&self, tar: &Path, into: &Path) -> Result<(), DriverError> {
@@ -594,6 +620,109 @@ impl BackupDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::EnrollSecretSource;
+    use crate::consul_api::ConsulApi;
+    use crate::drivers::Binaries;
+    use crate::durable::StateDir;
+    use crate::host::Host;
+    use crate::host::fake::{Call, FakeHost};
+
+    /// A driver on adm1 whose control plane is unreachable.
+    fn driver(dir: &Path) -> (BackupDriver, Arc<FakeHost>) {
+        let host = Arc::new(FakeHost::default());
+        let ctx = Arc::new(NodeContext {
+            node: "adm1".into(),
+            address: [127, 0, 99, 5].into(),
+            state_dir: dir.to_path_buf(),
+            bins: Binaries {
+                consul: "consul".into(),
+                nginx: "nginx".into(),
+                todomvc: "todomvc".into(),
+                pg_bin: "/pg".into(),
+                agent: "corral-agent".into(),
+            },
+            nginx_port: None,
+            host: host.clone(),
+            consul: ConsulApi::new("127.0.99.5"),
+            start_wait: Duration::ZERO,
+        });
+        let control = ControlPlane::new(
+            "http://127.0.0.1:9",
+            "adm1",
+            EnrollSecretSource {
+                value: Some("secret".into()),
+                file: None,
+            },
+            None,
+            StateDir::open(dir).expect("state"),
+        )
+        .expect("client");
+        let postgres = Arc::new(PostgresDriver::new(ctx.clone()));
+        (BackupDriver::new(ctx, postgres, Arc::new(control)), host)
+    }
+
+    fn spec(backup_id: i64) -> RestoreSpec {
+        RestoreSpec {
+            name: "r1".into(),
+            backup_id,
+            target_time: None,
+            port: 5433,
+            database: "todomvc".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_restore_ordered_again_answers_its_report_and_redoes_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (driver, host) = driver(dir.path());
+        let root = dir.path().join("restores/r1");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        let report = RestoreReport {
+            name: "r1".into(),
+            backup_id: 3,
+            target_time: None,
+            listen: "127.0.99.5:5433".into(),
+            row_counts: vec![("public.todos".into(), 10)],
+            last_replayed: None,
+            wal_segments: 2,
+            seconds: 1.0,
+        };
+        let saved = serde_json::to_string(&report).expect("json");
+        std::fs::write(root.join(REPORT_FILE), &saved).expect("write");
+        assert_eq!(driver.restore(&spec(3)).await.expect("again"), saved);
+        let other = driver.restore(&spec(4)).await.expect_err("another backup");
+        assert!(other.to_string().contains("already exists"), "{other}");
+        assert!(host.calls().is_empty(), "{:?}", host.calls());
+        assert!(root.join(REPORT_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_restore_is_stopped_and_removed_and_a_failed_one_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (driver, host) = driver(dir.path());
+        let root = dir.path().join("restores/r1");
+        std::fs::create_dir_all(root.join("pgdata")).expect("mkdir");
+        std::fs::write(root.join("pgdata/PG_VERSION"), "15").expect("write");
+        // What the agent that died left running.
+        let leftover = driver.restore_spec(
+            &spec(3),
+            &root.join("pgdata"),
+            &root.join("wal"),
+            &root.join("sock"),
+        );
+        host.ensure(&leftover).await.expect("running");
+        let err = driver
+            .restore(&spec(3))
+            .await
+            .expect_err("no control plane");
+        assert!(
+            host.calls().contains(&Call::Stop("restore-r1".into())),
+            "{:?}",
+            host.calls()
+        );
+        assert!(!root.exists(), "the failed attempt left {}", root.display());
+        assert!(!err.to_string().is_empty());
+    }
 
     #[test]
     fn the_wal_range_comes_from_the_manifest() {
