@@ -176,6 +176,17 @@ impl PostgresDriver {
         self.ctx.path("pgsock")
     }
 
+    /// Where `archive_command` puts each finished WAL segment until the
+    /// agent has shipped it to adm1's store.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.ctx.path("wal-spool")
+    }
+
+    /// The PostgreSQL order this node runs, if any.
+    pub fn desired_spec(&self) -> Option<PostgresSpec> {
+        self.desired.lock().expect("lock").clone()
+    }
+
     fn service_id(&self) -> String {
         format!("{POSTGRES_SERVICE}-{}", self.ctx.node)
     }
@@ -184,7 +195,7 @@ impl PostgresDriver {
         format!("service:{}", self.service_id())
     }
 
-    fn account() -> Option<Account> {
+    pub(crate) fn account() -> Option<Account> {
         if nix::unistd::geteuid().is_root() {
             Account::lookup("postgres")
         } else {
@@ -192,7 +203,7 @@ impl PostgresDriver {
         }
     }
 
-    fn bin(&self, name: &str) -> PathBuf {
+    pub(crate) fn bin(&self, name: &str) -> PathBuf {
         self.ctx.bins.pg_bin.join(name)
     }
 
@@ -220,6 +231,14 @@ impl PostgresDriver {
             // every half second instead of every five.
             ("wal_retrieve_retry_interval", "500ms".into()),
             ("hba_file", format!("{pgdata}/pg_hba.conf")),
+            // Every finished segment goes to the spool (only a primary
+            // archives), which the agent ships to adm1's store: point-in-
+            // time restores replay it. A copy that fails fails the command,
+            // so PostgreSQL keeps the segment and tries again.
+            ("archive_mode", "on".into()),
+            ("archive_command", self.archive_command()),
+            // A quiet primary still ships its last writes within a minute.
+            ("archive_timeout", "60s".into()),
         ] {
             args.push("-c".into());
             args.push(format!("{k}={v}"));
@@ -235,6 +254,16 @@ impl PostgresDriver {
             stop_signal: Signal::SIGINT,
             restart: false,
         }
+    }
+
+    /// The shell command PostgreSQL runs per finished WAL file.
+    fn archive_command(&self) -> String {
+        let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+        format!(
+            "{} archive-wal --spool {} %p %f",
+            quote(&self.ctx.bins.agent),
+            quote(&self.spool_dir())
+        )
     }
 
     /// `psql` on the local socket as the superuser (trust: the socket
@@ -288,7 +317,7 @@ impl PostgresDriver {
     }
 
     /// Makes `dir` exist, owned by the postgres account, mode 0700.
-    fn private_dir(&self, dir: &Path) -> Result<(), DriverError> {
+    pub(crate) fn private_dir(&self, dir: &Path) -> Result<(), DriverError> {
         mkdir(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(DriverError::io(format!("chmod {}", dir.display())))?;
@@ -587,6 +616,7 @@ impl PostgresDriver {
             let _ha = self.ha.lock().await;
             self.check_reachable()?;
             self.private_dir(&self.socket_dir())?;
+            self.private_dir(&self.spool_dir())?;
             let fresh = !self.pgdata().join("PG_VERSION").exists();
             // The HA loop owns the server from here (and takes the new
             // replication mode at once), also when making the data dir
@@ -730,7 +760,7 @@ impl PostgresDriver {
     }
 
     /// Gives `path` to the postgres account.
-    fn give(&self, path: &Path) -> Result<(), DriverError> {
+    pub(crate) fn give(&self, path: &Path) -> Result<(), DriverError> {
         if let Some(a) = Self::account() {
             nix::unistd::chown(
                 path,
