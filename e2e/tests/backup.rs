@@ -271,6 +271,7 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
             "http://{}:8500/v1/catalog/service/postgres",
             c.address("adm1")
         ))
+        .header("X-Consul-Token", c.consul_token())
         .send()
         .await
         .expect("consul")
