@@ -37,6 +37,9 @@ pub struct ConsulApi {
     /// The node's ACL token, sent with every call (`X-Consul-Token`) once
     /// the Consul order has given one. Shared by every clone.
     token: Arc<RwLock<Option<String>>>,
+    /// The Consul servers' addresses (the Consul order's `retry_join`):
+    /// where [`ConsulApi::kv_get_any`] asks when the local agent is down.
+    servers: Arc<RwLock<Vec<String>>>,
 }
 
 impl ConsulApi {
@@ -49,7 +52,20 @@ impl ConsulApi {
                 .build()
                 .expect("an HTTP client without TLS builds"),
             token: Arc::default(),
+            servers: Arc::default(),
         }
+    }
+
+    /// The same API on the agent at `address` (same client and token).
+    fn at(&self, address: &str) -> Self {
+        Self {
+            base: format!("http://{address}:{}", corral_proto::ports::CONSUL_HTTP),
+            ..self.clone()
+        }
+    }
+
+    pub fn set_servers(&self, servers: Vec<String>) {
+        *self.servers.write().expect("servers lock") = servers;
     }
 
     pub fn url(&self) -> &str {
@@ -349,6 +365,28 @@ impl ConsulApi {
     /// The value and lock session of `key`, `None` when it does not exist.
     pub async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, ConsulError> {
         Ok(self.kv_list_inner(key, false).await?.into_iter().next())
+    }
+
+    /// [`ConsulApi::kv_get`] from the local agent or, when it does not
+    /// answer at all, from the first Consul server that does; says which
+    /// (true: the local agent). The KV store lives on the servers: a local
+    /// agent that is restarting need not look like a lost leader lock.
+    pub async fn kv_get_any(&self, key: &str) -> Result<(Option<KvEntry>, bool), ConsulError> {
+        let local = self.kv_get(key).await;
+        if !matches!(local, Err(ConsulError::Unreachable(_))) {
+            return local.map(|entry| (entry, true));
+        }
+        let servers = self.servers.read().expect("servers lock").clone();
+        for server in servers {
+            let remote = self.at(&server);
+            if remote.base == self.base {
+                continue;
+            }
+            if let Ok(entry) = remote.kv_get(key).await {
+                return Ok((entry, false));
+            }
+        }
+        local.map(|entry| (entry, true))
     }
 
     /// Every key under `prefix`.

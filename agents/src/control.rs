@@ -345,6 +345,145 @@ impl ControlPlane {
     }
 }
 
+/// The header carrying a file's hex SHA-256, both ways.
+pub const SHA256_HEADER: &str = "x-content-sha256";
+
+/// A transfer of a backup or WAL file to or from adm1's store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Checksum(String),
+}
+
+impl ControlPlane {
+    /// Streams the file at `file` to `PUT /agents/{node}{path}` with its
+    /// checksum; never holds it whole in memory. It goes to the server the
+    /// client is with now: a stream is not replayed to another.
+    pub async fn upload(
+        &self,
+        path: &str,
+        file: &std::path::Path,
+        sha256: &str,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, TransferError> {
+        let url = format!("{}/api/v1/agents/{}{path}", self.server(), self.node);
+        let mut token = self.token().await?;
+        for attempt in 0..2 {
+            let f = tokio::fs::File::open(file)
+                .await
+                .map_err(|source| TransferError::Io {
+                    what: format!("opening {}", file.display()),
+                    source,
+                })?;
+            // A MiB per read: reqwest's own file body reads 4 KiB at a time,
+            // each a trip to the blocking pool.
+            let chunks = futures_util::stream::unfold(Some(f), |f| async move {
+                use tokio::io::AsyncReadExt;
+                let mut f = f?;
+                let mut buf = vec![0u8; 1 << 20];
+                match f.read(&mut buf).await {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok::<_, std::io::Error>(buf), Some(f)))
+                    }
+                    Err(e) => Some((Err(e), None)),
+                }
+            });
+            let res = self
+                .http
+                .put(&url)
+                .bearer_auth(&token)
+                .header(SHA256_HEADER, sha256)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .timeout(timeout)
+                .body(reqwest::Body::wrap_stream(chunks))
+                .send()
+                .await
+                .map_err(ControlError::from)?;
+            if res.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
+                token = self.reenroll(&token).await?;
+                continue;
+            }
+            return Ok(checked(res).await?);
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Streams `GET /agents/{node}{path}` into `dest` and checks it against
+    /// the checksum the server sent; returns that checksum.
+    pub async fn download(
+        &self,
+        path: &str,
+        dest: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<String, TransferError> {
+        use sha2::Digest;
+        use tokio::io::AsyncWriteExt;
+        let mut res = self.send(Method::GET, path, &[], None, timeout).await?;
+        let expected = res
+            .headers()
+            .get(SHA256_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_ascii_lowercase)
+            .ok_or_else(|| {
+                TransferError::Checksum(format!("GET {path} came without a checksum"))
+            })?;
+        let io = |what: String| move |source| TransferError::Io { what, source };
+        let mut file = tokio::io::BufWriter::with_capacity(
+            1 << 20,
+            tokio::fs::File::create(dest)
+                .await
+                .map_err(io(format!("creating {}", dest.display())))?,
+        );
+        let mut hasher = sha2::Sha256::new();
+        while let Some(chunk) = res.chunk().await.map_err(ControlError::from)? {
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .map_err(io(format!("writing {}", dest.display())))?;
+        }
+        file.flush()
+            .await
+            .map_err(io(format!("writing {}", dest.display())))?;
+        file.get_ref()
+            .sync_all()
+            .await
+            .map_err(io(format!("fsync {}", dest.display())))?;
+        let actual = hex::encode(hasher.finalize());
+        if actual != expected {
+            let _ = tokio::fs::remove_file(dest).await;
+            return Err(TransferError::Checksum(format!(
+                "{path}: the bytes received hash to {actual}, the store says {expected}"
+            )));
+        }
+        Ok(actual)
+    }
+
+    /// `POST /agents/{node}{path}` with a JSON body.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value, ControlError> {
+        let res = self
+            .send(Method::POST, path, &[], Some(body), Duration::from_secs(30))
+            .await?;
+        Ok(res.json().await?)
+    }
+
+    /// `GET /agents/{node}{path}`, JSON.
+    pub async fn get_json(&self, path: &str) -> Result<Value, ControlError> {
+        let res = self
+            .send(Method::GET, path, &[], None, Duration::from_secs(30))
+            .await?;
+        Ok(res.json().await?)
+    }
+}
+
 async fn checked(res: reqwest::Response) -> Result<reqwest::Response, ControlError> {
     let status = res.status();
     if status.is_success() {

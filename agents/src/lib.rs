@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod check;
 pub mod config;
 pub mod consul_api;

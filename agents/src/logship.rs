@@ -30,6 +30,9 @@ pub fn take_lines(buf: &[u8]) -> (Vec<String>, usize) {
             break;
         };
         let line = String::from_utf8_lossy(&buf[used..used + end]);
+        // PostgreSQL logs a changed primary_conninfo whole, replication
+        // password included: no password leaves the node in a log line.
+        let line = crate::drivers::postgres::redact_passwords(&line);
         lines.push(line.chars().take(MAX_LINE_CHARS).collect());
         used += end + 1;
     }
@@ -127,6 +130,15 @@ mod tests {
         assert_eq!(lines[0], "a");
         assert_eq!(lines[1].len(), MAX_LINE_CHARS);
         assert_eq!(used, 2 + 1501);
+    }
+
+    #[test]
+    fn passwords_never_leave_in_a_log_line() {
+        let buf = "LOG:  parameter \"primary_conninfo\" changed to \"host=10.0.0.1 port=5432 user=replicator password='f00dcafe' application_name='pg2'\"\n";
+        let (lines, _) = take_lines(buf.as_bytes());
+        assert_eq!(lines.len(), 1);
+        assert!(!lines[0].contains("f00dcafe"), "{}", lines[0]);
+        assert!(lines[0].contains("primary_conninfo"), "{}", lines[0]);
     }
 
     #[test]

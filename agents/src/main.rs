@@ -31,6 +31,8 @@ enum Command {
     },
     /// Consul script check: PostgreSQL answers SQL in the expected role.
     CheckPostgres(CheckArgs),
+    /// PostgreSQL's archive_command: spool a finished WAL file durably.
+    ArchiveWal(corral_agent::archive::ArchiveArgs),
     /// The host agent: make the machines of a provider the control plane
     /// cannot drive itself (VirtualBox VMs, with VBoxManage on this host).
     Host(Box<corral_agent::host_agent::HostConfig>),
@@ -46,6 +48,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(args);
     match cli.command {
         Command::CheckPostgres(args) => std::process::exit(check_postgres(&args)),
+        Command::ArchiveWal(args) => match corral_agent::archive::archive_wal(&args) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("corral-agent archive-wal: {e}");
+                std::process::exit(1)
+            }
+        },
         Command::StopAll { state_dir, .. } => {
             init_tracing();
             corral_agent::stop_all::stop_all(&state_dir)?;

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use corral_proto::{OrderKind, OrderOutcome, WorkOrder};
 use serde_json::Value;
 
+use crate::control::ControlPlane;
+use crate::drivers::backup::BackupDriver;
 use crate::drivers::consul::ConsulDriver;
 use crate::drivers::nginx::NginxDriver;
 use crate::drivers::postgres::PostgresDriver;
@@ -21,6 +23,9 @@ pub struct Node {
     pub webapp: Arc<WebappDriver>,
     pub nginx: Arc<NginxDriver>,
     pub postgres: Arc<PostgresDriver>,
+    /// Backups and restores: they talk to the control plane's store, so
+    /// only an agent with a control plane has them.
+    pub backups: Option<Arc<BackupDriver>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,7 @@ impl Node {
         // The loops that start before the orders are restored already talk
         // to Consul: they need the node's token from the start.
         if let Some(WorkOrder::Consul(spec)) = state.applied(OrderKind::Consul) {
+            ctx.consul.set_servers(spec.retry_join.clone());
             ctx.consul.set_token(spec.acl.map(|a| a.token));
         }
         Self {
@@ -45,9 +51,26 @@ impl Node {
             webapp: Arc::new(WebappDriver::new(ctx.clone())),
             nginx: Arc::new(NginxDriver::new(ctx.clone())),
             postgres: Arc::new(PostgresDriver::new(ctx.clone())),
+            backups: None,
             ctx,
             state,
         }
+    }
+
+    /// Gives the node its backup driver, which ships files to `control`.
+    pub fn with_control(mut self, control: Arc<ControlPlane>) -> Self {
+        self.backups = Some(Arc::new(BackupDriver::new(
+            self.ctx.clone(),
+            self.postgres.clone(),
+            control,
+        )));
+        self
+    }
+
+    fn backups(&self) -> Result<&BackupDriver, DriverError> {
+        self.backups.as_deref().ok_or_else(|| {
+            DriverError::Refused("this agent has no control plane to ship backups to".into())
+        })
     }
 
     /// Starts the background loops that follow Consul (registration keepers,
@@ -56,6 +79,9 @@ impl Node {
         tokio::spawn(self.webapp.clone().keeper());
         tokio::spawn(self.nginx.clone().watch());
         tokio::spawn(self.postgres.clone().keeper());
+        if let Some(backups) = &self.backups {
+            tokio::spawn(backups.clone().ship_wal());
+        }
     }
 
     /// Whether this node has been drained (it then runs nothing).
@@ -78,7 +104,10 @@ impl Node {
     /// Makes `order` true and records it as the current order of its kind.
     pub async fn apply(&self, order: &WorkOrder) -> Result<String, ApplyError> {
         let message = self.make_true(order).await?;
-        if matches!(order, WorkOrder::Switchover(_)) {
+        if matches!(
+            order,
+            WorkOrder::Switchover(_) | WorkOrder::Backup(_) | WorkOrder::Restore(_)
+        ) {
             // A one-off action, not a state to restore after a restart.
             return Ok(message);
         }
@@ -105,6 +134,8 @@ impl Node {
             WorkOrder::Postgres(spec) => self.postgres.apply(spec).await?,
             WorkOrder::Drain => self.drain().await?,
             WorkOrder::Switchover(spec) => self.postgres.switchover(spec).await?,
+            WorkOrder::Backup(spec) => self.backups()?.take(spec).await?,
+            WorkOrder::Restore(spec) => self.backups()?.restore(spec).await?,
         })
     }
 

@@ -238,7 +238,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     });
 
-    let node = Arc::new(Node::new(ctx, state.clone()));
+    let node = Arc::new(Node::new(ctx, state.clone()).with_control(control.clone()));
     node.spawn_keepers();
     let applied = Arc::new(AtomicI64::new(state.progress()?.seq));
     tokio::spawn(heartbeat_loop(

@@ -144,6 +144,7 @@ impl From<ClusterError> for ApiError {
                 message: e.to_string(),
             },
             ClusterError::Conflict { code, message } => ApiError::Conflict { code, message },
+            ClusterError::Refused { code, message } => ApiError::Invalid { code, message },
             ClusterError::Store(e) => e.into(),
             ClusterError::Internal(m) => ApiError::Internal(m),
         }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod apt;
 pub mod auth;
+pub mod backup_store;
 pub mod bus;
 pub mod cli;
 pub mod cluster;

@@ -256,6 +256,7 @@ impl Application {
                 retention: config.retention,
                 hosts,
                 enroll_secret_ttl: config.enroll_secret_ttl,
+                backups: crate::backup_store::BackupStore::new(config.state_dir.join("backups")),
             },
             secrets.clone(),
         )

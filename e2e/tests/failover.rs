@@ -155,6 +155,44 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
         "the primary changed"
     );
 
+    // 0b. The primary's Consul agent dies and the corral agent starts it
+    // again a second later: the cluster still sees the node alive, so the
+    // primary keeps its lock (confirmed through a Consul server meanwhile)
+    // and keeps serving, on the same timeline. It used to fence itself and
+    // fail over on every such blip.
+    let consul_pid = || corral_e2e::faults::service_pid(&c, &primary, "consul").ok();
+    let killed = consul_pid().expect("the primary's consul pid");
+    signal_all(&[killed], Signal::SIGKILL);
+    eventually("the primary's Consul agent started again", LONG, || async {
+        Ok(consul_pid()
+            .filter(|pid| *pid != killed && std::path::Path::new(&format!("/proc/{pid}")).exists()))
+    })
+    .await
+    .expect("consul restarted");
+    let after_blip = settled(&c, &w, "the primary's Consul agent killed and restarted")
+        .await
+        .expect("after the consul blip");
+    assert_eq!(
+        after_blip, primary,
+        "a Consul agent restart moved the primary"
+    );
+    assert_eq!(
+        fences(),
+        fences_before,
+        "a Consul agent restart fenced the primary"
+    );
+    assert_eq!(
+        sql(
+            &c,
+            &primary,
+            "SELECT timeline_id FROM pg_control_checkpoint()"
+        )
+        .await
+        .expect("timeline"),
+        timeline,
+        "a Consul agent restart changed the timeline"
+    );
+
     // 1. kill -9 of the primary's postgres.
     kill_postgres(&c, &primary).expect("kill postgres");
     let primary = settled(&c, &w, "kill -9 of the primary's postgres")

@@ -5,8 +5,8 @@
 use std::fmt;
 
 use corral_proto::{
-    CreateNode, ErrorBody, Event, LogLine, Node, Order, SwitchoverAccepted, SwitchoverRequest,
-    Topology, TopologyChange, TopologyUpdate,
+    Backup, BackupsStatus, CreateNode, ErrorBody, Event, LogLine, Node, Order, SwitchoverAccepted,
+    SwitchoverRequest, Topology, TopologyChange, TopologyUpdate,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -234,6 +234,21 @@ impl Client {
     pub async fn switchover(&self, to: &str) -> Result<SwitchoverAccepted, ApiError> {
         let req = SwitchoverRequest { to: to.into() };
         self.with_body("POST", "/api/v1/db/switchover", &req).await
+    }
+
+    /// The backup schedule, the last good backup, whether one is overdue.
+    pub async fn backups_status(&self) -> Result<BackupsStatus, ApiError> {
+        self.get("/api/v1/backups/status").await
+    }
+
+    /// Orders a base backup now.
+    pub async fn backup_now(&self) -> Result<Backup, ApiError> {
+        let (status, body) = self.call("POST", "/api/v1/backups", None).await?;
+        body.ok_or_else(|| ApiError {
+            status,
+            code: "bad_response".into(),
+            message: "the server answered with an empty body".into(),
+        })
     }
 
     /// The newest `limit` audit events, oldest first.

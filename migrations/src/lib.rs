@@ -6,6 +6,8 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_initial;
 mod m20261203_000001_enrollment_secrets;
+mod m20261203_000002_backups;
+mod m20261203_000003_backup_schedule;
 
 pub struct Migrator;
 
@@ -15,6 +17,8 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261125_000001_initial::Migration),
             Box::new(m20261203_000001_enrollment_secrets::Migration),
+            Box::new(m20261203_000002_backups::Migration),
+            Box::new(m20261203_000003_backup_schedule::Migration),
         ]
     }
 }

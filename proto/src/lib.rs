@@ -4,6 +4,7 @@
 //! the UI speaks exactly the types the server does.
 
 pub mod agent;
+pub mod backup;
 pub mod error;
 pub mod event;
 pub mod logs;
@@ -15,6 +16,10 @@ pub mod topology;
 pub use agent::{
     EnrollRequest, EnrollResponse, EnrollSecret, Heartbeat, MetricsSample, ObservedState,
     ReplicationRole, ReplicationStatus, ServiceState, ServiceStatus,
+};
+pub use backup::{
+    Backup, BackupFile, BackupReport, BackupSpec, BackupStatus, BackupsStatus, RESTORE_PORT,
+    RestoreAccepted, RestoreReport, RestoreRequest, RestoreSpec,
 };
 pub use error::ErrorBody;
 pub use event::Event;
@@ -34,7 +39,8 @@ pub use order::{
     WebappSpec, WorkOrder,
 };
 pub use topology::{
-    LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Topology, TopologyChange, TopologyUpdate,
+    BackupSchedule, LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Topology, TopologyChange,
+    TopologyUpdate,
 };
 
 /// The version every corral binary reports (`/version`, `--version`).

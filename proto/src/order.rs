@@ -10,6 +10,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::backup::{BackupSpec, RestoreSpec};
 use crate::topology::{LbPolicy, ReplicationMode};
 
 /// The payload of a work order, tagged by `kind`.
@@ -30,6 +31,11 @@ pub enum WorkOrder {
     /// To the primary: hand the leader role to the standby `to` without
     /// losing a write (checked caught up, clean demotion, then promotion).
     Switchover(SwitchoverSpec),
+    /// To a db node: take a base backup and ship it to adm1's store.
+    Backup(BackupSpec),
+    /// Restore a base backup and the archived WAL into a new PostgreSQL
+    /// instance on this node that never joins the cluster; verify it.
+    Restore(RestoreSpec),
 }
 
 impl WorkOrder {
@@ -41,6 +47,8 @@ impl WorkOrder {
             WorkOrder::LoadBalancer(_) => OrderKind::LoadBalancer,
             WorkOrder::Drain => OrderKind::Drain,
             WorkOrder::Switchover(_) => OrderKind::Switchover,
+            WorkOrder::Backup(_) => OrderKind::Backup,
+            WorkOrder::Restore(_) => OrderKind::Restore,
         }
     }
 }
@@ -56,6 +64,8 @@ pub enum OrderKind {
     LoadBalancer,
     Drain,
     Switchover,
+    Backup,
+    Restore,
 }
 
 impl OrderKind {
@@ -67,6 +77,8 @@ impl OrderKind {
             OrderKind::LoadBalancer => "load_balancer",
             OrderKind::Drain => "drain",
             OrderKind::Switchover => "switchover",
+            OrderKind::Backup => "backup",
+            OrderKind::Restore => "restore",
         }
     }
 }
@@ -87,6 +99,8 @@ impl FromStr for OrderKind {
             "load_balancer" => Ok(OrderKind::LoadBalancer),
             "drain" => Ok(OrderKind::Drain),
             "switchover" => Ok(OrderKind::Switchover),
+            "backup" => Ok(OrderKind::Backup),
+            "restore" => Ok(OrderKind::Restore),
             other => Err(format!("unknown order kind {other:?}")),
         }
     }
@@ -371,6 +385,8 @@ mod tests {
             OrderKind::LoadBalancer,
             OrderKind::Drain,
             OrderKind::Switchover,
+            OrderKind::Backup,
+            OrderKind::Restore,
         ] {
             assert_eq!(kind.as_str().parse::<OrderKind>(), Ok(kind));
         }

@@ -115,7 +115,43 @@ pub struct Topology {
     pub db: u32,
     pub lb_policy: LbPolicy,
     pub replication: ReplicationMode,
+    /// Daily base backups and how many are kept; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSchedule>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// When base backups are taken and how many are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BackupSchedule {
+    /// Time of day, `HH:MM` in UTC, at which a backup is taken every day.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(example = "03:00", pattern = "^[0-2][0-9]:[0-5][0-9]$")
+    )]
+    pub schedule: String,
+    /// How many finished backups to keep (1-365); older ones and the WAL
+    /// only they need are deleted.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 365, example = 7))]
+    pub keep: u32,
+}
+
+/// The most backups a schedule may keep.
+pub const MAX_BACKUPS_KEPT: u32 = 365;
+
+impl BackupSchedule {
+    pub fn validate(&self) -> Result<crate::backup::DailyAt, String> {
+        let at = crate::backup::DailyAt::parse(&self.schedule)?;
+        if !(1..=MAX_BACKUPS_KEPT).contains(&self.keep) {
+            return Err(format!(
+                "backup keep {} is out of range 1..={MAX_BACKUPS_KEPT}",
+                self.keep
+            ));
+        }
+        Ok(at)
+    }
 }
 
 /// `PUT /api/v1/topology`: the whole desired spec.
@@ -129,6 +165,10 @@ pub struct TopologyUpdate {
     pub db: u32,
     pub lb_policy: LbPolicy,
     pub replication: ReplicationMode,
+    /// Daily base backups (`{"schedule": "03:00", "keep": 7}`); absent: none
+    /// scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSchedule>,
 }
 
 impl TopologyUpdate {
@@ -139,6 +179,7 @@ impl TopologyUpdate {
             db: 2,
             lb_policy: LbPolicy::RoundRobin,
             replication: ReplicationMode::Async,
+            backup: None,
         }
     }
 
@@ -156,6 +197,9 @@ impl TopologyUpdate {
                 "synchronous replication needs at least 2 db nodes: with no standby every commit would wait forever"
                     .into(),
             );
+        }
+        if let Some(b) = &self.backup {
+            b.validate()?;
         }
         Ok(())
     }
@@ -181,6 +225,7 @@ impl From<&Topology> for TopologyUpdate {
             db: t.db,
             lb_policy: t.lb_policy,
             replication: t.replication,
+            backup: t.backup.clone(),
         }
     }
 }
@@ -203,6 +248,26 @@ mod tests {
         let mut spec = TopologyUpdate::seed();
         spec.web = MAX_NODES_PER_ROLE + 1;
         assert!(spec.validate().is_err());
+    }
+
+    #[test]
+    fn a_backup_schedule_that_does_not_parse_is_refused() {
+        let mut spec = TopologyUpdate::seed();
+        spec.backup = Some(BackupSchedule {
+            schedule: "03:00".into(),
+            keep: 7,
+        });
+        assert!(spec.validate().is_ok());
+        spec.backup = Some(BackupSchedule {
+            schedule: "3am".into(),
+            keep: 7,
+        });
+        assert!(spec.validate().unwrap_err().contains("HH:MM"));
+        spec.backup = Some(BackupSchedule {
+            schedule: "03:00".into(),
+            keep: 0,
+        });
+        assert!(spec.validate().unwrap_err().contains("keep"));
     }
 
     #[test]

@@ -50,6 +50,34 @@ impl Server {
         tokio::spawn(app.run_until_stopped());
         Ok(server)
     }
+
+    /// `GET` as the admin, JSON.
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let res = reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await?;
+        anyhow::ensure!(res.status().is_success(), "GET {path}: {}", res.status());
+        Ok(res.json().await?)
+    }
+
+    /// `PUT` a JSON body as the admin.
+    pub async fn put_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+        let res = reqwest::Client::new()
+            .put(format!("{}{path}", self.url))
+            .bearer_auth(&self.admin_token)
+            .json(body)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            res.status().is_success(),
+            "PUT {path}: {} {}",
+            res.status(),
+            res.text().await.unwrap_or_default()
+        );
+        Ok(())
+    }
 }
 
 impl Drop for Server {

@@ -105,6 +105,7 @@ impl ConsulDriver {
         self.ctx
             .consul
             .set_token(spec.acl.as_ref().map(|a| a.token.clone()));
+        self.ctx.consul.set_servers(spec.retry_join.clone());
         let dir = self.ctx.path("consul");
         let data = dir.join("data");
         mkdir(&data)?;

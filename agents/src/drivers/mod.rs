@@ -3,6 +3,7 @@
 //! agent. Applying an order twice is a no-op; a newer order of a kind
 //! replaces the older one.
 
+pub mod backup;
 pub mod consul;
 pub mod ha;
 pub mod leader;

@@ -29,6 +29,15 @@ use super::ha::{self, FENCE_AFTER, Keys, Member, MemberRole};
 
 /// How often a primary confirms its lock apart from the HA step.
 const CONFIRM_EVERY: Duration = Duration::from_millis(250);
+/// How long after its local Consul agent stopped answering a primary may
+/// still confirm its lock through a Consul server. Its lock's session dies
+/// only once the cluster's gossip declares the node failed (with Consul's
+/// LAN defaults at least ~4.5 s after the agent went: a failed probe, then
+/// a 4 s suspicion), and nobody may take the lock for [`super::ha::LOCK_DELAY`]
+/// after that; so a primary whose agent is gone fences at the latest
+/// `REMOTE_GRACE + FENCE_AFTER` = 4 s after, before anyone can promote
+/// (≥ 5.5 s), yet rides out a local agent restart of a second or two.
+const REMOTE_GRACE: Duration = Duration::from_secs(2);
 use super::leader::{ALIVE_CHECK, LeaderLock, LockState};
 use super::{DriverError, NodeContext, mkdir};
 use crate::host::{Account, HostError, OneShot, ServiceSpec};
@@ -62,6 +71,8 @@ pub struct PostgresDriver {
     /// agent restarted while Consul is unreachable cannot leave a writable
     /// primary behind.
     unconfirmed_since: Mutex<Option<Instant>>,
+    /// Since when the local Consul agent has not answered the confirmer.
+    local_consul_down_since: Mutex<Option<Instant>>,
     /// The lock holder as last seen, for the heartbeat.
     seen_leader: Mutex<Option<String>>,
     /// A standby's streaming last worked then (or it started then).
@@ -149,6 +160,7 @@ impl PostgresDriver {
             confirmed: Mutex::new(None),
             roles_made: std::sync::atomic::AtomicBool::new(false),
             unconfirmed_since: Mutex::new(None),
+            local_consul_down_since: Mutex::new(None),
             seen_leader: Mutex::new(None),
             streamed_at: Mutex::new(None),
             degraded: Mutex::new(false),
@@ -164,6 +176,17 @@ impl PostgresDriver {
         self.ctx.path("pgsock")
     }
 
+    /// Where `archive_command` puts each finished WAL segment until the
+    /// agent has shipped it to adm1's store.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.ctx.path("wal-spool")
+    }
+
+    /// The PostgreSQL order this node runs, if any.
+    pub fn desired_spec(&self) -> Option<PostgresSpec> {
+        self.desired.lock().expect("lock").clone()
+    }
+
     fn service_id(&self) -> String {
         format!("{POSTGRES_SERVICE}-{}", self.ctx.node)
     }
@@ -172,7 +195,7 @@ impl PostgresDriver {
         format!("service:{}", self.service_id())
     }
 
-    fn account() -> Option<Account> {
+    pub(crate) fn account() -> Option<Account> {
         if nix::unistd::geteuid().is_root() {
             Account::lookup("postgres")
         } else {
@@ -180,7 +203,7 @@ impl PostgresDriver {
         }
     }
 
-    fn bin(&self, name: &str) -> PathBuf {
+    pub(crate) fn bin(&self, name: &str) -> PathBuf {
         self.ctx.bins.pg_bin.join(name)
     }
 
@@ -208,6 +231,14 @@ impl PostgresDriver {
             // every half second instead of every five.
             ("wal_retrieve_retry_interval", "500ms".into()),
             ("hba_file", format!("{pgdata}/pg_hba.conf")),
+            // Every finished segment goes to the spool (only a primary
+            // archives), which the agent ships to adm1's store: point-in-
+            // time restores replay it. A copy that fails fails the command,
+            // so PostgreSQL keeps the segment and tries again.
+            ("archive_mode", "on".into()),
+            ("archive_command", self.archive_command()),
+            // A quiet primary still ships its last writes within a minute.
+            ("archive_timeout", "60s".into()),
         ] {
             args.push("-c".into());
             args.push(format!("{k}={v}"));
@@ -223,6 +254,16 @@ impl PostgresDriver {
             stop_signal: Signal::SIGINT,
             restart: false,
         }
+    }
+
+    /// The shell command PostgreSQL runs per finished WAL file.
+    fn archive_command(&self) -> String {
+        let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+        format!(
+            "{} archive-wal --spool {} %p %f",
+            quote(&self.ctx.bins.agent),
+            quote(&self.spool_dir())
+        )
     }
 
     /// `psql` on the local socket as the superuser (trust: the socket
@@ -276,7 +317,7 @@ impl PostgresDriver {
     }
 
     /// Makes `dir` exist, owned by the postgres account, mode 0700.
-    fn private_dir(&self, dir: &Path) -> Result<(), DriverError> {
+    pub(crate) fn private_dir(&self, dir: &Path) -> Result<(), DriverError> {
         mkdir(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(DriverError::io(format!("chmod {}", dir.display())))?;
@@ -575,6 +616,7 @@ impl PostgresDriver {
             let _ha = self.ha.lock().await;
             self.check_reachable()?;
             self.private_dir(&self.socket_dir())?;
+            self.private_dir(&self.spool_dir())?;
             let fresh = !self.pgdata().join("PG_VERSION").exists();
             // The HA loop owns the server from here (and takes the new
             // replication mode at once), also when making the data dir
@@ -658,6 +700,12 @@ impl PostgresDriver {
                 "args": check_args("any"),
                 "interval": "1s",
                 "timeout": "3s",
+                // A restarted Consul agent starts a script check critical
+                // until its first run, and the leader session (bound to this
+                // check) dies with it: a primary fenced itself over every
+                // local Consul agent restart. Passing until the first run, a
+                // second at most; the first run decides.
+                "status": "passing",
             },
         });
         // Consul syncs the service and its checks to the catalog with the
@@ -712,7 +760,7 @@ impl PostgresDriver {
     }
 
     /// Gives `path` to the postgres account.
-    fn give(&self, path: &Path) -> Result<(), DriverError> {
+    pub(crate) fn give(&self, path: &Path) -> Result<(), DriverError> {
         if let Some(a) = Self::account() {
             nix::unistd::chown(
                 path,
@@ -881,11 +929,25 @@ impl PostgresDriver {
                 continue;
             };
             let asked = Instant::now();
-            let held = matches!(
-                self.ctx.consul.kv_get(&key).await,
-                Ok(Some(entry)) if entry.session.as_deref() == Some(mine.as_str())
-            );
-            if held {
+            let (held, local) = match self.ctx.consul.kv_get_any(&key).await {
+                Ok((entry, local)) => (
+                    entry.is_some_and(|e| e.session.as_deref() == Some(mine.as_str())),
+                    local,
+                ),
+                Err(_) => (false, false),
+            };
+            // Through a server only within REMOTE_GRACE of the local agent's
+            // last answer (see there why that is safe).
+            let within_grace = {
+                let mut down = self.local_consul_down_since.lock().expect("lock");
+                if local {
+                    *down = None;
+                    true
+                } else {
+                    asked.duration_since(*down.get_or_insert(asked)) <= REMOTE_GRACE
+                }
+            };
+            if held && within_grace {
                 let mut confirmed = self.confirmed.lock().expect("lock");
                 if let Some(last) = *confirmed {
                     // As of when we asked: a slow answer confirms no later.

@@ -4,6 +4,7 @@
 //! `openapi.yaml` at the repository root is its committed copy.
 
 mod agents;
+mod backups;
 mod body;
 mod db;
 mod events;
@@ -54,6 +55,16 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         nodes::list_orders,
         nodes::mint_enroll_secret,
         db::switchover,
+        backups::list_backups,
+        backups::backups_status,
+        backups::backup_now,
+        backups::restore,
+        backups::upload_backup_file,
+        backups::download_backup_file,
+        backups::report,
+        backups::upload_wal,
+        backups::list_wal,
+        backups::download_wal,
         events::list_events,
         events::stream_events,
         agents::enroll,
@@ -73,6 +84,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         (name = "topology", description = "The desired shape of the cluster"),
         (name = "nodes", description = "Nodes, their lifecycle and their work orders"),
         (name = "db", description = "The PostgreSQL cluster: planned switchover of the primary"),
+        (name = "backups", description = "Base backups in adm1's store, the archived WAL, point-in-time restores"),
         (name = "events", description = "The audit log, listed or streamed live"),
         (name = "agents", description = "What node agents call: enroll, long-poll orders, report"),
         (name = "hosts", description = "What host agents call: long-poll machine orders (VirtualBox VMs), report"),
@@ -116,6 +128,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .configure(topology::routes)
                 .configure(nodes::routes)
                 .configure(db::routes)
+                .configure(backups::routes)
                 .configure(events::routes)
                 .configure(agents::routes)
                 .configure(hosts::routes)

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use corral_proto::{
-    CreateNode, EnrollSecret, ErrorBody, Event, Node, Order, SwitchoverAccepted, SwitchoverRequest,
-    Topology, TopologyChange, TopologyUpdate,
+    Backup, CreateNode, EnrollSecret, ErrorBody, Event, Node, Order, RestoreAccepted,
+    RestoreRequest, SwitchoverAccepted, SwitchoverRequest, Topology, TopologyChange,
+    TopologyUpdate,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -227,6 +228,24 @@ impl Client {
     pub async fn switchover(&self, to: &str) -> Result<SwitchoverAccepted, ClientError> {
         let req = SwitchoverRequest { to: to.into() };
         self.send_json(Method::POST, "/api/v1/db/switchover", &req)
+            .await
+    }
+
+    pub async fn backups(&self, limit: u64) -> Result<Vec<Backup>, ClientError> {
+        self.json(
+            self.request(Method::GET, "/api/v1/backups")
+                .query(&[("limit", limit)]),
+        )
+        .await
+    }
+
+    pub async fn backup_now(&self) -> Result<Backup, ClientError> {
+        self.json(self.request(Method::POST, "/api/v1/backups"))
+            .await
+    }
+
+    pub async fn restore(&self, req: &RestoreRequest) -> Result<RestoreAccepted, ClientError> {
+        self.send_json(Method::POST, "/api/v1/db/restore", req)
             .await
     }
 

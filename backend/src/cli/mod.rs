@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use corral_proto::{
-    CreateNode, Event, LbPolicy, Order, OrderStatus, Provider, ReplicationMode, ScalableRole,
-    TopologyUpdate,
+    BackupStatus, CreateNode, Event, LbPolicy, Order, OrderStatus, Provider, ReplicationMode,
+    RestoreRequest, ScalableRole, TopologyUpdate,
 };
 use futures_util::StreamExt;
 
@@ -275,6 +275,55 @@ enum DbCommand {
         #[arg(long, default_value = "120s", value_parser = duration)]
         timeout: Duration,
     },
+    /// The base backups in adm1's store, newest first.
+    Backups {
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+    /// Take a base backup.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Restore the newest backup finished before --time (plus the archived
+    /// WAL up to it) into a new instance on adm1, outside the cluster, and
+    /// print what it holds.
+    Restore {
+        /// Name of the new instance, e.g. restore1.
+        #[arg(long)]
+        to: String,
+        /// Restore to this moment (RFC 3339, e.g. 2026-12-03T12:00:00Z);
+        /// default: to the end of the archived WAL.
+        #[arg(long, value_parser = rfc3339)]
+        time: Option<chrono::DateTime<chrono::Utc>>,
+        /// Port of the restored instance on adm1's address (default 5433).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Return as soon as the order is filed.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the restore to finish.
+        #[arg(long, default_value = "1h", value_parser = age)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Take one now (from a streaming standby when there is one) and wait
+    /// until it is in adm1's store.
+    Now {
+        /// Return as soon as it is ordered.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for it.
+        #[arg(long, default_value = "1h", value_parser = age)]
+        timeout: Duration,
+    },
+}
+
+fn rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time such as 2026-12-03T12:00:00Z: {e}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -291,6 +340,15 @@ enum TopologyCommand {
         lb_policy: Option<LbPolicy>,
         #[arg(long)]
         replication: Option<ReplicationMode>,
+        /// Take a base backup every day at this time (HH:MM, UTC).
+        #[arg(long, requires = "backup_keep")]
+        backup_schedule: Option<String>,
+        /// How many finished backups the schedule keeps.
+        #[arg(long, requires = "backup_schedule")]
+        backup_keep: Option<u32>,
+        /// Take no scheduled backups any more.
+        #[arg(long, conflicts_with_all = ["backup_schedule", "backup_keep"])]
+        no_backup_schedule: bool,
         /// Start from the seed topology (2 web, 2 db) instead of the current one.
         #[arg(long)]
         seed: bool,
@@ -440,6 +498,71 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Db(DbCommand::Backups { limit }) => {
+            out.backups(&cli.client().backups(*limit).await?)
+        }
+        Command::Db(DbCommand::Backup(BackupCommand::Now { no_wait, timeout })) => {
+            let client = cli.client();
+            let backup = client.backup_now().await?;
+            out.message(&format!("backup {} ordered on {}", backup.id, backup.node))?;
+            if *no_wait {
+                return Ok(());
+            }
+            let deadline = tokio::time::Instant::now() + *timeout;
+            loop {
+                let now = client.backups(1000).await?;
+                match now.into_iter().find(|b| b.id == backup.id) {
+                    Some(b) if b.status == BackupStatus::Done => return out.backups(&[b]),
+                    Some(b) if b.status == BackupStatus::Failed => {
+                        out.backups(std::slice::from_ref(&b))?;
+                        bail!(
+                            "backup {} failed: {}",
+                            b.id,
+                            b.error.as_deref().unwrap_or("no details")
+                        );
+                    }
+                    Some(_) => {}
+                    None => bail!("backup {} is gone", backup.id),
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!(
+                        "backup {} is not finished after {}s; see `corral db backups`",
+                        backup.id,
+                        timeout.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Command::Db(DbCommand::Restore {
+            to,
+            time,
+            port,
+            no_wait,
+            timeout,
+        }) => {
+            let client = cli.client();
+            let accepted = client
+                .restore(&RestoreRequest {
+                    to: to.clone(),
+                    time: *time,
+                    port: *port,
+                })
+                .await?;
+            out.message(&format!(
+                "restoring backup {} into {} on {} (order {})",
+                accepted.backup_id, accepted.name, accepted.node, accepted.seq
+            ))?;
+            if *no_wait {
+                return Ok(());
+            }
+            let order = wait_for_order(&client, &accepted.node, accepted.seq, *timeout).await?;
+            let result = order.result.as_deref().unwrap_or("");
+            if order.status == OrderStatus::Failed {
+                bail!("restore into {} failed: {result}", accepted.name);
+            }
+            out.restore_report(result)
+        }
         Command::Orders { node, after, limit } => {
             out.orders(&cli.client().orders(node, *after, *limit).await?)
         }
@@ -466,6 +589,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     db,
                     lb_policy,
                     replication,
+                    backup_schedule,
+                    backup_keep,
+                    no_backup_schedule,
                     seed,
                 } => {
                     let mut spec = if *seed {
@@ -484,6 +610,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     if let Some(v) = replication {
                         spec.replication = *v;
+                    }
+                    if let (Some(schedule), Some(keep)) = (backup_schedule, backup_keep) {
+                        spec.backup = Some(corral_proto::BackupSchedule {
+                            schedule: schedule.clone(),
+                            keep: *keep,
+                        });
+                    }
+                    if *no_backup_schedule {
+                        spec.backup = None;
                     }
                     out.change(&client.set_topology(&spec).await?)
                 }

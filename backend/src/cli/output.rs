@@ -1,7 +1,8 @@
 //! How the CLI prints: aligned tables for people, JSON for scripts.
 
 use corral_proto::{
-    Event, Node, Order, ReplicationRole, Role, SwitchoverAccepted, Topology, TopologyChange,
+    Backup, Event, Node, Order, ReplicationRole, RestoreReport, Role, SwitchoverAccepted, Topology,
+    TopologyChange,
 };
 use serde::Serialize;
 
@@ -210,6 +211,83 @@ impl Output {
         Ok(())
     }
 
+    pub fn backups(&self, backups: &[Backup]) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return print_json(backups);
+        }
+        let now = chrono::Utc::now();
+        let rows: Vec<Vec<String>> = backups
+            .iter()
+            .map(|b| {
+                vec![
+                    b.id.to_string(),
+                    b.node.clone(),
+                    b.status.as_str().into(),
+                    b.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    b.finished_at
+                        .map(|f| format!("{}s ago", (now - f).num_seconds()))
+                        .unwrap_or_else(|| "-".into()),
+                    format!("{:.1} MB", b.size_bytes as f64 / 1e6),
+                    b.wal_start_lsn.clone().unwrap_or_else(|| "-".into()),
+                    b.trigger.clone(),
+                    b.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "ID",
+                "NODE",
+                "STATUS",
+                "STARTED",
+                "FINISHED",
+                "SIZE",
+                "WAL_START",
+                "BY",
+                "ERROR",
+            ],
+            &rows,
+        );
+        Ok(())
+    }
+
+    /// A restore order's result: its verification report (JSON).
+    pub fn restore_report(&self, result: &str) -> anyhow::Result<()> {
+        let report: RestoreReport = match serde_json::from_str(result) {
+            Ok(r) => r,
+            Err(_) => {
+                println!("{result}");
+                return Ok(());
+            }
+        };
+        if self.format == Format::Json {
+            return print_json(&report);
+        }
+        println!(
+            "restored backup {} into {} ({}) in {:.1}s, {} WAL files replayed{}",
+            report.backup_id,
+            report.name,
+            report.listen,
+            report.seconds,
+            report.wal_segments,
+            report
+                .target_time
+                .map(|t| format!(" up to {}", t.to_rfc3339()))
+                .unwrap_or_default()
+        );
+        println!(
+            "last replayed commit: {}",
+            report.last_replayed.as_deref().unwrap_or("none")
+        );
+        let rows: Vec<Vec<String>> = report
+            .row_counts
+            .iter()
+            .map(|(t, n)| vec![t.clone(), n.to_string()])
+            .collect();
+        table(&["TABLE", "ROWS"], &rows);
+        Ok(())
+    }
+
     pub fn switchover(&self, a: &SwitchoverAccepted) -> anyhow::Result<()> {
         if self.format == Format::Json {
             return print_json(a);
@@ -246,7 +324,7 @@ impl Output {
                 if let Some(map) = payload.as_object_mut() {
                     map.remove("kind");
                     // Secrets stay out of terminal scrollback.
-                    for secret in ["password", "encrypt"] {
+                    for secret in ["password", "replication_password", "encrypt"] {
                         if map.contains_key(secret) {
                             map.insert(secret.into(), "***".into());
                         }
@@ -293,12 +371,16 @@ impl Output {
             return print_json(t);
         }
         table(
-            &["WEB", "DB", "LB_POLICY", "REPLICATION", "UPDATED"],
+            &["WEB", "DB", "LB_POLICY", "REPLICATION", "BACKUP", "UPDATED"],
             &[vec![
                 t.web.to_string(),
                 t.db.to_string(),
                 t.lb_policy.to_string(),
                 t.replication.to_string(),
+                t.backup
+                    .as_ref()
+                    .map(|b| format!("daily {} UTC, keep {}", b.schedule, b.keep))
+                    .unwrap_or_else(|| "-".into()),
                 t.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
             ]],
         );

@@ -22,6 +22,10 @@ pub enum ClusterError {
     /// the scheme, a result too long, a switchover to a node that is no db.
     #[error("{0}")]
     Invalid(String),
+    /// Well-formed, but nothing can satisfy it (a restore time no backup
+    /// precedes, a checksum that does not match): 422 with its own code.
+    #[error("{message}")]
+    Refused { code: &'static str, message: String },
     /// A node asked for with a provider this server does not run.
     #[error("provider {provider} is not configured on this server (configured: {})", names(.configured))]
     ProviderNotConfigured {

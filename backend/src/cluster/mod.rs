@@ -8,6 +8,7 @@
 //! `error` names what the use cases refuse, leaving HTTP to `crate::error`.
 
 mod agents;
+mod backups;
 mod change;
 mod db;
 mod error;
@@ -40,6 +41,7 @@ use orders::mark_delivered;
 use rows::update_from_row;
 use topology::save_spec;
 
+pub use backups::{RESTORE_NODE, backup_from_row, backup_source};
 pub use change::Timings;
 pub use error::ClusterError;
 pub use hosts::Hosts;
@@ -68,6 +70,8 @@ pub struct ClusterConfig {
     pub hosts: Arc<hosts::Hosts>,
     /// How long an enrollment secret stays valid once minted.
     pub enroll_secret_ttl: Duration,
+    /// adm1's backup store (`<state-dir>/backups`).
+    pub backups: crate::backup_store::BackupStore,
 }
 
 /// Default lifetime of an enrollment secret: long enough for a VM to boot
@@ -193,6 +197,7 @@ impl Cluster {
         tokio::spawn(watch_heartbeats(Arc::downgrade(&cluster)));
         tokio::spawn(prune(Arc::downgrade(&cluster)));
         tokio::spawn(crate::consul_acl::keep(Arc::downgrade(&cluster)));
+        tokio::spawn(backups::schedule_backups(Arc::downgrade(&cluster)));
         Ok(cluster)
     }
 
@@ -291,6 +296,7 @@ impl Cluster {
                     db: 0,
                     lb_policy: Default::default(),
                     replication: Default::default(),
+                    backup: None,
                 };
                 save_spec(&txn, &spec, now).await?;
                 spec

@@ -211,6 +211,10 @@ impl Cluster {
         )
         .await?;
         self.record_events(vec![finished_event]).await?;
+        if kind == OrderKind::Backup && status == OrderStatus::Failed {
+            self.backup_order_failed(&order.payload, &result.message)
+                .await;
+        }
         let updated = store::order(self.store.conn(), row.id, seq)
             .await?
             .ok_or_else(|| ClusterError::NotFound(format!("{name} has no order {seq}")))?;

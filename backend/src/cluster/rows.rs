@@ -68,6 +68,13 @@ pub(super) fn update_from_row(
         db: u32::try_from(row.db).map_err(|e| ClusterError::Internal(e.to_string()))?,
         lb_policy: row.lb_policy.into(),
         replication: row.replication.into(),
+        backup: match (&row.backup_schedule, row.backup_keep) {
+            (Some(schedule), Some(keep)) => Some(corral_proto::BackupSchedule {
+                schedule: schedule.clone(),
+                keep: u32::try_from(keep).map_err(|e| ClusterError::Internal(e.to_string()))?,
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -78,6 +85,7 @@ pub(super) fn topology_from_row(row: &store::topology::Model) -> Result<Topology
         db: spec.db,
         lb_policy: spec.lb_policy,
         replication: spec.replication,
+        backup: spec.backup,
         updated_at: row.updated_at,
     })
 }

@@ -46,8 +46,16 @@ impl Cluster {
                 kind: "topology.updated".into(),
                 subject: "topology".into(),
                 message: format!(
-                    "web={} db={} lb_policy={} replication={}",
-                    update.web, update.db, update.lb_policy, update.replication
+                    "web={} db={} lb_policy={} replication={} backup={}",
+                    update.web,
+                    update.db,
+                    update.lb_policy,
+                    update.replication,
+                    update
+                        .backup
+                        .as_ref()
+                        .map(|b| format!("daily at {} UTC, keep {}", b.schedule, b.keep))
+                        .unwrap_or_else(|| "none".into())
                 ),
             });
         }
@@ -99,6 +107,9 @@ pub(super) async fn save_spec<C: ConnectionTrait>(
         spec.db,
         spec.lb_policy.into(),
         spec.replication.into(),
+        spec.backup
+            .as_ref()
+            .map(|b| (b.schedule.clone(), b.keep as i32)),
         now,
     )
     .await?;

@@ -385,6 +385,7 @@ mod tests {
             db,
             lb_policy: LbPolicy::RoundRobin,
             replication: ReplicationMode::Async,
+            backup: None,
         }
     }
 

@@ -18,7 +18,7 @@ use sea_orm::{
     EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 
-pub use entity::{event, node, topology, work_order};
+pub use entity::{backup, event, node, topology, work_order};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -299,14 +299,18 @@ pub async fn save_topology<C: ConnectionTrait>(
     db: u32,
     lb_policy: topology::LbPolicy,
     replication: topology::Replication,
+    backup: Option<(String, i32)>,
     now: DateTime<Utc>,
 ) -> Result<()> {
+    let (backup_schedule, backup_keep) = backup.map_or((None, None), |(s, k)| (Some(s), Some(k)));
     let row = topology::ActiveModel {
         id: Set(1),
         web: Set(web as i32),
         db: Set(db as i32),
         lb_policy: Set(lb_policy),
         replication: Set(replication),
+        backup_schedule: Set(backup_schedule),
+        backup_keep: Set(backup_keep),
         updated_at: Set(now),
     };
     topology::Entity::insert(row)
@@ -317,6 +321,8 @@ pub async fn save_topology<C: ConnectionTrait>(
                     topology::Column::Db,
                     topology::Column::LbPolicy,
                     topology::Column::Replication,
+                    topology::Column::BackupSchedule,
+                    topology::Column::BackupKeep,
                     topology::Column::UpdatedAt,
                 ])
                 .to_owned(),
@@ -942,4 +948,98 @@ pub async fn nodes_with_heartbeat_before<C: ConnectionTrait>(
         .filter(node::Column::LastHeartbeat.lt(before))
         .all(c)
         .await?)
+}
+
+// ---- backups ----------------------------------------------------------------
+
+pub async fn insert_backup<C: ConnectionTrait>(
+    c: &C,
+    node: &str,
+    trigger: &str,
+    now: DateTime<Utc>,
+) -> Result<backup::Model> {
+    let row = backup::ActiveModel {
+        id: NotSet,
+        node: Set(node.to_string()),
+        status: Set(backup::Status::Running),
+        trigger: Set(trigger.to_string()),
+        started_at: Set(now),
+        finished_at: Set(None),
+        size_bytes: Set(0),
+        files: Set("[]".into()),
+        wal_start_lsn: Set(None),
+        wal_end_lsn: Set(None),
+        timeline: Set(None),
+        error: Set(None),
+    };
+    Ok(backup::Entity::insert(row).exec_with_returning(c).await?)
+}
+
+pub async fn backup_by_id<C: ConnectionTrait>(c: &C, id: i64) -> Result<Option<backup::Model>> {
+    Ok(backup::Entity::find_by_id(id).one(c).await?)
+}
+
+/// The newest `limit` backups, newest first.
+pub async fn list_backups<C: ConnectionTrait>(c: &C, limit: u64) -> Result<Vec<backup::Model>> {
+    Ok(backup::Entity::find()
+        .order_by_desc(backup::Column::Id)
+        .limit(limit)
+        .all(c)
+        .await?)
+}
+
+/// The newest backup that finished (done) at or before `at`.
+pub async fn done_backup_before<C: ConnectionTrait>(
+    c: &C,
+    at: DateTime<Utc>,
+) -> Result<Option<backup::Model>> {
+    Ok(backup::Entity::find()
+        .filter(backup::Column::Status.eq(backup::Status::Done))
+        .filter(backup::Column::FinishedAt.lte(at))
+        .order_by_desc(backup::Column::FinishedAt)
+        .one(c)
+        .await?)
+}
+
+/// The backup still being taken, if any.
+pub async fn running_backup<C: ConnectionTrait>(c: &C) -> Result<Option<backup::Model>> {
+    Ok(backup::Entity::find()
+        .filter(backup::Column::Status.eq(backup::Status::Running))
+        .order_by_desc(backup::Column::Id)
+        .one(c)
+        .await?)
+}
+
+/// Records how a running backup ended; a backup already finished is left
+/// as it is (false).
+#[allow(clippy::too_many_arguments)]
+pub async fn finish_backup<C: ConnectionTrait>(
+    c: &C,
+    id: i64,
+    status: backup::Status,
+    size_bytes: i64,
+    files: &str,
+    wal: (Option<String>, Option<String>, Option<i32>),
+    error: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let res = backup::Entity::update_many()
+        .col_expr(backup::Column::Status, Expr::value(status))
+        .col_expr(backup::Column::SizeBytes, Expr::value(size_bytes))
+        .col_expr(backup::Column::Files, Expr::value(files))
+        .col_expr(backup::Column::WalStartLsn, Expr::value(wal.0))
+        .col_expr(backup::Column::WalEndLsn, Expr::value(wal.1))
+        .col_expr(backup::Column::Timeline, Expr::value(wal.2))
+        .col_expr(backup::Column::Error, Expr::value(error))
+        .col_expr(backup::Column::FinishedAt, Expr::value(Some(now)))
+        .filter(backup::Column::Id.eq(id))
+        .filter(backup::Column::Status.eq(backup::Status::Running))
+        .exec(c)
+        .await?;
+    Ok(res.rows_affected == 1)
+}
+
+pub async fn delete_backup<C: ConnectionTrait>(c: &C, id: i64) -> Result<()> {
+    backup::Entity::delete_by_id(id).exec(c).await?;
+    Ok(())
 }

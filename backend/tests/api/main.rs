@@ -6,6 +6,7 @@ mod helpers;
 mod agents;
 mod apt;
 mod auth;
+mod backups;
 mod bad_input;
 mod cli;
 mod db;

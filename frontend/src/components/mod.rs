@@ -3,6 +3,7 @@
 //! through `on_*` callbacks.
 
 pub mod app;
+pub mod backup_panel;
 pub mod console;
 pub mod event_list;
 pub mod events_page;

@@ -5,6 +5,7 @@
 use corral_proto::{CreateNode, Node, NodeState, ReplicationRole, Role, ScalableRole};
 use yew::prelude::*;
 
+use super::backup_panel::BackupPanel;
 use super::console::use_ctx;
 use super::node_card::NodeCard;
 use super::switchover_button::SwitchoverButton;
@@ -160,6 +161,9 @@ pub fn Overview() -> Html {
                                 }) }
                             </div>
                         </div>
+                        if !db.is_empty() {
+                            <BackupPanel />
+                        }
                     </section>
                 </div>
             }

@@ -64,6 +64,24 @@ async fn the_console_follows_a_simulated_cluster() -> anyhow::Result<()> {
     result
 }
 
+/// The backup the schedule ordered: its id and node.
+async fn eventually_backup(server: &Server) -> anyhow::Result<(i64, String)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let list = server.get_json("/api/v1/backups").await?;
+        if let Some(b) = list.as_array().and_then(|l| l.first()) {
+            let id = b["id"].as_i64().unwrap_or(0);
+            let node = b["node"].as_str().unwrap_or("").to_string();
+            return Ok((id, node));
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the schedule ordered no backup in 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> anyhow::Result<()> {
     let console = Console::new(browser, &server.url);
 
@@ -99,6 +117,40 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
             "Switchover pg1 → pg2 filed",
         )
         .await?;
+
+    // Backups: a schedule due two hours ago with no backup done since is
+    // overdue (red badge); the scheduled backup is ordered, and "Back up
+    // now" meanwhile is refused; once the agent reports it done, the panel
+    // shows it and the badge goes.
+    browser
+        .wait_text(".backups .last-backup", "No backup yet")
+        .await?;
+    let due = chrono::Utc::now() - chrono::Duration::hours(2);
+    let mut topology = server.get_json("/api/v1/topology").await?;
+    topology["backup"] =
+        serde_json::json!({"schedule": due.format("%H:%M").to_string(), "keep": 3});
+    if let Some(t) = topology.as_object_mut() {
+        t.remove("updated_at");
+    }
+    server.put_json("/api/v1/topology", &topology).await?;
+    browser.wait_for(".backups .badge.overdue").await?;
+    browser.wait_text(".backups .schedule", "keeping 3").await?;
+    let (id, on) = eventually_backup(server).await?;
+    browser.click_button("Back up now").await?;
+    browser
+        .wait_text(".backups .error", "backup_in_progress")
+        .await?;
+    agents.finish_backup(&on, id).await?;
+    browser
+        .wait_text(
+            ".backups .last-backup",
+            &format!("Last backup: #{id} from {on}"),
+        )
+        .await?;
+    browser.wait_gone(".backups .badge.overdue").await?;
+    browser.click_button("Back up now").await?;
+    browser.wait_text(".backups .applied", "ordered on").await?;
+    browser.screenshot("backups-1280", 1280, 1000).await?;
 
     // Add webserver: the node appears at once and each step shows as the
     // agent gets there, without a reload.

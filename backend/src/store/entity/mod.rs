@@ -24,6 +24,7 @@ macro_rules! same_variants {
     };
 }
 
+pub mod backup;
 pub mod event;
 pub mod node;
 pub mod topology;

@@ -11,6 +11,10 @@ pub struct Model {
     pub db: i32,
     pub lb_policy: LbPolicy,
     pub replication: Replication,
+    /// `HH:MM` (UTC) of the daily backup; none when unscheduled.
+    pub backup_schedule: Option<String>,
+    /// Finished backups kept.
+    pub backup_keep: Option<i32>,
     pub updated_at: DateTimeUtc,
 }
 

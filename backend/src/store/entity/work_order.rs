@@ -35,6 +35,10 @@ pub enum Kind {
     Drain,
     #[sea_orm(string_value = "switchover")]
     Switchover,
+    #[sea_orm(string_value = "backup")]
+    Backup,
+    #[sea_orm(string_value = "restore")]
+    Restore,
 }
 
 /// [`corral_proto::OrderStatus`] as stored.
@@ -54,7 +58,16 @@ pub enum Status {
 same_variants!(
     Kind,
     corral_proto::OrderKind,
-    [Consul, Postgres, Webapp, LoadBalancer, Drain, Switchover]
+    [
+        Consul,
+        Postgres,
+        Webapp,
+        LoadBalancer,
+        Drain,
+        Switchover,
+        Backup,
+        Restore
+    ]
 );
 same_variants!(
     Status,
