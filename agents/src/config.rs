@@ -14,9 +14,11 @@ pub struct RunConfig {
     /// `server = http://127.0.11.5:7000`; flags and the environment win.
     #[arg(long, env = "CORRAL_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The control plane, e.g. http://127.0.11.5:7000.
-    #[arg(long, env = "CORRAL_SERVER")]
-    pub server: String,
+    /// The control plane, e.g. http://127.0.11.5:7000. Repeat it (or
+    /// separate by commas) for servers sharing one database: the agent
+    /// moves to the next when one cannot be reached or answers 5xx.
+    #[arg(long, env = "CORRAL_SERVER", value_delimiter = ',', required = true)]
+    pub server: Vec<String>,
     /// This node's name (as the control plane knows it).
     #[arg(long, env = "CORRAL_NODE")]
     pub node: String,
@@ -264,6 +266,34 @@ mod tests {
 
     fn args(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()
+    }
+
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        config: RunConfig,
+    }
+
+    #[test]
+    fn several_servers_come_repeated_or_comma_separated() {
+        use clap::Parser;
+        let base = ["run", "--node", "nginx1", "--address", "127.0.11.21"];
+        let parse = |servers: &[&str]| {
+            let mut argv: Vec<&str> = base.to_vec();
+            argv.extend(["--state-dir", "/tmp/x"]);
+            argv.extend(servers);
+            Run::try_parse_from(argv).map(|r| r.config.server)
+        };
+        let want = vec!["http://a:7000".to_string(), "http://b:7000".to_string()];
+        assert_eq!(
+            parse(&["--server", "http://a:7000", "--server", "http://b:7000"]).ok(),
+            Some(want.clone())
+        );
+        assert_eq!(
+            parse(&["--server", "http://a:7000,http://b:7000"]).ok(),
+            Some(want)
+        );
+        assert!(parse(&[]).is_err(), "a server is required");
     }
 
     #[test]

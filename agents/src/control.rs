@@ -4,7 +4,14 @@
 //! server lost it): the client enrolls again with the node's enrollment
 //! secret, read afresh, and retries once. Secrets are single-use, so that
 //! works only with a newly minted one; otherwise the server's 403 says so.
+//!
+//! Given several servers (sharing one database), a request that cannot
+//! connect or gets a 5xx goes to the next after a short random pause (the
+//! agents of a server that died all move at once); the agent stays with
+//! whichever answered. Its place in the orders is its own `after=seq`, so
+//! nothing is skipped or repeated by moving.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use corral_proto::{
@@ -54,7 +61,9 @@ struct RawPoll {
 }
 
 pub struct ControlPlane {
-    base: String,
+    /// The servers, tried in turn from `current`.
+    bases: Vec<String>,
+    current: AtomicUsize,
     node: String,
     secret: EnrollSecretSource,
     http: reqwest::Client,
@@ -90,16 +99,22 @@ pub fn pinned_client(
 }
 
 impl ControlPlane {
-    /// A client of the control plane at `server`; an `https://` one must
-    /// come with the cluster CA (`ca_pem`), the only certificate it trusts.
+    /// A client of the control plane at `servers` (at least one); `https://`
+    /// ones must come with the cluster CA (`ca_pem`), the only certificate
+    /// it trusts.
     pub fn new(
-        server: &str,
+        servers: &[String],
         node: &str,
         secret: EnrollSecretSource,
         ca_pem: Option<&[u8]>,
         state: StateDir,
     ) -> Result<Self, ControlError> {
-        let http = pinned_client(server, ca_pem)
+        let first = servers
+            .iter()
+            .find(|s| s.starts_with("https://"))
+            .or(servers.first())
+            .ok_or_else(|| ControlError::Tls("no control plane server given".into()))?;
+        let http = pinned_client(first, ca_pem)
             .map_err(ControlError::Tls)?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(75))
@@ -107,7 +122,11 @@ impl ControlPlane {
             .map_err(|e| ControlError::Tls(format!("cannot build the HTTP client: {e}")))?;
         let token = state.token();
         Ok(Self {
-            base: server.trim_end_matches('/').to_string(),
+            bases: servers
+                .iter()
+                .map(|s| s.trim_end_matches('/').to_string())
+                .collect(),
+            current: AtomicUsize::new(0),
             node: node.to_string(),
             secret,
             http,
@@ -116,19 +135,66 @@ impl ControlPlane {
         })
     }
 
+    /// The server requests go to now.
+    pub fn server(&self) -> &str {
+        let at = self.current.load(Ordering::Relaxed) % self.bases.len();
+        &self.bases[at]
+    }
+
+    /// Sends the request `build` makes for a server's base URL to the
+    /// current server, and on to the next ones while they cannot be reached
+    /// or answer 5xx; the last answer or failure is the outcome.
+    async fn to_a_server(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let start = self.current.load(Ordering::Relaxed);
+        let count = self.bases.len();
+        let mut i = 0;
+        loop {
+            let at = (start + i) % count;
+            let result = build(&self.bases[at]).send().await;
+            let moves_on = match &result {
+                Ok(res) => res.status().is_server_error(),
+                Err(_) => true,
+            };
+            if !moves_on {
+                self.current.store(at, Ordering::Relaxed);
+                return result;
+            }
+            i += 1;
+            if i == count {
+                // Every server failed: the caller backs off; the next call
+                // starts with the next server.
+                self.current.store((start + 1) % count, Ordering::Relaxed);
+                return result;
+            }
+            let pause = Duration::from_millis(rand::random_range(50..300));
+            tracing::warn!(
+                from = %self.bases[at],
+                to = %self.bases[(at + 1) % count],
+                pause_ms = pause.as_millis() as u64,
+                "control plane server failed; moving to the next"
+            );
+            tokio::time::sleep(pause).await;
+        }
+    }
+
     /// Trades the node's enrollment secret for a node token and keeps it
     /// (mode 0600).
     #[tracing::instrument(skip_all, fields(node = %self.node))]
     async fn enroll(&self, slot: &mut Option<String>) -> Result<String, ControlError> {
         let secret = self.secret.read().map_err(ControlError::NoSecret)?;
+        let request = EnrollRequest {
+            node: self.node.clone(),
+            secret,
+        };
         let res = self
-            .http
-            .post(format!("{}/api/v1/agents/enroll", self.base))
-            .json(&EnrollRequest {
-                node: self.node.clone(),
-                secret,
+            .to_a_server(|base| {
+                self.http
+                    .post(format!("{base}/api/v1/agents/enroll"))
+                    .json(&request)
             })
-            .send()
             .await?;
         let res = checked(res).await?;
         let body: EnrollResponse = res.json().await?;
@@ -169,19 +235,23 @@ impl ControlPlane {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<reqwest::Response, ControlError> {
-        let url = format!("{}/api/v1/agents/{}{path}", self.base, self.node);
         let mut token = self.token().await?;
         for attempt in 0..2 {
-            let mut req = self
-                .http
-                .request(method.clone(), &url)
-                .query(query)
-                .bearer_auth(&token)
-                .timeout(timeout);
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let res = req.send().await?;
+            let res = self
+                .to_a_server(|base| {
+                    let url = format!("{base}/api/v1/agents/{}{path}", self.node);
+                    let req = self
+                        .http
+                        .request(method.clone(), url)
+                        .query(query)
+                        .bearer_auth(&token)
+                        .timeout(timeout);
+                    match body {
+                        Some(b) => req.json(b),
+                        None => req,
+                    }
+                })
+                .await?;
             if res.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
                 token = self.reenroll(&token).await?;
                 continue;
@@ -294,7 +364,8 @@ pub enum TransferError {
 
 impl ControlPlane {
     /// Streams the file at `file` to `PUT /agents/{node}{path}` with its
-    /// checksum; never holds it whole in memory.
+    /// checksum; never holds it whole in memory. It goes to the server the
+    /// client is with now: a stream is not replayed to another.
     pub async fn upload(
         &self,
         path: &str,
@@ -302,7 +373,7 @@ impl ControlPlane {
         sha256: &str,
         timeout: Duration,
     ) -> Result<reqwest::Response, TransferError> {
-        let url = format!("{}/api/v1/agents/{}{path}", self.base, self.node);
+        let url = format!("{}/api/v1/agents/{}{path}", self.server(), self.node);
         let mut token = self.token().await?;
         for attempt in 0..2 {
             let f = tokio::fs::File::open(file)

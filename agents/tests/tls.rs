@@ -187,7 +187,7 @@ async fn agent_traffic_off_loopback_is_tls_and_carries_no_secret_in_cleartext() 
     let secret = mint().await;
     let state_a = StateDir::open(&dir.path().join("agent-a")).expect("state");
     let wrong = ControlPlane::new(
-        &relay_url,
+        std::slice::from_ref(&relay_url),
         &node,
         EnrollSecretSource {
             value: Some(secret.clone()),
@@ -207,7 +207,7 @@ async fn agent_traffic_off_loopback_is_tls_and_carries_no_secret_in_cleartext() 
     // The agent pinning the cluster's CA enrolls and polls through the relay.
     let state_b = StateDir::open(&dir.path().join("agent-b")).expect("state");
     let agent = ControlPlane::new(
-        &relay_url,
+        std::slice::from_ref(&relay_url),
         &node,
         EnrollSecretSource {
             value: Some(secret.clone()),

@@ -9,6 +9,11 @@
 //! RSS and CPU time (read from /proc of `--server-pid`). With an
 //! `https://` URL every agent's poll is a TLS connection of its own,
 //! pinning `--ca`, as real agents do.
+//!
+//! With `--peer-url` (a second server on the same PostgreSQL database) half
+//! the agents poll the peer while the order is filed on `--url`: latencies
+//! are given for both halves, so the cross-server figure stands next to the
+//! same-run single-server one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +37,12 @@ struct Args {
     /// PID of the server, for RSS and CPU figures.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// A second server sharing the database: every other agent polls it.
+    #[arg(long)]
+    peer_url: Option<String>,
+    /// PID of the second server.
+    #[arg(long)]
+    peer_pid: Option<u32>,
     /// Requests in flight while enrolling.
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
@@ -222,48 +233,64 @@ async fn main() -> anyhow::Result<()> {
     // The polls use a bare HTTP/1.1 exchange on their own connection rather
     // than reqwest: the bench shares this machine's two cores with the
     // server, and every cycle it spends delays the arrival times it records.
-    let addr = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .context("--url must be http(s)://host:port")?
-        .to_string();
+    let host_port = |url: &str| {
+        url.trim_end_matches('/')
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .map(str::to_string)
+            .context("--url must be http(s)://host:port")
+    };
+    let addr = host_port(&url)?;
+    let peer = match &args.peer_url {
+        Some(peer) => Some((peer.trim_end_matches('/').to_string(), host_port(peer)?)),
+        None => None,
+    };
     if url.starts_with("https://") && tls.is_none() {
         bail!("an https:// URL needs --ca");
     }
     // Agents keep their connection open afterwards, as real ones do: a
     // close would make the server spend the fan-out tearing sockets down.
     let (tx, mut rx) =
-        tokio::sync::mpsc::unbounded_channel::<(Instant, usize, Option<Box<dyn Conn>>)>();
-    for (node, token) in agents {
-        let (addr, tx, tls) = (addr.clone(), tx.clone(), tls.clone());
+        tokio::sync::mpsc::unbounded_channel::<(Instant, usize, bool, Option<Box<dyn Conn>>)>();
+    for (i, (node, token)) in agents.into_iter().enumerate() {
+        // With a peer, every other agent polls it: orders reach those
+        // through PostgreSQL's NOTIFY.
+        let (addr, remote) = match &peer {
+            Some((_, peer_addr)) if i % 2 == 1 => (peer_addr.clone(), true),
+            _ => (addr.clone(), false),
+        };
+        let (tx, tls) = (tx.clone(), tls.clone());
         tokio::spawn(async move {
             let request = format!(
                 "GET /api/v1/agents/{node}/orders?after=3&wait=60s HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
             );
             let outcome = match poll_once(&addr, tls.as_ref(), request.as_bytes()).await {
-                Ok((at, orders, stream)) => (at, orders, Some(stream)),
-                Err(_) => (Instant::now(), 0, None),
+                Ok((at, orders, stream)) => (at, orders, remote, Some(stream)),
+                Err(_) => (Instant::now(), 0, remote, None),
             };
             let _ = tx.send(outcome);
         });
     }
     drop(tx);
     let started = Instant::now();
+    let mut servers = vec![url.clone()];
+    servers.extend(peer.iter().map(|(u, _)| u.clone()));
     loop {
-        let health: Value = http
-            .get(format!("{url}/healthz"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if health["long_polls"].as_u64() == Some(u64::from(n)) {
+        let mut parked = 0;
+        for server in &servers {
+            let health: Value = http
+                .get(format!("{server}/healthz"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            parked += health["long_polls"].as_u64().unwrap_or(0);
+        }
+        if parked == u64::from(n) {
             break;
         }
         if started.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "only {} of {n} polls are waiting after 120 s",
-                health["long_polls"]
-            );
+            bail!("only {parked} of {n} polls are waiting after 120 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -272,6 +299,7 @@ async fn main() -> anyhow::Result<()> {
         ms(started.elapsed())
     );
     let before = args.server_pid.and_then(proc_stats);
+    let peer_before = args.peer_pid.and_then(proc_stats);
     let client_before = proc_stats(std::process::id());
     if let Some((rss, hwm, _)) = before {
         println!(
@@ -342,16 +370,23 @@ async fn main() -> anyhow::Result<()> {
 
     let mut from_sent = Vec::with_capacity(n as usize);
     let mut from_commit = Vec::with_capacity(n as usize);
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
     let mut missing = 0;
     let mut open = Vec::with_capacity(n as usize);
-    while let Some((received, count, stream)) = rx.recv().await {
+    while let Some((received, count, on_peer, stream)) = rx.recv().await {
         open.extend(stream);
         if count != 1 {
             missing += 1;
             continue;
         }
         from_sent.push(received - filed);
-        from_commit.push(received.saturating_duration_since(committed));
+        let latency = received.saturating_duration_since(committed);
+        from_commit.push(latency);
+        if on_peer {
+            remote.push(latency);
+        } else {
+            local.push(latency);
+        }
     }
     let done = filed.elapsed();
     if let Some(mut perf) = perf.take() {
@@ -381,6 +416,39 @@ async fn main() -> anyhow::Result<()> {
         ms(percentile(&from_sent, 99.0)),
         ms(percentile(&from_sent, 100.0)),
     );
+    if peer.is_some() {
+        local.sort();
+        remote.sort();
+        for (what, list) in [
+            ("agents on the filing server", &local),
+            ("agents on the other server ", &remote),
+        ] {
+            println!(
+                "  {what} ({}), committed -> received: p50 {}  p99 {}  max {}",
+                list.len(),
+                ms(percentile(list, 50.0)),
+                ms(percentile(list, 99.0)),
+                ms(percentile(list, 100.0)),
+            );
+        }
+        let (p99_local, p99_remote) = (percentile(&local, 99.0), percentile(&remote, 99.0));
+        if !p99_local.is_zero() {
+            println!(
+                "  cross-server p99 / same-server p99: {:.2}x (target <= 1.5x)",
+                p99_remote.as_secs_f64() / p99_local.as_secs_f64()
+            );
+        }
+        if let (Some(pid), Some((_, _, ticks_before))) = (args.peer_pid, peer_before)
+            && let Some((rss, hwm, ticks_after)) = proc_stats(pid)
+        {
+            println!(
+                "other server: CPU during filing + fan-out {:.2} s, RSS {:.1} MiB (peak {:.1} MiB)",
+                (ticks_after - ticks_before) as f64 / 100.0,
+                rss as f64 / 1024.0,
+                hwm as f64 / 1024.0
+            );
+        }
+    }
     if let (Some(pid), Some((_, _, ticks_before))) = (args.server_pid, before)
         && let Some((rss, hwm, ticks_after)) = proc_stats(pid)
     {

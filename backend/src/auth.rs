@@ -262,6 +262,14 @@ impl TokenCache {
         true
     }
 
+    /// Forgets every token (after a time that other servers' revocations
+    /// may not have been heard).
+    pub fn forget_all(&self) {
+        let mut t = self.lock();
+        t.generation += 1;
+        t.by_hash.clear();
+    }
+
     pub fn forget_node(&self, node_id: i32) {
         let mut t = self.lock();
         t.generation += 1;

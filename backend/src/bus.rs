@@ -2,6 +2,8 @@
 //! woken the moment an order for that node is committed, carrying the new
 //! orders with it so most wake-ups answer without touching the database.
 //! Events go out on a broadcast channel to every server-sent-events stream.
+//! These channels are this server's; commits on other servers sharing the
+//! database reach them through `cluster::peers` (PostgreSQL `LISTEN`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,13 +12,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use corral_proto::{Event, Order};
 use tokio::sync::{broadcast, watch};
 
-/// Orders just filed for one node, in `seq` order without gaps.
+/// Orders just filed for one node, in `seq` order without gaps. An empty
+/// batch says "orders may have been filed: look in the database" (what a
+/// server publishes after it may have missed another server's word).
 #[derive(Debug)]
 pub struct OrderBatch {
     pub orders: Vec<Order>,
 }
 
 impl OrderBatch {
+    /// A batch that sends its polls to the database.
+    pub fn look_again() -> Self {
+        Self { orders: Vec::new() }
+    }
+
     pub fn first_seq(&self) -> i64 {
         self.orders.first().map_or(0, |o| o.seq)
     }
@@ -42,6 +51,8 @@ impl OrderBatch {
 
 struct Slot {
     tx: watch::Sender<Option<Arc<OrderBatch>>>,
+    /// The node's name, to build the orders another server filed.
+    name: String,
     /// Polls of this node parked on the channel (past their database look).
     /// Atomic, so a woken poll leaving does not take the map's lock while a
     /// fan-out holds it.
@@ -72,12 +83,13 @@ impl Drop for Parked<'_> {
 
 impl OrderBus {
     /// A receiver that sees every batch published after this call.
-    pub fn subscribe(&self, node_id: i32) -> watch::Receiver<Option<Arc<OrderBatch>>> {
+    pub fn subscribe(&self, node_id: i32, name: &str) -> watch::Receiver<Option<Arc<OrderBatch>>> {
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         nodes
             .entry(node_id)
             .or_insert_with(|| Slot {
                 tx: watch::channel(None).0,
+                name: name.to_string(),
                 parked: Arc::default(),
             })
             .tx
@@ -106,6 +118,29 @@ impl OrderBus {
         for (node_id, batch) in batches {
             if let Some(slot) = nodes.get(&node_id) {
                 slot.tx.send_replace(Some(Arc::new(batch)));
+            }
+        }
+    }
+
+    /// The nodes among `ids` that someone here waits on, with their names:
+    /// the only ones worth reading another server's orders for.
+    pub fn watched(&self, ids: impl IntoIterator<Item = i32>) -> HashMap<i32, String> {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        ids.into_iter()
+            .filter_map(|id| {
+                let slot = nodes.get(&id)?;
+                (slot.tx.receiver_count() > 0).then(|| (id, slot.name.clone()))
+            })
+            .collect()
+    }
+
+    /// Tells every poll waiting here to look in the database.
+    pub fn look_again_all(&self) {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        for slot in nodes.values() {
+            if slot.tx.receiver_count() > 0 {
+                slot.tx
+                    .send_replace(Some(Arc::new(OrderBatch::look_again())));
             }
         }
     }
@@ -179,7 +214,7 @@ mod tests {
     #[tokio::test]
     async fn subscribers_are_woken_by_a_publish() {
         let bus = OrderBus::default();
-        let mut rx = bus.subscribe(7);
+        let mut rx = bus.subscribe(7, "nginx1");
         bus.publish_all(vec![(
             7,
             OrderBatch {
@@ -193,7 +228,7 @@ mod tests {
     #[tokio::test]
     async fn removing_a_node_closes_its_channel() {
         let bus = OrderBus::default();
-        let mut rx = bus.subscribe(7);
+        let mut rx = bus.subscribe(7, "nginx1");
         bus.remove(7);
         assert!(rx.changed().await.is_err());
     }

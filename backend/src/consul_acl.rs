@@ -258,23 +258,12 @@ pub async fn keep(cluster: Weak<Cluster>) {
         let Some(c) = cluster.upgrade() else {
             return;
         };
-        let pause = match keep_once(&c, &mut checked).await {
-            Ok(changed) => {
-                if changed > 0 {
-                    tracing::info!(changed, "consul ACL tokens in place");
-                }
-                failures = 0;
-                RECHECK
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "consul ACL tokens pending");
-                failures += 1;
-                if failures < 120 {
-                    Duration::from_millis(250)
-                } else {
-                    Duration::from_secs(5)
-                }
-            }
+        // Servers sharing a database: the leader keeps the tokens, the
+        // others look again in a second whether they lead.
+        let pause = if !c.is_leader() {
+            crate::cluster::LEADER_RETRY
+        } else {
+            keep_once_paced(&c, &mut checked, &mut failures).await
         };
         drop(c);
         tokio::select! {
@@ -284,6 +273,32 @@ pub async fn keep(cluster: Weak<Cluster>) {
                     return;
                 }
                 failures = 0;
+            }
+        }
+    }
+}
+
+/// One pass, and how long to wait before the next.
+async fn keep_once_paced(
+    c: &Cluster,
+    checked: &mut HashSet<String>,
+    failures: &mut u32,
+) -> Duration {
+    match keep_once(c, checked).await {
+        Ok(changed) => {
+            if changed > 0 {
+                tracing::info!(changed, "consul ACL tokens in place");
+            }
+            *failures = 0;
+            RECHECK
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "consul ACL tokens pending");
+            *failures += 1;
+            if *failures < 120 {
+                Duration::from_millis(250)
+            } else {
+                Duration::from_secs(5)
             }
         }
     }

@@ -75,6 +75,9 @@ pub struct Config {
     /// Names and addresses the server certificate is for, besides the
     /// listen address (e.g. `adm1`).
     pub tls_names: Vec<String>,
+    /// The URLs of other servers sharing this database: the agents of the
+    /// machines this server makes are given them after its own.
+    pub peers: Vec<String>,
 }
 
 impl Config {
@@ -106,6 +109,7 @@ impl Config {
             apt_dir,
             tls: crate::tls::TlsMode::Auto,
             tls_names: vec!["adm1".into()],
+            peers: Vec::new(),
         }
     }
 
@@ -153,13 +157,21 @@ pub enum StartError {
     #[error("state directory: {0}")]
     Secrets(#[from] SecretsError),
     #[error("cannot open the state database: {0}")]
-    Store(#[from] StoreError),
+    // Not a `source` as well: the message carries it already, and `{:#}`
+    // would print it twice.
+    Store(StoreError),
     #[error("cannot initialise the cluster: {0}")]
     Init(String),
     #[error("{0}")]
     Provider(#[from] ProviderError),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+}
+
+impl From<StoreError> for StartError {
+    fn from(e: StoreError) -> Self {
+        StartError::Store(e)
+    }
 }
 
 pub struct Application {
@@ -309,11 +321,18 @@ impl Application {
         })?
         .run();
         let machines = (config.run_machines).then(|| {
-            let controller =
-                MachineController::new(providers, format!("{scheme}://{addr}"), ca_pem.clone());
+            // Agents take a comma-separated list of servers.
+            let mut urls = vec![format!("{scheme}://{addr}")];
+            urls.extend(config.peers.iter().cloned());
+            let controller = MachineController::new(providers, urls.join(","), ca_pem.clone());
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             let source: Arc<dyn NodeSource> = cluster.clone();
-            let task = tokio::spawn(controller.clone().run(source, stop_rx));
+            let task = tokio::spawn(run_while_leading(
+                controller.clone(),
+                source,
+                cluster.subscribe_leadership(),
+                stop_rx,
+            ));
             Machinery {
                 controller,
                 stop,
@@ -389,6 +408,39 @@ impl Application {
             machines.stop().await;
         }
         result
+    }
+}
+
+/// Runs the machine controller while this server leads (always, on SQLite)
+/// until `stop` turns true. Losing the lead stops it as `stop` would: calls
+/// in flight finish, nothing new starts; the next leader adopts the machines.
+async fn run_while_leading(
+    controller: Arc<MachineController>,
+    source: Arc<dyn NodeSource>,
+    mut leader: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            led = leader.wait_for(|leads| *leads) => {
+                if led.is_err() {
+                    return;
+                }
+            }
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let (inner_stop, inner_rx) = tokio::sync::watch::channel(false);
+        let run = tokio::spawn(controller.clone().run(source.clone(), inner_rx));
+        let stopping = tokio::select! {
+            _ = leader.wait_for(|leads| !*leads) => false,
+            _ = stop.wait_for(|stop| *stop) => true,
+        };
+        let _ = inner_stop.send(true);
+        let _ = run.await;
+        if stopping {
+            return;
+        }
+        tracing::warn!("machine controller stopped: this server no longer leads");
     }
 }
 

@@ -647,7 +647,7 @@ mod tests {
             start_wait: Duration::ZERO,
         });
         let control = ControlPlane::new(
-            "http://127.0.0.1:9",
+            &["http://127.0.0.1:9".to_string()],
             "adm1",
             EnrollSecretSource {
                 value: Some("secret".into()),

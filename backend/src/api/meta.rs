@@ -20,6 +20,10 @@ pub struct Health {
     database: String,
     /// Agent long polls being held right now.
     long_polls: usize,
+    /// Whether this server leads: runs the machine controller, pruning and
+    /// stale-node detection. Always true on SQLite; on PostgreSQL, one of
+    /// the servers sharing the database.
+    leader: bool,
 }
 
 /// 200 when the server can reach its database, 503 otherwise.
@@ -40,6 +44,7 @@ pub async fn healthz(cluster: web::Data<Cluster>) -> HttpResponse {
             status: "ok".into(),
             database: backend,
             long_polls: cluster.waiting_polls_total(),
+            leader: cluster.is_leader(),
         }),
         Err(e) => {
             tracing::warn!(error = %e, "health check: database unreachable");
@@ -47,6 +52,7 @@ pub async fn healthz(cluster: web::Data<Cluster>) -> HttpResponse {
                 status: "unavailable".into(),
                 database: backend,
                 long_polls: cluster.waiting_polls_total(),
+                leader: cluster.is_leader(),
             })
         }
     }

@@ -1,6 +1,9 @@
 //! The REST client behind the CLI: every command goes through the API, never
-//! to the database.
+//! to the database. Given several servers (which share one database), a
+//! request that cannot connect or gets a 5xx goes to the next one after a
+//! short random pause, and the client stays with whichever answered.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use corral_proto::{
@@ -27,7 +30,9 @@ pub enum ClientError {
 }
 
 pub struct Client {
-    base: String,
+    /// The servers, tried in turn from `current`.
+    bases: Vec<String>,
+    current: AtomicUsize,
     token: Option<String>,
     http: reqwest::Client,
 }
@@ -39,15 +44,19 @@ pub enum Removed {
 }
 
 impl Client {
-    /// A client of the server at `base`, trusting the cluster CA in
-    /// `ca_pem` (and nothing else) when given one.
-    pub fn new(base: &str, token: Option<String>, ca_pem: Option<&[u8]>) -> Self {
+    /// A client of the servers at `bases` (at least one), trusting the
+    /// cluster CA in `ca_pem` (and nothing else) when given one.
+    pub fn new(bases: &[String], token: Option<String>, ca_pem: Option<&[u8]>) -> Self {
         let builder = crate::tls::client_builder(ca_pem).unwrap_or_else(|e| {
             eprintln!("warning: {e}");
             reqwest::Client::builder()
         });
         Self {
-            base: base.trim_end_matches('/').to_string(),
+            bases: bases
+                .iter()
+                .map(|b| b.trim_end_matches('/').to_string())
+                .collect(),
+            current: AtomicUsize::new(0),
             token,
             http: builder
                 .connect_timeout(Duration::from_secs(5))
@@ -56,20 +65,64 @@ impl Client {
         }
     }
 
+    fn base(&self) -> &str {
+        let at = self.current.load(Ordering::Relaxed) % self.bases.len().max(1);
+        self.bases.get(at).map_or("", String::as_str)
+    }
+
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let mut req = self.http.request(method, format!("{}{path}", self.base()));
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
         req
     }
 
+    /// Sends to the current server, moving on to the next ones when it
+    /// cannot be reached or answers 5xx; the last answer or failure counts.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let url = self.base.clone();
-        let res = req
-            .send()
-            .await
+        let url = self.base().to_string();
+        let req = req
+            .build()
             .map_err(|source| ClientError::Unreachable { url, source })?;
+        let mut path = req.url().path().to_string();
+        if let Some(query) = req.url().query() {
+            path.push('?');
+            path.push_str(query);
+        }
+        let start = self.current.load(Ordering::Relaxed);
+        let tries = self.bases.len().max(1);
+        let mut outcome = None;
+        for i in 0..tries {
+            let at = (start + i) % tries;
+            let base = self.bases.get(at).map_or("", String::as_str);
+            if i > 0 {
+                // Clients of a server that died all move at once: spread them.
+                tokio::time::sleep(Duration::from_millis(rand::random_range(50..300))).await;
+            }
+            let Some(mut attempt) = req.try_clone() else {
+                break;
+            };
+            match reqwest::Url::parse(&format!("{base}{path}")) {
+                Ok(target) => *attempt.url_mut() = target,
+                Err(_) => continue,
+            }
+            let result = self.http.execute(attempt).await;
+            let moves_on = match &result {
+                Ok(res) => res.status().is_server_error(),
+                Err(_) => true,
+            };
+            outcome = Some((base.to_string(), result));
+            if !moves_on {
+                self.current.store(at, Ordering::Relaxed);
+                break;
+            }
+        }
+        let (url, result) = outcome.ok_or_else(|| ClientError::Protocol {
+            url: self.base().to_string(),
+            detail: "no server to send to".into(),
+        })?;
+        let res = result.map_err(|source| ClientError::Unreachable { url, source })?;
         if res.status().is_success() {
             return Ok(res);
         }

@@ -29,14 +29,18 @@ use output::Output;
     about = "Control plane for a web cluster: nginx, TodoMVC, PostgreSQL, Consul"
 )]
 pub struct Cli {
-    /// URL of the corral server.
+    /// URL of the corral server; repeat it (or separate by commas) for
+    /// servers sharing one database: a request that cannot connect or gets
+    /// a 5xx moves to the next.
     #[arg(
         long,
+        alias = "server",
         global = true,
         env = "CORRAL_URL",
+        value_delimiter = ',',
         default_value = "http://127.0.11.5:7000"
     )]
-    url: String,
+    url: Vec<String>,
     /// The cluster CA to trust for an https:// server (default:
     /// tls/ca.pem in --state-dir, if there).
     #[arg(long, global = true, env = "CORRAL_CA")]
@@ -214,6 +218,11 @@ struct ServeArgs {
     /// listen address and adm1).
     #[arg(long = "tls-name", env = "CORRAL_TLS_NAMES", value_delimiter = ',')]
     tls_names: Vec<String>,
+    /// The URL of another server sharing this PostgreSQL database
+    /// (repeatable): agents of the machines this server makes are given it
+    /// after this server's own, and move to it when this one fails.
+    #[arg(long = "peer", env = "CORRAL_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -722,6 +731,15 @@ fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
     }
     config.tls = args.tls;
     config.tls_names.extend(args.tls_names.iter().cloned());
+    if !args.peers.is_empty() && args.database_url.is_none() {
+        bail!("--peer needs a PostgreSQL --database-url: servers share state only there");
+    }
+    for peer in &args.peers {
+        if !(peer.starts_with("http://") || peer.starts_with("https://")) {
+            bail!("--peer {peer}: give a URL, e.g. https://192.168.11.6:7000");
+        }
+    }
+    config.peers = args.peers.clone();
     if args.max_poll_wait.is_zero() {
         bail!("--max-poll-wait must be more than 0");
     }

@@ -1,7 +1,7 @@
 //! Node agents: enrollment, heartbeats with what they observed, and noticing
 //! when heartbeats stop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{PoisonError, Weak};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use corral_proto::{
 
 use super::Cluster;
 use super::ClusterError;
-use super::rows::event_from_row;
+use super::peers::Wake;
 use crate::auth::{Caller, hash_token, new_token};
 use crate::store::{self, NewEvent, node};
 
@@ -75,11 +75,21 @@ impl Cluster {
             now,
         )
         .await?;
+        self.notify_peers(
+            &txn,
+            &Wake {
+                events: events.iter().map(|e| e.id).collect(),
+                nodes: true,
+                tokens: vec![row.id],
+                ..Wake::default()
+            },
+        )
+        .await?;
         txn.commit().await?;
         self.tokens.forget_node(row.id);
         self.nodes_changed();
         for e in &events {
-            self.events.publish(event_from_row(e));
+            self.publish_event(e);
         }
         Ok(EnrollResponse {
             node: row.name,
@@ -156,11 +166,17 @@ impl Cluster {
                 message: format!("first heartbeat from {name}"),
             });
         }
-        let recovered = self
+        // Another server (the leader) may have noted it stale: the gap in
+        // its heartbeats says so as well as this server's own note.
+        let noted = self
             .stale
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&row.id);
+        let recovered = noted
+            || (!self.is_leader()
+                && row.last_heartbeat.is_some()
+                && !self.is_fresh(row.last_heartbeat, now));
         if recovered {
             events.push(NewEvent {
                 actor: actor.clone(),
@@ -208,6 +224,16 @@ pub(super) async fn watch_heartbeats(cluster: Weak<Cluster>) {
         let Some(cluster) = cluster.upgrade() else {
             return;
         };
+        if !cluster.is_leader() {
+            // The leader notes them; should this server lead later, it
+            // starts from what the database says.
+            cluster
+                .stale
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+            continue;
+        }
         let stale_after = chrono::Duration::from_std(cluster.config.heartbeat_stale_after)
             .unwrap_or(chrono::Duration::seconds(15));
         let rows = match store::nodes_with_heartbeat_before(
@@ -224,6 +250,10 @@ pub(super) async fn watch_heartbeats(cluster: Weak<Cluster>) {
         };
         let newly_stale: Vec<_> = {
             let mut stale = cluster.stale.lock().unwrap_or_else(PoisonError::into_inner);
+            // Nodes heard from again (perhaps by another server) may go
+            // stale again later.
+            let now_stale: HashSet<i32> = rows.iter().map(|r| r.id).collect();
+            stale.retain(|id| now_stale.contains(id));
             rows.into_iter().filter(|r| stale.insert(r.id)).collect()
         };
         let events = newly_stale

@@ -83,6 +83,10 @@ pub(super) async fn schedule_backups(cluster: std::sync::Weak<Cluster>) {
         let Some(cluster) = cluster.upgrade() else {
             return;
         };
+        if !cluster.is_leader() {
+            // The leader keeps the schedule (servers sharing a database).
+            continue;
+        }
         if let Err(e) = cluster.schedule_tick(&mut memory).await {
             tracing::warn!(error = %e, "the backup schedule failed a tick");
         }
@@ -205,7 +209,7 @@ impl Cluster {
     /// can take one.
     pub async fn take_backup(&self, trigger: &str) -> Result<Backup, ClusterError> {
         let mut desired = self.write.lock().await;
-        let txn = self.store.begin().await?;
+        let txn = self.begin_change(&mut desired).await?;
         let now = Utc::now();
         if let Some(running) = store::running_backup(&txn).await? {
             return Err(ClusterError::Conflict {
@@ -544,7 +548,7 @@ impl Cluster {
             )));
         }
         let mut desired = self.write.lock().await;
-        let txn = self.store.begin().await?;
+        let txn = self.begin_change(&mut desired).await?;
         let at = req.time.unwrap_or(now);
         let chosen =
             store::done_backup_before(&txn, at)

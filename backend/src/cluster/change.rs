@@ -11,7 +11,8 @@ use corral_proto::{Order, OrderKind, Provider, Role, TopologyUpdate, WorkOrder};
 use sea_orm::DatabaseTransaction;
 
 use super::ClusterError;
-use super::rows::{event_from_row, node_view, order_row};
+use super::peers::Wake;
+use super::rows::{node_view, order_row};
 use super::{Cluster, Desired};
 use crate::bus::OrderBatch;
 use crate::reconcile::{self, PlanError};
@@ -263,12 +264,43 @@ impl Cluster {
         desired: &mut Desired,
     ) -> Result<Timings, ClusterError> {
         let clock = std::time::Instant::now();
+        let wake = Wake {
+            orders: outcome
+                .batches
+                .iter()
+                .map(|(id, b)| (*id, b.first_seq(), b.last_seq()))
+                .collect(),
+            events: outcome.events.iter().map(|e| e.id).collect(),
+            nodes: !outcome.created.is_empty()
+                || !outcome.draining.is_empty()
+                || !outcome.removed.is_empty(),
+            removed: outcome.removed.iter().map(|(id, _)| *id).collect(),
+            tokens: Vec::new(),
+        };
+        if let Err(e) = self.notify_peers(&txn, &wake).await {
+            desired.loaded = false;
+            return Err(e);
+        }
+        // As this change leaves orders and nodes, for the next one to tell
+        // whether another server changed them meanwhile.
+        let leaves = if self.store.postgres_url().is_some() {
+            match store::orders_generation(&txn).await {
+                Ok(generation) => Some(generation),
+                Err(e) => {
+                    desired.loaded = false;
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
         if let Err(e) = txn.commit().await {
             // Whether it committed is unknown: reload the cache next time.
             desired.loaded = false;
             return Err(e.into());
         }
         let committed = clock.elapsed();
+        desired.seen = leaves;
         if desired.loaded {
             let removed: HashSet<&str> = outcome.removed.iter().map(|(_, n)| n.as_str()).collect();
             if !removed.is_empty() {
@@ -317,7 +349,7 @@ impl Cluster {
         }
         self.orders.publish_all(outcome.batches);
         for e in &outcome.events {
-            self.events.publish(event_from_row(e));
+            self.publish_event(e);
         }
     }
 }

@@ -31,7 +31,7 @@ impl Cluster {
             return Err(ClusterError::NotFound(format!("no node named {to}")));
         }
         let mut desired = self.write.lock().await;
-        let txn = self.store.begin().await?;
+        let txn = self.begin_change(&mut desired).await?;
         let now = Utc::now();
         let rows = store::db_nodes_and(&txn, &to).await?;
         let standings = rows

@@ -7,6 +7,7 @@ use corral_proto::Event;
 use tokio::sync::broadcast;
 
 use super::ClusterError;
+use super::peers::Wake;
 use super::rows::event_from_row;
 use super::{Cluster, MAX_LIST_LIMIT};
 use crate::store::{self, NewEvent};
@@ -48,8 +49,16 @@ impl Cluster {
     /// Writes events outside a change and publishes them.
     pub(super) async fn record_events(&self, events: Vec<NewEvent>) -> Result<(), ClusterError> {
         let rows = store::insert_events(self.store.conn(), events, Utc::now()).await?;
+        let wake = Wake {
+            events: rows.iter().map(|e| e.id).collect(),
+            ..Wake::default()
+        };
+        if let Err(e) = self.notify_peers(self.store.conn(), &wake).await {
+            // Written all the same; other servers' streams catch up later.
+            tracing::warn!(error = %e, "telling other servers about events failed");
+        }
         for e in &rows {
-            self.events.publish(event_from_row(e));
+            self.publish_event(e);
         }
         Ok(())
     }

@@ -14,17 +14,21 @@ mod db;
 mod error;
 mod events;
 pub mod hosts;
+mod leader;
 mod nodes;
 mod orders;
+mod peers;
 mod rows;
 mod topology;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use corral_proto::{Node, NodeHealth, Provider, TopologyUpdate};
+use corral_proto::{Node, NodeHealth, Provider, TopologyUpdate, WorkOrder};
+use sea_orm::DatabaseTransaction;
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Caller, NodeRef, Secrets, TokenCache, hash_token};
@@ -41,6 +45,7 @@ pub use backups::{RESTORE_NODE, backup_from_row, backup_source};
 pub use change::Timings;
 pub use error::ClusterError;
 pub use hosts::Hosts;
+pub use leader::LEADER_RETRY;
 pub use rows::{event_from_row, order_from_row};
 
 /// The most orders one poll answer carries; the agent polls again for more.
@@ -110,12 +115,16 @@ pub enum Removal {
 /// What the reconciler needs besides the nodes: the last order of each kind
 /// of each node. Kept in memory (it would cost a scan of every order and a
 /// JSON parse each per change otherwise), loaded from the database on first
-/// use and after any commit whose outcome is unknown. This assumes one
-/// server per database, which is how corral runs.
+/// use and after any commit whose outcome is unknown. Where other servers
+/// share the database (PostgreSQL), it is also loaded again when the orders
+/// and nodes are not as this server left them after its last change
+/// ([`store::orders_generation`]): another server changed them.
 #[derive(Default)]
 struct Desired {
     last: LastOrders,
     loaded: bool,
+    /// Orders and nodes as of this server's last change (PostgreSQL).
+    seen: Option<(i64, i64, i64)>,
 }
 
 pub struct Cluster {
@@ -133,6 +142,15 @@ pub struct Cluster {
     /// Bumped after every commit that creates or removes a node or changes
     /// a node's state: what providers watch.
     node_changes: watch::Sender<u64>,
+    /// Names this server in the notifications it sends other servers.
+    server_id: String,
+    /// The newest audit event published to this server's streams.
+    last_event: AtomicI64,
+    /// Whether this server does the background work that must run once:
+    /// always on SQLite, while it holds the leader lock on PostgreSQL.
+    leader: Arc<watch::Sender<bool>>,
+    /// Dropped with the cluster: tasks holding sessions of their own end.
+    gone: watch::Sender<()>,
 }
 
 impl Cluster {
@@ -147,6 +165,8 @@ impl Cluster {
             config.providers.push(config.default_provider);
         }
         let (delivered, delivered_rx) = mpsc::unbounded_channel();
+        let postgres_url = store.postgres_url().map(str::to_owned);
+        let leader = Arc::new(watch::Sender::new(postgres_url.is_none()));
         let cluster = Arc::new(Self {
             store,
             config,
@@ -158,7 +178,20 @@ impl Cluster {
             delivered,
             stale: Mutex::new(HashSet::new()),
             node_changes: watch::Sender::new(0),
+            server_id: format!("{:016x}", rand::random::<u64>()),
+            last_event: AtomicI64::new(0),
+            leader: leader.clone(),
+            gone: watch::Sender::new(()),
         });
+        if let Some(url) = postgres_url {
+            cluster.same_secrets_as_the_cluster().await?;
+            // Listen before the first change, so nothing committed by
+            // another server from here on is missed.
+            let last = store::last_event_id(cluster.store.conn()).await?;
+            cluster.last_event.store(last, Ordering::Relaxed);
+            tokio::spawn(peers::listen(Arc::downgrade(&cluster), url.clone()));
+            tokio::spawn(leader::lead(url, leader, cluster.gone.subscribe()));
+        }
         cluster.init().await?;
         tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
         tokio::spawn(watch_heartbeats(Arc::downgrade(&cluster)));
@@ -189,10 +222,71 @@ impl Cluster {
         self.node_changes.send_modify(|generation| *generation += 1);
     }
 
+    /// Whether this server leads now: runs the machine controller, pruning
+    /// and stale-node detection. Always true on SQLite (one server).
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Follows this server's leadership.
+    pub fn subscribe_leadership(&self) -> watch::Receiver<bool> {
+        self.leader.subscribe()
+    }
+
+    /// Begins a change to desired state, to be made under the write mutex
+    /// (`desired` is its guard). On PostgreSQL it also takes the lock that
+    /// orders changes across servers, and drops the cache of last orders if
+    /// another server changed anything since this one last did.
+    async fn begin_change(
+        &self,
+        desired: &mut Desired,
+    ) -> Result<DatabaseTransaction, ClusterError> {
+        let txn = self.store.begin().await?;
+        if self.store.postgres_url().is_some() {
+            store::lock_changes(&txn).await?;
+            let now = store::orders_generation(&txn).await?;
+            if desired.seen != Some(now) {
+                desired.loaded = false;
+                desired.seen = Some(now);
+            }
+        }
+        Ok(txn)
+    }
+
+    /// Sends an event committed here or elsewhere to this server's streams.
+    fn publish_event(&self, row: &store::event::Model) {
+        self.last_event.fetch_max(row.id, Ordering::Relaxed);
+        self.events.publish(event_from_row(row));
+    }
+
+    /// Refuses to serve a database whose orders were made with other
+    /// secrets than this server's: it would file every node new orders
+    /// (and the next server back again). Servers sharing a database share
+    /// the secrets of one state directory.
+    async fn same_secrets_as_the_cluster(&self) -> Result<(), ClusterError> {
+        let Some(payload) = store::newest_consul_order(self.store.conn()).await? else {
+            return Ok(());
+        };
+        let Ok(WorkOrder::Consul(spec)) = serde_json::from_str::<WorkOrder>(&payload) else {
+            return Ok(());
+        };
+        if spec.encrypt != self.config.settings.gossip_key {
+            return Err(ClusterError::Internal(
+                "this server's secrets are not the ones the cluster's orders were made with \
+                 (the Consul gossip key differs): servers sharing a database must share the \
+                 secrets; copy admin-token, gossip-key, db-password, replication-password, \
+                 consul-management-token and tls/ca.pem, tls/ca-key.pem from the first \
+                 server's state directory"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// First start: an empty topology and the admin node.
     async fn init(&self) -> Result<(), ClusterError> {
         let mut desired = self.write.lock().await;
-        let txn = self.store.begin().await?;
+        let txn = self.begin_change(&mut desired).await?;
         let now = Utc::now();
         let spec = match store::load_topology(&txn).await? {
             Some(row) => update_from_row(&row)?,
@@ -279,6 +373,9 @@ async fn prune(cluster: Weak<Cluster>) {
         let Some(cluster) = cluster.upgrade() else {
             return;
         };
+        if !cluster.is_leader() {
+            continue;
+        }
         if let Err(e) = cluster.prune_now().await {
             tracing::warn!(error = %e, "pruning old orders and events failed");
         }

@@ -59,7 +59,7 @@ impl Cluster {
         }
         self.require_host_agent(provider)?;
         let mut desired = self.write.lock().await;
-        let txn = self.store.begin().await?;
+        let txn = self.begin_change(&mut desired).await?;
         let now = Utc::now();
         let mut spec = self.spec(&txn).await?;
         let count = match role {
@@ -105,7 +105,7 @@ impl Cluster {
     ) -> Result<Removal, ClusterError> {
         caller.require_admin()?;
         let mut desired = self.write.lock().await;
-        let txn = self.store.begin().await?;
+        let txn = self.begin_change(&mut desired).await?;
         let now = Utc::now();
         let row = self.node_row(&txn, name).await?;
         let role = Role::from(row.role);

@@ -62,7 +62,7 @@ impl Cluster {
             )));
         }
         // Subscribe before looking, so an order filed in between still wakes us.
-        let mut rx = self.orders.subscribe(row.id);
+        let mut rx = self.orders.subscribe(row.id, name);
         let orders = store::orders_after(self.store.conn(), row.id, after, MAX_POLL_ORDERS).await?;
         if !orders.is_empty() {
             let orders = orders
@@ -87,19 +87,28 @@ impl Cluster {
             }
             let batch = rx.borrow_and_update().clone();
             let Some(batch) = batch else { continue };
-            if batch.last_seq() <= after {
+            // A batch of orders this poll already has is not for it; an
+            // empty one (another server may have filed) sends it to the
+            // database, as does a batch that starts past `after`.
+            if !batch.orders.is_empty() && batch.last_seq() <= after {
                 continue;
             }
-            let last_seq = batch.last_seq();
-            let orders = match batch.after(after) {
-                Some(orders) => orders,
-                None => store::orders_after(self.store.conn(), row.id, after, MAX_POLL_ORDERS)
-                    .await?
-                    .iter()
-                    .map(|o| order_from_row(o, name))
-                    .collect::<Result<Vec<_>, _>>()?,
+            let (mut orders, last_seq) = match batch.after(after) {
+                Some(orders) => (orders, batch.last_seq()),
+                None => {
+                    let orders =
+                        store::orders_after(self.store.conn(), row.id, after, MAX_POLL_ORDERS)
+                            .await?
+                            .iter()
+                            .map(|o| order_from_row(o, name))
+                            .collect::<Result<Vec<_>, _>>()?;
+                    let last = orders.last().map_or(after, |o| o.seq);
+                    (orders, last)
+                }
             };
-            let mut orders = orders;
+            if orders.is_empty() {
+                continue;
+            }
             orders.truncate(MAX_POLL_ORDERS as usize);
             return Ok(self.delivered(row.id, orders, last_seq));
         }
@@ -162,7 +171,7 @@ impl Cluster {
         if kind == OrderKind::Drain && status == OrderStatus::Applied {
             // The node has drained: it leaves the cluster now.
             let mut desired = self.write.lock().await;
-            let txn = self.store.begin().await?;
+            let txn = self.begin_change(&mut desired).await?;
             store::finish_order(&txn, order.id, status.into(), &result.message, now).await?;
             let mut finished = order.clone();
             finished.status = status.into();

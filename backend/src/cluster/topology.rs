@@ -32,7 +32,7 @@ impl Cluster {
         let waited = std::time::Instant::now();
         let mut desired = self.write.lock().await;
         let waited = waited.elapsed();
-        let txn = self.store.begin().await?;
+        let txn = self.begin_change(&mut desired).await?;
         let now = Utc::now();
         let current = store::load_topology(&txn)
             .await?

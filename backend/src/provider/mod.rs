@@ -31,7 +31,8 @@ pub use remote::RemoteProvider;
 /// What one node's agent needs to find and join the control plane.
 #[derive(Debug, Clone)]
 pub struct BootConfig {
-    /// URL agents reach the control plane at.
+    /// URL agents reach the control plane at; several, comma-separated,
+    /// where servers share one database (the agent takes such a list).
     pub server_url: String,
     /// The node's enrollment secret, minted for this `ensure`: single-use,
     /// expiring, and for this node only. It goes into the machine and

@@ -23,9 +23,20 @@ pub use entity::{backup, event, node, topology, work_order};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Db(#[from] DbErr),
+    // Not a `source` as well: the message carries it already.
+    Db(DbErr),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The database was migrated by a newer corral: this server does not
+    /// know its schema and must not write to it.
+    /// PostgreSQL could not be reached at start: where, and why.
+    #[error("cannot reach PostgreSQL at {target}: {reason}")]
+    Unreachable { target: String, reason: String },
+    #[error(
+        "the database's schema is at {database}, newer than this server's {server}: \
+         upgrade this server (every server sharing a database runs the same version)"
+    )]
+    SchemaNewer { database: String, server: String },
 }
 
 impl StoreError {
@@ -36,7 +47,9 @@ impl StoreError {
                 e.sql_err(),
                 Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
             ),
-            StoreError::Corrupt(_) => false,
+            StoreError::Corrupt(_)
+            | StoreError::SchemaNewer { .. }
+            | StoreError::Unreachable { .. } => false,
         }
     }
 
@@ -49,12 +62,32 @@ impl StoreError {
     }
 }
 
+impl From<DbErr> for StoreError {
+    fn from(e: DbErr) -> Self {
+        StoreError::Db(e)
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// The database behind the control plane.
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
+    /// The PostgreSQL URL, for the sessions of their own that wake-ups and
+    /// leadership need; none on SQLite.
+    postgres_url: Option<String>,
+}
+
+/// Advisory lock keys (PostgreSQL, one 64-bit space per database). Spelled
+/// as ASCII so `pg_locks` shows where they come from.
+pub mod lock_keys {
+    /// Held while migrations run: one server migrates, the others wait.
+    pub const MIGRATE: i64 = 0x636f_7272_616c_4d47; // "corralMG"
+    /// Held by the leader's session for as long as it leads.
+    pub const LEADER: i64 = 0x636f_7272_616c_4c44; // "corralLD"
+    /// Taken per transaction by every change to desired state, across servers.
+    pub const CHANGE: i64 = 0x636f_7272_616c_4348; // "corralCH"
 }
 
 /// The SQLite URL of the default store in `state_dir`.
@@ -95,9 +128,28 @@ impl Store {
         } else {
             opts.max_connections(16);
         }
+        if !url.starts_with("sqlite:") {
+            reach_postgres(url).await?;
+        }
         let db = Database::connect(opts).await?;
+        if db.get_database_backend() == DbBackend::Postgres {
+            migrate_once(&db).await?;
+            return Ok(Self {
+                db,
+                postgres_url: Some(url.to_owned()),
+            });
+        }
         Migrator::up(&db, None).await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            postgres_url: None,
+        })
+    }
+
+    /// The PostgreSQL URL, when the store is PostgreSQL (several servers may
+    /// share it); none on SQLite (one server).
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.postgres_url.as_deref()
     }
 
     pub fn conn(&self) -> &DatabaseConnection {
@@ -128,6 +180,111 @@ impl Store {
     pub async fn close(self) {
         let _ = self.db.close().await;
     }
+}
+
+/// Connects once, to say at start where PostgreSQL could not be reached and
+/// why (the pool only says it timed out).
+async fn reach_postgres(url: &str) -> Result<()> {
+    use sea_orm::sqlx::Connection;
+    use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
+    let options: PgConnectOptions = url.parse().map_err(|e| StoreError::Unreachable {
+        target: "DATABASE_URL".into(),
+        reason: format!("not a PostgreSQL URL: {e}"),
+    })?;
+    let target = format!(
+        "{}:{} (database {})",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("of the user's name")
+    );
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        PgConnection::connect_with(&options),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(StoreError::Unreachable {
+            target,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(StoreError::Unreachable {
+            target,
+            reason: "no answer within 10 s".into(),
+        }),
+    }
+}
+
+/// Runs the migrations this server has and the database lacks, under an
+/// advisory lock so that servers starting together migrate once. A database
+/// already past this server's newest migration is refused, naming both.
+async fn migrate_once(db: &DatabaseConnection) -> Result<()> {
+    // The lock belongs to a session: hold one connection of the pool for it
+    // while the migrations run on others.
+    let mut session = db
+        .get_postgres_connection_pool()
+        .acquire()
+        .await
+        .map_err(sqlx_error)?;
+    sea_orm::sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(lock_keys::MIGRATE)
+        .execute(&mut *session)
+        .await
+        .map_err(sqlx_error)?;
+    let result = async {
+        let known: Vec<String> = Migrator::migrations()
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect();
+        let applied = applied_migrations(db).await?;
+        if let Some(unknown) = applied.iter().rev().find(|v| !known.contains(v)) {
+            return Err(StoreError::SchemaNewer {
+                database: unknown.clone(),
+                server: known.last().cloned().unwrap_or_default(),
+            });
+        }
+        Migrator::up(db, None).await?;
+        Ok(())
+    }
+    .await;
+    let _ = sea_orm::sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(lock_keys::MIGRATE)
+        .execute(&mut *session)
+        .await;
+    result
+}
+
+/// A failure on a session of our own, as sea-orm's errors say it.
+pub fn sqlx_error(e: sea_orm::sqlx::Error) -> DbErr {
+    DbErr::Conn(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e)))
+}
+
+/// The migrations recorded in the database, oldest first (none on a new one).
+async fn applied_migrations(db: &DatabaseConnection) -> Result<Vec<String>> {
+    let exists = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT to_regclass('seaql_migrations') IS NOT NULL AS present",
+        ))
+        .await?
+        .map(|row| row.try_get::<bool>("", "present"))
+        .transpose()?
+        .unwrap_or(false);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT version FROM seaql_migrations ORDER BY version",
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| Ok(row.try_get::<String>("", "version")?))
+        .collect()
 }
 
 // ---- topology -------------------------------------------------------------
@@ -426,6 +583,16 @@ pub async fn latest_orders<C: ConnectionTrait>(
         .collect()
 }
 
+/// The payload of the newest Consul order of any node, if there is one.
+pub async fn newest_consul_order<C: ConnectionTrait>(c: &C) -> Result<Option<String>> {
+    Ok(work_order::Entity::find()
+        .filter(work_order::Column::Kind.eq(work_order::Kind::Consul))
+        .order_by_desc(work_order::Column::Id)
+        .one(c)
+        .await?
+        .map(|o| o.payload))
+}
+
 /// Deletes finished orders beyond the newest `keep` of each node, except the
 /// newest order of each kind of each node (the reconciler's desired state
 /// and what a fresh agent needs). Pending and delivered orders stay.
@@ -541,6 +708,29 @@ pub async fn orders_after<C: ConnectionTrait>(
         .await?)
 }
 
+/// Orders `first..=last` of every node in `ids`, by node then seq: the
+/// batches another server filed, read back by a server it woke.
+pub async fn orders_between<C: ConnectionTrait>(
+    c: &C,
+    ids: &[i32],
+    first: i64,
+    last: i64,
+) -> Result<Vec<work_order::Model>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(INSERT_CHUNK * 10) {
+        out.extend(
+            work_order::Entity::find()
+                .filter(work_order::Column::NodeId.is_in(chunk.iter().copied()))
+                .filter(work_order::Column::Seq.between(first, last))
+                .order_by_asc(work_order::Column::NodeId)
+                .order_by_asc(work_order::Column::Seq)
+                .all(c)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
 pub async fn order<C: ConnectionTrait>(
     c: &C,
     node_id: i32,
@@ -615,6 +805,82 @@ pub async fn mark_delivered<C: ConnectionTrait>(
 }
 
 // ---- events ---------------------------------------------------------------
+
+/// Events by id, oldest first (those pruned meanwhile are simply absent).
+pub async fn events_by_id<C: ConnectionTrait>(c: &C, ids: &[i64]) -> Result<Vec<event::Model>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(INSERT_CHUNK * 10) {
+        out.extend(
+            event::Entity::find()
+                .filter(event::Column::Id.is_in(chunk.iter().copied()))
+                .order_by_asc(event::Column::Id)
+                .all(c)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// The newest event's id, 0 for none.
+pub async fn last_event_id<C: ConnectionTrait>(c: &C) -> Result<i64> {
+    let row = c
+        .query_one_raw(Statement::from_string(
+            c.get_database_backend(),
+            "SELECT COALESCE(MAX(id), 0) AS last FROM events",
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "last"))
+        .transpose()?
+        .unwrap_or(0))
+}
+
+/// What the reconciler's cache of last orders depends on, in three numbers:
+/// the newest order's id (any order filed moves it; pruning never deletes
+/// the newest), the newest node's id and the number of nodes (a node
+/// created or removed moves one of them).
+pub async fn orders_generation<C: ConnectionTrait>(c: &C) -> Result<(i64, i64, i64)> {
+    let row = c
+        .query_one_raw(Statement::from_string(
+            c.get_database_backend(),
+            "SELECT (SELECT COALESCE(MAX(id), 0) FROM work_orders) AS orders, \
+             (SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM nodes) AS newest, \
+             (SELECT COUNT(*) FROM nodes) AS nodes",
+        ))
+        .await?
+        .ok_or_else(|| StoreError::Corrupt("no row from a SELECT of counts".into()))?;
+    Ok((
+        row.try_get::<i64>("", "orders")?,
+        row.try_get::<i64>("", "newest")?,
+        row.try_get::<i64>("", "nodes")?,
+    ))
+}
+
+/// Waits for, and takes until the transaction ends, the lock every change
+/// to desired state takes on PostgreSQL, where other servers change it too.
+pub async fn lock_changes<C: ConnectionTrait>(c: &C) -> Result<()> {
+    c.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock($1)",
+        [lock_keys::CHANGE.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// `NOTIFY channel, payload` on PostgreSQL; inside a transaction it is sent
+/// only if and when it commits.
+pub async fn notify<C: ConnectionTrait>(c: &C, channel: &str, payloads: &[String]) -> Result<()> {
+    for payload in payloads {
+        c.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [channel.into(), payload.clone().into()],
+        ))
+        .await?;
+    }
+    Ok(())
+}
 
 pub struct NewEvent {
     pub actor: String,
