@@ -267,6 +267,18 @@ fn pid_of(state: &Path, service: &str) -> Option<u32> {
         .ok()
 }
 
+/// The node's Consul ACL token, from the Consul order its agent applied.
+fn consul_token(state: &Path) -> String {
+    let order: Value = serde_json::from_slice(
+        &std::fs::read(state.join("orders/consul.json")).expect("the node's consul order"),
+    )
+    .expect("json");
+    order["acl"]["token"]
+        .as_str()
+        .expect("the node's token")
+        .to_string()
+}
+
 fn rss_kb(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -401,14 +413,7 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
                 .map(|t| String::from_utf8_lossy(t).to_string())
         })
         .expect("the webapp runs with a consul token");
-    let nginx1_order: Value = serde_json::from_slice(
-        &std::fs::read(nginx1.join("orders/consul.json")).expect("nginx1's consul order"),
-    )
-    .expect("json");
-    let nginx1_token = nginx1_order["acl"]["token"]
-        .as_str()
-        .expect("node token")
-        .to_string();
+    let nginx1_token = consul_token(&nginx1);
     let management =
         std::fs::read_to_string(cluster.dir.path().join("server/consul-management-token"))
             .expect("management token")
@@ -981,14 +986,7 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         "the webapp's password opens rewinder"
     );
 
-    let pg2_order: Value = serde_json::from_slice(
-        &std::fs::read(pg2.join("orders/consul.json")).expect("pg2's consul order"),
-    )
-    .expect("json");
-    let pg2_consul_token = pg2_order["acl"]["token"]
-        .as_str()
-        .expect("pg2's token")
-        .to_string();
+    let pg2_token = consul_token(&pg2);
 
     // Scaling db back to 1 drains pg2: the server removes it once applied.
     // The new policy is a reload of the same nginx, not a restart.
@@ -1030,7 +1028,6 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
         assert_eq!(pid_of(&pg2, service), None, "pg2 {service} still runs");
     }
     // pg2's Consul token goes with it: it no longer opens the leader key.
-    let pg2_token = pg2_consul_token;
     eventually(
         "pg2's consul token deleted",
         Duration::from_secs(60),

@@ -186,15 +186,7 @@ impl Secrets {
                 // A version 4 UUID, the form Consul takes token ids in.
                 bytes[6] = (bytes[6] & 0x0f) | 0x40;
                 bytes[8] = (bytes[8] & 0x3f) | 0x80;
-                let h = hex::encode(bytes);
-                format!(
-                    "{}-{}-{}-{}-{}",
-                    &h[0..8],
-                    &h[8..12],
-                    &h[12..16],
-                    &h[16..20],
-                    &h[20..32]
-                )
+                crate::reconcile::uuid_text(&bytes)
             })?;
         Ok(Self {
             admin_token_hash: hash_token(&admin),

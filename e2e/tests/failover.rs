@@ -8,7 +8,7 @@
 //! writes, and every write a client saw acknowledged is there.
 
 use anyhow::bail;
-use corral_e2e::faults::signal_all;
+use corral_e2e::faults::{service_pid, signal_all};
 use corral_e2e::pg::{kill_postgres, sole_primary, sql, streams_from};
 use corral_e2e::writes::{LONG, Writer, other, settled, switchover};
 use corral_e2e::{Cluster, eventually};
@@ -160,7 +160,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     // primary keeps its lock (confirmed through a Consul server meanwhile)
     // and keeps serving, on the same timeline. It used to fence itself and
     // fail over on every such blip.
-    let consul_pid = || corral_e2e::faults::service_pid(&c, &primary, "consul").ok();
+    let consul_pid = || service_pid(&c, &primary, "consul").ok();
     let killed = consul_pid().expect("the primary's consul pid");
     signal_all(&[killed], Signal::SIGKILL);
     eventually("the primary's Consul agent started again", LONG, || async {
@@ -201,14 +201,9 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
 
     // 2. The primary's Consul agent frozen: it must stop taking writes by
     // itself, a standby takes over; thawed, it rejoins.
-    let consul = std::fs::read_to_string(
-        c.state_dir()
-            .join("nodes")
-            .join(&primary)
-            .join("run/consul.pid"),
-    )
-    .expect("consul pid");
-    let frozen = Frozen(vec![consul.trim().parse().expect("pid")]);
+    let frozen = Frozen(vec![
+        service_pid(&c, &primary, "consul").expect("consul pid"),
+    ]);
     signal_all(&frozen.0, Signal::SIGSTOP);
     let standby = other(&c, &primary);
     eventually("the cut-off primary to fence itself", LONG, || async {
@@ -232,12 +227,9 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     // 2b. The same while the primary's agent crashes: the provider restarts
     // it, and the new agent adopts a running primary whose lock it can
     // never confirm (Consul does not answer). It must fence it all the same.
-    let run = c.state_dir().join("nodes").join(&primary).join("run");
     let pid = |service: &str| -> u32 {
-        std::fs::read_to_string(run.join(format!("{service}.pid")))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{primary} has no {service} pid"))
+        service_pid(&c, &primary, service)
+            .unwrap_or_else(|e| panic!("{primary}'s {service}: {e:#}"))
     };
     let agent = pid("agent");
     let frozen = Frozen(vec![pid("consul")]);
@@ -248,10 +240,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
         "a new agent adopting the unconfirmed primary to fence it",
         LONG,
         || async {
-            let restarted = std::fs::read_to_string(run.join("agent.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-                .is_some_and(|p| p != agent);
+            let restarted = service_pid(&c, &primary, "agent").is_ok_and(|p| p != agent);
             let fenced = sql(&c, &primary, "SELECT pg_is_in_recovery()")
                 .await
                 .map_or(true, |r| r == "t");

@@ -352,7 +352,14 @@ pub fn consul_id(management: &str, label: &str) -> String {
         .chain_update([0u8])
         .chain_update(label.as_bytes())
         .finalize();
-    let h = hex::encode(&digest[..16]);
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid_text(&bytes)
+}
+
+/// 16 bytes in the 8-4-4-4-12 hex form Consul takes token ids in.
+pub fn uuid_text(bytes: &[u8; 16]) -> String {
+    let h = hex::encode(bytes);
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
