@@ -50,6 +50,8 @@ pub use rows::{event_from_row, order_from_row};
 
 /// The most orders one poll answer carries; the agent polls again for more.
 pub const MAX_POLL_ORDERS: u64 = 100;
+/// How many published event ids a server remembers, to publish none twice.
+const RECENT_EVENTS: usize = 4096;
 /// The most rows a list call returns.
 pub const MAX_LIST_LIMIT: u64 = 1000;
 
@@ -146,6 +148,10 @@ pub struct Cluster {
     server_id: String,
     /// The newest audit event published to this server's streams.
     last_event: AtomicI64,
+    /// The ids of the events published here lately: catching up after
+    /// (re)listening reads back events this server already published (its
+    /// own, at start), and a stream must not get one twice.
+    published_events: Mutex<std::collections::VecDeque<i64>>,
     /// Whether this server does the background work that must run once:
     /// always on SQLite, while it holds the leader lock on PostgreSQL.
     leader: Arc<watch::Sender<bool>>,
@@ -180,6 +186,7 @@ impl Cluster {
             node_changes: watch::Sender::new(0),
             server_id: format!("{:016x}", rand::random::<u64>()),
             last_event: AtomicI64::new(0),
+            published_events: Mutex::default(),
             leader: leader.clone(),
             gone: watch::Sender::new(()),
         });
@@ -255,6 +262,19 @@ impl Cluster {
 
     /// Sends an event committed here or elsewhere to this server's streams.
     fn publish_event(&self, row: &store::event::Model) {
+        {
+            let mut published = self
+                .published_events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if published.contains(&row.id) {
+                return;
+            }
+            if published.len() >= RECENT_EVENTS {
+                published.pop_front();
+            }
+            published.push_back(row.id);
+        }
         self.last_event.fetch_max(row.id, Ordering::Relaxed);
         self.events.publish(event_from_row(row));
     }
