@@ -7,15 +7,16 @@
 //! quickly while Consul has no leader yet, since new nodes wait for their
 //! tokens.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::cluster::Cluster;
 use crate::reconcile::{self, ConsulToken};
+use crate::store;
 use corral_proto::{Role, ports};
 
 /// Marks the tokens and policies corral keeps, so that the ones of removed
@@ -23,6 +24,8 @@ use corral_proto::{Role, ports};
 const KEPT_PREFIX: &str = "corral: ";
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RECHECK: Duration = Duration::from_secs(60);
+/// How long a pass waits after a node change for the changes that follow.
+const COALESCE: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AclError {
@@ -149,12 +152,22 @@ impl AclApi {
     ) -> Result<usize, AclError> {
         let policies = self.policies().await?;
         let tokens = self.tokens().await?;
+        // Looked up by name and accessor: at 10,000 nodes a linear search
+        // per wanted token would be 10^8 comparisons a pass.
+        let policy_ids: HashMap<&str, &str> = policies
+            .iter()
+            .map(|(id, name, _)| (name.as_str(), id.as_str()))
+            .collect();
+        let token_policies: HashMap<&str, &[String]> = tokens
+            .iter()
+            .map(|(accessor, _, p)| (accessor.as_str(), p.as_slice()))
+            .collect();
         let mut changed = 0;
         for t in want {
             let policy = format!("corral-{}", t.name);
             let description = format!("{KEPT_PREFIX}{}", t.name);
             let body = json!({"Name": policy, "Rules": t.rules, "Description": description});
-            match policies.iter().find(|(_, name, _)| *name == policy) {
+            match policy_ids.get(policy.as_str()) {
                 None => {
                     self.call(
                         self.http
@@ -163,7 +176,7 @@ impl AclApi {
                     )
                     .await?;
                 }
-                Some((id, _, _)) if !checked.contains(&policy) => {
+                Some(id) if !checked.contains(&policy) => {
                     let current = self.read(&format!("/v1/acl/policy/{id}")).await?;
                     if current.is_some_and(|p| p["Rules"].as_str() != Some(t.rules.as_str())) {
                         self.call(
@@ -177,10 +190,8 @@ impl AclApi {
                 Some(_) => {}
             }
             checked.insert(policy.clone());
-            let existing = tokens
-                .iter()
-                .find(|(accessor, _, _)| *accessor == t.accessor);
-            if existing.is_some_and(|(_, _, p)| p.len() == 1 && p[0] == policy) {
+            let existing = token_policies.get(t.accessor.as_str());
+            if existing.is_some_and(|p| p.len() == 1 && p[0] == policy) {
                 continue;
             }
             let body = json!({
@@ -197,8 +208,11 @@ impl AclApi {
             self.call(self.http.put(url).json(&body)).await?;
             changed += 1;
         }
+        let wanted_accessors: HashSet<&str> = want.iter().map(|t| t.accessor.as_str()).collect();
+        let wanted_policies: HashSet<String> =
+            want.iter().map(|t| format!("corral-{}", t.name)).collect();
         for (accessor, description, _) in &tokens {
-            if description.starts_with(KEPT_PREFIX) && !want.iter().any(|t| t.accessor == *accessor)
+            if description.starts_with(KEPT_PREFIX) && !wanted_accessors.contains(accessor.as_str())
             {
                 tracing::info!(%accessor, %description, "deleting the consul token of a node that is gone");
                 self.call(
@@ -210,9 +224,7 @@ impl AclApi {
             }
         }
         for (id, name, description) in &policies {
-            if description.starts_with(KEPT_PREFIX)
-                && !want.iter().any(|t| format!("corral-{}", t.name) == *name)
-            {
+            if description.starts_with(KEPT_PREFIX) && !wanted_policies.contains(name) {
                 self.call(
                     self.http
                         .delete(format!("{}/v1/acl/policy/{id}", self.base)),
@@ -225,23 +237,48 @@ impl AclApi {
     }
 }
 
+/// What the last successful pass put in place: for which nodes, and when.
+/// A node change that leaves the names as they were (an enrollment, a
+/// heartbeat's state) then costs one narrow read, not a pass over Consul.
+#[derive(Default)]
+struct Kept {
+    nodes: Vec<(String, Role)>,
+    at: Option<Instant>,
+    /// Policies whose rules were read and compared in this process.
+    checked: HashSet<String>,
+}
+
 /// One pass: every token in place, the others gone. Returns how many
 /// tokens were written or deleted.
-async fn keep_once(cluster: &Cluster, checked: &mut HashSet<String>) -> Result<usize, AclError> {
-    let nodes = cluster.nodes().await.map_err(|e| AclError::Status {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        body: e.to_string(),
-    })?;
-    let adm = nodes
+async fn keep_once(cluster: &Cluster, kept: &mut Kept) -> Result<usize, AclError> {
+    let rows = store::node_names(cluster.store().conn())
+        .await
+        .map_err(|e| AclError::Status {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: e.to_string(),
+        })?;
+    let nodes: Vec<(String, Role)> = rows
         .iter()
-        .find(|n| n.role == Role::Adm)
+        .filter_map(|(name, _)| Role::parse_node_name(name).map(|(role, _)| (name.clone(), role)))
+        .collect();
+    if kept.nodes == nodes && kept.at.is_some_and(|at| at.elapsed() < RECHECK) {
+        return Ok(0);
+    }
+    let (_, adm_address) = rows
+        .iter()
+        .find(|(name, _)| matches!(Role::parse_node_name(name), Some((Role::Adm, _))))
         .ok_or(AclError::NoAdminNode)?;
     let management = &cluster.config().settings.consul_management;
-    let api = AclApi::new(&adm.address, management);
+    let api = AclApi::new(adm_address, management);
     api.ready().await?;
-    let tokens =
-        reconcile::consul_tokens(management, nodes.iter().map(|n| (n.name.as_str(), n.role)));
-    api.sync(&tokens, checked).await
+    let tokens = reconcile::consul_tokens(
+        management,
+        nodes.iter().map(|(n, role)| (n.as_str(), *role)),
+    );
+    let changed = api.sync(&tokens, &mut kept.checked).await?;
+    kept.nodes = nodes;
+    kept.at = Some(Instant::now());
+    Ok(changed)
 }
 
 /// Runs until the cluster is dropped.
@@ -249,7 +286,7 @@ pub async fn keep(cluster: Weak<Cluster>) {
     let Some(mut changes) = cluster.upgrade().map(|c| c.subscribe_node_changes()) else {
         return;
     };
-    let mut checked = HashSet::new();
+    let mut kept = Kept::default();
     // Failed passes since the last success or change: every 250 ms for the
     // first 30 s (a new cluster's Consul electing its leader while new
     // nodes wait for their tokens), then every 5 s (no Consul at all).
@@ -263,7 +300,7 @@ pub async fn keep(cluster: Weak<Cluster>) {
         let pause = if !c.is_leader() {
             crate::cluster::LEADER_RETRY
         } else {
-            keep_once_paced(&c, &mut checked, &mut failures).await
+            keep_once_paced(&c, &mut kept, &mut failures).await
         };
         drop(c);
         tokio::select! {
@@ -272,6 +309,10 @@ pub async fn keep(cluster: Weak<Cluster>) {
                 if changed.is_err() {
                     return;
                 }
+                // Changes come in bursts (10,000 enrollments): one pass
+                // for all that arrive meanwhile.
+                tokio::time::sleep(COALESCE).await;
+                changes.borrow_and_update();
                 failures = 0;
             }
         }
@@ -279,12 +320,8 @@ pub async fn keep(cluster: Weak<Cluster>) {
 }
 
 /// One pass, and how long to wait before the next.
-async fn keep_once_paced(
-    c: &Cluster,
-    checked: &mut HashSet<String>,
-    failures: &mut u32,
-) -> Duration {
-    match keep_once(c, checked).await {
+async fn keep_once_paced(c: &Cluster, kept: &mut Kept, failures: &mut u32) -> Duration {
+    match keep_once(c, kept).await {
         Ok(changed) => {
             if changed > 0 {
                 tracing::info!(changed, "consul ACL tokens in place");

@@ -26,6 +26,8 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The loop runs at least this often, whatever wakes it.
 const TICK: Duration = Duration::from_secs(1);
+/// The least time between two ticks woken by node changes.
+const CHANGE_GAP: Duration = Duration::from_millis(100);
 
 /// What the controller tells whoever shows progress (`corral up`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,10 +297,18 @@ impl MachineController {
         let mut changes = source.node_changes();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Action, Result<String, String>)>();
         loop {
+            let ticked = Instant::now();
             self.tick(&source, &done_tx).await;
             tokio::select! {
                 _ = shutdown.changed() => {}
-                _ = changes.changed() => {}
+                _ = changes.changed() => {
+                    // A burst of changes (10,000 agents enrolling) reads
+                    // the nodes at most this often, not once per change.
+                    let since = ticked.elapsed();
+                    if since < CHANGE_GAP {
+                        tokio::time::sleep(CHANGE_GAP - since).await;
+                    }
+                }
                 Some((action, result)) = done_rx.recv() => {
                     self.finished(&source, action, result).await;
                     // Take every other result that is ready before the next tick.
