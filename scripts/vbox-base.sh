@@ -65,7 +65,7 @@ echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/corr
 printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
 chmod 755 /usr/sbin/policy-rc.d
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends corral-agent todomvc consul nginx-light postgresql-15 iproute2
+apt-get install -y -qq --no-install-recommends corral-agent todomvc consul nginx-light postgresql-15 iproute2 nftables
 rm -f /usr/sbin/policy-rc.d
 systemctl mask nginx.service postgresql.service consul.service
 systemctl enable /usr/lib/corral/corral-vbox-firstboot.service

@@ -66,6 +66,12 @@ pub struct RunConfig {
     /// Rotated logs kept per service (`<service>.log.1` newest).
     #[arg(long, env = "CORRAL_LOG_KEEP", default_value_t = 3)]
     pub log_keep: u32,
+    /// Load firewall orders into this machine's nftables: `on` where the
+    /// node is a machine of its own (the LXC and VirtualBox providers set
+    /// it). `off` writes the ruleset to the state dir only: local nodes
+    /// share their host's network, which is not theirs to filter.
+    #[arg(long, env = "CORRAL_FIREWALL", default_value = "off", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub firewall: bool,
 }
 
 impl RunConfig {
@@ -133,6 +139,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("heartbeat-interval", "CORRAL_HEARTBEAT_INTERVAL"),
     ("log-max-size", "CORRAL_LOG_MAX_SIZE"),
     ("log-keep", "CORRAL_LOG_KEEP"),
+    ("firewall", "CORRAL_FIREWALL"),
 ];
 
 /// Adds the settings of the config file to `args` as flags, where neither
@@ -230,6 +237,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Parses `2s`, `500ms`, `1m` or plain seconds.
+/// `on` or `off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
+pub fn parse_switch(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{s:?} is neither on nor off")),
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration like 2s, 500ms or 1m");
     let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
@@ -272,6 +288,40 @@ mod tests {
     struct Run {
         #[command(flatten)]
         config: RunConfig,
+    }
+
+    #[test]
+    fn the_firewall_switch_is_off_unless_given_on_by_flag_or_config_file() {
+        use clap::Parser;
+        let base = [
+            "run",
+            "--server",
+            "http://a:7000",
+            "--node",
+            "nginx1",
+            "--address",
+            "127.0.11.21",
+            "--state-dir",
+            "/tmp/x",
+        ];
+        let parse = |more: &[&str]| {
+            let mut argv: Vec<&str> = base.to_vec();
+            argv.extend(more);
+            Run::try_parse_from(argv).map(|r| r.config.firewall)
+        };
+        assert_eq!(parse(&[]).ok(), Some(false));
+        assert_eq!(parse(&["--firewall", "on"]).ok(), Some(true));
+        assert_eq!(parse(&["--firewall", "off"]).ok(), Some(false));
+        assert!(parse(&["--firewall", "maybe"]).is_err());
+        // As the LXC provider writes it into agent.conf.
+        let merged = merge_config_file(
+            args(&["corral-agent", "run", "--config", "/etc/corral/agent.conf"]),
+            |_| false,
+            |_| Ok("server = http://a:7000\nnode = nginx1\naddress = 127.0.11.21\nstate-dir = /tmp/x\nfirewall = on\n".into()),
+        )
+        .expect("merge");
+        let run = Run::try_parse_from(&merged[1..]).expect("parse the merged arguments");
+        assert!(run.config.firewall);
     }
 
     #[test]

@@ -154,6 +154,7 @@ impl StateDir {
     /// The last applied order of each kind, in the order to re-apply them.
     pub fn applied_orders(&self) -> Vec<WorkOrder> {
         [
+            OrderKind::Firewall,
             OrderKind::Consul,
             OrderKind::Postgres,
             OrderKind::Webapp,

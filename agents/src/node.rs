@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::control::ControlPlane;
 use crate::drivers::backup::BackupDriver;
 use crate::drivers::consul::ConsulDriver;
+use crate::drivers::firewall::FirewallDriver;
 use crate::drivers::nginx::NginxDriver;
 use crate::drivers::postgres::PostgresDriver;
 use crate::drivers::webapp::WebappDriver;
@@ -23,6 +24,7 @@ pub struct Node {
     pub webapp: Arc<WebappDriver>,
     pub nginx: Arc<NginxDriver>,
     pub postgres: Arc<PostgresDriver>,
+    pub firewall: FirewallDriver,
     /// Backups and restores: they talk to the control plane's store, so
     /// only an agent with a control plane has them.
     pub backups: Option<Arc<BackupDriver>>,
@@ -51,6 +53,7 @@ impl Node {
             webapp: Arc::new(WebappDriver::new(ctx.clone())),
             nginx: Arc::new(NginxDriver::new(ctx.clone())),
             postgres: Arc::new(PostgresDriver::new(ctx.clone())),
+            firewall: FirewallDriver::new(ctx.clone()),
             backups: None,
             ctx,
             state,
@@ -136,6 +139,7 @@ impl Node {
             WorkOrder::Switchover(spec) => self.postgres.switchover(spec).await?,
             WorkOrder::Backup(spec) => self.backups()?.take(spec).await?,
             WorkOrder::Restore(spec) => self.backups()?.restore(spec).await?,
+            WorkOrder::Firewall(spec) => self.firewall.apply(spec).await?,
         })
     }
 

@@ -226,6 +226,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         host: supervisor.clone(),
         consul: ConsulApi::new(&config.address.to_string()),
         start_wait: Duration::from_secs(10),
+        firewall: config.firewall,
     });
     tracing::info!(node = %config.node, address = %config.address, state = %state_dir.display(), "agent starting");
 
@@ -306,6 +307,7 @@ mod tests {
             host: host.clone(),
             consul: ConsulApi::new("127.0.99.1"),
             start_wait: Duration::ZERO,
+            firewall: false,
         });
         Fixture {
             node: Node::new(ctx, state.clone()),

@@ -78,6 +78,9 @@ pub struct Config {
     /// The URLs of other servers sharing this database: the agents of the
     /// machines this server makes are given them after its own.
     pub peers: Vec<String>,
+    /// The port SSH listens on at adm1: open to anyone in adm1's firewall
+    /// (other nodes take SSH from the cluster's networks only).
+    pub ssh_port: u16,
 }
 
 impl Config {
@@ -110,6 +113,7 @@ impl Config {
             tls: crate::tls::TlsMode::Auto,
             tls_names: vec!["adm1".into()],
             peers: Vec::new(),
+            ssh_port: corral_proto::ports::SSH,
         }
     }
 
@@ -248,6 +252,12 @@ impl Application {
                     db_password: secrets.db_password.clone(),
                     replication_password: secrets.replication_password.clone(),
                     consul_management: secrets.consul_management.clone(),
+                    ssh_port: config.ssh_port,
+                    control_plane_port: config
+                        .listen
+                        .rsplit_once(':')
+                        .and_then(|(_, port)| port.parse().ok())
+                        .unwrap_or(corral_proto::ports::CONTROL_PLANE),
                 },
                 default_provider: config.default_provider,
                 providers: config.accepted_providers(),

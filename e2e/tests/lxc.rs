@@ -37,6 +37,24 @@ fn skip() -> bool {
     }
 }
 
+/// Whether a TCP connection from `from` (an address of this host) to `to`
+/// opens within two seconds; a firewall's dropped SYN is a no.
+async fn connects(from: &str, to: &str) -> bool {
+    let (Ok(from), Ok(to)) = (from.parse::<std::net::IpAddr>(), to.parse()) else {
+        return false;
+    };
+    let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+        return false;
+    };
+    if socket.bind(std::net::SocketAddr::new(from, 0)).is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), socket.connect(to)).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Which webapp answered a request through `lb`, or the failure.
 async fn served_by(http: &reqwest::Client, c: &Cluster, lb: &str) -> anyhow::Result<String> {
     let res = http.get(c.lb(lb, "/todos")).send().await?;
@@ -202,6 +220,43 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
         .await
         .expect("consul on adm1");
     assert!(consul.status().is_success());
+
+    // Each container loads its role's firewall: from an address outside the
+    // cluster's network, HTTP on a web node opens and PostgreSQL, Consul and
+    // the webapp's own port do not; from the cluster's network they do.
+    let outsider = format!("192.168.{}.250", OCTET + 1);
+    let outside = HostAddress::add(&outsider)
+        .await
+        .expect("an outside address");
+    let inside = c.address("adm1");
+    let (pg1, nginx1) = (c.address("pg1"), c.address("nginx1"));
+    eventually(
+        "pg1's firewall to drop PostgreSQL from outside",
+        LONG,
+        || async { Ok((!connects(&outsider, &format!("{pg1}:5432")).await).then_some(())) },
+    )
+    .await
+    .expect("pg1 firewall");
+    for (node, port) in [(&nginx1, 8080), (&nginx1, 8500), (&pg1, 8500)] {
+        eventually(
+            &format!("{node}:{port} closed from outside"),
+            LONG,
+            || async { Ok((!connects(&outsider, &format!("{node}:{port}")).await).then_some(())) },
+        )
+        .await
+        .expect("closed from outside");
+    }
+    assert!(
+        connects(&outsider, &format!("{nginx1}:80")).await,
+        "HTTP on a web node is open to anyone"
+    );
+    for (node, port) in [(&pg1, 5432), (&nginx1, 8080), (&nginx1, 8500)] {
+        assert!(
+            connects(&inside, &format!("{node}:{port}")).await,
+            "{node}:{port} from the cluster's network"
+        );
+    }
+    outside.remove().await.expect("remove the outside address");
 
     // A provider that is not configured here is refused, changing nothing.
     let res = c

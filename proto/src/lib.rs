@@ -34,9 +34,9 @@ pub use node::{
     CreateNode, Node, NodeHealth, NodeState, Provider, Role, ScalableRole, validate_node_name,
 };
 pub use order::{
-    ConsulAcl, ConsulSpec, LoadBalancerSpec, Order, OrderKind, OrderOutcome, OrderResult,
-    OrderStatus, PollResponse, PostgresSpec, SwitchoverAccepted, SwitchoverRequest, SwitchoverSpec,
-    WebappSpec, WorkOrder,
+    ConsulAcl, ConsulSpec, FirewallSpec, LoadBalancerSpec, Order, OrderKind, OrderOutcome,
+    OrderResult, OrderStatus, PollResponse, PostgresSpec, SwitchoverAccepted, SwitchoverRequest,
+    SwitchoverSpec, WebappSpec, WorkOrder,
 };
 pub use topology::{
     BackupSchedule, LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Topology, TopologyChange,
@@ -62,4 +62,5 @@ pub mod ports {
     pub const CONSUL_SERF_LAN: u16 = 8301;
     pub const CONSUL_SERF_WAN: u16 = 8302;
     pub const CONTROL_PLANE: u16 = 7000;
+    pub const SSH: u16 = 22;
 }

@@ -36,6 +36,8 @@ pub enum WorkOrder {
     /// Restore a base backup and the archived WAL into a new PostgreSQL
     /// instance on this node that never joins the cluster; verify it.
     Restore(RestoreSpec),
+    /// Filter what reaches this node: an nftables ruleset of its role.
+    Firewall(FirewallSpec),
 }
 
 impl WorkOrder {
@@ -49,6 +51,7 @@ impl WorkOrder {
             WorkOrder::Switchover(_) => OrderKind::Switchover,
             WorkOrder::Backup(_) => OrderKind::Backup,
             WorkOrder::Restore(_) => OrderKind::Restore,
+            WorkOrder::Firewall(_) => OrderKind::Firewall,
         }
     }
 }
@@ -66,6 +69,7 @@ pub enum OrderKind {
     Switchover,
     Backup,
     Restore,
+    Firewall,
 }
 
 impl OrderKind {
@@ -79,6 +83,7 @@ impl OrderKind {
             OrderKind::Switchover => "switchover",
             OrderKind::Backup => "backup",
             OrderKind::Restore => "restore",
+            OrderKind::Firewall => "firewall",
         }
     }
 }
@@ -101,6 +106,7 @@ impl FromStr for OrderKind {
             "switchover" => Ok(OrderKind::Switchover),
             "backup" => Ok(OrderKind::Backup),
             "restore" => Ok(OrderKind::Restore),
+            "firewall" => Ok(OrderKind::Firewall),
             other => Err(format!("unknown order kind {other:?}")),
         }
     }
@@ -175,6 +181,24 @@ impl PostgresSpec {
             &self.replication_password
         }
     }
+}
+
+/// What may reach a node from the network: everything else is dropped.
+/// Loopback, replies to the node's own connections and ICMP always pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FirewallSpec {
+    /// TCP ports open to anyone (HTTP on web nodes; SSH and the control
+    /// plane's UI/API on the admin node).
+    pub public_tcp: Vec<u16>,
+    /// The networks the cluster's nodes and the control plane's host take
+    /// their addresses from (CIDR): only they reach the cluster ports.
+    pub cluster_networks: Vec<String>,
+    /// TCP ports open to the cluster networks only (Consul, the webapp,
+    /// PostgreSQL, SSH on nodes other than the admin node).
+    pub cluster_tcp: Vec<u16>,
+    /// UDP ports open to the cluster networks only (Consul's gossip, DNS).
+    pub cluster_udp: Vec<u16>,
 }
 
 /// A planned change of primary: the order goes to the current primary.
@@ -387,6 +411,7 @@ mod tests {
             OrderKind::Switchover,
             OrderKind::Backup,
             OrderKind::Restore,
+            OrderKind::Firewall,
         ] {
             assert_eq!(kind.as_str().parse::<OrderKind>(), Ok(kind));
         }

@@ -645,6 +645,7 @@ mod tests {
             host: host.clone(),
             consul: ConsulApi::new("127.0.99.5"),
             start_wait: Duration::ZERO,
+            firewall: false,
         });
         let control = ControlPlane::new(
             &["http://127.0.0.1:9".to_string()],

@@ -5,6 +5,7 @@
 
 pub mod backup;
 pub mod consul;
+pub mod firewall;
 pub mod ha;
 pub mod leader;
 pub mod nginx;
@@ -43,6 +44,9 @@ pub struct NodeContext {
     /// HTTP API, the webapp's health check) before it reports; zero in unit
     /// tests, where nothing really starts.
     pub start_wait: std::time::Duration,
+    /// Whether firewall orders are loaded into this machine's nftables
+    /// (`--firewall on`) or only written out.
+    pub firewall: bool,
 }
 
 impl NodeContext {

@@ -183,6 +183,10 @@ struct ServeArgs {
     /// Consul datacenter name.
     #[arg(long, default_value = "corral")]
     datacenter: String,
+    /// The port SSH listens on at adm1: the only port besides the UI/API
+    /// that adm1's firewall opens to the world.
+    #[arg(long, env = "CORRAL_SSH_PORT", default_value_t = corral_proto::ports::SSH)]
+    ssh_port: u16,
     /// Longest a long poll may hold, e.g. 60s.
     #[arg(long, default_value = "60s", value_parser = duration)]
     max_poll_wait: Duration,
@@ -714,6 +718,7 @@ fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
     };
     config.database_url = args.database_url.clone();
     config.datacenter = args.datacenter.clone();
+    config.ssh_port = args.ssh_port;
     config.max_poll_wait = args.max_poll_wait;
     config.heartbeat_stale_after = args.heartbeat_stale_after;
     config.retention = crate::cluster::Retention {

@@ -30,7 +30,7 @@ use super::command::{self, run};
 use super::{BootConfig, Machine, MachineState, Machines, ProviderError};
 
 /// Bumped whenever the base image's recipe changes, so hosts build anew.
-const IMAGE_RECIPE: &str = "bookworm-1";
+const IMAGE_RECIPE: &str = "bookworm-2";
 /// The marker line in a container's config that makes it this provider's.
 const MARKER: &str = "# corral-node:";
 /// Where the agent keeps its state inside a container.
@@ -39,11 +39,12 @@ const AGENT_STATE_DIR: &str = "/var/lib/corral-agent";
 const PACKAGES: [&str; 2] = ["corral-agent_", "todomvc_"];
 /// Debian packages of the base image besides a minimal system.
 const BASE_PACKAGES: &str = "systemd,systemd-sysv,dbus,iproute2,ca-certificates,procps";
-const SERVICE_PACKAGES: [&str; 4] = [
+const SERVICE_PACKAGES: [&str; 5] = [
     "nginx-light",
     "postgresql-15",
     "postgresql-client-15",
     "consul",
+    "nftables",
 ];
 
 /// Where the provider keeps containers and how it wires them.
@@ -492,7 +493,7 @@ impl LxcProvider {
     ) -> Result<(), ProviderError> {
         let delta = self.config.delta(&node.name);
         let mut conf = format!(
-            "# written by corral's lxc provider\nserver = {}\nnode = {}\naddress = {}\nstate-dir = {AGENT_STATE_DIR}\nenroll-secret = {}\n",
+            "# written by corral's lxc provider\nserver = {}\nnode = {}\naddress = {}\nstate-dir = {AGENT_STATE_DIR}\nenroll-secret = {}\nfirewall = on\n",
             boot.server_url, node.name, node.address, boot.secret
         );
         if let Some(ca) = &boot.ca_pem {

@@ -119,6 +119,18 @@ impl AddressPlans {
     pub fn default_plan(&self) -> &AddressPlan {
         &self.default
     }
+
+    /// Every plan's network (CIDR), the default's first, each once.
+    pub fn networks(&self) -> Vec<String> {
+        let mut list = vec![self.default.to_string()];
+        for (_, plan) in &self.own {
+            let network = plan.to_string();
+            if !list.contains(&network) {
+                list.push(network);
+            }
+        }
+        list
+    }
 }
 
 impl Default for AddressPlans {

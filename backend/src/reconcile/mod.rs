@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use corral_proto::{
-    ConsulAcl, ConsulSpec, LoadBalancerSpec, NodeState, ObservedState, OrderKind, POSTGRES_SERVICE,
-    PostgresSpec, Provider, ReplicationRole, Role, TopologyUpdate, WEBAPP_SERVICE, WebappSpec,
-    WorkOrder, ports,
+    ConsulAcl, ConsulSpec, FirewallSpec, LoadBalancerSpec, NodeState, ObservedState, OrderKind,
+    POSTGRES_SERVICE, PostgresSpec, Provider, ReplicationRole, Role, TopologyUpdate,
+    WEBAPP_SERVICE, WebappSpec, WorkOrder, ports,
 };
 
 pub use addressing::{AddressPlan, AddressPlans};
@@ -44,6 +44,10 @@ pub struct ClusterSettings {
     /// Consul's management token (a UUID). Every other Consul token is
     /// derived from it, see [`consul_id`].
     pub consul_management: String,
+    /// SSH's port on adm1, open to anyone there; cluster-only elsewhere.
+    pub ssh_port: u16,
+    /// The control plane's port on adm1 (UI and API), open to anyone.
+    pub control_plane_port: u16,
 }
 
 pub const DB_NAME: &str = "todomvc";
@@ -199,7 +203,12 @@ pub fn plan(
         }
     };
 
+    let cluster_networks = settings.addressing.networks();
     for ((role, _), (name, address)) in &live {
+        file(
+            name,
+            WorkOrder::Firewall(firewall(*role, cluster_networks.clone(), settings)),
+        );
         file(
             name,
             WorkOrder::Consul(ConsulSpec {
@@ -274,6 +283,54 @@ pub fn plan(
         file(&name, WorkOrder::Drain);
     }
     Ok(plan)
+}
+
+/// What may reach a node of `role`. Consul's ports are open to the
+/// cluster's networks on every node; web nodes take HTTP from anyone and
+/// the webapp's port from the cluster (the other nginx nodes); db nodes
+/// take PostgreSQL from the cluster; adm1 takes SSH and the control
+/// plane's UI/API from anyone, the other nodes SSH from the cluster only
+/// (adm1 is the way in).
+pub fn firewall(
+    role: Role,
+    cluster_networks: Vec<String>,
+    settings: &ClusterSettings,
+) -> FirewallSpec {
+    let mut public_tcp = Vec::new();
+    let mut cluster_tcp = vec![
+        ports::CONSUL_SERVER,
+        ports::CONSUL_SERF_LAN,
+        ports::CONSUL_SERF_WAN,
+        ports::CONSUL_HTTP,
+        ports::CONSUL_DNS,
+    ];
+    match role {
+        Role::Adm => {
+            public_tcp.extend([settings.ssh_port, settings.control_plane_port]);
+        }
+        Role::Web => {
+            public_tcp.push(ports::NGINX);
+            cluster_tcp.extend([ports::WEBAPP, settings.ssh_port]);
+        }
+        Role::Db => {
+            cluster_tcp.extend([ports::POSTGRES, settings.ssh_port]);
+        }
+    }
+    public_tcp.sort_unstable();
+    public_tcp.dedup();
+    cluster_tcp.sort_unstable();
+    cluster_tcp.dedup();
+    cluster_tcp.retain(|p| !public_tcp.contains(p));
+    FirewallSpec {
+        public_tcp,
+        cluster_networks,
+        cluster_tcp,
+        cluster_udp: vec![
+            ports::CONSUL_SERF_LAN,
+            ports::CONSUL_SERF_WAN,
+            ports::CONSUL_DNS,
+        ],
+    }
 }
 
 /// One Consul ACL token with a policy of its own.
@@ -383,6 +440,8 @@ mod tests {
             db_password: "secret".into(),
             replication_password: "other".into(),
             consul_management: "00000000-0000-4000-8000-000000000000".into(),
+            ssh_port: 2222,
+            control_plane_port: 7000,
         }
     }
 
@@ -454,11 +513,11 @@ mod tests {
             ]
         );
         assert_eq!(nodes.len(), 5);
-        // Web nodes run consul, the webapp and nginx; db nodes consul and
-        // postgres; adm1 consul only.
-        assert_eq!(orders_of(&plan, "nginx1").len(), 3);
-        assert_eq!(orders_of(&plan, "pg2").len(), 2);
-        assert_eq!(orders_of(&plan, "adm1").len(), 1);
+        // Every node has a firewall; web nodes run consul, the webapp and
+        // nginx; db nodes consul and postgres; adm1 consul only.
+        assert_eq!(orders_of(&plan, "nginx1").len(), 4);
+        assert_eq!(orders_of(&plan, "pg2").len(), 3);
+        assert_eq!(orders_of(&plan, "adm1").len(), 2);
     }
 
     #[test]
@@ -740,6 +799,54 @@ mod tests {
             addressing: plans,
             ..settings()
         }
+    }
+
+    #[test]
+    fn every_node_gets_the_firewall_of_its_role() {
+        let s = lxc_settings();
+        let p = plan(&spec(2, 2), &[], &LastOrders::new(), &s, Provider::Lxc).expect("plan");
+        let fw = |node: &str| {
+            p.orders
+                .iter()
+                .find_map(|(n, o)| match o {
+                    WorkOrder::Firewall(f) if n == node => Some(f.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("no firewall order for {node}"))
+        };
+        for node in ["adm1", "nginx1", "nginx2", "pg1", "pg2"] {
+            let f = fw(node);
+            // Both providers' networks, LXC's (the default here) first.
+            assert_eq!(f.cluster_networks, ["192.168.11.0/24", "127.0.11.0/24"]);
+            assert!(f.cluster_tcp.contains(&ports::CONSUL_SERF_LAN), "{node}");
+            assert!(f.cluster_udp.contains(&ports::CONSUL_SERF_LAN), "{node}");
+            assert!(!f.public_tcp.contains(&ports::CONSUL_HTTP), "{node}");
+            assert!(!f.public_tcp.contains(&ports::POSTGRES), "{node}");
+        }
+        // HTTP from anyone only on web nodes; the webapp from the cluster.
+        assert_eq!(fw("nginx1").public_tcp, [ports::NGINX]);
+        assert!(fw("nginx1").cluster_tcp.contains(&ports::WEBAPP));
+        assert!(fw("nginx1").cluster_tcp.contains(&2222));
+        // PostgreSQL from the cluster only.
+        assert_eq!(fw("pg1").public_tcp, Vec::<u16>::new());
+        assert!(fw("pg1").cluster_tcp.contains(&ports::POSTGRES));
+        assert!(!fw("nginx1").cluster_tcp.contains(&ports::POSTGRES));
+        // adm1: SSH on its configured port and the UI/API, from anyone.
+        assert_eq!(fw("adm1").public_tcp, [2222, 7000]);
+        assert!(!fw("adm1").cluster_tcp.contains(&2222));
+        // Filed once: the same plan again files no firewall order.
+        let mut nodes = Vec::new();
+        let mut last = LastOrders::new();
+        apply(&mut nodes, &mut last, &p);
+        let again = plan(&spec(2, 2), &nodes, &last, &s, Provider::Lxc).expect("plan");
+        assert!(
+            !again
+                .orders
+                .iter()
+                .any(|(_, o)| matches!(o, WorkOrder::Firewall(_))),
+            "{:?}",
+            again.orders
+        );
     }
 
     #[test]

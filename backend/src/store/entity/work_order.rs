@@ -39,6 +39,8 @@ pub enum Kind {
     Backup,
     #[sea_orm(string_value = "restore")]
     Restore,
+    #[sea_orm(string_value = "firewall")]
+    Firewall,
 }
 
 /// [`corral_proto::OrderStatus`] as stored.
@@ -66,7 +68,8 @@ same_variants!(
         Drain,
         Switchover,
         Backup,
-        Restore
+        Restore,
+        Firewall
     ]
 );
 same_variants!(
