@@ -103,8 +103,8 @@ both_backends! {
         let body: Value = res.json().await.expect("json");
         assert!(started.elapsed() < Duration::from_secs(5), "did not hold the request");
         let seqs: Vec<_> = body["orders"].as_array().expect("array").iter().map(|o| o["seq"].as_i64()).collect();
-        assert_eq!(seqs, vec![Some(2), Some(3)]);
-        assert_eq!(body["last_seq"], 3);
+        assert_eq!(seqs, vec![Some(2), Some(3), Some(4)]);
+        assert_eq!(body["last_seq"], 4);
         assert_eq!(body["orders"][0]["status"], "delivered");
         // The database follows (marks are written in batches); asking for
         // orders after 1 acknowledges having order 1 as well.
@@ -121,7 +121,7 @@ both_backends! {
             let (app_url, token) = (app.url.clone(), token.clone());
             tokio::spawn(async move {
                 let res = reqwest::Client::new()
-                    .get(format!("{app_url}/api/v1/agents/nginx1/orders?after=3&wait=30s"))
+                    .get(format!("{app_url}/api/v1/agents/nginx1/orders?after=4&wait=30s"))
                     .bearer_auth(token)
                     .send().await.expect("poll");
                 (Instant::now(), res.json::<Value>().await.expect("json"))
@@ -135,7 +135,7 @@ both_backends! {
         let (received, body) = waiting.await.expect("poll task");
         let latency = received.duration_since(filed);
         assert_eq!(body["orders"][0]["payload"]["policy"], "uri_hash");
-        assert_eq!(body["orders"][0]["seq"], 4);
+        assert_eq!(body["orders"][0]["seq"], 5);
         assert!(latency < Duration::from_millis(1000), "woken after {latency:?}");
     }
 
@@ -143,16 +143,16 @@ both_backends! {
         app.add_node("web").await;
         let token = app.enroll("nginx1").await;
         let started = Instant::now();
-        let res = poll(&app, &token, "nginx1", "after=3&wait=300ms").await;
+        let res = poll(&app, &token, "nginx1", "after=4&wait=300ms").await;
         let elapsed = started.elapsed();
         assert_eq!(res.status(), 200);
         let body: Value = res.json().await.expect("json");
         assert_eq!(body["orders"], json!([]));
-        assert_eq!(body["last_seq"], 3);
+        assert_eq!(body["last_seq"], 4);
         assert!(elapsed >= Duration::from_millis(300), "answered after {elapsed:?}");
         // wait=0 answers at once.
         let started = Instant::now();
-        let res = poll(&app, &token, "nginx1", "after=3&wait=0").await;
+        let res = poll(&app, &token, "nginx1", "after=4&wait=0").await;
         assert_eq!(res.status(), 200);
         assert!(started.elapsed() < Duration::from_secs(2));
     }

@@ -53,9 +53,10 @@ async fn the_cli_adds_a_node_lists_it_and_shows_its_orders() {
 
     let run = corral(&app, &["--output", "json", "orders", "nginx1"]).await;
     let orders: Vec<Value> = serde_json::from_str(&run.stdout).expect("json orders");
-    assert_eq!(orders.len(), 3);
+    assert_eq!(orders.len(), 4);
     let run = corral(&app, &["orders", "nginx1"]).await;
     assert!(run.stdout.contains("load_balancer"), "{}", run.stdout);
+    assert!(run.stdout.contains("firewall"), "{}", run.stdout);
     assert!(
         run.stdout.contains("\"password\":\"***\""),
         "secrets are masked: {}",

@@ -19,11 +19,13 @@ both_backends! {
         assert_eq!(node["address"], "127.0.11.21");
         assert_eq!(node["state"], "provisioning");
         assert_eq!(node["health"], "unknown");
-        assert_eq!(node["last_seq"], 3);
+        assert_eq!(node["last_seq"], 4);
         let orders = app.get_json("/api/v1/nodes/nginx1/orders").await;
         let seqs: Vec<_> = orders.as_array().expect("array").iter().map(|o| o["seq"].as_i64()).collect();
-        assert_eq!(seqs, vec![Some(1), Some(2), Some(3)]);
-        assert_eq!(orders[2]["payload"], json!({"kind": "load_balancer", "port": 80, "service": "todomvc", "policy": "round_robin"}));
+        assert_eq!(seqs, vec![Some(1), Some(2), Some(3), Some(4)]);
+        assert_eq!(orders[0]["payload"]["kind"], "firewall");
+        assert_eq!(orders[0]["payload"]["public_tcp"], json!([80]));
+        assert_eq!(orders[3]["payload"], json!({"kind": "load_balancer", "port": 80, "service": "todomvc", "policy": "round_robin"}));
         let second = app.add_node("web").await;
         assert_eq!((second["name"].as_str(), second["address"].as_str()), (Some("nginx2"), Some("127.0.11.22")));
         assert_eq!(app.get_json("/api/v1/topology").await["web"], 2);
@@ -114,7 +116,7 @@ both_backends! {
         // Asking again is harmless and changes nothing.
         assert_eq!(app.delete("/api/v1/nodes/nginx1").await.status(), 202);
         let poll: serde_json::Value = app
-            .as_token(&token, Method::GET, "/api/v1/agents/nginx1/orders?after=3")
+            .as_token(&token, Method::GET, "/api/v1/agents/nginx1/orders?after=4")
             .send().await.expect("poll").json().await.expect("json");
         assert_eq!(poll["orders"].as_array().map(Vec::len), Some(1));
         assert_eq!(poll["orders"][0]["payload"]["kind"], "drain");

@@ -28,16 +28,17 @@ both_backends! {
                              ("nginx1", "127.0.11.21"), ("nginx2", "127.0.11.22")] {
             assert!(addrs.contains(&(name.to_string(), addr.to_string())), "{name} at {addr} in {addrs:?}");
         }
-        // Every node has its orders waiting: web 3 kinds, db 2, adm 1.
+        // Every node has its orders waiting: web 4 kinds, db 3, adm 2
+        // (each a firewall first).
         let orders = app.get_json("/api/v1/nodes/nginx2/orders").await;
         let kinds: Vec<_> = orders.as_array().expect("array").iter()
             .map(|o| o["payload"]["kind"].as_str().expect("kind").to_string()).collect();
-        assert_eq!(kinds, vec!["consul", "webapp", "load_balancer"]);
+        assert_eq!(kinds, vec!["firewall", "consul", "webapp", "load_balancer"]);
         assert!(orders.as_array().expect("array").iter().all(|o| o["status"] == "pending"));
         let pg1 = app.get_json("/api/v1/nodes/pg1/orders").await;
-        assert_eq!(pg1[1]["payload"]["bootstrap"], true);
+        assert_eq!(pg1[2]["payload"]["bootstrap"], true);
         let pg2 = app.get_json("/api/v1/nodes/pg2/orders").await;
-        assert_eq!(pg2[1]["payload"]["bootstrap"], false);
+        assert_eq!(pg2[2]["payload"]["bootstrap"], false);
     }
 
     async fn the_same_topology_twice_files_nothing_the_second_time(app) {
@@ -55,10 +56,10 @@ both_backends! {
         let change = app.set_topology(3, 0, "uri_hash").await;
         assert_eq!(change["orders_filed"], 3);
         for n in ["nginx1", "nginx2", "nginx3"] {
-            let orders = app.get_json(&format!("/api/v1/nodes/{n}/orders?after=3")).await;
+            let orders = app.get_json(&format!("/api/v1/nodes/{n}/orders?after=4")).await;
             assert_eq!(orders.as_array().map(Vec::len), Some(1), "{n}");
             assert_eq!(orders[0]["payload"]["policy"], "uri_hash");
-            assert_eq!(orders[0]["seq"], 4);
+            assert_eq!(orders[0]["seq"], 5);
         }
     }
 
