@@ -9,6 +9,7 @@ pub mod error;
 pub mod event;
 pub mod logs;
 pub mod machine;
+pub mod metrics;
 pub mod node;
 pub mod order;
 pub mod topology;
@@ -30,6 +31,7 @@ pub use logs::{
 pub use machine::{
     HostMachine, HostOrders, HostPoll, MachineOrder, MachineResult, MachineSpec, MachineStatus,
 };
+pub use metrics::{MetricName, MetricPoint, MetricReading, MetricSeries, MetricsBatch, NodeSeries};
 pub use node::{
     CreateNode, Node, NodeHealth, NodeState, Provider, Role, ScalableRole, validate_node_name,
 };
@@ -63,4 +65,7 @@ pub mod ports {
     pub const CONSUL_SERF_WAN: u16 = 8302;
     pub const CONTROL_PLANE: u16 = 7000;
     pub const SSH: u16 = 22;
+    /// nginx's stub_status, on the node address only, answering the node
+    /// itself (the agent samples it).
+    pub const NGINX_STATUS: u16 = 8081;
 }
