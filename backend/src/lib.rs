@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cluster;
 pub mod consul_acl;
 pub mod error;
+pub mod prometheus;
 pub mod provider;
 pub mod reconcile;
 pub mod startup;

@@ -486,6 +486,9 @@ async fn log_request(
     let start = std::time::Instant::now();
     let res = next.call(req).await?;
     let status = res.status().as_u16();
+    if let Some(cluster) = res.request().app_data::<web::Data<Cluster>>() {
+        cluster.counters().response(status);
+    }
     let ms = start.elapsed().as_millis() as u64;
     let (method, path) = (res.request().method(), res.request().path());
     if status >= 500 {

@@ -8,6 +8,7 @@ mod m20261125_000001_initial;
 mod m20261203_000001_enrollment_secrets;
 mod m20261203_000002_backups;
 mod m20261203_000003_backup_schedule;
+mod m20261203_000004_metrics;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000001_enrollment_secrets::Migration),
             Box::new(m20261203_000002_backups::Migration),
             Box::new(m20261203_000003_backup_schedule::Migration),
+            Box::new(m20261203_000004_metrics::Migration),
         ]
     }
 }

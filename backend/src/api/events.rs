@@ -117,7 +117,9 @@ pub async fn stream_events(
         }
         None => (VecDeque::new(), -1),
     };
+    let open = cluster.counters().event_streams.hold();
     let state = Stream {
+        _open: open,
         cluster,
         rx,
         pending: backlog,
@@ -147,6 +149,8 @@ struct Stream {
     last_id: i64,
     keepalive: tokio::time::Interval,
     started: bool,
+    /// Counts this stream as open (`corral_event_streams`) until dropped.
+    _open: crate::prometheus::Held,
 }
 
 impl Stream {

@@ -11,6 +11,7 @@ mod events;
 mod hosts;
 mod logs;
 mod meta;
+mod metrics;
 mod nodes;
 mod topology;
 
@@ -75,6 +76,9 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         hosts::order_result,
         logs::post_logs,
         logs::get_logs,
+        metrics::post_metrics,
+        metrics::get_metrics,
+        metrics::exposition,
         meta::healthz,
         meta::version,
     ),
@@ -87,6 +91,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         (name = "backups", description = "Base backups in adm1's store, the archived WAL, point-in-time restores"),
         (name = "events", description = "The audit log, listed or streamed live"),
         (name = "agents", description = "What node agents call: enroll, long-poll orders, report"),
+        (name = "metrics", description = "Samples agents take every 10 s: raw for a day, 5-minute aggregates for 30 days"),
         (name = "hosts", description = "What host agents call: long-poll machine orders (VirtualBox VMs), report"),
         (name = "meta", description = "Liveness and version"),
     )
@@ -133,9 +138,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .configure(agents::routes)
                 .configure(hosts::routes)
                 .configure(logs::routes)
+                .configure(metrics::routes)
                 .default_service(web::to(not_found)),
         )
         .configure(meta::routes)
+        .configure(metrics::exposition_routes)
         .service(web::redirect("/docs", "/docs/"))
         .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", ApiDoc::openapi()))
         .default_service(web::to(not_found));

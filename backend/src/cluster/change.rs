@@ -300,6 +300,7 @@ impl Cluster {
             return Err(e.into());
         }
         let committed = clock.elapsed();
+        self.counters.orders_filed.add(outcome.orders_filed);
         desired.seen = leaves;
         if desired.loaded {
             let removed: HashSet<&str> = outcome.removed.iter().map(|(_, n)| n.as_str()).collect();

@@ -15,6 +15,7 @@ mod error;
 mod events;
 pub mod hosts;
 mod leader;
+mod metrics;
 mod nodes;
 mod orders;
 mod peers;
@@ -46,6 +47,7 @@ pub use change::Timings;
 pub use error::ClusterError;
 pub use hosts::Hosts;
 pub use leader::LEADER_RETRY;
+pub use metrics::{MetricsAccepted, SeriesQuery};
 pub use rows::{event_from_row, order_from_row};
 
 /// The most orders one poll answer carries; the agent polls again for more.
@@ -157,6 +159,8 @@ pub struct Cluster {
     leader: Arc<watch::Sender<bool>>,
     /// Dropped with the cluster: tasks holding sessions of their own end.
     gone: watch::Sender<()>,
+    /// What `GET /metrics` exposes about this server.
+    counters: crate::prometheus::Counters,
 }
 
 impl Cluster {
@@ -189,6 +193,7 @@ impl Cluster {
             published_events: Mutex::default(),
             leader: leader.clone(),
             gone: watch::Sender::new(()),
+            counters: crate::prometheus::Counters::default(),
         });
         if let Some(url) = postgres_url {
             cluster.same_secrets_as_the_cluster().await?;
@@ -214,6 +219,11 @@ impl Cluster {
 
     pub fn config(&self) -> &ClusterConfig {
         &self.config
+    }
+
+    /// What this server counted since it started (`GET /metrics`).
+    pub fn counters(&self) -> &crate::prometheus::Counters {
+        &self.counters
     }
 
     /// A generation counter of the nodes, bumped after every commit that
@@ -398,6 +408,9 @@ async fn prune(cluster: Weak<Cluster>) {
         }
         if let Err(e) = cluster.prune_now().await {
             tracing::warn!(error = %e, "pruning old orders and events failed");
+        }
+        if let Err(e) = cluster.prune_metrics(Utc::now().timestamp()).await {
+            tracing::warn!(error = %e, "rolling up and pruning metrics failed");
         }
     }
 }

@@ -118,6 +118,7 @@ impl Cluster {
         if let Some(last) = orders.last() {
             let _ = self.delivered.send((node_id, last.seq));
         }
+        self.counters.orders_delivered.add(orders.len() as u64);
         for o in &mut orders {
             if o.status == OrderStatus::Pending {
                 o.status = OrderStatus::Delivered;

@@ -4,6 +4,7 @@
 //! so the service layer can run several in one transaction.
 
 pub mod entity;
+pub mod metrics;
 
 use std::path::Path;
 use std::time::Duration;
@@ -385,6 +386,20 @@ pub async fn node_names<C: ConnectionTrait>(c: &C) -> Result<Vec<(String, String
         .await?;
     rows.into_iter()
         .map(|row| Ok((row.try_get("", "name")?, row.try_get("", "address")?)))
+        .collect()
+}
+
+/// How many nodes are in each lifecycle state.
+pub async fn node_states<C: ConnectionTrait>(c: &C) -> Result<Vec<(String, u64)>> {
+    let sql = "SELECT state, COUNT(*) AS n FROM nodes GROUP BY state ORDER BY state";
+    let rows = c
+        .query_all_raw(Statement::from_string(c.get_database_backend(), sql))
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            let n: i64 = row.try_get("", "n")?;
+            Ok((row.try_get("", "state")?, Ord::max(n, 0) as u64))
+        })
         .collect()
 }
 
