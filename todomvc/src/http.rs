@@ -72,9 +72,8 @@ pub async fn around_request(
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let started = Instant::now();
     let id = request_id(&req);
-    let node = req
-        .app_data::<web::Data<AppState>>()
-        .map(|s| s.served_by.clone());
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let node = state.as_ref().map(|s| s.served_by.clone());
     let method = req.method().clone();
     let path = req.path().to_string();
     // Consul checks health every few seconds; those lines would drown the rest.
@@ -114,7 +113,13 @@ pub async fn around_request(
     }
 
     let status = response.status();
-    let latency_us = started.elapsed().as_micros() as u64;
+    let took = started.elapsed();
+    if let Some(state) = &state
+        && crate::metrics::counted(&path)
+    {
+        state.metrics.observe(status.as_u16(), took);
+    }
+    let latency_us = took.as_micros() as u64;
     let read_from = response
         .headers()
         .get(&READ_FROM)

@@ -16,6 +16,7 @@ mod health;
 mod http;
 pub mod list_cache;
 pub mod lsn;
+pub mod metrics;
 mod page;
 pub mod store;
 pub mod todo;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub cluster: Cluster,
     pub node: Arc<str>,
     served_by: HeaderValue,
+    /// What `/metrics` reports.
+    pub metrics: metrics::RequestMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +91,7 @@ impl Application {
             cluster: cluster.clone(),
             node: node.clone().into(),
             served_by,
+            metrics: metrics::RequestMetrics::default(),
         });
 
         let listen_error = |source| StartError::Listen {
@@ -103,6 +107,7 @@ impl Application {
                 .configure(api::routes)
                 .configure(page::routes)
                 .route("/healthz", web::get().to(health::healthz))
+                .route("/metrics", web::get().to(metrics::metrics))
                 .default_service(web::to(http::not_found))
         })
         .shutdown_timeout(config.shutdown_timeout_secs)
