@@ -60,6 +60,9 @@ pub struct RunConfig {
     /// How often to send a heartbeat and ship logs: `2s`, `500ms`.
     #[arg(long, env = "CORRAL_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// How often to sample the node's metrics (and send them): `10s`.
+    #[arg(long, env = "CORRAL_METRICS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
     /// A service log is rotated past this size: `10M`, `512K`, bytes.
     #[arg(long, env = "CORRAL_LOG_MAX_SIZE", default_value = "10M", value_parser = parse_size)]
     pub log_max_size: u64,
@@ -137,6 +140,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("consul-bin", "CORRAL_CONSUL_BIN"),
     ("nginx-bin", "CORRAL_NGINX_BIN"),
     ("heartbeat-interval", "CORRAL_HEARTBEAT_INTERVAL"),
+    ("metrics-interval", "CORRAL_METRICS_INTERVAL"),
     ("log-max-size", "CORRAL_LOG_MAX_SIZE"),
     ("log-keep", "CORRAL_LOG_KEEP"),
     ("firewall", "CORRAL_FIREWALL"),

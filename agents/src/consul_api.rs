@@ -43,6 +43,12 @@ pub struct ConsulApi {
 }
 
 impl ConsulApi {
+    /// The plain-HTTP client it uses, for other calls to the node's own
+    /// services (the metrics sampler's): one client, one connection pool.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     pub fn new(address: &str) -> Self {
         Self {
             base: format!("http://{address}:{}", corral_proto::ports::CONSUL_HTTP),

@@ -326,6 +326,20 @@ impl ControlPlane {
         .map(drop)
     }
 
+    /// Sends a batch of metric samples.
+    pub async fn metrics(&self, batch: &corral_proto::MetricsBatch) -> Result<(), ControlError> {
+        let body = serde_json::to_value(batch).expect("serializes");
+        self.send(
+            Method::POST,
+            "/metrics",
+            &[],
+            Some(&body),
+            Duration::from_secs(10),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Ships log lines; a server without the endpoint (404) is ignored.
     pub async fn logs(&self, service: &str, lines: &[String]) -> Result<(), ControlError> {
         let body = serde_json::json!({ "service": service, "lines": lines });

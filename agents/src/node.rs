@@ -60,6 +60,14 @@ impl Node {
         }
     }
 
+    /// The port the ordered webapp listens on, if one is ordered.
+    pub fn webapp_port(&self) -> Option<u16> {
+        match self.state.applied(OrderKind::Webapp)? {
+            WorkOrder::Webapp(spec) => Some(spec.port),
+            _ => None,
+        }
+    }
+
     /// Gives the node its backup driver, which ships files to `control`.
     pub fn with_control(mut self, control: Arc<ControlPlane>) -> Self {
         self.backups = Some(Arc::new(BackupDriver::new(

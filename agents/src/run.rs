@@ -157,6 +157,25 @@ async fn heartbeat_loop(
     }
 }
 
+/// Samples the node's metrics every `interval` and sends them; what the
+/// control plane does not take waits in the outbox (bounded).
+async fn metrics_loop(node: Arc<Node>, control: Arc<ControlPlane>, interval: Duration) {
+    let mut sampler = crate::metrics::Sampler::new(node.clone());
+    let mut outbox = crate::metrics::Outbox::default();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if node.drained() {
+            continue;
+        }
+        outbox.push(sampler.sample().await);
+        if let Err(e) = outbox.flush(&control).await {
+            tracing::debug!(error = %e, buffered = outbox.len(), "sending metrics failed");
+        }
+    }
+}
+
 /// Claims the node: refuses to run beside a live agent on the same state
 /// dir (two agents would fight over the same services).
 fn write_pid_file(run_dir: &Path) -> anyhow::Result<()> {
@@ -248,6 +267,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         applied.clone(),
         config.heartbeat_interval,
         state_dir.join("logs"),
+    ));
+
+    tokio::spawn(metrics_loop(
+        node.clone(),
+        control.clone(),
+        config.metrics_interval,
     ));
 
     let mut term = signal(SignalKind::terminate())?;

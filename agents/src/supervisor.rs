@@ -85,14 +85,7 @@ impl Entry {
 
 /// Whether `pid` is a live (not zombie) process.
 pub fn pid_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
+    crate::procfs::read_stat(pid, &mut String::new()).is_some_and(|s| s.alive())
 }
 
 /// Whether any live process is in process group `pgid`. Every service is
@@ -102,22 +95,13 @@ pub fn group_alive(pgid: u32) -> bool {
     let Ok(entries) = fs::read_dir("/proc") else {
         return false;
     };
+    let mut buf = String::new();
     entries.flatten().any(|e| {
         let name = e.file_name();
         let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
             return false;
         };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return false;
-        };
-        // After the command name: state, ppid, pgrp.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            return false;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("Z");
-        let pgrp = fields.nth(1).and_then(|p| p.parse::<u32>().ok());
-        pgrp == Some(pgid) && state != "Z" && state != "X"
+        crate::procfs::read_stat(pid, &mut buf).is_some_and(|s| s.pgrp == pgid && s.alive())
     })
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corral_proto::{LbPolicy, LoadBalancerSpec};
+use corral_proto::{LbPolicy, LoadBalancerSpec, ports};
 use nix::sys::signal::Signal;
 use tokio::sync::Notify;
 
@@ -35,6 +35,11 @@ pub struct Render<'a> {
     pub upstreams: &'a [Upstream],
     /// Worker account when the master runs as root.
     pub user: Option<&'a str>,
+    /// The node address: where `stub_status` answers (port
+    /// [`ports::NGINX_STATUS`], to the node itself only) and nginx logs
+    /// each 5xx it answers (`logs/5xx.log`, two bytes each), for the
+    /// metrics sampler. None renders neither.
+    pub status: Option<IpAddr>,
 }
 
 /// The whole nginx.conf.
@@ -54,7 +59,17 @@ pub fn render(r: &Render<'_>) -> String {
         "pid {prefix}/run/nginx.pid;\nerror_log stderr warn;\n"
     ));
     out.push_str("events { worker_connections 1024; }\n\nhttp {\n");
-    out.push_str("    access_log off;\n    server_tokens off;\n");
+    match r.status {
+        // stub_status counts requests but not their statuses: a log of
+        // 5xx only, two bytes each, is the cheapest count nginx can keep.
+        Some(_) => out.push_str(&format!(
+            "    map $status $corral_5xx {{ ~^5 1; default 0; }}\n    \
+             log_format corral_5xx '5';\n    \
+             access_log {prefix}/logs/5xx.log corral_5xx if=$corral_5xx;\n"
+        )),
+        None => out.push_str("    access_log off;\n"),
+    }
+    out.push_str("    server_tokens off;\n");
     // A client connection is kept for many more requests than nginx's
     // default 1000 (a load generator or a busy page would otherwise
     // reconnect every thousand requests).
@@ -67,6 +82,17 @@ pub fn render(r: &Render<'_>) -> String {
         ("scgi_temp_path", "scgi"),
     ] {
         out.push_str(&format!("    {directive} {prefix}/tmp/{dir};\n"));
+    }
+    if let Some(address) = r.status {
+        // On the node address, answering the node itself: loopback
+        // connections to it come from 127.0.0.1, others from the address.
+        out.push_str(&format!(
+            "\n    server {{\n        listen {};\n        access_log off;\n        \
+             allow {address};\n        allow 127.0.0.1;\n        deny all;\n        \
+             location = /nginx_status {{ stub_status; }}\n        \
+             location / {{ return 404; }}\n    }}\n",
+            SocketAddr::new(address, ports::NGINX_STATUS)
+        ));
     }
     let name: String = r
         .service
@@ -217,6 +243,7 @@ impl NginxDriver {
             policy: spec.policy,
             upstreams: &upstreams,
             user: worker.as_ref().map(|w| w.name.as_str()),
+            status: Some(self.ctx.address),
         });
         let conf = self.conf();
         let unchanged = std::fs::read_to_string(&conf).is_ok_and(|c| c == text);
@@ -411,7 +438,31 @@ mod tests {
             policy,
             upstreams: ups,
             user: Some("www-data"),
+            status: Some([127, 0, 11, 21].into()),
         })
+    }
+
+    #[test]
+    fn stub_status_answers_the_node_itself_and_5xx_are_logged_alone() {
+        let c = conf(LbPolicy::RoundRobin, &upstreams());
+        assert!(c.contains("listen 127.0.11.21:8081;"), "{c}");
+        assert!(c.contains("location = /nginx_status { stub_status; }"));
+        assert!(c.contains("allow 127.0.11.21;") && c.contains("deny all;"));
+        assert!(c.contains("access_log /s/nginx/logs/5xx.log corral_5xx if=$corral_5xx;"));
+        assert!(!c.contains("access_log off;\n    server_tokens"));
+        let plain = render(&Render {
+            status: None,
+            ..Render {
+                prefix: Path::new("/s/nginx"),
+                listen: "127.0.11.21:80".into(),
+                service: "todomvc",
+                policy: LbPolicy::RoundRobin,
+                upstreams: &[],
+                user: None,
+                status: None,
+            }
+        });
+        assert!(!plain.contains("stub_status") && plain.contains("access_log off;"));
     }
 
     #[test]

@@ -54,6 +54,14 @@ const PRIMARY_WAIT: Duration = Duration::from_secs(300);
 /// long is rewound (its history forked) and restarted.
 const STUCK_AFTER: Duration = Duration::from_secs(15);
 
+/// PostgreSQL's counters as the metrics sampler reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgActivity {
+    pub commits: u64,
+    pub connections: u64,
+    pub lag_bytes: u64,
+}
+
 pub struct PostgresDriver {
     ctx: Arc<NodeContext>,
     desired: Mutex<Option<PostgresSpec>>,
@@ -1655,6 +1663,32 @@ impl PostgresDriver {
              while shut down: it is back as a standby and, holding the newest WAL, wins the \
              election that follows"
         ))
+    }
+
+    /// What the metrics sampler reads: transactions committed so far (every
+    /// database), client connections now, and replication lag in bytes (as
+    /// in [`Self::replication`]). `None` while no postgres is ordered or it
+    /// does not answer.
+    pub async fn activity(&self) -> Option<PgActivity> {
+        let port = self.desired.lock().expect("lock").as_ref()?.port;
+        let row = self
+            .query(
+                port,
+                "SELECT (SELECT COALESCE(sum(xact_commit), 0) FROM pg_stat_database), \
+                 (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
+                 CASE WHEN pg_is_in_recovery() \
+                 THEN COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0) \
+                 ELSE COALESCE((SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication), 0) END",
+            )
+            .await
+            .ok()?;
+        let mut cols = row.split('|');
+        let mut next = || cols.next()?.trim().parse::<f64>().ok();
+        Some(PgActivity {
+            commits: next()?.max(0.0) as u64,
+            connections: next()?.max(0.0) as u64,
+            lag_bytes: next()?.max(0.0) as u64,
+        })
     }
 
     /// Role, state, lag and timeline for the heartbeat.

@@ -65,6 +65,7 @@ impl Nginx {
                 policy: LbPolicy::RoundRobin,
                 upstreams: &upstreams,
                 user: None,
+                status: None,
             }),
         )?;
         let log = dir.path().join("error.log");
