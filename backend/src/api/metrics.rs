@@ -86,7 +86,9 @@ pub struct MetricsQuery {
 fn parse_time(what: &str, value: &str) -> Result<i64, ApiError> {
     let seconds = match value.trim().parse::<i64>() {
         Ok(s) => s,
-        Err(_) => DateTime::parse_from_rfc3339(value.trim())
+        // An offset's `+` arrives as a space when the query was not
+        // percent-encoded (`from=2026-12-03T16:00:00+01:00` typed in curl).
+        Err(_) => DateTime::parse_from_rfc3339(&value.trim().replace(' ', "+"))
             .map(|t| t.timestamp())
             .map_err(|e| {
                 ApiError::BadRequest(format!(
@@ -203,6 +205,9 @@ mod tests {
         .expect("ok");
         assert_eq!(q.from, 1_796_310_000);
         assert_eq!(q.name, MetricName::PgLagBytes);
+        let q = series_query(&query("cpu.host", Some("2026-12-03T16:00:00 01:00"), None), 0)
+            .expect("an unencoded + reads as a space");
+        assert_eq!(q.from, 1_796_310_000);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod db;
 mod events;
 mod hosts;
 mod logs;
+mod metrics;
 mod nodes;
 mod openapi;
 mod retention;
