@@ -153,6 +153,7 @@ impl Cluster {
             .arg("--todomvc-bin")
             .arg(todomvc_bin())
             .args(["--heartbeat-interval", "1s"])
+            .args(["--metrics-interval", "1s"])
             .env("RUST_LOG", "info,corral_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -386,6 +387,60 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         .await;
     eprintln!("pg1 observed: {}", pg1_node["observed"]);
     assert_eq!(pg1_node["observed"]["replication"]["role"], "primary");
+
+    // Real samples arrive: host figures and the node's own processes from
+    // /proc, nginx's requests from stub_status, the webapp's from its
+    // /metrics, PostgreSQL's counters. Requests keep flowing meanwhile, so
+    // the rates have something to count.
+    let newest = |series: &Value, node: &str| -> Option<f64> {
+        series["series"]
+            .as_array()?
+            .iter()
+            .find(|s| s["node"] == node)?["points"]
+            .as_array()?
+            .iter()
+            .map(|p| p["value"].as_f64().unwrap_or(-1.0))
+            .fold(None, |max: Option<f64>, v| Some(max.map_or(v, |m| m.max(v))))
+    };
+    let wanted = [
+        ("nginx1", "cpu.host", 0.0),
+        ("nginx1", "mem.used", 1.0),
+        ("nginx1", "mem.node_rss", 1.0),
+        ("nginx1", "disk.used_pct", 0.0),
+        ("nginx1", "net.rx", 0.0),
+        ("nginx1", "nginx.requests", 0.5),
+        ("nginx1", "nginx.5xx", 0.0),
+        ("nginx1", "webapp.requests", 0.5),
+        ("nginx1", "webapp.latency_ms", 0.0),
+        ("nginx1", "webapp.latency_p95_ms", 0.0),
+        ("pg1", "cpu.node", 0.0),
+        ("pg1", "pg.commits", 0.0),
+        ("pg1", "pg.connections", 1.0),
+        ("pg1", "pg.lag_bytes", 0.0),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut missing = Vec::new();
+    while Instant::now() < deadline {
+        let _ = http.get(format!("{lb}/todos")).send().await;
+        missing.clear();
+        for (node, name, at_least) in wanted {
+            let series = cluster
+                .admin(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/metrics?node={node}&name={name}"),
+                    None,
+                )
+                .await;
+            if newest(&series, node).is_none_or(|v| v < at_least) {
+                missing.push(format!("{node} {name} >= {at_least}: {series}"));
+            }
+        }
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(missing.is_empty(), "metrics never arrived:\n{}", missing.join("\n"));
 
     // The agents' footprint (VmRSS), as the lead wants it reported.
     let nginx1 = cluster.node_state("nginx1");
