@@ -400,7 +400,9 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
             .as_array()?
             .iter()
             .map(|p| p["value"].as_f64().unwrap_or(-1.0))
-            .fold(None, |max: Option<f64>, v| Some(max.map_or(v, |m| m.max(v))))
+            .fold(None, |max: Option<f64>, v| {
+                Some(max.map_or(v, |m| m.max(v)))
+            })
     };
     let wanted = [
         ("nginx1", "cpu.host", 0.0),
@@ -440,7 +442,11 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(missing.is_empty(), "metrics never arrived:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "metrics never arrived:\n{}",
+        missing.join("\n")
+    );
 
     // The agents' footprint (VmRSS), as the lead wants it reported.
     let nginx1 = cluster.node_state("nginx1");

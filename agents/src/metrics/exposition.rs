@@ -53,8 +53,8 @@ pub struct WebappCounters {
 
 pub const LATENCY: &str = "todomvc_http_request_duration_seconds";
 
-/// Reads the webapp's counters from its `/metrics` page, reusing `into`'s
-/// bucket vector.
+/// Reads the webapp's counters from its `/metrics` page into `into`
+/// (cleared first, its bucket vector reused).
 pub fn webapp_counters(text: &str, into: &mut WebappCounters) {
     into.buckets.clear();
     into.requests = 0.0;

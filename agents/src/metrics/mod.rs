@@ -255,10 +255,13 @@ impl Sampler {
         {
             let url = format!("http://{}/metrics", SocketAddr::new(address, port));
             if let Some(page) = self.get(url).await {
-                let mut counters = self.last.webapp.take().unwrap_or_default();
-                let before = std::mem::take(&mut counters);
+                let before = self.last.webapp.take();
+                let mut counters = WebappCounters::default();
                 exposition::webapp_counters(&page, &mut counters);
-                if secs > 0.0 && counters.requests >= before.requests && before.requests > 0.0 {
+                if let Some(before) = before
+                    && secs > 0.0
+                    && counters.requests >= before.requests
+                {
                     let requests = counters.requests - before.requests;
                     values.insert(MetricName::WebappRequests, requests / secs);
                     if requests > 0.0 {
