@@ -5,8 +5,8 @@
 use std::fmt;
 
 use corral_proto::{
-    Backup, BackupsStatus, CreateNode, ErrorBody, Event, LogLine, Node, Order, SwitchoverAccepted,
-    SwitchoverRequest, Topology, TopologyChange, TopologyUpdate,
+    Backup, BackupsStatus, CreateNode, ErrorBody, Event, LogLine, MetricName, MetricSeries, Node,
+    Order, SwitchoverAccepted, SwitchoverRequest, Topology, TopologyChange, TopologyUpdate,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -219,6 +219,19 @@ impl Client {
 
     pub async fn logs(&self, node: &str) -> Result<Vec<LogLine>, ApiError> {
         self.get(&format!("/api/v1/nodes/{node}/logs?limit=200"))
+            .await
+    }
+
+    /// The last `secs` seconds of a metric: of one node, or of every node.
+    pub async fn metric(
+        &self,
+        name: MetricName,
+        node: Option<&str>,
+        secs: i64,
+    ) -> Result<MetricSeries, ApiError> {
+        let node = node.map(|n| format!("&node={n}")).unwrap_or_default();
+        let from = crate::time::now_ms() / 1000 - secs;
+        self.get(&format!("/api/v1/metrics?name={name}&from={from}{node}"))
             .await
     }
 

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod chart;
 mod components;
 mod progress;
 mod route;

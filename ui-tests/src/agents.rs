@@ -231,6 +231,30 @@ impl Agents {
         Ok(())
     }
 
+    /// Sends samples of one metric, one every 10 s up to now, as a node's
+    /// agent does.
+    pub async fn send_metric(&self, node: &str, name: &str, values: &[f64]) -> anyhow::Result<()> {
+        let token = self.token(node)?;
+        let now = chrono::Utc::now().timestamp();
+        let n = values.len() as i64;
+        let samples: Vec<_> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| json!({"at": now - 10 * (n - 1 - i as i64), "values": {name: v}}))
+            .collect();
+        let res = self
+            .http
+            .post(format!("{}/api/v1/agents/{node}/metrics", self.url))
+            .bearer_auth(&token)
+            .json(&json!({ "samples": samples }))
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("metrics {node}: {} {}", res.status(), res.text().await?);
+        }
+        Ok(())
+    }
+
     pub async fn ship_logs(&self, node: &str, service: &str, lines: &[&str]) -> anyhow::Result<()> {
         let token = self.token(node)?;
         let res = self

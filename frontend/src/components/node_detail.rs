@@ -1,11 +1,12 @@
 //! One node: its record, its progress, its work orders with their results,
 //! its recent service logs, and removal (drain first, after confirmation).
 
-use corral_proto::{LogLine, Node, Order, Role};
+use corral_proto::{LogLine, MetricName, Node, Order, Role};
 use yew::prelude::*;
 use yew_router::prelude::*;
 
 use super::console::use_ctx;
+use super::metric_chart::MetricChart;
 use super::node_card::NodeCard;
 use super::order_table::OrderTable;
 use super::overview::can_switch_over;
@@ -28,6 +29,32 @@ enum Loaded {
     Loading,
     Found(Box<Node>),
     Gone(String),
+}
+
+/// The charts a node of `role` shows: host and own processes for all, then
+/// what its services do.
+fn charts_of(role: Role) -> Vec<(MetricName, &'static str)> {
+    let mut charts = vec![
+        (MetricName::CpuHost, "Host CPU"),
+        (MetricName::CpuNode, "CPU of the node's processes"),
+        (MetricName::MemNode, "Memory of the node's processes"),
+        (MetricName::NetRx, "Network received"),
+    ];
+    match role {
+        Role::Web => charts.extend([
+            (MetricName::NginxRequests, "nginx requests"),
+            (MetricName::Nginx5xx, "nginx 5xx answers"),
+            (MetricName::WebappRequests, "Webapp requests"),
+            (MetricName::WebappLatencyP95, "Webapp latency, p95"),
+        ]),
+        Role::Db => charts.extend([
+            (MetricName::PgCommits, "Commits"),
+            (MetricName::PgConnections, "Connections"),
+            (MetricName::PgLagBytes, "Replication lag"),
+        ]),
+        Role::Adm => charts.push((MetricName::DiskUsed, "Disk used")),
+    }
+    charts
 }
 
 #[component]
@@ -153,6 +180,13 @@ pub fn NodeDetail(props: &Props) -> Html {
             <NodeCard node={node.clone()} now_ms={now_ms()} full_details=true>
                 <ProgressSteps steps={steps(&node, orders.as_deref())} />
             </NodeCard>
+            <h2>{ "Metrics (last hour)" }</h2>
+            <div class="charts">
+                { for charts_of(node.role).iter().map(|(metric, title)| html! {
+                    <MetricChart key={metric.as_str()} name={*metric} title={*title}
+                                 node={Some(node.name.clone())} />
+                }) }
+            </div>
             <h2>{ "Work orders" }</h2>
             if let Some(orders) = &*orders {
                 <OrderTable orders={orders.clone()} />

@@ -2,11 +2,12 @@
 //! load balancers with their webapps, and the primary streaming to its
 //! standbys. Nodes added here show their progress step by step.
 
-use corral_proto::{CreateNode, Node, NodeState, ReplicationRole, Role, ScalableRole};
+use corral_proto::{CreateNode, MetricName, Node, NodeState, ReplicationRole, Role, ScalableRole};
 use yew::prelude::*;
 
 use super::backup_panel::BackupPanel;
 use super::console::use_ctx;
+use super::metric_chart::MetricChart;
 use super::node_card::NodeCard;
 use super::switchover_button::SwitchoverButton;
 use super::tracked_progress::TrackedProgress;
@@ -95,6 +96,13 @@ pub fn Overview() -> Html {
         )
     });
     let busy = adding.is_some();
+    // Failovers and switchovers, marked on the cluster's charts.
+    let failovers: Vec<(i64, AttrValue)> = state
+        .events
+        .iter()
+        .filter(|e| e.kind == "db.promoted")
+        .map(|e| (e.at.timestamp(), AttrValue::from(e.message.clone())))
+        .collect();
 
     html! {
         <section class="page overview" aria-labelledby="overview-title">
@@ -166,6 +174,18 @@ pub fn Overview() -> Html {
                         }
                     </section>
                 </div>
+                <section class="cluster-metrics" aria-labelledby="cluster-metrics">
+                    <h2 id="cluster-metrics">{ "Cluster metrics (last hour; dashed red: failovers)" }</h2>
+                    <div class="charts">
+                        <MetricChart name={MetricName::NginxRequests} total=true
+                                     title="Requests/s through the load balancers"
+                                     marks={failovers.clone()} />
+                        <MetricChart name={MetricName::PgLagBytes} title="Replication lag"
+                                     marks={failovers.clone()} />
+                        <MetricChart name={MetricName::WebappLatencyP95} title="Webapp latency, p95"
+                                     marks={failovers} />
+                    </div>
+                </section>
             }
         </section>
     }

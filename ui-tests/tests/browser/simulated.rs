@@ -51,6 +51,12 @@ async fn the_console_follows_a_simulated_cluster() -> anyhow::Result<()> {
     agents
         .ship_logs("nginx1", "nginx", &["nginx: started", "GET / 200 0.002"])
         .await?;
+    agents
+        .send_metric("nginx1", "nginx.requests", &[3.0, 5.0, 4.0, 6.0])
+        .await?;
+    agents
+        .send_metric("nginx2", "nginx.requests", &[1.0, 2.0, 2.0, 1.0])
+        .await?;
     let _alive = agents.keep_alive();
 
     let driver = Chromedriver::start().await?;
@@ -106,6 +112,25 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
         consul.attr("href").await?.as_deref() == Some("http://127.0.11.5:8500/ui"),
         "Consul UI link"
     );
+    // The cluster's charts, drawn as SVG by the UI: a line per load
+    // balancer and their total, each through every sample sent.
+    let chart = "figure.chart[data-metric='nginx.requests']";
+    for line in ["nginx1", "nginx2", "total"] {
+        let polyline = browser
+            .wait_for(&format!("{chart} polyline[data-node='{line}']"))
+            .await?;
+        let points = polyline.attr("points").await?.unwrap_or_default();
+        anyhow::ensure!(
+            points.split(' ').filter(|p| p.contains(',')).count() == 4,
+            "{line}: points {points:?}"
+        );
+    }
+    browser
+        .wait_text(&format!("{chart} .chart-legend"), "total 7.0 /s")
+        .await?;
+    browser
+        .screenshot("overview-charts-1280", 1280, 2200)
+        .await?;
     browser.screenshot("overview-1280", 1280, 1000).await?;
 
     // A planned switchover from the standby's card: the order goes to the

@@ -1,0 +1,146 @@
+//! One metric over the last hour as an SVG line chart drawn here (no
+//! charting library): a line per node, optionally their total, and marks
+//! at moments worth seeing against it (failovers). It asks the metrics API
+//! again every 10 s, the agents' sampling interval: samples are not audit
+//! events, so they do not come down the event stream.
+
+use corral_proto::{MetricName, MetricSeries};
+use gloo_timers::callback::Interval;
+use yew::prelude::*;
+
+use super::console::use_ctx;
+use crate::chart::{self, HEIGHT, WIDTH};
+
+/// The window shown, in seconds.
+pub const WINDOW_SECS: i64 = 3600;
+const REFRESH_MS: u32 = 10_000;
+
+#[derive(Properties, PartialEq, Clone)]
+pub struct Props {
+    pub name: MetricName,
+    pub title: AttrValue,
+    /// One node's series; every node's when absent.
+    #[prop_or_default]
+    pub node: Option<AttrValue>,
+    /// Also draw the sum of every node's series.
+    #[prop_or_default]
+    pub total: bool,
+    /// Vertical marks: (seconds since the epoch, what happened).
+    #[prop_or_default]
+    pub marks: Vec<(i64, AttrValue)>,
+}
+
+#[derive(Clone, PartialEq)]
+enum Loaded {
+    Loading,
+    Got(Box<MetricSeries>),
+    Failed(String),
+}
+
+#[component]
+pub fn MetricChart(props: &Props) -> Html {
+    let ctx = use_ctx();
+    let loaded = use_state(|| Loaded::Loading);
+    {
+        let loaded = loaded.clone();
+        use_effect_with((props.name, props.node.clone()), move |(name, node)| {
+            let (name, node) = (*name, node.clone());
+            let fetch = move || {
+                let (client, loaded, node) = (ctx.client.clone(), loaded.clone(), node.clone());
+                wasm_bindgen_futures::spawn_local(async move {
+                    match client.metric(name, node.as_deref(), WINDOW_SECS).await {
+                        Ok(s) => loaded.set(Loaded::Got(Box::new(s))),
+                        Err(e) => loaded.set(Loaded::Failed(e.to_string())),
+                    }
+                });
+            };
+            fetch();
+            let interval = Interval::new(REFRESH_MS, fetch);
+            move || drop(interval)
+        });
+    }
+
+    let body = match &*loaded {
+        Loaded::Loading => html! { <p class="chart-note" role="status">{ "Loading…" }</p> },
+        Loaded::Failed(why) => {
+            html! { <p class="chart-note">{ format!("Metrics unavailable: {why}") }</p> }
+        }
+        Loaded::Got(s) if s.series.iter().all(|n| n.points.is_empty()) => {
+            html! { <p class="chart-note">{ "No samples in the last hour yet." }</p> }
+        }
+        Loaded::Got(s) => draw(props, s),
+    };
+    html! {
+        <figure class="chart" data-metric={props.name.as_str()}>
+            <figcaption>{ props.title.clone() }</figcaption>
+            { body }
+        </figure>
+    }
+}
+
+fn draw(props: &Props, s: &MetricSeries) -> Html {
+    let (from, to) = (s.to - WINDOW_SECS, s.to);
+    let total = props.total.then(|| chart::sum(&s.series));
+    let top = chart::nice_max(
+        s.series
+            .iter()
+            .flat_map(|n| n.points.iter())
+            .chain(total.iter().flatten())
+            .map(|p| p.value)
+            .fold(0.0, f64::max),
+    );
+    let latest = |points: &[corral_proto::MetricPoint]| {
+        points
+            .last()
+            .map(|p| chart::format_value(p.value, &s.unit))
+            .unwrap_or_default()
+    };
+    let mut legend: Vec<(String, String, usize)> = s
+        .series
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.node.clone(), latest(&n.points), i % 6))
+        .collect();
+    if let Some(t) = &total {
+        legend.push(("total".into(), latest(t), 6));
+    }
+    let label = legend
+        .iter()
+        .map(|(n, v, _)| format!("{n} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    html! {
+        <>
+            <svg class="chart-plot" viewBox={format!("0 0 {WIDTH} {HEIGHT}")}
+                 preserveAspectRatio="none" role="img"
+                 aria-label={format!("{} over the last hour: now {label}", props.title)}>
+                <line class="chart-grid" x1="0" y1={(HEIGHT / 2.0).to_string()} x2={WIDTH.to_string()} y2={(HEIGHT / 2.0).to_string()} />
+                { for props.marks.iter().filter_map(|(at, what)| {
+                    let x = chart::x_of(*at, from, to)?.to_string();
+                    Some(html! {
+                        <line class="chart-mark" x1={x.clone()} y1="0" x2={x} y2={HEIGHT.to_string()}>
+                            <title>{ what.clone() }</title>
+                        </line>
+                    })
+                }) }
+                { for s.series.iter().enumerate().map(|(i, n)| html! {
+                    <polyline class={format!("series series-{}", i % 6)} data-node={n.node.clone()}
+                              points={chart::polyline(&n.points, from, to, top)} />
+                }) }
+                if let Some(t) = &total {
+                    <polyline class="series series-total" data-node="total"
+                              points={chart::polyline(t, from, to, top)} />
+                }
+            </svg>
+            <div class="chart-axis">
+                <span>{ format!("top {}", chart::format_value(top, &s.unit)) }</span>
+                <span>{ "1 h ago → now" }</span>
+            </div>
+            <ul class="chart-legend">
+                { for legend.into_iter().map(|(node, value, i)| html! {
+                    <li class={format!("legend-{i}")}><span class="swatch"></span>{ format!("{node} {value}") }</li>
+                }) }
+            </ul>
+        </>
+    }
+}
