@@ -205,8 +205,11 @@ mod tests {
         .expect("ok");
         assert_eq!(q.from, 1_796_310_000);
         assert_eq!(q.name, MetricName::PgLagBytes);
-        let q = series_query(&query("cpu.host", Some("2026-12-03T16:00:00 01:00"), None), 0)
-            .expect("an unencoded + reads as a space");
+        let q = series_query(
+            &query("cpu.host", Some("2026-12-03T16:00:00 01:00"), None),
+            0,
+        )
+        .expect("an unencoded + reads as a space");
         assert_eq!(q.from, 1_796_310_000);
     }
 

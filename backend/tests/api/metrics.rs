@@ -12,11 +12,15 @@ use crate::helpers::*;
 const DAY: i64 = 86_400;
 
 async fn send(app: &TestApp, token: &str, node: &str, body: Value) -> reqwest::Response {
-    app.as_token(token, Method::POST, &format!("/api/v1/agents/{node}/metrics"))
-        .json(&body)
-        .send()
-        .await
-        .expect("post metrics")
+    app.as_token(
+        token,
+        Method::POST,
+        &format!("/api/v1/agents/{node}/metrics"),
+    )
+    .json(&body)
+    .send()
+    .await
+    .expect("post metrics")
 }
 
 fn points(series: &Value, node: &str) -> Vec<(i64, f64, f64)> {
