@@ -34,29 +34,31 @@ enum MetricDirty {
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .create_table(
-                Table::create()
-                    .table(MetricPoints::Table)
-                    .if_not_exists()
-                    .col(string_len(MetricPoints::Node, 63))
-                    .col(small_integer(MetricPoints::Name))
-                    .col(small_integer(MetricPoints::Step))
-                    .col(big_integer(MetricPoints::At))
-                    .col(double(MetricPoints::Value))
-                    .col(double(MetricPoints::Max))
-                    // One point per slot: a re-sent sample replaces itself,
-                    // so a node's rows per day are bounded by the slots.
-                    .primary_key(
-                        Index::create()
-                            .col(MetricPoints::Node)
-                            .col(MetricPoints::Name)
-                            .col(MetricPoints::Step)
-                            .col(MetricPoints::At),
-                    )
-                    .to_owned(),
-            )
-            .await?;
+        let mut points = Table::create();
+        points
+            .table(MetricPoints::Table)
+            .if_not_exists()
+            .col(string_len(MetricPoints::Node, 63))
+            .col(small_integer(MetricPoints::Name))
+            .col(small_integer(MetricPoints::Step))
+            .col(big_integer(MetricPoints::At))
+            .col(double(MetricPoints::Value))
+            .col(double(MetricPoints::Max))
+            // One point per slot: a re-sent sample replaces itself,
+            // so a node's rows per day are bounded by the slots.
+            .primary_key(
+                Index::create()
+                    .col(MetricPoints::Node)
+                    .col(MetricPoints::Name)
+                    .col(MetricPoints::Step)
+                    .col(MetricPoints::At),
+            );
+        // On SQLite the rows live in the primary key's B-tree itself rather
+        // than in a rowid table beside it: 62 bytes a row instead of 82.
+        if manager.get_database_backend() == sea_orm::DbBackend::Sqlite {
+            points.extra("WITHOUT ROWID");
+        }
+        manager.create_table(points).await?;
         // Pruning deletes by (step, at) across every node.
         manager
             .create_index(
