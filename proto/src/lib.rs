@@ -31,7 +31,9 @@ pub use logs::{
 pub use machine::{
     HostMachine, HostOrders, HostPoll, MachineOrder, MachineResult, MachineSpec, MachineStatus,
 };
-pub use metrics::{MetricName, MetricPoint, MetricReading, MetricSeries, MetricsBatch, NodeSeries};
+pub use metrics::{
+    MetricName, MetricPoint, MetricReading, MetricSeries, MetricsAccepted, MetricsBatch, NodeSeries,
+};
 pub use node::{
     CreateNode, Node, NodeHealth, NodeState, Provider, Role, ScalableRole, validate_node_name,
 };

@@ -137,6 +137,17 @@ impl MetricsBatch {
     }
 }
 
+/// What became of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MetricsAccepted {
+    /// Values stored.
+    pub stored: u64,
+    /// Samples skipped: older than the raw retention (a day) or more than
+    /// 5 minutes ahead of the server's clock.
+    pub skipped: u64,
+}
+
 /// One point of a series: the mean over its step and the largest value in it
 /// (equal for raw 10-second points).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

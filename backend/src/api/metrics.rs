@@ -5,13 +5,13 @@
 
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
-use corral_proto::{ErrorBody, MetricName, MetricSeries, MetricsBatch};
+use corral_proto::{ErrorBody, MetricName, MetricSeries, MetricsAccepted, MetricsBatch};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::Body;
 use crate::auth::Caller;
-use crate::cluster::{Cluster, MetricsAccepted, SeriesQuery};
+use crate::cluster::{Cluster, SeriesQuery};
 use crate::error::ApiError;
 
 /// Latest time a query may name: the end of year 9999, as RFC 3339 can.

@@ -5,7 +5,7 @@
 
 use chrono::Utc;
 use corral_proto::metrics::{RAW_KEEP_SECS, ROLLUP_SECS, SAMPLE_SECS};
-use corral_proto::{MetricName, MetricSeries, MetricsBatch, NodeSeries};
+use corral_proto::{MetricName, MetricSeries, MetricsAccepted, MetricsBatch, NodeSeries};
 
 use super::{Cluster, ClusterError};
 use crate::store::metrics::{self as stored, RawPoint};
@@ -16,16 +16,6 @@ pub const MAX_AHEAD_SECS: i64 = 300;
 /// A bucket is rolled up once it closed this long ago, so the samples of
 /// its last slots, sent every 10 s, have arrived.
 const ROLLUP_GRACE_SECS: i64 = 20;
-
-/// What became of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct MetricsAccepted {
-    /// Values stored.
-    pub stored: u64,
-    /// Samples skipped: older than the raw retention (a day) or more than
-    /// 5 minutes ahead of the server's clock.
-    pub skipped: u64,
-}
 
 /// A request for a series, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -47,7 +47,7 @@ pub use change::Timings;
 pub use error::ClusterError;
 pub use hosts::Hosts;
 pub use leader::LEADER_RETRY;
-pub use metrics::{MetricsAccepted, SeriesQuery};
+pub use metrics::SeriesQuery;
 pub use rows::{event_from_row, order_from_row};
 
 /// The most orders one poll answer carries; the agent polls again for more.
