@@ -447,6 +447,19 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
         "metrics never arrived:\n{}",
         missing.join("\n")
     );
+    // The webapp's figures are for its agent, not for the public side.
+    let direct = http
+        .get(format!("http://{net}.21:8080/metrics"))
+        .send()
+        .await
+        .expect("webapp /metrics");
+    assert_eq!(direct.status(), 200);
+    let public = http
+        .get(format!("{lb}/metrics"))
+        .send()
+        .await
+        .expect("lb /metrics");
+    assert_eq!(public.status(), 404);
 
     // The agents' footprint (VmRSS), as the lead wants it reported.
     let nginx1 = cluster.node_state("nginx1");

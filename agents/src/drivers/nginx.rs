@@ -131,7 +131,9 @@ pub fn render(r: &Render<'_>) -> String {
              proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            \
              proxy_set_header X-Forwarded-Proto $scheme;\n            \
              proxy_connect_timeout 2s;\n            \
-             proxy_next_upstream error timeout http_502 http_503 http_504;\n        }}\n    }}\n",
+             proxy_next_upstream error timeout http_502 http_503 http_504;\n        }}\n        \
+             # The webapps' own figures are for their node's agent, not the public.\n        \
+             location = /metrics {{ return 404; }}\n    }}\n",
             listen = r.listen,
         ));
     }
@@ -446,6 +448,7 @@ mod tests {
     fn stub_status_answers_the_node_itself_and_5xx_are_logged_alone() {
         let c = conf(LbPolicy::RoundRobin, &upstreams());
         assert!(c.contains("listen 127.0.11.21:8081;"), "{c}");
+        assert!(c.contains("location = /metrics { return 404; }"), "{c}");
         assert!(c.contains("location = /nginx_status { stub_status; }"));
         assert!(c.contains("allow 127.0.11.21;") && c.contains("deny all;"));
         assert!(c.contains("access_log /s/nginx/logs/5xx.log corral_5xx if=$corral_5xx;"));
