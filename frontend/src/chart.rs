@@ -5,9 +5,10 @@
 
 use corral_proto::{MetricPoint, NodeSeries};
 
-/// Width and height of the drawing in SVG units (it scales with the page).
+/// Width and height of the drawing in SVG units: it scales with the page,
+/// keeping this shape, so dots stay round.
 pub const WIDTH: f64 = 600.0;
-pub const HEIGHT: f64 = 160.0;
+pub const HEIGHT: f64 = 220.0;
 
 /// The top of the value axis: the smallest 1, 2 or 5 times a power of ten
 /// at or above `max` (1 when there is nothing above zero).
@@ -27,18 +28,21 @@ pub fn nice_max(max: f64) -> f64 {
 /// `from..=to`, its value up from the bottom to `top`. Points outside the
 /// range are left out; values are clamped into the box.
 pub fn polyline(points: &[MetricPoint], from: i64, to: i64, top: f64) -> String {
-    let span = (to - from).max(1) as f64;
-    let top = if top > 0.0 { top } else { 1.0 };
     let mut out = String::with_capacity(points.len() * 14);
-    for p in points.iter().filter(|p| p.at >= from && p.at <= to) {
-        let x = (p.at - from) as f64 / span * WIDTH;
-        let y = HEIGHT - (p.value / top).clamp(0.0, 1.0) * HEIGHT;
+    for (x, y) in points.iter().filter_map(|p| xy(p, from, to, top)) {
         if !out.is_empty() {
             out.push(' ');
         }
         out.push_str(&format!("{x:.1},{y:.1}"));
     }
     out
+}
+
+/// Where a point goes in the box, if its time is in the range.
+pub fn xy(p: &MetricPoint, from: i64, to: i64, top: f64) -> Option<(f64, f64)> {
+    let top = if top > 0.0 { top } else { 1.0 };
+    let x = x_of(p.at, from, to)?;
+    Some((x, HEIGHT - (p.value / top).clamp(0.0, 1.0) * HEIGHT))
 }
 
 /// Where a moment falls across the width, if inside the range.
@@ -113,8 +117,9 @@ mod tests {
             100,
             10.0,
         );
-        assert_eq!(line, "0.0,160.0 300.0,80.0 600.0,0.0");
+        assert_eq!(line, "0.0,220.0 300.0,110.0 600.0,0.0");
         assert_eq!(x_of(25, 0, 100), Some(150.0));
+        assert_eq!(xy(&p(100, 5.0), 0, 100, 10.0), Some((600.0, 110.0)));
         assert_eq!(x_of(101, 0, 100), None);
     }
 

@@ -231,16 +231,22 @@ impl Agents {
         Ok(())
     }
 
-    /// Sends samples of one metric, one every 10 s up to now, as a node's
-    /// agent does.
-    pub async fn send_metric(&self, node: &str, name: &str, values: &[f64]) -> anyhow::Result<()> {
+    /// Sends samples of one metric, `every` seconds apart up to now (an
+    /// agent sends one every 10 s), at most 100.
+    pub async fn send_metric(
+        &self,
+        node: &str,
+        name: &str,
+        every: i64,
+        values: &[f64],
+    ) -> anyhow::Result<()> {
         let token = self.token(node)?;
         let now = chrono::Utc::now().timestamp();
         let n = values.len() as i64;
         let samples: Vec<_> = values
             .iter()
             .enumerate()
-            .map(|(i, v)| json!({"at": now - 10 * (n - 1 - i as i64), "values": {name: v}}))
+            .map(|(i, v)| json!({"at": now - every * (n - 1 - i as i64), "values": {name: v}}))
             .collect();
         let res = self
             .http

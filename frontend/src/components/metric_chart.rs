@@ -111,8 +111,7 @@ fn draw(props: &Props, s: &MetricSeries) -> Html {
         .join(", ");
     html! {
         <>
-            <svg class="chart-plot" viewBox={format!("0 0 {WIDTH} {HEIGHT}")}
-                 preserveAspectRatio="none" role="img"
+            <svg class="chart-plot" viewBox={format!("0 0 {WIDTH} {HEIGHT}")} role="img"
                  aria-label={format!("{} over the last hour: now {label}", props.title)}>
                 <line class="chart-grid" x1="0" y1={(HEIGHT / 2.0).to_string()} x2={WIDTH.to_string()} y2={(HEIGHT / 2.0).to_string()} />
                 { for props.marks.iter().filter_map(|(at, what)| {
@@ -126,6 +125,15 @@ fn draw(props: &Props, s: &MetricSeries) -> Html {
                 { for s.series.iter().enumerate().map(|(i, n)| html! {
                     <polyline class={format!("series series-{}", i % 6)} data-node={n.node.clone()}
                               points={chart::polyline(&n.points, from, to, top)} />
+                }) }
+                // The newest point of each line as a dot: a single sample
+                // makes no line, and the end is what people look for.
+                { for s.series.iter().enumerate().filter_map(|(i, n)| {
+                    let (x, y) = chart::xy(n.points.last()?, from, to, top)?;
+                    Some(html! {
+                        <circle class={format!("dot series-{}", i % 6)} cx={format!("{x:.1}")}
+                                cy={format!("{y:.1}")} r="7" />
+                    })
                 }) }
                 if let Some(t) = &total {
                     <polyline class="series series-total" data-node="total"

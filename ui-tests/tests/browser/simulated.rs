@@ -51,11 +51,19 @@ async fn the_console_follows_a_simulated_cluster() -> anyhow::Result<()> {
     agents
         .ship_logs("nginx1", "nginx", &["nginx: started", "GET / 200 0.002"])
         .await?;
+    // Half an hour of requests/s through each load balancer, a sample a
+    // minute: the last ones 6 and 1.
+    let wave = |base: f64| -> Vec<f64> {
+        (0..30)
+            .map(|i| base + (f64::from(i) / 3.0).sin() * base / 2.0)
+            .chain([if base > 2.0 { 6.0 } else { 1.0 }])
+            .collect()
+    };
     agents
-        .send_metric("nginx1", "nginx.requests", &[3.0, 5.0, 4.0, 6.0])
+        .send_metric("nginx1", "nginx.requests", 60, &wave(8.0))
         .await?;
     agents
-        .send_metric("nginx2", "nginx.requests", &[1.0, 2.0, 2.0, 1.0])
+        .send_metric("nginx2", "nginx.requests", 60, &wave(2.0))
         .await?;
     let _alive = agents.keep_alive();
 
@@ -121,7 +129,7 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
             .await?;
         let points = polyline.attr("points").await?.unwrap_or_default();
         anyhow::ensure!(
-            points.split(' ').filter(|p| p.contains(',')).count() == 4,
+            points.split(' ').filter(|p| p.contains(',')).count() == 31,
             "{line}: points {points:?}"
         );
     }
