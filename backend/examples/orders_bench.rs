@@ -229,7 +229,24 @@ async fn main() -> anyhow::Result<()> {
         ms(started.elapsed())
     );
 
-    // 3. Every agent holds a long poll after its current orders (3 each).
+    // Where each node's orders stand now (a firewall, consul, the webapp
+    // and nginx for a web node): its poll waits after that.
+    let listed: Value = http
+        .get(format!("{url}/api/v1/nodes"))
+        .bearer_auth(&args.token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let last_seq: std::collections::HashMap<String, i64> = listed
+        .as_array()
+        .context("GET /api/v1/nodes: not a list")?
+        .iter()
+        .filter_map(|n| Some((n["name"].as_str()?.to_string(), n["last_seq"].as_i64()?)))
+        .collect();
+
+    // 3. Every agent holds a long poll after its current orders.
     // The polls use a bare HTTP/1.1 exchange on their own connection rather
     // than reqwest: the bench shares this machine's two cores with the
     // server, and every cycle it spends delays the arrival times it records.
@@ -260,9 +277,10 @@ async fn main() -> anyhow::Result<()> {
             _ => (addr.clone(), false),
         };
         let (tx, tls) = (tx.clone(), tls.clone());
+        let after = last_seq.get(&node).copied().unwrap_or_default();
         tokio::spawn(async move {
             let request = format!(
-                "GET /api/v1/agents/{node}/orders?after=3&wait=60s HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+                "GET /api/v1/agents/{node}/orders?after={after}&wait=60s HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
             );
             let outcome = match poll_once(&addr, tls.as_ref(), request.as_bytes()).await {
                 Ok((at, orders, stream)) => (at, orders, remote, Some(stream)),

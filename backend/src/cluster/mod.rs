@@ -56,6 +56,8 @@ pub const MAX_POLL_ORDERS: u64 = 100;
 const RECENT_EVENTS: usize = 4096;
 /// The most rows a list call returns.
 pub const MAX_LIST_LIMIT: u64 = 1000;
+/// Agent requests reading the database on their way in at once.
+const LOOKUPS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -138,6 +140,11 @@ pub struct Cluster {
     orders: OrderBus,
     events: EventBus,
     tokens: TokenCache,
+    /// Bounds how many agent requests read the database at once on their
+    /// way in (token lookups, a poll's first look). 10,000 agents
+    /// connecting together otherwise each hold a built query waiting for
+    /// one of the pool's few connections: ~100 MB of transient memory.
+    lookups: tokio::sync::Semaphore,
     /// Serialises changes to desired state: the reconciler reads the whole
     /// cluster and must not interleave with another run.
     write: tokio::sync::Mutex<Desired>,
@@ -184,6 +191,7 @@ impl Cluster {
             orders: OrderBus::default(),
             events: EventBus::default(),
             tokens: TokenCache::default(),
+            lookups: tokio::sync::Semaphore::new(LOOKUPS),
             write: tokio::sync::Mutex::new(Desired::default()),
             delivered,
             stale: Mutex::new(HashSet::new()),
@@ -356,6 +364,7 @@ impl Cluster {
             return Ok(Caller::Agent(node));
         }
         let generation = self.tokens.generation();
+        let _turn = self.lookups.acquire().await;
         match store::node_by_token_hash(self.store.conn(), &hash).await? {
             Some(row) => {
                 let node = NodeRef {

@@ -54,6 +54,7 @@ impl Cluster {
         caller: &Caller,
     ) -> Result<PollResponse, ClusterError> {
         caller.require_node(name)?;
+        let turn = self.lookups.acquire().await;
         let row = self.node_row(self.store.conn(), name).await?;
         if after > row.last_seq {
             return Err(ClusterError::conflict(format!(
@@ -64,6 +65,7 @@ impl Cluster {
         // Subscribe before looking, so an order filed in between still wakes us.
         let mut rx = self.orders.subscribe(row.id, name);
         let orders = store::orders_after(self.store.conn(), row.id, after, MAX_POLL_ORDERS).await?;
+        drop(turn);
         if !orders.is_empty() {
             let orders = orders
                 .iter()
