@@ -8,6 +8,7 @@
 //! (`corral`, `corral-agent`, `todomvc`): build them first with
 //! `cargo build --workspace --bins`, or point `CORRAL_BIN_DIR` elsewhere.
 
+pub mod dns;
 pub mod faults;
 pub mod pg;
 pub mod writes;

@@ -14,6 +14,24 @@ use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(120);
 
+/// A process group stopped with SIGSTOP, continued when dropped, whatever
+/// the test did meanwhile.
+struct HungGroup(nix::unistd::Pid);
+
+impl HungGroup {
+    fn stop(leader: u32) -> HungGroup {
+        let pgid = corral_server::provider::reaper::pid(leader);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGSTOP);
+        HungGroup(pgid)
+    }
+}
+
+impl Drop for HungGroup {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 async fn post_todo(c: &Cluster, lb: &str, title: &str) -> anyhow::Result<Value> {
     let res = c
         .http
@@ -127,6 +145,35 @@ async fn seed_cluster_serves_replicates_routes_around_failures_and_scales_out() 
             })
             .await?;
         }
+
+        // The DNS load balancer: Consul's DNS on adm1 answers with the
+        // nginx nodes that pass their check. nginx2 hung whole (its process
+        // group stopped) drops out within seconds and is back once it runs.
+        let dns: std::net::SocketAddr = format!("{}:8600", c.address("adm1")).parse()?;
+        let lbs_in_dns = || async move {
+            let mut got: Vec<String> = corral_e2e::dns::a_records(dns, "nginx.service.consul")
+                .await?
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            got.sort();
+            anyhow::Ok(got)
+        };
+        let both = vec![c.address("nginx1"), c.address("nginx2")];
+        eventually("both load balancers in adm1's DNS", LONG, || async {
+            Ok((lbs_in_dns().await? == both).then_some(()))
+        })
+        .await?;
+        let hung = HungGroup::stop(corral_e2e::faults::service_pid(&c, "nginx2", "nginx")?);
+        eventually("a hung nginx2 out of adm1's DNS", LONG, || async {
+            Ok((lbs_in_dns().await? == [c.address("nginx1")]).then_some(()))
+        })
+        .await?;
+        drop(hung);
+        eventually("nginx2 back in adm1's DNS", LONG, || async {
+            Ok((lbs_in_dns().await? == both).then_some(()))
+        })
+        .await?;
 
         // nginx1's webapp dies: requests through nginx1 keep succeeding,
         // served by nginx2's webapp, until the agent has restarted it.

@@ -52,6 +52,10 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The service name todomvc registers in Consul.
 pub const WEBAPP_SERVICE: &str = "todomvc";
+/// The Consul service of the load balancers: Consul's DNS on adm1 answers
+/// `nginx.service.consul` with the web nodes whose nginx passes its check
+/// (the DNS load balancer in front of nginx).
+pub const NGINX_SERVICE: &str = "nginx";
 /// The service name PostgreSQL nodes register in Consul.
 pub const POSTGRES_SERVICE: &str = "postgres";
 

@@ -148,6 +148,11 @@ pub struct ConsulAcl {
     /// leader creates it in Consul's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management: Option<String>,
+    /// The token of requests that carry none (Consul's `default` token):
+    /// on adm1 only, one that may read the load balancers' service and the
+    /// nodes, so Consul's DNS there answers `nginx.service.consul`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
 }
 
 /// A PostgreSQL node. Which node is primary is decided at run time by a

@@ -61,6 +61,9 @@ pub fn render_config(node: &str, address: &str, data_dir: &str, spec: &ConsulSpe
         if let Some(management) = &acl.management {
             tokens["master"] = json!(management);
         }
+        if let Some(default) = &acl.default {
+            tokens["default"] = json!(default);
+        }
         config["primary_datacenter"] = json!(spec.datacenter);
         config["acl"] = json!({
             "enabled": true,
@@ -188,6 +191,7 @@ mod tests {
             acl: Some(ConsulAcl {
                 token: "node-token".into(),
                 management: server.then(|| "management".into()),
+                default: None,
             }),
         }
     }

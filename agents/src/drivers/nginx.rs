@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corral_proto::{LbPolicy, LoadBalancerSpec, ports};
+use corral_proto::{LbPolicy, LoadBalancerSpec, NGINX_SERVICE, ports};
 use nix::sys::signal::Signal;
 use tokio::sync::Notify;
 
@@ -267,6 +267,7 @@ impl NginxDriver {
             self.ctx.host.signal(SERVICE, Signal::SIGHUP)?;
             tracing::info!(upstreams = upstreams.len(), "nginx reloaded");
         }
+        self.register(port).await;
         Ok(format!(
             "nginx {ensured:?} on {}:{port}, policy {:?}, {} upstream(s)",
             self.ctx.address,
@@ -397,8 +398,59 @@ impl NginxDriver {
         // would otherwise start nginx again after this stop.
         let _guard = self.render_lock.lock().await;
         self.current.lock().expect("lock").spec = None;
+        // Out of the DNS answers first, then stopped.
+        let _ = std::fs::remove_file(self.registration_file());
+        if let Err(e) = self.ctx.consul.deregister_service(&self.service_id()).await {
+            tracing::debug!(error = %e, "deregistering nginx from consul");
+        }
         self.ctx.host.stop(SERVICE).await?;
         Ok(())
+    }
+
+    fn service_id(&self) -> String {
+        format!("{NGINX_SERVICE}-{}", self.ctx.node)
+    }
+
+    fn registration_file(&self) -> PathBuf {
+        self.ctx.path(super::consul::CONF_DIR).join("nginx.json")
+    }
+
+    /// nginx as Consul service `nginx`, checked through its public port:
+    /// Consul's DNS answers `nginx.service.consul` with the load balancers
+    /// that pass (an nginx that hangs, or has no webapp to send to, drops
+    /// out). A service definition in `conf.d`, so a restarted Consul agent
+    /// has it from its start; written with the node's token (0600). A
+    /// Consul that cannot be told now reads it when it starts.
+    async fn register(&self, port: u16) {
+        let address = self.ctx.address.to_string();
+        let mut service = serde_json::json!({
+            "id": self.service_id(),
+            "name": NGINX_SERVICE,
+            "address": address,
+            "port": port,
+            "tags": [self.ctx.node],
+            "check": {
+                "id": format!("service:{}", self.service_id()),
+                "name": "nginx answers /healthz through to a webapp",
+                "http": format!("http://{address}:{port}/healthz"),
+                "interval": "1s",
+                "timeout": "1s",
+                "deregister_critical_service_after": "30m",
+            },
+        });
+        if let Some(token) = self.ctx.consul.token() {
+            service["token"] = serde_json::json!(token);
+        }
+        let text = serde_json::json!({ "service": service }).to_string();
+        match write_if_changed(&self.registration_file(), &text, 0o600) {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = self.ctx.consul.reload().await {
+                    tracing::warn!(error = %e, "consul not told of nginx yet: it reads conf.d when it starts");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot write nginx's consul service definition"),
+        }
     }
 }
 

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use corral_proto::{
-    ConsulAcl, ConsulSpec, FirewallSpec, LoadBalancerSpec, NodeState, ObservedState, OrderKind,
-    POSTGRES_SERVICE, PostgresSpec, Provider, ReplicationRole, Role, TopologyUpdate,
+    ConsulAcl, ConsulSpec, FirewallSpec, LoadBalancerSpec, NGINX_SERVICE, NodeState, ObservedState,
+    OrderKind, POSTGRES_SERVICE, PostgresSpec, Provider, ReplicationRole, Role, TopologyUpdate,
     WEBAPP_SERVICE, WebappSpec, WorkOrder, ports,
 };
 
@@ -195,6 +195,7 @@ pub fn plan(
     let acl_token =
         |name: &str| consul_id(&settings.consul_management, &format!("secret:node:{name}"));
     let webapp_token = consul_id(&settings.consul_management, "secret:webapp");
+    let dns_token = consul_id(&settings.consul_management, "secret:dns");
 
     let mut file = |name: &str, order: WorkOrder| {
         let key = (name.to_string(), order.kind());
@@ -224,6 +225,7 @@ pub fn plan(
                     management: server_set
                         .contains(address)
                         .then(|| settings.consul_management.clone()),
+                    default: (*role == Role::Adm).then(|| dns_token.clone()),
                 }),
             }),
         );
@@ -365,9 +367,20 @@ pub fn consul_tokens<'a>(
         secret: consul_id(management, "secret:webapp"),
         rules: CONSUL_READ_RULES.into(),
     });
+    tokens.push(ConsulToken {
+        name: "dns".into(),
+        accessor: consul_id(management, "accessor:dns"),
+        secret: consul_id(management, "secret:dns"),
+        rules: CONSUL_DNS_RULES.into(),
+    });
     tokens.sort_by(|a, b| a.name.cmp(&b.name));
     tokens
 }
+
+/// What Consul's DNS on adm1 may answer without a token: the load
+/// balancers (and the nodes they run on), nothing else.
+const CONSUL_DNS_RULES: &str =
+    "node_prefix \"\" { policy = \"read\" }\nservice \"nginx\" { policy = \"read\" }\n";
 
 /// What every token may read: the catalog, for service discovery.
 const CONSUL_READ_RULES: &str =
@@ -383,7 +396,9 @@ pub fn consul_node_rules(name: &str, role: Role) -> String {
     match role {
         Role::Adm => {}
         Role::Web => {
-            rules += &format!("service \"{WEBAPP_SERVICE}\" {{ policy = \"write\" }}\n");
+            rules += &format!(
+                "service \"{WEBAPP_SERVICE}\" {{ policy = \"write\" }}\nservice \"{NGINX_SERVICE}\" {{ policy = \"write\" }}\n"
+            );
         }
         Role::Db => {
             let prefix = LEADER_KEY.rsplit_once('/').map_or(LEADER_KEY, |(p, _)| p);
@@ -569,6 +584,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "dns",
                 "node-adm1",
                 "node-nginx1",
                 "node-nginx2",
@@ -593,6 +609,19 @@ mod tests {
         assert!(!nginx2.rules.contains("postgres"), "{}", nginx2.rules);
         let webapp = kept.iter().find(|t| t.name == "webapp").expect("webapp");
         assert!(!webapp.rules.contains("write"), "{}", webapp.rules);
+        // Consul's DNS on adm1 answers tokenless queries with the load
+        // balancers only: adm1's default token reads nginx and nodes.
+        let dns = kept.iter().find(|t| t.name == "dns").expect("dns");
+        assert_eq!(acl("adm1").default.as_deref(), Some(dns.secret.as_str()));
+        assert_eq!(acl("nginx1").default, None);
+        assert!(!dns.rules.contains("write"), "{}", dns.rules);
+        assert!(dns.rules.contains("service \"nginx\""), "{}", dns.rules);
+        assert!(!dns.rules.contains("service_prefix"), "{}", dns.rules);
+        assert!(
+            nginx2
+                .rules
+                .contains("service \"nginx\" { policy = \"write\" }")
+        );
         match last.get(&("nginx3".to_string(), OrderKind::Webapp)) {
             Some(WorkOrder::Webapp(w)) => {
                 assert_eq!(w.consul_token.as_deref(), Some(webapp.secret.as_str()))
