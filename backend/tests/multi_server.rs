@@ -28,19 +28,25 @@ struct Server {
 
 impl Server {
     async fn start(state: &Path, database: &str, address: &str, extra: &[&str]) -> Server {
+        Server::start_with(state, database, address, extra, false).await
+    }
+
+    /// A server that makes machines too (the local provider's agent
+    /// processes) when `machines`, as `corral serve` does by default.
+    async fn start_with(
+        state: &Path,
+        database: &str,
+        address: &str,
+        extra: &[&str],
+        machines: bool,
+    ) -> Server {
         let port = corral_testkit::free_port(address).expect("free port");
         let log = state.join(format!("serve-{address}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new("setpriv")
             // Dies with this test process, even when the test is killed.
-            .args([
-                "--pdeathsig",
-                "KILL",
-                "--",
-                CORRAL,
-                "serve",
-                "--no-machines",
-            ])
+            .args(["--pdeathsig", "KILL", "--", CORRAL, "serve"])
+            .args((!machines).then_some("--no-machines"))
             .args(["--listen", &format!("{address}:{port}")])
             .args(["--network", "127.0.26.0/24"])
             .args(["--database-url", database])
@@ -483,6 +489,158 @@ async fn the_leaders_death_moves_stale_node_detection_to_the_other_server() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(stale_events.len(), 1, "{stale_events:?}");
+}
+
+/// Stand-in agents for the local provider: each start is a line in
+/// `starts`, the process writes its pid file only after `SLOW_START`
+/// (a real agent under load can be that slow), then lives a while. Killed
+/// when dropped, whatever the test did.
+struct FakeAgents {
+    dir: tempfile::TempDir,
+}
+
+const SLOW_START: &str = "4";
+
+impl FakeAgents {
+    fn new() -> FakeAgents {
+        let dir = tempfile::tempdir().expect("agents dir");
+        // Named corral-agent: the provider knows its agents by that name.
+        let bin = dir.path().join("corral-agent");
+        let script = format!(
+            "#!/bin/sh\n\
+             node=''; state=''\n\
+             while [ $# -gt 0 ]; do\n\
+               case \"$1\" in --node) node=$2; shift ;; --state-dir) state=$2; shift ;; esac\n\
+               shift\n\
+             done\n\
+             echo \"$node $$\" >> \"$(dirname \"$0\")/starts\"\n\
+             sleep {SLOW_START}\n\
+             mkdir -p \"$state/run\" && echo $$ > \"$state/run/agent.pid\"\n\
+             sleep 120 & wait\n"
+        );
+        std::fs::write(&bin, script).expect("fake agent");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        FakeAgents { dir }
+    }
+
+    fn bin(&self) -> String {
+        self.dir.path().join("corral-agent").display().to_string()
+    }
+
+    /// The pids started for `node`.
+    fn starts(&self, node: &str) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.path().join("starts"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(n, _)| *n == node)
+            .filter_map(|(_, pid)| pid.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for FakeAgents {
+    fn drop(&mut self) {
+        let all = std::fs::read_to_string(self.dir.path().join("starts")).unwrap_or_default();
+        for pid in all
+            .lines()
+            .filter_map(|l| l.split_once(' ')?.1.parse::<i32>().ok())
+        {
+            // The shell and its sleep: the whole process group (a session
+            // of its own, as the provider starts agents).
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The leader dies just after starting a new node's agent, before the agent
+/// has said it runs: the server that takes over must not start a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_added_as_the_leader_dies_gets_one_agent_not_two() {
+    let cluster = Cluster::new();
+    let agents = FakeAgents::new();
+    let extra = ["--agent-bin", &agents.bin()];
+    let mut a = Server::start_with(
+        cluster.state.path(),
+        &cluster.database,
+        "127.0.25.1",
+        &extra,
+        true,
+    )
+    .await;
+    let b = Server::start_with(
+        cluster.state.path(),
+        &cluster.database,
+        "127.0.25.2",
+        &extra,
+        true,
+    )
+    .await;
+    let is_leader = |h: Option<Value>| h.and_then(|h| h["leader"].as_bool()) == Some(true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !is_leader(a.health().await) {
+        assert!(Instant::now() < deadline, "A never led");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = Admin {
+        http: reqwest::Client::new(),
+        token: cluster.admin(),
+    };
+    admin
+        .call(
+            reqwest::Method::POST,
+            format!("{}/api/v1/nodes", a.url),
+            Some(json!({"role": "web"})),
+        )
+        .await;
+    // A starts nginx1's agent; A dies at once, the agent still starting.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agents.starts("nginx1").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "A never started nginx1's agent; A's log:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.kill().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !is_leader(b.health().await) {
+        assert!(
+            Instant::now() < deadline,
+            "B did not take the lead; B's log:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B makes the next node's machine: by then its controller has been
+    // over nginx1 too, within the agent's slow start.
+    admin
+        .call(
+            reqwest::Method::POST,
+            format!("{}/api/v1/nodes", b.url),
+            Some(json!({"role": "web"})),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agents.starts("nginx2").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "B never started nginx2's agent; B's log:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        agents.starts("nginx1").len(),
+        1,
+        "nginx1's agent was started more than once; B's log:\n{}",
+        b.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

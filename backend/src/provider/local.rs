@@ -128,6 +128,15 @@ impl LocalProvider {
                 node.name
             ))
         })?;
+        // The agent writes this file itself once it runs; written here too,
+        // at once, so that another server taking over this one's work
+        // (it died) in the moment before sees the machine running and does
+        // not start a second agent. The agent finds its own pid in it.
+        super::lxc::write_atomic(
+            &dir.join("run").join("agent.pid"),
+            format!("{}\n", spawned.pid).as_bytes(),
+            0o644,
+        )?;
         Ok(spawned.pid)
     }
 }
