@@ -25,7 +25,7 @@ pub use backup::{
 pub use error::ErrorBody;
 pub use event::Event;
 pub use logs::{
-    KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_BATCH_LINES, MAX_LOG_LINE_CHARS,
+    KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_BATCH_LINES, MAX_LOG_GREP_CHARS, MAX_LOG_LINE_CHARS,
     validate_service_name,
 };
 pub use machine::{

@@ -11,6 +11,8 @@ pub const MAX_LOG_BATCH_LINES: usize = 200;
 pub const MAX_LOG_LINE_CHARS: usize = 1000;
 /// Lines kept per (node, service); older ones are dropped.
 pub const KEPT_LOG_LINES: usize = 500;
+/// Longest text a log search (`grep`) may look for, in characters.
+pub const MAX_LOG_GREP_CHARS: usize = 200;
 
 /// `POST /api/v1/agents/{node}/logs`: new lines of one service, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

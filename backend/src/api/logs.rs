@@ -1,17 +1,22 @@
 //! Service logs: agents ship the lines their children print
-//! (`POST /agents/{node}/logs`); the UI reads the newest of them
-//! (`GET /nodes/{node}/logs`). Only the last [`KEPT_LOG_LINES`] lines of each
-//! (node, service) are kept, in memory: they are a window for a person
-//! looking at a node, not an archive, so they do not go to the database.
+//! (`POST /agents/{node}/logs`); the UI and `corral logs` read the newest of
+//! them and follow new ones with a long poll (`GET /nodes/{node}/logs?after=&wait=`).
+//! Only the last [`KEPT_LOG_LINES`] lines of each (node, service) are kept,
+//! in memory: they are a window for a person looking at a node, not an
+//! archive, so they do not go to the database.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::PoisonError;
+use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
 use chrono::Utc;
-use corral_proto::{ErrorBody, KEPT_LOG_LINES, LogBatch, LogLine, validate_service_name};
+use corral_proto::{
+    ErrorBody, KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_GREP_CHARS, validate_service_name,
+};
 use serde::Deserialize;
+use tokio::sync::watch;
 use utoipa::IntoParams;
 
 use super::Body;
@@ -25,9 +30,34 @@ pub const MAX_SERVICES_PER_NODE: usize = 16;
 
 /// The kept lines of every (node, service); one per server, shared by all
 /// workers.
-#[derive(Default)]
 pub struct ServiceLogs {
     inner: Mutex<Kept>,
+    /// The newest `seq` kept: a following reader parks on it and is woken
+    /// by the append that passes its `after`.
+    newest: watch::Sender<u64>,
+}
+
+impl Default for ServiceLogs {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            newest: watch::Sender::new(0),
+        }
+    }
+}
+
+/// Which kept lines a reader wants.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogFilter<'a> {
+    pub service: Option<&'a str>,
+    /// Only lines containing this text (as `grep -F`: plain, case-sensitive).
+    pub grep: Option<&'a str>,
+}
+
+impl LogFilter<'_> {
+    fn keeps(&self, service: &str, line: &LogLine) -> bool {
+        self.service.is_none_or(|s| s == service) && self.grep.is_none_or(|g| line.line.contains(g))
+    }
 }
 
 #[derive(Default)]
@@ -62,25 +92,93 @@ impl ServiceLogs {
         }
         let excess = lines.len().saturating_sub(KEPT_LOG_LINES);
         lines.drain(..excess);
+        let newest = *next_seq;
+        drop(kept);
+        self.newest.send_replace(newest);
         Ok(())
     }
 
-    /// The newest `limit` lines of a node (of one service, or of all merged
-    /// in order of arrival), oldest first.
-    pub fn recent(&self, node: &str, service: Option<&str>, limit: usize) -> Vec<LogLine> {
+    /// The newest `limit` lines of a node that pass `filter` (of all its
+    /// services merged in order of arrival), oldest first.
+    pub fn recent(&self, node: &str, filter: LogFilter<'_>, limit: usize) -> Vec<LogLine> {
         let kept = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(services) = kept.by_node.get(node) else {
             return Vec::new();
         };
         let mut lines: Vec<LogLine> = services
             .iter()
-            .filter(|(name, _)| service.is_none_or(|s| s == name.as_str()))
-            .flat_map(|(_, lines)| lines.iter().rev().take(limit).cloned())
+            .flat_map(|(name, lines)| {
+                lines
+                    .iter()
+                    .rev()
+                    .filter(|l| filter.keeps(name, l))
+                    .take(limit)
+                    .cloned()
+            })
             .collect();
         lines.sort_unstable_by_key(|l| l.seq);
         let skip = lines.len().saturating_sub(limit);
         lines.drain(..skip);
         lines
+    }
+
+    /// The oldest `limit` kept lines of a node after `after` that pass
+    /// `filter`, oldest first: what a follower has not seen yet.
+    pub fn after(
+        &self,
+        node: &str,
+        filter: LogFilter<'_>,
+        after: u64,
+        limit: usize,
+    ) -> Vec<LogLine> {
+        let kept = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(services) = kept.by_node.get(node) else {
+            return Vec::new();
+        };
+        let mut lines: Vec<LogLine> = services
+            .iter()
+            .flat_map(|(name, lines)| {
+                // Each service's lines are in seq order: skip the seen ones
+                // without looking at them.
+                let start = lines.partition_point(|l| l.seq <= after);
+                lines
+                    .range(start..)
+                    .filter(|l| filter.keeps(name, l))
+                    .take(limit)
+                    .cloned()
+            })
+            .collect();
+        lines.sort_unstable_by_key(|l| l.seq);
+        lines.truncate(limit);
+        lines
+    }
+
+    /// Like [`Self::after`], but when nothing is new holds on until a line
+    /// that passes `filter` arrives or `wait` ends (then: none).
+    pub async fn follow(
+        &self,
+        node: &str,
+        filter: LogFilter<'_>,
+        after: u64,
+        limit: usize,
+        wait: Duration,
+    ) -> Vec<LogLine> {
+        let deadline = tokio::time::Instant::now() + wait;
+        // Subscribed before the first look, so an append between the look
+        // and the wait still wakes this reader.
+        let mut newest = self.newest.subscribe();
+        loop {
+            newest.borrow_and_update();
+            let lines = self.after(node, filter, after, limit);
+            if !lines.is_empty() {
+                return lines;
+            }
+            match tokio::time::timeout_at(deadline, newest.changed()).await {
+                Ok(Ok(())) => continue,
+                // The deadline passed (or the store is going away).
+                _ => return lines,
+            }
+        }
     }
 
     /// Drops what a node left behind (it was removed).
@@ -143,12 +241,26 @@ pub struct LogsQuery {
     /// Only this service's lines (default: all, merged in order of arrival).
     #[param(pattern = "^[a-z][a-z0-9_-]{0,31}$")]
     service: Option<String>,
-    /// The newest this many lines (default 100).
+    /// The newest this many lines (default 100); with `after`, the oldest
+    /// this many after it.
     #[param(minimum = 1, maximum = 500)]
     limit: Option<u64>,
+    /// Only lines containing this text (plain, case-sensitive; at most 200
+    /// characters).
+    #[param(max_length = 200)]
+    grep: Option<String>,
+    /// Follow: only lines with a `seq` greater than this, oldest first.
+    #[param(minimum = 0)]
+    after: Option<u64>,
+    /// With `after`, how long to hold the request when nothing is new:
+    /// `30s`, `500ms`, `1m` or plain seconds; capped at the server's
+    /// maximum poll wait (60 s by default). `0` (the default) answers at once.
+    #[param(pattern = "^[0-9]{1,9}(ms|s|m)?$", example = "30s")]
+    wait: Option<String>,
 }
 
-/// The newest kept log lines of a node, oldest first.
+/// The newest kept log lines of a node, oldest first; or, with `after`,
+/// those after it, held as a long poll until one arrives or `wait` ends.
 #[utoipa::path(
     get,
     path = "/api/v1/nodes/{name}/logs",
@@ -159,8 +271,8 @@ pub struct LogsQuery {
         LogsQuery,
     ),
     responses(
-        (status = 200, description = "Log lines, oldest first", body = Vec<LogLine>),
-        (status = 400, description = "Malformed query or service name", body = ErrorBody),
+        (status = 200, description = "Log lines, oldest first; empty when the wait ended", body = Vec<LogLine>),
+        (status = 400, description = "Malformed query, service name, limit, grep or wait", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "An agent token", body = ErrorBody),
         (status = 404, description = "No such node", body = ErrorBody),
@@ -186,6 +298,22 @@ pub async fn get_logs(
             )));
         }
     };
+    if let Some(grep) = &query.grep
+        && grep.chars().count() > MAX_LOG_GREP_CHARS
+    {
+        return Err(ApiError::BadRequest(format!(
+            "grep is longer than {MAX_LOG_GREP_CHARS} characters"
+        )));
+    }
+    let wait = match (&query.wait, query.after) {
+        (None, _) => Duration::ZERO,
+        (Some(_), None) => {
+            return Err(ApiError::BadRequest(
+                "wait needs after (the last seq seen; 0 for none)".into(),
+            ));
+        }
+        (Some(w), Some(_)) => super::agents::parse_wait(w)?.min(cluster.config().max_poll_wait),
+    };
     let logs = logs_of(logs)?;
     if let Err(e) = cluster.node(&name).await {
         if matches!(e, ClusterError::NotFound(_)) {
@@ -193,11 +321,14 @@ pub async fn get_logs(
         }
         return Err(e.into());
     }
-    Ok(web::Json(logs.recent(
-        &name,
-        query.service.as_deref(),
-        limit,
-    )))
+    let filter = LogFilter {
+        service: query.service.as_deref(),
+        grep: query.grep.as_deref().filter(|g| !g.is_empty()),
+    };
+    Ok(web::Json(match query.after {
+        None => logs.recent(&name, filter, limit),
+        Some(after) => logs.follow(&name, filter, after, limit, wait).await,
+    }))
 }
 
 #[cfg(test)]
@@ -222,14 +353,64 @@ mod tests {
         }
         logs.append("nginx1", batch("consul", &["c"]))
             .expect("append");
-        let nginx = logs.recent("nginx1", Some("nginx"), 1000);
+        let nginx = logs.recent("nginx1", only("nginx"), 1000);
         assert_eq!(nginx.len(), KEPT_LOG_LINES);
         assert_eq!(nginx.first().map(|l| l.line.as_str()), Some("100"));
         assert_eq!(nginx.last().map(|l| l.line.as_str()), Some("599"));
-        let all = logs.recent("nginx1", None, 2);
+        let all = logs.recent("nginx1", LogFilter::default(), 2);
         let lines: Vec<_> = all.iter().map(|l| l.line.as_str()).collect();
         assert_eq!(lines, ["599", "c"], "merged in order of arrival");
-        assert!(logs.recent("nginx2", None, 10).is_empty());
+        assert!(logs.recent("nginx2", LogFilter::default(), 10).is_empty());
+    }
+
+    fn only(service: &str) -> LogFilter<'_> {
+        LogFilter {
+            service: Some(service),
+            grep: None,
+        }
+    }
+
+    #[test]
+    fn a_follower_gets_the_oldest_unseen_lines_that_match() {
+        let logs = ServiceLogs::default();
+        logs.append("nginx1", batch("nginx", &["GET /a", "POST /b", "GET /c"]))
+            .expect("append");
+        logs.append("nginx1", batch("todomvc", &["GET /d"]))
+            .expect("append");
+        let get = LogFilter {
+            service: None,
+            grep: Some("GET"),
+        };
+        let seen: Vec<_> = logs
+            .after("nginx1", get, 1, 2)
+            .into_iter()
+            .map(|l| (l.seq, l.line))
+            .collect();
+        assert_eq!(seen, [(3, "GET /c".to_string()), (4, "GET /d".to_string())]);
+        assert!(logs.after("nginx1", get, 4, 10).is_empty());
+        assert_eq!(logs.after("nginx1", only("nginx"), 0, 10).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_follower_is_woken_by_the_append_it_waits_for() {
+        let logs = std::sync::Arc::new(ServiceLogs::default());
+        let follower = {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                logs.follow("web1", only("nginx"), 0, 10, Duration::from_secs(30))
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        // Another service's line does not end the wait; the awaited one does.
+        logs.append("web1", batch("consul", &["noise"])).expect("append");
+        logs.append("web1", batch("nginx", &["wanted"])).expect("append");
+        let lines = tokio::time::timeout(Duration::from_secs(10), follower)
+            .await
+            .expect("woken well before the wait ends")
+            .expect("join");
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].line, "wanted");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use corral_proto::{
-    Backup, CreateNode, EnrollSecret, ErrorBody, Event, Node, Order, RestoreAccepted,
+    Backup, CreateNode, EnrollSecret, ErrorBody, Event, Node, Order, LogLine, RestoreAccepted,
     RestoreRequest, SwitchoverAccepted, SwitchoverRequest, Topology, TopologyChange,
     TopologyUpdate,
 };
@@ -29,12 +29,27 @@ pub enum ClientError {
     Protocol { url: String, detail: String },
 }
 
+impl ClientError {
+    /// The server understood and said no (4xx): asking again will not help.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Api { status, .. } if (400..500).contains(status))
+    }
+}
+
 pub struct Client {
     /// The servers, tried in turn from `current`.
     bases: Vec<String>,
     current: AtomicUsize,
     token: Option<String>,
     http: reqwest::Client,
+}
+
+/// Which of a node's log lines `corral logs` wants.
+#[derive(Debug, Clone, Copy)]
+pub struct LogQuery<'a> {
+    pub service: Option<&'a str>,
+    pub grep: Option<&'a str>,
+    pub limit: u64,
 }
 
 /// The result of removing a node.
@@ -261,6 +276,29 @@ impl Client {
             .query(&[("limit", limit)]);
         if let Some(after) = after {
             req = req.query(&[("after", after)]);
+        }
+        self.json(req).await
+    }
+
+    /// A node's kept log lines: the newest `query.limit`, or with `follow`
+    /// those after that seq, held by the server up to 30 s until one comes.
+    pub async fn logs(
+        &self,
+        node: &str,
+        query: LogQuery<'_>,
+        follow: Option<u64>,
+    ) -> Result<Vec<LogLine>, ClientError> {
+        let mut req = self
+            .request(Method::GET, &format!("/api/v1/nodes/{node}/logs"))
+            .query(&[("limit", query.limit)]);
+        if let Some(service) = query.service {
+            req = req.query(&[("service", service)]);
+        }
+        if let Some(grep) = query.grep {
+            req = req.query(&[("grep", grep)]);
+        }
+        if let Some(after) = follow {
+            req = req.query(&[("after", after.to_string().as_str()), ("wait", "30s")]);
         }
         self.json(req).await
     }

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use crate::api::parse_wait;
 use crate::reconcile::AddressPlan;
 use crate::startup::{Application, Config};
-use client::{Client, Removed};
+use client::{Client, LogQuery, Removed};
 use output::Output;
 
 #[derive(Debug, Parser)]
@@ -97,6 +97,22 @@ enum Command {
         #[arg(long)]
         after: Option<i64>,
         #[arg(long, default_value_t = 50)]
+        limit: u64,
+    },
+    /// The service logs a node's agent shipped, oldest first.
+    Logs {
+        node: String,
+        /// Only this service's lines (nginx, postgres, consul, todomvc, ...).
+        #[arg(long, short)]
+        service: Option<String>,
+        /// Keep printing new lines as they arrive.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only lines containing this text (plain, case-sensitive).
+        #[arg(long)]
+        grep: Option<String>,
+        /// How many of the newest lines to print first (at most 500).
+        #[arg(long, default_value_t = 100)]
         limit: u64,
     },
     /// Show or change the desired topology.
@@ -584,6 +600,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Logs {
+            node,
+            service,
+            follow,
+            grep,
+            limit,
+        } => {
+            let client = cli.client();
+            let query = LogQuery {
+                service: service.as_deref(),
+                grep: grep.as_deref(),
+                limit: *limit,
+            };
+            let lines = client.logs(node, query, None).await?;
+            out.log_lines(&lines)?;
+            if *follow {
+                let last = lines.last().map_or(0, |l| l.seq);
+                follow_logs(&client, &out, node, query, last).await?;
+            }
+            Ok(())
+        }
         Command::Topology(cmd) => {
             let client = cli.client();
             match cmd {
@@ -659,6 +696,30 @@ async fn wait_for_order(
 
 /// Prints events from the live stream, reconnecting (with `Last-Event-ID`)
 /// when the connection drops, until interrupted.
+/// Long-polls the node's logs after `last`, printing what arrives; a server
+/// that cannot be reached is tried again, the first refusal (4xx) ends it.
+async fn follow_logs(
+    client: &Client,
+    out: &Output,
+    node: &str,
+    query: LogQuery<'_>,
+    mut last: u64,
+) -> anyhow::Result<()> {
+    loop {
+        match client.logs(node, query, Some(last)).await {
+            Ok(lines) => {
+                out.log_lines(&lines)?;
+                last = lines.last().map_or(last, |l| l.seq);
+            }
+            Err(e) if e.is_refusal() => return Err(e.into()),
+            Err(e) => {
+                eprintln!("logs of {node}: {e}; retrying in 2s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
 async fn follow_events(client: &Client, out: &Output, mut last: Option<i64>) -> anyhow::Result<()> {
     loop {
         let res = match client.event_stream(last).await {

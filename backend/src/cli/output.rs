@@ -1,7 +1,7 @@
 //! How the CLI prints: aligned tables for people, JSON for scripts.
 
 use corral_proto::{
-    Backup, Event, Node, Order, ReplicationRole, RestoreReport, Role, SwitchoverAccepted, Topology,
+    Backup, Event, LogLine, Node, Order, ReplicationRole, RestoreReport, Role, SwitchoverAccepted, Topology,
     TopologyChange,
 };
 use serde::Serialize;
@@ -361,6 +361,21 @@ impl Output {
                         e.message
                     );
                 }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn log_lines(&self, lines: &[LogLine]) -> anyhow::Result<()> {
+        for l in lines {
+            match self.format {
+                Format::Json => println!("{}", serde_json::to_string(l)?),
+                Format::Table => println!(
+                    "{}  {:<10} {}",
+                    l.at.format("%Y-%m-%d %H:%M:%S"),
+                    l.service,
+                    l.line
+                ),
             }
         }
         Ok(())

@@ -396,3 +396,44 @@ async fn up_with_the_lxc_provider_on_a_host_without_lxc_says_what_is_missing_and
         );
     }
 }
+
+#[tokio::test]
+async fn corral_logs_follow_prints_a_line_shipped_after_it_started() {
+    let app = spawn_app(Backend::Sqlite).await;
+    app.add_node("web").await;
+    let token = app.enroll("nginx1").await;
+    let ship = |line: &'static str| {
+        app.as_token(&token, reqwest::Method::POST, "/api/v1/agents/nginx1/logs")
+            .json(&serde_json::json!({"service": "nginx", "lines": [line]}))
+            .send()
+    };
+    assert_eq!(ship("before it started").await.expect("ship").status(), 204);
+
+    let mut follow = Child(
+        Command::new(CORRAL)
+            .args(["--url", &app.url, "--token", &app.admin])
+            .args(["logs", "nginx1", "--service", "nginx", "--follow"])
+            .env_remove("CORRAL_URL")
+            .env_remove("CORRAL_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn corral logs"),
+    );
+    let mut stdout = BufReader::new(follow.0.stdout.take().expect("stdout")).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+            .await
+            .expect("a line in time")
+            .expect("read")
+            .expect("corral logs still running")
+    };
+    let first = next_line().await;
+    assert!(first.ends_with("nginx      before it started"), "{first}");
+
+    assert_eq!(ship("shipped while following").await.expect("ship").status(), 204);
+    let second = next_line().await;
+    assert!(second.ends_with("shipped while following"), "{second}");
+    let _ = follow.0.kill().await;
+}

@@ -108,4 +108,66 @@ both_backends! {
         assert_eq!(lines(&app.get_json("/api/v1/nodes/nginx2/logs").await), ["by admin"]);
         assert_eq!(app.get_json("/api/v1/nodes/nginx1/logs").await, json!([]));
     }
+
+    async fn a_follower_long_polls_until_a_matching_line_arrives(app) {
+        app.add_node("web").await;
+        let token = app.enroll("nginx1").await;
+        let res = ship(&app, &token, "nginx1", json!({"service": "nginx", "lines": ["GET /old 200"]})).await;
+        assert_eq!(res.status(), 204);
+        let seen = app.get_json("/api/v1/nodes/nginx1/logs").await;
+        let last = seen[0]["seq"].as_u64().expect("seq");
+
+        let follower = {
+            let req = app.request(
+                Method::GET,
+                &format!("/api/v1/nodes/nginx1/logs?after={last}&wait=30s&grep=POST&service=nginx"),
+            );
+            tokio::spawn(async move { req.send().await.expect("follow").json::<Value>().await.expect("json") })
+        };
+        // Lines of another service, or not matching, do not end the poll.
+        let res = ship(&app, &token, "nginx1", json!({"service": "consul", "lines": ["POST /v1/agent"]})).await;
+        assert_eq!(res.status(), 204);
+        let res = ship(&app, &token, "nginx1", json!({"service": "nginx", "lines": ["GET /a 200", "POST /todos 201"]})).await;
+        assert_eq!(res.status(), 204);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(20), follower)
+            .await
+            .expect("answered when the line came, well before the 30 s wait")
+            .expect("join");
+        assert_eq!(lines(&got), ["POST /todos 201"]);
+        assert!(got[0]["seq"].as_u64() > Some(last), "{got}");
+
+        // Nothing new: a short wait answers empty.
+        let newest = got[0]["seq"].as_u64().expect("seq");
+        let none = app.get_json(&format!("/api/v1/nodes/nginx1/logs?after={newest}&wait=50ms&service=nginx")).await;
+        assert_eq!(none, json!([]));
+        // Without a wait, `after` answers at once with what is new, oldest first.
+        let all = app.get_json(&format!("/api/v1/nodes/nginx1/logs?after={last}")).await;
+        assert_eq!(lines(&all), ["POST /v1/agent", "GET /a 200", "POST /todos 201"]);
+        let searched = app.get_json("/api/v1/nodes/nginx1/logs?grep=GET").await;
+        assert_eq!(lines(&searched), ["GET /old 200", "GET /a 200"]);
+    }
+
+    async fn bad_follow_queries_get_400_not_500(app) {
+        app.add_node("web").await;
+        let long = "x".repeat(201);
+        for query in [
+            "after=-1".to_string(),
+            "after=x".to_string(),
+            "after=99999999999999999999999".to_string(),
+            "after=0&wait=forever".to_string(),
+            "after=0&wait=-1s".to_string(),
+            "after=0&wait=1h".to_string(),
+            "after=0&wait=9999999999".to_string(),
+            "wait=1s".to_string(),
+            format!("grep={long}"),
+        ] {
+            let res = app.get(&format!("/api/v1/nodes/nginx1/logs?{query}")).await;
+            assert_error(res, 400, "bad_request").await;
+        }
+        let res = app.get("/api/v1/nodes/nginx9/logs?after=0&wait=10s").await;
+        assert_error(res, 404, "not_found").await;
+        // The longest search allowed, and non-ASCII text, are fine.
+        let ok = format!("/api/v1/nodes/nginx1/logs?grep={}", "é".repeat(200));
+        assert_eq!(app.get_json(&ok).await, json!([]));
+    }
 }
