@@ -2,11 +2,16 @@
 //! (`POST /agents/{node}/logs`, at most 200 lines per call, each cut to 1000
 //! characters). How far each log was shipped is kept in
 //! `<state>/logs/.shipped.json`, so a restarted agent neither resends nor
-//! skips.
+//! skips; while the control plane is away the log files themselves are the
+//! buffer, and the rest of a log rotated meanwhile is shipped from its
+//! `.log.1` copy before the live log.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::control::{ControlError, ControlPlane};
 
@@ -15,9 +20,38 @@ pub const MAX_LINE_CHARS: usize = 1000;
 /// Batches per service per round, so one chatty log cannot hog a round.
 const MAX_BATCHES: usize = 10;
 
+/// Which file a rotated copy is: inode and change time (ns). The rotation
+/// writes `.log.1` afresh, so this changes with every rotation, even one
+/// after which the live log has grown past the old offset again.
+type FileId = (u64, i64);
+const NO_FILE: FileId = (0, 0);
+
+/// How far one service's log was shipped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+struct Place {
+    /// Bytes of `<service>.log` shipped.
+    offset: u64,
+    /// The `<service>.log.1` there was when `offset` was taken.
+    rotated: FileId,
+    /// After a rotation: bytes of `<service>.log.1` shipped; its rest goes
+    /// out before the live log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    draining: Option<u64>,
+}
+
+/// `.shipped.json` as it is now, or as agents before rotation tracking
+/// wrote it (a bare offset).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Saved {
+    Place(Place),
+    Offset(u64),
+}
+
 pub struct LogShipper {
     dir: PathBuf,
-    offsets: BTreeMap<String, u64>,
+    places: BTreeMap<String, Place>,
 }
 
 /// Complete lines from `buf`, at most `MAX_LINES`, each clipped; and how
@@ -39,38 +73,115 @@ pub fn take_lines(buf: &[u8]) -> (Vec<String>, usize) {
     (lines, used)
 }
 
+fn file_id(path: &Path) -> FileId {
+    std::fs::metadata(path).map_or(NO_FILE, |m| {
+        (
+            m.ino(),
+            m.ctime().saturating_mul(1_000_000_000) + m.ctime_nsec(),
+        )
+    })
+}
+
+/// The next batch of `path` after `offset`, and the offset after it; `None`
+/// when the file is shorter than `offset` (it was truncated).
+fn batch(path: &Path, offset: u64) -> std::io::Result<Option<(Vec<String>, u64)>> {
+    let mut file = std::fs::File::open(path)?;
+    if file.metadata()?.len() < offset {
+        return Ok(None);
+    }
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::new();
+    file.take(MAX_LINES as u64 * (MAX_LINE_CHARS as u64 * 4 + 1))
+        .read_to_end(&mut buf)?;
+    let (lines, used) = take_lines(&buf);
+    Ok(Some((lines, offset + used as u64)))
+}
+
 impl LogShipper {
     pub fn new(dir: PathBuf) -> Self {
-        let offsets = std::fs::read(dir.join(".shipped.json"))
+        let saved: BTreeMap<String, Saved> = std::fs::read(dir.join(".shipped.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        Self { dir, offsets }
+        let places = saved
+            .into_iter()
+            .map(|(service, saved)| {
+                let place = match saved {
+                    Saved::Place(place) => place,
+                    // No record of a rotation since: take the one there is.
+                    Saved::Offset(offset) => Place {
+                        offset,
+                        rotated: file_id(&dir.join(format!("{service}.log.1"))),
+                        draining: None,
+                    },
+                };
+                (service, place)
+            })
+            .collect();
+        Self { dir, places }
     }
 
     fn save(&self) {
-        let data = serde_json::to_vec(&self.offsets).expect("offsets serialize");
+        let data = serde_json::to_vec(&self.places).expect("offsets serialize");
         if let Err(e) = crate::durable::write_atomic(&self.dir.join(".shipped.json"), &data, 0o600)
         {
             tracing::warn!(error = %e, "saving log offsets");
         }
     }
 
-    /// Reads the next batch of `service`'s log after `offset`.
-    fn batch(&self, service: &str, offset: u64) -> std::io::Result<(Vec<String>, u64)> {
-        let mut file = std::fs::File::open(self.dir.join(format!("{service}.log")))?;
-        let len = file.metadata()?.len();
-        // A log that shrank was rotated or truncated: start over.
-        let offset = if len < offset { 0 } else { offset };
-        file.seek(SeekFrom::Start(offset))?;
-        let mut buf = Vec::new();
-        file.take(MAX_LINES as u64 * (MAX_LINE_CHARS as u64 * 4 + 1))
-            .read_to_end(&mut buf)?;
-        let (lines, used) = take_lines(&buf);
-        Ok((lines, offset + used as u64))
+    /// Where shipping of `service` stands now, noticing a rotation since the
+    /// last look.
+    fn place(&self, service: &str) -> Place {
+        let rotated = file_id(&self.dir.join(format!("{service}.log.1")));
+        let Some(mut place) = self.places.get(service).copied() else {
+            // A log first seen: from its start; older rotated copies stay.
+            return Place {
+                rotated,
+                ..Place::default()
+            };
+        };
+        if rotated != place.rotated && rotated != NO_FILE {
+            if place.draining.is_some() {
+                tracing::warn!(
+                    service,
+                    "log rotated twice before its rotated copy was shipped; the rest of that copy is skipped"
+                );
+            }
+            // `.log.1` is a copy of the live log as it was: what was not
+            // shipped of it starts at the old offset.
+            place.draining = Some(place.offset);
+            place.offset = 0;
+        }
+        place.rotated = rotated;
+        place
     }
 
-    /// Ships what is new; stops at the first error (the server is down).
+    /// The next batch of `service` from `place`, moving `place` past it.
+    fn next_batch(&self, service: &str, place: &mut Place) -> std::io::Result<Vec<String>> {
+        if let Some(drained) = place.draining {
+            let rotated = self.dir.join(format!("{service}.log.1"));
+            match batch(&rotated, drained) {
+                Ok(Some((lines, next))) if !lines.is_empty() => {
+                    place.draining = Some(next);
+                    return Ok(lines);
+                }
+                // Done (an unfinished last line is cut by the rotation), or
+                // the copy is gone: on to the live log.
+                _ => place.draining = None,
+            }
+        }
+        let live = self.dir.join(format!("{service}.log"));
+        let (lines, next) = match batch(&live, place.offset)? {
+            Some(found) => found,
+            // Shrank without a rotation (truncated by hand): start over.
+            None => batch(&live, 0)?.unwrap_or_default(),
+        };
+        place.offset = next;
+        Ok(lines)
+    }
+
+    /// Ships what is new; stops at the first error (the server is down),
+    /// keeping its place.
     pub async fn ship(&mut self, control: &ControlPlane) -> Result<(), ControlError> {
         let services: Vec<String> = std::fs::read_dir(&self.dir)
             .map(|entries| {
@@ -86,34 +197,42 @@ impl LogShipper {
             })
             .unwrap_or_default();
         let mut moved = false;
-        for service in services {
+        let mut outcome = Ok(());
+        'services: for service in services {
+            let mut place = self.place(&service);
             for _ in 0..MAX_BATCHES {
-                let offset = self.offsets.get(&service).copied().unwrap_or(0);
-                let Ok((lines, next)) = self.batch(&service, offset) else {
+                let shipped = place;
+                let Ok(lines) = self.next_batch(&service, &mut place) else {
                     break;
                 };
-                if lines.is_empty() {
-                    if next != offset {
-                        self.offsets.insert(service.clone(), next);
-                        moved = true;
-                    }
+                if !lines.is_empty()
+                    && let Err(e) = control.logs(&service, &lines).await
+                {
+                    // Not sent: keep the place before this batch (a
+                    // rotation noticed still counts).
+                    place = shipped;
+                    outcome = Err(e);
+                    self.keep(&service, place, &mut moved);
+                    break 'services;
+                }
+                let done = lines.is_empty();
+                self.keep(&service, place, &mut moved);
+                if done {
                     break;
                 }
-                let result = control.logs(&service, &lines).await;
-                if let Err(e) = result {
-                    if moved {
-                        self.save();
-                    }
-                    return Err(e);
-                }
-                self.offsets.insert(service.clone(), next);
-                moved = true;
             }
         }
         if moved {
             self.save();
         }
-        Ok(())
+        outcome
+    }
+
+    fn keep(&mut self, service: &str, place: Place, moved: &mut bool) {
+        if self.places.get(service) != Some(&place) {
+            self.places.insert(service.to_string(), place);
+            *moved = true;
+        }
     }
 }
 
@@ -139,6 +258,15 @@ mod tests {
         assert_eq!(lines.len(), 1);
         assert!(!lines[0].contains("f00dcafe"), "{}", lines[0]);
         assert!(lines[0].contains("primary_conninfo"), "{}", lines[0]);
+    }
+
+    #[test]
+    fn offsets_saved_before_rotation_tracking_still_load() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join(".shipped.json"), br#"{"nginx":70}"#).expect("write");
+        let shipper = LogShipper::new(dir.path().to_path_buf());
+        assert_eq!(shipper.place("nginx").offset, 70);
+        assert_eq!(shipper.place("nginx").draining, None);
     }
 
     #[test]
