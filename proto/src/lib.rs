@@ -25,8 +25,8 @@ pub use backup::{
 pub use error::ErrorBody;
 pub use event::Event;
 pub use logs::{
-    KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_BATCH_LINES, MAX_LOG_GREP_CHARS, MAX_LOG_LINE_CHARS,
-    validate_service_name,
+    KEPT_LOG_BYTES_PER_NODE, KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_BATCH_LINES,
+    MAX_LOG_GREP_CHARS, MAX_LOG_LINE_CHARS, validate_service_name,
 };
 pub use machine::{
     HostMachine, HostOrders, HostPoll, MachineOrder, MachineResult, MachineSpec, MachineStatus,

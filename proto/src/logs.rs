@@ -11,6 +11,9 @@ pub const MAX_LOG_BATCH_LINES: usize = 200;
 pub const MAX_LOG_LINE_CHARS: usize = 1000;
 /// Lines kept per (node, service); older ones are dropped.
 pub const KEPT_LOG_LINES: usize = 500;
+/// Bytes of line text kept per node over all its services; past it the
+/// node's oldest lines are dropped first.
+pub const KEPT_LOG_BYTES_PER_NODE: usize = 1 << 20;
 /// Longest text a log search (`grep`) may look for, in characters.
 pub const MAX_LOG_GREP_CHARS: usize = 200;
 

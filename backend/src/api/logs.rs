@@ -13,7 +13,8 @@ use std::time::Duration;
 use actix_web::{HttpResponse, web};
 use chrono::Utc;
 use corral_proto::{
-    ErrorBody, KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_GREP_CHARS, validate_service_name,
+    ErrorBody, KEPT_LOG_BYTES_PER_NODE, KEPT_LOG_LINES, LogBatch, LogLine, MAX_LOG_GREP_CHARS,
+    validate_service_name,
 };
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -63,15 +64,44 @@ impl LogFilter<'_> {
 #[derive(Default)]
 struct Kept {
     next_seq: u64,
-    by_node: HashMap<String, HashMap<String, VecDeque<LogLine>>>,
+    by_node: HashMap<String, NodeLogs>,
+}
+
+#[derive(Default)]
+struct NodeLogs {
+    /// Bytes of line text kept over all services, at most
+    /// [`KEPT_LOG_BYTES_PER_NODE`].
+    bytes: usize,
+    services: HashMap<String, VecDeque<LogLine>>,
+}
+
+impl NodeLogs {
+    /// Drops the node's oldest lines, over all its services, until its text
+    /// fits the byte bound.
+    fn trim_to_bound(&mut self) {
+        while self.bytes > KEPT_LOG_BYTES_PER_NODE {
+            let oldest = self
+                .services
+                .values_mut()
+                .filter(|lines| !lines.is_empty())
+                .min_by_key(|lines| lines.front().map_or(u64::MAX, |l| l.seq));
+            let Some(line) = oldest.and_then(VecDeque::pop_front) else {
+                break;
+            };
+            self.bytes -= line.line.len();
+        }
+    }
 }
 
 impl ServiceLogs {
-    /// Appends a validated batch, dropping the oldest lines past the limit.
+    /// Appends a validated batch, dropping the oldest lines past the
+    /// bounds: [`KEPT_LOG_LINES`] per service, [`KEPT_LOG_BYTES_PER_NODE`]
+    /// per node.
     pub fn append(&self, node: &str, batch: LogBatch) -> Result<(), ApiError> {
         let mut kept = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Kept { next_seq, by_node } = &mut *kept;
-        let services = by_node.entry(node.to_string()).or_default();
+        let node_logs = by_node.entry(node.to_string()).or_default();
+        let services = &mut node_logs.services;
         if !services.contains_key(&batch.service) && services.len() >= MAX_SERVICES_PER_NODE {
             return Err(ApiError::Unprocessable(format!(
                 "{node} already keeps logs of {MAX_SERVICES_PER_NODE} services; \
@@ -83,6 +113,7 @@ impl ServiceLogs {
         let lines = services.entry(batch.service.clone()).or_default();
         for line in batch.lines {
             *next_seq += 1;
+            node_logs.bytes += line.len();
             lines.push_back(LogLine {
                 seq: *next_seq,
                 service: batch.service.clone(),
@@ -91,7 +122,8 @@ impl ServiceLogs {
             });
         }
         let excess = lines.len().saturating_sub(KEPT_LOG_LINES);
-        lines.drain(..excess);
+        node_logs.bytes -= lines.drain(..excess).map(|l| l.line.len()).sum::<usize>();
+        node_logs.trim_to_bound();
         let newest = *next_seq;
         drop(kept);
         self.newest.send_replace(newest);
@@ -102,7 +134,7 @@ impl ServiceLogs {
     /// services merged in order of arrival), oldest first.
     pub fn recent(&self, node: &str, filter: LogFilter<'_>, limit: usize) -> Vec<LogLine> {
         let kept = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(services) = kept.by_node.get(node) else {
+        let Some(NodeLogs { services, .. }) = kept.by_node.get(node) else {
             return Vec::new();
         };
         let mut lines: Vec<LogLine> = services
@@ -132,7 +164,7 @@ impl ServiceLogs {
         limit: usize,
     ) -> Vec<LogLine> {
         let kept = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(services) = kept.by_node.get(node) else {
+        let Some(NodeLogs { services, .. }) = kept.by_node.get(node) else {
             return Vec::new();
         };
         let mut lines: Vec<LogLine> = services
@@ -403,14 +435,49 @@ mod tests {
         };
         tokio::task::yield_now().await;
         // Another service's line does not end the wait; the awaited one does.
-        logs.append("web1", batch("consul", &["noise"])).expect("append");
-        logs.append("web1", batch("nginx", &["wanted"])).expect("append");
+        logs.append("web1", batch("consul", &["noise"]))
+            .expect("append");
+        logs.append("web1", batch("nginx", &["wanted"]))
+            .expect("append");
         let lines = tokio::time::timeout(Duration::from_secs(10), follower)
             .await
             .expect("woken well before the wait ends")
             .expect("join");
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0].line, "wanted");
+    }
+
+    #[test]
+    fn a_node_keeps_a_bounded_number_of_bytes_dropping_its_oldest_lines() {
+        let logs = ServiceLogs::default();
+        let line = "x".repeat(1000);
+        let batch_of = |service: &str| batch(service, &vec![line.as_str(); 200]);
+        // 16 services × 500 lines of 1000 bytes would be 8 MB; the node keeps
+        // its newest 1 MiB over all of them.
+        for round in 0..3 {
+            for i in 0..MAX_SERVICES_PER_NODE {
+                logs.append("web1", batch_of(&format!("s{i}")))
+                    .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            }
+        }
+        let kept = logs.recent("web1", LogFilter::default(), KEPT_LOG_LINES);
+        let all: usize = (0..MAX_SERVICES_PER_NODE)
+            .map(|i| {
+                logs.recent("web1", only(&format!("s{i}")), KEPT_LOG_LINES)
+                    .len()
+            })
+            .sum();
+        assert_eq!(all, KEPT_LOG_BYTES_PER_NODE / 1000);
+        let bytes = logs.inner.lock().expect("lock").by_node["web1"].bytes;
+        assert_eq!(bytes, all * 1000);
+        // The newest lines stay, over all services: the last round's last
+        // five batches and the end of the one before.
+        let count = |s: &str| logs.recent("web1", only(s), KEPT_LOG_LINES).len();
+        assert_eq!(count("s15"), 200);
+        assert_eq!(count("s11"), 200);
+        assert_eq!(count("s10"), KEPT_LOG_BYTES_PER_NODE / 1000 - 1000);
+        assert_eq!(count("s0"), 0);
+        assert_eq!(kept.last().map(|l| l.service.as_str()), Some("s15"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use corral_proto::{
-    Backup, CreateNode, EnrollSecret, ErrorBody, Event, Node, Order, LogLine, RestoreAccepted,
+    Backup, CreateNode, EnrollSecret, ErrorBody, Event, LogLine, Node, Order, RestoreAccepted,
     RestoreRequest, SwitchoverAccepted, SwitchoverRequest, Topology, TopologyChange,
     TopologyUpdate,
 };

@@ -1,8 +1,8 @@
 //! How the CLI prints: aligned tables for people, JSON for scripts.
 
 use corral_proto::{
-    Backup, Event, LogLine, Node, Order, ReplicationRole, RestoreReport, Role, SwitchoverAccepted, Topology,
-    TopologyChange,
+    Backup, Event, LogLine, Node, Order, ReplicationRole, RestoreReport, Role, SwitchoverAccepted,
+    Topology, TopologyChange,
 };
 use serde::Serialize;
 

@@ -432,7 +432,13 @@ async fn corral_logs_follow_prints_a_line_shipped_after_it_started() {
     let first = next_line().await;
     assert!(first.ends_with("nginx      before it started"), "{first}");
 
-    assert_eq!(ship("shipped while following").await.expect("ship").status(), 204);
+    assert_eq!(
+        ship("shipped while following")
+            .await
+            .expect("ship")
+            .status(),
+        204
+    );
     let second = next_line().await;
     assert!(second.ends_with("shipped while following"), "{second}");
     let _ = follow.0.kill().await;
