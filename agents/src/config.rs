@@ -75,6 +75,11 @@ pub struct RunConfig {
     /// share their host's network, which is not theirs to filter.
     #[arg(long, env = "CORRAL_FIREWALL", default_value = "off", value_parser = parse_switch, action = clap::ArgAction::Set)]
     pub firewall: bool,
+    /// The machine's syslog, shipped to the control plane as the service
+    /// `syslog` (the LXC provider sets `/var/log/syslog`). Unset where the
+    /// node shares its host (local nodes): the host's syslog is not theirs.
+    #[arg(long, env = "CORRAL_SYSLOG")]
+    pub syslog: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -144,6 +149,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("log-max-size", "CORRAL_LOG_MAX_SIZE"),
     ("log-keep", "CORRAL_LOG_KEEP"),
     ("firewall", "CORRAL_FIREWALL"),
+    ("syslog", "CORRAL_SYSLOG"),
 ];
 
 /// Adds the settings of the config file to `args` as flags, where neither

@@ -4,7 +4,9 @@
 //! `<state>/logs/.shipped.json`, so a restarted agent neither resends nor
 //! skips; while the control plane is away the log files themselves are the
 //! buffer, and the rest of a log rotated meanwhile is shipped from its
-//! `.log.1` copy before the live log.
+//! `.log.1` copy before the live log. On a machine of its own the node's
+//! syslog (`--syslog`, e.g. `/var/log/syslog`) goes the same way as the
+//! service `syslog`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -51,8 +53,14 @@ enum Saved {
 
 pub struct LogShipper {
     dir: PathBuf,
+    /// The machine's syslog, shipped as the service `syslog`; none where
+    /// the node shares its host (local provider).
+    syslog: Option<PathBuf>,
     places: BTreeMap<String, Place>,
 }
+
+/// The service name the node's syslog is shipped under.
+pub const SYSLOG: &str = "syslog";
 
 /// Complete lines from `buf`, at most `MAX_LINES`, each clipped; and how
 /// many bytes they took.
@@ -71,6 +79,14 @@ pub fn take_lines(buf: &[u8]) -> (Vec<String>, usize) {
         used += end + 1;
     }
     (lines, used)
+}
+
+/// Where a rotation leaves the rest of `live`: `<service>.log.1` for the
+/// supervisor's copy-truncate, `syslog.1` for logrotate's rename.
+fn rotated_copy(live: &Path) -> PathBuf {
+    let mut name = live.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
 }
 
 fn file_id(path: &Path) -> FileId {
@@ -111,14 +127,31 @@ impl LogShipper {
                     // No record of a rotation since: take the one there is.
                     Saved::Offset(offset) => Place {
                         offset,
-                        rotated: file_id(&dir.join(format!("{service}.log.1"))),
+                        rotated: file_id(&rotated_copy(&dir.join(format!("{service}.log")))),
                         draining: None,
                     },
                 };
                 (service, place)
             })
             .collect();
-        Self { dir, places }
+        Self {
+            dir,
+            syslog: None,
+            places,
+        }
+    }
+
+    /// Ships `path` (the machine's syslog) too, from its end when first seen.
+    pub fn with_syslog(mut self, path: Option<PathBuf>) -> Self {
+        self.syslog = path;
+        self
+    }
+
+    fn live(&self, service: &str) -> PathBuf {
+        match &self.syslog {
+            Some(path) if service == SYSLOG => path.clone(),
+            _ => self.dir.join(format!("{service}.log")),
+        }
     }
 
     fn save(&self) {
@@ -132,12 +165,20 @@ impl LogShipper {
     /// Where shipping of `service` stands now, noticing a rotation since the
     /// last look.
     fn place(&self, service: &str) -> Place {
-        let rotated = file_id(&self.dir.join(format!("{service}.log.1")));
+        let live = self.live(service);
+        let rotated = file_id(&rotated_copy(&live));
         let Some(mut place) = self.places.get(service).copied() else {
-            // A log first seen: from its start; older rotated copies stay.
+            // A service log first seen: from its start; older rotated copies
+            // stay. The syslog holds the machine's past: from now on.
+            let offset = if self.syslog.is_some() && service == SYSLOG {
+                std::fs::metadata(&live).map_or(0, |m| m.len())
+            } else {
+                0
+            };
             return Place {
+                offset,
                 rotated,
-                ..Place::default()
+                draining: None,
             };
         };
         if rotated != place.rotated && rotated != NO_FILE {
@@ -147,7 +188,7 @@ impl LogShipper {
                     "log rotated twice before its rotated copy was shipped; the rest of that copy is skipped"
                 );
             }
-            // `.log.1` is a copy of the live log as it was: what was not
+            // `.1` is the live log as it was: what was not
             // shipped of it starts at the old offset.
             place.draining = Some(place.offset);
             place.offset = 0;
@@ -158,9 +199,9 @@ impl LogShipper {
 
     /// The next batch of `service` from `place`, moving `place` past it.
     fn next_batch(&self, service: &str, place: &mut Place) -> std::io::Result<Vec<String>> {
+        let live = self.live(service);
         if let Some(drained) = place.draining {
-            let rotated = self.dir.join(format!("{service}.log.1"));
-            match batch(&rotated, drained) {
+            match batch(&rotated_copy(&live), drained) {
                 Ok(Some((lines, next))) if !lines.is_empty() => {
                     place.draining = Some(next);
                     return Ok(lines);
@@ -170,7 +211,6 @@ impl LogShipper {
                 _ => place.draining = None,
             }
         }
-        let live = self.dir.join(format!("{service}.log"));
         let (lines, next) = match batch(&live, place.offset)? {
             Some(found) => found,
             // Shrank without a rotation (truncated by hand): start over.
@@ -183,7 +223,7 @@ impl LogShipper {
     /// Ships what is new; stops at the first error (the server is down),
     /// keeping its place.
     pub async fn ship(&mut self, control: &ControlPlane) -> Result<(), ControlError> {
-        let services: Vec<String> = std::fs::read_dir(&self.dir)
+        let mut services: Vec<String> = std::fs::read_dir(&self.dir)
             .map(|entries| {
                 entries
                     .flatten()
@@ -196,6 +236,9 @@ impl LogShipper {
                     .collect()
             })
             .unwrap_or_default();
+        if self.syslog.is_some() && !services.iter().any(|s| s == SYSLOG) {
+            services.push(SYSLOG.to_string());
+        }
         let mut moved = false;
         let mut outcome = Ok(());
         'services: for service in services {
@@ -267,6 +310,49 @@ mod tests {
         let shipper = LogShipper::new(dir.path().to_path_buf());
         assert_eq!(shipper.place("nginx").offset, 70);
         assert_eq!(shipper.place("nginx").draining, None);
+    }
+
+    #[test]
+    fn the_syslog_is_shipped_from_its_end_and_through_a_rename_rotation() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let syslog = dir.path().join("syslog");
+        std::fs::write(&syslog, "old 1\nold 2\n").expect("write");
+        let logs = dir.path().join("logs");
+        std::fs::create_dir_all(&logs).expect("mkdir");
+        let shipper = LogShipper::new(logs).with_syslog(Some(syslog.clone()));
+        let mut place = shipper.place(SYSLOG);
+        assert_eq!(place.offset, 12, "the machine's past is not shipped");
+        let append = |text: &str| {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&syslog)
+                .expect("open");
+            f.write_all(text.as_bytes()).expect("write");
+        };
+        append("new 1\n");
+        assert_eq!(
+            shipper.next_batch(SYSLOG, &mut place).expect("batch"),
+            ["new 1"]
+        );
+        // Unshipped when logrotate renames it away and a new one starts.
+        append("new 2\n");
+        std::fs::rename(&syslog, rotated_copy(&syslog)).expect("rename");
+        append("new 3\n");
+        let shipper = LogShipper {
+            places: BTreeMap::from([(SYSLOG.to_string(), place)]),
+            ..shipper
+        };
+        let mut place = shipper.place(SYSLOG);
+        assert_eq!(
+            shipper.next_batch(SYSLOG, &mut place).expect("batch"),
+            ["new 2"]
+        );
+        assert_eq!(
+            shipper.next_batch(SYSLOG, &mut place).expect("batch"),
+            ["new 3"]
+        );
     }
 
     #[test]

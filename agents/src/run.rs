@@ -132,9 +132,10 @@ async fn heartbeat_loop(
     applied: Arc<AtomicI64>,
     interval: Duration,
     log_dir: std::path::PathBuf,
+    syslog: Option<std::path::PathBuf>,
 ) {
     let observer = Observer::default();
-    let mut shipper = LogShipper::new(log_dir);
+    let mut shipper = LogShipper::new(log_dir).with_syslog(syslog);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -267,6 +268,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         applied.clone(),
         config.heartbeat_interval,
         state_dir.join("logs"),
+        config.syslog.clone(),
     ));
 
     tokio::spawn(metrics_loop(
