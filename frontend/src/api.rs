@@ -120,7 +120,19 @@ impl Client {
         path: &str,
         body: Option<String>,
     ) -> Result<(u16, Option<T>), ApiError> {
-        let response = self.send(method, path, body, None).await?;
+        self.call_until(method, path, body, None).await
+    }
+
+    /// [`Self::call`] that `signal` can abandon (a long poll of a page that
+    /// went away).
+    async fn call_until<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        signal: Option<&AbortSignal>,
+    ) -> Result<(u16, Option<T>), ApiError> {
+        let response = self.send(method, path, body, signal).await?;
         let status = response.status();
         let text = match response.text() {
             Ok(promise) => JsFuture::from(promise)
@@ -218,8 +230,21 @@ impl Client {
     }
 
     pub async fn logs(&self, node: &str) -> Result<Vec<LogLine>, ApiError> {
-        self.get(&format!("/api/v1/nodes/{node}/logs?limit=200"))
+        self.get(&format!("/api/v1/nodes/{node}/logs?limit=500"))
             .await
+    }
+
+    /// A node's log lines after `after`; the server holds the request up to
+    /// 25 s until one arrives (none when the wait ended).
+    pub async fn logs_after(
+        &self,
+        node: &str,
+        after: u64,
+        signal: Option<&AbortSignal>,
+    ) -> Result<Vec<LogLine>, ApiError> {
+        let path = format!("/api/v1/nodes/{node}/logs?after={after}&wait=25s&limit=500");
+        let (_, lines) = self.call_until("GET", &path, None, signal).await?;
+        Ok(lines.unwrap_or_default())
     }
 
     /// The last `secs` seconds of a metric: of one node, or of every node.

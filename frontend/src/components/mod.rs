@@ -8,6 +8,7 @@ pub mod console;
 pub mod event_list;
 pub mod events_page;
 pub mod header;
+pub mod log_tail;
 pub mod metric_chart;
 pub mod node_card;
 pub mod node_detail;

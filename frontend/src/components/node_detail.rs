@@ -1,11 +1,12 @@
 //! One node: its record, its progress, its work orders with their results,
 //! its recent service logs, and removal (drain first, after confirmation).
 
-use corral_proto::{LogLine, MetricName, Node, Order, Role};
+use corral_proto::{MetricName, Node, Order, Role};
 use yew::prelude::*;
 use yew_router::prelude::*;
 
 use super::console::use_ctx;
+use super::log_tail::LogTail;
 use super::metric_chart::MetricChart;
 use super::node_card::NodeCard;
 use super::order_table::OrderTable;
@@ -16,7 +17,7 @@ use crate::api::Removal;
 use crate::progress::steps;
 use crate::route::Route;
 use crate::state::Action;
-use crate::time::{clock, now_ms};
+use crate::time::now_ms;
 
 #[derive(Properties, PartialEq)]
 pub struct Props {
@@ -63,16 +64,16 @@ pub fn NodeDetail(props: &Props) -> Html {
     let name = props.name.clone();
     let node = use_state(|| Loaded::Loading);
     let orders = use_state(|| None::<Vec<Order>>);
-    let logs = use_state(|| None::<Vec<LogLine>>);
     let confirming = use_state(|| false);
     let removing = use_state(|| false);
 
     // Everything about the node again after an event about it, and on the
-    // console's tick (logs and heartbeats arrive without events).
+    // console's tick (heartbeats arrive without events; logs follow on
+    // their own, in the tail).
     let deps = (ctx.state.node_version(&name), ctx.state.nodes_version);
     {
         let (ctx, name) = (ctx.clone(), name.clone());
-        let (node, orders, logs) = (node.clone(), orders.clone(), logs.clone());
+        let (node, orders) = (node.clone(), orders.clone());
         use_effect_with(deps, move |_| {
             wasm_bindgen_futures::spawn_local(async move {
                 match ctx.client.node(&name).await {
@@ -85,11 +86,6 @@ pub fn NodeDetail(props: &Props) -> Html {
                 }
                 match ctx.client.orders(&name).await {
                     Ok(o) => orders.set(Some(o)),
-                    Err(e) if e.status == 404 => {}
-                    Err(e) => ctx.fail(e),
-                }
-                match ctx.client.logs(&name).await {
-                    Ok(l) => logs.set(Some(l)),
                     Err(e) if e.status == 404 => {}
                     Err(e) => ctx.fail(e),
                 }
@@ -193,18 +189,8 @@ pub fn NodeDetail(props: &Props) -> Html {
             } else {
                 <p role="status">{ "Loading orders…" }</p>
             }
-            <h2>{ "Recent logs" }</h2>
-            if let Some(lines) = &*logs {
-                if lines.is_empty() {
-                    <p class="empty">{ "No log lines shipped yet." }</p>
-                } else {
-                    <pre class="logs" tabindex="0" aria-label={format!("log lines of {}", node.name)}>
-                        { for lines.iter().map(|l| html! {
-                            <span class="log-line">{ format!("{} {:<9} {}\n", clock(l.at), l.service, l.line) }</span>
-                        }) }
-                    </pre>
-                }
-            }
+            <h2>{ "Logs" }</h2>
+            <LogTail node={node.name.clone()} />
         </section>
     }
 }

@@ -3,7 +3,7 @@
 //! held and checked: sign in (and a refused token), the live overview,
 //! "Add webserver" progressing step by step without a reload, a failed
 //! order's text, a switchover asked from a standby's card, node detail
-//! with orders and logs, a settings change with its orders (and strict
+//! with orders and a live log tail with search, a settings change with its orders (and strict
 //! replication offered), the audit log with a node filter, removal with
 //! confirmation, and screenshots at 1280 and 400 px.
 
@@ -243,6 +243,29 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
     browser.wait_for("table.orders tr.order-applied").await?;
     let rows = browser.find_all("table.orders tbody tr").await?;
     anyhow::ensure!(rows.len() >= 3, "{} order rows", rows.len());
+    browser.wait_text("pre.logs", "GET / 200 0.002").await?;
+    // The tail is live: a line shipped now shows without a reload, and the
+    // search box narrows the tail to the lines containing its text.
+    agents
+        .ship_logs("nginx1", "nginx", &["POST /todos 201 0.004"])
+        .await?;
+    browser.wait_text("pre.logs", "POST /todos 201").await?;
+    browser.type_into("input.log-search", "post /todos").await?;
+    eventually(
+        "the search to leave only the POST line",
+        browser.patience,
+        || async {
+            let text = browser.find("pre.logs").await?.text().await?;
+            Ok(text.contains("POST /todos 201") && !text.contains("GET / 200"))
+        },
+    )
+    .await?;
+    // Backspace it away: the whole tail again.
+    browser
+        .find("input.log-search")
+        .await?
+        .send_keys(&"\u{e003}".repeat("post /todos".len()))
+        .await?;
     browser.wait_text("pre.logs", "GET / 200 0.002").await?;
     browser.screenshot("node-detail-1280", 1280, 1000).await?;
     browser.screenshot("node-detail-400", 400, 1400).await?;
