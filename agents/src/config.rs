@@ -76,8 +76,10 @@ pub struct RunConfig {
     #[arg(long, env = "CORRAL_FIREWALL", default_value = "off", value_parser = parse_switch, action = clap::ArgAction::Set)]
     pub firewall: bool,
     /// The machine's syslog, shipped to the control plane as the service
-    /// `syslog` (the LXC provider sets `/var/log/syslog`). Unset where the
-    /// node shares its host (local nodes): the host's syslog is not theirs.
+    /// `syslog`: `auto` (`/var/log/syslog` where rsyslog writes one, else
+    /// the journal; what the LXC provider sets), `journal`, or a file. Unset
+    /// where the node shares its host (local nodes): the host's syslog is
+    /// not theirs.
     #[arg(long, env = "CORRAL_SYSLOG")]
     pub syslog: Option<PathBuf>,
 }

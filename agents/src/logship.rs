@@ -5,13 +5,15 @@
 //! skips; while the control plane is away the log files themselves are the
 //! buffer, and the rest of a log rotated meanwhile is shipped from its
 //! `.log.1` copy before the live log. On a machine of its own the node's
-//! syslog (`--syslog`, e.g. `/var/log/syslog`) goes the same way as the
-//! service `syslog`.
+//! syslog (`--syslog`: `/var/log/syslog`, or the journal read with
+//! `journalctl` after a cursor kept in `.journal-cursor`) goes the same way
+//! as the service `syslog`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -55,8 +57,112 @@ pub struct LogShipper {
     dir: PathBuf,
     /// The machine's syslog, shipped as the service `syslog`; none where
     /// the node shares its host (local provider).
-    syslog: Option<PathBuf>,
+    syslog: Option<Syslog>,
     places: BTreeMap<String, Place>,
+    /// The journal's cursor of the last entry shipped.
+    journal_cursor: Option<String>,
+}
+
+/// Where a machine's syslog is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Syslog {
+    /// A file rsyslog writes (rotated by logrotate's rename).
+    File(PathBuf),
+    /// systemd's journal, read with this `journalctl`.
+    Journal(PathBuf),
+}
+
+impl Syslog {
+    /// `--syslog`: `auto` (`/var/log/syslog` where there is one, else the
+    /// journal), `journal`, or the path of a file.
+    pub fn from_setting(setting: &Path) -> Self {
+        let rsyslog = Path::new("/var/log/syslog");
+        match setting.to_str() {
+            Some("journal") => Self::Journal("journalctl".into()),
+            Some("auto") if !rsyslog.exists() => Self::Journal("journalctl".into()),
+            Some("auto") => Self::File(rsyslog.into()),
+            _ => Self::File(setting.into()),
+        }
+    }
+}
+
+/// How long one read of the journal may take.
+const JOURNAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The text of a journal field: a string, or bytes (non-UTF-8 messages).
+fn journal_text(field: Option<&serde_json::Value>) -> String {
+    match field {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Array(bytes)) => {
+            let bytes: Vec<u8> = bytes
+                .iter()
+                .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+/// The journal entries after `cursor` (at most `MAX_LINES`, as
+/// `identifier: message`, redacted and clipped) and the cursor of the last;
+/// with no cursor yet, none and the cursor of the newest entry (the
+/// machine's past is not shipped).
+pub async fn read_journal(
+    journalctl: &Path,
+    cursor: Option<&str>,
+) -> std::io::Result<(Vec<String>, Option<String>)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut cmd = tokio::process::Command::new(journalctl);
+    cmd.args(["--output=json", "--no-pager", "--quiet"]);
+    match cursor {
+        Some(c) => cmd.arg(format!("--after-cursor={c}")),
+        None => cmd.arg("--lines=1"),
+    };
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| std::io::Error::other("journalctl without stdout"))?;
+    let mut entries = tokio::io::BufReader::new(stdout).lines();
+    let mut lines = Vec::new();
+    let mut last = cursor.map(String::from);
+    let read = async {
+        while lines.len() < MAX_LINES {
+            let Some(entry) = entries.next_line().await? else {
+                break;
+            };
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&entry) else {
+                continue;
+            };
+            let Some(at) = entry.get("__CURSOR").and_then(|c| c.as_str()) else {
+                continue;
+            };
+            last = Some(at.to_string());
+            if cursor.is_none() {
+                continue;
+            }
+            let line = format!(
+                "{}: {}",
+                journal_text(entry.get("SYSLOG_IDENTIFIER")),
+                journal_text(entry.get("MESSAGE"))
+            );
+            let line = crate::drivers::postgres::redact_passwords(&line);
+            lines.push(line.chars().take(MAX_LINE_CHARS).collect());
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(JOURNAL_TIMEOUT, read)
+        .await
+        .map_err(|_| std::io::Error::other("journalctl took too long"))??;
+    // The rest waits for the next round; dropping the child ends it.
+    drop(child);
+    Ok((lines, last))
 }
 
 /// The service name the node's syslog is shipped under.
@@ -134,24 +240,71 @@ impl LogShipper {
                 (service, place)
             })
             .collect();
+        let journal_cursor = std::fs::read_to_string(dir.join(".journal-cursor"))
+            .ok()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty());
         Self {
             dir,
             syslog: None,
             places,
+            journal_cursor,
         }
     }
 
-    /// Ships `path` (the machine's syslog) too, from its end when first seen.
-    pub fn with_syslog(mut self, path: Option<PathBuf>) -> Self {
-        self.syslog = path;
+    /// Ships the machine's syslog too, from its end when first seen.
+    pub fn with_syslog(mut self, syslog: Option<Syslog>) -> Self {
+        self.syslog = syslog;
         self
     }
 
-    fn live(&self, service: &str) -> PathBuf {
+    fn syslog_file(&self) -> Option<&Path> {
         match &self.syslog {
-            Some(path) if service == SYSLOG => path.clone(),
+            Some(Syslog::File(path)) => Some(path),
+            _ => None,
+        }
+    }
+
+    fn live(&self, service: &str) -> PathBuf {
+        match self.syslog_file() {
+            Some(path) if service == SYSLOG => path.to_path_buf(),
             _ => self.dir.join(format!("{service}.log")),
         }
+    }
+
+    /// Ships the journal's new entries; a journal that cannot be read
+    /// (no journalctl) ships nothing.
+    async fn ship_journal(
+        &mut self,
+        control: &ControlPlane,
+        journalctl: &Path,
+    ) -> Result<(), ControlError> {
+        for _ in 0..MAX_BATCHES {
+            let (lines, cursor) =
+                match read_journal(journalctl, self.journal_cursor.as_deref()).await {
+                    Ok(read) => read,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading the journal");
+                        return Ok(());
+                    }
+                };
+            if !lines.is_empty() {
+                control.logs(SYSLOG, &lines).await?;
+            }
+            if cursor != self.journal_cursor
+                && let Some(c) = &cursor
+            {
+                let path = self.dir.join(".journal-cursor");
+                if let Err(e) = crate::durable::write_atomic(&path, c.as_bytes(), 0o600) {
+                    tracing::warn!(error = %e, "saving the journal cursor");
+                }
+                self.journal_cursor = cursor;
+            }
+            if lines.len() < MAX_LINES {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     fn save(&self) {
@@ -170,7 +323,7 @@ impl LogShipper {
         let Some(mut place) = self.places.get(service).copied() else {
             // A service log first seen: from its start; older rotated copies
             // stay. The syslog holds the machine's past: from now on.
-            let offset = if self.syslog.is_some() && service == SYSLOG {
+            let offset = if self.syslog_file().is_some() && service == SYSLOG {
                 std::fs::metadata(&live).map_or(0, |m| m.len())
             } else {
                 0
@@ -236,7 +389,7 @@ impl LogShipper {
                     .collect()
             })
             .unwrap_or_default();
-        if self.syslog.is_some() && !services.iter().any(|s| s == SYSLOG) {
+        if self.syslog_file().is_some() && !services.iter().any(|s| s == SYSLOG) {
             services.push(SYSLOG.to_string());
         }
         let mut moved = false;
@@ -268,7 +421,11 @@ impl LogShipper {
         if moved {
             self.save();
         }
-        outcome
+        outcome?;
+        if let Some(Syslog::Journal(journalctl)) = self.syslog.clone() {
+            self.ship_journal(control, &journalctl).await?;
+        }
+        Ok(())
     }
 
     fn keep(&mut self, service: &str, place: Place, moved: &mut bool) {
@@ -319,7 +476,7 @@ mod tests {
         std::fs::write(&syslog, "old 1\nold 2\n").expect("write");
         let logs = dir.path().join("logs");
         std::fs::create_dir_all(&logs).expect("mkdir");
-        let shipper = LogShipper::new(logs).with_syslog(Some(syslog.clone()));
+        let shipper = LogShipper::new(logs).with_syslog(Some(Syslog::File(syslog.clone())));
         let mut place = shipper.place(SYSLOG);
         assert_eq!(place.offset, 12, "the machine's past is not shipped");
         let append = |text: &str| {
@@ -352,6 +509,49 @@ mod tests {
         assert_eq!(
             shipper.next_batch(SYSLOG, &mut place).expect("batch"),
             ["new 3"]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_journal_is_read_after_its_cursor_from_the_newest_entry_on() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let journalctl = dir.path().join("journalctl");
+        // Entries c1..c3; `--lines=1` gives the newest, `--after-cursor`
+        // those after it.
+        std::fs::write(
+            &journalctl,
+            r#"#!/bin/sh
+e1='{"__CURSOR":"c1","SYSLOG_IDENTIFIER":"kernel","MESSAGE":"booted"}'
+e2='{"__CURSOR":"c2","SYSLOG_IDENTIFIER":"sshd","MESSAGE":[97,99,99,101,112,116,101,100]}'
+e3='{"__CURSOR":"c3","SYSLOG_IDENTIFIER":"postgres","MESSAGE":"primary_conninfo = user=replicator password=s3cr3t host=x"}'
+case "$*" in
+  *--lines=1*) echo "$e3" ;;
+  *--after-cursor=c1*) echo "$e2"; echo "$e3" ;;
+  *--after-cursor=c3*) ;;
+  *) echo "$e1"; echo "$e2"; echo "$e3" ;;
+esac
+"#,
+        )
+        .expect("write");
+        std::fs::set_permissions(
+            &journalctl,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        let (lines, cursor) = read_journal(&journalctl, None).await.expect("read");
+        assert!(lines.is_empty(), "{lines:?}");
+        assert_eq!(cursor.as_deref(), Some("c3"));
+        let (lines, cursor) = read_journal(&journalctl, Some("c1")).await.expect("read");
+        assert_eq!(lines[0], "sshd: accepted");
+        assert!(lines[1].starts_with("postgres: "), "{}", lines[1]);
+        assert!(!lines[1].contains("s3cr3t"), "{}", lines[1]);
+        assert_eq!(cursor.as_deref(), Some("c3"));
+        let (lines, cursor) = read_journal(&journalctl, Some("c3")).await.expect("read");
+        assert!(lines.is_empty());
+        assert_eq!(
+            cursor.as_deref(),
+            Some("c3"),
+            "nothing new keeps the cursor"
         );
     }
 

@@ -132,7 +132,7 @@ async fn heartbeat_loop(
     applied: Arc<AtomicI64>,
     interval: Duration,
     log_dir: std::path::PathBuf,
-    syslog: Option<std::path::PathBuf>,
+    syslog: Option<crate::logship::Syslog>,
 ) {
     let observer = Observer::default();
     let mut shipper = LogShipper::new(log_dir).with_syslog(syslog);
@@ -268,7 +268,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         applied.clone(),
         config.heartbeat_interval,
         state_dir.join("logs"),
-        config.syslog.clone(),
+        config
+            .syslog
+            .as_deref()
+            .map(crate::logship::Syslog::from_setting),
     ));
 
     tokio::spawn(metrics_loop(

@@ -493,7 +493,7 @@ impl LxcProvider {
     ) -> Result<(), ProviderError> {
         let delta = self.config.delta(&node.name);
         let mut conf = format!(
-            "# written by corral's lxc provider\nserver = {}\nnode = {}\naddress = {}\nstate-dir = {AGENT_STATE_DIR}\nenroll-secret = {}\nfirewall = on\nsyslog = /var/log/syslog\n",
+            "# written by corral's lxc provider\nserver = {}\nnode = {}\naddress = {}\nstate-dir = {AGENT_STATE_DIR}\nenroll-secret = {}\nfirewall = on\nsyslog = auto\n",
             boot.server_url, node.name, node.address, boot.secret
         );
         if let Some(ca) = &boot.ca_pem {
