@@ -298,7 +298,7 @@ impl Application {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
         let data = web::Data::from(cluster.clone());
-        let logs = web::Data::new(crate::api::ServiceLogs::default());
+        let logs = web::Data::new(crate::api::ServiceLogs::starting_now());
         let ui_dir = config.ui_dir.clone();
         let apt_dir = config.apt_dir.clone();
         let mut server = HttpServer::new(move || {

@@ -76,7 +76,9 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogLine {
-    /// Order of arrival over all services of the server, strictly increasing.
+    /// Order of arrival over all services of the server, strictly
+    /// increasing, also over a restart of the server (it starts at the
+    /// server's start time in microseconds).
     pub seq: u64,
     #[cfg_attr(feature = "openapi", schema(example = "nginx"))]
     pub service: String,

@@ -94,6 +94,20 @@ impl NodeLogs {
 }
 
 impl ServiceLogs {
+    /// A store whose `seq`s start at the current time in microseconds, so
+    /// they keep growing over a restart of the server and a follower's
+    /// `after` from before it does not hide the lines after it.
+    pub fn starting_now() -> Self {
+        let now = u64::try_from(Utc::now().timestamp_micros()).unwrap_or(0);
+        let logs = Self::default();
+        logs.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next_seq = now;
+        logs.newest.send_replace(now);
+        logs
+    }
+
     /// Appends a validated batch, dropping the oldest lines past the
     /// bounds: [`KEPT_LOG_LINES`] per service, [`KEPT_LOG_BYTES_PER_NODE`]
     /// per node.
@@ -478,6 +492,19 @@ mod tests {
         assert_eq!(count("s10"), KEPT_LOG_BYTES_PER_NODE / 1000 - 1000);
         assert_eq!(count("s0"), 0);
         assert_eq!(kept.last().map(|l| l.service.as_str()), Some("s15"));
+    }
+
+    #[test]
+    fn seqs_keep_growing_over_a_restart_of_the_server() {
+        let before = ServiceLogs::starting_now();
+        before.append("web1", batch("nginx", &["a", "b"])).expect("append");
+        let seen = before.recent("web1", LogFilter::default(), 10);
+        let last = seen.last().map(|l| l.seq).expect("a line");
+        std::thread::sleep(Duration::from_millis(2));
+        let after = ServiceLogs::starting_now();
+        after.append("web1", batch("nginx", &["c"])).expect("append");
+        let new = after.after("web1", LogFilter::default(), last, 10);
+        assert_eq!(new.len(), 1, "a follower from before the restart sees the new line");
     }
 
     #[test]
