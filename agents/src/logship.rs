@@ -86,6 +86,12 @@ impl Syslog {
     }
 }
 
+/// The server understood the batch and will never take it (422, 413, 400).
+fn refused_for_good(e: &ControlError) -> bool {
+    e.status()
+        .is_some_and(|s| matches!(s.as_u16(), 400 | 413 | 422))
+}
+
 /// How long one read of the journal may take.
 const JOURNAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -401,9 +407,19 @@ impl LogShipper {
                 let Ok(lines) = self.next_batch(&service, &mut place) else {
                     break;
                 };
-                if !lines.is_empty()
-                    && let Err(e) = control.logs(&service, &lines).await
+                let sent = if lines.is_empty() {
+                    Ok(())
+                } else {
+                    control.logs(&service, &lines).await
+                };
+                if let Err(e) = &sent
+                    && refused_for_good(e)
                 {
+                    // Sending it again would be refused again (a file whose
+                    // name is no service name, a 17th service): skip it
+                    // rather than stall every log behind it.
+                    tracing::warn!(service, error = %e, lines = lines.len(), "log lines refused; skipped");
+                } else if let Err(e) = sent {
                     // Not sent: keep the place before this batch (a
                     // rotation noticed still counts).
                     place = shipped;

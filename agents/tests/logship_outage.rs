@@ -47,12 +47,20 @@ fn append(log: &std::path::Path, from: usize, to: usize) {
     }
 }
 
-#[tokio::test]
-async fn lines_written_while_the_server_is_down_arrive_once_it_is_back_none_twice() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let server_state = dir.path().join("server");
-    let (url, handle) = serve(&server_state, "127.0.32.1:0").await;
-    let mut stop = Stop(Some(handle));
+struct Enrolled {
+    url: String,
+    admin: String,
+    stop: Stop,
+    control: ControlPlane,
+    logs: std::path::PathBuf,
+}
+
+/// A server on `listen` with the node nginx1, and nginx1's agent side: its
+/// control-plane client and its (empty) log directory.
+async fn enrolled(dir: &std::path::Path, listen: &str) -> Enrolled {
+    let server_state = dir.join("server");
+    let (url, handle) = serve(&server_state, listen).await;
+    let stop = Stop(Some(handle));
     let admin = std::fs::read_to_string(server_state.join("admin-token"))
         .expect("admin token")
         .trim()
@@ -84,11 +92,48 @@ async fn lines_written_while_the_server_is_down_arrive_once_it_is_back_none_twic
             file: None,
         },
         None,
-        StateDir::open(&dir.path().join("agent")).expect("state"),
+        StateDir::open(&dir.join("agent")).expect("state"),
     )
     .expect("client");
-    let logs = dir.path().join("agent").join("logs");
+    let logs = dir.join("agent").join("logs");
     std::fs::create_dir_all(&logs).expect("logs dir");
+    Enrolled {
+        url,
+        admin,
+        stop,
+        control,
+        logs,
+    }
+}
+
+async fn kept_lines(url: &str, admin: &str, service: &str) -> Vec<String> {
+    let kept: Vec<Value> = reqwest::Client::new()
+        .get(format!(
+            "{url}/api/v1/nodes/nginx1/logs?service={service}&limit=500"
+        ))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .expect("logs")
+        .json()
+        .await
+        .expect("json");
+    kept.iter()
+        .map(|l| l["line"].as_str().expect("line").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn lines_written_while_the_server_is_down_arrive_once_it_is_back_none_twice() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server_state = dir.path().join("server");
+    let Enrolled {
+        url,
+        admin,
+        mut stop,
+        control,
+        logs,
+    } = enrolled(dir.path(), "127.0.32.1:0").await;
     let log = logs.join("nginx.log");
     let rotation = LogRotation {
         max_bytes: 1000,
@@ -124,24 +169,34 @@ async fn lines_written_while_the_server_is_down_arrive_once_it_is_back_none_twic
     let mut shipper = LogShipper::new(logs.clone());
     shipper.ship(&control).await.expect("nothing more to ship");
 
-    let kept: Vec<Value> = http
-        .get(format!(
-            "{url}/api/v1/nodes/nginx1/logs?service=nginx&limit=500"
-        ))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("logs")
-        .json()
-        .await
-        .expect("json");
-    let lines: Vec<&str> = kept
-        .iter()
-        .map(|l| l["line"].as_str().expect("line"))
-        .collect();
+    let lines = kept_lines(&url, &admin, "nginx").await;
     let expected: Vec<String> = (10..200).map(|i| format!("line {i}")).collect();
     assert_eq!(
         lines, expected,
         "every line written during the outage, in order, none twice (the restarted server kept none before)"
+    );
+}
+
+#[tokio::test]
+async fn a_log_the_server_refuses_does_not_hold_back_the_others() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let Enrolled {
+        url,
+        admin,
+        stop: _stop,
+        control,
+        logs,
+    } = enrolled(dir.path(), "127.0.32.2:0").await;
+    // Not a service name the server files logs under: refused (422).
+    append(&logs.join("Bad Name.log"), 0, 3);
+    append(&logs.join("nginx.log"), 0, 3);
+    let mut shipper = LogShipper::new(logs.clone());
+    shipper
+        .ship(&control)
+        .await
+        .expect("a refused batch is skipped, not retried forever");
+    assert_eq!(
+        kept_lines(&url, &admin, "nginx").await,
+        ["line 0", "line 1", "line 2"]
     );
 }
