@@ -24,7 +24,6 @@ macro_rules! metric_names {
         /// One thing an agent measures. The code is what the database
         /// stores: append only, never reuse one.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         pub enum MetricName {
             $(
                 #[doc = $doc]
@@ -32,6 +31,24 @@ macro_rules! metric_names {
                 $variant,
             )+
         }
+
+        // Written by hand: the derive does not see the `serde(rename)` this
+        // macro generates and would list the Rust variant names.
+        #[cfg(feature = "openapi")]
+        impl utoipa::PartialSchema for MetricName {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some(
+                        "One thing an agent measures, as the API spells it.",
+                    ))
+                    .enum_values(Some([$($name),+]))
+                    .into()
+            }
+        }
+
+        #[cfg(feature = "openapi")]
+        impl utoipa::ToSchema for MetricName {}
 
         impl MetricName {
             pub const ALL: &'static [MetricName] = &[$(MetricName::$variant),+];

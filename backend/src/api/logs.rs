@@ -300,7 +300,8 @@ pub struct LogsQuery {
     after: Option<u64>,
     /// With `after`, how long to hold the request when nothing is new:
     /// `30s`, `500ms`, `1m` or plain seconds; capped at the server's
-    /// maximum poll wait (60 s by default). `0` (the default) answers at once.
+    /// maximum poll wait (60 s by default). `0` (the default) answers at
+    /// once, as does any wait without `after` (the newest lines).
     #[param(pattern = "^[0-9]{1,9}(ms|s|m)?$", example = "30s")]
     wait: Option<String>,
 }
@@ -351,12 +352,13 @@ pub async fn get_logs(
             "grep is longer than {MAX_LOG_GREP_CHARS} characters"
         )));
     }
+    // Without `after` the answer is the newest lines, at once: a wait
+    // (still checked) has nothing to wait for.
     let wait = match (&query.wait, query.after) {
         (None, _) => Duration::ZERO,
-        (Some(_), None) => {
-            return Err(ApiError::BadRequest(
-                "wait needs after (the last seq seen; 0 for none)".into(),
-            ));
+        (Some(w), None) => {
+            super::agents::parse_wait(w)?;
+            Duration::ZERO
         }
         (Some(w), Some(_)) => super::agents::parse_wait(w)?.min(cluster.config().max_poll_wait),
     };

@@ -69,13 +69,20 @@ pub struct MetricsQuery {
     /// `disk.used_pct`, `net.rx`, `net.tx`, `nginx.requests`, `nginx.5xx`,
     /// `webapp.requests`, `webapp.latency_ms`, `webapp.latency_p95_ms`,
     /// `pg.commits`, `pg.connections`, `pg.lag_bytes`.
-    #[param(example = "nginx.requests")]
+    #[param(example = "nginx.requests", value_type = MetricName)]
     name: String,
     /// Start: RFC 3339 or seconds since the Unix epoch (default: an hour
     /// before `to`).
-    #[param(example = "2026-12-03T15:00:00Z")]
+    #[param(
+        example = "2026-12-03T15:00:00Z",
+        pattern = "^([0-9]{1,12}|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))?$"
+    )]
     from: Option<String>,
-    /// End: RFC 3339 or seconds since the Unix epoch (default: now).
+    /// End: RFC 3339 or seconds since the Unix epoch (default: now; also
+    /// when empty, as is `from`).
+    #[param(
+        pattern = "^([0-9]{1,12}|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))?$"
+    )]
     to: Option<String>,
     /// Seconds between points, 10 (raw) or 300 (5-minute aggregates);
     /// default: raw for ranges within the last day of at most six hours.
@@ -108,12 +115,14 @@ fn parse_time(what: &str, value: &str) -> Result<i64, ApiError> {
 /// The parsed query: a bad name or time is a 400 naming it.
 fn series_query(q: &MetricsQuery, now: i64) -> Result<SeriesQuery, ApiError> {
     let name: MetricName = q.name.parse().map_err(ApiError::BadRequest)?;
-    let to = match &q.to {
-        Some(t) => parse_time("to", t)?,
+    // An empty value is no value (`to=` from a form left blank).
+    let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+    let to = match given(&q.to) {
+        Some(t) => parse_time("to", &t)?,
         None => now,
     };
-    let from = match &q.from {
-        Some(f) => parse_time("from", f)?,
+    let from = match given(&q.from) {
+        Some(f) => parse_time("from", &f)?,
         None => (to - 3600).max(0),
     };
     Ok(SeriesQuery {

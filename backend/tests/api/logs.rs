@@ -84,6 +84,11 @@ both_backends! {
             let res = app.get(&format!("/api/v1/nodes/nginx1/logs?{query}")).await;
             assert_error(res, 400, "bad_request").await;
         }
+        // A wait without `after` has nothing to wait for: the newest lines, at once.
+        let started = std::time::Instant::now();
+        let res = app.get("/api/v1/nodes/nginx1/logs?wait=30s").await;
+        assert_eq!(res.status(), 200);
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
         assert_error(app.get("/api/v1/nodes/nginx9/logs").await, 404, "not_found").await;
         let res = ship(&app, &app.admin, "nginx9", json!({"service": "nginx", "lines": ["x"]})).await;
         assert_error(res, 404, "not_found").await;
@@ -158,7 +163,7 @@ both_backends! {
             "after=0&wait=-1s".to_string(),
             "after=0&wait=1h".to_string(),
             "after=0&wait=9999999999".to_string(),
-            "wait=1s".to_string(),
+            "wait=forever".to_string(),
             format!("grep={long}"),
         ] {
             let res = app.get(&format!("/api/v1/nodes/nginx1/logs?{query}")).await;
