@@ -107,10 +107,10 @@ pub fn filter<S>(spec: &str) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    if !spec.contains(['[', '{']) {
-        if let Ok(targets) = spec.parse::<Targets>() {
-            return targets.boxed();
-        }
+    if !spec.contains(['[', '{'])
+        && let Ok(targets) = spec.parse::<Targets>()
+    {
+        return targets.boxed();
     }
     EnvFilter::try_new(spec)
         .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
