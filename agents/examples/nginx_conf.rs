@@ -2,9 +2,13 @@
 //! given webapps (round robin, the default policy), so that benchmarks
 //! measure the configuration the cluster runs rather than a copy of it.
 //!
-//!   nginx_conf PREFIX LISTEN BACKEND...    (BACKEND: ip:port)
+//!   nginx_conf PREFIX LISTEN NODE_ADDRESS BACKEND...    (BACKEND: ip:port)
 //!
-//! The config expects `PREFIX/run` and `PREFIX/tmp` to exist.
+//! NODE_ADDRESS is where the metrics' `stub_status` listens, as on a node
+//! (two of these nginx on one machine need two addresses). The config
+//! expects `PREFIX/run`, `PREFIX/tmp` and `PREFIX/logs` to exist.
+
+use std::net::IpAddr;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,9 +18,10 @@ use corral_proto::LbPolicy;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: nginx_conf PREFIX LISTEN BACKEND...";
+    let usage = "usage: nginx_conf PREFIX LISTEN NODE_ADDRESS BACKEND...";
     let prefix = PathBuf::from(args.next().ok_or_else(|| anyhow::anyhow!(usage))?);
     let listen = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
+    let node: IpAddr = args.next().ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
     let upstreams = args
         .map(|a| {
             let addr: SocketAddr = a.parse()?;
@@ -36,6 +41,7 @@ fn main() -> anyhow::Result<()> {
             policy: LbPolicy::RoundRobin,
             upstreams: &upstreams,
             user: None,
+            status: Some(node),
         })
     );
     Ok(())

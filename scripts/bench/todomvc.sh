@@ -142,7 +142,7 @@ measure() {
 # Starts one todomvc binary with nginx in front of it; sets app_<label> and
 # proxy_<label> (base URLs) and cookie_<label> (a page session's cookie).
 start_app() {
-  local bin="$1" label="$2"
+  local bin="$1" label="$2" node="$3"
   local app_port nginx_port app proxy cookie
   app_port=$(free_port)
   app="http://127.0.0.1:$app_port"
@@ -155,7 +155,7 @@ start_app() {
   nginx_port=$(free_port)
   proxy="http://127.0.0.1:$nginx_port"
   mkdir -p "$tmp/nginx-$label"
-  nginx_conf "$tmp/nginx-$label" "$app_port" "$nginx_port" >"$tmp/nginx-$label/nginx.conf"
+  nginx_conf "$tmp/nginx-$label" "$app_port" "$nginx_port" "$node" >"$tmp/nginx-$label/nginx.conf"
   say "[$label] starting nginx on $proxy"
   nginx -e "$tmp/nginx-$label/error.log" -p "$tmp/nginx-$label" -c "$tmp/nginx-$label/nginx.conf" \
     2>>"$tmp/nginx-$label/error.log" &
@@ -176,17 +176,18 @@ session_cookie() {
 # nginx.conf exactly as corral-agent renders it for a web node fronting this
 # one webapp (agents/examples/nginx_conf.rs calls the agent's own render), so
 # the nginx lines measure the proxy the cluster runs, tuning and all.
+# Its metrics listener (stub_status) is on a node address of its own per app.
 nginx_conf() {
-  local dir="$1" app_port="$2" nginx_port="$3"
-  mkdir -p "$dir/run" "$dir/tmp"
-  "$release/examples/nginx_conf" "$dir" "127.0.0.1:$nginx_port" "127.0.0.1:$app_port"
+  local dir="$1" app_port="$2" nginx_port="$3" node="$4"
+  mkdir -p "$dir/run" "$dir/tmp" "$dir/logs"
+  "$release/examples/nginx_conf" "$dir" "127.0.0.1:$nginx_port" "$node" "127.0.0.1:$app_port"
 }
 
 labels=(current)
-start_app "$release/todomvc" current
+start_app "$release/todomvc" current 127.0.18.1
 if [ -n "$baseline" ]; then
   labels+=(baseline)
-  start_app "$baseline" baseline
+  start_app "$baseline" baseline 127.0.18.2
 fi
 
 # Both apps share the database, so the GETs (same 100 todos) come first and
