@@ -16,7 +16,8 @@
 # Starts everything it measures on loopback and removes it on exit: a
 # PostgreSQL 15 primary run as an unprivileged user (through the test
 # harness, examples/pg_cluster.rs), the release build of todomvc, and nginx
-# with a temporary configuration. Installs wrk if it is missing (root).
+# with the configuration corral-agent renders for a web node. Installs wrk
+# if it is missing (root).
 #
 #   scripts/bench/todomvc.sh [--duration 10] [--connections 32] [--threads 2]
 #                            [--baseline BINARY] [--repeat N]
@@ -61,6 +62,7 @@ command -v curl >/dev/null || die "curl is missing: run scripts/setup.sh"
 
 say "building todomvc (release)"
 cargo build --release --locked -q -p todomvc --bin todomvc --example pg_cluster
+cargo build --release --locked -q -p corral-agent --example nginx_conf
 release="${CARGO_TARGET_DIR:-target}/release"
 pgbin=/usr/lib/postgresql/15/bin
 
@@ -140,7 +142,7 @@ measure() {
 # Starts one todomvc binary with nginx in front of it; sets app_<label> and
 # proxy_<label> (base URLs) and cookie_<label> (a page session's cookie).
 start_app() {
-  local bin="$1" label="$2"
+  local bin="$1" label="$2" node="$3"
   local app_port nginx_port app proxy cookie
   app_port=$(free_port)
   app="http://127.0.0.1:$app_port"
@@ -153,9 +155,10 @@ start_app() {
   nginx_port=$(free_port)
   proxy="http://127.0.0.1:$nginx_port"
   mkdir -p "$tmp/nginx-$label"
-  nginx_conf "$tmp/nginx-$label" "$app_port" "$nginx_port" >"$tmp/nginx-$label/nginx.conf"
+  nginx_conf "$tmp/nginx-$label" "$app_port" "$nginx_port" "$node" >"$tmp/nginx-$label/nginx.conf"
   say "[$label] starting nginx on $proxy"
-  nginx -e "$tmp/nginx-$label/error.log" -p "$tmp/nginx-$label" -c "$tmp/nginx-$label/nginx.conf" &
+  nginx -e "$tmp/nginx-$label/error.log" -p "$tmp/nginx-$label" -c "$tmp/nginx-$label/nginx.conf" \
+    2>>"$tmp/nginx-$label/error.log" &
   pids+=($!)
   wait_for "nginx" 10 curl -fsS "$proxy/healthz"
   printf -v "app_$label" '%s' "$app"
@@ -170,53 +173,21 @@ session_cookie() {
   echo "$cookie"
 }
 
-# nginx.conf as a web node's nginx fronts todomvc, tuned for proxying:
-# HTTP/1.1 with keep-alive to the upstream (no TCP handshake per request),
-# connections kept for more than the default 1000 requests on both sides
-# (wrk's direct connections are never recycled either; this alone was worth
-# 20 %), one worker per core, no access log on the hot path (the app logs
-# every request).
+# nginx.conf exactly as corral-agent renders it for a web node fronting this
+# one webapp (agents/examples/nginx_conf.rs calls the agent's own render), so
+# the nginx lines measure the proxy the cluster runs, tuning and all.
+# Its metrics listener (stub_status) is on a node address of its own per app.
 nginx_conf() {
-  local dir="$1" app_port="$2" nginx_port="$3"
-  cat <<CONF
-daemon off;
-worker_processes auto;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; multi_accept on; }
-http {
-  access_log off;
-  keepalive_requests 100000;
-  client_body_temp_path $dir/body;
-  proxy_temp_path $dir/proxy;
-  fastcgi_temp_path $dir/fastcgi;
-  uwsgi_temp_path $dir/uwsgi;
-  scgi_temp_path $dir/scgi;
-  upstream todomvc {
-    server 127.0.0.1:$app_port;
-    keepalive 128;
-    keepalive_requests 100000;
-  }
-  server {
-    listen 127.0.0.1:$nginx_port reuseport backlog=4096;
-    location / {
-      proxy_pass http://todomvc;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$http_host;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Request-Id \$request_id;
-    }
-  }
-}
-CONF
+  local dir="$1" app_port="$2" nginx_port="$3" node="$4"
+  mkdir -p "$dir/run" "$dir/tmp" "$dir/logs"
+  "$release/examples/nginx_conf" "$dir" "127.0.0.1:$nginx_port" "$node" "127.0.0.1:$app_port"
 }
 
 labels=(current)
-start_app "$release/todomvc" current
+start_app "$release/todomvc" current 127.0.18.1
 if [ -n "$baseline" ]; then
   labels+=(baseline)
-  start_app "$baseline" baseline
+  start_app "$baseline" baseline 127.0.18.2
 fi
 
 # Both apps share the database, so the GETs (same 100 todos) come first and

@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::http::READ_FROM;
 use crate::lsn::Lsn;
 use crate::store;
-use crate::todo::{BODY_LIMIT_BYTES, NewTodo, TodoPatch, parse_id};
+use crate::todo::{BODY_LIMIT_BYTES, NewTodo, TodoPatch, list_json, parse_id};
 
 /// The cookie carrying the WAL position a browser session has written or
 /// seen; reads are served only by servers that have replayed that far.
@@ -189,7 +189,8 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
         );
         response.insert_header((header::LINK, next));
     }
-    Ok(response.json(todos))
+    let body = list_json(&todos).map_err(|e| ApiError::Internal(format!("encoding todos: {e}")))?;
+    Ok(response.content_type(mime_json()).body(body))
 }
 
 async fn create(

@@ -15,6 +15,7 @@ pub mod error;
 mod health;
 mod http;
 pub mod list_cache;
+pub mod logging;
 pub mod lsn;
 pub mod metrics;
 mod page;

@@ -72,7 +72,7 @@ impl ListSnapshot {
             return Ok(body.clone());
         }
         let views: Vec<_> = self.todos.iter().map(|t| t.view(base)).collect();
-        let body = Bytes::from(serde_json::to_vec(&views)?);
+        let body = Bytes::from(crate::todo::list_json(&views)?);
         if bodies.len() >= BODIES_KEPT {
             bodies.remove(0);
         }

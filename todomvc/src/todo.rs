@@ -47,6 +47,20 @@ impl Todo {
     }
 }
 
+/// A list of todos as a JSON body, written into a buffer sized for it up
+/// front: grown from empty, a 100-todo list (10 KB) was copied five times
+/// on its way out.
+pub fn list_json(views: &[TodoView<'_>]) -> Result<Vec<u8>, serde_json::Error> {
+    // The fixed part of one todo with its keys is about 70 bytes.
+    let size: usize = views
+        .iter()
+        .map(|v| v.title.len() + v.url.base.len() + 96)
+        .sum();
+    let mut body = Vec::with_capacity(size + 2);
+    serde_json::to_writer(&mut body, views)?;
+    Ok(body)
+}
+
 /// The absolute URL of a todo, written out only when serialized.
 #[derive(Clone, Copy, Debug)]
 pub struct TodoUrl<'a> {
