@@ -621,8 +621,6 @@ impl BackupDriver {
 mod tests {
     use super::*;
     use crate::config::EnrollSecretSource;
-    use crate::consul_api::ConsulApi;
-    use crate::drivers::Binaries;
     use crate::durable::StateDir;
     use crate::host::Host;
     use crate::host::fake::{Call, FakeHost};
@@ -630,23 +628,13 @@ mod tests {
     /// A driver on adm1 whose control plane is unreachable.
     fn driver(dir: &Path) -> (BackupDriver, Arc<FakeHost>) {
         let host = Arc::new(FakeHost::default());
-        let ctx = Arc::new(NodeContext {
-            node: "adm1".into(),
-            address: [127, 0, 99, 5].into(),
-            state_dir: dir.to_path_buf(),
-            bins: Binaries {
-                consul: "consul".into(),
-                nginx: "nginx".into(),
-                todomvc: "todomvc".into(),
-                pg_bin: "/pg".into(),
-                agent: "corral-agent".into(),
-            },
-            nginx_port: None,
-            host: host.clone(),
-            consul: ConsulApi::new("127.0.99.5"),
-            start_wait: Duration::ZERO,
-            firewall: false,
-        });
+        let ctx = Arc::new(NodeContext::for_test(
+            "adm1",
+            [127, 0, 99, 5].into(),
+            dir,
+            host.clone(),
+            false,
+        ));
         let control = ControlPlane::new(
             &["http://127.0.0.1:9".to_string()],
             "adm1",

@@ -141,28 +141,16 @@ impl FirewallDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consul_api::ConsulApi;
-    use crate::drivers::Binaries;
     use crate::host::fake::FakeHost;
 
     fn context(dir: &std::path::Path, host: Arc<FakeHost>, firewall: bool) -> Arc<NodeContext> {
-        Arc::new(NodeContext {
-            node: "nginx1".into(),
-            address: [127, 0, 99, 21].into(),
-            state_dir: dir.to_path_buf(),
-            bins: Binaries {
-                consul: "consul".into(),
-                nginx: "nginx".into(),
-                todomvc: "todomvc".into(),
-                pg_bin: "/pg".into(),
-                agent: "corral-agent".into(),
-            },
-            nginx_port: None,
+        Arc::new(NodeContext::for_test(
+            "nginx1",
+            [127, 0, 99, 21].into(),
+            dir,
             host,
-            consul: ConsulApi::new("127.0.99.21"),
-            start_wait: Duration::ZERO,
             firewall,
-        })
+        ))
     }
 
     fn spec() -> FirewallSpec {

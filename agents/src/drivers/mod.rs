@@ -53,6 +53,35 @@ impl NodeContext {
     pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.state_dir.join(rel)
     }
+
+    /// A node for drivers' unit tests: `host` records what they run, Consul
+    /// at `address` is unreachable, services count as started at once.
+    #[cfg(test)]
+    pub fn for_test(
+        node: &str,
+        address: std::net::Ipv4Addr,
+        state_dir: &Path,
+        host: Arc<dyn Host>,
+        firewall: bool,
+    ) -> NodeContext {
+        NodeContext {
+            node: node.into(),
+            address: address.into(),
+            state_dir: state_dir.to_path_buf(),
+            bins: Binaries {
+                consul: "consul".into(),
+                nginx: "nginx".into(),
+                todomvc: "todomvc".into(),
+                pg_bin: "/pg".into(),
+                agent: "corral-agent".into(),
+            },
+            nginx_port: None,
+            host,
+            consul: ConsulApi::new(&address.to_string()),
+            start_wait: std::time::Duration::ZERO,
+            firewall,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
