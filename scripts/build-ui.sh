@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the web UI into frontend/dist (served by `corral serve` at /) and
 # prints the size of its wasm, raw and gzipped. What trunk did, in four
-# steps and no extra tool to compile: cargo for wasm32, wasm-bindgen (the
-# CLI of the exact version in Cargo.lock), wasm-opt, and content-hashed
-# file names with subresource integrity in index.html. Needs what
+# steps and no extra tool to compile: cargo for wasm32, wasm-bindgen
+# (tools/bindgen: wasm-bindgen's own library at the exact version in
+# Cargo.lock, built in this workspace), wasm-opt, and content-hashed file
+# names with subresource integrity in index.html. Needs what
 # scripts/setup.sh installs. Works offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 # wasm-opt from binaryen's npm build (scripts/setup.sh), ahead of any older
 # system one that cannot read today's wasm.
 export PATH="${XDG_CACHE_HOME:-$HOME/.cache}/corral/binaryen/node_modules/.bin:$PATH"
-for tool in wasm-bindgen wasm-opt python3; do
+for tool in wasm-opt python3; do
   if ! command -v "$tool" >/dev/null; then
     echo "build-ui.sh: $tool is missing; run scripts/setup.sh" >&2
     exit 1
@@ -21,15 +22,30 @@ done
 started=$SECONDS
 say() { printf '==> [%3ss] %s\n' "$((SECONDS - started))" "$*" >&2; }
 
+# The JS glue wasm-bindgen writes and the wasm-bindgen crate the UI links
+# must be the same version.
+lock_version() {
+  awk -v name="$1" '$0 == "name = \"" name "\"" {getline; gsub(/"/, "", $3); print $3; exit}' Cargo.lock
+}
+crate_version=$(lock_version wasm-bindgen)
+tool_version=$(lock_version wasm-bindgen-cli-support)
+if [ -z "$crate_version" ] || [ "$crate_version" != "$tool_version" ]; then
+  echo "build-ui.sh: Cargo.lock has wasm-bindgen $crate_version but wasm-bindgen-cli-support $tool_version;" >&2
+  echo "  pin tools/bindgen/Cargo.toml to =$crate_version" >&2
+  exit 1
+fi
+
 say "building the web UI: cargo build --profile wasm-release --target wasm32-unknown-unknown"
 cargo build -q --locked --profile wasm-release --target wasm32-unknown-unknown -p corral-frontend
+say "building wasm-bindgen $tool_version (tools/bindgen, release)"
+cargo build -q --locked --release -p corral-bindgen
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 wasm_in="$target_dir/wasm32-unknown-unknown/wasm-release/corral-frontend.wasm"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 say "wasm-bindgen --target web"
-wasm-bindgen --target web --no-typescript --out-dir "$work" --out-name corral-frontend "$wasm_in"
+"$target_dir/release/corral-bindgen" "$wasm_in" "$work" corral-frontend
 say "wasm-opt -Oz"
 wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext \
   --enable-mutable-globals --enable-reference-types --enable-multivalue \

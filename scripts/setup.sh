@@ -94,14 +94,9 @@ if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
 fi
 
 # The web UI's build tools (scripts/build-ui.sh; no trunk: compiling it
-# took minutes for what four steps of that script do). wasm-bindgen-cli, in
-# ~/.cargo/bin, must be exactly the version of the wasm-bindgen crate in
-# Cargo.lock: the generated glue and the crate must agree.
-bindgen_version=$(awk '/^name = "wasm-bindgen"$/ {getline; gsub(/"/, "", $3); print $3; exit}' Cargo.lock)
-if ! wasm-bindgen --version 2>/dev/null | grep -qx "wasm-bindgen $bindgen_version"; then
-  say "installing wasm-bindgen-cli $bindgen_version"
-  cargo install -q wasm-bindgen-cli --version "$bindgen_version" --force
-fi
+# took minutes for what four steps of that script do). No wasm-bindgen CLI
+# either: build-ui.sh builds wasm-bindgen's library at the version in
+# Cargo.lock (tools/bindgen), without the CLI's test runner and HTTP stack.
 # wasm-opt: Debian's binaryen (108) cannot read the reference-types code
 # rustc emits by default since 1.82, so binaryen's own build from npm
 # (scripts/build-ui.sh puts it first on PATH).
