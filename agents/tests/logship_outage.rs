@@ -7,34 +7,12 @@
 
 use std::io::Write;
 
-use corral_agent::config::EnrollSecretSource;
 use corral_agent::control::ControlPlane;
-use corral_agent::durable::StateDir;
 use corral_agent::logship::LogShipper;
 use corral_agent::supervisor::{LogRotation, rotate_log};
-use corral_server::startup::{Application, Config};
-use serde_json::{Value, json};
 
-async fn serve(state: &std::path::Path, listen: &str) -> (String, actix_web::dev::ServerHandle) {
-    let mut config = Config::new(state);
-    config.listen = listen.into();
-    config.workers = Some(1);
-    let app = Application::build(config).await.expect("server starts");
-    let (url, handle) = (app.url(), app.handle());
-    tokio::spawn(app.run_until_stopped());
-    (url, handle)
-}
-
-/// Stops the server when the test ends, passing or not.
-struct Stop(Option<actix_web::dev::ServerHandle>);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            drop(handle.stop(false));
-        }
-    }
-}
+mod common;
+use common::Server;
 
 fn append(log: &std::path::Path, from: usize, to: usize) {
     let mut file = std::fs::OpenOptions::new()
@@ -48,9 +26,7 @@ fn append(log: &std::path::Path, from: usize, to: usize) {
 }
 
 struct Enrolled {
-    url: String,
-    admin: String,
-    stop: Stop,
+    server: Server,
     control: ControlPlane,
     logs: std::path::PathBuf,
 }
@@ -58,67 +34,34 @@ struct Enrolled {
 /// A server on `listen` with the node nginx1, and nginx1's agent side: its
 /// control-plane client and its (empty) log directory.
 async fn enrolled(dir: &std::path::Path, listen: &str) -> Enrolled {
-    let server_state = dir.join("server");
-    let (url, handle) = serve(&server_state, listen).await;
-    let stop = Stop(Some(handle));
-    let admin = std::fs::read_to_string(server_state.join("admin-token"))
-        .expect("admin token")
-        .trim()
-        .to_string();
-    let http = reqwest::Client::new();
-    let res = http
-        .post(format!("{url}/api/v1/nodes"))
-        .bearer_auth(&admin)
-        .json(&json!({"role": "web"}))
-        .send()
-        .await
-        .expect("create a node");
-    assert_eq!(res.status(), 201);
-    let res = http
-        .post(format!("{url}/api/v1/nodes/nginx1/enroll-secret"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("mint");
-    let secret = res.json::<Value>().await.expect("json")["secret"]
-        .as_str()
-        .expect("secret")
-        .to_string();
-    let control = ControlPlane::new(
-        std::slice::from_ref(&url),
+    let server = Server::start(common::config(&dir.join("server"), listen)).await;
+    assert_eq!(server.create_node("web").await, "nginx1");
+    let secret = server.mint("nginx1").await;
+    let (control, _) = common::agent(
+        std::slice::from_ref(&server.url),
         "nginx1",
-        EnrollSecretSource {
-            value: Some(secret),
-            file: None,
-        },
+        &secret,
         None,
-        StateDir::open(&dir.join("agent")).expect("state"),
-    )
-    .expect("client");
+        &dir.join("agent"),
+    );
     let logs = dir.join("agent").join("logs");
     std::fs::create_dir_all(&logs).expect("logs dir");
     Enrolled {
-        url,
-        admin,
-        stop,
+        server,
         control,
         logs,
     }
 }
 
-async fn kept_lines(url: &str, admin: &str, service: &str) -> Vec<String> {
-    let kept: Vec<Value> = reqwest::Client::new()
-        .get(format!(
-            "{url}/api/v1/nodes/nginx1/logs?service={service}&limit=500"
+async fn kept_lines(server: &Server, service: &str) -> Vec<String> {
+    let kept = server
+        .get(&format!(
+            "/api/v1/nodes/nginx1/logs?service={service}&limit=500"
         ))
-        .bearer_auth(admin)
-        .send()
-        .await
-        .expect("logs")
-        .json()
-        .await
-        .expect("json");
-    kept.iter()
+        .await;
+    kept.as_array()
+        .expect("a list")
+        .iter()
         .map(|l| l["line"].as_str().expect("line").to_string())
         .collect()
 }
@@ -126,11 +69,8 @@ async fn kept_lines(url: &str, admin: &str, service: &str) -> Vec<String> {
 #[tokio::test]
 async fn lines_written_while_the_server_is_down_arrive_once_it_is_back_none_twice() {
     let dir = tempfile::tempdir().expect("tmp");
-    let server_state = dir.path().join("server");
     let Enrolled {
-        url,
-        admin,
-        mut stop,
+        mut server,
         control,
         logs,
     } = enrolled(dir.path(), "127.0.32.1:0").await;
@@ -147,7 +87,7 @@ async fn lines_written_while_the_server_is_down_arrive_once_it_is_back_none_twic
     // The control plane goes away. The service writes on; its log is
     // rotated (copy-truncate) past 1000 bytes and written to again, and
     // the agent restarts, all while nothing can be shipped.
-    stop.0.take().expect("running").stop(true).await;
+    server.stop().await;
     append(&log, 10, 150);
     assert!(
         shipper.ship(&control).await.is_err(),
@@ -160,16 +100,14 @@ async fn lines_written_while_the_server_is_down_arrive_once_it_is_back_none_twic
     append(&log, 180, 200);
     assert!(shipper.ship(&control).await.is_err());
 
-    let listen = url.trim_start_matches("http://");
-    let (_, handle) = serve(&server_state, listen).await;
-    stop.0 = Some(handle);
+    server.restart().await;
     // The first rounds after the restart carry the backlog; the same
     // place, kept on disk, is read by an agent started now.
     shipper.ship(&control).await.expect("ships the backlog");
     let mut shipper = LogShipper::new(logs.clone());
     shipper.ship(&control).await.expect("nothing more to ship");
 
-    let lines = kept_lines(&url, &admin, "nginx").await;
+    let lines = kept_lines(&server, "nginx").await;
     let expected: Vec<String> = (10..200).map(|i| format!("line {i}")).collect();
     assert_eq!(
         lines, expected,
@@ -181,9 +119,7 @@ async fn lines_written_while_the_server_is_down_arrive_once_it_is_back_none_twic
 async fn a_log_the_server_refuses_does_not_hold_back_the_others() {
     let dir = tempfile::tempdir().expect("tmp");
     let Enrolled {
-        url,
-        admin,
-        stop: _stop,
+        server,
         control,
         logs,
     } = enrolled(dir.path(), "127.0.32.2:0").await;
@@ -196,7 +132,7 @@ async fn a_log_the_server_refuses_does_not_hold_back_the_others() {
         .await
         .expect("a refused batch is skipped, not retried forever");
     assert_eq!(
-        kept_lines(&url, &admin, "nginx").await,
+        kept_lines(&server, "nginx").await,
         ["line 0", "line 1", "line 2"]
     );
 }

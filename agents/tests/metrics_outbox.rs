@@ -6,63 +6,26 @@
 
 use std::collections::BTreeMap;
 
-use corral_agent::config::EnrollSecretSource;
-use corral_agent::control::ControlPlane;
-use corral_agent::durable::StateDir;
 use corral_agent::metrics::Outbox;
 use corral_proto::{MetricName, MetricReading};
-use corral_server::startup::{Application, Config};
-use serde_json::{Value, json};
 
-async fn serve(state: &std::path::Path, listen: &str) -> (String, actix_web::dev::ServerHandle) {
-    let mut config = Config::new(state);
-    config.listen = listen.into();
-    config.workers = Some(1);
-    let app = Application::build(config).await.expect("server starts");
-    let (url, handle) = (app.url(), app.handle());
-    tokio::spawn(app.run_until_stopped());
-    (url, handle)
-}
+mod common;
+use common::Server;
 
 #[tokio::test]
 async fn samples_taken_while_the_server_is_down_arrive_once_it_is_back() {
     let dir = tempfile::tempdir().expect("tmp");
-    let server_state = dir.path().join("server");
-    let (url, handle) = serve(&server_state, "127.0.31.5:0").await;
-    let admin = std::fs::read_to_string(server_state.join("admin-token"))
-        .expect("admin token")
-        .trim()
-        .to_string();
-    let http = reqwest::Client::new();
-    let res = http
-        .post(format!("{url}/api/v1/nodes"))
-        .bearer_auth(&admin)
-        .json(&json!({"role": "web"}))
-        .send()
-        .await
-        .expect("create a node");
-    assert_eq!(res.status(), 201);
-    let res = http
-        .post(format!("{url}/api/v1/nodes/nginx1/enroll-secret"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("mint");
-    let secret = res.json::<Value>().await.expect("json")["secret"]
-        .as_str()
-        .expect("secret")
-        .to_string();
-    let control = ControlPlane::new(
-        std::slice::from_ref(&url),
+    let mut server =
+        Server::start(common::config(&dir.path().join("server"), "127.0.31.5:0")).await;
+    assert_eq!(server.create_node("web").await, "nginx1");
+    let secret = server.mint("nginx1").await;
+    let (control, _) = common::agent(
+        std::slice::from_ref(&server.url),
         "nginx1",
-        EnrollSecretSource {
-            value: Some(secret),
-            file: None,
-        },
+        &secret,
         None,
-        StateDir::open(&dir.path().join("agent")).expect("state"),
-    )
-    .expect("client");
+        &dir.path().join("agent"),
+    );
     let mut outbox = Outbox::default();
     let now = chrono::Utc::now().timestamp() / 10 * 10;
     let sample = |at: i64| MetricReading {
@@ -74,7 +37,7 @@ async fn samples_taken_while_the_server_is_down_arrive_once_it_is_back() {
     assert!(outbox.is_empty());
 
     // The control plane goes away for what would be 25 minutes of samples.
-    handle.stop(true).await;
+    server.stop().await;
     for i in (0..150).rev() {
         outbox.push(sample(now - i * 10));
     }
@@ -84,25 +47,18 @@ async fn samples_taken_while_the_server_is_down_arrive_once_it_is_back() {
     );
     assert_eq!(outbox.len(), 150, "every sample is kept");
 
-    let listen = url.trim_start_matches("http://");
-    let (_, handle) = serve(&server_state, listen).await;
+    server.restart().await;
     outbox
         .flush(&control)
         .await
         .expect("sends the backlog in batches");
     assert!(outbox.is_empty());
-    let series: Value = http
-        .get(format!(
-            "{url}/api/v1/metrics?node=nginx1&name=mem.node_rss&from={}&to={now}&step=10",
+    let series = server
+        .get(&format!(
+            "/api/v1/metrics?node=nginx1&name=mem.node_rss&from={}&to={now}&step=10",
             now - 1500
         ))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("metrics")
-        .json()
-        .await
-        .expect("json");
+        .await;
     let points = series["series"][0]["points"].as_array().expect("points");
     assert_eq!(points.len(), 151, "{series}");
     assert!(
@@ -111,5 +67,5 @@ async fn samples_taken_while_the_server_is_down_arrive_once_it_is_back() {
             .all(|p| p["value"].as_f64() == p["at"].as_f64()),
         "each sample in its own slot"
     );
-    handle.stop(true).await;
+    server.stop().await;
 }

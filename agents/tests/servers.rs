@@ -10,26 +10,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
-use corral_agent::config::EnrollSecretSource;
-use corral_agent::control::ControlPlane;
-use corral_agent::durable::StateDir;
-use corral_server::startup::{Application, Config};
-use serde_json::{Value, json};
+
+mod common;
+use common::Server;
 
 #[tokio::test]
 async fn the_agent_moves_past_a_dead_and_a_failing_server_to_one_that_answers() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut config = Config::new(dir.path().join("server"));
-    config.listen = "127.0.25.5:0".into();
-    config.workers = Some(1);
-    let app = Application::build(config).await.expect("server starts");
-    let good = app.url();
-    let handle = app.handle();
-    tokio::spawn(app.run_until_stopped());
-    let admin = std::fs::read_to_string(dir.path().join("server/admin-token"))
-        .expect("admin token")
-        .trim()
-        .to_string();
+    let mut server =
+        Server::start(common::config(&dir.path().join("server"), "127.0.25.5:0")).await;
+    let good = server.url.clone();
 
     // A server that fails every request with 503, counting them.
     let failed = Arc::new(AtomicUsize::new(0));
@@ -53,42 +43,15 @@ async fn the_agent_moves_past_a_dead_and_a_failing_server_to_one_that_answers() 
     let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
     drop(dead);
 
-    let http = reqwest::Client::new();
-    let res = http
-        .post(format!("{good}/api/v1/nodes"))
-        .bearer_auth(&admin)
-        .json(&json!({"role": "web"}))
-        .send()
-        .await
-        .expect("create a node");
-    assert_eq!(res.status(), 201);
-    let node = res.json::<Value>().await.expect("json")["name"]
-        .as_str()
-        .expect("name")
-        .to_string();
-    let res = http
-        .post(format!("{good}/api/v1/nodes/{node}/enroll-secret"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("mint");
-    let secret = res.json::<Value>().await.expect("json")["secret"]
-        .as_str()
-        .expect("secret")
-        .to_string();
-
-    let state = StateDir::open(&dir.path().join("agent")).expect("state");
-    let agent = ControlPlane::new(
+    let node = server.create_node("web").await;
+    let secret = server.mint(&node).await;
+    let (agent, state) = common::agent(
         &[dead_url, failing_url, good.clone()],
         &node,
-        EnrollSecretSource {
-            value: Some(secret),
-            file: None,
-        },
+        &secret,
         None,
-        state.clone(),
-    )
-    .expect("client");
+        &dir.path().join("agent"),
+    );
     let orders = agent
         .poll(0, Duration::ZERO)
         .await
@@ -114,5 +77,5 @@ async fn the_agent_moves_past_a_dead_and_a_failing_server_to_one_that_answers() 
     assert_eq!(failed.load(Ordering::Relaxed), seen_failing);
 
     failing_handle.stop(false).await;
-    handle.stop(false).await;
+    server.stop().await;
 }

@@ -11,12 +11,11 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use corral_agent::config::EnrollSecretSource;
-use corral_agent::control::ControlPlane;
-use corral_agent::durable::StateDir;
 use corral_server::startup::{Application, Config, StartError};
 use corral_server::tls::{TlsError, TlsMode};
-use serde_json::{Value, json};
+
+mod common;
+use common::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -128,75 +127,31 @@ async fn agent_traffic_off_loopback_is_tls_and_carries_no_secret_in_cleartext() 
         Ok(_) => panic!("plain HTTP was served on {}", net.server),
     }
 
-    let mut config = Config::new(dir.path().join("server"));
-    config.listen = format!("{}:0", net.server);
-    config.workers = Some(1);
+    let mut config = common::config(&dir.path().join("server"), &format!("{}:0", net.server));
     // The agent reaches the server through the relay's address, which the
     // certificate must therefore name too (as a second address of adm1).
     config.tls_names.push(net.relay.to_string());
-    let app = Application::build(config).await.expect("server starts");
-    let url = app.url();
-    assert!(url.starts_with("https://"), "{url}");
-    let ca = app.ca_pem().expect("a CA").to_string();
-    let server_addr = app.addr();
-    let handle = app.handle();
-    tokio::spawn(app.run_until_stopped());
-    let admin = std::fs::read_to_string(dir.path().join("server/admin-token"))
-        .expect("admin token")
-        .trim()
-        .to_string();
+    let mut server = Server::start(config).await;
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let ca = server.ca.clone().expect("a CA");
+    // Over TLS, pinning the cluster CA.
+    let node = server.create_node("web").await;
 
-    let http = corral_server::tls::client_builder(Some(ca.as_bytes()))
-        .expect("client")
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
-    let res = http
-        .post(format!("{url}/api/v1/nodes"))
-        .bearer_auth(&admin)
-        .json(&json!({"role": "web"}))
-        .send()
-        .await
-        .expect("create a node over TLS");
-    assert_eq!(res.status(), 201);
-    let node = res.json::<Value>().await.expect("json")["name"]
-        .as_str()
-        .expect("name")
-        .to_string();
-    let mint = || async {
-        let res = http
-            .post(format!("{url}/api/v1/nodes/{node}/enroll-secret"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .expect("mint");
-        assert_eq!(res.status(), 201);
-        res.json::<Value>().await.expect("json")["secret"]
-            .as_str()
-            .expect("secret")
-            .to_string()
-    };
-
-    let (relay, seen) = recording_relay(SocketAddr::new(net.relay, 0), server_addr).await;
+    let (relay, seen) = recording_relay(SocketAddr::new(net.relay, 0), server.addr).await;
     let relay_url = format!("https://{relay}");
 
     // An agent pinning another cluster's CA refuses the server before any
     // request leaves it.
     let other = corral_server::tls::load_or_create(&dir.path().join("other"), &["x".into()])
         .expect("another CA");
-    let secret = mint().await;
-    let state_a = StateDir::open(&dir.path().join("agent-a")).expect("state");
-    let wrong = ControlPlane::new(
+    let secret = server.mint(&node).await;
+    let (wrong, state_a) = common::agent(
         std::slice::from_ref(&relay_url),
         &node,
-        EnrollSecretSource {
-            value: Some(secret.clone()),
-            file: None,
-        },
-        Some(other.ca_pem.as_bytes()),
-        state_a.clone(),
-    )
-    .expect("client");
+        &secret,
+        Some(&other.ca_pem),
+        &dir.path().join("agent-a"),
+    );
     let err = wrong
         .poll(0, Duration::ZERO)
         .await
@@ -205,18 +160,13 @@ async fn agent_traffic_off_loopback_is_tls_and_carries_no_secret_in_cleartext() 
     assert!(!err.to_string().is_empty());
 
     // The agent pinning the cluster's CA enrolls and polls through the relay.
-    let state_b = StateDir::open(&dir.path().join("agent-b")).expect("state");
-    let agent = ControlPlane::new(
+    let (agent, state_b) = common::agent(
         std::slice::from_ref(&relay_url),
         &node,
-        EnrollSecretSource {
-            value: Some(secret.clone()),
-            file: None,
-        },
-        Some(ca.as_bytes()),
-        state_b.clone(),
-    )
-    .expect("client");
+        &secret,
+        Some(&ca),
+        &dir.path().join("agent-b"),
+    );
     let orders = agent
         .poll(0, Duration::ZERO)
         .await
@@ -243,5 +193,5 @@ async fn agent_traffic_off_loopback_is_tls_and_carries_no_secret_in_cleartext() 
             "{what} crossed the network in cleartext"
         );
     }
-    handle.stop(false).await;
+    server.stop().await;
 }
