@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
+
+mod support;
+use support::{create_and_enroll, ms, percentile, proc_stats};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -50,24 +52,6 @@ struct Args {
     /// the filing request until the last order arrives.
     #[arg(long)]
     perf_out: Option<String>,
-}
-
-/// Resident set size and peak RSS in KiB, and user+system CPU ticks.
-fn proc_stats(pid: u32) -> Option<(u64, u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces).
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some((field("VmRSS:")?, field("VmHWM:")?, ticks))
 }
 
 /// A poll's connection: plain TCP, or TLS over it.
@@ -123,18 +107,6 @@ async fn poll_once(
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -170,64 +142,8 @@ async fn main() -> anyhow::Result<()> {
     let url = args.url.trim_end_matches('/').to_string();
     let n = args.agents;
 
-    // 1. N web nodes in one topology change.
-    let started = Instant::now();
-    let res = http
-        .put(format!("{url}/api/v1/topology"))
-        .bearer_auth(&args.token)
-        .json(&json!({"web": n, "db": 0, "lb_policy": "round_robin", "replication": "async"}))
-        .send()
-        .await?;
-    if !res.status().is_success() {
-        bail!("creating {n} nodes: {} {}", res.status(), res.text().await?);
-    }
-    let created = started.elapsed();
-    println!(
-        "created {n} web nodes in one topology change: {}",
-        ms(created)
-    );
-
-    // 2. Each gets its enrollment secret minted (as a provider would) and
-    // enrolls with it.
-    let started = Instant::now();
-    let gate = Arc::new(Semaphore::new(args.concurrency));
-    let mut enrolls = Vec::with_capacity(n as usize);
-    for i in 1..=n {
-        let (http, url, admin, gate) =
-            (http.clone(), url.clone(), args.token.clone(), gate.clone());
-        enrolls.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await?;
-            let node = format!("nginx{i}");
-            let res = http
-                .post(format!("{url}/api/v1/nodes/{node}/enroll-secret"))
-                .bearer_auth(&admin)
-                .send()
-                .await?;
-            if !res.status().is_success() {
-                bail!("minting {node}'s secret: {}", res.status());
-            }
-            let minted: Value = res.json().await?;
-            let secret = minted["secret"].as_str().unwrap_or_default().to_string();
-            let res = http
-                .post(format!("{url}/api/v1/agents/enroll"))
-                .json(&json!({"node": node, "secret": secret}))
-                .send()
-                .await?;
-            if !res.status().is_success() {
-                bail!("enrolling {node}: {}", res.status());
-            }
-            let body: Value = res.json().await?;
-            Ok::<_, anyhow::Error>((node, body["token"].as_str().unwrap_or_default().to_string()))
-        }));
-    }
-    let mut agents = Vec::with_capacity(n as usize);
-    for e in enrolls {
-        agents.push(e.await??);
-    }
-    println!(
-        "minted secrets for and enrolled {n} agents: {}",
-        ms(started.elapsed())
-    );
+    // 1. N web nodes in one topology change; 2. each enrolled.
+    let agents = create_and_enroll(&http, &url, &args.token, n, args.concurrency).await?;
 
     // Where each node's orders stand now (a firewall, consul, the webapp
     // and nginx for a web node): its poll waits after that.
