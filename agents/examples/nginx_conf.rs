@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let usage = "usage: nginx_conf PREFIX LISTEN NODE_ADDRESS BACKEND...";
     let prefix = PathBuf::from(args.next().ok_or_else(|| anyhow::anyhow!(usage))?);
-    let listen = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
+    let listen: SocketAddr = args.next().ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
     let node: IpAddr = args.next().ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
     let upstreams = args
         .map(|a| {
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         "{}",
         render(&Render {
             prefix: &prefix,
-            listen,
+            listen: vec![listen],
             service: "todomvc",
             policy: LbPolicy::RoundRobin,
             upstreams: &upstreams,

@@ -367,6 +367,7 @@ mod tests {
             port: 80,
             service: "todomvc".into(),
             policy,
+            address_v6: None,
         }))
         .expect("json")
     }

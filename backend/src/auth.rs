@@ -161,6 +161,20 @@ fn secret_file(path: &Path, make: impl FnOnce() -> String) -> Result<(String, bo
     }
 }
 
+/// The cluster's unique local IPv6 prefix (`<state>/ipv6-prefix`), made
+/// at random the first time: the LXC provider's nodes are dual-stack in it.
+/// Not a secret, but kept like one so every server on this state agrees.
+pub fn ipv6_prefix(state_dir: &Path) -> Result<crate::reconcile::addressing::Ula, SecretsError> {
+    private_state_dir(state_dir)?;
+    let path = state_dir.join("ipv6-prefix");
+    let (text, _) = secret_file(&path, || {
+        let mut id = [0u8; 5];
+        rand::rng().fill_bytes(&mut id);
+        crate::reconcile::addressing::Ula::new(id).to_string()
+    })?;
+    text.parse().map_err(|_| SecretsError::Malformed { path })
+}
+
 impl Secrets {
     pub fn load_or_create(state_dir: &Path) -> Result<Self, SecretsError> {
         private_state_dir(state_dir)?;

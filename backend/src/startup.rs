@@ -19,6 +19,7 @@ use crate::provider::{
     LocalConfig, LocalProvider, LxcConfig, LxcProvider, MachineController, Machines, ProviderError,
     RemoteProvider,
 };
+use crate::reconcile::addressing::Ula;
 use crate::reconcile::{AddressPlan, AddressPlans, ClusterSettings};
 use crate::store::{self, Store, StoreError};
 
@@ -216,9 +217,16 @@ impl Application {
                 .into_iter()
                 .filter(|p| HOST_AGENT_PROVIDERS.contains(p)),
         ));
+        // LXC nodes are dual-stack in the cluster's own IPv6 prefix, which
+        // the provider needs for its bridge and containers.
+        let ipv6 = if config.accepted_providers().contains(&Provider::Lxc) {
+            Some(crate::auth::ipv6_prefix(&config.state_dir)?)
+        } else {
+            None
+        };
         let providers = if config.run_machines {
             crate::provider::Reaper::global();
-            let providers = machine_providers(&config, &hosts);
+            let providers = machine_providers(&config, &hosts, ipv6);
             for provider in &providers {
                 provider.preflight().await?;
             }
@@ -246,7 +254,13 @@ impl Application {
             store,
             ClusterConfig {
                 settings: ClusterSettings {
-                    addressing: config.address_plans(),
+                    addressing: {
+                        let mut plans = config.address_plans();
+                        if let Some(ula) = ipv6 {
+                            plans.set_ipv6(Provider::Lxc, ula);
+                        }
+                        plans
+                    },
                     datacenter: config.datacenter.clone(),
                     gossip_key: secrets.gossip_key.clone(),
                     db_password: secrets.db_password.clone(),
@@ -455,7 +469,11 @@ async fn run_while_leading(
 }
 
 /// The providers this server makes machines with.
-fn machine_providers(config: &Config, hosts: &Arc<Hosts>) -> Vec<Arc<dyn Machines>> {
+fn machine_providers(
+    config: &Config,
+    hosts: &Arc<Hosts>,
+    ipv6: Option<Ula>,
+) -> Vec<Arc<dyn Machines>> {
     let mut providers: Vec<Arc<dyn Machines>> = Vec::new();
     let accepted = config.accepted_providers();
     if accepted.contains(&Provider::Local) {
@@ -470,6 +488,7 @@ fn machine_providers(config: &Config, hosts: &Arc<Hosts>) -> Vec<Arc<dyn Machine
         let mut lxc = LxcConfig::new(&config.state_dir, plan.host_address(), plan.prefix_len());
         lxc.bridge = config.lxc_bridge.clone();
         lxc.debs_dir = config.lxc_packages.clone();
+        lxc.ipv6 = ipv6;
         providers.push(LxcProvider::new(lxc));
     }
     for kind in hosts.providers() {

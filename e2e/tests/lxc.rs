@@ -258,6 +258,52 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
     }
     outside.remove().await.expect("remove the outside address");
 
+    // Dual-stack: every container also has its address in the cluster's
+    // own IPv6 prefix (a ULA made once, in the state dir), and nginx
+    // answers there too. A todo written through nginx1's IPv6 address
+    // reads back through nginx2's IPv4 one.
+    let ula = std::fs::read_to_string(c.state_dir().join("ipv6-prefix")).expect("IPv6 prefix");
+    let prefix: std::net::Ipv6Addr = ula
+        .trim()
+        .strip_suffix("/64")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{ula:?} is not a /64"));
+    let v4: std::net::Ipv4Addr = c.address("nginx1").parse().expect("v4");
+    let nginx1_v6 = std::net::Ipv6Addr::from(u128::from(prefix) | u128::from(u32::from(v4)));
+    let title = format!("written over IPv6 to [{nginx1_v6}]");
+    eventually(
+        "a todo written through nginx1's IPv6 address",
+        LONG,
+        || async {
+            let res = http
+                .post(format!("http://[{nginx1_v6}]/todos"))
+                .json(&json!({ "title": title }))
+                .send()
+                .await?;
+            Ok(res.status().is_success().then_some(()))
+        },
+    )
+    .await
+    .expect("the app over IPv6");
+    eventually(
+        "it reads back through nginx2's IPv4 address",
+        LONG,
+        || async {
+            let list: serde_json::Value = http
+                .get(c.lb("nginx2", "/todos"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok(list
+                .as_array()
+                .is_some_and(|l| l.iter().any(|t| t["title"] == title.as_str()))
+                .then_some(()))
+        },
+    )
+    .await
+    .expect("the IPv6 write read over IPv4");
+
     // A provider that is not configured here is refused, changing nothing.
     let res = c
         .api(Method::POST, "/nodes")

@@ -259,6 +259,11 @@ pub struct LoadBalancerSpec {
     pub port: u16,
     pub service: String,
     pub policy: LbPolicy,
+    /// The node's IPv6 address, where nginx listens as well (dual-stack
+    /// nodes: the LXC provider's). Absent on IPv4-only nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "fd12:3456:789a::c0a8:b15"))]
+    pub address_v6: Option<std::net::Ipv6Addr>,
 }
 
 /// Where an order is.
@@ -393,8 +398,13 @@ mod tests {
             port: 80,
             service: "todomvc".into(),
             policy: LbPolicy::UriHash,
+            address_v6: None,
         });
         let json = serde_json::to_value(&order).expect("serialize");
+        assert!(
+            json.get("address_v6").is_none(),
+            "absent on IPv4-only nodes"
+        );
         assert_eq!(json["kind"], "load_balancer");
         assert_eq!(json["policy"], "uri_hash");
         let back: WorkOrder = serde_json::from_value(json).expect("deserialize");

@@ -29,7 +29,9 @@ pub struct Upstream {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Render<'a> {
     pub prefix: &'a Path,
-    pub listen: String,
+    /// Where the public server listens: the node's address and port, and
+    /// on a dual-stack node its IPv6 address too.
+    pub listen: Vec<SocketAddr>,
     pub service: &'a str,
     pub policy: LbPolicy,
     pub upstreams: &'a [Upstream],
@@ -94,6 +96,12 @@ pub fn render(r: &Render<'_>) -> String {
             SocketAddr::new(address, ports::NGINX_STATUS)
         ));
     }
+    let listen = r
+        .listen
+        .iter()
+        .map(|at| format!("listen {at};"))
+        .collect::<Vec<_>>()
+        .join("\n        ");
     let name: String = r
         .service
         .chars()
@@ -101,9 +109,8 @@ pub fn render(r: &Render<'_>) -> String {
         .collect();
     if r.upstreams.is_empty() {
         out.push_str(&format!(
-            "\n    server {{\n        listen {listen};\n        default_type application/json;\n        \
+            "\n    server {{\n        {listen}\n        default_type application/json;\n        \
              location / {{\n            return 503 '{{\"error\":\"no_backend\",\"message\":\"no passing {svc} instance\"}}\\n';\n        }}\n    }}\n",
-            listen = r.listen,
             svc = name,
         ));
     } else {
@@ -125,7 +132,7 @@ pub fn render(r: &Render<'_>) -> String {
         // and kept for many requests.
         out.push_str("        keepalive 64;\n        keepalive_requests 100000;\n    }\n");
         out.push_str(&format!(
-            "\n    server {{\n        listen {listen};\n        location / {{\n            \
+            "\n    server {{\n        {listen}\n        location / {{\n            \
              proxy_pass http://{name};\n            proxy_http_version 1.1;\n            \
              proxy_set_header Connection \"\";\n            proxy_set_header Host $http_host;\n            \
              proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            \
@@ -134,7 +141,6 @@ pub fn render(r: &Render<'_>) -> String {
              proxy_next_upstream error timeout http_502 http_503 http_504;\n        }}\n        \
              # The webapps' own figures are for their node's agent, not the public.\n        \
              location = /metrics {{ return 404; }}\n    }}\n",
-            listen = r.listen,
         ));
     }
     out.push_str("}\n");
@@ -240,7 +246,10 @@ impl NginxDriver {
         let prefix = self.prefix();
         let text = render(&Render {
             prefix: &prefix,
-            listen: format!("{}:{port}", self.ctx.address),
+            listen: std::iter::once(self.ctx.address)
+                .chain(spec.address_v6.map(IpAddr::V6))
+                .map(|address| SocketAddr::new(address, port))
+                .collect(),
             service: &spec.service,
             policy: spec.policy,
             upstreams: &upstreams,
@@ -487,7 +496,7 @@ mod tests {
     fn conf(policy: LbPolicy, ups: &[Upstream]) -> String {
         render(&Render {
             prefix: Path::new("/s/nginx"),
-            listen: "127.0.11.21:80".into(),
+            listen: vec!["127.0.11.21:80".parse().expect("addr")],
             service: "todomvc",
             policy,
             upstreams: ups,
@@ -509,7 +518,7 @@ mod tests {
             status: None,
             ..Render {
                 prefix: Path::new("/s/nginx"),
-                listen: "127.0.11.21:80".into(),
+                listen: vec!["127.0.11.21:80".parse().expect("addr")],
                 service: "todomvc",
                 policy: LbPolicy::RoundRobin,
                 upstreams: &[],
@@ -518,6 +527,26 @@ mod tests {
             }
         });
         assert!(!plain.contains("stub_status") && plain.contains("access_log off;"));
+    }
+
+    #[test]
+    fn a_dual_stack_node_listens_on_both_addresses() {
+        let c = render(&Render {
+            prefix: Path::new("/s/nginx"),
+            listen: vec![
+                "192.168.11.21:80".parse().expect("addr"),
+                "[fd12:3456:789a::c0a8:b15]:80".parse().expect("addr"),
+            ],
+            service: "todomvc",
+            policy: LbPolicy::RoundRobin,
+            upstreams: &upstreams(),
+            user: None,
+            status: None,
+        });
+        assert!(
+            c.contains("listen 192.168.11.21:80;\n        listen [fd12:3456:789a::c0a8:b15]:80;\n"),
+            "{c}"
+        );
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub(super) fn node_view(row: &store::NodeBrief) -> Result<NodeView, ClusterError
         role,
         index,
         address,
+        provider: row.provider.into(),
         state: row.state.into(),
         observed: row
             .observed

@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::command::{self, run};
 use super::{BootConfig, Machine, MachineState, Machines, ProviderError};
+use crate::reconcile::addressing::Ula;
 
 /// Bumped whenever the base image's recipe changes, so hosts build anew.
 const IMAGE_RECIPE: &str = "bookworm-2";
@@ -59,6 +60,9 @@ pub struct LxcConfig {
     /// The host's address on the bridge: adm1's, and the containers' gateway.
     pub host_address: Ipv4Addr,
     pub prefix_len: u8,
+    /// The cluster's IPv6 prefix: the bridge and every container get the
+    /// address of their IPv4 one in it (dual-stack). None: IPv4 only.
+    pub ipv6: Option<Ula>,
     /// Directory holding the `.deb` packages the containers install
     /// (`scripts/package.sh` writes them to `target/debian`).
     pub debs_dir: PathBuf,
@@ -76,6 +80,7 @@ impl LxcConfig {
             bridge: "corralbr0".into(),
             host_address,
             prefix_len,
+            ipv6: None,
             debs_dir: default_debs_dir(),
             mirror: "http://deb.debian.org/debian".into(),
         }
@@ -266,6 +271,24 @@ impl LxcProvider {
                 Duration::from_secs(10),
             )
             .await?;
+        }
+        if let Some(ula) = c.ipv6 {
+            // `nodad`: the address is the cluster's own, and a tentative
+            // one could not be used for the second or so DAD takes.
+            let cidr6 = format!("{}/64", ula.address(c.host_address));
+            let addrs6 = run(
+                Command::new("ip").args(["-o", "-6", "addr", "show", "dev", &c.bridge]),
+                Duration::from_secs(10),
+            )
+            .await?;
+            if !addrs6.contains(&format!(" {cidr6} ")) {
+                run(
+                    Command::new("ip")
+                        .args(["-6", "addr", "add", &cidr6, "dev", &c.bridge, "nodad"]),
+                    Duration::from_secs(10),
+                )
+                .await?;
+            }
         }
         run(
             Command::new("ip").args(["link", "set", &c.bridge, "up"]),
@@ -467,12 +490,16 @@ impl LxcProvider {
              lxc.net.0.flags = up\n\
              lxc.net.0.name = eth0\n\
              lxc.net.0.ipv4.address = {address}/{prefix}\n\
-             lxc.net.0.ipv4.gateway = {gateway}\n{hwaddr}",
+             lxc.net.0.ipv4.gateway = {gateway}\n{ipv6}{hwaddr}",
             name = node.name,
             bridge = c.bridge,
             address = node.address,
             prefix = c.prefix_len,
             gateway = c.host_address,
+            ipv6 = match (c.ipv6, node.address.parse::<Ipv4Addr>()) {
+                (Some(ula), Ok(v4)) => format!("lxc.net.0.ipv6.address = {}/64\n", ula.address(v4)),
+                _ => String::new(),
+            },
             hwaddr = node
                 .address
                 .parse()

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use corral_proto::{Provider, Role};
@@ -91,6 +91,8 @@ impl AddressPlan {
 pub struct AddressPlans {
     default: AddressPlan,
     own: Vec<(Provider, AddressPlan)>,
+    /// Providers whose nodes are dual-stack, and the cluster's IPv6 prefix.
+    ipv6: Vec<(Provider, Ula)>,
 }
 
 impl AddressPlans {
@@ -98,7 +100,24 @@ impl AddressPlans {
         Self {
             default: default_plan,
             own: Vec::new(),
+            ipv6: Vec::new(),
         }
+    }
+
+    /// Makes `provider`'s nodes dual-stack: each also gets the address of
+    /// its IPv4 one in `ula` (see [`Ula::address`]).
+    pub fn set_ipv6(&mut self, provider: Provider, ula: Ula) {
+        self.ipv6.retain(|(p, _)| *p != provider);
+        self.ipv6.push((provider, ula));
+    }
+
+    /// The IPv6 address of a `provider` node at `v4`, if its nodes are
+    /// dual-stack.
+    pub fn address_v6(&self, provider: Provider, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+        self.ipv6
+            .iter()
+            .find(|(p, _)| *p == provider)
+            .map(|(_, ula)| ula.address(v4))
     }
 
     /// Gives `provider` a plan of its own.
@@ -129,7 +148,56 @@ impl AddressPlans {
                 list.push(network);
             }
         }
+        for (_, ula) in &self.ipv6 {
+            let network = ula.to_string();
+            if !list.contains(&network) {
+                list.push(network);
+            }
+        }
         list
+    }
+}
+
+/// A cluster's unique local IPv6 prefix (RFC 4193): `fd`, 40 random bits,
+/// subnet 0, as one /64 (the upper 64 bits of its addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ula(u64);
+
+impl Ula {
+    /// The prefix with `global_id` (40 random bits: RFC 4193 asks for them
+    /// to be random, so two clusters' prefixes almost surely differ).
+    pub fn new(global_id: [u8; 5]) -> Self {
+        let id = global_id
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        Ula((0xfd << 56) | (id << 16))
+    }
+
+    /// A node's IPv6 address: its IPv4 address as the low 32 bits, so the
+    /// two name the same node at a glance (`fd..::c0a8:b15` is
+    /// 192.168.11.21) and never collide.
+    pub fn address(&self, v4: Ipv4Addr) -> Ipv6Addr {
+        Ipv6Addr::from((u128::from(self.0) << 64) | u128::from(u32::from(v4)))
+    }
+}
+
+impl fmt::Display for Ula {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/64", Ipv6Addr::from(u128::from(self.0) << 64))
+    }
+}
+
+impl FromStr for Ula {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a unique local /64 prefix, e.g. fd12:3456:789a::/64");
+        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv6Addr = addr.parse().map_err(|_| bad())?;
+        let bits = u128::from(addr);
+        if prefix != "64" || bits as u64 != 0 || (bits >> 120) != 0xfd {
+            return Err(bad());
+        }
+        Ok(Ula((bits >> 64) as u64))
     }
 }
 
@@ -212,6 +280,38 @@ mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().expect("ip")
+    }
+
+    #[test]
+    fn a_dual_stack_nodes_ipv6_address_carries_its_ipv4_one() {
+        let ula = Ula::new([0x12, 0x34, 0x56, 0x78, 0x9a]);
+        assert_eq!(ula.to_string(), "fd12:3456:789a::/64");
+        assert_eq!(ula.to_string().parse::<Ula>(), Ok(ula));
+        assert_eq!(
+            ula.address(ip("192.168.11.21")).to_string(),
+            "fd12:3456:789a::c0a8:b15"
+        );
+        for bad in [
+            "fd12::/48",
+            "fe80::/64",
+            "fd12:3456:789a::1/64",
+            "x",
+            "fd12::",
+        ] {
+            assert!(bad.parse::<Ula>().is_err(), "{bad}");
+        }
+        let mut plans = AddressPlans::new(AddressPlan::default());
+        plans.set(Provider::Lxc, "192.168.11.0/24".parse().expect("plan"));
+        plans.set_ipv6(Provider::Lxc, ula);
+        assert_eq!(plans.address_v6(Provider::Local, ip("127.0.11.21")), None);
+        assert_eq!(
+            plans.address_v6(Provider::Lxc, ip("192.168.11.22")),
+            Some("fd12:3456:789a::c0a8:b16".parse().expect("v6"))
+        );
+        assert_eq!(
+            plans.networks(),
+            ["127.0.11.0/24", "192.168.11.0/24", "fd12:3456:789a::/64"]
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub struct NodeView {
     pub role: Role,
     pub index: u32,
     pub address: Ipv4Addr,
+    pub provider: Provider,
     pub state: NodeState,
     pub observed: Option<ObservedState>,
 }
@@ -118,6 +119,9 @@ pub fn plan(
         .map(|n| ((n.role, n.index), (n.name.clone(), n.address)))
         .collect();
     let taken_indexes: HashSet<(Role, u32)> = nodes.iter().map(|n| (n.role, n.index)).collect();
+    // Where each node comes from: its provider may make it dual-stack.
+    let mut providers: HashMap<String, Provider> =
+        nodes.iter().map(|n| (n.name.clone(), n.provider)).collect();
 
     for (role, wanted) in [(Role::Adm, 1), (Role::Db, spec.db), (Role::Web, spec.web)] {
         let wanted = wanted as usize;
@@ -151,6 +155,7 @@ pub fn plan(
                 }
             })?;
             live.insert((role, index), (name.clone(), address));
+            providers.insert(name.clone(), provider);
             plan.create.push(NewNode {
                 name,
                 role,
@@ -247,6 +252,9 @@ pub fn plan(
                         port: ports::NGINX,
                         service: WEBAPP_SERVICE.into(),
                         policy: spec.lb_policy,
+                        address_v6: providers.get(name).and_then(|provider| {
+                            settings.addressing.address_v6(*provider, *address)
+                        }),
                     }),
                 );
             }
@@ -478,6 +486,7 @@ mod tests {
                 role: new.role,
                 index: new.index,
                 address: new.address,
+                provider: new.provider,
                 state: NodeState::Provisioning,
                 observed: None,
             });
@@ -677,6 +686,7 @@ mod tests {
             role: Role::Db,
             index: 5,
             address: "127.0.11.15".parse().expect("ip"),
+            provider: Provider::Local,
             state: NodeState::Active,
             observed: Some(observed),
         }];
@@ -828,6 +838,39 @@ mod tests {
             addressing: plans,
             ..settings()
         }
+    }
+
+    #[test]
+    fn lxc_web_nodes_listen_on_their_ipv6_address_too() {
+        let mut s = lxc_settings();
+        let ula: addressing::Ula = "fd12:3456:789a::/64".parse().expect("ula");
+        s.addressing.set_ipv6(Provider::Lxc, ula);
+        let p = plan(&spec(2, 1), &[], &LastOrders::new(), &s, Provider::Lxc).expect("plan");
+        let lb = |node: &str| {
+            p.orders.iter().find_map(|(n, o)| match o {
+                WorkOrder::LoadBalancer(lb) if n == node => Some(lb.clone()),
+                _ => None,
+            })
+        };
+        assert_eq!(
+            lb("nginx2").and_then(|l| l.address_v6),
+            Some("fd12:3456:789a::c0a8:b16".parse().expect("v6"))
+        );
+        // The cluster's IPv6 network is a cluster network on every node.
+        for (_, order) in &p.orders {
+            if let WorkOrder::Firewall(f) = order {
+                assert!(
+                    f.cluster_networks
+                        .contains(&"fd12:3456:789a::/64".to_string())
+                );
+            }
+        }
+        // Local nodes stay IPv4-only.
+        let local = plan(&spec(1, 0), &[], &LastOrders::new(), &s, Provider::Local).expect("plan");
+        assert!(local.orders.iter().all(|(_, o)| match o {
+            WorkOrder::LoadBalancer(lb) => lb.address_v6.is_none(),
+            _ => true,
+        }));
     }
 
     #[test]

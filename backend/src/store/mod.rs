@@ -350,13 +350,14 @@ pub struct NodeBrief {
     pub name: String,
     pub role: node::Role,
     pub address: String,
+    pub provider: node::Provider,
     pub state: node::State,
     pub last_seq: i64,
     pub observed: Option<String>,
 }
 
 pub async fn reconcile_nodes<C: ConnectionTrait>(c: &C) -> Result<Vec<NodeBrief>> {
-    let sql = "SELECT id, name, role, address, state, last_seq, \
+    let sql = "SELECT id, name, role, address, provider, state, last_seq, \
                CASE WHEN role = 'db' THEN observed ELSE NULL END AS observed \
                FROM nodes ORDER BY id";
     let rows = c
@@ -369,6 +370,7 @@ pub async fn reconcile_nodes<C: ConnectionTrait>(c: &C) -> Result<Vec<NodeBrief>
                 name: row.try_get("", "name")?,
                 role: row.try_get("", "role")?,
                 address: row.try_get("", "address")?,
+                provider: row.try_get("", "provider")?,
                 state: row.try_get("", "state")?,
                 last_seq: row.try_get("", "last_seq")?,
                 observed: row.try_get("", "observed")?,
