@@ -235,10 +235,13 @@ impl S3Bucket {
         format!("{}{name}", self.prefix)
     }
 
-    fn unreachable(&self, e: &reqwest::Error) -> S3Error {
+    /// The URL is left out: a presigned one carries the access key id and
+    /// a signature that stays valid for an hour, and this text ends up in
+    /// events and logs.
+    fn unreachable(&self, e: reqwest::Error) -> S3Error {
         S3Error::Unreachable {
             endpoint: self.endpoint.clone(),
-            cause: error_chain(e),
+            cause: error_chain(&e.without_url()),
         }
     }
 
@@ -283,7 +286,7 @@ impl S3Bucket {
             .timeout(CALL_TIMEOUT)
             .send()
             .await
-            .map_err(|e| self.unreachable(&e))?;
+            .map_err(|e| self.unreachable(e))?;
         match res.status().as_u16() {
             200..=299 => Ok(()),
             404 => Err(S3Error::NoSuchBucket {
@@ -331,7 +334,7 @@ impl S3Bucket {
             .body(body)
             .send()
             .await
-            .map_err(|e| self.unreachable(&e))?;
+            .map_err(|e| self.unreachable(e))?;
         if !res.status().is_success() {
             return Err(self.status_error("PUT", &key, res).await);
         }
@@ -351,7 +354,7 @@ impl S3Bucket {
             .timeout(CALL_TIMEOUT)
             .send()
             .await
-            .map_err(|e| self.unreachable(&e))?;
+            .map_err(|e| self.unreachable(e))?;
         if res.status().as_u16() == 404 {
             return Ok(None);
         }
@@ -394,7 +397,7 @@ impl S3Bucket {
             .get(url)
             .send()
             .await
-            .map_err(|e| self.unreachable(&e))?;
+            .map_err(|e| self.unreachable(e))?;
         if res.status().as_u16() == 404 {
             return Ok(None);
         }
@@ -434,11 +437,11 @@ impl S3Bucket {
                 .timeout(CALL_TIMEOUT)
                 .send()
                 .await
-                .map_err(|e| self.unreachable(&e))?;
+                .map_err(|e| self.unreachable(e))?;
             if !res.status().is_success() {
                 return Err(self.status_error("LIST", &full, res).await);
             }
-            let text = res.text().await.map_err(|e| self.unreachable(&e))?;
+            let text = res.text().await.map_err(|e| self.unreachable(e))?;
             let page = rusty_s3::actions::ListObjectsV2::parse_response(&text).map_err(|e| {
                 S3Error::Broken {
                     op: "LIST",
@@ -476,7 +479,7 @@ impl S3Bucket {
             .timeout(CALL_TIMEOUT)
             .send()
             .await
-            .map_err(|e| self.unreachable(&e))?;
+            .map_err(|e| self.unreachable(e))?;
         if res.status().is_success() || res.status().as_u16() == 404 {
             Ok(())
         } else {

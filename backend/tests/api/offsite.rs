@@ -142,6 +142,15 @@ async fn offsite_copy_runs_through_an_outage_and_retention(backend: Backend) {
         "{status}"
     );
     assert!(status["s3"]["failing_since"].is_string(), "{status}");
+    let events = serde_json::to_string(&app.events().await).expect("json");
+    for secret in [
+        "X-Amz-Signature",
+        "X-Amz-Credential",
+        s3.secret_key.as_str(),
+    ] {
+        assert!(!status.to_string().contains(secret), "{secret} in {status}");
+        assert!(!events.contains(secret), "{secret} in the events");
+    }
     assert_eq!(copied_at(&app, second).await, None);
     assert!(
         std::fs::read(app.state.join(format!("backups/base/{second}/base.tar"))).is_ok(),
