@@ -70,6 +70,9 @@ pub enum S3Error {
         key: String,
         cause: String,
     },
+    /// The local side of a copy: the database or the backup store.
+    #[error("{0}")]
+    Local(String),
     #[error("{what}: {source}")]
     Io {
         what: String,

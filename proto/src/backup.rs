@@ -1,7 +1,8 @@
 //! Backups of the PostgreSQL cluster: base backups taken by a db node's
 //! agent (`pg_basebackup`, from a streaming standby when there is one),
 //! the continuously archived WAL, both checksummed (SHA-256) and kept in
-//! adm1's backup store, and point-in-time restores of them into a fresh
+//! adm1's backup store (and, optionally, copied to an S3-compatible
+//! bucket), and point-in-time restores of them into a fresh
 //! PostgreSQL instance that never joins the cluster.
 
 use chrono::{DateTime, Utc};

@@ -2,6 +2,8 @@
 //! primary), receiving its files and the archived WAL into adm1's store,
 //! recording how it went, and restoring one point-in-time into a new
 //! instance on adm1 (a `restore` order), which never joins the cluster.
+//! The copy to the offsite bucket is `offsite.rs`; a restore reads back
+//! from it the files the store lost.
 
 use actix_web::web::Bytes;
 use chrono::{DateTime, Utc};

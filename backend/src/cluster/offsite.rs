@@ -196,11 +196,7 @@ impl Cluster {
     /// (files gone from the store that the bucket lacks too).
     async fn offsite_pass(&self, offsite: &Offsite) -> Result<u64, S3Error> {
         let bucket = &offsite.bucket;
-        let store_err = |e: ClusterError| S3Error::Broken {
-            op: "pass",
-            key: String::new(),
-            cause: e.to_string(),
-        };
+        let store_err = |e: ClusterError| S3Error::Local(e.to_string());
         let rows = store::list_backups(self.store.conn(), super::MAX_LIST_LIMIT)
             .await
             .map_err(|e| store_err(e.into()))?;
@@ -256,11 +252,7 @@ impl Cluster {
         store
             .mark_in_s3(path, &sum)
             .await
-            .map_err(|e| S3Error::Broken {
-                op: "mark",
-                key: key.to_string(),
-                cause: e.to_string(),
-            })?;
+            .map_err(|e| S3Error::Local(format!("{key} copied, but not marked: {e}")))?;
         Ok(true)
     }
 

@@ -79,7 +79,7 @@ pub fn BackupPanel() -> Html {
                     <span class="badge overdue" role="status">{ "overdue" }</span>
                 }
                 if s3_failing {
-                    <span class="badge overdue s3-failing" role="status">{ "S3 copy failing" }</span>
+                    <span class="badge s3-failing" role="status">{ "S3 copy failing" }</span>
                 }
             </h3>
             <p class="last-backup" data-last-backup="">
