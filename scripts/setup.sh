@@ -120,7 +120,7 @@ fi
 
 # A real S3-compatible server for the offsite-backup tests
 # (backend/tests/api/offsite.rs): s3s-fs, the s3s project's S3 server over a
-# directory, built once into the cache (~1.5 min cold; MinIO is in no
+# directory, built once into the cache (about 200 s of CPU cold; MinIO is in no
 # registry this machine reaches). 0.14.1 is the newest that builds with the
 # pinned toolchain; corral-testkit's S3S_FS_VERSION names the same.
 s3s_version=0.14.1
