@@ -270,6 +270,13 @@ impl Cluster {
             .filter(|b| b.status != backup::Status::Failed)
             .map(|b| b.id)
             .collect();
+        // `rows` is the newest MAX_LIST_LIMIT: when it is cut short, what is
+        // older than its oldest is not known to be gone, so it stays.
+        let complete = (rows.len() as u64) < super::MAX_LIST_LIMIT;
+        let oldest_listed = rows.iter().map(|b| b.id).min();
+        let gone = |id: i64| {
+            !kept.contains(&id) && (complete || oldest_listed.is_some_and(|oldest| id > oldest))
+        };
         for object in bucket.list("base/").await? {
             let id = object
                 .name
@@ -278,7 +285,7 @@ impl Cluster {
                 .and_then(|(id, file)| is_backup_file_name(file).then_some(id))
                 .and_then(|id| id.parse::<i64>().ok());
             if let Some(id) = id
-                && !kept.contains(&id)
+                && gone(id)
             {
                 bucket.delete(&object.name).await?;
                 tracing::info!(key = %object.name, "backup beyond retention deleted from S3");
