@@ -113,6 +113,18 @@ if ! "$binaryen_dir/node_modules/.bin/wasm-opt" --version 2>/dev/null | grep -q 
   npm install --prefix "$binaryen_dir" --no-audit --no-fund --silent "binaryen@$binaryen_version.0.0"
 fi
 
+# A real S3-compatible server for the offsite-backup tests
+# (backend/tests/api/offsite.rs): s3s-fs, the s3s project's S3 server over a
+# directory, built once into the cache (about 200 s of CPU cold; MinIO is in no
+# registry this machine reaches). 0.14.1 is the newest that builds with the
+# pinned toolchain; corral-testkit's S3S_FS_VERSION names the same.
+s3s_version=0.14.1
+s3s_dir=${XDG_CACHE_HOME:-$HOME/.cache}/corral/s3s-fs-$s3s_version
+if [ ! -x "$s3s_dir/bin/s3s-fs" ]; then
+  say "installing s3s-fs $s3s_version into $s3s_dir"
+  cargo install -q s3s-fs --version "$s3s_version" --features binary --locked --root "$s3s_dir"
+fi
+
 if [ "$want_fuzz" = 1 ]; then
   if [ ! -x .venv/bin/schemathesis ] && [ ! -x .venv/bin/st ]; then
     say "installing schemathesis into .venv"

@@ -204,17 +204,50 @@ impl BackupStore {
     pub async fn prune_wal_before(&self, segment: &str) -> Result<usize, StoreFileError> {
         let mut removed = 0;
         for name in self.wal_names().await? {
-            if name.ends_with(".history") || name.get(8..24) >= segment.get(8..24) {
+            if !wal_older_than(&name, segment) {
                 continue;
             }
             let path = self.wal_dir().join(&name);
             let _ = tokio::fs::remove_file(sidecar(&path)).await;
+            let _ = tokio::fs::remove_file(s3_marker(&path)).await;
             if tokio::fs::remove_file(&path).await.is_ok() {
                 removed += 1;
             }
         }
         Ok(removed)
     }
+
+    /// Whether `path` is in the offsite bucket with its current checksum
+    /// (its `<file>.s3` marker holds that checksum).
+    pub async fn in_s3(&self, path: &Path) -> bool {
+        let Some(sum) = self.checksum(path).await else {
+            return false;
+        };
+        tokio::fs::read_to_string(s3_marker(path))
+            .await
+            .is_ok_and(|m| m.trim() == sum)
+    }
+
+    /// Notes that `path` with checksum `sha256` is in the offsite bucket.
+    pub async fn mark_in_s3(&self, path: &Path, sha256: &str) -> Result<(), StoreFileError> {
+        let marker = s3_marker(path);
+        tokio::fs::write(&marker, format!("{sha256}\n"))
+            .await
+            .map_err(io(format!("writing {}", marker.display())))
+    }
+}
+
+/// Whether archived WAL file `name` is older than `segment` (a WAL file
+/// name), so no base backup starting at `segment` or later needs it.
+/// History files are always kept: they are tiny and recovery reads them.
+pub fn wal_older_than(name: &str, segment: &str) -> bool {
+    !name.ends_with(".history") && name.get(8..24) < segment.get(8..24)
+}
+
+fn s3_marker(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".s3");
+    PathBuf::from(s)
 }
 
 fn sidecar(path: &Path) -> PathBuf {

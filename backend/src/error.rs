@@ -147,6 +147,7 @@ impl From<ClusterError> for ApiError {
             ClusterError::Refused { code, message } => ApiError::Invalid { code, message },
             ClusterError::Store(e) => e.into(),
             ClusterError::Internal(m) => ApiError::Internal(m),
+            ClusterError::Unavailable(m) => ApiError::Unavailable(m),
         }
     }
 }

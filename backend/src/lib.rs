@@ -14,6 +14,7 @@ pub mod error;
 pub mod prometheus;
 pub mod provider;
 pub mod reconcile;
+pub mod s3;
 pub mod startup;
 pub mod store;
 pub mod switchover;

@@ -82,6 +82,8 @@ pub struct Config {
     /// The port SSH listens on at adm1: open to anyone in adm1's firewall
     /// (other nodes take SSH from the cluster's networks only).
     pub ssh_port: u16,
+    /// The S3-compatible bucket the backup store is copied to, if any.
+    pub s3: Option<crate::s3::S3Config>,
 }
 
 impl Config {
@@ -115,6 +117,7 @@ impl Config {
             tls_names: vec!["adm1".into()],
             peers: Vec::new(),
             ssh_port: corral_proto::ports::SSH,
+            s3: None,
         }
     }
 
@@ -171,6 +174,8 @@ pub enum StartError {
     Provider(#[from] ProviderError),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("offsite backups: {0}")]
+    S3(#[from] crate::s3::S3Error),
 }
 
 impl From<StoreError> for StartError {
@@ -235,6 +240,14 @@ impl Application {
             Vec::new()
         };
 
+        // Settings that cannot work are refused before anything starts; a
+        // bucket that is missing or unreachable is an event of the copy.
+        let offsite = match &config.s3 {
+            Some(s3) => Some(Arc::new(crate::cluster::Offsite::new(
+                crate::s3::S3Bucket::new(s3)?,
+            ))),
+            None => None,
+        };
         let secrets = Secrets::load_or_create(&config.state_dir)?;
         let url = match &config.database_url {
             Some(url) => url.clone(),
@@ -281,6 +294,7 @@ impl Application {
                 hosts,
                 enroll_secret_ttl: config.enroll_secret_ttl,
                 backups: crate::backup_store::BackupStore::new(config.state_dir.join("backups")),
+                offsite,
             },
             secrets.clone(),
         )

@@ -2,7 +2,9 @@
 //! written through nginx, a base backup taken from the streaming standby
 //! with `corral db backup now`, the primary's WAL archived continuously,
 //! and `corral db restore --time T` into a new instance on adm1 that holds
-//! exactly the writes acknowledged before T.
+//! exactly the writes acknowledged before T. The server also copies every
+//! backup and segment to a real S3 server (s3s-fs on 127.0.33.2), and a
+//! last restore, with adm1's store gone, reads everything back from it.
 
 use std::process::Command;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use serde_json::{Value, json};
 use sha2::Digest;
 
 const LONG: Duration = Duration::from_secs(180);
+const BUCKET: &str = "corral-e2e";
 
 async fn post_todos(c: &Cluster, prefix: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let mut titles = Vec::new();
@@ -110,7 +113,40 @@ async fn adm1_orders(c: &Cluster) -> anyhow::Result<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
-    let c = Cluster::up(24, 1, 2).await.expect("corral up");
+    let mut s3 = corral_testkit::s3::S3Server::start("127.0.33.2", BUCKET).expect("s3s-fs");
+    // The credentials go in a 0600 file, as an operator would keep them.
+    let secrets = tempfile::tempdir().expect("tmp");
+    let credentials = secrets.path().join("s3-credentials");
+    std::fs::write(
+        &credentials,
+        format!(
+            "access_key_id = {}\nsecret_access_key = {}\n",
+            s3.access_key, s3.secret_key
+        ),
+    )
+    .expect("credentials");
+    std::fs::set_permissions(
+        &credentials,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let endpoint = s3.endpoint();
+    let credentials = credentials.to_string_lossy().into_owned();
+    let c = Cluster::up_with(
+        24,
+        1,
+        2,
+        &[
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-bucket",
+            BUCKET,
+            "--s3-credentials-file",
+            &credentials,
+        ],
+    )
+    .await
+    .expect("corral up");
     let primary = sole_primary(&c).await.expect("a primary");
     let standby = if primary == "pg1" { "pg2" } else { "pg1" };
     eventually("the standby streams", LONG, || async {
@@ -181,7 +217,8 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
     // The archive is checksummed too.
     for entry in std::fs::read_dir(&wal).expect("wal dir").flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || name.ends_with(".sha256") {
+        // Beside each file: its checksum, and its offsite-copy marker.
+        if name.starts_with('.') || name.ends_with(".sha256") || name.ends_with(".s3") {
             continue;
         }
         let stored = std::fs::read_to_string(wal.join(format!("{name}.sha256"))).expect("sum");
@@ -280,11 +317,12 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
         .expect("json");
     assert_eq!(consul.len(), 2, "{consul:?}");
 
-    // With the archived WAL out of reach, recovery cannot get to T: the
-    // restore fails with the reason, and nothing half-restored is left
-    // running or on disk.
+    // With the archived WAL out of reach (adm1's and the bucket's copy),
+    // recovery cannot get to T: the restore fails with the reason, and
+    // nothing half-restored is left running or on disk.
     let hidden = c.state_dir().join("backups/wal-hidden");
     std::fs::rename(&wal, &hidden).expect("hide the archive");
+    s3.stop();
     let (ok, out) = corral(
         &c,
         &[
@@ -301,6 +339,7 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
         std::fs::remove_dir(&wal).expect("remove the new dir");
     }
     std::fs::rename(&hidden, &wal).expect("restore the archive");
+    s3.restart().expect("s3s-fs back");
     assert!(!ok, "a restore that cannot reach T must fail: {out}");
     assert!(
         out.contains("archived WAL ends before the target time"),
@@ -410,4 +449,57 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
         .expect("json");
     assert_eq!(status["overdue"], false, "{status}");
     assert_eq!(status["last_done"]["id"], scheduled.id, "{status}");
+
+    // The offsite copy: the kept backup and the archive are in the bucket
+    // with the bytes adm1 verified, and retention took the manual backup
+    // out of the bucket too.
+    let last = sql(&c, &primary, "SELECT pg_walfile_name(pg_switch_wal())")
+        .await
+        .expect("switch wal");
+    let object = |key: String| s3.object_path(BUCKET, &format!("corral/{key}"));
+    eventually(
+        "the kept backup and the last segment in S3",
+        LONG,
+        || async {
+            let copied = backups(&c)
+                .await?
+                .iter()
+                .any(|b| b.id == scheduled.id && b.s3_copied_at.is_some());
+            Ok((copied && object(format!("wal/{last}")).exists()).then_some(()))
+        },
+    )
+    .await
+    .expect("copied offsite");
+    for f in &scheduled.files {
+        let key = format!("base/{}/{}", scheduled.id, f.name);
+        assert_eq!(
+            sha256_of(&object(key)).expect("hash"),
+            f.sha256,
+            "{}",
+            f.name
+        );
+    }
+    eventually("the manual backup gone from S3", LONG, || async {
+        Ok((!object(format!("base/{}/base.tar", manual.id)).exists()).then_some(()))
+    })
+    .await
+    .expect("pruned offsite");
+
+    // adm1 loses its store: a restore reads the backup and the WAL from
+    // the bucket and holds every write.
+    std::fs::rename(
+        c.state_dir().join("backups"),
+        c.state_dir().join("backups-lost"),
+    )
+    .expect("lose the store");
+    let (ok, report) = corral(&c, &["db", "restore", "--to", "from-s3", "--port", "5435"])
+        .await
+        .expect("restore");
+    assert!(ok, "corral db restore from S3: {report}");
+    let everything: Vec<String> = expected.iter().chain(&after_t).cloned().collect();
+    assert_eq!(
+        restored_titles(&c, 5435).await.expect("restored rows"),
+        everything,
+        "the restore from S3 holds every write"
+    );
 }

@@ -9,6 +9,7 @@ mod m20261203_000001_enrollment_secrets;
 mod m20261203_000002_backups;
 mod m20261203_000003_backup_schedule;
 mod m20261203_000004_metrics;
+mod m20261203_000005_backup_s3;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000002_backups::Migration),
             Box::new(m20261203_000003_backup_schedule::Migration),
             Box::new(m20261203_000004_metrics::Migration),
+            Box::new(m20261203_000005_backup_s3::Migration),
         ]
     }
 }

@@ -1,7 +1,8 @@
 //! Backups of the PostgreSQL cluster: base backups taken by a db node's
 //! agent (`pg_basebackup`, from a streaming standby when there is one),
 //! the continuously archived WAL, both checksummed (SHA-256) and kept in
-//! adm1's backup store, and point-in-time restores of them into a fresh
+//! adm1's backup store (and, optionally, copied to an S3-compatible
+//! bucket), and point-in-time restores of them into a fresh
 //! PostgreSQL instance that never joins the cluster.
 
 use chrono::{DateTime, Utc};
@@ -87,6 +88,10 @@ pub struct Backup {
     pub error: Option<String>,
     /// Who asked for it: an actor (`admin`) or `schedule`.
     pub trigger: String,
+    /// When its every file was copied to the offsite S3 bucket; absent
+    /// while not (yet) copied or when no bucket is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_copied_at: Option<DateTime<Utc>>,
 }
 
 /// What an agent reports when a backup's files are all uploaded.
@@ -172,6 +177,30 @@ pub struct BackupsStatus {
     /// A scheduled backup was due more than an hour ago and none has
     /// finished since.
     pub overdue: bool,
+    /// The offsite copy, when an S3 bucket is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<OffsiteStatus>,
+}
+
+/// Where the copy of adm1's backup store to an S3-compatible bucket
+/// stands (this server's store).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OffsiteStatus {
+    pub endpoint: String,
+    pub bucket: String,
+    /// Prepended to every object key.
+    pub prefix: String,
+    /// Files of done backups and archived WAL not yet in the bucket, as of
+    /// the last pass.
+    pub pending_files: u64,
+    /// Why the last pass failed; absent when it succeeded. A failing copy
+    /// is retried with backoff and never holds up a local backup.
+    pub last_error: Option<String>,
+    /// Since when every pass has failed.
+    pub failing_since: Option<DateTime<Utc>>,
+    /// When a pass last finished with nothing left to copy.
+    pub last_caught_up: Option<DateTime<Utc>>,
 }
 
 /// The default port of a restored instance.

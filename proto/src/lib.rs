@@ -19,8 +19,8 @@ pub use agent::{
     ReplicationRole, ReplicationStatus, ServiceState, ServiceStatus,
 };
 pub use backup::{
-    Backup, BackupFile, BackupReport, BackupSpec, BackupStatus, BackupsStatus, RESTORE_PORT,
-    RestoreAccepted, RestoreReport, RestoreRequest, RestoreSpec,
+    Backup, BackupFile, BackupReport, BackupSpec, BackupStatus, BackupsStatus, OffsiteStatus,
+    RESTORE_PORT, RestoreAccepted, RestoreReport, RestoreRequest, RestoreSpec,
 };
 pub use error::ErrorBody;
 pub use event::Event;

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User, geteuid};
 
+pub mod s3;
+
 /// Where Debian's PostgreSQL 15 server binaries live; `CORRAL_PG_BIN` overrides.
 pub fn pg_bin_dir() -> PathBuf {
     std::env::var_os("CORRAL_PG_BIN")

@@ -217,7 +217,8 @@ pub async fn upload_backup_file(
         (status = 400, description = "Malformed path", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "Another node's token, or a node restoring no such backup", body = ErrorBody),
-        (status = 404, description = "No such file", body = ErrorBody),
+        (status = 404, description = "No such file (in the store nor the offsite bucket)", body = ErrorBody),
+        (status = 503, description = "Not in the store, and the offsite bucket cannot be read now", body = ErrorBody),
     )
 )]
 pub async fn download_backup_file(
@@ -311,7 +312,8 @@ pub async fn upload_wal(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// The archived WAL files, for the agent restoring a backup.
+/// The archived WAL files, for the agent restoring a backup: the store's
+/// and, when an offsite bucket is configured, the bucket's.
 #[utoipa::path(
     get,
     path = "/api/v1/agents/{name}/wal",
@@ -351,7 +353,8 @@ pub async fn list_wal(
         (status = 400, description = "Malformed path", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "Another node's token, or a node restoring nothing", body = ErrorBody),
-        (status = 404, description = "No such file", body = ErrorBody),
+        (status = 404, description = "No such file (in the store nor the offsite bucket)", body = ErrorBody),
+        (status = 503, description = "Not in the store, and the offsite bucket cannot be read now", body = ErrorBody),
     )
 )]
 pub async fn download_wal(

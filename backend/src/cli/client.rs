@@ -254,6 +254,11 @@ impl Client {
         .await
     }
 
+    pub async fn backups_status(&self) -> Result<corral_proto::BackupsStatus, ClientError> {
+        self.json(self.request(Method::GET, "/api/v1/backups/status"))
+            .await
+    }
+
     pub async fn backup_now(&self) -> Result<Backup, ClientError> {
         self.json(self.request(Method::POST, "/api/v1/backups"))
             .await

@@ -243,6 +243,29 @@ struct ServeArgs {
     /// after this server's own, and move to it when this one fails.
     #[arg(long = "peer", env = "CORRAL_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
+    /// Also copy every backup and archived WAL segment to this
+    /// S3-compatible endpoint, e.g. https://s3.eu-west-1.amazonaws.com.
+    /// Credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the
+    /// environment, or --s3-credentials-file; never on the command line.
+    #[arg(long, env = "CORRAL_S3_ENDPOINT", requires = "s3_bucket")]
+    s3_endpoint: Option<String>,
+    /// The bucket of the offsite copy (it must exist).
+    #[arg(long, env = "CORRAL_S3_BUCKET", requires = "s3_endpoint")]
+    s3_bucket: Option<String>,
+    /// The bucket's region.
+    #[arg(long, env = "CORRAL_S3_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// Prefix of every object key; give each cluster its own.
+    #[arg(long, env = "CORRAL_S3_PREFIX", default_value = "corral/")]
+    s3_prefix: String,
+    /// A file (mode 0600) with `access_key_id = ...` and
+    /// `secret_access_key = ...` lines; an AWS credentials file works.
+    #[arg(long, env = "CORRAL_S3_CREDENTIALS_FILE")]
+    s3_credentials_file: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for an https endpoint, besides the
+    /// system's.
+    #[arg(long, env = "CORRAL_S3_CA")]
+    s3_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -519,7 +542,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Db(DbCommand::Backups { limit }) => {
-            out.backups(&cli.client().backups(*limit).await?)
+            let client = cli.client();
+            out.backups(&client.backups(*limit).await?)?;
+            out.offsite(client.backups_status().await?.s3.as_ref())
         }
         Command::Db(DbCommand::Backup(BackupCommand::Now { no_wait, timeout })) => {
             let client = cli.client();
@@ -806,10 +831,40 @@ fn server_config(cli: &Cli, args: &ServeArgs) -> anyhow::Result<Config> {
         }
     }
     config.peers = args.peers.clone();
+    config.s3 = s3_config(args)?;
     if args.max_poll_wait.is_zero() {
         bail!("--max-poll-wait must be more than 0");
     }
     Ok(config)
+}
+
+/// The offsite copy's settings; the credentials come from a file or the
+/// environment so that they never show in `ps`.
+fn s3_config(args: &ServeArgs) -> anyhow::Result<Option<crate::s3::S3Config>> {
+    let (Some(endpoint), Some(bucket)) = (&args.s3_endpoint, &args.s3_bucket) else {
+        return Ok(None);
+    };
+    let (access_key, secret_key) = match &args.s3_credentials_file {
+        Some(path) => crate::s3::credentials_from_file(path)?,
+        None => match (
+            std::env::var("AWS_ACCESS_KEY_ID"),
+            std::env::var("AWS_SECRET_ACCESS_KEY"),
+        ) {
+            (Ok(key), Ok(secret)) if !key.is_empty() && !secret.is_empty() => (key, secret),
+            _ => bail!(
+                "--s3-endpoint needs credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment, or --s3-credentials-file FILE (mode 0600)"
+            ),
+        },
+    };
+    Ok(Some(crate::s3::S3Config {
+        endpoint: endpoint.clone(),
+        bucket: bucket.clone(),
+        region: args.s3_region.clone(),
+        prefix: args.s3_prefix.clone(),
+        access_key,
+        secret_key,
+        ca_file: args.s3_ca.clone(),
+    }))
 }
 
 async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
@@ -834,6 +889,14 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
         );
     }
     eprintln!("  agents enroll with per-node secrets: `corral nodes reenroll NODE` mints one");
+    if let Some(s3) = app.cluster().offsite() {
+        eprintln!(
+            "  offsite:   backups copied to bucket {} at {} (prefix {:?})",
+            s3.bucket().name(),
+            s3.bucket().endpoint(),
+            s3.bucket().prefix()
+        );
+    }
     if let Some(apt) = &config_apt_dir {
         eprintln!("  apt repo:  {url}/apt/ (from {})", apt.display());
     }

@@ -1,8 +1,8 @@
 //! How the CLI prints: aligned tables for people, JSON for scripts.
 
 use corral_proto::{
-    Backup, Event, LogLine, Node, Order, ReplicationRole, RestoreReport, Role, SwitchoverAccepted,
-    Topology, TopologyChange,
+    Backup, BackupStatus, Event, LogLine, Node, OffsiteStatus, Order, ReplicationRole,
+    RestoreReport, Role, SwitchoverAccepted, Topology, TopologyChange,
 };
 use serde::Serialize;
 
@@ -230,6 +230,11 @@ impl Output {
                     format!("{:.1} MB", b.size_bytes as f64 / 1e6),
                     b.wal_start_lsn.clone().unwrap_or_else(|| "-".into()),
                     b.trigger.clone(),
+                    match (b.status, b.s3_copied_at) {
+                        (_, Some(_)) => "copied".into(),
+                        (BackupStatus::Done, None) => "not yet".into(),
+                        _ => "-".into(),
+                    },
                     b.error.clone().unwrap_or_default(),
                 ]
             })
@@ -244,10 +249,36 @@ impl Output {
                 "SIZE",
                 "WAL_START",
                 "BY",
+                "S3",
                 "ERROR",
             ],
             &rows,
         );
+        Ok(())
+    }
+
+    /// Below the backups: where the offsite copy stands (table only; the
+    /// JSON of `GET /backups/status` carries it).
+    pub fn offsite(&self, s3: Option<&OffsiteStatus>) -> anyhow::Result<()> {
+        if self.format == Format::Json {
+            return Ok(());
+        }
+        match s3 {
+            None => println!("S3 copy: not configured (corral serve --s3-endpoint/--s3-bucket)"),
+            Some(s) => {
+                println!(
+                    "S3 copy: bucket {} at {} (prefix {:?}), {} files to copy",
+                    s.bucket, s.endpoint, s.prefix, s.pending_files
+                );
+                if let Some(e) = &s.last_error {
+                    let since = s
+                        .failing_since
+                        .map(|t| t.format(" since %Y-%m-%d %H:%M:%S UTC").to_string())
+                        .unwrap_or_default();
+                    println!("S3 copy FAILING{since}: {e}");
+                }
+            }
+        }
         Ok(())
     }
 

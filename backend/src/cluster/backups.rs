@@ -2,6 +2,8 @@
 //! primary), receiving its files and the archived WAL into adm1's store,
 //! recording how it went, and restoring one point-in-time into a new
 //! instance on adm1 (a `restore` order), which never joins the cluster.
+//! The copy to the offsite bucket is `offsite.rs`; a restore reads back
+//! from it the files the store lost.
 
 use actix_web::web::Bytes;
 use chrono::{DateTime, Utc};
@@ -147,6 +149,7 @@ pub fn backup_from_row(row: &backup::Model) -> Result<Backup, ClusterError> {
         timeline: row.timeline.map(|t| t.max(0) as u32),
         error: row.error.clone(),
         trigger: row.trigger.clone(),
+        s3_copied_at: row.s3_copied_at,
     })
 }
 
@@ -419,6 +422,7 @@ impl Cluster {
         .await?;
         if error.is_none() {
             self.apply_backup_retention().await;
+            self.wake_offsite();
         }
         let row = store::backup_by_id(self.store.conn(), id)
             .await?
@@ -519,6 +523,7 @@ impl Cluster {
         self.backup_store()
             .receive(&dest, body, &expected, Some(MAX_WAL_BYTES), true)
             .await?;
+        self.wake_offsite();
         Ok(())
     }
 
@@ -651,7 +656,8 @@ impl Cluster {
                 "backup {id} has no file {name:?}"
             )));
         }
-        self.open_stored(&self.backup_store().base_dir(id).join(name))
+        let path = self.backup_store().base_dir(id).join(name);
+        self.open_stored_or_offsite(&format!("base/{id}/{name}"), &path)
             .await
     }
 
@@ -661,7 +667,11 @@ impl Cluster {
         caller: &Caller,
     ) -> Result<Vec<String>, ClusterError> {
         self.may_read_store(node, None, caller).await?;
-        Ok(self.backup_store().wal_names().await?)
+        let mut names = self.backup_store().wal_names().await?;
+        names.extend(self.offsite_wal_names().await);
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     pub async fn wal_file(
@@ -674,8 +684,28 @@ impl Cluster {
         if !is_wal_file_name(name) {
             return Err(ClusterError::NotFound(format!("no WAL file {name:?}")));
         }
-        self.open_stored(&self.backup_store().wal_dir().join(name))
+        let path = self.backup_store().wal_dir().join(name);
+        self.open_stored_or_offsite(&format!("wal/{name}"), &path)
             .await
+    }
+
+    /// A stored file, brought back from the offsite bucket first when the
+    /// store lost it.
+    async fn open_stored_or_offsite(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+    ) -> Result<(tokio::fs::File, String), ClusterError> {
+        match self.open_stored(path).await {
+            Err(ClusterError::NotFound(m)) => {
+                if self.fetch_from_offsite(key, path).await? {
+                    self.open_stored(path).await
+                } else {
+                    Err(ClusterError::NotFound(m))
+                }
+            }
+            other => other,
+        }
     }
 
     async fn open_stored(
@@ -694,7 +724,7 @@ impl Cluster {
     }
 
     /// How many finished backups the schedule keeps (none: all are kept).
-    async fn backup_keep(&self) -> Option<u32> {
+    pub(super) async fn backup_keep(&self) -> Option<u32> {
         let spec = self.spec(self.store.conn()).await.ok()?;
         spec.backup.map(|b| b.keep)
     }
@@ -728,6 +758,7 @@ impl Cluster {
                 last_done,
                 due: due.map(|d| d.due),
                 overdue: due.is_some_and(|d| d.overdue),
+                s3: self.offsite().map(|o| o.status()),
             },
             due,
         ))
@@ -844,6 +875,7 @@ mod tests {
             timeline: None,
             error: None,
             trigger: "schedule".into(),
+            s3_copied_at: None,
         }
     }
 

@@ -38,6 +38,10 @@ pub enum ClusterError {
     Conflict { code: &'static str, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Something outside the cluster that the request needs cannot be
+    /// reached now (the offsite S3 bucket): 503, try again.
+    #[error("{0}")]
+    Unavailable(String),
     /// What cannot happen did: a bug, or stored data that is damaged.
     #[error("{0}")]
     Internal(String),

@@ -17,6 +17,7 @@ pub mod hosts;
 mod leader;
 mod metrics;
 mod nodes;
+mod offsite;
 mod orders;
 mod peers;
 mod rows;
@@ -48,6 +49,7 @@ pub use error::ClusterError;
 pub use hosts::Hosts;
 pub use leader::LEADER_RETRY;
 pub use metrics::SeriesQuery;
+pub use offsite::Offsite;
 pub use rows::{event_from_row, order_from_row};
 
 /// The most orders one poll answer carries; the agent polls again for more.
@@ -78,6 +80,8 @@ pub struct ClusterConfig {
     pub enroll_secret_ttl: Duration,
     /// adm1's backup store (`<state-dir>/backups`).
     pub backups: crate::backup_store::BackupStore,
+    /// The S3-compatible bucket the store is copied to, if configured.
+    pub offsite: Option<Arc<Offsite>>,
 }
 
 /// Default lifetime of an enrollment secret: long enough for a VM to boot
@@ -218,6 +222,9 @@ impl Cluster {
         tokio::spawn(prune(Arc::downgrade(&cluster)));
         tokio::spawn(crate::consul_acl::keep(Arc::downgrade(&cluster)));
         tokio::spawn(backups::schedule_backups(Arc::downgrade(&cluster)));
+        if let Some(offsite) = cluster.config.offsite.clone() {
+            tokio::spawn(offsite::copy_offsite(Arc::downgrade(&cluster), offsite));
+        }
         Ok(cluster)
     }
 

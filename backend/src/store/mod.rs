@@ -1000,6 +1000,7 @@ pub async fn insert_backup<C: ConnectionTrait>(
         wal_end_lsn: Set(None),
         timeline: Set(None),
         error: Set(None),
+        s3_copied_at: Set(None),
     };
     Ok(backup::Entity::insert(row).exec_with_returning(c).await?)
 }
@@ -1066,6 +1067,20 @@ pub async fn finish_backup<C: ConnectionTrait>(
         .exec(c)
         .await?;
     Ok(res.rows_affected == 1)
+}
+
+/// Notes that every file of backup `id` is in the offsite bucket.
+pub async fn mark_backup_in_s3<C: ConnectionTrait>(
+    c: &C,
+    id: i64,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    backup::Entity::update_many()
+        .col_expr(backup::Column::S3CopiedAt, Expr::value(Some(at)))
+        .filter(backup::Column::Id.eq(id))
+        .exec(c)
+        .await?;
+    Ok(())
 }
 
 pub async fn delete_backup<C: ConnectionTrait>(c: &C, id: i64) -> Result<()> {

@@ -11,11 +11,11 @@ use crate::both_backends;
 use crate::db::{beat, db_heartbeat, db_pair};
 use crate::helpers::*;
 
-fn sha(data: &[u8]) -> String {
+pub fn sha(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-async fn upload(
+pub async fn upload(
     app: &TestApp,
     token: &str,
     path: &str,

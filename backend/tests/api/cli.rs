@@ -443,3 +443,65 @@ async fn corral_logs_follow_prints_a_line_shipped_after_it_started() {
     assert!(second.ends_with("shipped while following"), "{second}");
     let _ = follow.0.kill().await;
 }
+
+#[tokio::test]
+async fn serve_with_a_bucket_but_no_usable_credentials_refuses_to_start_and_says_how() {
+    let state = tempfile::tempdir().expect("state");
+    let serve = |extra: Vec<String>| {
+        let state = state.path().to_path_buf();
+        async move {
+            let out = Command::new(CORRAL)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["serve", "--listen", "127.0.33.9:0", "--no-machines"])
+                .args([
+                    "--s3-endpoint",
+                    "http://127.0.33.9:9",
+                    "--s3-bucket",
+                    "backups",
+                ])
+                .args(extra)
+                .env_remove("AWS_ACCESS_KEY_ID")
+                .env_remove("AWS_SECRET_ACCESS_KEY")
+                .env_remove("CORRAL_S3_CREDENTIALS_FILE")
+                .output()
+                .await
+                .expect("run corral serve");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, stderr) = serve(Vec::new()).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("AWS_ACCESS_KEY_ID") && stderr.contains("--s3-credentials-file"),
+        "{stderr}"
+    );
+    let file = state.path().join("s3");
+    std::fs::write(&file, "access_key_id = k\nsecret_access_key = hush\n").expect("write");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let arg = file.to_string_lossy().into_owned();
+    let (code, stderr) = serve(vec!["--s3-credentials-file".into(), arg]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    assert!(!stderr.contains("hush"), "{stderr}");
+    assert!(
+        !state.path().join("admin-token").exists(),
+        "refused before anything is made"
+    );
+}
+
+#[tokio::test]
+async fn db_backups_says_whether_an_s3_copy_is_configured() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let run = corral(&app, &["db", "backups"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("S3 copy: not configured"),
+        "{}",
+        run.stdout
+    );
+}

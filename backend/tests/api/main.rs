@@ -15,6 +15,7 @@ mod hosts;
 mod logs;
 mod metrics;
 mod nodes;
+mod offsite;
 mod openapi;
 mod retention;
 mod topology;

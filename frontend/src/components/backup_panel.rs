@@ -1,7 +1,9 @@
 //! Backups at a glance, under the PostgreSQL tier: the last backup that
 //! finished and its age, the schedule, a red "overdue" badge when a
-//! scheduled backup is late, and "Back up now" (`POST /backups`). Fetched
-//! again whenever a backup or topology event arrives.
+//! scheduled backup is late, where the offsite S3 copy stands (a red
+//! "S3 copy failing" badge and its cause while it fails), and "Back up
+//! now" (`POST /backups`). Fetched again whenever a backup or topology
+//! event arrives.
 
 use corral_proto::BackupsStatus;
 use yew::prelude::*;
@@ -67,12 +69,17 @@ pub fn BackupPanel() -> Html {
     let last = status.as_ref().and_then(|s| s.last_done.clone());
     let overdue = status.as_ref().is_some_and(|s| s.overdue);
     let schedule = status.as_ref().and_then(|s| s.schedule.clone());
+    let s3 = status.as_ref().and_then(|s| s.s3.clone());
+    let s3_failing = s3.as_ref().is_some_and(|s| s.last_error.is_some());
     html! {
         <section class="backups" aria-labelledby="backups-title">
             <h3 id="backups-title">
                 { "Backups" }
                 if overdue {
                     <span class="badge overdue" role="status">{ "overdue" }</span>
+                }
+                if s3_failing {
+                    <span class="badge s3-failing" role="status">{ "S3 copy failing" }</span>
                 }
             </h3>
             <p class="last-backup" data-last-backup="">
@@ -94,6 +101,25 @@ pub fn BackupPanel() -> Html {
                     None => "No schedule: corral topology set --backup-schedule HH:MM --backup-keep N.".to_string(),
                 } }
             </p>
+            <p class="offsite" data-offsite="">
+                { match &s3 {
+                    Some(s) => {
+                        let copied = match &last {
+                            Some(b) if b.s3_copied_at.is_some() => "last backup copied",
+                            Some(_) => "last backup not copied yet",
+                            None => "nothing to copy yet",
+                        };
+                        format!(
+                            "Offsite: S3 bucket {} at {} — {copied}, {} files waiting.",
+                            s.bucket, s.endpoint, s.pending_files
+                        )
+                    }
+                    None => "Offsite: no S3 bucket (corral serve --s3-endpoint URL --s3-bucket B).".to_string(),
+                } }
+            </p>
+            if let Some(error) = s3.as_ref().and_then(|s| s.last_error.clone()) {
+                <p class="error" role="alert">{ format!("S3 copy failing: {error}") }</p>
+            }
             <button type="button" class="primary" {onclick} disabled={running}>
                 { if running { "Ordering backup…" } else { "Back up now" } }
             </button>

@@ -168,6 +168,9 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
     server.put_json("/api/v1/topology", &topology).await?;
     browser.wait_for(".backups .badge.overdue").await?;
     browser.wait_text(".backups .schedule", "keeping 3").await?;
+    browser
+        .wait_text(".backups .offsite", "no S3 bucket")
+        .await?;
     let (id, on) = eventually_backup(server).await?;
     browser.click_button("Back up now").await?;
     browser

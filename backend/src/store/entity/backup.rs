@@ -21,6 +21,8 @@ pub struct Model {
     pub timeline: Option<i32>,
     #[sea_orm(column_type = "Text", nullable)]
     pub error: Option<String>,
+    /// When every file was copied to the offsite S3 bucket.
+    pub s3_copied_at: Option<DateTimeUtc>,
 }
 
 /// [`corral_proto::BackupStatus`] as stored.
