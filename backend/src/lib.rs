@@ -15,6 +15,7 @@ pub mod prometheus;
 pub mod provider;
 pub mod reconcile;
 pub mod startup;
+pub mod statedb;
 pub mod store;
 pub mod switchover;
 pub mod tls;
