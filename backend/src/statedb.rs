@@ -12,8 +12,11 @@
 //! `<state>/statedb/primary` before promoting, then makes the old primary's
 //! directory again as a standby of the new one (`pg_basebackup`): whatever
 //! happened, the next start finds one primary, named in that file, and
-//! standbys it can rebuild. Replication is asynchronous: a commit the
-//! standby had not received when the primary died is lost with it.
+//! standbys it can rebuild. Commits wait for a standby while one streams
+//! (synchronous replication, relaxed within a second when none does, so a
+//! lost standby never stops the control plane): a failover then loses no
+//! commit the servers were told of, except one made while no standby
+//! streamed.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -36,6 +39,9 @@ pub const USER: &str = "corral";
 pub const DATABASE: &str = "corral";
 /// How often the supervisor looks at each PostgreSQL.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Every how many looks it asks the primary whether it answers, and sets
+/// whether commits wait for a standby (1 s).
+const SYNC_EVERY_TICKS: u64 = 4;
 /// A primary that is alive but answers no connection for this long is
 /// fenced and replaced, as a dead one is at once.
 const HUNG_AFTER: Duration = Duration::from_secs(5);
@@ -567,15 +573,70 @@ impl Inner {
             "state database: {new} is the primary now"
         );
         self.failovers.send_modify(|n| *n += 1);
+        // Its configuration, copied from the old primary, may make commits
+        // wait for a standby that is not there yet.
+        if let Err(e) = self.keep_sync().await {
+            tracing::warn!(error = %e, "state database: synchronous replication");
+        }
         if let Err(e) = self.start_standby(&old).await {
             tracing::warn!(member = %old, error = %e, "state database: cannot make the old primary a standby yet");
         }
         Ok(())
     }
 
+    /// Commits wait for a standby while one streams, and only then
+    /// (`synchronous_standby_names` '*' or ''): a commit the servers were
+    /// told of is on two instances, yet with the standby gone (dead, or
+    /// being made again after a failover) changes do not stop.
+    async fn keep_sync(&self) -> Result<(), StateDbError> {
+        let primary = self
+            .member(&self.primary_name())
+            .ok_or_else(|| fail("no primary"))?;
+        let err = |e: sqlx::Error| fail(format!("keeping synchronous replication: {e}"));
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(2),
+            PgConnection::connect_with(&self.options(primary.address, "postgres")),
+        )
+        .await
+        .map_err(|_| fail("keeping synchronous replication: no connection within 2 s"))?
+        .map_err(err)?;
+        let (streaming,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(err)?;
+        let (current,): (String,) =
+            sqlx::query_as("SELECT current_setting('synchronous_standby_names')")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(err)?;
+        let wait = streaming > 0;
+        if wait != (current == "*") {
+            let set = if wait {
+                "ALTER SYSTEM SET synchronous_standby_names = '*'"
+            } else {
+                "ALTER SYSTEM SET synchronous_standby_names = ''"
+            };
+            sqlx::query(set).execute(&mut conn).await.map_err(err)?;
+            sqlx::query("SELECT pg_reload_conf()")
+                .execute(&mut conn)
+                .await
+                .map_err(err)?;
+            if wait {
+                tracing::info!("state database: commits wait for the standby again");
+            } else {
+                tracing::warn!(
+                    "state database: no standby streams; commits no longer wait for one"
+                );
+            }
+        }
+        let _ = conn.close().await;
+        Ok(())
+    }
+
     /// One look: a primary that died or hangs is failed over from; a
     /// standby that died is started again.
-    async fn check(&self, unanswered_since: &mut Option<Instant>) {
+    async fn check(&self, unanswered_since: &mut Option<Instant>, tick: u64) {
         let primary = self.primary_name();
         let Some(member) = self.member(&primary) else {
             return;
@@ -585,6 +646,9 @@ impl Inner {
             .is_some_and(|pid| reaper::alive_with(pid, "postgres"));
         let why = if !alive {
             Some("died".to_string())
+        } else if !tick.is_multiple_of(SYNC_EVERY_TICKS) {
+            // Asked whether it answers once a second, not at every look.
+            None
         } else if matches!(
             hosts::probe(&self.options(member.address, "postgres")).await,
             Probe::Unreachable(_)
@@ -618,12 +682,19 @@ impl Inner {
                 }
             }
         }
+        if tick.is_multiple_of(SYNC_EVERY_TICKS)
+            && let Err(e) = self.keep_sync().await
+        {
+            tracing::debug!(error = %e, "state database: synchronous replication");
+        }
     }
 }
 
 async fn supervise(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut unanswered_since = None;
+    let mut tick: u64 = 0;
     loop {
+        tick += 1;
         tokio::select! {
             _ = stop.changed() => return,
             () = tokio::time::sleep(CHECK_EVERY) => {}
@@ -633,7 +704,7 @@ async fn supervise(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = stop.changed() => return,
-            () = inner.check(&mut unanswered_since) => {}
+            () = inner.check(&mut unanswered_since, tick) => {}
         }
     }
 }

@@ -232,6 +232,32 @@ async fn servers_write_again_after_the_state_primary_fails_over() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // Commits wait for the standby once it streams: what the servers were
+    // told is committed is on both.
+    let primary = corral_server::store::hosts::split(&url).expect("hosts")[0]
+        .options
+        .clone()
+        .database("postgres");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        use sea_orm::sqlx::{self, Connection};
+        let mut conn = sqlx::PgConnection::connect_with(&primary)
+            .await
+            .expect("connect to the primary");
+        let states: Vec<(String,)> = sqlx::query_as("SELECT sync_state FROM pg_stat_replication")
+            .fetch_all(&mut conn)
+            .await
+            .expect("replication state");
+        if states.iter().any(|(s,)| s == "sync") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby is not synchronous: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // The primary dies.
     let (old, pid) = db.primary();
     assert_eq!(old, "adm1");
@@ -279,6 +305,22 @@ async fn servers_write_again_after_the_state_primary_fails_over() {
     };
     assert_eq!(*failovers.borrow_and_update(), 1, "one failover");
     assert_eq!(db.primary().0, "adm2");
+    // Nothing committed before the kill was lost: nginx1 is enrolled with
+    // every order it had (and one more).
+    let nodes = api
+        .ok(
+            reqwest::Method::GET,
+            &format!("{}/api/v1/nodes", b.url),
+            None,
+        )
+        .await;
+    let nginx1 = nodes
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["name"] == "nginx1"))
+        .expect("nginx1 survived the failover")
+        .clone();
+    assert!(nginx1["last_seq"].as_i64() > Some(last_seq), "{nginx1}");
+    assert_ne!(nginx1["state"], "provisioning", "{nginx1}");
 
     // The poll parked on B hears of the change filed on A.
     let (status, text, at) = tokio::time::timeout(
