@@ -552,14 +552,21 @@ impl Inner {
     async fn fail_over(&self, why: &str) -> Result<(), StateDbError> {
         let started = Instant::now();
         let old = self.primary_name();
-        let Some(new) = self
-            .member_names()
-            .into_iter()
-            .find(|n| *n != old && self.member(n).is_some_and(|m| m.pid.is_some()))
-        else {
-            return Err(fail(format!(
-                "the primary {old} {why}, and no standby runs to take over"
-            )));
+        let Some(new) = self.member_names().into_iter().find(|n| {
+            *n != old
+                && self
+                    .member(n)
+                    .and_then(|m| m.pid)
+                    .is_some_and(|pid| reaper::alive_with(pid, "postgres"))
+        }) else {
+            // Nobody to take over: the same primary starts again (crash
+            // recovery), which no other instance can contradict.
+            tracing::warn!(primary = %old, why, "state database: no standby runs; starting the primary again");
+            self.fence(&old).await;
+            let member = self
+                .member(&old)
+                .ok_or_else(|| fail(format!("no member {old}")))?;
+            return self.launch(&member).await;
         };
         tracing::warn!(old = %old, new = %new, why, "state database: failing over");
         self.fence(&old).await;

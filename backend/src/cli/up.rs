@@ -53,6 +53,12 @@ pub async fn up(mut config: Config, options: UpOptions) -> anyhow::Result<()> {
             state_dir.display()
         );
     }
+    if config.database_url.is_none() && state_dir.join("statedb").is_dir() {
+        bail!(
+            "{} holds a cluster of several servers (its state database is in statedb/): run `corral up --servers N` on it, or `corral down --purge` first",
+            state_dir.display()
+        );
+    }
     // Become the subreaper before anything is started.
     Reaper::global();
     let started = Instant::now();
@@ -370,6 +376,9 @@ pub async fn down(config: Config, purge: bool) -> anyhow::Result<()> {
         }
     }
     Reaper::global();
+    // Servers of an `up --servers N` that is gone, first: one that still
+    // leads would make the machines stopped below again.
+    kill_left_servers(&state_dir).await;
     let mut providers: Vec<Arc<dyn Machines>> = vec![LocalProvider::new(LocalConfig {
         state_dir: state_dir.clone(),
         agent_bin: config.agent_bin.clone(),
@@ -409,6 +418,31 @@ pub async fn down(config: Config, purge: bool) -> anyhow::Result<()> {
         eprintln!("cluster stopped");
     }
     Ok(())
+}
+
+/// Kills the servers a gone `up --servers N` left (their `serve-*.pid`
+/// files in the state dir) and waits until they are gone.
+async fn kill_left_servers(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("serve-") && name.ends_with(".pid")) {
+            continue;
+        }
+        if let Some(pid) = reaper::read_pid_file(&entry.path())
+            && reaper::alive_with(pid, "corral")
+        {
+            eprintln!("stopping the server left running (pid {pid}) ...");
+            let _ = kill(reaper::pid(pid), Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while reaper::alive_with(pid, "corral") && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
 }
 
 /// What `up --servers N` (N > 1) needs besides [`UpOptions`]: how many
@@ -469,8 +503,11 @@ impl ServerProcess {
 
 /// Starts `corral serve ARGS` (this very executable) on `database_url`
 /// (given as `DATABASE_URL`: a command line is anyone's to read), its log
-/// appended to `log`; it gets SIGTERM should this process die, so no server
-/// outlives `up`.
+/// appended to `log`, its pid in `log` with `.pid` for `corral down`. It is
+/// killed should this process die (as the one server of a single-server
+/// `up` dies with it; the data plane runs on and the next `up` adopts it): a
+/// server shutting down at leisure would still lead, and make machines
+/// again that `down` stops.
 fn spawn_server(
     args: &[String],
     database_url: &str,
@@ -483,7 +520,7 @@ fn spawn_server(
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     let mut cmd = std::process::Command::new("setpriv");
-    cmd.args(["--pdeathsig", "TERM", "--"])
+    cmd.args(["--pdeathsig", "KILL", "--"])
         .arg(exe)
         .arg("serve")
         .args(args)
@@ -498,6 +535,7 @@ fn spawn_server(
     let spawned = Reaper::global()
         .spawn(&mut cmd)
         .context("starting corral serve")?;
+    let _ = std::fs::write(log.with_extension("pid"), format!("{}\n", spawned.pid));
     Ok((spawned.pid, spawned.exit))
 }
 
@@ -609,6 +647,17 @@ pub async fn up_servers(
     if let Some(pid) = running_up(&state_dir) {
         bail!(
             "corral up is already running on {} (pid {pid}); stop it with `corral down`",
+            state_dir.display()
+        );
+    }
+    // Its nodes are in SQLite, which several servers cannot share: the new
+    // database would make the same nodes again beside their machines.
+    if config.database_url.is_none()
+        && state_dir.join(crate::store::SQLITE_FILE).is_file()
+        && state_dir.join("nodes").is_dir()
+    {
+        bail!(
+            "{} holds a single-server cluster (SQLite, corral.db): run `corral up` without --servers on it, or `corral down --purge` first",
             state_dir.display()
         );
     }
@@ -828,7 +877,8 @@ async fn serve_until_signal(
     Ok(())
 }
 
-/// SIGTERM to every server, SIGKILL to one still running after 30 s.
+/// SIGTERM to every server, SIGKILL to one still running after 10 s (a
+/// server ends its requests within 5 s).
 async fn stop_servers(servers: &tokio::sync::Mutex<Vec<ServerProcess>>) {
     let mut list = servers.lock().await;
     for server in list.iter() {
@@ -836,7 +886,7 @@ async fn stop_servers(servers: &tokio::sync::Mutex<Vec<ServerProcess>>) {
             let _ = kill(reaper::pid(server.pid), Signal::SIGTERM);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(10);
     for server in list.iter_mut() {
         if server.pid == 0 {
             continue;
@@ -846,6 +896,7 @@ async fn stop_servers(servers: &tokio::sync::Mutex<Vec<ServerProcess>>) {
             let _ = kill(reaper::pid(server.pid), Signal::SIGKILL);
             let _ = (&mut server.exit).await;
         }
+        let _ = std::fs::remove_file(server.log.with_extension("pid"));
         eprintln!("  {:<8} server stopped", server.name);
     }
 }
