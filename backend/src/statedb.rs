@@ -217,11 +217,22 @@ impl StateDb {
             failovers: watch::Sender::new(0),
         });
         write_primary(&inner.config.dir, &primary)?;
-        inner.start_primary().await?;
-        for name in inner.member_names() {
-            if name != primary {
-                inner.start_standby(&name).await?;
+        let started = async {
+            inner.start_primary().await?;
+            for name in inner.member_names() {
+                if name != primary {
+                    inner.start_standby(&name).await?;
+                }
             }
+            Ok::<(), StateDbError>(())
+        }
+        .await;
+        if let Err(e) = started {
+            // Nothing is left running that no one watches.
+            for name in inner.member_names() {
+                inner.stop_member(&name).await;
+            }
+            return Err(e);
         }
         let (stop, stopped) = watch::channel(false);
         let supervisor = tokio::spawn(supervise(inner.clone(), stopped));
@@ -357,16 +368,26 @@ impl Inner {
             return Ok(());
         }
         self.launch(&member).await?;
-        if new {
-            let mut conn = PgConnection::connect_with(&self.options(member.address, "postgres"))
+        // Made at every start when missing, so a first start cut short
+        // after initdb still ends with the database.
+        let err = |e: sqlx::Error| fail(format!("cannot create database {DATABASE}: {e}"));
+        let mut conn = PgConnection::connect_with(&self.options(member.address, "postgres"))
+            .await
+            .map_err(err)?;
+        let (there,): (bool,) =
+            sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(DATABASE)
+                .fetch_one(&mut conn)
                 .await
-                .map_err(|e| fail(format!("cannot connect to the new primary: {e}")))?;
+                .map_err(err)?;
+        if !there {
+            // DATABASE, spelled out: a statement takes no parameter here.
             sqlx::query("CREATE DATABASE corral")
                 .execute(&mut conn)
                 .await
-                .map_err(|e| fail(format!("cannot create database {DATABASE}: {e}")))?;
-            let _ = conn.close().await;
+                .map_err(err)?;
         }
+        let _ = conn.close().await;
         Ok(())
     }
 

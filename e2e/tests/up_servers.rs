@@ -2,7 +2,8 @@
 //! addresses, sharing the state database `up` runs for them (a PostgreSQL
 //! primary on adm1's address, a standby on adm2's). One server killed with
 //! SIGKILL, a web node added through the other still comes to serve
-//! TodoMVC; Ctrl-C then stops everything, and nothing is left running.
+//! TodoMVC, and `up` starts the killed one again; Ctrl-C then stops
+//! everything, and nothing is left running.
 //!
 //! Addresses: 127.0.36.0/24 (adm1 .5, adm2 .6, pg1 .11, nginx1 .21, nginx2
 //! .22).
@@ -100,6 +101,28 @@ async fn two_servers_keep_the_cluster_growing_when_one_is_killed() -> anyhow::Re
         }
     })
     .await?;
+
+    // `up` started the killed server again.
+    let health = format!("http://{leader}:7000/healthz");
+    eventually(
+        "the killed server to be started again",
+        Duration::from_secs(30),
+        || {
+            let http = http.clone();
+            let health = health.clone();
+            async move {
+                Ok(http
+                    .get(&health)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ()))
+            }
+        },
+    )
+    .await?;
+    assert_ne!(server_pid(&c, leader), Some(pid), "the same process?");
 
     // Ctrl-C: everything stops, nothing of the cluster is left running.
     c.stop().await?;
