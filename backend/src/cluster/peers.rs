@@ -347,7 +347,7 @@ async fn listen_session(pool: &PgPool) -> Result<PgListener, sea_orm::sqlx::Erro
         .max_connections(1)
         .max_lifetime(None)
         .idle_timeout(None)
-        .acquire_timeout(Duration::from_secs(2))
+        .acquire_timeout(Duration::from_secs(1))
         .connect_with(options)
         .await?;
     let mut listener = PgListener::connect_with(&own).await?;

@@ -14,6 +14,8 @@ use sea_orm::sqlx::{self, Connection};
 
 /// How often a server on several hosts checks that it writes to the primary.
 pub const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+/// How often it looks for the writable host while it has none.
+pub const SEARCH_EVERY: Duration = Duration::from_millis(100);
 /// How long one host may take to answer whether it is writable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -115,12 +117,15 @@ pub async fn find_writable(hosts: &[Host]) -> Result<usize, Vec<(String, Probe)>
 /// first host that is writable becomes the one its new connections go to
 /// (its old connections fail their check before use and are dropped).
 pub async fn follow_writable(pool: PgPool, hosts: Vec<Host>, mut current: usize) {
+    let mut lost = false;
     while !pool.is_closed() {
-        tokio::time::sleep(FOLLOW_EVERY).await;
+        // While the primary is lost, look again soon: requests are waiting.
+        tokio::time::sleep(if lost { SEARCH_EVERY } else { FOLLOW_EVERY }).await;
         let Some(now) = hosts.get(current) else {
             return;
         };
-        if probe(&now.options).await == Probe::Writable {
+        lost = probe(&now.options).await != Probe::Writable;
+        if !lost {
             continue;
         }
         if let Ok(found) = find_writable(&hosts).await
@@ -136,6 +141,7 @@ pub async fn follow_writable(pool: PgPool, hosts: Vec<Host>, mut current: usize)
             );
             pool.set_connect_options(host.options.clone());
             current = found;
+            lost = false;
         }
     }
 }
