@@ -8,6 +8,9 @@
 #   scripts/demo.sh --provider lxc    the nodes as LXC containers at the seed's own
 #                                     192.168.11.x (adm1 is this host, on the bridge);
 #                                     builds the .deb packages they install
+#   scripts/demo.sh --servers 2       two control-plane servers (adm1 127.0.11.5, adm2
+#                                     127.0.11.6) on a PostgreSQL state database with a
+#                                     standby (state in ./.corral-servers); local only
 #   scripts/demo.sh [--provider lxc] stop   stop a detached cluster (corral down)
 #
 # State (control-plane database, PostgreSQL data, logs; the containers'
@@ -21,18 +24,24 @@ say() { printf '==> [%2d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&
 detach=0
 stop=0
 provider=local
+servers=1
 while [ $# -gt 0 ]; do
   case "$1" in
     stop) stop=1 ;;
     --detach) detach=1 ;;
     --provider) provider=${2:-}; shift ;;
     --provider=*) provider=${1#--provider=} ;;
-    *) echo "usage: scripts/demo.sh [--detach] [--provider local|lxc] | stop" >&2; exit 2 ;;
+    --servers) servers=${2:-}; shift ;;
+    --servers=*) servers=${1#--servers=} ;;
+    *) echo "usage: scripts/demo.sh [--detach] [--provider local|lxc] [--servers N] | stop" >&2; exit 2 ;;
   esac
   shift
 done
 case "$provider" in
-  local) state=${CORRAL_STATE_DIR:-$PWD/.corral} ;;
+  # Several servers keep their state in PostgreSQL, not SQLite: a cluster
+  # of its own.
+  local) if [ "$servers" = 1 ]; then state=${CORRAL_STATE_DIR:-$PWD/.corral}
+         else state=${CORRAL_STATE_DIR:-$PWD/.corral-servers}; fi ;;
   # A cluster of its own: its nodes live at other addresses.
   lxc) state=${CORRAL_STATE_DIR:-$PWD/.corral-lxc} ;;
   *) echo "demo.sh: --provider is local or lxc, not '$provider'" >&2; exit 2 ;;
@@ -73,7 +82,7 @@ mkdir -p "$state"
 # directory under the state dir.
 chmod 755 "$state"
 
-up=(target/release/corral up --state-dir "$state" --provider "$provider")
+up=(target/release/corral up --state-dir "$state" --provider "$provider" --servers "$servers")
 if [ "$detach" = 1 ]; then
   log="$state/up.log"
   say "starting the cluster in the background (progress in $log)"
@@ -88,7 +97,11 @@ if [ "$detach" = 1 ]; then
     sleep 0.5
   done
   cat "$log"
-  say "stop it with: scripts/demo.sh stop"
+  if [ "$servers" = 1 ]; then
+    say "stop it with: scripts/demo.sh stop"
+  else
+    say "stop it with: scripts/demo.sh --servers $servers stop"
+  fi
 else
   exec "${up[@]}"
 fi

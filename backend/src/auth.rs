@@ -123,7 +123,10 @@ pub fn private_database_file(path: &Path) -> Result<(), SecretsError> {
 }
 
 /// Reads a secret file, or creates it with `make()` and mode 0600.
-fn secret_file(path: &Path, make: impl FnOnce() -> String) -> Result<(String, bool), SecretsError> {
+pub(crate) fn secret_file(
+    path: &Path,
+    make: impl FnOnce() -> String,
+) -> Result<(String, bool), SecretsError> {
     match fs::read_to_string(path) {
         Ok(s) => {
             let mode = fs::metadata(path)

@@ -16,6 +16,7 @@ pub mod provider;
 pub mod reconcile;
 pub mod s3;
 pub mod startup;
+pub mod statedb;
 pub mod store;
 pub mod switchover;
 pub mod tls;

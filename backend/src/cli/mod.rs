@@ -152,6 +152,12 @@ struct UpArgs {
     /// How long to wait for every node to serve before saying which do not.
     #[arg(long, default_value = "300s", value_parser = duration)]
     ready_timeout: Duration,
+    /// Control-plane servers, one per admin address (adm1 base+5, adm2
+    /// base+6, ...). More than one share a PostgreSQL state database:
+    /// --database-url, else a primary on adm1 and a standby on each other
+    /// admin address, run and failed over by this `up`. 1 keeps SQLite.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=crate::reconcile::MAX_ADMIN_HOSTS as i64))]
+    servers: u32,
 }
 
 #[derive(Debug, Args)]
@@ -469,6 +475,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = Output::new(cli.output);
     match &cli.command {
         Command::Serve(args) => serve(&cli, args).await,
+        Command::Up(args) if args.servers > 1 => {
+            up::up_servers(
+                server_config(&cli, &args.serve)?,
+                up::UpOptions {
+                    web: args.web,
+                    db: args.db,
+                    nginx_port: args.serve.nginx_port,
+                    ready_timeout: args.ready_timeout,
+                },
+                up::ServersOptions {
+                    count: args.servers,
+                    serve_args: child_serve_args(&args.serve),
+                },
+            )
+            .await
+        }
         Command::Up(args) => {
             up::up(
                 server_config(&cli, &args.serve)?,
@@ -865,6 +887,83 @@ fn s3_config(args: &ServeArgs) -> anyhow::Result<Option<crate::s3::S3Config>> {
         secret_key,
         ca_file: args.s3_ca.clone(),
     }))
+}
+
+/// The `corral serve` arguments `up --servers N` gives each server besides
+/// its state dir, listen address, database and peers: the settings given
+/// to `up`.
+fn child_serve_args(args: &ServeArgs) -> Vec<String> {
+    let time = |d: Duration| {
+        if d.subsec_millis() == 0 {
+            format!("{}s", d.as_secs())
+        } else {
+            format!("{}ms", d.as_millis())
+        }
+    };
+    let mut out = vec![
+        "--network".to_string(),
+        args.network.to_string(),
+        "--provider".into(),
+        args.provider.to_string(),
+        "--nginx-port".into(),
+        args.nginx_port.to_string(),
+        "--datacenter".into(),
+        args.datacenter.clone(),
+        "--ssh-port".into(),
+        args.ssh_port.to_string(),
+        "--max-poll-wait".into(),
+        time(args.max_poll_wait),
+        "--heartbeat-stale-after".into(),
+        time(args.heartbeat_stale_after),
+        "--keep-orders".into(),
+        args.keep_orders.to_string(),
+        "--keep-events".into(),
+        args.keep_events.to_string(),
+        "--keep-events-for".into(),
+        time(args.keep_events_for),
+    ];
+    if let Some(tls) = clap::ValueEnum::to_possible_value(&args.tls) {
+        out.extend(["--tls".into(), tls.get_name().to_string()]);
+    }
+    for provider in &args.providers {
+        out.extend(["--providers".into(), provider.to_string()]);
+    }
+    if args.no_machines {
+        out.push("--no-machines".into());
+    }
+    let mut path = |flag: &str, value: &Option<PathBuf>| {
+        if let Some(value) = value {
+            out.extend([flag.to_string(), value.display().to_string()]);
+        }
+    };
+    path("--agent-bin", &args.agent_bin);
+    path("--ui-dir", &args.ui_dir);
+    path("--apt-dir", &args.apt_dir);
+    // The offsite copy: the same bucket for every server (its credentials
+    // reach them through the inherited environment or this file).
+    path("--s3-credentials-file", &args.s3_credentials_file);
+    path("--s3-ca", &args.s3_ca);
+    for (flag, value) in [
+        ("--s3-endpoint", &args.s3_endpoint),
+        ("--s3-bucket", &args.s3_bucket),
+    ] {
+        if let Some(value) = value {
+            out.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    out.extend([
+        "--s3-region".into(),
+        args.s3_region.clone(),
+        "--s3-prefix".into(),
+        args.s3_prefix.clone(),
+    ]);
+    for name in &args.tls_names {
+        out.extend(["--tls-name".into(), name.clone()]);
+    }
+    if let Some(workers) = args.workers {
+        out.extend(["--workers".into(), workers.to_string()]);
+    }
+    out
 }
 
 async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {

@@ -283,7 +283,7 @@ impl Cluster {
         }
         // As this change leaves orders and nodes, for the next one to tell
         // whether another server changed them meanwhile.
-        let leaves = if self.store.postgres_url().is_some() {
+        let leaves = if self.store.postgres().is_some() {
             match store::orders_generation(&txn).await {
                 Ok(generation) => Some(generation),
                 Err(e) => {

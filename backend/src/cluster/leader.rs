@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::sqlx::postgres::PgConnection;
+use sea_orm::sqlx::postgres::{PgConnection, PgPool};
 use sea_orm::sqlx::{self, Connection};
 use tokio::sync::watch;
 
@@ -34,20 +34,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tries to lead until `gone` says the cluster is dropped; `leader` says
 /// whether this server leads now.
 pub(super) async fn lead(
-    url: String,
+    pool: PgPool,
     leader: Arc<watch::Sender<bool>>,
     mut gone: watch::Receiver<()>,
 ) {
     tokio::select! {
-        () = lead_loop(&url, &leader) => {}
+        () = lead_loop(&pool, &leader) => {}
         _ = gone.changed() => {}
     }
     leader.send_replace(false);
 }
 
-async fn lead_loop(url: &str, leader: &watch::Sender<bool>) {
+async fn lead_loop(pool: &PgPool, leader: &watch::Sender<bool>) {
     loop {
-        let Some(mut session) = connect(url).await else {
+        let Some(mut session) = connect(pool).await else {
             tokio::time::sleep(LEADER_RETRY).await;
             continue;
         };
@@ -105,18 +105,20 @@ async fn holds_lock(session: &mut PgConnection) -> bool {
     matches!(held, Ok(Ok((true,))))
 }
 
-/// A session of its own for the leader lock, or none when the database
+/// A session of its own for the leader lock, on the host the pool writes
+/// to (the writable one, after a failover too), or none when the database
 /// cannot be reached.
-async fn connect(url: &str) -> Option<PgConnection> {
-    let mut session = match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect(url)).await
-    {
-        Ok(Ok(session)) => session,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "cannot connect to try for the leader lock");
-            return None;
-        }
-        Err(_) => return None,
-    };
+async fn connect(pool: &PgPool) -> Option<PgConnection> {
+    let options = pool.connect_options();
+    let mut session =
+        match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
+            Ok(Ok(session)) => session,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot connect to try for the leader lock");
+                return None;
+            }
+            Err(_) => return None,
+        };
     // Keepalives on the server's side of this session, so a leader that
     // vanishes without closing it frees the lock within seconds rather than
     // the kernel's two hours. Over a Unix socket they do not apply.

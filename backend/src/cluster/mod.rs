@@ -186,8 +186,8 @@ impl Cluster {
             config.providers.push(config.default_provider);
         }
         let (delivered, delivered_rx) = mpsc::unbounded_channel();
-        let postgres_url = store.postgres_url().map(str::to_owned);
-        let leader = Arc::new(watch::Sender::new(postgres_url.is_none()));
+        let postgres = store.postgres().cloned();
+        let leader = Arc::new(watch::Sender::new(postgres.is_none()));
         let cluster = Arc::new(Self {
             store,
             config,
@@ -207,14 +207,14 @@ impl Cluster {
             gone: watch::Sender::new(()),
             counters: crate::prometheus::Counters::default(),
         });
-        if let Some(url) = postgres_url {
+        if let Some(pool) = postgres {
             cluster.same_secrets_as_the_cluster().await?;
             // Listen before the first change, so nothing committed by
             // another server from here on is missed.
             let last = store::last_event_id(cluster.store.conn()).await?;
             cluster.last_event.store(last, Ordering::Relaxed);
-            tokio::spawn(peers::listen(Arc::downgrade(&cluster), url.clone()));
-            tokio::spawn(leader::lead(url, leader, cluster.gone.subscribe()));
+            tokio::spawn(peers::listen(Arc::downgrade(&cluster), pool.clone()));
+            tokio::spawn(leader::lead(pool, leader, cluster.gone.subscribe()));
         }
         cluster.init().await?;
         tokio::spawn(mark_delivered(cluster.store.clone(), delivered_rx));
@@ -274,7 +274,7 @@ impl Cluster {
         desired: &mut Desired,
     ) -> Result<DatabaseTransaction, ClusterError> {
         let txn = self.store.begin().await?;
-        if self.store.postgres_url().is_some() {
+        if self.store.postgres().is_some() {
             store::lock_changes(&txn).await?;
             let now = store::orders_generation(&txn).await?;
             if desired.seen != Some(now) {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use sea_orm::ConnectionTrait;
-use sea_orm::sqlx::postgres::PgListener;
+use sea_orm::sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
 use super::rows::order_from_row;
 use super::{Cluster, ClusterError};
@@ -139,7 +139,7 @@ impl Cluster {
         c: &C,
         wake: &Wake,
     ) -> Result<(), ClusterError> {
-        if self.store.postgres_url().is_none() || wake.is_empty() {
+        if self.store.postgres().is_none() || wake.is_empty() {
             return Ok(());
         }
         store::notify(c, CHANNEL, &wake.encode(&self.server_id)).await?;
@@ -243,24 +243,24 @@ impl Cluster {
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 /// Listens for other servers' commits until the cluster is dropped.
-pub(super) async fn listen(cluster: Weak<Cluster>, url: String) {
+pub(super) async fn listen(cluster: Weak<Cluster>, pool: PgPool) {
     let Some(mut gone) = cluster.upgrade().map(|c| c.gone.subscribe()) else {
         return;
     };
     tokio::select! {
-        () = listen_loop(cluster, url) => {}
+        () = listen_loop(cluster, pool) => {}
         _ = gone.changed() => {}
     }
 }
 
-async fn listen_loop(cluster: Weak<Cluster>, url: String) {
+async fn listen_loop(cluster: Weak<Cluster>, pool: PgPool) {
     let mut first = true;
     loop {
         if !first {
             tokio::time::sleep(RECONNECT_EVERY).await;
         }
         first = false;
-        let mut listener = match PgListener::connect(&url).await {
+        let mut listener = match listen_session(&pool).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot connect to listen for other servers' commits");
@@ -335,6 +335,24 @@ async fn listen_loop(cluster: Weak<Cluster>, url: String) {
             }
         }
     }
+}
+
+/// A listening session on the host the store's pool writes to (after a
+/// failover, the new primary). Its pool of one connection is its own, as
+/// `PgListener::connect` makes one, so that it reconnects to the same host
+/// until it fails and the loop above makes a new one.
+async fn listen_session(pool: &PgPool) -> Result<PgListener, sea_orm::sqlx::Error> {
+    let options = (*pool.connect_options()).clone();
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_with(options)
+        .await?;
+    let mut listener = PgListener::connect_with(&own).await?;
+    listener.ignore_pool_close_event(true);
+    Ok(listener)
 }
 
 /// The most notifications read back together.

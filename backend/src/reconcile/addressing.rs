@@ -13,6 +13,8 @@ use corral_proto::{Provider, Role};
 
 /// The first address of the overflow pool, relative to the base.
 const POOL_START: u32 = 30;
+/// The most admin hosts (control-plane servers) a plan has addresses for.
+pub const MAX_ADMIN_HOSTS: u32 = 6;
 
 /// An address base and the block it lives in, e.g. `127.0.11.0/24` (the
 /// default, loopback) or `192.168.11.0/24` (the seed's VirtualBox network).
@@ -64,6 +66,16 @@ impl AddressPlan {
     /// lowest free pool address; `None` when the block is full.
     pub fn allocate(&self, role: Role, index: u32, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
         Allocator::new(used.clone()).allocate(self, role, index)
+    }
+
+    /// The address of admin host `index` (1-based): adm1 at base+5, as in
+    /// the seed, and the other control-plane servers of `corral up
+    /// --servers N` right after it (adm2 base+6, up to adm6 base+10), where
+    /// no node is ever placed (db nodes start at base+11).
+    pub fn admin_address(&self, index: u32) -> Option<Ipv4Addr> {
+        (1..=MAX_ADMIN_HOSTS)
+            .contains(&index)
+            .then(|| Ipv4Addr::from(self.base + 4 + index))
     }
 
     /// adm1's seed address (base+5): on the LXC bridge, the host's own.
@@ -323,6 +335,30 @@ mod tests {
         assert_eq!(plan.allocate(Role::Db, 2, &used), Some(ip("127.0.11.12")));
         assert_eq!(plan.allocate(Role::Web, 1, &used), Some(ip("127.0.11.21")));
         assert_eq!(plan.allocate(Role::Web, 9, &used), Some(ip("127.0.11.29")));
+    }
+
+    #[test]
+    fn admin_hosts_sit_between_adm1_and_the_db_nodes() {
+        let plan = AddressPlan::default();
+        assert_eq!(plan.admin_address(1), plan.seed_address(Role::Adm, 1));
+        assert_eq!(plan.admin_address(2), Some(ip("127.0.11.6")));
+        assert_eq!(plan.admin_address(MAX_ADMIN_HOSTS), Some(ip("127.0.11.10")));
+        assert_eq!(plan.admin_address(0), None);
+        assert_eq!(plan.admin_address(MAX_ADMIN_HOSTS + 1), None);
+        // No node, seed or pool, is ever given an admin host's address.
+        let mut used = HashSet::new();
+        let mut allocator = Allocator::new(HashSet::new());
+        for index in 1..=20 {
+            for role in [Role::Db, Role::Web] {
+                if let Some(address) = allocator.allocate(&plan, role, index) {
+                    used.insert(address);
+                }
+            }
+        }
+        for index in 2..=MAX_ADMIN_HOSTS {
+            let admin = plan.admin_address(index).expect("address");
+            assert!(!used.contains(&admin), "{admin} was given to a node");
+        }
     }
 
     #[test]

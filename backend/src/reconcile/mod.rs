@@ -15,7 +15,7 @@ use corral_proto::{
     WEBAPP_SERVICE, WebappSpec, WorkOrder, ports,
 };
 
-pub use addressing::{AddressPlan, AddressPlans};
+pub use addressing::{AddressPlan, AddressPlans, MAX_ADMIN_HOSTS};
 
 /// A node as the reconciler sees it.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,6 +4,7 @@
 //! so the service layer can run several in one transaction.
 
 pub mod entity;
+pub mod hosts;
 pub mod metrics;
 
 use std::path::Path;
@@ -54,12 +55,38 @@ impl StoreError {
         }
     }
 
-    /// True when the database could not be reached at all.
+    /// True when the database could not be reached, or went away (or
+    /// turned out to be a standby) under a statement: a failover, not a
+    /// fault of the request.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Db(DbErr::ConnectionAcquire(_) | DbErr::Conn(_))
-        )
+        use sea_orm::RuntimeErr;
+        match self {
+            StoreError::Db(DbErr::ConnectionAcquire(_) | DbErr::Conn(_)) => true,
+            StoreError::Db(
+                DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)),
+            ) => connection_lost(e),
+            _ => false,
+        }
+    }
+}
+
+/// A sqlx error that says the server is gone or cannot take the statement
+/// now, rather than that the statement is wrong: I/O, the pool, and
+/// PostgreSQL's classes 08 (connection exception) and 57P (shutting down,
+/// starting up), and 25006 (a read-only standby).
+fn connection_lost(e: &sea_orm::sqlx::Error) -> bool {
+    use sea_orm::sqlx::Error;
+    match e {
+        Error::Io(_)
+        | Error::Tls(_)
+        | Error::Protocol(_)
+        | Error::PoolTimedOut
+        | Error::PoolClosed
+        | Error::WorkerCrashed => true,
+        Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "25006"),
+        _ => false,
     }
 }
 
@@ -75,9 +102,10 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
-    /// The PostgreSQL URL, for the sessions of their own that wake-ups and
-    /// leadership need; none on SQLite.
-    postgres_url: Option<String>,
+    /// The PostgreSQL pool, whose connect options (the writable host's)
+    /// also make the sessions of their own that wake-ups and leadership
+    /// need; none on SQLite.
+    postgres: Option<sea_orm::sqlx::PgPool>,
 }
 
 /// Advisory lock keys (PostgreSQL, one 64-bit space per database). Spelled
@@ -106,11 +134,15 @@ impl Store {
     /// Connects and brings the schema up to date.
     #[tracing::instrument(skip(url), fields(backend = url.split(':').next().unwrap_or("")))]
     pub async fn connect(url: &str) -> Result<Self> {
-        let mut opts = ConnectOptions::new(url.to_owned());
-        opts.sqlx_logging(false)
-            .connect_timeout(Duration::from_secs(10))
-            .acquire_timeout(Duration::from_secs(10));
+        let options = |url: &str| {
+            let mut opts = ConnectOptions::new(url.to_owned());
+            opts.sqlx_logging(false)
+                .connect_timeout(Duration::from_secs(10))
+                .acquire_timeout(Duration::from_secs(10));
+            opts
+        };
         if url.starts_with("sqlite:") {
+            let mut opts = options(url);
             // WAL lets readers run beside the one writer; NORMAL sync is
             // durable across process crashes, which is what a control plane
             // on one machine needs. busy_timeout rides out writer overlap.
@@ -126,31 +158,38 @@ impl Store {
                     // into the WAL before the commit (the default is 2 MiB).
                     .pragma("cache_size", "-16384")
             });
-        } else {
-            opts.max_connections(16);
+            let db = Database::connect(opts).await?;
+            Migrator::up(&db, None).await?;
+            return Ok(Self { db, postgres: None });
         }
-        if !url.starts_with("sqlite:") {
-            reach_postgres(url).await?;
-        }
+        // One host, or a primary and its standbys: start on the writable one.
+        let hosts = hosts::split(url).map_err(|reason| StoreError::Unreachable {
+            target: "DATABASE_URL".into(),
+            reason,
+        })?;
+        let writable = reach_postgres(&hosts).await?;
+        let Some(host) = hosts.get(writable) else {
+            return Err(StoreError::Corrupt("no PostgreSQL host".into()));
+        };
+        let mut opts = options(&host.url);
+        opts.max_connections(16);
         let db = Database::connect(opts).await?;
-        if db.get_database_backend() == DbBackend::Postgres {
-            migrate_once(&db).await?;
-            return Ok(Self {
-                db,
-                postgres_url: Some(url.to_owned()),
-            });
+        migrate_once(&db).await?;
+        let pool = db.get_postgres_connection_pool().clone();
+        if hosts.len() > 1 {
+            tokio::spawn(hosts::follow_writable(pool.clone(), hosts, writable));
         }
-        Migrator::up(&db, None).await?;
         Ok(Self {
             db,
-            postgres_url: None,
+            postgres: Some(pool),
         })
     }
 
-    /// The PostgreSQL URL, when the store is PostgreSQL (several servers may
-    /// share it); none on SQLite (one server).
-    pub fn postgres_url(&self) -> Option<&str> {
-        self.postgres_url.as_deref()
+    /// The PostgreSQL pool, when the store is PostgreSQL (several servers
+    /// may share it); none on SQLite (one server). Its connect options are
+    /// the writable host's, also after a failover.
+    pub fn postgres(&self) -> Option<&sea_orm::sqlx::PgPool> {
+        self.postgres.as_ref()
     }
 
     pub fn conn(&self) -> &DatabaseConnection {
@@ -183,40 +222,40 @@ impl Store {
     }
 }
 
-/// Connects once, to say at start where PostgreSQL could not be reached and
-/// why (the pool only says it timed out).
-async fn reach_postgres(url: &str) -> Result<()> {
-    use sea_orm::sqlx::Connection;
-    use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
-    let options: PgConnectOptions = url.parse().map_err(|e| StoreError::Unreachable {
-        target: "DATABASE_URL".into(),
-        reason: format!("not a PostgreSQL URL: {e}"),
-    })?;
-    let target = format!(
-        "{}:{} (database {})",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("of the user's name")
-    );
-    match tokio::time::timeout(
-        Duration::from_secs(10),
-        PgConnection::connect_with(&options),
-    )
-    .await
-    {
-        Ok(Ok(conn)) => {
-            let _ = conn.close().await;
-            Ok(())
+/// Connects once to each host until one is writable, to say at start where
+/// PostgreSQL could not be reached and why (the pool only says it timed
+/// out); the writable host's index.
+async fn reach_postgres(hosts: &[hosts::Host]) -> Result<usize> {
+    hosts::find_writable(hosts).await.map_err(|said| {
+        let database = hosts
+            .first()
+            .and_then(|h| h.options.get_database().map(str::to_owned))
+            .unwrap_or_else(|| "of the user's name".into());
+        let reasons: Vec<String> = said
+            .iter()
+            .map(|(target, probe)| match probe {
+                hosts::Probe::Unreachable(why) => format!("{target}: {why}"),
+                hosts::Probe::Standby => format!("{target}: a standby (in recovery), not writable"),
+                hosts::Probe::Writable => format!("{target}: writable"),
+            })
+            .collect();
+        match said.as_slice() {
+            [(target, hosts::Probe::Unreachable(why))] => StoreError::Unreachable {
+                target: format!("{target} (database {database})"),
+                reason: why.clone(),
+            },
+            _ => StoreError::Unreachable {
+                target: format!(
+                    "any writable host of {} (database {database})",
+                    said.iter()
+                        .map(|(t, _)| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                reason: reasons.join("; "),
+            },
         }
-        Ok(Err(e)) => Err(StoreError::Unreachable {
-            target,
-            reason: e.to_string(),
-        }),
-        Err(_) => Err(StoreError::Unreachable {
-            target,
-            reason: "no answer within 10 s".into(),
-        }),
-    }
+    })
 }
 
 /// Runs the migrations this server has and the database lacks, under an

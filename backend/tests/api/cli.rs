@@ -362,6 +362,50 @@ async fn the_cli_switches_over_waits_for_the_outcome_and_shows_db_status() {
 }
 
 #[tokio::test]
+async fn up_with_several_servers_refuses_what_it_cannot_run_and_makes_nothing() {
+    async fn up(state: &std::path::Path, args: &[&str]) -> String {
+        let out = Command::new(CORRAL)
+            .arg("up")
+            .args(args)
+            .args(["--network", "127.0.35.0/24", "--state-dir"])
+            .arg(state)
+            .output()
+            .await
+            .expect("run corral up");
+        assert!(!out.status.success(), "corral up {args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+    let made = |state: &std::path::Path| {
+        ["statedb", "statedb-password", "admin-token", "up.pid"]
+            .into_iter()
+            .filter(|f| state.join(f).exists())
+            .collect::<Vec<_>>()
+    };
+
+    let state = tempfile::tempdir().expect("state dir");
+    let said = up(state.path(), &["--servers", "7"]).await;
+    assert!(said.contains("1..=6"), "{said}");
+    let said = up(state.path(), &["--servers", "2", "--provider", "lxc"]).await;
+    assert!(said.contains("runs the local provider only"), "{said}");
+    assert_eq!(made(state.path()), Vec::<&str>::new());
+
+    // A single-server cluster's state dir, and the other way round.
+    std::fs::write(state.path().join("corral.db"), "").expect("corral.db");
+    std::fs::create_dir(state.path().join("nodes")).expect("nodes");
+    let said = up(state.path(), &["--servers", "2"]).await;
+    assert!(said.contains("holds a single-server cluster"), "{said}");
+    assert_eq!(made(state.path()), Vec::<&str>::new());
+    let several = tempfile::tempdir().expect("state dir");
+    std::fs::create_dir(several.path().join("statedb")).expect("statedb");
+    let said = up(several.path(), &[]).await;
+    assert!(
+        said.contains("holds a cluster of several servers"),
+        "{said}"
+    );
+    assert!(!several.path().join("corral.db").exists(), "{said}");
+}
+
+#[tokio::test]
 async fn up_with_the_lxc_provider_on_a_host_without_lxc_says_what_is_missing_and_makes_nothing() {
     let state = tempfile::tempdir().expect("state dir");
     let out = Command::new(CORRAL)
