@@ -1,4 +1,5 @@
-//! One metric over the last hour as an SVG line chart drawn here (no
+//! One metric over a chosen window (the last hour by default, up to the 30
+//! days aggregates are kept) as an SVG line chart drawn here (no
 //! charting library): a line per node, optionally their total, and marks
 //! at moments worth seeing against it (failovers). It asks the metrics API
 //! again every 10 s, the agents' sampling interval: samples are not audit
@@ -11,9 +12,28 @@ use yew::prelude::*;
 use super::console::use_ctx;
 use crate::chart::{self, HEIGHT, WIDTH};
 
-/// The window shown, in seconds.
+/// The window shown unless another is picked, in seconds.
 pub const WINDOW_SECS: i64 = 3600;
 const REFRESH_MS: u32 = 10_000;
+
+/// The windows [`WindowPicker`] offers: the server answers up to 6 hours
+/// of the last day with raw 10-second points, longer ones with 5-minute
+/// aggregates (kept 30 days).
+pub const WINDOWS: [(i64, &str, &str); 5] = [
+    (3600, "1 h", "hour"),
+    (6 * 3600, "6 h", "6 hours"),
+    (86_400, "1 day", "day"),
+    (7 * 86_400, "7 days", "7 days"),
+    (30 * 86_400, "30 days", "30 days"),
+];
+
+/// "the last {this}": `hour`, `6 hours`, ...
+fn window_words(secs: i64) -> String {
+    WINDOWS
+        .iter()
+        .find(|(w, _, _)| *w == secs)
+        .map_or_else(|| format!("{secs} s"), |(_, _, words)| (*words).to_string())
+}
 
 #[derive(Properties, PartialEq, Clone)]
 pub struct Props {
@@ -28,6 +48,9 @@ pub struct Props {
     /// Vertical marks: (seconds since the epoch, what happened).
     #[prop_or_default]
     pub marks: Vec<(i64, AttrValue)>,
+    /// Seconds up to now shown.
+    #[prop_or(WINDOW_SECS)]
+    pub window: i64,
 }
 
 #[derive(Clone, PartialEq)]
@@ -43,21 +66,25 @@ pub fn MetricChart(props: &Props) -> Html {
     let loaded = use_state(|| Loaded::Loading);
     {
         let loaded = loaded.clone();
-        use_effect_with((props.name, props.node.clone()), move |(name, node)| {
-            let (name, node) = (*name, node.clone());
-            let fetch = move || {
-                let (client, loaded, node) = (ctx.client.clone(), loaded.clone(), node.clone());
-                wasm_bindgen_futures::spawn_local(async move {
-                    match client.metric(name, node.as_deref(), WINDOW_SECS).await {
-                        Ok(s) => loaded.set(Loaded::Got(Box::new(s))),
-                        Err(e) => loaded.set(Loaded::Failed(e.to_string())),
-                    }
-                });
-            };
-            fetch();
-            let interval = Interval::new(REFRESH_MS, fetch);
-            move || drop(interval)
-        });
+        use_effect_with(
+            (props.name, props.node.clone(), props.window),
+            move |(name, node, window)| {
+                let (name, node, window) = (*name, node.clone(), *window);
+                loaded.set(Loaded::Loading);
+                let fetch = move || {
+                    let (client, loaded, node) = (ctx.client.clone(), loaded.clone(), node.clone());
+                    wasm_bindgen_futures::spawn_local(async move {
+                        match client.metric(name, node.as_deref(), window).await {
+                            Ok(s) => loaded.set(Loaded::Got(Box::new(s))),
+                            Err(e) => loaded.set(Loaded::Failed(e.to_string())),
+                        }
+                    });
+                };
+                fetch();
+                let interval = Interval::new(REFRESH_MS, fetch);
+                move || drop(interval)
+            },
+        );
     }
 
     let body = match &*loaded {
@@ -66,7 +93,7 @@ pub fn MetricChart(props: &Props) -> Html {
             html! { <p class="chart-note">{ format!("Metrics unavailable: {why}") }</p> }
         }
         Loaded::Got(s) if s.series.iter().all(|n| n.points.is_empty()) => {
-            html! { <p class="chart-note">{ "No samples in the last hour yet." }</p> }
+            html! { <p class="chart-note">{ format!("No samples in the last {} yet.", window_words(props.window)) }</p> }
         }
         Loaded::Got(s) => draw(props, s),
     };
@@ -79,7 +106,7 @@ pub fn MetricChart(props: &Props) -> Html {
 }
 
 fn draw(props: &Props, s: &MetricSeries) -> Html {
-    let (from, to) = (s.to - WINDOW_SECS, s.to);
+    let (from, to) = (s.to - props.window, s.to);
     let total = props.total.then(|| chart::sum(&s.series));
     let top = chart::nice_max(
         s.series
@@ -112,7 +139,7 @@ fn draw(props: &Props, s: &MetricSeries) -> Html {
     html! {
         <>
             <svg class="chart-plot" viewBox={format!("0 0 {WIDTH} {HEIGHT}")} role="img"
-                 aria-label={format!("{} over the last hour: now {label}", props.title)}>
+                 aria-label={format!("{} over the last {}: now {label}", props.title, window_words(props.window))}>
                 <line class="chart-grid" x1="0" y1={(HEIGHT / 2.0).to_string()} x2={WIDTH.to_string()} y2={(HEIGHT / 2.0).to_string()} />
                 { for props.marks.iter().filter_map(|(at, what)| {
                     let x = chart::x_of(*at, from, to)?.to_string();
@@ -142,7 +169,7 @@ fn draw(props: &Props, s: &MetricSeries) -> Html {
             </svg>
             <div class="chart-axis">
                 <span>{ format!("top {}", chart::format_value(top, &s.unit)) }</span>
-                <span>{ "1 h ago → now" }</span>
+                <span>{ format!("{} ago → now", WINDOWS.iter().find(|(w, _, _)| *w == props.window).map_or("", |(_, short, _)| short)) }</span>
             </div>
             <ul class="chart-legend">
                 { for legend.into_iter().map(|(node, value, i)| html! {
@@ -150,5 +177,30 @@ fn draw(props: &Props, s: &MetricSeries) -> Html {
                 }) }
             </ul>
         </>
+    }
+}
+
+#[derive(Properties, PartialEq, Clone)]
+pub struct PickerProps {
+    pub value: i64,
+    pub on_change: Callback<i64>,
+}
+
+/// Buttons choosing the charts' window.
+#[component]
+pub fn WindowPicker(props: &PickerProps) -> Html {
+    html! {
+        <div class="chart-window" role="group" aria-label="Time range of the charts">
+            { for WINDOWS.iter().map(|(secs, short, _)| {
+                let (secs, on_change) = (*secs, props.on_change.clone());
+                html! {
+                    <button type="button" class="quiet" data-window={secs.to_string()}
+                            aria-pressed={(secs == props.value).to_string()}
+                            onclick={Callback::from(move |_| on_change.emit(secs))}>
+                        { *short }
+                    </button>
+                }
+            }) }
+        </div>
     }
 }

@@ -7,7 +7,7 @@ use yew_router::prelude::*;
 
 use super::console::use_ctx;
 use super::log_tail::LogTail;
-use super::metric_chart::MetricChart;
+use super::metric_chart::{MetricChart, WINDOW_SECS, WindowPicker};
 use super::node_card::NodeCard;
 use super::order_table::OrderTable;
 use super::overview::can_switch_over;
@@ -66,6 +66,11 @@ pub fn NodeDetail(props: &Props) -> Html {
     let orders = use_state(|| None::<Vec<Order>>);
     let confirming = use_state(|| false);
     let removing = use_state(|| false);
+    let window = use_state(|| WINDOW_SECS);
+    let pick_window = {
+        let window = window.clone();
+        Callback::from(move |secs| window.set(secs))
+    };
 
     // Everything about the node again after an event about it, and on the
     // console's tick (heartbeats arrive without events; logs follow on
@@ -176,11 +181,12 @@ pub fn NodeDetail(props: &Props) -> Html {
             <NodeCard node={node.clone()} now_ms={now_ms()} full_details=true>
                 <ProgressSteps steps={steps(&node, orders.as_deref())} />
             </NodeCard>
-            <h2>{ "Metrics (last hour)" }</h2>
+            <h2>{ "Metrics" }</h2>
+            <WindowPicker value={*window} on_change={pick_window} />
             <div class="charts">
                 { for charts_of(node.role).iter().map(|(metric, title)| html! {
                     <MetricChart key={metric.as_str()} name={*metric} title={*title}
-                                 node={Some(node.name.clone())} />
+                                 node={Some(node.name.clone())} window={*window} />
                 }) }
             </div>
             <h2>{ "Work orders" }</h2>

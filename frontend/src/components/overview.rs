@@ -7,7 +7,7 @@ use yew::prelude::*;
 
 use super::backup_panel::BackupPanel;
 use super::console::use_ctx;
-use super::metric_chart::MetricChart;
+use super::metric_chart::{MetricChart, WINDOW_SECS, WindowPicker};
 use super::node_card::NodeCard;
 use super::switchover_button::SwitchoverButton;
 use super::tracked_progress::TrackedProgress;
@@ -34,6 +34,11 @@ pub fn Overview() -> Html {
     let state = &ctx.state;
     let now = now_ms();
     let adding = use_state(|| None::<ScalableRole>);
+    let window = use_state(|| WINDOW_SECS);
+    let pick_window = {
+        let window = window.clone();
+        Callback::from(move |secs| window.set(secs))
+    };
 
     let add = |role: ScalableRole| {
         let (ctx, adding) = (ctx.clone(), adding.clone());
@@ -175,15 +180,16 @@ pub fn Overview() -> Html {
                     </section>
                 </div>
                 <section class="cluster-metrics" aria-labelledby="cluster-metrics">
-                    <h2 id="cluster-metrics">{ "Cluster metrics (last hour; dashed red: failovers)" }</h2>
+                    <h2 id="cluster-metrics">{ "Cluster metrics (dashed red: failovers)" }</h2>
+                    <WindowPicker value={*window} on_change={pick_window} />
                     <div class="charts">
                         <MetricChart name={MetricName::NginxRequests} total=true
                                      title="Requests/s through the load balancers"
-                                     marks={failovers.clone()} />
+                                     marks={failovers.clone()} window={*window} />
                         <MetricChart name={MetricName::PgLagBytes} title="Replication lag"
-                                     marks={failovers.clone()} />
+                                     marks={failovers.clone()} window={*window} />
                         <MetricChart name={MetricName::WebappLatencyP95} title="Webapp latency, p95"
-                                     marks={failovers} />
+                                     marks={failovers} window={*window} />
                     </div>
                 </section>
             }

@@ -136,6 +136,45 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
     browser
         .wait_text(&format!("{chart} .chart-legend"), "total 7.0 /s")
         .await?;
+    // A longer window: the same samples, squeezed to the right end.
+    let leftmost = |points: String| {
+        points
+            .split(' ')
+            .filter_map(|p| p.split_once(',')?.0.parse::<f64>().ok())
+            .fold(f64::MAX, f64::min)
+    };
+    let line = format!("{chart} polyline[data-node='nginx1']");
+    let hour = leftmost(
+        browser
+            .find(&line)
+            .await?
+            .attr("points")
+            .await?
+            .unwrap_or_default(),
+    );
+    browser.click("button[data-window='21600']").await?;
+    browser
+        .wait_for(&format!("{chart} svg[aria-label*='over the last 6 hours']"))
+        .await?;
+    let six_hours = leftmost(
+        browser
+            .wait_for(&line)
+            .await?
+            .attr("points")
+            .await?
+            .unwrap_or_default(),
+    );
+    // The samples' span is a sixth as wide over six hours as over one
+    // (600 wide, the right end now).
+    let want = 600.0 - (600.0 - hour) / 6.0;
+    anyhow::ensure!(
+        hour < 590.0 && (six_hours - want).abs() < 3.0,
+        "leftmost point: {hour} over an hour, {six_hours} over six hours (want {want:.1})"
+    );
+    browser.click("button[data-window='3600']").await?;
+    browser
+        .wait_for(&format!("{chart} svg[aria-label*='over the last hour']"))
+        .await?;
     browser
         .screenshot("overview-charts-1280", 1280, 2200)
         .await?;
