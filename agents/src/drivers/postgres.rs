@@ -38,6 +38,7 @@ const CONFIRM_EVERY: Duration = Duration::from_millis(250);
 /// `REMOTE_GRACE + FENCE_AFTER` = 4 s after, before anyone can promote
 /// (≥ 5.5 s), yet rides out a local agent restart of a second or two.
 const REMOTE_GRACE: Duration = Duration::from_secs(2);
+use super::dcs::{ConsulDcs, Dcs};
 use super::leader::{ALIVE_CHECK, LeaderLock, LockState};
 use super::{DriverError, NodeContext, mkdir};
 use crate::host::{Account, HostError, OneShot, ServiceSpec};
@@ -50,9 +51,6 @@ pub const REPLICATION_USER: &str = "replicator";
 pub const REWIND_USER: &str = "rewinder";
 /// How long a new standby waits for a primary to appear in Consul.
 const PRIMARY_WAIT: Duration = Duration::from_secs(300);
-/// A standby that follows a leader but has not streamed from it for this
-/// long is rewound (its history forked) and restarted.
-const STUCK_AFTER: Duration = Duration::from_secs(15);
 
 /// PostgreSQL's counters as the metrics sampler reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +63,9 @@ pub struct PgActivity {
 pub struct PostgresDriver {
     ctx: Arc<NodeContext>,
     desired: Mutex<Option<PostgresSpec>>,
-    leader: LeaderLock,
+    /// The cluster's DCS (Consul KV): snapshot, member records, the leader
+    /// lock, the switchover record.
+    dcs: Arc<dyn Dcs>,
     /// Held by one HA step or a switchover at a time.
     ha: tokio::sync::Mutex<()>,
     /// While primary: when the lock was last confirmed ours.
@@ -89,22 +89,6 @@ pub struct PostgresDriver {
     degraded: Mutex<bool>,
     /// pg_rewind attempts that failed in a row.
     rewind_failures: Mutex<u32>,
-}
-
-/// What one SQL round trip says about the local server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Local {
-    in_recovery: bool,
-    timeline: u32,
-    lsn: u64,
-    /// Standbys streaming from this primary (application names).
-    streaming: Vec<String>,
-    sync_standbys: Vec<String>,
-    sync_names: String,
-    /// A standby's walreceiver is streaming.
-    receiving: bool,
-    slot_name: String,
-    conninfo: String,
 }
 
 /// A SQL string literal.
@@ -161,9 +145,9 @@ impl PostgresDriver {
             ctx.path("run/postgres-leader-session"),
         );
         Self {
+            dcs: Arc::new(ConsulDcs::new(ctx.consul.clone(), leader)),
             ctx,
             desired: Mutex::new(None),
-            leader,
             ha: tokio::sync::Mutex::new(()),
             confirmed: Mutex::new(None),
             roles_made: std::sync::atomic::AtomicBool::new(false),
@@ -824,78 +808,9 @@ impl PostgresDriver {
     }
 
     /// One SQL round trip: role, timeline, WAL position, standbys, settings.
-    async fn local(&self, port: u16) -> Result<Local, DriverError> {
-        let row = self
-            .query(
-                port,
-                "SELECT pg_is_in_recovery(), \
-                 COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint())), \
-                 CASE WHEN pg_is_in_recovery() \
-                 THEN COALESCE(pg_wal_lsn_diff(GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), '0/0'), 0)::bigint \
-                 ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint END, \
-                 COALESCE((SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE state = 'streaming'), ''), \
-                 COALESCE((SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), ''), \
-                 COALESCE((SELECT string_agg(slot_name, ',') FROM pg_replication_slots), ''), \
-                 EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'), \
-                 current_setting('primary_slot_name'), \
-                 current_setting('synchronous_standby_names'), \
-                 current_setting('primary_conninfo')",
-            )
-            .await?;
-        let cols: Vec<&str> = row.splitn(10, '|').collect();
-        if cols.len() != 10 {
-            return Err(DriverError::Refused(format!(
-                "unexpected status row {row:?}"
-            )));
-        }
-        let list = |s: &str| -> Vec<String> {
-            s.split(',')
-                .filter(|x| !x.is_empty())
-                .map(String::from)
-                .collect()
-        };
-        let mut streaming = list(cols[3]);
-        streaming.extend(list(cols[5]).into_iter().map(|slot| format!("slot:{slot}")));
-        Ok(Local {
-            in_recovery: cols[0] == "t",
-            timeline: cols[1].parse().unwrap_or(0),
-            lsn: cols[2].parse().unwrap_or(0),
-            streaming,
-            sync_standbys: list(cols[4]),
-            receiving: cols[6] == "t",
-            slot_name: cols[7].to_string(),
-            sync_names: cols[8].to_string(),
-            conninfo: cols[9].to_string(),
-        })
-    }
-
-    /// Writes this node's member record.
-    async fn publish(&self, keys: &Keys, me: &Member) -> Result<(), DriverError> {
-        let record = serde_json::to_string(me).expect("a member serializes");
-        self.ctx
-            .consul
-            .kv_put(&keys.member(&self.ctx.node), &record)
-            .await?;
-        Ok(())
-    }
-
-    async fn members(&self, keys: &Keys) -> Result<Vec<Member>, DriverError> {
-        Ok(self
-            .ctx
-            .consul
-            .kv_list(&keys.members)
-            .await?
-            .into_iter()
-            .filter_map(|e| match serde_json::from_str::<Member>(&e.value) {
-                Ok(m) => Some(m),
-                // A record that is not ours (an address that is no IP, a
-                // field missing) never reaches a connection string.
-                Err(error) => {
-                    tracing::warn!(key = %e.key, %error, "ignoring a malformed member record");
-                    None
-                }
-            })
-            .collect())
+    async fn local(&self, port: u16) -> Result<ha::SqlStatus, DriverError> {
+        let row = self.query(port, ha::STATUS_QUERY).await?;
+        ha::SqlStatus::parse(&row).map_err(DriverError::Refused)
     }
 
     /// Runs forever: the HA loop, the lock confirmer and the fencing
@@ -924,26 +839,20 @@ impl PostgresDriver {
             if self.confirmed.lock().expect("lock").is_none() {
                 continue;
             }
-            let Some(key) = self
+            let Some(keys) = self
                 .desired
                 .lock()
                 .expect("lock")
                 .as_ref()
-                .map(|s| Keys::new(&s.leader_key).leader)
+                .map(|s| Keys::new(&s.leader_key))
             else {
                 continue;
             };
-            let Some(mine) = self.leader.session() else {
+            if self.dcs.session().is_none() {
                 continue;
-            };
+            }
             let asked = Instant::now();
-            let (held, local) = match self.ctx.consul.kv_get_any(&key).await {
-                Ok((entry, local)) => (
-                    entry.is_some_and(|e| e.session.as_deref() == Some(mine.as_str())),
-                    local,
-                ),
-                Err(_) => (false, false),
-            };
+            let (held, local) = self.dcs.confirm_lock(&keys).await.unwrap_or((false, false));
             // Through a server only within REMOTE_GRACE of the local agent's
             // last answer (see there why that is safe).
             let within_grace = {
@@ -999,23 +908,19 @@ impl PostgresDriver {
         }
     }
 
-    /// One round of the HA loop.
+    /// One round of the HA loop: one status query, one snapshot of the
+    /// cluster, one decision ([`ha::decide`]), then act on it.
     async fn step(&self) -> Result<(), DriverError> {
         let Some(spec) = self.desired.lock().expect("lock").clone() else {
             return Ok(());
         };
         let _ha = self.ha.lock().await;
         let keys = Keys::new(&spec.leader_key);
-        let running = self.ctx.host.adopt(&self.service_spec(&spec)).await?;
-        let local = if running {
-            self.local(spec.port).await.ok()
-        } else {
-            None
-        };
+        let local = self.local_status(&spec).await?;
         {
             // Start the fencing clock of a primary whose lock this agent has
-            // not confirmed yet, before asking Consul anything.
-            let primary = local.as_ref().is_some_and(|l| !l.in_recovery);
+            // not confirmed yet, before asking the DCS anything.
+            let primary = local.sql.as_ref().is_some_and(|l| !l.in_recovery);
             let confirmed = self.confirmed.lock().expect("lock").is_some();
             let mut since = self.unconfirmed_since.lock().expect("lock");
             if primary && !confirmed {
@@ -1024,133 +929,183 @@ impl PostgresDriver {
                 *since = None;
             }
         }
-        // Consul unreachable: do nothing; the watchdog fences a primary.
-        let lock = self.ctx.consul.kv_get(&keys.leader).await?;
-        let holder_session = lock.as_ref().and_then(|e| e.session.clone());
-        let holder = holder_session
-            .as_ref()
-            .and_then(|_| lock.as_ref().map(|e| e.value.clone()));
-        *self.seen_leader.lock().expect("lock") = holder.clone();
-        let i_hold = holder_session.is_some() && holder_session == self.leader.session();
-        // The key keeps the last holder's name after its session ends.
-        let last_leader = lock
-            .as_ref()
-            .filter(|e| e.session.is_none())
-            .map(|e| e.value.clone());
-        let members = self.members(&keys).await?;
-        // Stopped, this node publishes the last position it knew, not 0: a
-        // standby that may hold acknowledged commits must keep blocking the
-        // promotion of one that lacks them (see `ha::may_promote`).
-        let last_known = members
-            .iter()
-            .find(|m| m.node == self.ctx.node)
-            .map_or((0, 0), |m| (m.lsn, m.timeline));
-        let switchover = self
-            .ctx
-            .consul
-            .kv_get(&keys.switchover)
-            .await?
-            .and_then(|e| serde_json::from_str::<ha::Switchover>(&e.value).ok());
-        let me = Member {
-            node: self.ctx.node.clone(),
-            address: self.ctx.address,
-            port: spec.port,
-            role: match &local {
-                Some(l) if l.in_recovery => MemberRole::Replica,
-                Some(_) => MemberRole::Primary,
-                None => MemberRole::Stopped,
-            },
-            lsn: local.as_ref().map_or(last_known.0, |l| l.lsn),
-            timeline: local.as_ref().map_or(last_known.1, |l| l.timeline),
-            at_ms: ha::now_ms(),
+        // The DCS unreachable: do nothing; the watchdog fences a primary.
+        let view = self.dcs.snapshot(&keys).await?;
+        *self.seen_leader.lock().expect("lock") = view.holder().map(String::from);
+        let me = ha::member_record(
+            &self.ctx.node,
+            self.ctx.address,
+            spec.port,
+            local.sql.as_ref(),
+            view.member(&self.ctx.node),
+            ha::now_ms(),
+        );
+        self.dcs.publish(&keys, &me).await?;
+        let view = view.with_member(&me);
+        let not_streaming_for = match &local.sql {
+            Some(sql) if sql.in_recovery => {
+                let mut at = self.streamed_at.lock().expect("lock");
+                if sql.receiving || at.is_none() {
+                    *at = Some(Instant::now());
+                }
+                at.map_or(Duration::ZERO, |t| t.elapsed())
+            }
+            _ => Duration::ZERO,
         };
-        self.publish(&keys, &me).await?;
-        let others: Vec<Member> = members
-            .into_iter()
-            .filter(|m| m.node != self.ctx.node)
-            .collect();
-        if !i_hold
-            && holder.as_deref() == Some(self.ctx.node.as_str())
-            && let Some(stale) = &holder_session
-        {
-            // A session of this node from an earlier life (its id lost)
-            // holds the lock; nobody else could ever take it. End it.
-            tracing::warn!(session = %stale, "ending a leader session this node no longer knows");
-            self.ctx.consul.destroy_session(stale).await?;
-            return Ok(());
+        let memory = ha::Memory {
+            node: self.ctx.node.clone(),
+            mode: spec.replication,
+            session: self.dcs.session(),
+            confirmed: self.confirmed.lock().expect("lock").is_some(),
+            not_streaming_for,
+        };
+        let action = ha::decide(&view, &local, &memory);
+        self.act(&spec, &keys, &view, &local, &me, action).await
+    }
+
+    /// The local server as one tick sees it.
+    async fn local_status(&self, spec: &PostgresSpec) -> Result<ha::LocalStatus, DriverError> {
+        let running = self.ctx.host.adopt(&self.service_spec(spec)).await?;
+        let sql = if running {
+            self.local(spec.port).await.ok()
+        } else {
+            None
+        };
+        Ok(ha::LocalStatus {
+            running,
+            sql,
+            data_dir: self.pgdata().join("PG_VERSION").exists(),
+            standby_signal: self.pgdata().join("standby.signal").exists(),
+            rejoin_marked: self.rejoin_marked(),
+        })
+    }
+
+    /// Carries out the decision of a tick.
+    async fn act(
+        &self,
+        spec: &PostgresSpec,
+        keys: &Keys,
+        view: &ha::ClusterView,
+        local: &ha::LocalStatus,
+        me: &Member,
+        action: ha::Action,
+    ) -> Result<(), DriverError> {
+        use ha::Action;
+        match &local.sql {
+            Some(sql) if sql.in_recovery && !matches!(action, Action::EndStaleSession(_)) => {
+                *self.confirmed.lock().expect("lock") = None;
+                *self.degraded.lock().expect("lock") = false;
+                self.register(spec.port, "replica").await?;
+            }
+            None if !local.running => *self.confirmed.lock().expect("lock") = None,
+            _ => {}
         }
-        match local {
-            Some(l) if !l.in_recovery => {
-                self.as_primary(&spec, &keys, &l, i_hold, holder, &others, switchover)
-                    .await
+        match action {
+            Action::Wait(why) => {
+                tracing::debug!(%why, "postgres HA: waiting");
+                Ok(())
             }
-            Some(l) => {
-                self.as_standby(
-                    &spec,
-                    &keys,
-                    &l,
-                    &me,
-                    i_hold,
-                    holder,
-                    last_leader,
-                    &others,
-                    switchover,
-                )
-                .await
+            Action::Abstain(why) => {
+                tracing::info!(%why, "the leader lock is free; not promoting");
+                Ok(())
             }
-            // Starting, or not answering: a hung primary is fenced by the
-            // watchdog, since nothing confirms its lock.
-            None if running => Ok(()),
-            None => {
-                self.start_stopped(&spec, &keys, i_hold, holder, &others)
+            Action::EndStaleSession(stale) => {
+                tracing::warn!(session = %stale, "ending a leader session this node no longer knows");
+                self.dcs.end_stale_session(&stale).await?;
+                Ok(())
+            }
+            Action::TakeLockAsPrimary => {
+                // A new cluster, or a restarted agent whose session died:
+                // the lock is free, take it.
+                self.register(spec.port, "primary").await?;
+                match self.dcs.take_lock(keys).await? {
+                    LockState::Held => {
+                        let clear = view
+                            .switchover
+                            .as_ref()
+                            .is_some_and(|s| s.to == self.ctx.node);
+                        self.lead(spec, keys, view, local, clear).await
+                    }
+                    LockState::Pending(why) => {
+                        tracing::debug!(%why, "leader lock pending");
+                        Ok(())
+                    }
+                    LockState::HeldElsewhere(_) => {
+                        self.fence("another node took the leader lock").await;
+                        Ok(())
+                    }
+                }
+            }
+            Action::Lead { clear_switchover } => {
+                self.lead(spec, keys, view, local, clear_switchover).await
+            }
+            Action::Fence(why) => {
+                self.fence(&why).await;
+                Ok(())
+            }
+            Action::Promote => self.promote(spec).await,
+            Action::TakeLockAndPromote => {
+                match self.dcs.take_lock(keys).await? {
+                    LockState::Held => {
+                        tracing::warn!(
+                            "the leader lock was free and this standby is the best candidate: promoting"
+                        );
+                        self.promote(spec).await?;
+                        // Say so at once: a record still saying replica
+                        // would count as a standby that stopped reporting.
+                        let mut me = me.clone();
+                        me.role = MemberRole::Primary;
+                        me.at_ms = ha::now_ms();
+                        self.dcs.publish(keys, &me).await?;
+                    }
+                    other => tracing::debug!(?other, "leader lock not taken"),
+                }
+                Ok(())
+            }
+            Action::StopToRewind { leader } => {
+                // Our history may have forked from the leader's: rewind.
+                tracing::warn!(%leader, "cannot follow the leader as is: stopping to rewind");
+                self.mark_rejoin();
+                self.ctx.host.stop(SERVICE).await?;
+                *self.streamed_at.lock().expect("lock") = None;
+                Ok(())
+            }
+            Action::Follow(leader) => match &local.sql {
+                Some(sql) => self.follow(spec, sql, &leader).await,
+                None => Ok(()),
+            },
+            Action::MakeDataDir => {
+                *self.confirmed.lock().expect("lock") = None;
+                let what = self.make_data_dir(spec).await?;
+                tracing::info!(%what, "made the data dir");
+                Ok(())
+            }
+            Action::Start {
+                was_primary,
+                let_go,
+                rewind,
+                leader,
+            } => {
+                self.start_stopped(spec, keys, was_primary, let_go, rewind, leader.as_ref())
                     .await
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn as_primary(
+    /// A primary holding the lock: confirm it, register, make the roles
+    /// once, clear a switchover record that named it, forget members whose
+    /// node left, keep the synchronous standbys and the slots right.
+    async fn lead(
         &self,
         spec: &PostgresSpec,
         keys: &Keys,
-        local: &Local,
-        i_hold: bool,
-        holder: Option<String>,
-        others: &[Member],
-        switchover: Option<ha::Switchover>,
+        view: &ha::ClusterView,
+        local: &ha::LocalStatus,
+        clear_switchover: bool,
     ) -> Result<(), DriverError> {
-        if !i_hold {
-            let never_confirmed = self.confirmed.lock().expect("lock").is_none();
-            // A newer timeline elsewhere: another node was promoted after
-            // this one, whatever happened to it since.
-            let superseded = others.iter().any(|m| m.timeline > local.timeline);
-            if holder.is_none() && never_confirmed && !superseded {
-                // A new cluster, or a restarted agent whose session died:
-                // the lock is free, take it.
-                self.register(spec.port, "primary").await?;
-                match self.leader.take(&keys.leader).await? {
-                    LockState::Held => {}
-                    LockState::Pending(why) => {
-                        tracing::debug!(%why, "leader lock pending");
-                        return Ok(());
-                    }
-                    LockState::HeldElsewhere(_) => {
-                        self.fence("another node took the leader lock").await;
-                        return Ok(());
-                    }
-                }
-            } else {
-                self.fence(&format!(
-                    "the leader lock is {}",
-                    match &holder {
-                        Some(h) => format!("held by {h}"),
-                        None => "lost (our session ended)".into(),
-                    }
-                ))
-                .await;
-                return Ok(());
-            }
-        }
+        let Some(local) = &local.sql else {
+            return Ok(());
+        };
         *self.confirmed.lock().expect("lock") = Some(Instant::now());
         self.clear_rejoin();
         self.register(spec.port, "primary").await?;
@@ -1165,18 +1120,18 @@ impl PostgresDriver {
                 Err(e) => tracing::warn!(error = %e, "cannot make the roles yet"),
             }
         }
-        if switchover.is_some_and(|s| s.to == self.ctx.node) {
-            self.ctx.consul.kv_delete(&keys.switchover).await?;
+        if clear_switchover {
+            self.dcs.clear_switchover(keys).await?;
         }
         // Members whose node left Consul's catalog (drained) are forgotten,
         // in case their own agent could not delete its record.
         let catalog = self.ctx.consul.catalog_nodes().await?;
         let mut live = Vec::new();
-        for m in others {
+        for m in view.members.iter().filter(|m| m.node != self.ctx.node) {
             if catalog.contains(&m.node) {
                 live.push(m.clone());
             } else {
-                self.ctx.consul.kv_delete(&keys.member(&m.node)).await?;
+                self.dcs.forget(keys, &m.node).await?;
                 tracing::info!(node = %m.node, "forgot the member record of a node that left");
             }
         }
@@ -1206,7 +1161,7 @@ impl PostgresDriver {
     async fn manage_sync(
         &self,
         spec: &PostgresSpec,
-        local: &Local,
+        local: &ha::SqlStatus,
         others: &[Member],
     ) -> Result<(), DriverError> {
         let mut standbys: Vec<String> = others.iter().map(|m| m.node.clone()).collect();
@@ -1240,92 +1195,29 @@ impl PostgresDriver {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn as_standby(
+    /// Points a standby at `leader` when it is not already.
+    async fn follow(
         &self,
         spec: &PostgresSpec,
-        keys: &Keys,
-        local: &Local,
-        me: &Member,
-        i_hold: bool,
-        holder: Option<String>,
-        last_leader: Option<String>,
-        others: &[Member],
-        switchover: Option<ha::Switchover>,
+        local: &ha::SqlStatus,
+        leader: &Member,
     ) -> Result<(), DriverError> {
-        *self.confirmed.lock().expect("lock") = None;
-        *self.degraded.lock().expect("lock") = false;
-        self.register(spec.port, "replica").await?;
-        let streamed_for = {
-            let mut at = self.streamed_at.lock().expect("lock");
-            if local.receiving || at.is_none() {
-                *at = Some(Instant::now());
-            }
-            at.map_or(Duration::ZERO, |t| t.elapsed())
-        };
-        if i_hold {
-            return self.promote(spec).await;
-        }
-        match holder {
-            Some(h) if h != self.ctx.node => {
-                let Some(leader) = others.iter().find(|m| m.node == h) else {
-                    return Ok(());
-                };
-                if self.rejoin_marked() || streamed_for > STUCK_AFTER {
-                    // Our history may have forked from the leader's: rewind.
-                    tracing::warn!(leader = %h, "cannot follow the leader as is: stopping to rewind");
-                    self.mark_rejoin();
-                    self.ctx.host.stop(SERVICE).await?;
-                    *self.streamed_at.lock().expect("lock") = None;
-                    return Ok(());
-                }
-                let conninfo = self.conninfo(spec, leader.address, leader.port);
-                let slot = slot_name(&self.ctx.node);
-                if local.conninfo != conninfo || local.slot_name != slot {
-                    self.query(
-                        spec.port,
-                        &format!("ALTER SYSTEM SET primary_conninfo = {}", literal(&conninfo)),
-                    )
-                    .await?;
-                    self.query(
-                        spec.port,
-                        &format!("ALTER SYSTEM SET primary_slot_name = {}", literal(&slot)),
-                    )
-                    .await?;
-                    self.query(spec.port, "SELECT pg_reload_conf()").await?;
-                    *self.streamed_at.lock().expect("lock") = Some(Instant::now());
-                    tracing::info!(leader = %h, "following the primary");
-                }
-            }
-            Some(_) => {}
-            None => {
-                match ha::may_promote(
-                    me,
-                    others,
-                    spec.replication,
-                    switchover.as_ref(),
-                    last_leader.as_deref(),
-                    ha::now_ms(),
-                ) {
-                    Ok(()) => match self.leader.take(&keys.leader).await? {
-                        LockState::Held => {
-                            tracing::warn!(
-                                "the leader lock was free and this standby is the best candidate: promoting"
-                            );
-                            self.promote(spec).await?;
-                            // Say so at once: a record still saying replica
-                            // would count as a standby that stopped reporting.
-                            let mut me = me.clone();
-                            me.role = MemberRole::Primary;
-                            me.at_ms = ha::now_ms();
-                            self.publish(keys, &me).await?;
-                            return Ok(());
-                        }
-                        other => tracing::debug!(?other, "leader lock not taken"),
-                    },
-                    Err(why) => tracing::info!(%why, "the leader lock is free; not promoting"),
-                }
-            }
+        let conninfo = self.conninfo(spec, leader.address, leader.port);
+        let slot = slot_name(&self.ctx.node);
+        if local.conninfo != conninfo || local.slot_name != slot {
+            self.query(
+                spec.port,
+                &format!("ALTER SYSTEM SET primary_conninfo = {}", literal(&conninfo)),
+            )
+            .await?;
+            self.query(
+                spec.port,
+                &format!("ALTER SYSTEM SET primary_slot_name = {}", literal(&slot)),
+            )
+            .await?;
+            self.query(spec.port, "SELECT pg_reload_conf()").await?;
+            *self.streamed_at.lock().expect("lock") = Some(Instant::now());
+            tracing::info!(leader = %leader.node, "following the primary");
         }
         Ok(())
     }
@@ -1353,39 +1245,30 @@ impl PostgresDriver {
         &self,
         spec: &PostgresSpec,
         keys: &Keys,
-        i_hold: bool,
-        holder: Option<String>,
-        others: &[Member],
+        was_primary: bool,
+        let_go: bool,
+        rewind: bool,
+        leader: Option<&Member>,
     ) -> Result<(), DriverError> {
-        *self.confirmed.lock().expect("lock") = None;
-        if !self.pgdata().join("PG_VERSION").exists() {
-            self.make_data_dir(spec).await?;
-        }
-        if !self.pgdata().join("standby.signal").exists() {
+        if was_primary {
             // It ran as primary and died (or was stopped with the node).
-            if i_hold {
-                self.leader.let_go(&keys.leader).await?;
+            if let_go {
+                self.dcs.let_go(keys).await?;
                 // And end the session: after a crash of the whole node it is
                 // one from before (its Consul agent restarted), which Consul
                 // may still end for that; a promotion that reused it was
                 // fenced a second later (seen in the failover e2e). A
                 // new session is made with the checks as they are now.
-                self.leader.release().await;
+                self.dcs.end_session().await;
                 tracing::warn!("postgres died as primary: released the leader lock for a standby");
             }
             self.mark_rejoin();
             self.write_standby_signal()?;
         }
-        let leader = holder
-            .filter(|h| *h != self.ctx.node)
-            .and_then(|h| others.iter().find(|m| m.node == h).cloned());
-        if self.rejoin_marked()
-            && let Some(leader) = &leader
-        {
+        if rewind && let Some(leader) = leader {
             self.rejoin(spec, leader).await?;
         }
         let conninfo = leader
-            .as_ref()
             .map(|l| self.conninfo(spec, l.address, l.port))
             .unwrap_or_default();
         let slot = if leader.is_some() {
@@ -1401,10 +1284,7 @@ impl PostgresDriver {
         self.ctx.host.ensure(&self.service_spec(spec)).await?;
         *self.streamed_at.lock().expect("lock") = Some(Instant::now());
         tracing::info!(
-            leader = leader
-                .as_ref()
-                .map(|l| l.node.as_str())
-                .unwrap_or("none yet"),
+            leader = leader.map(|l| l.node.as_str()).unwrap_or("none yet"),
             "started postgres as a standby"
         );
         Ok(())
@@ -1498,15 +1378,15 @@ impl PostgresDriver {
         if local.in_recovery {
             return Ok(Err(format!("{node} is not the primary")));
         }
-        let lock = self.ctx.consul.kv_get(&keys.leader).await?;
-        if lock.and_then(|e| e.session) != self.leader.session() {
+        let view = self.dcs.snapshot(keys).await?;
+        let lock = view.leader.and_then(|l| l.session);
+        if lock.is_none() || lock != self.dcs.session() {
             return Ok(Err(format!("{node} does not hold the leader lock")));
         }
         if to == node {
             return Ok(Err(format!("{node} is already the primary")));
         }
-        let members = self.members(keys).await?;
-        let Some(t) = members.into_iter().find(|m| m.node == *to) else {
+        let Some(t) = view.members.into_iter().find(|m| m.node == *to) else {
             return Ok(Err(format!(
                 "{to} is not a member of the PostgreSQL cluster"
             )));
@@ -1564,7 +1444,7 @@ impl PostgresDriver {
             at_ms: ha::now_ms(),
             min_lsn: 0,
         };
-        self.publish_switchover(&keys, &record).await?;
+        self.dcs.write_switchover(&keys, &record).await?;
         tracing::warn!(%to, "switchover: shutting down cleanly");
         *self.confirmed.lock().expect("lock") = None;
         self.ctx.host.stop(SERVICE).await?;
@@ -1573,10 +1453,15 @@ impl PostgresDriver {
         // before it has the last records (it does: our leader session dies
         // with its postgres-alive check during the shutdown).
         record.min_lsn = end;
-        self.publish_switchover(&keys, &record).await?;
+        self.dcs.write_switchover(&keys, &record).await?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let members = self.members(&keys).await.unwrap_or_default();
+            let members = self
+                .dcs
+                .snapshot(&keys)
+                .await
+                .map(|v| v.members)
+                .unwrap_or_default();
             if target(&members).is_some_and(|t| t.lsn > end) {
                 break;
             }
@@ -1591,13 +1476,12 @@ impl PostgresDriver {
             ("primary_slot_name", &slot_name(&node)),
         ])?;
         self.write_standby_signal()?;
-        self.leader.let_go(&keys.leader).await?;
+        self.dcs.let_go(&keys).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let holder = self.ctx.consul.kv_get(&keys.leader).await.ok().flatten();
-            let members = self.members(&keys).await.unwrap_or_default();
-            if holder.is_some_and(|h| h.session.is_some() && h.value == to)
-                && target(&members).is_some_and(|t| t.role == MemberRole::Primary)
+            let view = self.dcs.snapshot(&keys).await.unwrap_or_default();
+            if view.holder() == Some(to.as_str())
+                && target(&view.members).is_some_and(|t| t.role == MemberRole::Primary)
             {
                 break;
             }
@@ -1617,16 +1501,6 @@ impl PostgresDriver {
         ))
     }
 
-    async fn publish_switchover(
-        &self,
-        keys: &Keys,
-        record: &ha::Switchover,
-    ) -> Result<(), DriverError> {
-        let json = serde_json::to_string(record).expect("json");
-        self.ctx.consul.kv_put(&keys.switchover, &json).await?;
-        Ok(())
-    }
-
     /// A switchover whose target did not get the final WAL in time: this
     /// node has the newest WAL, so it comes back, but as primary only while
     /// it still holds the leader lock. Its session usually died during the
@@ -1635,14 +1509,12 @@ impl PostgresDriver {
     /// (no one is ahead of it), rather than writing without the lock.
     async fn give_up_switchover(&self, spec: &PostgresSpec, keys: &Keys, to: &str) -> DriverError {
         let node = &self.ctx.node;
-        let held = match (
-            self.leader.session(),
-            self.ctx.consul.lock_holder(&keys.leader).await,
-        ) {
-            (Some(mine), Ok(Some(holder))) => holder == mine,
-            _ => false,
-        };
-        let _ = self.ctx.consul.kv_delete(&keys.switchover).await;
+        let held = self
+            .dcs
+            .confirm_lock(keys)
+            .await
+            .is_ok_and(|(held, _)| held);
+        let _ = self.dcs.clear_switchover(keys).await;
         if held {
             if let Err(e) = self.ctx.host.ensure(&self.service_spec(spec)).await {
                 return e.into();
@@ -1752,13 +1624,9 @@ impl PostgresDriver {
             let _ = std::fs::remove_file(self.registration_file());
             let _ = self.ctx.consul.deregister_service(&self.service_id()).await;
             let _ = self.ctx.consul.reload().await;
-            self.leader.release().await;
+            self.dcs.end_session().await;
             let keys = Keys::new(&spec.leader_key);
-            let _ = self
-                .ctx
-                .consul
-                .kv_delete(&keys.member(&self.ctx.node))
-                .await;
+            let _ = self.dcs.forget(&keys, &self.ctx.node).await;
         }
         self.ctx.host.stop(SERVICE).await?;
         Ok(())
