@@ -548,6 +548,7 @@ mod tests {
             lsn: 7,
             timeline: 1,
             at_ms: 1,
+            following: false,
         };
         now(pg1.publish(&keys, &me)).unwrap();
         assert_eq!(now(pg1.snapshot(&keys)).unwrap().members, vec![me]);

@@ -51,6 +51,11 @@ pub struct Member {
     pub timeline: u32,
     /// When it was published, Unix milliseconds.
     pub at_ms: u64,
+    /// A standby set to stream from a primary (`primary_conninfo`): its
+    /// WAL receiver is connected to it, or connects again as soon as it
+    /// answers.
+    #[serde(default)]
+    pub following: bool,
 }
 
 impl Member {
@@ -120,6 +125,14 @@ pub fn now_ms() -> u64 {
 }
 
 /// Whether `me`, a running standby, may take the free leader lock; the
+/// error says why not (for the logs). In the synchronous modes no other
+/// standby may still follow the last primary: it may be frozen rather
+/// than dead, and once thawed it would have commits acknowledged by a
+/// standby still connected to it, commits a promoted node lacks (found by
+/// the property tests in `ha_sim.rs`). Standbys stop following when they
+/// see the lock free ([`Action::Detach`]).
+///
+/// Besides: the
 /// error says why not (for the logs). `last_leader` held the lock last: a
 /// silent record of it does not block (it is the primary that failed — in
 /// the synchronous modes its acknowledged commits are on a standby too — and
@@ -184,6 +197,13 @@ pub fn may_promote(
                 ));
             }
             continue;
+        }
+        if mode.is_synchronous() && other.following {
+            return Err(format!(
+                "{} still follows the last primary: in {mode} mode it could acknowledge \
+                 that primary's commits after my promotion (a frozen primary thawing)",
+                other.node
+            ));
         }
         let ahead = (other.timeline, other.lsn) > (me.timeline, me.lsn);
         let tie = (other.timeline, other.lsn) == (me.timeline, me.lsn) && other.node < me.node;
@@ -374,6 +394,11 @@ pub enum Action {
     StopToRewind { leader: String },
     /// Stream from the leader.
     Follow(Member),
+    /// Sync and strict modes: the lock is free and this standby still
+    /// follows the last primary, which may be frozen rather than dead:
+    /// stop following (`primary_conninfo` reset), so that once thawed it
+    /// cannot have commits acknowledged that a newly promoted node lacks.
+    Detach,
     /// No data dir: make it (a clone of the primary, or a new cluster on
     /// the bootstrap node when none exists).
     MakeDataDir,
@@ -417,6 +442,7 @@ pub fn member_record(
         lsn: sql.map_or(lsn, |l| l.lsn),
         timeline: sql.map_or(timeline, |l| l.timeline),
         at_ms: now_ms,
+        following: sql.is_some_and(|l| l.in_recovery && !l.conninfo.is_empty()),
     }
 }
 
@@ -460,7 +486,7 @@ pub fn decide(view: &ClusterView, local: &LocalStatus, memory: &Memory) -> Actio
                 })
             }
         }
-        Some(_) => {
+        Some(sql) => {
             if i_hold {
                 return Action::Promote;
             }
@@ -476,6 +502,16 @@ pub fn decide(view: &ClusterView, local: &LocalStatus, memory: &Memory) -> Actio
                 },
                 Some(_) => Action::Wait("this node's stale session holds the lock".into()),
                 None => {
+                    let target = view.switchover.as_ref().is_some_and(|s| {
+                        s.to == me
+                            && view.now_ms.saturating_sub(s.at_ms)
+                                <= SWITCHOVER_TTL.as_millis() as u64
+                    });
+                    // The candidate stops following by promoting; another
+                    // standby stops now, except a switchover's target, which
+                    // needs the old primary's last records.
+                    let detach =
+                        memory.mode.is_synchronous() && !sql.conninfo.is_empty() && !target;
                     let Some(mine) = view.member(me) else {
                         return Action::Wait("this node has no member record".into());
                     };
@@ -489,6 +525,7 @@ pub fn decide(view: &ClusterView, local: &LocalStatus, memory: &Memory) -> Actio
                         view.now_ms,
                     ) {
                         Ok(()) => Action::TakeLockAndPromote,
+                        Err(_) if detach => Action::Detach,
                         Err(why) => Action::Abstain(why),
                     }
                 }
@@ -557,6 +594,7 @@ mod tests {
             lsn,
             timeline: 1,
             at_ms,
+            following: false,
         }
     }
 
@@ -874,6 +912,56 @@ mod tests {
             decide(&v, &running(true, 95), &memory("pg3", None, false)),
             Action::TakeLockAndPromote
         );
+    }
+
+    #[test]
+    fn in_synchronous_modes_standbys_stop_streaming_from_a_primary_that_lost_the_lock() {
+        // pg1 froze; its session ended. pg3 still streams from it: once
+        // thawed, pg1 would have commits acknowledged by pg3 that pg2 lacks.
+        let pg2 = member("pg2", MemberRole::Replica, 95, NOW);
+        let pg3 = Member {
+            following: true,
+            ..member("pg3", MemberRole::Replica, 90, NOW)
+        };
+        let v = view(Some(("pg1", None)), vec![pg2.clone(), pg3.clone()]);
+        let idle = running(true, 95);
+        let mut attached = running(true, 90);
+        if let Some(sql) = &mut attached.sql {
+            sql.conninfo = "host=127.0.0.1".into();
+        }
+        assert!(matches!(
+            decide(&v, &idle, &memory("pg2", None, false)),
+            Action::Abstain(why) if why.contains("pg3 still follows")
+        ));
+        assert_eq!(
+            decide(&v, &attached, &memory("pg3", None, false)),
+            Action::Detach
+        );
+        let mut async_mode = memory("pg2", None, false);
+        async_mode.mode = ReplicationMode::Async;
+        assert_eq!(decide(&v, &idle, &async_mode), Action::TakeLockAndPromote);
+        // Detached, pg3 no longer blocks.
+        let pg3 = Member {
+            following: false,
+            ..pg3
+        };
+        let v = view(Some(("pg1", None)), vec![pg2, pg3]);
+        assert_eq!(
+            decide(&v, &idle, &memory("pg2", None, false)),
+            Action::TakeLockAndPromote
+        );
+        // A switchover's target keeps streaming: it needs the last WAL.
+        let mut v = v;
+        v.switchover = Some(Switchover {
+            from: "pg1".into(),
+            to: "pg3".into(),
+            at_ms: NOW - 1000,
+            min_lsn: 0,
+        });
+        assert!(matches!(
+            decide(&v, &attached, &memory("pg3", None, false)),
+            Action::Abstain(_)
+        ));
     }
 
     #[test]

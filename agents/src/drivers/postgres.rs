@@ -1074,6 +1074,21 @@ impl PostgresDriver {
                 Some(sql) => self.follow(spec, sql, &leader).await,
                 None => Ok(()),
             },
+            Action::Detach => {
+                tracing::warn!(
+                    "the leader lock is free: no longer streaming from the last primary (it may only be frozen)"
+                );
+                self.query(spec.port, "ALTER SYSTEM RESET primary_conninfo")
+                    .await?;
+                self.query(spec.port, "SELECT pg_reload_conf()").await?;
+                *self.streamed_at.lock().expect("lock") = Some(Instant::now());
+                // Say so at once: the candidate waits for it.
+                let mut me = me.clone();
+                me.following = false;
+                me.at_ms = ha::now_ms();
+                self.dcs.publish(keys, &me).await?;
+                Ok(())
+            }
             Action::MakeDataDir => {
                 *self.confirmed.lock().expect("lock") = None;
                 let what = self.make_data_dir(spec).await?;
