@@ -51,9 +51,9 @@ pub struct Member {
     pub timeline: u32,
     /// When it was published, Unix milliseconds.
     pub at_ms: u64,
-    /// A standby set to stream from a primary (`primary_conninfo`): its
-    /// WAL receiver is connected to it, or connects again as soon as it
-    /// answers.
+    /// A standby set to stream from a primary (`primary_conninfo`), or
+    /// whose WAL receiver still streams: it may receive (and acknowledge)
+    /// more than `lsn`.
     #[serde(default)]
     pub following: bool,
 }
@@ -442,7 +442,7 @@ pub fn member_record(
         lsn: sql.map_or(lsn, |l| l.lsn),
         timeline: sql.map_or(timeline, |l| l.timeline),
         at_ms: now_ms,
-        following: sql.is_some_and(|l| l.in_recovery && !l.conninfo.is_empty()),
+        following: sql.is_some_and(|l| l.in_recovery && (!l.conninfo.is_empty() || l.receiving)),
     }
 }
 

@@ -581,10 +581,11 @@ impl Sim {
             Action::Detach => {
                 let n = &mut self.nodes[i];
                 n.pg.follows = None;
+                n.pg.receiving = false;
                 n.agent.streamed_at = Some(t);
-                let mut me = me.clone();
-                me.following = false;
-                me.at_ms = t;
+                let now = self.local_status(i);
+                let me =
+                    ha::member_record(&me.node, me.address, me.port, now.sql.as_ref(), Some(me), t);
                 let _ = run(self.nodes[i].dcs.publish(&keys, &me));
             }
             Action::StopToRewind { .. } => {
@@ -983,5 +984,22 @@ fn a_thawed_primary_gets_no_commit_acknowledged_after_a_promotion() {
                 panic!("pg1 frozen {d} ms in {mode} mode: {e}");
             }
         }
+    }
+}
+
+/// Found by the property test: pg3's tick decides to detach, then stalls
+/// 1.6 s; meanwhile the thawed pg1 has a record acknowledged by pg3. pg3's
+/// record, rewritten after the detach with the position of the stalled
+/// tick, let pg2 promote without that record. A detached standby now
+/// publishes the position it reached.
+#[test]
+fn a_standby_that_stops_following_publishes_the_position_it_reached() {
+    let faults = [
+        (Fault::FreezeNode(2, 3500), 500),
+        (Fault::FreezeNode(0, 5800), 4500),
+        (Fault::SlowTick(2, 1600), 0),
+    ];
+    if let Err(e) = play(ReplicationMode::Sync, Plant::None, &faults) {
+        panic!("{e}");
     }
 }

@@ -277,10 +277,18 @@ impl PostgresDriver {
                     .await?;
                 self.query(spec.port, "SELECT pg_reload_conf()").await?;
                 *self.streamed_at.lock().expect("lock") = Some(Instant::now());
-                // Say so at once: the candidate waits for it.
-                let mut me = me.clone();
-                me.following = false;
-                me.at_ms = ha::now_ms();
+                // Say so at once, with the position reached (it may have
+                // received more since this tick looked): the candidate waits
+                // for it. A WAL receiver still stopping says `following`.
+                let sql = self.local(spec.port).await?;
+                let me = ha::member_record(
+                    &me.node,
+                    me.address,
+                    me.port,
+                    Some(&sql),
+                    Some(me),
+                    ha::now_ms(),
+                );
                 self.dcs.publish(keys, &me).await?;
                 Ok(())
             }
