@@ -10,7 +10,8 @@
 //! - never two writable primaries for longer than [`SPLIT_BOUND`];
 //! - in `sync` and `strict` mode, no record a standby has received (an
 //!   acknowledged commit) is missing from the primary that holds the lock;
-//! - a switchover target promotes only with the old primary's last WAL.
+//! - a switchover target promotes only with the old primary's last WAL;
+//! - a minute after the last fault, one primary runs and holds the lock.
 //!
 //! Consul is modelled as corral configures it: the leader session is bound
 //! to `serfHealth` (gossip declares a silent node failed after
@@ -169,6 +170,9 @@ enum Plant {
     SwitchoverIgnoresMinLsn,
     /// The watchdog never fences.
     NoWatchdog,
+    /// Standbys never stop following (no `Detach`): in the synchronous
+    /// modes nobody may promote while they follow.
+    NeverDetach,
 }
 
 impl Sim {
@@ -516,6 +520,9 @@ impl Sim {
         {
             action = Action::TakeLockAndPromote;
         }
+        if self.plant == Plant::NeverDetach && action == Action::Detach {
+            action = Action::Abstain("planted: never detach".into());
+        }
         if let Some(d) = self.nodes[i].agent.slow_next.take() {
             self.nodes[i].agent.pending = Some((t + d, action, local, me));
         } else {
@@ -844,7 +851,22 @@ impl Sim {
             self.fault(fault);
             self.run(*ms)?;
         }
-        self.run(30_000)
+        self.run(60_000)?;
+        // Every fault healed: one primary, holding the lock.
+        let t = self.now();
+        let primaries: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.writable(t))
+            .map(|n| n.name.as_str())
+            .collect();
+        let holder = self.store.holder(&self.keys.leader);
+        match primaries[..] {
+            [p] if holder.as_deref() == Some(p) => Ok(()),
+            _ => Err(format!(
+                "a minute after the last fault: primaries {primaries:?}, lock holder {holder:?}"
+            )),
+        }
     }
 }
 
@@ -930,6 +952,11 @@ fn the_properties_catch_a_switchover_that_ignores_the_last_wal() {
 #[test]
 fn the_properties_catch_a_missing_watchdog() {
     assert!(catches(Plant::NoWatchdog, ReplicationMode::Async));
+}
+
+#[test]
+fn the_properties_catch_standbys_that_never_stop_following() {
+    assert!(catches(Plant::NeverDetach, ReplicationMode::Sync));
 }
 
 #[test]
