@@ -51,6 +51,11 @@ pub struct Member {
     pub timeline: u32,
     /// When it was published, Unix milliseconds.
     pub at_ms: u64,
+    /// A standby set to stream from a primary (`primary_conninfo`), or
+    /// whose WAL receiver still streams: it may receive (and acknowledge)
+    /// more than `lsn`.
+    #[serde(default)]
+    pub following: bool,
 }
 
 impl Member {
@@ -78,6 +83,8 @@ pub struct Switchover {
 /// (`service/postgres/leader` -> `service/postgres/members/`, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
+    /// Where every key of the cluster but (perhaps) the leader key lives.
+    pub prefix: String,
     pub leader: String,
     pub members: String,
     pub switchover: String,
@@ -90,6 +97,7 @@ impl Keys {
             .map(|(p, _)| p)
             .unwrap_or("corral");
         Self {
+            prefix: format!("{parent}/"),
             leader: leader_key.to_string(),
             members: format!("{parent}/members/"),
             switchover: format!("{parent}/switchover"),
@@ -117,6 +125,14 @@ pub fn now_ms() -> u64 {
 }
 
 /// Whether `me`, a running standby, may take the free leader lock; the
+/// error says why not (for the logs). In the synchronous modes no other
+/// standby may still follow the last primary: it may be frozen rather
+/// than dead, and once thawed it would have commits acknowledged by a
+/// standby still connected to it, commits a promoted node lacks (found by
+/// the property tests in `ha_sim.rs`). Standbys stop following when they
+/// see the lock free ([`Action::Detach`]).
+///
+/// Besides: the
 /// error says why not (for the logs). `last_leader` held the lock last: a
 /// silent record of it does not block (it is the primary that failed — in
 /// the synchronous modes its acknowledged commits are on a standby too — and
@@ -182,6 +198,13 @@ pub fn may_promote(
             }
             continue;
         }
+        if mode.is_synchronous() && other.following {
+            return Err(format!(
+                "{} still follows the last primary: in {mode} mode it could acknowledge \
+                 that primary's commits after my promotion (a frozen primary thawing)",
+                other.node
+            ));
+        }
         let ahead = (other.timeline, other.lsn) > (me.timeline, me.lsn);
         let tie = (other.timeline, other.lsn) == (me.timeline, me.lsn) && other.node < me.node;
         if ahead || tie {
@@ -192,6 +215,337 @@ pub fn may_promote(
         }
     }
     Ok(())
+}
+
+/// The leader key as read: the node named in it (the key keeps the last
+/// holder's name after its session ends) and the session locking it, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderKey {
+    pub node: String,
+    pub session: Option<String>,
+}
+
+/// One snapshot of the cluster in the DCS, read once per tick: every
+/// decision of that tick is taken on it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterView {
+    /// `None` when the key does not exist (a new cluster).
+    pub leader: Option<LeaderKey>,
+    pub members: Vec<Member>,
+    pub switchover: Option<Switchover>,
+    /// When it was read, Unix milliseconds.
+    pub now_ms: u64,
+}
+
+impl ClusterView {
+    /// The node holding the lock (a live session on the key).
+    pub fn holder(&self) -> Option<&str> {
+        self.leader
+            .as_ref()
+            .filter(|l| l.session.is_some())
+            .map(|l| l.node.as_str())
+    }
+
+    /// The last holder, when nobody holds the lock now.
+    pub fn last_leader(&self) -> Option<&str> {
+        self.leader
+            .as_ref()
+            .filter(|l| l.session.is_none())
+            .map(|l| l.node.as_str())
+    }
+
+    pub fn member(&self, node: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.node == node)
+    }
+
+    /// The view with `me` as this node's record (the one just published).
+    pub fn with_member(mut self, me: &Member) -> Self {
+        self.members.retain(|m| m.node != me.node);
+        self.members.push(me.clone());
+        self
+    }
+}
+
+/// What one SQL round trip says about the local server.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SqlStatus {
+    pub in_recovery: bool,
+    pub timeline: u32,
+    pub lsn: u64,
+    /// Standbys streaming from this primary (application names), and
+    /// `slot:<name>` for each replication slot it has.
+    pub streaming: Vec<String>,
+    pub sync_standbys: Vec<String>,
+    pub sync_names: String,
+    /// A standby's walreceiver is streaming.
+    pub receiving: bool,
+    pub slot_name: String,
+    pub conninfo: String,
+}
+
+impl SqlStatus {
+    /// The status query's columns, in the order [`STATUS_QUERY`] selects
+    /// them.
+    pub fn parse(row: &str) -> Result<Self, String> {
+        let cols: Vec<&str> = row.splitn(10, '|').collect();
+        if cols.len() != 10 {
+            return Err(format!("unexpected status row {row:?}"));
+        }
+        let list = |s: &str| -> Vec<String> {
+            s.split(',')
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let mut streaming = list(cols[3]);
+        streaming.extend(list(cols[5]).into_iter().map(|slot| format!("slot:{slot}")));
+        Ok(Self {
+            in_recovery: cols[0] == "t",
+            timeline: cols[1].parse().unwrap_or(0),
+            lsn: cols[2].parse().unwrap_or(0),
+            streaming,
+            sync_standbys: list(cols[4]),
+            receiving: cols[6] == "t",
+            slot_name: cols[7].to_string(),
+            sync_names: cols[8].to_string(),
+            conninfo: cols[9].to_string(),
+        })
+    }
+}
+
+/// The one status query of a tick: role, timeline, WAL position, standbys,
+/// settings (parsed by [`SqlStatus::parse`]).
+pub const STATUS_QUERY: &str = "SELECT pg_is_in_recovery(), \
+     COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint())), \
+     CASE WHEN pg_is_in_recovery() \
+     THEN COALESCE(pg_wal_lsn_diff(GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), '0/0'), 0)::bigint \
+     ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint END, \
+     COALESCE((SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE state = 'streaming'), ''), \
+     COALESCE((SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), ''), \
+     COALESCE((SELECT string_agg(slot_name, ',') FROM pg_replication_slots), ''), \
+     EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'), \
+     current_setting('primary_slot_name'), \
+     current_setting('synchronous_standby_names'), \
+     current_setting('primary_conninfo')";
+
+/// What this node is like now, from one status query and its data dir.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LocalStatus {
+    /// A postgres process runs (it may not answer yet).
+    pub running: bool,
+    /// What it answered; `None` when it did not.
+    pub sql: Option<SqlStatus>,
+    /// The data dir exists (`PG_VERSION`).
+    pub data_dir: bool,
+    /// `standby.signal` is there: without it, the data dir was a primary's.
+    pub standby_signal: bool,
+    /// This data dir was a primary's that lost its role: it is rewound
+    /// before it follows anyone.
+    pub rejoin_marked: bool,
+}
+
+/// What this agent remembers between ticks, and who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Memory {
+    pub node: String,
+    pub mode: ReplicationMode,
+    /// This node's leader session, as last created.
+    pub session: Option<String>,
+    /// As primary, this agent confirmed the lock in its life (and has not
+    /// fenced or stepped down since).
+    pub confirmed: bool,
+    /// How long this standby has not streamed from the leader it follows.
+    pub not_streaming_for: Duration,
+}
+
+/// A standby that follows a leader but has not streamed from it for this
+/// long is rewound (its history forked) and restarted.
+pub const STUCK_AFTER: Duration = Duration::from_secs(15);
+
+/// What the HA loop does this tick: the one outcome of [`decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing this tick, and why.
+    Wait(String),
+    /// The lock is free, but this standby may not take it: why (a better
+    /// candidate, a member that may hold newer commits, a switchover).
+    Abstain(String),
+    /// A session of this node from an earlier life (its id lost) holds the
+    /// lock; nobody else could ever take it. End it.
+    EndStaleSession(String),
+    /// A running primary, the lock free and never confirmed in this
+    /// agent's life (a new cluster, a restarted agent whose session ended):
+    /// take the lock, then lead; fence if another node took it.
+    TakeLockAsPrimary,
+    /// A primary holding the lock: confirm it, register, keep the
+    /// standbys' slots and the synchronous standbys right; delete a
+    /// switchover record that named this node.
+    Lead { clear_switchover: bool },
+    /// A primary without the lock: stop at once, come back as a standby.
+    Fence(String),
+    /// A standby holding the lock (it took it and its promotion did not
+    /// finish): promote.
+    Promote,
+    /// The lock is free and this standby is the best candidate: take it
+    /// and promote.
+    TakeLockAndPromote,
+    /// A standby that cannot follow the leader as it is (marked for rejoin,
+    /// or not streaming for [`STUCK_AFTER`]): stop, to be rewound.
+    StopToRewind { leader: String },
+    /// Stream from the leader.
+    Follow(Member),
+    /// Sync and strict modes: the lock is free and this standby still
+    /// follows the last primary, which may be frozen rather than dead:
+    /// stop following (`primary_conninfo` reset), so that once thawed it
+    /// cannot have commits acknowledged that a newly promoted node lacks.
+    Detach,
+    /// No data dir: make it (a clone of the primary, or a new cluster on
+    /// the bootstrap node when none exists).
+    MakeDataDir,
+    /// PostgreSQL is stopped: start it as a standby of `leader` (of nothing
+    /// when there is none: it then competes like any standby).
+    Start {
+        /// It ran as primary (no `standby.signal`): mark it for rejoin.
+        was_primary: bool,
+        /// It died as primary holding the lock: let go of the lock (no
+        /// lock-delay, a standby takes over within a tick) and end the
+        /// session.
+        let_go: bool,
+        /// Rewind from the leader first.
+        rewind: bool,
+        leader: Option<Member>,
+    },
+}
+
+/// The member record this node publishes: what its server says, or when it
+/// does not answer, the last position and timeline it knew (not 0: a
+/// standby that may hold acknowledged commits must keep blocking the
+/// promotion of one that lacks them, see [`may_promote`]).
+pub fn member_record(
+    node: &str,
+    address: IpAddr,
+    port: u16,
+    sql: Option<&SqlStatus>,
+    last: Option<&Member>,
+    now_ms: u64,
+) -> Member {
+    let (lsn, timeline) = last.map_or((0, 0), |m| (m.lsn, m.timeline));
+    Member {
+        node: node.to_string(),
+        address,
+        port,
+        role: match sql {
+            Some(l) if l.in_recovery => MemberRole::Replica,
+            Some(_) => MemberRole::Primary,
+            None => MemberRole::Stopped,
+        },
+        lsn: sql.map_or(lsn, |l| l.lsn),
+        timeline: sql.map_or(timeline, |l| l.timeline),
+        at_ms: now_ms,
+        following: sql.is_some_and(|l| l.in_recovery && (!l.conninfo.is_empty() || l.receiving)),
+    }
+}
+
+/// The decision of one tick, on one snapshot of the cluster (which holds
+/// this node's record as just published), one status of the local server
+/// and what the agent remembers. No I/O: the HA loop acts on the answer.
+pub fn decide(view: &ClusterView, local: &LocalStatus, memory: &Memory) -> Action {
+    let me = memory.node.as_str();
+    let holder = view.holder();
+    let holder_session = view.leader.as_ref().and_then(|l| l.session.as_deref());
+    let i_hold = holder_session.is_some() && holder_session == memory.session.as_deref();
+    if !i_hold
+        && holder == Some(me)
+        && let Some(stale) = holder_session
+    {
+        return Action::EndStaleSession(stale.to_string());
+    }
+    let others: Vec<&Member> = view.members.iter().filter(|m| m.node != me).collect();
+    let leader_record = || {
+        holder
+            .filter(|h| *h != me)
+            .and_then(|h| others.iter().find(|m| m.node == h))
+            .map(|m| (*m).clone())
+    };
+    match &local.sql {
+        Some(sql) if !sql.in_recovery => {
+            if i_hold {
+                return Action::Lead {
+                    clear_switchover: view.switchover.as_ref().is_some_and(|s| s.to == me),
+                };
+            }
+            // A newer timeline elsewhere: another node was promoted after
+            // this one, whatever happened to it since.
+            let superseded = others.iter().any(|m| m.timeline > sql.timeline);
+            if holder.is_none() && !memory.confirmed && !superseded {
+                Action::TakeLockAsPrimary
+            } else {
+                Action::Fence(match holder {
+                    Some(h) => format!("the leader lock is held by {h}"),
+                    None => "the leader lock is lost (our session ended)".into(),
+                })
+            }
+        }
+        Some(sql) => {
+            if i_hold {
+                return Action::Promote;
+            }
+            match holder {
+                Some(h) if h != me => match leader_record() {
+                    None => Action::Wait(format!("the leader {h} has no member record")),
+                    Some(_) if local.rejoin_marked || memory.not_streaming_for > STUCK_AFTER => {
+                        Action::StopToRewind {
+                            leader: h.to_string(),
+                        }
+                    }
+                    Some(leader) => Action::Follow(leader),
+                },
+                Some(_) => Action::Wait("this node's stale session holds the lock".into()),
+                None => {
+                    let target = view.switchover.as_ref().is_some_and(|s| {
+                        s.to == me
+                            && view.now_ms.saturating_sub(s.at_ms)
+                                <= SWITCHOVER_TTL.as_millis() as u64
+                    });
+                    // The candidate stops following by promoting; another
+                    // standby stops now, except a switchover's target, which
+                    // needs the old primary's last records.
+                    let detach =
+                        memory.mode.is_synchronous() && !sql.conninfo.is_empty() && !target;
+                    let Some(mine) = view.member(me) else {
+                        return Action::Wait("this node has no member record".into());
+                    };
+                    let others: Vec<Member> = others.into_iter().cloned().collect();
+                    match may_promote(
+                        mine,
+                        &others,
+                        memory.mode,
+                        view.switchover.as_ref(),
+                        view.last_leader(),
+                        view.now_ms,
+                    ) {
+                        Ok(()) => Action::TakeLockAndPromote,
+                        Err(_) if detach => Action::Detach,
+                        Err(why) => Action::Abstain(why),
+                    }
+                }
+            }
+        }
+        // Starting, or not answering: a hung primary is fenced by the
+        // watchdog, since nothing confirms its lock.
+        None if local.running => Action::Wait("postgres runs but does not answer".into()),
+        None if !local.data_dir => Action::MakeDataDir,
+        None => {
+            let was_primary = !local.standby_signal;
+            let leader = leader_record();
+            Action::Start {
+                was_primary,
+                let_go: was_primary && i_hold,
+                rewind: (local.rejoin_marked || was_primary) && leader.is_some(),
+                leader,
+            }
+        }
+    }
 }
 
 /// The `synchronous_standby_names` a primary wants, and whether that is the
@@ -240,6 +594,7 @@ mod tests {
             lsn,
             timeline: 1,
             at_ms,
+            following: false,
         }
     }
 
@@ -422,6 +777,260 @@ mod tests {
     fn a_primary_or_stopped_node_never_promotes() {
         let me = member("pg2", MemberRole::Stopped, 100, NOW);
         assert!(may_promote(&me, &[], ReplicationMode::Async, None, None, NOW).is_err());
+    }
+
+    fn view(leader: Option<(&str, Option<&str>)>, members: Vec<Member>) -> ClusterView {
+        ClusterView {
+            leader: leader.map(|(node, session)| LeaderKey {
+                node: node.into(),
+                session: session.map(String::from),
+            }),
+            members,
+            switchover: None,
+            now_ms: NOW,
+        }
+    }
+
+    fn running(in_recovery: bool, lsn: u64) -> LocalStatus {
+        LocalStatus {
+            running: true,
+            sql: Some(SqlStatus {
+                in_recovery,
+                timeline: 1,
+                lsn,
+                receiving: in_recovery,
+                ..SqlStatus::default()
+            }),
+            data_dir: true,
+            standby_signal: in_recovery,
+            rejoin_marked: false,
+        }
+    }
+
+    fn memory(node: &str, session: Option<&str>, confirmed: bool) -> Memory {
+        Memory {
+            node: node.into(),
+            mode: ReplicationMode::Sync,
+            session: session.map(String::from),
+            confirmed,
+            not_streaming_for: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_primary_holding_the_lock_leads_and_one_that_lost_it_fences() {
+        let pg1 = member("pg1", MemberRole::Primary, 100, NOW);
+        let local = running(false, 100);
+        let held = view(Some(("pg1", Some("s1"))), vec![pg1.clone()]);
+        assert_eq!(
+            decide(&held, &local, &memory("pg1", Some("s1"), true)),
+            Action::Lead {
+                clear_switchover: false
+            }
+        );
+        let elsewhere = view(Some(("pg2", Some("s2"))), vec![pg1.clone()]);
+        assert!(matches!(
+            decide(&elsewhere, &local, &memory("pg1", Some("s1"), true)),
+            Action::Fence(why) if why.contains("held by pg2")
+        ));
+        // The session ended: fence, unless this agent never confirmed the
+        // lock (a new cluster, a restarted agent), which takes it.
+        let free = view(Some(("pg1", None)), vec![pg1.clone()]);
+        assert!(matches!(
+            decide(&free, &local, &memory("pg1", Some("s1"), true)),
+            Action::Fence(_)
+        ));
+        assert_eq!(
+            decide(&free, &local, &memory("pg1", Some("s1"), false)),
+            Action::TakeLockAsPrimary
+        );
+        // ... but not when another node was promoted since.
+        let pg2 = Member {
+            timeline: 2,
+            ..member("pg2", MemberRole::Primary, 200, NOW)
+        };
+        let superseded = view(Some(("pg2", None)), vec![pg1, pg2]);
+        assert!(matches!(
+            decide(&superseded, &local, &memory("pg1", None, false)),
+            Action::Fence(_)
+        ));
+    }
+
+    #[test]
+    fn a_session_of_this_node_it_no_longer_knows_is_ended_first() {
+        let v = view(Some(("pg1", Some("old"))), vec![]);
+        for local in [running(false, 1), running(true, 1), LocalStatus::default()] {
+            assert_eq!(
+                decide(&v, &local, &memory("pg1", Some("new"), false)),
+                Action::EndStaleSession("old".into())
+            );
+        }
+    }
+
+    #[test]
+    fn a_standby_follows_the_holder_and_rewinds_when_it_cannot() {
+        let pg1 = member("pg1", MemberRole::Primary, 100, NOW);
+        let pg2 = member("pg2", MemberRole::Replica, 90, NOW);
+        let v = view(Some(("pg1", Some("s1"))), vec![pg1.clone(), pg2]);
+        let mut local = running(true, 90);
+        let mut mem = memory("pg2", None, false);
+        assert_eq!(decide(&v, &local, &mem), Action::Follow(pg1.clone()));
+        mem.not_streaming_for = STUCK_AFTER + Duration::from_millis(1);
+        assert_eq!(
+            decide(&v, &local, &mem),
+            Action::StopToRewind {
+                leader: "pg1".into()
+            }
+        );
+        mem.not_streaming_for = Duration::ZERO;
+        local.rejoin_marked = true;
+        assert!(matches!(
+            decide(&v, &local, &mem),
+            Action::StopToRewind { .. }
+        ));
+        // The holder has no record yet: wait.
+        let bare = view(Some(("pg1", Some("s1"))), vec![]);
+        assert!(matches!(decide(&bare, &local, &mem), Action::Wait(_)));
+        // This standby holds the lock (its promotion did not finish).
+        let mine = view(Some(("pg2", Some("s2"))), vec![]);
+        assert_eq!(
+            decide(&mine, &local, &memory("pg2", Some("s2"), false)),
+            Action::Promote
+        );
+    }
+
+    #[test]
+    fn a_standby_takes_the_free_lock_only_as_the_best_candidate() {
+        let pg2 = member("pg2", MemberRole::Replica, 90, NOW);
+        let pg3 = member("pg3", MemberRole::Replica, 95, NOW);
+        let v = view(Some(("pg1", None)), vec![pg2.clone(), pg3.clone()]);
+        assert!(matches!(
+            decide(&v, &running(true, 90), &memory("pg2", None, false)),
+            Action::Abstain(why) if why.contains("pg3 is a better candidate")
+        ));
+        assert_eq!(
+            decide(&v, &running(true, 95), &memory("pg3", None, false)),
+            Action::TakeLockAndPromote
+        );
+    }
+
+    #[test]
+    fn in_synchronous_modes_standbys_stop_streaming_from_a_primary_that_lost_the_lock() {
+        // pg1 froze; its session ended. pg3 still streams from it: once
+        // thawed, pg1 would have commits acknowledged by pg3 that pg2 lacks.
+        let pg2 = member("pg2", MemberRole::Replica, 95, NOW);
+        let pg3 = Member {
+            following: true,
+            ..member("pg3", MemberRole::Replica, 90, NOW)
+        };
+        let v = view(Some(("pg1", None)), vec![pg2.clone(), pg3.clone()]);
+        let idle = running(true, 95);
+        let mut attached = running(true, 90);
+        if let Some(sql) = &mut attached.sql {
+            sql.conninfo = "host=127.0.0.1".into();
+        }
+        assert!(matches!(
+            decide(&v, &idle, &memory("pg2", None, false)),
+            Action::Abstain(why) if why.contains("pg3 still follows")
+        ));
+        assert_eq!(
+            decide(&v, &attached, &memory("pg3", None, false)),
+            Action::Detach
+        );
+        let mut async_mode = memory("pg2", None, false);
+        async_mode.mode = ReplicationMode::Async;
+        assert_eq!(decide(&v, &idle, &async_mode), Action::TakeLockAndPromote);
+        // Detached, pg3 no longer blocks.
+        let pg3 = Member {
+            following: false,
+            ..pg3
+        };
+        let v = view(Some(("pg1", None)), vec![pg2, pg3]);
+        assert_eq!(
+            decide(&v, &idle, &memory("pg2", None, false)),
+            Action::TakeLockAndPromote
+        );
+        // A switchover's target keeps streaming: it needs the last WAL.
+        let mut v = v;
+        v.switchover = Some(Switchover {
+            from: "pg1".into(),
+            to: "pg3".into(),
+            at_ms: NOW - 1000,
+            min_lsn: 0,
+        });
+        assert!(matches!(
+            decide(&v, &attached, &memory("pg3", None, false)),
+            Action::Abstain(_)
+        ));
+    }
+
+    #[test]
+    fn a_stopped_node_starts_as_a_standby_and_a_dead_primary_lets_go_of_its_lock() {
+        let pg2 = member("pg2", MemberRole::Primary, 200, NOW);
+        let stopped_primary = LocalStatus {
+            data_dir: true,
+            ..LocalStatus::default()
+        };
+        // It died as primary holding the lock.
+        let mine = view(Some(("pg1", Some("s1"))), vec![]);
+        assert_eq!(
+            decide(&mine, &stopped_primary, &memory("pg1", Some("s1"), true)),
+            Action::Start {
+                was_primary: true,
+                let_go: true,
+                rewind: false,
+                leader: None
+            }
+        );
+        // Another node leads: rewind from it first.
+        let other = view(Some(("pg2", Some("s2"))), vec![pg2.clone()]);
+        assert_eq!(
+            decide(&other, &stopped_primary, &memory("pg1", Some("s1"), false)),
+            Action::Start {
+                was_primary: true,
+                let_go: false,
+                rewind: true,
+                leader: Some(pg2.clone())
+            }
+        );
+        // A standby that stopped just starts again.
+        let stopped_standby = LocalStatus {
+            data_dir: true,
+            standby_signal: true,
+            ..LocalStatus::default()
+        };
+        assert_eq!(
+            decide(&other, &stopped_standby, &memory("pg3", None, false)),
+            Action::Start {
+                was_primary: false,
+                let_go: false,
+                rewind: false,
+                leader: Some(pg2)
+            }
+        );
+        assert_eq!(
+            decide(&other, &LocalStatus::default(), &memory("pg3", None, false)),
+            Action::MakeDataDir
+        );
+        let starting = LocalStatus {
+            running: true,
+            ..stopped_standby
+        };
+        assert!(matches!(
+            decide(&other, &starting, &memory("pg3", None, false)),
+            Action::Wait(_)
+        ));
+    }
+
+    #[test]
+    fn the_status_row_parses_and_a_short_one_is_refused() {
+        let row = "t|2|4096|pg2,pg3|pg2|pg2,pg3|t|pg1|ANY 1 (\"pg2\")|host=a";
+        let s = SqlStatus::parse(row).expect("a row");
+        assert!(s.in_recovery && s.receiving);
+        assert_eq!((s.timeline, s.lsn), (2, 4096));
+        assert_eq!(s.streaming, ["pg2", "pg3", "slot:pg2", "slot:pg3"]);
+        assert_eq!(s.sync_names, "ANY 1 (\"pg2\")");
+        assert!(SqlStatus::parse("t|2").is_err());
     }
 
     #[test]

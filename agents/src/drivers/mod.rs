@@ -5,8 +5,11 @@
 
 pub mod backup;
 pub mod consul;
+pub mod dcs;
 pub mod firewall;
 pub mod ha;
+#[cfg(test)]
+mod ha_sim;
 pub mod leader;
 pub mod nginx;
 pub mod postgres;
@@ -90,6 +93,8 @@ pub enum DriverError {
     Host(#[from] HostError),
     #[error(transparent)]
     Consul(#[from] ConsulError),
+    #[error(transparent)]
+    Dcs(#[from] dcs::DcsError),
     #[error("{what}: {source}")]
     Io {
         what: String,
