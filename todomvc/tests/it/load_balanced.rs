@@ -60,7 +60,7 @@ impl Nginx {
             &conf,
             render(&Render {
                 prefix: dir.path(),
-                listen: format!("127.0.0.1:{port}"),
+                listen: vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))],
                 service: "todomvc",
                 policy: LbPolicy::RoundRobin,
                 upstreams: &upstreams,
