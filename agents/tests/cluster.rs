@@ -280,11 +280,15 @@ fn consul_token(state: &Path) -> String {
         .to_string()
 }
 
-fn rss_kb(pid: u32) -> Option<u64> {
+/// A `/proc/<pid>/status` memory field (`VmRSS`, `RssAnon`, ...), in kB.
+fn status_kb(pid: u32, field: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| {
+            l.strip_prefix(field)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -465,12 +469,24 @@ async fn todos_flow_through_nginx_and_a_killed_agent_adopts_its_services() {
     let nginx1 = cluster.node_state("nginx1");
     for a in &cluster.agents {
         let pid = a.child.as_ref().expect("child").id();
-        let rss = rss_kb(pid).expect("agent rss");
-        eprintln!("agent RSS ({}): {rss} kB", a.node);
-        // A debug build (this test's default) with backups, several
-        // servers and Consul ACLs measured 14.9-15.4 MiB; the release
-        // build 7.8-8.1 MiB (CORRAL_TEST_AGENT_BIN=target/release/corral-agent).
-        assert!(rss < 16 * 1024, "{} agent uses {rss} kB", a.node);
+        let rss = status_kb(pid, "VmRSS").expect("agent rss");
+        let anon = status_kb(pid, "RssAnon").expect("agent anonymous rss");
+        eprintln!(
+            "agent RSS ({}): {rss} kB, of which {anon} kB its own memory (the rest mapped code and libraries)",
+            a.node
+        );
+        // What the agent allocates (heap, stacks) is its anonymous memory,
+        // 1.6-1.8 MiB here. The rest of its RSS is file-backed: the
+        // binary's code pages, 14.4-14.6 MiB for this test's debug build
+        // (which grows with every feature and says nothing of the
+        // shipped agent), about 6 MiB for the release build.
+        assert!(anon < 6 * 1024, "{} agent allocates {anon} kB", a.node);
+        // The design's footprint target is for the shipped (release)
+        // binary: CORRAL_TEST_AGENT_BIN=target/release/corral-agent
+        // measured 7.8-8.1 MiB in all.
+        if agent().contains("/release/") {
+            assert!(rss < 15 * 1024, "{} agent uses {rss} kB", a.node);
+        }
     }
 
     // Consul denies by default. Without a token, or with the webapps'
