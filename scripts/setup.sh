@@ -4,6 +4,7 @@
 #
 #   scripts/setup.sh            system packages + Rust components
 #   scripts/setup.sh --fuzz     also the API fuzzer (schemathesis) in .venv
+#   scripts/setup.sh --s3       also an S3 server for the offsite-backup tests (s3s-fs)
 #   scripts/setup.sh --bench    also load generators for the benchmarks
 #   scripts/setup.sh --ui       also build the web UI (frontend/dist)
 #   scripts/setup.sh --lxc      also LXC, debootstrap and nftables (the LXC provider)
@@ -12,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_fuzz=0
+want_s3=0
 want_bench=0
 want_ui=0
 want_lxc=0
@@ -19,6 +21,7 @@ want_vagrant=0
 for arg in "$@"; do
   case "$arg" in
     --fuzz) want_fuzz=1 ;;
+    --s3) want_s3=1 ;;
     --bench) want_bench=1 ;;
     --ui) want_ui=1 ;;
     --lxc) want_lxc=1 ;;
@@ -117,10 +120,11 @@ fi
 # (backend/tests/api/offsite.rs): s3s-fs, the s3s project's S3 server over a
 # directory, built once into the cache (about 200 s of CPU cold; MinIO is in no
 # registry this machine reaches). 0.14.1 is the newest that builds with the
-# pinned toolchain; corral-testkit's S3S_FS_VERSION names the same.
+# pinned toolchain; corral-testkit's S3S_FS_VERSION names the same. Only for
+# the tests (--s3): the demo would spend almost 2 minutes of a cold start on it.
 s3s_version=0.14.1
 s3s_dir=${XDG_CACHE_HOME:-$HOME/.cache}/corral/s3s-fs-$s3s_version
-if [ ! -x "$s3s_dir/bin/s3s-fs" ]; then
+if [ "$want_s3" = 1 ] && [ ! -x "$s3s_dir/bin/s3s-fs" ]; then
   say "installing s3s-fs $s3s_version into $s3s_dir"
   cargo install -q s3s-fs --version "$s3s_version" --features binary --locked --root "$s3s_dir"
 fi

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> [%2d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 
 step "setup"
-scripts/setup.sh --fuzz --lxc --vagrant
+scripts/setup.sh --fuzz --s3 --lxc --vagrant
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

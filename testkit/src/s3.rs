@@ -43,7 +43,7 @@ pub fn s3s_fs_bin() -> Result<PathBuf> {
         .find(|p| p.is_file());
     on_path.ok_or_else(|| {
         err(format!(
-            "s3s-fs not found ({} or PATH): run scripts/setup.sh",
+            "s3s-fs not found ({} or PATH): run scripts/setup.sh --s3",
             cached.display()
         ))
     })
