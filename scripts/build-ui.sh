@@ -36,12 +36,9 @@ if [ -z "$crate_version" ] || [ "$crate_version" != "$tool_version" ]; then
 fi
 
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-# CORRAL_UI_TARGET_DIR: the wasm's own target dir, so a host build can run
-# at the same time (scripts/demo.sh); the workspace's by default.
-ui_target=${CORRAL_UI_TARGET_DIR:-$target_dir}
 say "building the web UI: cargo build --profile wasm-release --target wasm32-unknown-unknown"
-CARGO_TARGET_DIR="$ui_target" cargo build -q --locked --profile wasm-release --target wasm32-unknown-unknown -p corral-frontend
-wasm_in="$ui_target/wasm32-unknown-unknown/wasm-release/corral-frontend.wasm"
+cargo build -q --locked --profile wasm-release --target wasm32-unknown-unknown -p corral-frontend
+wasm_in="$target_dir/wasm32-unknown-unknown/wasm-release/corral-frontend.wasm"
 say "building wasm-bindgen $tool_version (tools/bindgen, release)"
 cargo build -q --locked --release -p corral-bindgen
 

@@ -55,22 +55,10 @@ if [ "$provider" = lxc ]; then
 else
   scripts/setup.sh
 fi
-# The web UI's wasm builds alongside, in a target dir of its own (cargo
-# locks a target dir per build; the wasm shares no artifact with the host
-# build anyway), filling the cores the release build leaves idle in its
-# serial stretches. wasm-bindgen's library joins the release build, so the
-# UI script finds it built.
-say "building corral, corral-agent, todomvc (release) and the web UI alongside"
-CORRAL_UI_TARGET_DIR=target/ui scripts/build-ui.sh &
-ui_pid=$!
-if ! cargo build -q --release --locked -p corral-server -p corral-agent -p todomvc -p corral-bindgen; then
-  kill "$ui_pid" 2>/dev/null
-  wait "$ui_pid" 2>/dev/null
-  exit 1
-fi
-say "release build done"
-if ! wait "$ui_pid"; then
-  echo "demo.sh: the web UI did not build (see above); corral serves a note in its place" >&2
+say "building corral, corral-agent and todomvc (release)"
+cargo build -q --release --locked -p corral-server -p corral-agent -p todomvc
+if [ -x scripts/build-ui.sh ]; then
+  scripts/build-ui.sh
 fi
 if [ "$provider" = lxc ]; then
   say "building the .deb packages the containers install"
