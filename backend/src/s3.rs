@@ -277,6 +277,24 @@ impl S3Bucket {
         }
     }
 
+    /// Sends `request` (for `op` on `key`): the response, `None` for a 404
+    /// (no such object), the cause otherwise.
+    async fn found(
+        &self,
+        op: &'static str,
+        key: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Option<reqwest::Response>, S3Error> {
+        let res = request.send().await.map_err(|e| self.unreachable(e))?;
+        if res.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        if !res.status().is_success() {
+            return Err(self.status_error(op, key, res).await);
+        }
+        Ok(Some(res))
+    }
+
     /// Whether the bucket is there and these credentials may use it.
     pub async fn check(&self) -> Result<(), S3Error> {
         let url = self
@@ -351,19 +369,10 @@ impl S3Bucket {
             .bucket
             .head_object(Some(&self.credentials), &key)
             .sign(URL_TTL);
-        let res = self
-            .http
-            .head(url)
-            .timeout(CALL_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        if res.status().as_u16() == 404 {
+        let request = self.http.head(url).timeout(CALL_TIMEOUT);
+        let Some(res) = self.found("HEAD", &key, request).await? else {
             return Ok(None);
-        }
-        if !res.status().is_success() {
-            return Err(self.status_error("HEAD", &key, res).await);
-        }
+        };
         let size = res
             .headers()
             .get("content-length")
@@ -395,18 +404,9 @@ impl S3Bucket {
             .bucket
             .get_object(Some(&self.credentials), &key)
             .sign(URL_TTL);
-        let res = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        if res.status().as_u16() == 404 {
+        let Some(res) = self.found("GET", &key, self.http.get(url)).await? else {
             return Ok(None);
-        }
-        if !res.status().is_success() {
-            return Err(self.status_error("GET", &key, res).await);
-        }
+        };
         let sha = res
             .headers()
             .get(SHA256_META)
@@ -476,18 +476,9 @@ impl S3Bucket {
             .bucket
             .delete_object(Some(&self.credentials), &key)
             .sign(URL_TTL);
-        let res = self
-            .http
-            .delete(url)
-            .timeout(CALL_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        if res.status().is_success() || res.status().as_u16() == 404 {
-            Ok(())
-        } else {
-            Err(self.status_error("DELETE", &key, res).await)
-        }
+        let request = self.http.delete(url).timeout(CALL_TIMEOUT);
+        self.found("DELETE", &key, request).await?;
+        Ok(())
     }
 }
 
