@@ -273,6 +273,16 @@ pub fn signal_all(pids: &[u32], signal: nix::sys::signal::Signal) {
     }
 }
 
+/// Processes the caller has stopped (SIGSTOP), continued when dropped, so
+/// a failing test never leaves them hung.
+pub struct Frozen(pub Vec<u32>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal_all(&self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// The pid in `node`'s `run/<service>.pid` (local clusters).
 pub fn service_pid(c: &Cluster, node: &str, service: &str) -> anyhow::Result<u32> {
     let path = c

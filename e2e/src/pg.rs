@@ -112,3 +112,24 @@ pub fn kill_postgres(c: &Cluster, node: &str) -> anyhow::Result<()> {
     kill(Pid::from_raw(postmaster as i32), Signal::SIGKILL)?;
     Ok(())
 }
+
+/// Sets the topology to `web` web and `db` db nodes in `sync` replication
+/// and waits until the primary names its synchronous standbys; returns the
+/// primary.
+pub async fn sync_mode(c: &Cluster, web: u32, db: u32) -> anyhow::Result<String> {
+    let res = c
+        .api(reqwest::Method::PUT, "/topology")
+        .await
+        .json(&serde_json::json!({"web": web, "db": db, "lb_policy": "round_robin", "replication": "sync"}))
+        .send()
+        .await?;
+    if !res.status().is_success() {
+        bail!("PUT /topology: {}", res.status());
+    }
+    crate::eventually("sync mode on the primary", crate::writes::LONG, || async {
+        let p = sole_primary(c).await?;
+        let names = sql(c, &p, "SHOW synchronous_standby_names").await?;
+        Ok((!names.is_empty()).then_some(p))
+    })
+    .await
+}

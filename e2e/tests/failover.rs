@@ -8,8 +8,8 @@
 //! writes, and every write a client saw acknowledged is there.
 
 use anyhow::bail;
-use corral_e2e::faults::{service_pid, signal_all};
-use corral_e2e::pg::{kill_postgres, sole_primary, sql, streams_from};
+use corral_e2e::faults::{Frozen, service_pid, signal_all};
+use corral_e2e::pg::{kill_postgres, sole_primary, sql, streams_from, sync_mode};
 use corral_e2e::writes::{LONG, Writer, other, settled, switchover};
 use corral_e2e::{Cluster, eventually};
 use nix::sys::signal::Signal;
@@ -49,15 +49,6 @@ fn walreceiver_port(c: &Cluster, node: &str) -> Option<u16> {
     })
 }
 
-/// Thaws what a test froze, also when it fails.
-struct Frozen(Vec<u32>);
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        signal_all(&self.0, Signal::SIGCONT);
-    }
-}
-
 /// While `frozen` stays frozen, `standby` takes over and takes writes; once
 /// thawed, the old primary rejoins as its standby with nothing lost.
 async fn takes_over_then_rejoins(
@@ -87,21 +78,7 @@ async fn takes_over_then_rejoins(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write() {
     let c = Cluster::up(23, 1, 2).await.expect("cluster up");
-    let res = c
-        .api(Method::PUT, "/topology")
-        .await
-        .json(&json!({"web": 1, "db": 2, "lb_policy": "round_robin", "replication": "sync"}))
-        .send()
-        .await
-        .expect("PUT topology");
-    assert!(res.status().is_success(), "{}", res.status());
-    eventually("sync mode on the primary", LONG, || async {
-        let p = sole_primary(&c).await?;
-        let names = sql(&c, &p, "SHOW synchronous_standby_names").await?;
-        Ok((!names.is_empty()).then_some(p))
-    })
-    .await
-    .expect("sync mode");
+    sync_mode(&c, 1, 2).await.expect("sync mode");
     let w = Writer::start(&c, "nginx1");
     let primary = settled(&c, &w, "start").await.expect("start");
 

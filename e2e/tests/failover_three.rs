@@ -8,41 +8,16 @@
 //! server takes writes and every acknowledged write is on it and on both
 //! standbys.
 
-use corral_e2e::faults::{node_processes, signal_all};
-use corral_e2e::pg::{sole_primary, sql};
+use corral_e2e::faults::{Frozen, node_processes, signal_all};
+use corral_e2e::pg::{sql, sync_mode};
 use corral_e2e::writes::{LONG, Writer, settled};
 use corral_e2e::{Cluster, eventually};
 use nix::sys::signal::Signal;
-use reqwest::Method;
-use serde_json::json;
-
-/// Thaws what the test froze, also when it fails.
-struct Frozen(Vec<u32>);
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        signal_all(&self.0, Signal::SIGCONT);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thawed_primary_of_three_gets_no_write_acknowledged_that_is_then_lost() {
     let c = Cluster::up(37, 1, 3).await.expect("cluster up");
-    let res = c
-        .api(Method::PUT, "/topology")
-        .await
-        .json(&json!({"web": 1, "db": 3, "lb_policy": "round_robin", "replication": "sync"}))
-        .send()
-        .await
-        .expect("PUT topology");
-    assert!(res.status().is_success(), "{}", res.status());
-    eventually("sync mode on the primary", LONG, || async {
-        let p = sole_primary(&c).await?;
-        let names = sql(&c, &p, "SHOW synchronous_standby_names").await?;
-        Ok((!names.is_empty()).then_some(p))
-    })
-    .await
-    .expect("sync mode");
+    sync_mode(&c, 1, 3).await.expect("sync mode");
     let w = Writer::start(&c, "nginx1");
     let first = settled(&c, &w, "start").await.expect("start");
 
