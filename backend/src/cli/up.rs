@@ -43,6 +43,26 @@ fn running_up(state_dir: &Path) -> Option<u32> {
         .filter(|pid| *pid != std::process::id() && reaper::alive_with(*pid, "corral"))
 }
 
+/// The topology `up` asks for: the seed's on an empty cluster given no
+/// sizes, else the current one with the sizes given.
+fn wanted_topology(current: &TopologyUpdate, options: &UpOptions) -> TopologyUpdate {
+    let mut spec = current.clone();
+    if current.web == 0 && current.db == 0 && options.web.is_none() && options.db.is_none() {
+        spec = TopologyUpdate {
+            lb_policy: current.lb_policy,
+            replication: current.replication,
+            ..TopologyUpdate::seed()
+        };
+    }
+    if let Some(web) = options.web {
+        spec.web = web;
+    }
+    if let Some(db) = options.db {
+        spec.db = db;
+    }
+    spec
+}
+
 pub async fn up(mut config: Config, options: UpOptions) -> anyhow::Result<()> {
     let state_dir = config.state_dir.clone();
     std::fs::create_dir_all(&state_dir)
@@ -101,20 +121,7 @@ pub async fn up(mut config: Config, options: UpOptions) -> anyhow::Result<()> {
     }
 
     let current = TopologyUpdate::from(&cluster.topology().await?);
-    let mut spec = current.clone();
-    if current.web == 0 && current.db == 0 && options.web.is_none() && options.db.is_none() {
-        spec = TopologyUpdate {
-            lb_policy: current.lb_policy,
-            replication: current.replication,
-            ..TopologyUpdate::seed()
-        };
-    }
-    if let Some(web) = options.web {
-        spec.web = web;
-    }
-    if let Some(db) = options.db {
-        spec.db = db;
-    }
+    let spec = wanted_topology(&current, &options);
     if spec != current {
         let (change, _) = cluster
             .set_topology(spec.clone(), &Caller::Admin)
@@ -825,20 +832,7 @@ async fn serve_until_signal(
     let ca = std::fs::read(state_dir.join("tls/ca.pem")).ok();
     let client = super::client::Client::new(urls, Some(token), ca.as_deref());
     let current = TopologyUpdate::from(&client.topology().await?);
-    let mut spec = current.clone();
-    if current.web == 0 && current.db == 0 && options.web.is_none() && options.db.is_none() {
-        spec = TopologyUpdate {
-            lb_policy: current.lb_policy,
-            replication: current.replication,
-            ..TopologyUpdate::seed()
-        };
-    }
-    if let Some(web) = options.web {
-        spec.web = web;
-    }
-    if let Some(db) = options.db {
-        spec.db = db;
-    }
+    let spec = wanted_topology(&current, options);
     if spec != current {
         let change = client.set_topology(&spec).await?;
         eprintln!(
