@@ -50,14 +50,33 @@ if [ "$stop" = 1 ]; then
   exec target/release/corral down --state-dir "$state"
 fi
 
-if [ "$provider" = lxc ]; then
-  scripts/setup.sh --lxc
-else
-  scripts/setup.sh
+# The system packages install while corral compiles: the build needs only
+# Rust and a C compiler, and apt spends its time on the network and dpkg,
+# the build on the two cores. Each says what it is doing as it goes.
+setup_args=()
+[ "$provider" = lxc ] && setup_args=(--lxc)
+say "installing system packages (scripts/setup.sh ${setup_args[*]}) alongside the build"
+scripts/setup.sh "${setup_args[@]}" > >(sed -u 's/^/    [setup] /' >&2) 2>&1 &
+setup_pid=$!
+say "building corral, corral-agent and todomvc (release; about 7 min from cold on 2 cores)"
+build_quiet=(-q)
+[ -t 2 ] && build_quiet=()  # cargo's own progress bar on a terminal
+if ! cargo build "${build_quiet[@]}" --release --locked -p corral-server -p corral-agent -p todomvc; then
+  kill "$setup_pid" 2>/dev/null || true
+  wait "$setup_pid" 2>/dev/null || true
+  exit 1
 fi
-say "building corral, corral-agent and todomvc (release)"
-cargo build -q --release --locked -p corral-server -p corral-agent -p todomvc
-if [ -x scripts/build-ui.sh ]; then
+say "built"
+if ! wait "$setup_pid"; then
+  echo "demo.sh: scripts/setup.sh ${setup_args[*]} failed (its output is above, marked [setup])" >&2
+  exit 1
+fi
+# frontend/dist is committed: rebuilt only when its sources changed.
+if scripts/build-ui.sh --check 2>/dev/null; then
+  say "web UI: frontend/dist is the build of these sources (scripts/build-ui.sh rebuilds it)"
+else
+  scripts/build-ui.sh --check || true
+  scripts/setup.sh --ui
   scripts/build-ui.sh
 fi
 if [ "$provider" = lxc ]; then

@@ -2,11 +2,14 @@
 # Installs everything corral's demo and tests need on a fresh Debian 12
 # machine, as root. Idempotent: a second run checks and does nothing.
 #
-#   scripts/setup.sh            system packages + Rust components
+#   scripts/setup.sh            what the demo cluster runs: PostgreSQL, nginx, consul
+#   scripts/setup.sh --ui       also the web UI's build tools (wasm32 target, wasm-opt);
+#                               frontend/dist is committed, so only a changed UI needs them
+#   scripts/setup.sh --test     also what the tests need: Chromium, rustfmt, clippy and
+#                               the UI's build tools (scripts/test.sh rebuilds the UI)
 #   scripts/setup.sh --fuzz     also the API fuzzer (schemathesis) in .venv
 #   scripts/setup.sh --s3       also an S3 server for the offsite-backup tests (s3s-fs)
 #   scripts/setup.sh --bench    also load generators for the benchmarks
-#   scripts/setup.sh --ui       also build the web UI (frontend/dist)
 #   scripts/setup.sh --lxc      also LXC, debootstrap and nftables (the LXC provider)
 #   scripts/setup.sh --vagrant  also Vagrant and Ruby (to check the Vagrantfile)
 set -euo pipefail
@@ -16,6 +19,7 @@ want_fuzz=0
 want_s3=0
 want_bench=0
 want_ui=0
+want_test=0
 want_lxc=0
 want_vagrant=0
 for arg in "$@"; do
@@ -24,6 +28,7 @@ for arg in "$@"; do
     --s3) want_s3=1 ;;
     --bench) want_bench=1 ;;
     --ui) want_ui=1 ;;
+    --test) want_test=1; want_ui=1 ;;
     --lxc) want_lxc=1 ;;
     --vagrant) want_vagrant=1 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
@@ -65,8 +70,10 @@ fi
 mkdir -p /etc/postgresql-common/createcluster.d
 echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/corral.conf
 
-packages=(postgresql-15 postgresql-client-15 nginx-light consul chromium chromium-driver
-          nodejs curl jq procps iproute2 util-linux ca-certificates python3)
+packages=(postgresql-15 postgresql-client-15 nginx-light consul
+          curl jq procps iproute2 util-linux ca-certificates python3)
+[ "$want_ui" = 1 ] && packages+=(nodejs)
+[ "$want_test" = 1 ] && packages+=(chromium chromium-driver)
 [ "$want_bench" = 1 ] && packages+=(wrk)
 [ "$want_lxc" = 1 ] && packages+=(lxc debootstrap nftables)
 [ "$want_vagrant" = 1 ] && packages+=(vagrant ruby)
@@ -85,35 +92,39 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # Rust: the pinned toolchain (rust-toolchain.toml) with rustfmt and clippy.
-if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+if [ "$want_test" = 1 ] && { ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; }; then
   say "adding rustfmt and clippy"
   rustup component add rustfmt clippy
 fi
 
-# The shared types and the web UI build for the browser.
-if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
-  say "adding the wasm32-unknown-unknown target"
-  rustup target add wasm32-unknown-unknown
-fi
+# The web UI's build tools, only with --ui or --test: frontend/dist is
+# committed (scripts/build-ui.sh --check says whether it matches its sources).
+if [ "$want_ui" = 1 ]; then
+  # The shared types and the web UI build for the browser.
+  if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+    say "adding the wasm32-unknown-unknown target"
+    rustup target add wasm32-unknown-unknown
+  fi
 
-# The web UI's build tools (scripts/build-ui.sh; no trunk: compiling it
-# took minutes for what four steps of that script do). No wasm-bindgen CLI
-# either: build-ui.sh builds wasm-bindgen's library at the version in
-# Cargo.lock (tools/bindgen), without the CLI's test runner and HTTP stack.
-# wasm-opt: Debian's binaryen (108) cannot read the reference-types code
-# rustc emits by default since 1.82, so binaryen's own build from npm
-# (scripts/build-ui.sh puts it first on PATH).
-if ! command -v npm >/dev/null; then
-  # Debian's nodejs comes without npm; NodeSource's includes it.
-  say "installing npm"
-  apt-get install -y -qq --no-install-recommends npm >/dev/null
-fi
-binaryen_version=132
-binaryen_dir=${XDG_CACHE_HOME:-$HOME/.cache}/corral/binaryen
-if ! "$binaryen_dir/node_modules/.bin/wasm-opt" --version 2>/dev/null | grep -q "version $binaryen_version "; then
-  say "installing binaryen $binaryen_version (wasm-opt) from npm into $binaryen_dir"
-  mkdir -p "$binaryen_dir"
-  npm install --prefix "$binaryen_dir" --no-audit --no-fund --silent "binaryen@$binaryen_version.0.0"
+  # The web UI's build tools (scripts/build-ui.sh; no trunk: compiling it
+  # took minutes for what four steps of that script do). No wasm-bindgen CLI
+  # either: build-ui.sh builds wasm-bindgen's library at the version in
+  # Cargo.lock (tools/bindgen), without the CLI's test runner and HTTP stack.
+  # wasm-opt: Debian's binaryen (108) cannot read the reference-types code
+  # rustc emits by default since 1.82, so binaryen's own build from npm
+  # (scripts/build-ui.sh puts it first on PATH).
+  if ! command -v npm >/dev/null; then
+    # Debian's nodejs comes without npm; NodeSource's includes it.
+    say "installing npm"
+    apt-get install -y -qq --no-install-recommends npm >/dev/null
+  fi
+  binaryen_version=132
+  binaryen_dir=${XDG_CACHE_HOME:-$HOME/.cache}/corral/binaryen
+  if ! "$binaryen_dir/node_modules/.bin/wasm-opt" --version 2>/dev/null | grep -q "version $binaryen_version "; then
+    say "installing binaryen $binaryen_version (wasm-opt) from npm into $binaryen_dir"
+    mkdir -p "$binaryen_dir"
+    npm install --prefix "$binaryen_dir" --no-audit --no-fund --silent "binaryen@$binaryen_version.0.0"
+  fi
 fi
 
 # A real S3-compatible server for the offsite-backup tests
@@ -135,10 +146,6 @@ if [ "$want_fuzz" = 1 ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check 'schemathesis==4.32.5'
   fi
-fi
-
-if [ "$want_ui" = 1 ]; then
-  scripts/build-ui.sh
 fi
 
 say "setup complete"

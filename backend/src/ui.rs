@@ -46,7 +46,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, dir: Option<PathBuf>) {
 struct UiDir(Option<PathBuf>);
 
 const HOW_TO_BUILD: &str = "the web UI is not built: run scripts/build-ui.sh \
-     (scripts/setup.sh installs what it needs), or start corral with --ui-dir pointing at a built dist";
+     (scripts/setup.sh --ui installs what it needs), or start corral with --ui-dir pointing at a built dist";
 
 async fn serve(req: HttpRequest, dir: web::Data<UiDir>) -> Result<HttpResponse, ApiError> {
     let path = req.path();
