@@ -921,6 +921,11 @@ fn child_serve_args(args: &ServeArgs) -> Vec<String> {
         args.keep_events.to_string(),
         "--keep-events-for".into(),
         time(args.keep_events_for),
+        // The leader among the servers makes the machines: LXC's too.
+        "--lxc-network".into(),
+        args.lxc_network.to_string(),
+        "--lxc-bridge".into(),
+        args.lxc_bridge.clone(),
     ];
     if let Some(tls) = clap::ValueEnum::to_possible_value(&args.tls) {
         out.extend(["--tls".into(), tls.get_name().to_string()]);
@@ -937,6 +942,7 @@ fn child_serve_args(args: &ServeArgs) -> Vec<String> {
         }
     };
     path("--agent-bin", &args.agent_bin);
+    path("--lxc-packages", &args.lxc_packages);
     path("--ui-dir", &args.ui_dir);
     path("--apt-dir", &args.apt_dir);
     // The offsite copy: the same bucket for every server (its credentials
@@ -1016,4 +1022,84 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<()> {
     eprintln!("serving on {url}");
     app.run_until_stopped().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Command, FromArgMatches};
+
+    /// What `up --servers N` gives each server of its own (cli/up.rs):
+    /// everything else a server runs with comes from `child_serve_args`.
+    const PER_SERVER: &[&str] = &["listen", "database-url", "peer"];
+
+    /// A value for every `serve` flag, each unlike its default.
+    const EVERY_FLAG: &[(&str, Option<&str>)] = &[
+        ("network", Some("10.9.0.0/24")),
+        ("provider", Some("lxc")),
+        ("providers", Some("local")),
+        ("providers", Some("lxc")),
+        ("no-machines", None),
+        ("lxc-network", Some("10.10.0.0/24")),
+        ("lxc-bridge", Some("br-test")),
+        ("lxc-packages", Some("/tmp/corral-test/debs")),
+        ("agent-bin", Some("/tmp/corral-test/corral-agent")),
+        ("nginx-port", Some("8081")),
+        ("datacenter", Some("dc-test")),
+        ("ssh-port", Some("2222")),
+        ("max-poll-wait", Some("30s")),
+        ("heartbeat-stale-after", Some("1500ms")),
+        ("keep-orders", Some("7")),
+        ("keep-events", Some("9")),
+        ("keep-events-for", Some("3d")),
+        ("workers", Some("3")),
+        ("ui-dir", Some("/tmp/corral-test/ui")),
+        ("apt-dir", Some("/tmp/corral-test/apt")),
+        ("tls", Some("on")),
+        ("tls-name", Some("a.example")),
+        ("tls-name", Some("b.example")),
+        ("s3-endpoint", Some("https://s3.example")),
+        ("s3-bucket", Some("bucket-test")),
+        ("s3-region", Some("eu-west-1")),
+        ("s3-prefix", Some("cluster-test/")),
+        ("s3-credentials-file", Some("/tmp/corral-test/credentials")),
+        ("s3-ca", Some("/tmp/corral-test/ca.pem")),
+    ];
+
+    fn parse(argv: &[String]) -> ServeArgs {
+        let command = ServeArgs::augment_args(Command::new("serve").no_binary_name(true));
+        let matches = command
+            .try_get_matches_from(argv)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        ServeArgs::from_arg_matches(&matches).expect("ServeArgs from its own matches")
+    }
+
+    /// A flag added to `serve` and not passed on would leave the second
+    /// server of `up --servers 2` running with its default: this fails
+    /// until the flag is listed above and `child_serve_args` forwards it.
+    #[test]
+    fn up_servers_children_get_every_serve_setting_but_their_own_address() {
+        let command = ServeArgs::augment_args(Command::new("serve"));
+        for arg in command.get_arguments() {
+            let long = arg.get_long().unwrap_or(arg.get_id().as_str());
+            assert!(
+                PER_SERVER.contains(&long) || EVERY_FLAG.iter().any(|(flag, _)| *flag == long),
+                "`corral serve --{long}` is new: give it a value in EVERY_FLAG, and forward it in child_serve_args (or list it in PER_SERVER)"
+            );
+        }
+
+        let argv: Vec<String> = EVERY_FLAG
+            .iter()
+            .flat_map(|(flag, value)| {
+                std::iter::once(format!("--{flag}")).chain(value.map(String::from))
+            })
+            .collect();
+        let given = parse(&argv);
+        let forwarded = parse(&child_serve_args(&given));
+        assert_eq!(
+            format!("{forwarded:#?}"),
+            format!("{given:#?}"),
+            "a server started by `up --servers` runs with other settings than `up` was given"
+        );
+    }
 }
