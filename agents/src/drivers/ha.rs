@@ -281,14 +281,22 @@ pub struct SqlStatus {
     pub receiving: bool,
     pub slot_name: String,
     pub conninfo: String,
+    /// Replication lag in bytes: a standby's received-but-not-replayed
+    /// WAL, a primary's furthest standby (for the heartbeat).
+    pub lag_bytes: u64,
+    /// Replication lag in milliseconds, likewise.
+    pub lag_ms: u64,
+    /// `running` on a primary, the walreceiver's status on a standby
+    /// (`recovering` without one).
+    pub state: String,
 }
 
 impl SqlStatus {
     /// The status query's columns, in the order [`STATUS_QUERY`] selects
     /// them.
     pub fn parse(row: &str) -> Result<Self, String> {
-        let cols: Vec<&str> = row.splitn(10, '|').collect();
-        if cols.len() != 10 {
+        let cols: Vec<&str> = row.splitn(13, '|').collect();
+        if cols.len() != 13 {
             return Err(format!("unexpected status row {row:?}"));
         }
         let list = |s: &str| -> Vec<String> {
@@ -308,13 +316,24 @@ impl SqlStatus {
             receiving: cols[6] == "t",
             slot_name: cols[7].to_string(),
             sync_names: cols[8].to_string(),
-            conninfo: cols[9].to_string(),
+            lag_bytes: non_negative(cols[9]),
+            lag_ms: non_negative(cols[10]),
+            state: cols[11].to_string(),
+            // Last: the one column whose text may hold a '|'.
+            conninfo: cols[12].to_string(),
         })
     }
 }
 
+/// A numeric column (lag in bytes or milliseconds, maybe fractional) as a
+/// whole number, 0 when empty or negative.
+fn non_negative(col: &str) -> u64 {
+    col.parse::<f64>().map_or(0, |v| v.max(0.0) as u64)
+}
+
 /// The one status query of a tick: role, timeline, WAL position, standbys,
-/// settings (parsed by [`SqlStatus::parse`]).
+/// settings, replication lag (parsed by [`SqlStatus::parse`]). The
+/// heartbeat reports the latest tick's answer rather than asking again.
 pub const STATUS_QUERY: &str = "SELECT pg_is_in_recovery(), \
      COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint())), \
      CASE WHEN pg_is_in_recovery() \
@@ -326,6 +345,14 @@ pub const STATUS_QUERY: &str = "SELECT pg_is_in_recovery(), \
      EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'), \
      current_setting('primary_slot_name'), \
      current_setting('synchronous_standby_names'), \
+     CASE WHEN pg_is_in_recovery() \
+     THEN COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0) \
+     ELSE COALESCE((SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication), 0) END, \
+     CASE WHEN pg_is_in_recovery() \
+     THEN CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
+          ELSE COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END \
+     ELSE COALESCE((SELECT max(extract(epoch FROM replay_lag)) * 1000 FROM pg_stat_replication), 0) END, \
+     CASE WHEN pg_is_in_recovery() THEN COALESCE((SELECT status FROM pg_stat_wal_receiver), 'recovering') ELSE 'running' END, \
      current_setting('primary_conninfo')";
 
 /// What this node is like now, from one status query and its data dir.
@@ -1024,13 +1051,20 @@ mod tests {
 
     #[test]
     fn the_status_row_parses_and_a_short_one_is_refused() {
-        let row = "t|2|4096|pg2,pg3|pg2|pg2,pg3|t|pg1|ANY 1 (\"pg2\")|host=a";
+        let row = "t|2|4096|pg2,pg3|pg2|pg2,pg3|t|pg1|ANY 1 (\"pg2\")|1024|12.5|streaming|host=a password=x|y";
         let s = SqlStatus::parse(row).expect("a row");
         assert!(s.in_recovery && s.receiving);
         assert_eq!((s.timeline, s.lsn), (2, 4096));
         assert_eq!(s.streaming, ["pg2", "pg3", "slot:pg2", "slot:pg3"]);
         assert_eq!(s.sync_names, "ANY 1 (\"pg2\")");
+        assert_eq!((s.lag_bytes, s.lag_ms), (1024, 12));
+        assert_eq!(s.state, "streaming");
+        assert_eq!(s.conninfo, "host=a password=x|y");
+        let clock_skewed = "f|1|0|||||||0|-3.2|running|";
+        assert_eq!(SqlStatus::parse(clock_skewed).expect("a row").lag_ms, 0);
         assert!(SqlStatus::parse("t|2").is_err());
+        // The row before the lag columns were added is refused, not misread.
+        assert!(SqlStatus::parse("t|2|4096|pg2|pg2|pg2|t|pg1||host=a").is_err());
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct PostgresDriver {
     local_consul_down_since: Mutex<Option<Instant>>,
     /// The lock holder as last seen, for the heartbeat.
     seen_leader: Mutex<Option<String>>,
+    /// The latest answer to the status query, and when: the heartbeat
+    /// reports it while it is fresh instead of running psql again.
+    last_sql: Mutex<Option<(Instant, super::ha::SqlStatus)>>,
     /// A standby's streaming last worked then (or it started then).
     streamed_at: Mutex<Option<Instant>>,
     /// Sync mode has fallen back to asynchronous commits.
@@ -154,6 +157,7 @@ impl PostgresDriver {
             unconfirmed_since: Mutex::new(None),
             local_consul_down_since: Mutex::new(None),
             seen_leader: Mutex::new(None),
+            last_sql: Mutex::new(None),
             streamed_at: Mutex::new(None),
             degraded: Mutex::new(false),
             rewind_failures: Mutex::new(0),

@@ -7,11 +7,16 @@ use super::*;
 use crate::drivers::DriverError;
 use crate::drivers::ha::{self};
 
+/// How old the HA loop's status may be for the heartbeat to report it.
+const HEARTBEAT_STATUS_AGE: Duration = Duration::from_secs(2);
+
 impl PostgresDriver {
     /// One SQL round trip: role, timeline, WAL position, standbys, settings.
     pub(super) async fn local(&self, port: u16) -> Result<ha::SqlStatus, DriverError> {
         let row = self.query(port, ha::STATUS_QUERY).await?;
-        ha::SqlStatus::parse(&row).map_err(DriverError::Refused)
+        let status = ha::SqlStatus::parse(&row).map_err(DriverError::Refused)?;
+        *self.last_sql.lock().expect("lock") = Some((Instant::now(), status.clone()));
+        Ok(status)
     }
 
     /// The local server as one tick sees it.
@@ -25,6 +30,10 @@ impl PostgresDriver {
         } else {
             None
         };
+        if sql.is_none() {
+            // Not what the heartbeat should report any longer.
+            *self.last_sql.lock().expect("lock") = None;
+        }
         Ok(ha::LocalStatus {
             running,
             sql,
@@ -60,52 +69,48 @@ impl PostgresDriver {
         })
     }
 
-    /// Role, state, lag and timeline for the heartbeat.
+    /// Role, state, lag and timeline for the heartbeat: the HA loop's
+    /// latest status query while it is at most [`HEARTBEAT_STATUS_AGE`]
+    /// old (the loop asks every [`ha::TICK`]), else asked now.
     pub async fn replication(&self) -> Option<ReplicationStatus> {
         let port = self.desired.lock().expect("lock").as_ref()?.port;
         let leader = self.seen_leader.lock().expect("lock").clone();
-        let row = match self
-            .query(
-                port,
-                "SELECT pg_is_in_recovery(), \
-                 COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint())), \
-                 CASE WHEN pg_is_in_recovery() \
-                 THEN COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0) \
-                 ELSE COALESCE((SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication), 0) END, \
-                 CASE WHEN pg_is_in_recovery() \
-                 THEN CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
-                      ELSE COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END \
-                 ELSE COALESCE((SELECT max(extract(epoch FROM replay_lag)) * 1000 FROM pg_stat_replication), 0) END, \
-                 CASE WHEN pg_is_in_recovery() THEN COALESCE((SELECT status FROM pg_stat_wal_receiver), 'recovering') ELSE 'running' END, \
-                 COALESCE((SELECT string_agg(application_name, ',') FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), '')",
-            )
-            .await
-        {
-            Ok(row) => row,
-            Err(_) => {
-                let mut status = ReplicationStatus::new(ReplicationRole::Fenced);
-                status.state = Some(if self.rejoin_marked() {
-                    "fenced".into()
-                } else {
-                    "stopped".into()
-                });
-                status.leader = leader;
-                return Some(status);
-            }
+        let fresh = self
+            .last_sql
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() <= HEARTBEAT_STATUS_AGE)
+            .map(|(_, sql)| sql.clone());
+        let sql = match fresh {
+            Some(sql) => sql,
+            None => match self.local(port).await {
+                Ok(sql) => sql,
+                Err(_) => {
+                    let mut status = ReplicationStatus::new(ReplicationRole::Fenced);
+                    status.state = Some(if self.rejoin_marked() {
+                        "fenced".into()
+                    } else {
+                        "stopped".into()
+                    });
+                    status.leader = leader;
+                    return Some(status);
+                }
+            },
         };
-        let cols: Vec<&str> = row.split('|').collect();
-        let col = |i: usize| cols.get(i).copied().unwrap_or("");
-        let role = match col(0) {
-            "t" => ReplicationRole::Replica,
-            _ => ReplicationRole::Primary,
+        let role = if sql.in_recovery {
+            ReplicationRole::Replica
+        } else {
+            ReplicationRole::Primary
         };
         let mut status = ReplicationStatus::new(role);
-        status.timeline = col(1).parse().ok();
-        status.lag_bytes = col(2).parse::<f64>().ok().map(|l| l.max(0.0) as u64);
-        status.lag_ms = col(3).parse::<f64>().ok().map(|l| l.max(0.0) as u64);
-        status.state = Some(col(4).chars().take(32).collect());
-        status.sync_standby =
-            Some(col(5).chars().take(64).collect()).filter(|s: &String| !s.is_empty());
+        status.timeline = Some(sql.timeline).filter(|t| *t > 0);
+        status.lag_bytes = Some(sql.lag_bytes);
+        status.lag_ms = Some(sql.lag_ms);
+        status.state = Some(sql.state.chars().take(32).collect());
+        status.sync_standby = Some(sql.sync_standbys.join(","))
+            .map(|s| s.chars().take(64).collect::<String>())
+            .filter(|s| !s.is_empty());
         status.degraded = role == ReplicationRole::Primary && *self.degraded.lock().expect("lock");
         status.leader = leader;
         Some(status)
