@@ -10,8 +10,8 @@
 # frontend/dist is committed, so a fresh clone serves the UI without this
 # build (about two minutes of a 2-core machine's cold start). Its
 # sources.sha256 names the hash of every tracked file the build reads;
-# scripts/test.sh rebuilds the UI and fails if the result differs from what
-# is committed, so the committed dist is always the build of its sources.
+# scripts/test.sh fails when that stamp does not match the sources, so the
+# committed dist is always the build of its sources.
 #
 #   scripts/build-ui.sh           build frontend/dist
 #   scripts/build-ui.sh --check   exit 0 if frontend/dist was built from the

@@ -72,10 +72,10 @@ if ! wait "$setup_pid"; then
   exit 1
 fi
 # frontend/dist is committed: rebuilt only when its sources changed.
-if scripts/build-ui.sh --check 2>/dev/null; then
+if stale=$(scripts/build-ui.sh --check 2>&1); then
   say "web UI: frontend/dist is the build of these sources (scripts/build-ui.sh rebuilds it)"
 else
-  scripts/build-ui.sh --check || true
+  echo "$stale" >&2
   scripts/setup.sh --ui
   scripts/build-ui.sh
 fi
