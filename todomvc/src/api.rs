@@ -168,6 +168,22 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
                 .body(body));
         }
     }
+    // A client without a position, reading the whole list: its read is
+    // shared with the others that arrive meanwhile (see `coalesce`).
+    if session_lsn(&req).is_none() && limit == MAX_PAGE && offset == 0 {
+        let fresh = state.cluster.read_fresh_list(MAX_PAGE).await?;
+        let base = base_url(&req);
+        let body = fresh
+            .list
+            .body(&base)
+            .map_err(|e| ApiError::Internal(format!("encoding todos: {e}")))?;
+        let mut response = answer(StatusCode::OK, fresh.seen, Some(fresh.from));
+        if fresh.more {
+            let next = format!("<{base}/todos?limit={limit}&offset={limit}>; rel=\"next\"");
+            response.insert_header((header::LINK, next));
+        }
+        return Ok(response.content_type(mime_json()).body(body));
+    }
     // One more than asked: whether there is a next page.
     let read = state
         .cluster

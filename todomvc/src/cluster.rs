@@ -22,8 +22,9 @@ use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Notify;
 
+use crate::coalesce::Coalescer;
 use crate::discovery::{Candidate, Candidates, Discovery, Endpoint, Tag};
-use crate::list_cache::{ListCache, ListSnapshot};
+use crate::list_cache::{ListCache, ListSnapshot, TodoList};
 use crate::lsn::Lsn;
 use crate::store::{self, Fence, ServerStatus};
 
@@ -76,7 +77,7 @@ impl DbSettings {
 }
 
 /// Why the database could not serve a request.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum DbError {
     /// No suitable server right now (none known, down, timed out, or the
     /// outcome of a write is unknown): 503, try again shortly.
@@ -314,6 +315,18 @@ struct Inner {
     reprobe: Notify,
     next_replica: AtomicUsize,
     lists: ListCache,
+    /// Whole-list reads of clients without a position, shared by the calls
+    /// waiting at the same time (see `coalesce`).
+    fresh_lists: Coalescer<Result<Arc<FreshList>, DbError>>,
+}
+
+/// A whole list read after the calls it answers arrived.
+pub struct FreshList {
+    pub list: TodoList,
+    /// More todos than the limit it was read with exist.
+    pub more: bool,
+    pub seen: Lsn,
+    pub from: Role,
 }
 
 /// The app's handle on the database servers; cheap to clone.
@@ -349,6 +362,7 @@ impl Cluster {
             reprobe: Notify::new(),
             next_replica: AtomicUsize::new(0),
             lists: ListCache::new(settings.list_cache_max_age),
+            fresh_lists: Coalescer::default(),
             settings,
         });
         let task = tokio::spawn(probe_forever(inner.clone(), discovery));
@@ -538,6 +552,36 @@ impl Cluster {
                     .unwrap_or_else(|| "no database server is reachable".into()),
             ),
         })
+    }
+
+    /// The first `limit` todos for a client without a position (read as
+    /// `read` would with no session), from a read that began after this
+    /// call: it holds every write committed before the call. Calls made
+    /// while another such read runs share the next one.
+    pub async fn read_fresh_list(&self, limit: i64) -> Result<Arc<FreshList>, DbError> {
+        self.inner
+            .fresh_lists
+            .run(|| async {
+                // One more than asked: whether there is a next page.
+                let read = self
+                    .read(None, move |conn| {
+                        Box::pin(async move {
+                            let (fence, rows) = store::list(conn, limit + 1, 0).await?;
+                            Ok((fence, rows.todos()?))
+                        })
+                    })
+                    .await?;
+                let mut todos = read.value;
+                let more = todos.len() as i64 > limit;
+                todos.truncate(limit.max(0) as usize);
+                Ok(Arc::new(FreshList {
+                    list: TodoList::new(todos),
+                    more,
+                    seen: read.seen,
+                    from: read.from,
+                }))
+            })
+            .await
     }
 
     /// The cached whole list, if it holds everything a session at `wanted`

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod coalesce;
 pub mod config;
 pub mod discovery;
 pub mod error;

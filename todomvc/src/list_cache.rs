@@ -35,34 +35,19 @@ use crate::todo::Todo;
 /// serialized body for; the todo URLs in a list depend on it.
 const BODIES_KEPT: usize = 4;
 
-/// One whole list, as read after its floor.
-pub struct ListSnapshot {
-    floor: Lsn,
-    primary: Arc<Node>,
-    filled: Instant,
+/// Todos read once and answered many times: each client-visible base URL's
+/// JSON body is serialized once.
+pub struct TodoList {
     todos: Vec<Todo>,
     bodies: Mutex<Vec<(String, Bytes)>>,
 }
 
-impl ListSnapshot {
-    pub fn new(floor: Lsn, primary: Arc<Node>, todos: Vec<Todo>) -> Self {
-        ListSnapshot {
-            floor,
-            primary,
-            filled: Instant::now(),
+impl TodoList {
+    pub fn new(todos: Vec<Todo>) -> Self {
+        TodoList {
             todos,
             bodies: Mutex::new(Vec::new()),
         }
-    }
-
-    /// Holds every write whose client was told a position below the floor.
-    pub fn covers(&self, wanted: Lsn) -> bool {
-        wanted < self.floor
-    }
-
-    /// The position a session served this list has seen.
-    pub fn seen(&self, wanted: Lsn) -> Lsn {
-        wanted.max(Lsn(self.floor.0.saturating_sub(1)))
     }
 
     /// The JSON body for clients that address the API at `base`.
@@ -78,6 +63,48 @@ impl ListSnapshot {
         }
         bodies.push((base.to_string(), body.clone()));
         Ok(body)
+    }
+
+    pub fn len(&self) -> usize {
+        self.todos.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.todos.is_empty()
+    }
+}
+
+/// One whole list, as read after its floor.
+pub struct ListSnapshot {
+    floor: Lsn,
+    primary: Arc<Node>,
+    filled: Instant,
+    list: TodoList,
+}
+
+impl ListSnapshot {
+    pub fn new(floor: Lsn, primary: Arc<Node>, todos: Vec<Todo>) -> Self {
+        ListSnapshot {
+            floor,
+            primary,
+            filled: Instant::now(),
+            list: TodoList::new(todos),
+        }
+    }
+
+    /// Holds every write whose client was told a position below the floor.
+    pub fn covers(&self, wanted: Lsn) -> bool {
+        wanted < self.floor
+    }
+
+    /// The position a session served this list has seen.
+    pub fn seen(&self, wanted: Lsn) -> Lsn {
+        wanted.max(Lsn(self.floor.0.saturating_sub(1)))
+    }
+
+    /// The JSON body for clients that address the API at `base`.
+    pub fn body(&self, base: &str) -> Result<Bytes, serde_json::Error> {
+        self.list.body(base)
     }
 }
 
