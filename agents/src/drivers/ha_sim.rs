@@ -105,6 +105,9 @@ struct SwitchoverRun {
     end: u64,
     /// The shutdown checkpoint record.
     checkpoint: u64,
+    /// When the switchover record was written: past
+    /// [`ha::SWITCHOVER_TTL`] it no longer names the next primary.
+    at: u64,
     handed_over: bool,
     deadline: u64,
 }
@@ -732,6 +735,7 @@ impl Sim {
             to,
             end,
             checkpoint: r,
+            at: t,
             handed_over: false,
             deadline: t + 15_000,
         });
@@ -830,8 +834,13 @@ impl Sim {
         }
         self.checked_holder = holder;
         // A switchover target that promoted has the old primary's last WAL.
+        // Only while the record stands: once it has expired with its
+        // primary gone (frozen, cut off), the target may take over as in
+        // any failover, which the checks above govern (in async mode it
+        // may then lack the last WAL, as any async failover may).
         for n in &self.nodes {
             if let Some(s) = &n.agent.switchover
+                && t.saturating_sub(s.at) <= ha::SWITCHOVER_TTL.as_millis() as u64
                 && self.nodes[s.to].writable(t)
                 && !self.nodes[s.to].pg.wal.contains(&s.checkpoint)
             {
