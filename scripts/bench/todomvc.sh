@@ -291,7 +291,8 @@ for label in "${labels[@]}"; do
   for kind in "" _session; do
     direct="r_${label}_get_direct${kind}_rps"; nginx="r_${label}_get_nginx${kind}_rps"
     ratio=$(awk -v a="${!nginx}" -v b="${!direct}" 'BEGIN { printf "%.1f", 100 * a / b }')
-    verdict=$(awk -v r="$ratio" 'BEGIN { print (r >= 80 ? "meets" : "MISSES") }')
+    # Judged on the exact ratio: 79.96 % prints as 80.0 % but misses.
+    verdict=$(awk -v a="${!nginx}" -v b="${!direct}" 'BEGIN { print (a >= 0.8 * b ? "meets" : "MISSES") }')
     echo "nginx/direct GET${kind:+ (session)} throughput: $ratio % ($verdict the 80 % target)"
   done
   post="r_${label}_post_direct_rps"
