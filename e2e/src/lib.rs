@@ -10,7 +10,9 @@
 
 pub mod dns;
 pub mod faults;
+pub mod history;
 pub mod pg;
+pub mod workload;
 pub mod writes;
 
 use std::future::Future;
