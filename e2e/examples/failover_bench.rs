@@ -24,13 +24,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use corral_e2e::faults::{self, Freeze, Partition};
-use corral_e2e::pg::{commits_wait, db_nodes, kill_postgres, sole_primary, sql, streams_from};
+use corral_e2e::pg::{
+    commits_wait, connect_primary, db_nodes, kill_postgres, sole_primary, sql, streams_from,
+};
 use corral_e2e::{Cluster, eventually};
 use nix::sys::signal::Signal;
 use reqwest::Method;
 use serde_json::json;
-use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnection;
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -89,25 +90,10 @@ async fn direct_writer(
         if conn.is_none() {
             let (_, addr) = &nodes[next % nodes.len()];
             next += 1;
-            let opts = PgConnectOptions::new()
-                .host(addr)
-                .port(5432)
-                .username("todomvc")
-                .password(&password)
-                .database("todomvc")
-                .options([("statement_timeout", "5000")]);
-            match tokio::time::timeout(Duration::from_secs(2), PgConnection::connect_with(&opts))
-                .await
-            {
-                Ok(Ok(mut c)) => {
-                    let primary: Result<(bool,), _> = sqlx::query_as("SELECT pg_is_in_recovery()")
-                        .fetch_one(&mut c)
-                        .await;
-                    if matches!(primary, Ok((false,))) {
-                        conn = Some(c);
-                    }
-                }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            match connect_primary(addr, &password).await {
+                Ok(Some(c)) => conn = Some(c),
+                Ok(None) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
             continue;
         }

@@ -133,3 +133,30 @@ pub async fn sync_mode(c: &Cluster, web: u32, db: u32) -> anyhow::Result<String>
     })
     .await
 }
+
+/// A connection as the app's user straight to the db node at `addr`, with a
+/// 5 s statement timeout: `Ok(Some)` if it takes writes, `Ok(None)` if it
+/// answered but is in recovery, `Err` if it could not be reached in 2 s.
+pub async fn connect_primary(
+    addr: &str,
+    password: &str,
+) -> anyhow::Result<Option<sqlx::postgres::PgConnection>> {
+    use sqlx::Connection;
+    let opts = sqlx::postgres::PgConnectOptions::new()
+        .host(addr)
+        .port(5432)
+        .username("todomvc")
+        .password(password)
+        .database("todomvc")
+        .options([("statement_timeout", "5000")]);
+    let mut c = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sqlx::postgres::PgConnection::connect_with(&opts),
+    )
+    .await
+    .context("timed out connecting")??;
+    let primary: Result<(bool,), _> = sqlx::query_as("SELECT pg_is_in_recovery()")
+        .fetch_one(&mut c)
+        .await;
+    Ok(matches!(primary, Ok((false,))).then_some(c))
+}

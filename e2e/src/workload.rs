@@ -23,12 +23,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use reqwest::Method;
 use serde_json::{Value, json};
-use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnection;
 
 use crate::faults::{Freeze, Frozen, Partition, node_processes, signal_all};
 use crate::history::{Append, History, Outcome, Read, Summary, check};
-use crate::pg::{db_nodes, kill_postgres, sole_primary, sql, streams_from};
+use crate::pg::{connect_primary, db_nodes, kill_postgres, sole_primary, sql, streams_from};
 use crate::writes::{LONG, switchover};
 use crate::{Cluster, Machines, eventually};
 
@@ -250,24 +249,9 @@ async fn direct_writer(
         let Some(c) = conn.as_mut() else {
             let addr = &nodes[next % nodes.len()];
             next += 1;
-            let opts = PgConnectOptions::new()
-                .host(addr)
-                .port(5432)
-                .username("todomvc")
-                .password(&password)
-                .database("todomvc")
-                .options([("statement_timeout", "5000")]);
-            if let Ok(Ok(mut c)) =
-                tokio::time::timeout(Duration::from_secs(2), PgConnection::connect_with(&opts))
-                    .await
-            {
-                let primary: Result<(bool,), _> = sqlx::query_as("SELECT pg_is_in_recovery()")
-                    .fetch_one(&mut c)
-                    .await;
-                if matches!(primary, Ok((false,))) {
-                    conn = Some(c);
-                    continue;
-                }
+            if let Ok(Some(c)) = connect_primary(addr, &password).await {
+                conn = Some(c);
+                continue;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
