@@ -148,6 +148,14 @@ fn page(req: &HttpRequest) -> Result<(i64, i64), ApiError> {
     Ok((limit, offset))
 }
 
+/// The `Link` to the page after `limit` todos from `offset`.
+fn next_page(base: &str, limit: i64, offset: i64) -> String {
+    format!(
+        "<{base}/todos?limit={limit}&offset={}>; rel=\"next\"",
+        offset + limit
+    )
+}
+
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let (limit, offset) = page(&req)?;
     // The whole list, for a session whose writes the cached one holds (a
@@ -179,8 +187,7 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
             .map_err(|e| ApiError::Internal(format!("encoding todos: {e}")))?;
         let mut response = answer(StatusCode::OK, fresh.seen, Some(fresh.from));
         if fresh.more {
-            let next = format!("<{base}/todos?limit={limit}&offset={limit}>; rel=\"next\"");
-            response.insert_header((header::LINK, next));
+            response.insert_header((header::LINK, next_page(&base, limit, offset)));
         }
         return Ok(response.content_type(mime_json()).body(body));
     }
@@ -199,11 +206,7 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
     let mut response = answer(StatusCode::OK, read.seen, Some(read.from));
     if todos.len() as i64 > limit {
         todos.truncate(limit as usize);
-        let next = format!(
-            "<{base}/todos?limit={limit}&offset={}>; rel=\"next\"",
-            offset + limit
-        );
-        response.insert_header((header::LINK, next));
+        response.insert_header((header::LINK, next_page(&base, limit, offset)));
     }
     let body = list_json(&todos).map_err(|e| ApiError::Internal(format!("encoding todos: {e}")))?;
     Ok(response.content_type(mime_json()).body(body))

@@ -82,6 +82,7 @@ mod tests {
 
     /// A "database": a counter of writes, and reads that note which runs
     /// happened and what they saw.
+    #[derive(Default)]
     struct Db {
         writes: AtomicU64,
         runs: AtomicU64,
@@ -110,10 +111,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_arriving_during_a_read_share_the_next_one_and_see_writes_before_them() {
-        let db = Arc::new(Db {
-            writes: AtomicU64::new(0),
-            runs: AtomicU64::new(0),
-        });
+        let db = Arc::new(Db::default());
         let gate = Arc::new(tokio::sync::Notify::new());
         let co = Arc::new(Coalescer::<u64>::default());
 
@@ -171,10 +169,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_reader_leaves_its_flight_to_the_next_member() {
-        let db = Arc::new(Db {
-            writes: AtomicU64::new(0),
-            runs: AtomicU64::new(0),
-        });
+        let db = Arc::new(Db::default());
         let gate = Arc::new(tokio::sync::Notify::new());
         let co = Arc::new(Coalescer::<u64>::default());
         let running = Arc::new(Mutex::new(None));
