@@ -7,7 +7,10 @@
 # todomvc_lsn cookie (may be served by the list cache). Prints req/s, p50 and
 # p99 of each, the nginx/direct GET throughput (target: at least 80 %), and
 # the ceiling of the same PostgreSQL for the same INSERT (pgbench, as many
-# connections as the app's pool), so POST can be read against it.
+# connections as the app's pool), so POST can be read against it. Beside
+# each line, the CPU time the webapp and the nginx worker spent per request:
+# on a machine where wrk, nginx, the app and PostgreSQL share the cores, the
+# nginx/direct ratio is bounded by what the extra hop costs.
 #
 # --baseline BINARY runs every measurement against that todomvc binary too
 # (say, a copy of the release build before a change), in the same run on the
@@ -123,11 +126,20 @@ to_ms() {
     printf "%.2f", n }'
 }
 
-# Runs wrk and prints "req/s p50_ms p99_ms".
+# CPU time a process has used so far, in clock ticks (all its threads).
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+hz=$(getconf CLK_TCK)
+
+# Runs wrk and prints "req/s p50_ms p99_ms app_us nginx_us": the last two
+# are the CPU time the webapp (pid $watch_app) and the nginx worker (pid
+# $watch_nginx, none for direct lines) spent per request, in microseconds,
+# so a throughput ratio can be read against what each hop costs.
 measure() {
   local url="$1" secs="$2"; shift 2
-  local out
+  local out a0 n0 a1 n1
+  a0=$(ticks "${watch_app:-0}"); n0=$(ticks "${watch_nginx:-0}")
   out=$(wrk -t"$threads" -c"$connections" -d"${secs}s" --latency "$@" "$url")
+  a1=$(ticks "${watch_app:-0}"); n1=$(ticks "${watch_nginx:-0}")
   local errors
   errors=$(awk '/Non-2xx or 3xx responses/ {print $NF}' <<<"$out")
   [ -z "$errors" ] || die "wrk saw $errors failed responses at $url:\n$out"
@@ -135,7 +147,11 @@ measure() {
   rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  printf '%s %s %s\n' "$rps" "$(to_ms "$p50")" "$(to_ms "$p99")"
+  local requests per
+  requests=$(awk '/ requests in / {print $1}' <<<"$out")
+  per() { awk -v t="$1" -v n="$requests" -v hz="$hz" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }'; }
+  printf '%s %s %s %s %s\n' "$rps" "$(to_ms "$p50")" "$(to_ms "$p99")" \
+    "$(per $((a1 - a0)))" "$(if [ -n "${watch_nginx:-}" ]; then per $((n1 - n0)); else echo -; fi)"
 }
 
 
@@ -150,6 +166,7 @@ start_app() {
   "$bin" --listen "127.0.0.1:$app_port" --node-name "bench-$label" \
     --db-primary "$primary" --db-name todomvc --db-user todomvc >"$tmp/app-$label.log" 2>&1 &
   pids+=($!)
+  printf -v "apppid_$label" '%s' "$!"
   wait_for "todomvc to reach its primary" 60 sh -c "curl -fsS $app/healthz | grep -q '\"writable\":true'"
 
   nginx_port=$(free_port)
@@ -161,6 +178,8 @@ start_app() {
     2>>"$tmp/nginx-$label/error.log" &
   pids+=($!)
   wait_for "nginx" 10 curl -fsS "$proxy/healthz"
+  # Its one worker (worker_processes 1), which does the proxying.
+  printf -v "nginxpid_$label" '%s' "$(pgrep -P "$!" | head -1)"
   printf -v "app_$label" '%s' "$app"
   printf -v "proxy_$label" '%s' "$proxy"
 }
@@ -235,9 +254,14 @@ for round in $(seq 1 "$repeat"); do
         *_session) cookie="cookie_$label"; extra=(-H "Cookie: ${!cookie}") ;;
         post_*) extra=(-s "$tmp/post.lua") ;;
       esac
+      watch_app="apppid_$label"; watch_app=${!watch_app}
+      case "$what" in
+        *_direct*) watch_nginx= ;;
+        *) watch_nginx="nginxpid_$label"; watch_nginx=${!watch_nginx} ;;
+      esac
       say "[$label] measuring $what (${duration}s, $connections connections)"
-      read -r rps p50 p99 < <(measure "$url" "$duration" "${extra[@]}")
-      for k in rps p50 p99; do
+      read -r rps p50 p99 appus ngxus < <(measure "$url" "$duration" "${extra[@]}")
+      for k in rps p50 p99 appus ngxus; do
         v="all_${label}_${what}_$k"
         printf -v "$v" '%s' "${!v:-} ${!k}"
       done
@@ -255,10 +279,11 @@ for round in $(seq 1 "$repeat"); do
   all_pgbench="${all_pgbench:-} $tps"
 done
 
-median() { tr ' ' '\n' <<<"$*" | grep . | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+# The median of the figures given; "-" (not measured) when there are none.
+median() { tr ' ' '\n' <<<"$*" | grep -v '^-\?$' | sort -g | awk '{v[NR] = $1} END {print NR == 0 ? "-" : (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 for label in "${labels[@]}"; do
   for what in get_direct get_direct_session get_nginx get_nginx_session post_direct post_nginx; do
-    for k in rps p50 p99; do
+    for k in rps p50 p99 appus ngxus; do
       v="all_${label}_${what}_$k"
       printf -v "r_${label}_${what}_$k" '%s' "$(median "${!v}")"
     done
@@ -281,11 +306,12 @@ for label in "${labels[@]}"; do
     current) echo "$release/todomvc $("$release/todomvc" --version | awk '{print $2}'):" ;;
     baseline) echo "baseline $baseline:" ;;
   esac
-  printf '%-30s %12s %10s %10s\n' "" "req/s" "p50 ms" "p99 ms"
+  printf '%-30s %12s %10s %10s %13s %15s\n' "" "req/s" "p50 ms" "p99 ms" "app CPU us/req" "nginx CPU us/req"
   for what in get_direct get_direct_session get_nginx get_nginx_session post_direct post_nginx; do
     rps="r_${label}_${what}_rps"; p50="r_${label}_${what}_p50"; p99="r_${label}_${what}_p99"
+    appus="r_${label}_${what}_appus"; ngxus="r_${label}_${what}_ngxus"
     name=$(sed 's/_session/ (session)/; s/get_/GET \/todos  /; s/post_/POST \/todos /; s/direct/direct/; s/nginx/via nginx/' <<<"$what")
-    printf '%-30s %12s %10s %10s\n' "$name" "${!rps}" "${!p50}" "${!p99}"
+    printf '%-30s %12s %10s %10s %13s %15s\n' "$name" "${!rps}" "${!p50}" "${!p99}" "${!appus}" "${!ngxus}"
   done
   printf '%-30s %12s\n' "INSERT ceiling (pgbench)" "$pgbench_tps"
   for kind in "" _session; do

@@ -131,9 +131,18 @@ pub fn render(r: &Render<'_>) -> String {
         // TCP connection each (which costs both sides more than the request),
         // and kept for many requests.
         out.push_str("        keepalive 64;\n        keepalive_requests 100000;\n    }\n");
+        // Response buffers of 16k, not nginx's one page: a whole list of
+        // 100 todos (about 10 KB with headers) then arrives in one read into
+        // one buffer and leaves in one write, instead of three or four
+        // 4k reads chained into a writev. Measured on the 2-core machine
+        // (same run, alternating, 4 rounds): nginx CPU per proxied
+        // GET /todos 20.7-23.4 us against 23.1-27.5 us, throughput +2-10 %.
+        // Buffers are taken per request as needed, so idle connections
+        // cost nothing more.
         out.push_str(&format!(
             "\n    server {{\n        {listen}\n        location / {{\n            \
              proxy_pass http://{name};\n            proxy_http_version 1.1;\n            \
+             proxy_buffer_size 16k;\n            proxy_buffers 8 16k;\n            \
              proxy_set_header Connection \"\";\n            proxy_set_header Host $http_host;\n            \
              proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            \
              proxy_set_header X-Forwarded-Proto $scheme;\n            \
