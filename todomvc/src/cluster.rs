@@ -686,6 +686,13 @@ type Probe = Result<ServerStatus, String>;
 /// primary and writes wait, rather than risk writing to the wrong one.
 /// (Timelines before tags: after a failover a static list's `--db-primary`
 /// names the old primary.)
+///
+/// A server in recovery is a replica, read from, only once it has streamed
+/// since it started (`pg_last_wal_receive_lsn()` is set): one that follows
+/// no primary may be a former primary restarted before anything rewound
+/// it, replaying writes of its own that no client had acknowledged, to a
+/// position past the clients' own. Its position says nothing about what
+/// it holds.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Roles {
     pub primary: Option<usize>,
@@ -703,7 +710,7 @@ pub fn decide_roles(probes: &[(&Candidate, &Probe)]) -> Roles {
     let replicas = probes
         .iter()
         .enumerate()
-        .filter(|(_, (_, p))| matches!(p, Ok(s) if s.standby))
+        .filter(|(_, (_, p))| matches!(p, Ok(s) if s.standby && s.received.is_some()))
         .map(|(i, _)| i)
         .collect();
     let (primary, problem) = match writable.as_slice() {
@@ -890,14 +897,21 @@ async fn probe_forever(inner: Arc<Inner>, mut discovery: Discovery) {
                         if s.standby {
                             r.state = "replica";
                             r.replay_paused = Some(s.replay_paused);
+                            // Not streaming since it started: not read from
+                            // (see decide_roles), so not caught up either.
                             r.caught_up = Some(
                                 !s.replay_paused
                                     && match (s.lsn, s.received) {
                                         (Some(replayed), Some(received)) => replayed >= received,
-                                        (Some(_), None) => true,
                                         _ => false,
                                     },
                             );
+                            if s.received.is_none() {
+                                r.error = Some(
+                                    "has not streamed from a primary since it started: not read from"
+                                        .into(),
+                                );
+                            }
                             r.lag_bytes = match (primary_lsn, s.lsn) {
                                 (Some(p), Some(l)) => Some(p.bytes_after(l)),
                                 _ => None,
@@ -981,7 +995,7 @@ mod tests {
         Ok(ServerStatus {
             standby,
             lsn: Some(Lsn(100)),
-            received: None,
+            received: standby.then_some(Lsn(100)),
             replay_paused: false,
             started: 1,
             timeline: (!standby).then_some(timeline),
@@ -1003,6 +1017,27 @@ mod tests {
         assert_eq!(r.primary, Some(1));
         assert_eq!(r.replicas, vec![0]);
         assert_eq!(r.problem, None);
+    }
+
+    #[test]
+    fn a_standby_that_has_not_streamed_since_it_started_is_no_replica() {
+        // A former primary back in recovery, following no one, far ahead of
+        // the promoted server on a history of its own.
+        let diverged = Ok(ServerStatus {
+            standby: true,
+            lsn: Some(Lsn(1_000_000)),
+            received: None,
+            replay_paused: false,
+            started: 2,
+            timeline: None,
+        });
+        let r = roles(&[
+            (cand("a", Tag::Replica), diverged),
+            (cand("b", Tag::Primary), on_timeline(false, 2)),
+            (cand("c", Tag::Replica), up(true)),
+        ]);
+        assert_eq!(r.primary, Some(1));
+        assert_eq!(r.replicas, vec![2]);
     }
 
     #[test]

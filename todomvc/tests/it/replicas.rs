@@ -124,3 +124,94 @@ async fn reads_follow_own_writes_while_replica_replay_is_paused() -> anyhow::Res
     assert_eq!(r.titles(), vec!["second"]);
     Ok(())
 }
+
+/// A former primary restarted as a standby before anything rewound it (an
+/// agent that fenced it and saw no leader to follow) replays its own WAL,
+/// writes no other server has, to a position beyond what clients of the
+/// new primary carry. It is in recovery and answers SQL, but it streams
+/// from no one: reading from it would show a client writes that were
+/// never acknowledged and hide the ones that were. Replica reads go only
+/// to servers that stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_never_streamed_is_not_read_from() -> anyhow::Result<()> {
+    let (mut old, mut new) = primary_and_replica("todomvc")?;
+    let app = TestApp::spawn(&[
+        "--db-name",
+        "todomvc",
+        "--db-primary",
+        &endpoint(&old),
+        "--db-replica",
+        &endpoint(&new),
+    ])
+    .await?;
+    app.wait_writable().await?;
+    let long = Duration::from_secs(30);
+    let alice = app.session();
+    alice.add("before the split").await?;
+    eventually("the replica has the first write", long, || async {
+        Ok(new.psql("todomvc", "SELECT count(*) FROM todos")? == "1")
+    })
+    .await?;
+
+    // The split: the standby stops, the old primary takes writes of its
+    // own (a commit whose client never heard back), lots of WAL of them.
+    new.stop();
+    old.psql(
+        "todomvc",
+        "INSERT INTO todos (title, completed) \
+         SELECT 'never acknowledged ' || i, false FROM generate_series(1, 300) i",
+    )?;
+    old.stop();
+    // The standby is promoted without them, and Alice writes to it.
+    new.restart()?;
+    new.promote()?;
+    eventually("alice writes to the promoted server", long, || async {
+        Ok(alice.add("after the failover").await?.status == 201)
+    })
+    .await?;
+
+    // The old primary comes back in recovery, following no one.
+    std::fs::write(old.data_dir().join("standby.signal"), "")?;
+    old.restart()?;
+    assert_eq!(old.psql("postgres", "SELECT pg_is_in_recovery()")?, "t");
+    let old_address = endpoint(&old);
+    eventually(
+        "the app has probed the old primary as a standby",
+        long,
+        || async {
+            let h = app.health().await?;
+            Ok(h.json["servers"].as_array().is_some_and(|servers| {
+                servers.iter().any(|s| {
+                    s["address"].as_str() == Some(old_address.as_str()) && s["state"] == "replica"
+                })
+            }))
+        },
+    )
+    .await?;
+
+    for _ in 0..10 {
+        let r = alice.get("/todos").await?;
+        assert_eq!(r.status, 200, "{:?}", r.json);
+        let titles = r.titles();
+        assert!(
+            titles == ["before the split", "after the failover"],
+            "alice's list, read from {:?}, has {} todos: {:?}...",
+            r.read_from(),
+            titles.len(),
+            &titles[..titles.len().min(3)]
+        );
+        assert_eq!(r.read_from(), Some("primary"));
+    }
+    // Nor does health count it as a replica that has caught up.
+    let h = app.health().await?;
+    let old_report = h.json["servers"]
+        .as_array()
+        .and_then(|s| {
+            s.iter()
+                .find(|s| s["address"].as_str() == Some(old_address.as_str()))
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(old_report["caught_up"], false, "{old_report}");
+    Ok(())
+}
