@@ -184,7 +184,7 @@ impl Injected {
 async fn inject(c: &Cluster, fault: Fault, primary: &str) -> anyhow::Result<Injected> {
     Ok(match fault {
         Fault::Postgres => {
-            kill_postgres(c, primary)?;
+            kill_postgres(c, primary).await?;
             Injected::None
         }
         Fault::Node => {
@@ -197,7 +197,7 @@ async fn inject(c: &Cluster, fault: Fault, primary: &str) -> anyhow::Result<Inje
         Fault::AgentPostgres => {
             let agent = faults::service_pid(c, primary, "agent")?;
             faults::signal_all(&[agent], Signal::SIGSTOP);
-            kill_postgres(c, primary)?;
+            kill_postgres(c, primary).await?;
             faults::signal_all(&[agent], Signal::SIGKILL);
             Injected::None
         }

@@ -100,10 +100,34 @@ pub async fn commits_wait(c: &Cluster, primary: &str) -> anyhow::Result<bool> {
 /// Kills every postgres process of `node` with SIGKILL, as a crash would:
 /// the backends first (each is a process group of its own, and left alone
 /// a backend finishes the commit it is in before it notices its
-/// postmaster died), then the postmaster.
-pub fn kill_postgres(c: &Cluster, node: &str) -> anyhow::Result<()> {
+/// postmaster died), then the postmaster. In a container, from inside it:
+/// the pid in `postmaster.pid` is one of the container's pid namespace,
+/// which names another process (or none) on this host.
+pub async fn kill_postgres(c: &Cluster, node: &str) -> anyhow::Result<()> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
+    if c.machines == crate::Machines::Lxc && !node.starts_with("adm") {
+        let script = "pm=$(head -n 1 /var/lib/corral-agent/pgdata/postmaster.pid) || exit 1; \
+             kill -STOP \"$pm\" || exit 1; \
+             for stat in /proc/[0-9]*/stat; do \
+               set -- $(cut -d ' ' -f 1,4 \"$stat\" 2>/dev/null); \
+               [ \"${2:-}\" = \"$pm\" ] && kill -KILL \"$1\" 2>/dev/null; \
+             done; \
+             kill -KILL \"$pm\"";
+        let out = c
+            .attach(
+                node,
+                &["sh", "-c", script],
+                std::time::Duration::from_secs(20),
+            )
+            .await?;
+        anyhow::ensure!(
+            out.exit.success(),
+            "killing postgres in {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return Ok(());
+    }
     let postmaster = postmaster(c, node)?;
     let _ = kill(Pid::from_raw(postmaster as i32), Signal::SIGSTOP);
     for pid in crate::children_of(&[postmaster]) {

@@ -296,7 +296,7 @@ async fn healthy(c: &Cluster) -> anyhow::Result<String> {
 
 async fn inject(c: &Cluster, fault: Fault, primary: &str) -> anyhow::Result<()> {
     match fault {
-        Fault::KillPostgres => kill_postgres(c, primary)?,
+        Fault::KillPostgres => kill_postgres(c, primary).await?,
         Fault::Switchover => {
             let to = db_nodes(c)
                 .into_iter()

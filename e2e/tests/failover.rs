@@ -171,7 +171,7 @@ async fn primary_failures_fail_over_fence_rejoin_and_lose_no_acknowledged_write(
     );
 
     // 1. kill -9 of the primary's postgres.
-    kill_postgres(&c, &primary).expect("kill postgres");
+    kill_postgres(&c, &primary).await.expect("kill postgres");
     let primary = settled(&c, &w, "kill -9 of the primary's postgres")
         .await
         .expect("after kill -9");
