@@ -331,10 +331,23 @@ fn non_negative(col: &str) -> u64 {
     col.parse::<f64>().map_or(0, |v| v.max(0.0) as u64)
 }
 
+/// Replication lag in bytes, one expression: on a standby what it received
+/// and has not replayed, on a primary its slowest streaming standby's
+/// replay. Shared by the status query and the metrics sampler's.
+#[macro_export]
+macro_rules! lag_bytes_sql {
+    () => {
+        "CASE WHEN pg_is_in_recovery() \
+         THEN COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0) \
+         ELSE COALESCE((SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication), 0) END"
+    };
+}
+
 /// The one status query of a tick: role, timeline, WAL position, standbys,
 /// settings, replication lag (parsed by [`SqlStatus::parse`]). The
 /// heartbeat reports the latest tick's answer rather than asking again.
-pub const STATUS_QUERY: &str = "SELECT pg_is_in_recovery(), \
+pub const STATUS_QUERY: &str = concat!(
+    "SELECT pg_is_in_recovery(), \
      COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint())), \
      CASE WHEN pg_is_in_recovery() \
      THEN COALESCE(pg_wal_lsn_diff(GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), '0/0'), 0)::bigint \
@@ -344,16 +357,15 @@ pub const STATUS_QUERY: &str = "SELECT pg_is_in_recovery(), \
      COALESCE((SELECT string_agg(slot_name, ',') FROM pg_replication_slots), ''), \
      EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'), \
      current_setting('primary_slot_name'), \
-     current_setting('synchronous_standby_names'), \
-     CASE WHEN pg_is_in_recovery() \
-     THEN COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0) \
-     ELSE COALESCE((SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication), 0) END, \
-     CASE WHEN pg_is_in_recovery() \
+     current_setting('synchronous_standby_names'), ",
+    lag_bytes_sql!(),
+    ", CASE WHEN pg_is_in_recovery() \
      THEN CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
           ELSE COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END \
      ELSE COALESCE((SELECT max(extract(epoch FROM replay_lag)) * 1000 FROM pg_stat_replication), 0) END, \
      CASE WHEN pg_is_in_recovery() THEN COALESCE((SELECT status FROM pg_stat_wal_receiver), 'recovering') ELSE 'running' END, \
-     current_setting('primary_conninfo')";
+     current_setting('primary_conninfo')"
+);
 
 /// What this node is like now, from one status query and its data dir.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

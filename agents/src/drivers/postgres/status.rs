@@ -52,11 +52,11 @@ impl PostgresDriver {
         let row = self
             .query(
                 port,
-                "SELECT (SELECT COALESCE(sum(xact_commit), 0) FROM pg_stat_database), \
-                 (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
-                 CASE WHEN pg_is_in_recovery() \
-                 THEN COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0) \
-                 ELSE COALESCE((SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication), 0) END",
+                concat!(
+                    "SELECT (SELECT COALESCE(sum(xact_commit), 0) FROM pg_stat_database), \
+                     (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), ",
+                    crate::lag_bytes_sql!()
+                ),
             )
             .await
             .ok()?;
