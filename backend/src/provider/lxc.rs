@@ -497,7 +497,15 @@ impl LxcProvider {
             prefix = c.prefix_len,
             gateway = c.host_address,
             ipv6 = match (c.ipv6, node.address.parse::<Ipv4Addr>()) {
-                (Some(ula), Ok(v4)) => format!("lxc.net.0.ipv6.address = {}/64\n", ula.address(v4)),
+                // The address is tentative for the second or so of
+                // duplicate address detection after the container starts,
+                // and a bind to it fails meanwhile (nginx -t of an order
+                // applied that early failed, seen on a fresh web node):
+                // binding to an address not (yet) usable is allowed.
+                (Some(ula), Ok(v4)) => format!(
+                    "lxc.net.0.ipv6.address = {}/64\nlxc.sysctl.net.ipv6.ip_nonlocal_bind = 1\n",
+                    ula.address(v4)
+                ),
                 _ => String::new(),
             },
             hwaddr = node
