@@ -10,7 +10,9 @@
 #                                     builds the .deb packages they install
 #   scripts/demo.sh --servers 2       two control-plane servers (adm1 127.0.11.5, adm2
 #                                     127.0.11.6) on a PostgreSQL state database with a
-#                                     standby (state in ./.corral-servers); local only
+#                                     standby (state in ./.corral-servers; with
+#                                     --provider lxc, adm1 and adm2 are 192.168.11.5
+#                                     and .6 on the bridge, state in ./.corral-lxc-servers)
 #   scripts/demo.sh [--provider lxc] stop   stop a detached cluster (corral down)
 #
 # State (control-plane database, PostgreSQL data, logs; the containers'
@@ -43,7 +45,8 @@ case "$provider" in
   local) if [ "$servers" = 1 ]; then state=${CORRAL_STATE_DIR:-$PWD/.corral}
          else state=${CORRAL_STATE_DIR:-$PWD/.corral-servers}; fi ;;
   # A cluster of its own: its nodes live at other addresses.
-  lxc) state=${CORRAL_STATE_DIR:-$PWD/.corral-lxc} ;;
+  lxc) if [ "$servers" = 1 ]; then state=${CORRAL_STATE_DIR:-$PWD/.corral-lxc}
+       else state=${CORRAL_STATE_DIR:-$PWD/.corral-lxc-servers}; fi ;;
   *) echo "demo.sh: --provider is local or lxc, not '$provider'" >&2; exit 2 ;;
 esac
 if [ "$stop" = 1 ]; then

@@ -190,6 +190,16 @@ impl Cluster {
         Self::up_on(Machines::Lxc, octet, web, db, &[]).await
     }
 
+    /// [`Cluster::up_lxc`] with more `corral up` arguments.
+    pub async fn up_lxc_with(
+        octet: u8,
+        web: u32,
+        db: u32,
+        args: &[&str],
+    ) -> anyhow::Result<Cluster> {
+        Self::up_on(Machines::Lxc, octet, web, db, args).await
+    }
+
     async fn up_on(
         machines: Machines,
         octet: u8,

@@ -392,11 +392,7 @@ pub async fn down(config: Config, purge: bool) -> anyhow::Result<()> {
         agent_args: Vec::new(),
     })];
     if state_dir.join("lxc").is_dir() {
-        let plan = config.lxc_network;
-        let mut lxc = LxcConfig::new(&state_dir, plan.host_address(), plan.prefix_len());
-        lxc.bridge = config.lxc_bridge.clone();
-        lxc.debs_dir = config.lxc_packages.clone();
-        providers.push(LxcProvider::new(lxc));
+        providers.push(LxcProvider::new(lxc_config(&config)));
     }
     let controller = MachineController::new(providers, String::new(), None);
     let progress = tokio::spawn(show_progress(controller.subscribe()));
@@ -425,6 +421,16 @@ pub async fn down(config: Config, purge: bool) -> anyhow::Result<()> {
         eprintln!("cluster stopped");
     }
     Ok(())
+}
+
+/// The LXC provider's settings as `serve` would make them from `config`,
+/// for the work `up` and `down` do on the machines themselves.
+fn lxc_config(config: &Config) -> LxcConfig {
+    let plan = config.lxc_network;
+    let mut lxc = LxcConfig::new(&config.state_dir, plan.host_address(), plan.prefix_len());
+    lxc.bridge = config.lxc_bridge.clone();
+    lxc.debs_dir = config.lxc_packages.clone();
+    lxc
 }
 
 /// Kills the servers a gone `up --servers N` left (their `serve-*.pid`
@@ -642,11 +648,11 @@ pub async fn up_servers(
     servers: ServersOptions,
 ) -> anyhow::Result<()> {
     let state_dir = config.state_dir.clone();
-    if config.default_provider != Provider::Local {
+    let provider = config.default_provider;
+    if !matches!(provider, Provider::Local | Provider::Lxc) {
         bail!(
-            "corral up --servers {} runs the local provider only (the {} provider's bridge carries one control-plane address)",
+            "corral up --servers {} runs on the local and lxc providers, not {provider}: its servers and state database run on this host, at addresses the nodes must reach",
             servers.count,
-            config.default_provider
         );
     }
     std::fs::create_dir_all(&state_dir)
@@ -670,7 +676,7 @@ pub async fn up_servers(
     }
     Reaper::global();
     let started = Instant::now();
-    let plan = config.plan_for(Provider::Local);
+    let plan = config.plan_for(provider);
     let admins: Vec<(String, std::net::Ipv4Addr)> = (1..=servers.count)
         .map(|i| {
             plan.admin_address(i)
@@ -683,6 +689,25 @@ pub async fn up_servers(
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse().ok())
         .unwrap_or(corral_proto::ports::CONTROL_PLANE);
+    if provider == Provider::Lxc {
+        // adm1 is the host's address on the bridge; adm2.. are further
+        // addresses of the host there, where the containers reach the other
+        // servers and the state database's standbys.
+        eprintln!(
+            "bridge {}: the servers' addresses {}",
+            config.lxc_bridge,
+            admins
+                .iter()
+                .map(|(_, a)| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let more: Vec<std::net::Ipv4Addr> = admins[1..].iter().map(|(_, a)| *a).collect();
+        LxcProvider::new(lxc_config(&config))
+            .ensure_bridge_with(&more)
+            .await
+            .with_context(|| format!("setting up the bridge {}", config.lxc_bridge))?;
+    }
     // The secrets are made here, once, before any server reads them.
     let secrets = crate::auth::Secrets::load_or_create(&state_dir)?;
     std::fs::write(pid_file(&state_dir), format!("{}\n", std::process::id()))
@@ -898,15 +923,15 @@ async fn stop_servers(servers: &tokio::sync::Mutex<Vec<ServerProcess>>) {
 /// Stops every machine of the cluster in order, as `down` does: with the
 /// servers gone, no controller makes them again meanwhile.
 async fn stop_machines(config: &Config) {
-    let controller = MachineController::new(
-        vec![LocalProvider::new(LocalConfig {
-            state_dir: config.state_dir.clone(),
-            agent_bin: config.agent_bin.clone(),
-            agent_args: Vec::new(),
-        })],
-        String::new(),
-        None,
-    );
+    let mut providers: Vec<Arc<dyn Machines>> = vec![LocalProvider::new(LocalConfig {
+        state_dir: config.state_dir.clone(),
+        agent_bin: config.agent_bin.clone(),
+        agent_args: Vec::new(),
+    })];
+    if config.state_dir.join("lxc").is_dir() {
+        providers.push(LxcProvider::new(lxc_config(config)));
+    }
+    let controller = MachineController::new(providers, String::new(), None);
     let progress = tokio::spawn(show_progress(controller.subscribe()));
     controller.stop_all().await;
     drop(controller);

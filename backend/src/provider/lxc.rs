@@ -243,6 +243,31 @@ impl LxcProvider {
         Ok(out.trim().to_string())
     }
 
+    /// The bridge, made if missing, with the host's address and `more` of
+    /// its own on it: the addresses of the further control-plane servers of
+    /// `corral up --servers N` (adm2..), which the containers reach there.
+    pub async fn ensure_bridge_with(&self, more: &[Ipv4Addr]) -> Result<(), ProviderError> {
+        let _setup = self.setup.lock().await;
+        self.ensure_bridge().await?;
+        let c = &self.config;
+        let addrs = run(
+            Command::new("ip").args(["-o", "-4", "addr", "show", "dev", &c.bridge]),
+            Duration::from_secs(10),
+        )
+        .await?;
+        for address in more {
+            let cidr = format!("{address}/{}", c.prefix_len);
+            if !addrs.contains(&format!(" {cidr} ")) {
+                run(
+                    Command::new("ip").args(["addr", "add", &cidr, "dev", &c.bridge]),
+                    Duration::from_secs(10),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The bridge with the host's address on it, made if missing.
     async fn ensure_bridge(&self) -> Result<(), ProviderError> {
         let c = &self.config;
