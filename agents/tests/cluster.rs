@@ -1154,3 +1154,100 @@ async fn a_second_db_node_streams_from_the_primary_and_drains_cleanly() {
     let res = http.get(format!("{lb}/todos")).send().await.expect("GET");
     assert_eq!(res.status(), 200);
 }
+
+/// A db node whose first clone fails (here the primary refuses the
+/// replication login for a while) is not stranded: its agent keeps the
+/// order it failed and makes the data dir again each HA tick, so once the
+/// primary lets it in it streams, with no new order from the control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_whose_first_clone_failed_streams_once_the_primary_lets_it_in() {
+    let net = "127.0.43";
+    let mut cluster = Cluster::start(net).await;
+    cluster
+        .admin(
+            reqwest::Method::PUT,
+            "/api/v1/topology",
+            Some(json!({"web": 1, "db": 1, "lb_policy": "round_robin", "replication": "async"})),
+        )
+        .await;
+    for (node, host) in [("adm1", 5), ("pg1", 11)] {
+        cluster.spawn_agent(node, &format!("{net}.{host}")).await;
+    }
+    let pg1 = cluster.node_state("pg1");
+    eventually(
+        "pg1 to run as primary",
+        Duration::from_secs(120),
+        || async { psql(&pg1, "SELECT pg_is_in_recovery()").as_deref() == Some("f") },
+    )
+    .await;
+    cluster
+        .admin(
+            reqwest::Method::PUT,
+            "/api/v1/topology",
+            Some(json!({"web": 1, "db": 2, "lb_policy": "round_robin", "replication": "async"})),
+        )
+        .await;
+    // pg1 applies its orders for the new topology first (a postgres order
+    // on the primary corrects the roles, password and all).
+    eventually(
+        "pg1 to apply every order",
+        Duration::from_secs(60),
+        || async {
+            let orders = cluster.orders("pg1").await;
+            !orders.is_empty() && orders.iter().all(|o| o["status"] == "applied")
+        },
+    )
+    .await;
+    let password = std::fs::read_to_string(cluster.dir.path().join("server/replication-password"))
+        .expect("the replication password")
+        .trim()
+        .to_string();
+    assert!(
+        psql_in(&pg1, "postgres", "ALTER ROLE replicator PASSWORD 'not-yet'").is_some(),
+        "breaking the replication login"
+    );
+
+    cluster.spawn_agent("pg2", &format!("{net}.12")).await;
+    eventually(
+        "pg2's postgres order to fail (its clone refused)",
+        Duration::from_secs(60),
+        || async {
+            cluster
+                .orders("pg2")
+                .await
+                .iter()
+                .any(|o| o["status"] == "failed")
+        },
+    )
+    .await;
+    let orders_before = cluster.orders("pg2").await.len();
+    assert!(
+        psql_in(
+            &pg1,
+            "postgres",
+            &format!("ALTER ROLE replicator PASSWORD '{password}'")
+        )
+        .is_some(),
+        "mending the replication login"
+    );
+
+    eventually(
+        "pg2 to stream from pg1",
+        Duration::from_secs(90),
+        || async {
+            psql_in(
+                &pg1,
+                "postgres",
+                "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg2' AND state = 'streaming'",
+            )
+            .as_deref()
+                == Some("1")
+        },
+    )
+    .await;
+    assert_eq!(
+        cluster.orders("pg2").await.len(),
+        orders_before,
+        "pg2 came up by a new order, not by itself"
+    );
+}
