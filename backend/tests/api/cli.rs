@@ -364,14 +364,21 @@ async fn the_cli_switches_over_waits_for_the_outcome_and_shows_db_status() {
 #[tokio::test]
 async fn up_with_several_servers_refuses_what_it_cannot_run_and_makes_nothing() {
     async fn up(state: &std::path::Path, args: &[&str]) -> String {
-        let out = Command::new(CORRAL)
-            .arg("up")
-            .args(args)
-            .args(["--network", "127.0.35.0/24", "--state-dir"])
-            .arg(state)
-            .output()
-            .await
-            .expect("run corral up");
+        // A refusal comes at once; an `up` that started would run until
+        // stopped, so it is killed (kill_on_drop) when the wait gives up.
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            Command::new(CORRAL)
+                .arg("up")
+                .args(args)
+                .args(["--network", "127.0.35.0/24", "--state-dir"])
+                .arg(state)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("corral up {args:?} was not refused within 60 s"))
+        .expect("run corral up");
         assert!(!out.status.success(), "corral up {args:?} started");
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
@@ -385,8 +392,15 @@ async fn up_with_several_servers_refuses_what_it_cannot_run_and_makes_nothing() 
     let state = tempfile::tempdir().expect("state dir");
     let said = up(state.path(), &["--servers", "7"]).await;
     assert!(said.contains("1..=6"), "{said}");
-    let said = up(state.path(), &["--servers", "2", "--provider", "lxc"]).await;
-    assert!(said.contains("runs the local provider only"), "{said}");
+    let said = up(
+        state.path(),
+        &["--servers", "2", "--provider", "virtualbox"],
+    )
+    .await;
+    assert!(
+        said.contains("runs on the local and lxc providers, not virtualbox"),
+        "{said}"
+    );
     assert_eq!(made(state.path()), Vec::<&str>::new());
 
     // A single-server cluster's state dir, and the other way round.
