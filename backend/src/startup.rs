@@ -329,12 +329,18 @@ impl Application {
         let logs = web::Data::new(crate::api::ServiceLogs::starting_now());
         let ui_dir = config.ui_dir.clone();
         let apt_dir = config.apt_dir.clone();
+        let server_urls = web::Data::new(crate::api::ServerUrls::new(
+            format!("{scheme}://{addr}"),
+            &config.peers,
+        ));
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
                 .app_data(logs.clone())
+                .app_data(server_urls.clone())
                 .wrap(from_fn(crate::api::json_errors))
                 .wrap(from_fn(log_request))
+                .wrap(from_fn(crate::api::cors))
                 .configure(crate::api::configure)
                 .configure(|cfg| crate::apt::configure(cfg, apt_dir.clone()))
                 .configure(|cfg| crate::ui::configure(cfg, ui_dir.clone()))

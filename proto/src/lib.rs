@@ -43,8 +43,8 @@ pub use order::{
     SwitchoverSpec, WebappSpec, WorkOrder,
 };
 pub use topology::{
-    BackupSchedule, LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Topology, TopologyChange,
-    TopologyUpdate,
+    BackupSchedule, LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Servers, Topology,
+    TopologyChange, TopologyUpdate,
 };
 
 /// The version every corral binary reports (`/version`, `--version`).

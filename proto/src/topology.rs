@@ -276,3 +276,13 @@ mod tests {
         assert!(serde_json::from_str::<TopologyUpdate>(body).is_err());
     }
 }
+
+/// The control-plane servers sharing this cluster's state, as clients reach
+/// them (`GET /api/v1/servers`): the one answering first, then its peers.
+/// The web UI moves to the next when the one it talks to stops answering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Servers {
+    /// Base URLs, e.g. `https://192.168.11.5:7070`.
+    pub servers: Vec<String>,
+}

@@ -13,6 +13,7 @@ mod logs;
 mod meta;
 mod metrics;
 mod nodes;
+mod servers;
 mod topology;
 
 use std::future::{Ready, ready};
@@ -33,6 +34,7 @@ use crate::error::{ApiError, path_error, query_error};
 use crate::cluster::Cluster;
 pub use body::Body;
 pub use logs::ServiceLogs;
+pub use servers::{ServerUrls, cors};
 
 pub use agents::parse_wait;
 
@@ -79,6 +81,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         metrics::post_metrics,
         metrics::get_metrics,
         metrics::exposition,
+        servers::list_servers,
         meta::healthz,
         meta::version,
     ),
@@ -93,7 +96,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
         (name = "agents", description = "What node agents call: enroll, long-poll orders, report"),
         (name = "metrics", description = "Samples agents take every 10 s: raw for a day, 5-minute aggregates for 30 days"),
         (name = "hosts", description = "What host agents call: long-poll machine orders (VirtualBox VMs), report"),
-        (name = "meta", description = "Liveness and version"),
+        (name = "meta", description = "Liveness, version and the control-plane servers"),
     )
 )]
 pub struct ApiDoc;
@@ -139,6 +142,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .configure(hosts::routes)
                 .configure(logs::routes)
                 .configure(metrics::routes)
+                .configure(servers::routes)
                 .default_service(web::to(not_found)),
         )
         .configure(meta::routes)
@@ -206,20 +210,34 @@ const PUBLIC: &[&str] = &["/api/v1/agents/enroll"];
 
 /// Resolves the bearer token before anything else runs, so a request
 /// without valid credentials gets 401 whatever else is wrong with it.
-async fn authenticate(
+///
+/// A refusal is answered here, as a response rather than an error, so the
+/// middleware outside (CORS) sees it like any other answer.
+async fn authenticate<B: MessageBody>(
     req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    next: Next<B>,
+) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
     if !PUBLIC.contains(&req.path()) {
-        let token = auth::bearer(req.request())?.to_string();
-        let cluster = req
-            .app_data::<web::Data<Cluster>>()
-            .cloned()
-            .ok_or_else(|| ApiError::Internal("cluster state missing from app".into()))?;
-        let caller = cluster.authenticate(&token).await.map_err(ApiError::from)?;
-        req.extensions_mut().insert(caller);
+        match caller(&req).await {
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+            }
+            Err(e) => return Ok(req.error_response(e).map_into_right_body()),
+        }
     }
-    next.call(req).await
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_left_body)
+}
+
+/// Who the bearer token of `req` belongs to.
+async fn caller(req: &ServiceRequest) -> Result<Caller, ApiError> {
+    let token = auth::bearer(req.request())?.to_string();
+    let cluster = req
+        .app_data::<web::Data<Cluster>>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal("cluster state missing from app".into()))?;
+    Ok(cluster.authenticate(&token).await?)
 }
 
 impl FromRequest for Caller {

@@ -7,7 +7,8 @@ use crate::helpers::*;
 both_backends! {
     async fn every_api_call_but_enroll_needs_a_token(app) {
         for path in ["/api/v1/topology", "/api/v1/nodes", "/api/v1/nodes/adm1", "/api/v1/events",
-                     "/api/v1/nodes/adm1/orders", "/api/v1/agents/adm1/orders", "/api/v1/events/stream"] {
+                     "/api/v1/nodes/adm1/orders", "/api/v1/agents/adm1/orders", "/api/v1/events/stream",
+                     "/api/v1/servers"] {
             let res = app.http.get(format!("{}{path}", app.url)).send().await.expect("get");
             assert_eq!(
                 res.headers().get("www-authenticate").and_then(|v| v.to_str().ok()),
@@ -42,6 +43,7 @@ both_backends! {
             (Method::GET, "/api/v1/nodes"),
             (Method::GET, "/api/v1/topology"),
             (Method::GET, "/api/v1/events"),
+            (Method::GET, "/api/v1/servers"),
             (Method::DELETE, "/api/v1/nodes/nginx2"),
         ] {
             let res = app.as_token(&token, method.clone(), path).send().await.expect("req");

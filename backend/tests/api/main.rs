@@ -18,5 +18,6 @@ mod nodes;
 mod offsite;
 mod openapi;
 mod retention;
+mod servers;
 mod topology;
 mod ui;
