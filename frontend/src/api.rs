@@ -2,11 +2,14 @@
 //! out, and every failure turned into an [`ApiError`] whose text can be
 //! shown as it is. The types are corral-proto's, the server's own.
 
+use std::cell::{Cell, RefCell};
 use std::fmt;
+use std::rc::Rc;
 
 use corral_proto::{
     Backup, BackupsStatus, CreateNode, ErrorBody, Event, LogLine, MetricName, MetricSeries, Node,
-    Order, SwitchoverAccepted, SwitchoverRequest, Topology, TopologyChange, TopologyUpdate,
+    Order, Servers as ServerList, SwitchoverAccepted, SwitchoverRequest, Topology, TopologyChange,
+    TopologyUpdate,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -57,9 +60,48 @@ fn js_text(v: &JsValue) -> String {
 }
 
 /// The admin token and the calls the UI makes with it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Client {
     token: String,
+    /// Shared by every clone: a move to another server holds for all.
+    servers: Rc<Servers>,
+}
+
+impl PartialEq for Client {
+    fn eq(&self, other: &Self) -> bool {
+        self.token == other.token && Rc::ptr_eq(&self.servers, &other.servers)
+    }
+}
+
+/// The control-plane servers the UI may call: `""` (the one that served
+/// the page, by relative URL) first, then the others' base URLs from
+/// `GET /api/v1/servers`. Calls go to `current`; a GET that cannot reach
+/// it, or gets 502/503/504, tries the next, and the one that answers
+/// becomes current. The servers share one state database, so any of them
+/// gives the same answer.
+#[derive(Debug)]
+struct Servers {
+    bases: RefCell<Vec<String>>,
+    current: Cell<usize>,
+}
+
+impl Servers {
+    fn new() -> Self {
+        Self {
+            bases: RefCell::new(vec![String::new()]),
+            current: Cell::new(0),
+        }
+    }
+}
+
+/// The page's own origin, `scheme://host:port`.
+fn page_origin() -> Option<String> {
+    web_sys::window()?.location().origin().ok()
+}
+
+/// Answers that say this server cannot serve now, where another may.
+fn unavailable(status: u16) -> bool {
+    matches!(status, 502..=504)
 }
 
 /// The outcome of a removal: drained first, or gone at once.
@@ -73,10 +115,46 @@ impl Client {
     pub fn new(token: impl Into<String>) -> Self {
         Self {
             token: token.into(),
+            servers: Rc::new(Servers::new()),
         }
     }
 
-    /// Starts a request; the response is returned whatever its status.
+    /// Learns the other control-plane servers (`GET /api/v1/servers`), to
+    /// go on with when this one stops answering. A failure leaves the list
+    /// as it was: the page then has only its own server.
+    pub async fn discover_servers(&self) -> Result<(), ApiError> {
+        let list: ServerList = self.get("/api/v1/servers").await?;
+        let own = page_origin();
+        let mut bases = vec![String::new()];
+        for url in list.servers {
+            let url = url.trim_end_matches('/').to_string();
+            if Some(&url) != own.as_ref() && !bases.contains(&url) {
+                bases.push(url);
+            }
+        }
+        let current = self.servers.current.get();
+        let keep = self.servers.bases.borrow().get(current).cloned();
+        let index = keep
+            .and_then(|k| bases.iter().position(|b| *b == k))
+            .unwrap_or(0);
+        *self.servers.bases.borrow_mut() = bases;
+        self.servers.current.set(index);
+        Ok(())
+    }
+
+    /// The server calls go to now, when it is not the page's own.
+    pub fn other_server(&self) -> Option<String> {
+        let bases = self.servers.bases.borrow();
+        bases
+            .get(self.servers.current.get())
+            .filter(|b| !b.is_empty())
+            .cloned()
+    }
+
+    /// Starts a request; the response is returned whatever its status. A
+    /// GET goes on to the other servers when the current one cannot be
+    /// reached or answers 502/503/504; any other method is sent once (it
+    /// may have been carried out), but a failure moves the next call on.
     pub async fn send(
         &self,
         method: &str,
@@ -84,15 +162,50 @@ impl Client {
         body: Option<String>,
         signal: Option<&AbortSignal>,
     ) -> Result<Response, ApiError> {
+        let bases = self.servers.bases.borrow().clone();
+        let start = self.servers.current.get() % bases.len();
+        let tries = if method == "GET" { bases.len() } else { 1 };
+        let mut last = None;
+        for attempt in 0..tries {
+            let index = (start + attempt) % bases.len();
+            let url = format!("{}{path}", bases[index]);
+            let outcome = self.send_to(method, &url, body.as_deref(), signal).await;
+            if signal.is_some_and(AbortSignal::aborted) {
+                return outcome;
+            }
+            let failed = match &outcome {
+                Ok(response) => unavailable(response.status()),
+                Err(_) => true,
+            };
+            if !failed {
+                self.servers.current.set(index);
+                return outcome;
+            }
+            last = Some(outcome);
+        }
+        // None answered: the next call starts with the next server.
+        if bases.len() > 1 && self.servers.current.get() == start {
+            self.servers.current.set((start + tries) % bases.len());
+        }
+        last.unwrap_or_else(|| Err(ApiError::network("no server to call")))
+    }
+
+    async fn send_to(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&str>,
+        signal: Option<&AbortSignal>,
+    ) -> Result<Response, ApiError> {
         let init = RequestInit::new();
         init.set_method(method);
-        if let Some(body) = &body {
+        if let Some(body) = body {
             init.set_body(&JsValue::from_str(body));
         }
         if let Some(signal) = signal {
             init.set_signal(Some(signal));
         }
-        let request = Request::new_with_str_and_init(path, &init)
+        let request = Request::new_with_str_and_init(url, &init)
             .map_err(|e| ApiError::network(js_text(&e)))?;
         let headers = request.headers();
         let set = |name: &str, value: &str| {

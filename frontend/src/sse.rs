@@ -2,7 +2,8 @@
 //! `fetch`, because `EventSource` cannot send the `Authorization` header and
 //! the token does not belong in a URL. Frames are parsed as they arrive;
 //! a dropped connection is retried with `Last-Event-ID`, so nothing is
-//! missed. Dropping the [`EventStream`] aborts the request.
+//! missed; it goes to another server when this one cannot be reached (see
+//! [`Client::send`]). Dropping the [`EventStream`] aborts the request.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -20,7 +21,9 @@ use crate::api::{ApiError, Client};
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamStatus {
     Connecting,
-    Live,
+    /// Flowing; from another server than the page's own when named (its
+    /// own stopped answering).
+    Live(Option<String>),
     /// Lost; retrying. The text says why.
     Retrying(String),
 }
@@ -136,7 +139,7 @@ async fn follow(
         .get_reader()
         .dyn_into()
         .map_err(|_| network("the browser cannot read streams"))?;
-    on_status.emit(StreamStatus::Live);
+    on_status.emit(StreamStatus::Live(client.other_server()));
     let mut buffer = String::new();
     let mut pending_bytes: Vec<u8> = Vec::new();
     loop {

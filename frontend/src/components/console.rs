@@ -86,6 +86,14 @@ pub fn Console(props: &Props) -> Html {
             let dispatcher = ctx.state.dispatcher();
             let started = stream.clone();
             wasm_bindgen_futures::spawn_local(async move {
+                // The other servers, to go on with if this one stops
+                // answering; without them the page keeps to its own.
+                if let Err(e) = ctx.client.discover_servers().await
+                    && e.is_unauthorized()
+                {
+                    ctx.fail(e);
+                    return;
+                }
                 let after = match ctx.client.events(500).await {
                     Ok(events) => {
                         let last = events.last().map(|e| e.id);

@@ -30,7 +30,8 @@ pub fn Header(props: &Props) -> Html {
         }
     };
     let (class, text) = match &props.stream {
-        StreamStatus::Live => ("live", "live".to_string()),
+        StreamStatus::Live(None) => ("live", "live".to_string()),
+        StreamStatus::Live(Some(server)) => ("live", format!("live via {server}")),
         StreamStatus::Connecting => ("connecting", "connecting…".to_string()),
         StreamStatus::Retrying(why) => ("retrying", format!("reconnecting ({why})")),
     };

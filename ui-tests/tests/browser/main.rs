@@ -2,4 +2,5 @@
 //! One binary; each test starts its own server and browser.
 
 mod cluster;
+mod servers;
 mod simulated;
