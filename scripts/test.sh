@@ -48,7 +48,16 @@ step "cargo test (SQLite and PostgreSQL 15, whole clusters of real processes, th
 log=$(mktemp /tmp/corral-test.XXXXXX)
 trap 'rm -f "$log"' EXIT
 failed=0
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || failed=1
+# A hung test must not eat CI's 90 minutes in silence: the whole run is cut
+# at 60 min (a cold 2-core machine needs about 20), and the tests libtest
+# saw running for over 60 s are named below.
+set +e
+timeout --kill-after=30s 60m cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+[ "$status" = 0 ] || failed=1
+hung=0
+[ "$status" = 124 ] && hung=1
 
 step "API fuzz against openapi.yaml (schemathesis)"
 fuzz=0
@@ -59,6 +68,10 @@ if [ "$failed" = 0 ] && [ "$fuzz" = 0 ] && [ "$ui_stale" = 0 ]; then
   exit 0
 fi
 step "FAILED ($(( SECONDS / 60 )) min $(( SECONDS % 60 )) s)"
+if [ "$hung" = 1 ]; then
+  echo "cargo test was stopped after 60 min; tests that had run for over 60 s:" >&2
+  grep -E 'has been running for over 60 seconds' "$log" | sed 's/^/  /' >&2 || true
+fi
 if [ "$failed" = 1 ]; then
   echo "failed tests:" >&2
   # "Running <target> (target/debug/deps/<binary>-<hash>)" names the test
