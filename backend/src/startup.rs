@@ -326,7 +326,6 @@ impl Application {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
         let data = web::Data::from(cluster.clone());
-        let logs = web::Data::new(crate::api::ServiceLogs::starting_now());
         let ui_dir = config.ui_dir.clone();
         let apt_dir = config.apt_dir.clone();
         let server_urls = web::Data::new(crate::api::ServerUrls::new(
@@ -336,7 +335,6 @@ impl Application {
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
-                .app_data(logs.clone())
                 .app_data(server_urls.clone())
                 .wrap(from_fn(crate::api::json_errors))
                 .wrap(from_fn(log_request))

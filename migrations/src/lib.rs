@@ -10,6 +10,7 @@ mod m20261203_000002_backups;
 mod m20261203_000003_backup_schedule;
 mod m20261203_000004_metrics;
 mod m20261203_000005_backup_s3;
+mod m20261205_000001_log_lines;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000003_backup_schedule::Migration),
             Box::new(m20261203_000004_metrics::Migration),
             Box::new(m20261203_000005_backup_s3::Migration),
+            Box::new(m20261205_000001_log_lines::Migration),
         ]
     }
 }

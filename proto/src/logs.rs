@@ -1,6 +1,6 @@
 //! Service logs agents ship to the control plane: a batch of lines of one
-//! service, and the lines as the API hands them back. The server keeps only
-//! the newest lines of each (node, service), in memory.
+//! service, and the lines as the API hands them back. The cluster keeps only
+//! the newest lines of each (node, service), in its state database.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -33,7 +33,6 @@ use crate::error::{ApiError, path_error, query_error};
 
 use crate::cluster::Cluster;
 pub use body::Body;
-pub use logs::ServiceLogs;
 pub use servers::{ServerUrls, cors};
 
 pub use agents::parse_wait;

@@ -276,6 +276,7 @@ impl Cluster {
                 || !outcome.removed.is_empty(),
             removed: outcome.removed.iter().map(|(id, _)| *id).collect(),
             tokens: Vec::new(),
+            logs: false,
         };
         if let Err(e) = self.notify_peers(&txn, &wake).await {
             desired.loaded = false;

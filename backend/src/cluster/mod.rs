@@ -15,6 +15,7 @@ mod error;
 mod events;
 pub mod hosts;
 mod leader;
+pub mod logs;
 mod metrics;
 mod nodes;
 mod offsite;
@@ -172,6 +173,9 @@ pub struct Cluster {
     gone: watch::Sender<()>,
     /// What `GET /metrics` exposes about this server.
     counters: crate::prometheus::Counters,
+    /// Bumped after log lines were appended, here or (told through the
+    /// peers' notifications) on another server: what log followers wait on.
+    log_appends: watch::Sender<u64>,
 }
 
 impl Cluster {
@@ -206,6 +210,7 @@ impl Cluster {
             leader: leader.clone(),
             gone: watch::Sender::new(()),
             counters: crate::prometheus::Counters::default(),
+            log_appends: watch::Sender::new(0),
         });
         if let Some(pool) = postgres {
             cluster.same_secrets_as_the_cluster().await?;
@@ -440,8 +445,14 @@ impl Cluster {
         let before = Utc::now()
             - chrono::Duration::from_std(r.event_age).unwrap_or(chrono::Duration::days(30));
         let events = store::prune_events(self.store.conn(), r.events, before).await?;
-        if orders + events > 0 {
-            tracing::info!(orders, events, "pruned old orders and events");
+        let log_lines = store::logs::prune_removed(self.store.conn()).await?;
+        if orders + events + log_lines > 0 {
+            tracing::info!(
+                orders,
+                events,
+                log_lines,
+                "pruned old orders and events, and removed nodes' log lines"
+            );
         }
         Ok((orders, events))
     }

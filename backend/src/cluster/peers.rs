@@ -42,6 +42,8 @@ pub(super) struct Wake {
     pub removed: Vec<i32>,
     /// Nodes whose agent token changed (enrolled again): the cached one goes.
     pub tokens: Vec<i32>,
+    /// Log lines were appended: log followers look again.
+    pub logs: bool,
 }
 
 impl Wake {
@@ -56,6 +58,7 @@ impl Wake {
         self.nodes |= other.nodes;
         self.removed.extend(other.removed);
         self.tokens.extend(other.tokens);
+        self.logs |= other.logs;
     }
 
     /// The NOTIFY payloads: `<server> <kind> <item>,<item>...`, split to fit.
@@ -73,7 +76,7 @@ impl Wake {
                 }
                 payload.push_str(&item);
             }
-            if payload.len() > head.len() || kind == 'n' {
+            if payload.len() > head.len() || kind == 'n' || kind == 'l' {
                 out.push(payload);
             }
         };
@@ -98,6 +101,9 @@ impl Wake {
         }
         if self.nodes {
             section('n', Vec::new());
+        }
+        if self.logs {
+            section('l', Vec::new());
         }
         out
     }
@@ -125,6 +131,7 @@ impl Wake {
             "r" => wake.removed = items.map(str::parse).collect::<Result<_, _>>().ok()?,
             "t" => wake.tokens = items.map(str::parse).collect::<Result<_, _>>().ok()?,
             "n" => wake.nodes = true,
+            "l" => wake.logs = true,
             _ => return None,
         }
         Some((server, wake))
@@ -158,6 +165,9 @@ impl Cluster {
         }
         if wake.nodes || !wake.removed.is_empty() {
             self.nodes_changed();
+        }
+        if wake.logs {
+            self.logs_appended();
         }
         if !wake.orders.is_empty() {
             let clock = std::time::Instant::now();
@@ -225,6 +235,7 @@ impl Cluster {
     async fn catch_up(&self) -> Result<(), ClusterError> {
         self.orders.look_again_all();
         self.nodes_changed();
+        self.logs_appended();
         self.tokens.forget_all();
         let mut after = self.last_event.load(Ordering::Relaxed);
         loop {
@@ -370,16 +381,13 @@ mod tests {
             nodes: true,
             removed: vec![3],
             tokens: vec![4],
+            logs: true,
         };
         let mut back = Wake::default();
         for payload in wake.encode("s1") {
             let (server, part) = Wake::decode(&payload).expect("decodes");
             assert_eq!(server, "s1");
-            back.orders.extend(part.orders);
-            back.events.extend(part.events);
-            back.removed.extend(part.removed);
-            back.tokens.extend(part.tokens);
-            back.nodes |= part.nodes;
+            back.merge(part);
         }
         assert_eq!(back, wake);
     }

@@ -5,6 +5,7 @@
 
 pub mod entity;
 pub mod hosts;
+pub mod logs;
 pub mod metrics;
 
 use std::path::Path;

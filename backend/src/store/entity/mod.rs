@@ -26,6 +26,7 @@ macro_rules! same_variants {
 
 pub mod backup;
 pub mod event;
+pub mod log_line;
 pub mod metric_point;
 pub mod node;
 pub mod topology;
