@@ -33,9 +33,17 @@ pub struct HostConfig {
     /// The provider whose machines this host makes (virtualbox).
     #[arg(long, env = "CORRAL_HOST_PROVIDER", default_value = "virtualbox")]
     pub provider: Provider,
-    /// The control plane, e.g. https://192.168.11.5:7000.
-    #[arg(long, env = "CORRAL_SERVER")]
-    pub server: String,
+    /// The control plane, e.g. https://192.168.11.5:7000; several servers
+    /// comma-separated (or the flag repeated): polls go to one and move to
+    /// the next when it cannot be reached or answers 5xx (503 from a server
+    /// that does not lead), until the leader answers.
+    #[arg(
+        long = "server",
+        env = "CORRAL_SERVER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub servers: Vec<String>,
     /// The cluster CA (the server's <state-dir>/tls/ca.pem) to trust for an
     /// https:// server, and nothing else.
     #[arg(long, env = "CORRAL_CA_FILE")]
@@ -94,7 +102,9 @@ impl HostConfig {
 }
 
 struct HostAgent {
-    base: String,
+    /// The servers, polled in turn from `current`.
+    bases: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
     token: String,
     provider: Provider,
     http: reqwest::Client,
@@ -126,8 +136,18 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
     if token.is_empty() {
         anyhow::bail!("the token file {} is empty", config.token_file.display());
     }
+    let bases: Vec<String> = config
+        .servers
+        .iter()
+        .map(|s| s.trim().trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if bases.is_empty() {
+        anyhow::bail!("--server names no server");
+    }
     let agent = Arc::new(HostAgent {
-        base: config.server.trim_end_matches('/').to_string(),
+        bases,
+        current: std::sync::atomic::AtomicUsize::new(0),
         token,
         provider: config.provider,
         http: http_client(&config)?,
@@ -137,7 +157,7 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
         inventory_seq: AtomicU64::new(0),
         session: session_id(),
     });
-    tracing::info!(server = %agent.base, provider = %agent.provider, "host agent started");
+    tracing::info!(servers = %agent.bases.join(","), provider = %agent.provider, "host agent started");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         () = agent.clone().poll_loop() => Ok(()),
@@ -151,19 +171,31 @@ impl HostAgent {
         let mut failures = 0u32;
         loop {
             match self.poll_once().await {
-                Ok(orders) => {
+                Ok((orders, base)) => {
                     failures = 0;
                     for order in orders.orders {
                         let fresh = self.working().insert(order.id);
                         if fresh {
-                            tokio::spawn(self.clone().carry_out(order));
+                            tokio::spawn(self.clone().carry_out(order, base.clone()));
                         }
                     }
                 }
                 Err(e) => {
                     failures += 1;
-                    let wait = Duration::from_millis(500 * u64::from(failures.min(10)));
-                    tracing::warn!(error = %format!("{e:#}"), "poll failed; again in {wait:?}");
+                    // The next server, at once while there are untried ones
+                    // in this round; then back off.
+                    let next = self.current.fetch_add(1, Ordering::SeqCst) + 1;
+                    let round = self.bases.len() as u32;
+                    let wait = if !failures.is_multiple_of(round) {
+                        Duration::from_millis(100)
+                    } else {
+                        Duration::from_millis(500 * u64::from((failures / round).min(10)))
+                    };
+                    tracing::warn!(
+                        error = %format!("{e:#}"),
+                        next = %self.bases[next % self.bases.len()],
+                        "poll failed; again in {wait:?}"
+                    );
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -180,14 +212,16 @@ impl HostAgent {
         Ok((self.machines.inventory().await?, seq))
     }
 
-    async fn poll_once(&self) -> anyhow::Result<HostOrders> {
+    /// One poll of the current server; the orders and the server they came
+    /// from (their results go back to it).
+    async fn poll_once(&self) -> anyhow::Result<(HostOrders, String)> {
         let (machines, inventory_seq) = self.inventory().await.context("listing the VMs")?;
         let working = self.working().iter().copied().collect();
+        let base = self.bases[self.current.load(Ordering::SeqCst) % self.bases.len()].clone();
         let res = self
             .http
             .post(format!(
-                "{}/api/v1/hosts/{}/poll?wait={}s",
-                self.base,
+                "{base}/api/v1/hosts/{}/poll?wait={}s",
                 self.provider,
                 POLL_WAIT.as_secs()
             ))
@@ -203,14 +237,14 @@ impl HostAgent {
         let status = res.status();
         if !status.is_success() {
             anyhow::bail!(
-                "the server answered {status}: {}",
+                "{base} answered {status}: {}",
                 res.text().await.unwrap_or_default()
             );
         }
-        Ok(res.json().await?)
+        Ok((res.json().await?, base))
     }
 
-    async fn carry_out(self: Arc<Self>, order: MachineOrder) {
+    async fn carry_out(self: Arc<Self>, order: MachineOrder, base: String) {
         let node = order.spec.node().to_string();
         let lock = self
             .nodes
@@ -230,7 +264,7 @@ impl HostAgent {
                 tracing::warn!(id = order.id, node = %node, error = %e, "machine order failed")
             }
         }
-        self.answer(order.id, outcome).await;
+        self.answer(&base, order.id, outcome).await;
         self.working().remove(&order.id);
     }
 
@@ -260,9 +294,10 @@ impl HostAgent {
         }
     }
 
-    /// Sends the result, with the machines as they are now; tries a few
-    /// times (a server that is gone hands the order out again anyway).
-    async fn answer(&self, id: u64, outcome: Result<String, MachineError>) {
+    /// Sends the result to the server that gave the order, with the
+    /// machines as they are now; tries a few times (a server that is gone
+    /// hands the order out again anyway, or the next leader files it anew).
+    async fn answer(&self, base: &str, id: u64, outcome: Result<String, MachineError>) {
         let (ok, message, permanent) = match outcome {
             Ok(m) => (true, m, false),
             Err(e) => (false, e.message, e.permanent),
@@ -283,8 +318,8 @@ impl HostAgent {
             let sent = self
                 .http
                 .post(format!(
-                    "{}/api/v1/hosts/{}/orders/{id}/result",
-                    self.base, self.provider
+                    "{base}/api/v1/hosts/{}/orders/{id}/result",
+                    self.provider
                 ))
                 .bearer_auth(&self.token)
                 .json(&MachineResult {
@@ -339,10 +374,19 @@ fn http_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
         None => None,
     };
     Ok(
-        crate::control::pinned_client(&config.server, pem.as_deref())
-            .map_err(anyhow::Error::msg)?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(POLL_WAIT + Duration::from_secs(30))
-            .build()?,
+        // One client for every server: pinned to the CA if any speaks TLS.
+        crate::control::pinned_client(
+            config
+                .servers
+                .iter()
+                .map(|s| s.trim())
+                .find(|s| s.starts_with("https://"))
+                .unwrap_or_default(),
+            pem.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(POLL_WAIT + Duration::from_secs(30))
+        .build()?,
     )
 }

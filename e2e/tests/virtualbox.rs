@@ -13,6 +13,10 @@
 //! - A host agent killed in the middle of an ensure (right after the clone)
 //!   is restarted: the next one finds the half-made VM and finishes it, with
 //!   no second clone and no orphan.
+//! - With two servers (`corral up --servers 2`), a host agent given the
+//!   server that does not lead first moves on to the leader (the other
+//!   answers 503), and a node added through the server that does not lead
+//!   is accepted and made.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -134,13 +138,23 @@ struct HostAgent {
 
 impl HostAgent {
     fn start(c: &Cluster, fake: &Fake, hold: Option<&str>) -> anyhow::Result<HostAgent> {
+        Self::start_with(c, fake, hold, &c.url)
+    }
+
+    /// A host agent given `servers` (comma-separated).
+    fn start_with(
+        c: &Cluster,
+        fake: &Fake,
+        hold: Option<&str>,
+        servers: &str,
+    ) -> anyhow::Result<HostAgent> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(fake.dir.join("host-agent.log"))?;
         let mut cmd = Command::new(bin("corral-agent"));
         cmd.arg("host")
-            .args(["--provider", "virtualbox", "--server", &c.url])
+            .args(["--provider", "virtualbox", "--server", servers])
             .arg("--token-file")
             .arg(c.state_dir().join("admin-token"))
             .args(["--boot-timeout-secs", "90"])
@@ -216,10 +230,16 @@ async fn served_by(c: &Cluster, lb: &str) -> anyhow::Result<String> {
 
 /// Adds a virtualbox web node once the host agent is connected; its name.
 async fn add_vbox_web(c: &Cluster) -> anyhow::Result<String> {
+    add_vbox_web_via(c, &c.url).await
+}
+
+/// [`add_vbox_web`] through the server at `server`.
+async fn add_vbox_web_via(c: &Cluster, server: &str) -> anyhow::Result<String> {
     eventually("a virtualbox node to be accepted", LONG, || async move {
         let res = c
-            .api(Method::POST, "/nodes")
-            .await
+            .http
+            .post(format!("{}/api/v1/nodes", server.trim_end_matches('/')))
+            .bearer_auth(&c.token)
             .json(&json!({"role": "web", "provider": "virtualbox"}))
             .send()
             .await?;
@@ -405,5 +425,108 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
         "--- host agent ---\n{}",
         std::fs::read_to_string(fake.dir.join("host-agent.log")).unwrap_or_default()
     );
+    drop(guard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_servers_the_host_agent_finds_the_leader_and_either_server_adds_vms() {
+    const OCTET: u8 = 46;
+    let mut c = Cluster::up_with(
+        OCTET,
+        1,
+        1,
+        &["--servers", "2", "--providers", "virtualbox"],
+    )
+    .await
+    .expect("corral up --servers 2");
+    let fake = Fake::new(c.state_dir()).expect("fake VBoxManage");
+    let mut guard = Guard {
+        host: None,
+        fake_dir: fake.dir.clone(),
+    };
+    let outcome = async {
+        fake.vbox(&[
+            "createvm",
+            "--name",
+            "corral-base",
+            "--groups",
+            "/corral-base",
+            "--register",
+        ])
+        .await?;
+        fake.vbox(&["snapshot", "corral-base", "take", "base"])
+            .await?;
+        fake.vbox(&["hostonlyif", "create"]).await?;
+        let host_ip = format!("127.0.{OCTET}.1");
+        fake.vbox(&[
+            "hostonlyif",
+            "ipconfig",
+            "vboxnet0",
+            "--ip",
+            &host_ip,
+            "--netmask",
+            "255.255.255.0",
+        ])
+        .await?;
+        let mut leader = None;
+        let mut other = None;
+        for address in [format!("127.0.{OCTET}.5"), format!("127.0.{OCTET}.6")] {
+            let url = format!("http://{address}:7000");
+            let health: serde_json::Value = c
+                .http
+                .get(format!("{url}/healthz"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if health["leader"] == true {
+                leader = Some(url);
+            } else {
+                other = Some(url);
+            }
+        }
+        let (leader, other) = (
+            leader.context("a leader")?,
+            other.context("a server that does not lead")?,
+        );
+
+        // No host agent anywhere: the server that does not lead refuses too.
+        let res = c
+            .http
+            .post(format!("{other}/api/v1/nodes"))
+            .bearer_auth(&c.token)
+            .json(&json!({"role": "web", "provider": "virtualbox"}))
+            .send()
+            .await?;
+        assert_eq!(res.status(), 409);
+
+        // The server that does not lead first: the host agent moves on.
+        guard.host = Some(HostAgent::start_with(
+            &c,
+            &fake,
+            None,
+            &format!("{other},{leader}"),
+        )?);
+        let node = add_vbox_web_via(&c, &other).await?;
+        assert_eq!(node, "nginx2");
+        serving(&c, "nginx2", &["nginx1"]).await?;
+        secret_taken_back(&fake, "corral-nginx2").await?;
+        let log = std::fs::read_to_string(fake.dir.join("host-agent.log")).unwrap_or_default();
+        anyhow::ensure!(
+            log.contains("does not lead"),
+            "the host agent never heard the other server refuse:\n{log}"
+        );
+        c.stop().await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = outcome {
+        let host_log = std::fs::read_to_string(fake.dir.join("host-agent.log")).unwrap_or_default();
+        panic!(
+            "{e:#}\n--- host agent ---\n{host_log}\n--- VBoxManage calls ---\n{}\n--- cluster ---\n{}",
+            fake.calls().join("\n"),
+            c.tail_logs()
+        );
+    }
     drop(guard);
 }

@@ -11,6 +11,7 @@ mod m20261203_000003_backup_schedule;
 mod m20261203_000004_metrics;
 mod m20261203_000005_backup_s3;
 mod m20261205_000001_log_lines;
+mod m20261205_000002_host_agents;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000004_metrics::Migration),
             Box::new(m20261203_000005_backup_s3::Migration),
             Box::new(m20261205_000001_log_lines::Migration),
+            Box::new(m20261205_000002_host_agents::Migration),
         ]
     }
 }

@@ -33,7 +33,8 @@ pub struct HostPollQuery {
 /// Long poll of a host agent: records the machines it holds, answers at
 /// once with new orders (and those it was given but no longer works on),
 /// else holds until one is filed or `wait` ends. While a host agent polls,
-/// nodes of its provider can be added.
+/// nodes of its provider can be added (through any server: the leader,
+/// which alone answers these polls, notes them in the database).
 #[utoipa::path(
     post,
     path = "/api/v1/hosts/{provider}/poll",
@@ -52,6 +53,7 @@ pub struct HostPollQuery {
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 422, description = "Unknown field, a bad machine name, or `provider_not_configured`: no host agents make this provider's machines here", body = ErrorBody),
+        (status = 503, description = "This server does not lead (with several servers, only the leader files machine orders): ask another", body = ErrorBody),
     )
 )]
 pub async fn poll(

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use corral_proto::{
     HostMachine, HostOrders, HostPoll, MachineOrder, MachineResult, MachineSpec, Provider,
 };
@@ -27,6 +28,11 @@ use crate::auth::Caller;
 /// A host agent counts as connected while it polls, and this long after
 /// its last poll ended (it polls again at once).
 pub const CONNECTED_GRACE: Duration = Duration::from_secs(10);
+
+/// A host agent seen polling the leader this recently counts as connected
+/// on the other servers: a poll waits at most the server's longest poll
+/// wait (60 s by default), and the next follows at once.
+pub const SEEN_WITHIN: Duration = Duration::from_secs(75);
 
 /// What became of a machine order: what was done, or why it failed.
 pub type MachineOutcome = Result<String, MachineFailure>;
@@ -319,6 +325,20 @@ impl Cluster {
         caller.require_admin()?;
         self.require_host_provider(provider)?;
         report.validate().map_err(ClusterError::Invalid)?;
+        // Only the leader runs the machine controller that files orders; a
+        // host agent given several servers moves on to the next.
+        if !self.is_leader() {
+            return Err(ClusterError::Unavailable(format!(
+                "this server does not lead: {provider} machine orders come from the leading server; ask another"
+            )));
+        }
+        // The other servers learn here that a host agent is connected.
+        if let Err(e) =
+            crate::store::host_agent_seen(self.store.conn(), &provider.to_string(), Utc::now())
+                .await
+        {
+            tracing::warn!(error = %e, "noting the host agent's poll failed");
+        }
         Ok(self
             .config
             .hosts
@@ -357,14 +377,27 @@ impl Cluster {
     /// A node of a provider whose machines a host agent makes can be added
     /// only while one is connected: otherwise it would wait for a machine
     /// that nobody makes.
-    pub(super) fn require_host_agent(&self, provider: Provider) -> Result<(), ClusterError> {
-        if self.config.hosts.serves(provider) && !self.config.hosts.connected(provider) {
-            return Err(ClusterError::Conflict {
-                code: "host_agent_missing",
-                message: missing_host_agent(provider),
-            });
+    ///
+    /// Connected here, or — with several servers, where host agents poll the
+    /// leader — seen polling the leader within [`SEEN_WITHIN`].
+    pub(super) async fn require_host_agent(&self, provider: Provider) -> Result<(), ClusterError> {
+        if !self.config.hosts.serves(provider) || self.config.hosts.connected(provider) {
+            return Ok(());
         }
-        Ok(())
+        let seen = crate::store::host_agent_seen_at(self.store.conn(), &provider.to_string())
+            .await?
+            .is_some_and(|at| {
+                (Utc::now() - at)
+                    .to_std()
+                    .is_ok_and(|ago| ago < SEEN_WITHIN)
+            });
+        if seen && !self.is_leader() {
+            return Ok(());
+        }
+        Err(ClusterError::Conflict {
+            code: "host_agent_missing",
+            message: missing_host_agent(provider),
+        })
     }
 }
 

@@ -57,7 +57,7 @@ impl Cluster {
                 configured: self.config.providers.clone(),
             });
         }
-        self.require_host_agent(provider)?;
+        self.require_host_agent(provider).await?;
         let mut desired = self.write.lock().await;
         let txn = self.begin_change(&mut desired).await?;
         let now = Utc::now();

@@ -1127,3 +1127,52 @@ pub async fn delete_backup<C: ConnectionTrait>(c: &C, id: i64) -> Result<()> {
     backup::Entity::delete_by_id(id).exec(c).await?;
     Ok(())
 }
+
+/// Notes that the leader saw a host agent of `provider` poll at `at`.
+pub async fn host_agent_seen<C: ConnectionTrait>(
+    c: &C,
+    provider: &str,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    let backend = c.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "INSERT INTO host_agents (provider, seen_at) VALUES ($1, $2) \
+             ON CONFLICT (provider) DO UPDATE SET seen_at = excluded.seen_at"
+        }
+        _ => {
+            "INSERT INTO host_agents (provider, seen_at) VALUES (?, ?) \
+             ON CONFLICT (provider) DO UPDATE SET seen_at = excluded.seen_at"
+        }
+    };
+    c.execute_raw(sea_orm::Statement::from_sql_and_values(
+        backend,
+        sql,
+        [provider.into(), at.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// When the leader last saw a host agent of `provider` poll.
+pub async fn host_agent_seen_at<C: ConnectionTrait>(
+    c: &C,
+    provider: &str,
+) -> Result<Option<DateTime<Utc>>> {
+    let backend = c.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => "SELECT seen_at FROM host_agents WHERE provider = $1",
+        _ => "SELECT seen_at FROM host_agents WHERE provider = ?",
+    };
+    let row = c
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            backend,
+            sql,
+            [provider.into()],
+        ))
+        .await?;
+    Ok(match row {
+        Some(row) => Some(row.try_get::<DateTime<Utc>>("", "seen_at")?),
+        None => None,
+    })
+}
