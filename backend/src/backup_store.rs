@@ -272,10 +272,10 @@ async fn sync_dir(dir: &Path) {
     }
 }
 
-/// A file as a stream of chunks, for a response body that is never held
-/// whole in memory.
-pub fn file_stream(
-    file: tokio::fs::File,
+/// A file (or a part of one) as a stream of chunks, for a body that is
+/// never held whole in memory.
+pub fn file_stream<R: tokio::io::AsyncRead + Unpin + 'static>(
+    file: R,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + 'static {
     futures_util::stream::unfold(Some(file), |file| async move {
         let mut file = file?;

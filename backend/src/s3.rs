@@ -141,7 +141,18 @@ pub struct S3Bucket {
     prefix: String,
     endpoint: String,
     http: reqwest::Client,
+    /// Files larger than this go up in parts of this size.
+    part_size: u64,
 }
+
+/// The size of a multipart upload's parts, and the largest file sent in
+/// one PUT: S3 takes at most 5 GiB in one PUT and 10,000 parts, so files up
+/// to 640 GiB go up, and a failed part is retried alone.
+pub const PART_SIZE: u64 = 64 << 20;
+/// S3's smallest part (all but the last).
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+/// S3's most parts in one upload.
+const MAX_PARTS: u64 = 10_000;
 
 impl std::fmt::Debug for S3Bucket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -219,7 +230,15 @@ impl S3Bucket {
             prefix,
             endpoint: config.endpoint.clone(),
             http,
+            part_size: PART_SIZE,
         })
+    }
+
+    /// The same bucket with parts of `bytes` (at least [`MIN_PART_SIZE`]):
+    /// files larger than that go up in parts.
+    pub fn with_part_size(mut self, bytes: u64) -> Self {
+        self.part_size = bytes.max(MIN_PART_SIZE);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -339,6 +358,10 @@ impl S3Bucket {
         let checksum = hex::decode(sha256)
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
             .map_err(|e| S3Error::Config(format!("{sha256:?} is not hex: {e}")))?;
+        if size > self.part_size {
+            drop(file);
+            return self.put_in_parts(&key, path, size, sha256).await;
+        }
         let mut action = self.bucket.put_object(Some(&self.credentials), &key);
         action
             .headers_mut()
@@ -360,6 +383,204 @@ impl S3Bucket {
             return Err(self.status_error("PUT", &key, res).await);
         }
         Ok(size)
+    }
+
+    /// A multipart upload of the file at `path` (`size` bytes) as `key`:
+    /// created with the SHA-256 in its metadata, each part streamed from
+    /// its place in the file (tried up to three times), then completed; on
+    /// a failure the upload is aborted, so no parts are left to pay for.
+    async fn put_in_parts(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        sha256: &str,
+    ) -> Result<u64, S3Error> {
+        // Parts grow past the configured size if the file needs more than
+        // S3's 10,000 of them.
+        let part_size = self.part_size.max(size.div_ceil(MAX_PARTS));
+        let mut create = self
+            .bucket
+            .create_multipart_upload(Some(&self.credentials), key);
+        create.headers_mut().insert(SHA256_META, sha256.to_string());
+        let url = create.sign(URL_TTL);
+        let res = self
+            .http
+            .post(url)
+            .header(SHA256_META, sha256)
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !res.status().is_success() {
+            return Err(self.status_error("CreateMultipartUpload", key, res).await);
+        }
+        let text = res.text().await.map_err(|e| self.unreachable(e))?;
+        let created =
+            rusty_s3::actions::CreateMultipartUpload::parse_response(&text).map_err(|e| {
+                S3Error::Broken {
+                    op: "CreateMultipartUpload",
+                    key: key.to_string(),
+                    cause: format!("an answer that is not an upload: {e}"),
+                }
+            })?;
+        let upload_id = created.upload_id().to_string();
+        let outcome = self
+            .upload_parts_and_complete(key, path, size, part_size, &upload_id)
+            .await;
+        if outcome.is_err() {
+            let url = self
+                .bucket
+                .abort_multipart_upload(Some(&self.credentials), key, &upload_id)
+                .sign(URL_TTL);
+            if let Err(e) = self.http.delete(url).timeout(CALL_TIMEOUT).send().await {
+                tracing::warn!(key, error = %e, "aborting a failed multipart upload failed");
+            }
+        }
+        outcome.map(|()| size)
+    }
+
+    async fn upload_parts_and_complete(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        part_size: u64,
+        upload_id: &str,
+    ) -> Result<(), S3Error> {
+        let mut etags = Vec::new();
+        let mut offset = 0u64;
+        while offset < size {
+            let len = part_size.min(size - offset);
+            let number = u16::try_from(etags.len() + 1).map_err(|_| S3Error::Broken {
+                op: "UploadPart",
+                key: key.to_string(),
+                cause: "more parts than S3 takes".into(),
+            })?;
+            let mut last = None;
+            for attempt in 1..=3u64 {
+                match self
+                    .upload_part(key, path, offset, len, number, upload_id)
+                    .await
+                {
+                    Ok(etag) => {
+                        last = Some(Ok(etag));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(key, part = number, attempt, error = %e, "a part failed");
+                        last = Some(Err(e));
+                        tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                    }
+                }
+            }
+            match last {
+                Some(Ok(etag)) => etags.push(etag),
+                Some(Err(e)) => return Err(e),
+                None => unreachable!("three attempts were made"),
+            }
+            offset += len;
+        }
+        let complete = self.bucket.complete_multipart_upload(
+            Some(&self.credentials),
+            key,
+            upload_id,
+            etags.iter().map(String::as_str),
+        );
+        let url = complete.sign(URL_TTL);
+        let body = complete.body();
+        let res = self
+            .http
+            .post(url)
+            .body(body)
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !res.status().is_success() {
+            return Err(self.status_error("CompleteMultipartUpload", key, res).await);
+        }
+        // S3 may answer 200 and still fail: the body says which.
+        let text = res.text().await.map_err(|e| self.unreachable(e))?;
+        rusty_s3::actions::CompleteMultipartUploadResponse::parse(&text).map_err(|e| {
+            S3Error::Broken {
+                op: "CompleteMultipartUpload",
+                key: key.to_string(),
+                cause: format!(
+                    "not completed: {e}: {}",
+                    text.chars().take(300).collect::<String>()
+                ),
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Streams bytes `offset..offset+len` of the file as part `number`;
+    /// its ETag.
+    async fn upload_part(
+        &self,
+        key: &str,
+        path: &Path,
+        offset: u64,
+        len: u64,
+        number: u16,
+        upload_id: &str,
+    ) -> Result<String, S3Error> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let io = |what: &str, source| S3Error::Io {
+            what: format!("{what} {}", path.display()),
+            source,
+        };
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| io("opening", e))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| io("seeking in", e))?;
+        let url = self
+            .bucket
+            .upload_part(Some(&self.credentials), key, number, upload_id)
+            .sign(URL_TTL);
+        let body = reqwest::Body::wrap_stream(crate::backup_store::file_stream(file.take(len)));
+        let res = self
+            .http
+            .put(url)
+            .header("content-length", len)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !res.status().is_success() {
+            return Err(self.status_error("UploadPart", key, res).await);
+        }
+        res.headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| S3Error::Broken {
+                op: "UploadPart",
+                key: key.to_string(),
+                cause: "the answer has no ETag".into(),
+            })
+    }
+
+    /// The object's ETag, if it exists: `"<md5>-<parts>"` for one that went
+    /// up in parts.
+    pub async fn etag(&self, name: &str) -> Result<Option<String>, S3Error> {
+        let key = self.key(name);
+        let url = self
+            .bucket
+            .head_object(Some(&self.credentials), &key)
+            .sign(URL_TTL);
+        let request = self.http.head(url).timeout(CALL_TIMEOUT);
+        let Some(res) = self.found("HEAD", &key, request).await? else {
+            return Ok(None);
+        };
+        Ok(res
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim_matches('"').to_string()))
     }
 
     /// The object's size and SHA-256 (from its metadata), if it exists.

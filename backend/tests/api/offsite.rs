@@ -340,3 +340,45 @@ async fn a_missing_bucket_is_an_event_and_bad_settings_are_refused_at_start() {
         "nothing is set up before the settings are checked"
     );
 }
+
+#[tokio::test]
+async fn a_file_larger_than_a_part_goes_up_in_parts_with_its_checksum() {
+    use futures_util::StreamExt;
+    let s3 = S3Server::start(HOST, BUCKET).expect("s3s-fs starts");
+    // Parts of S3's smallest size (5 MiB), so a 12 MiB file takes three.
+    let client = S3Bucket::new(&s3_config(&s3, BUCKET))
+        .expect("client")
+        .with_part_size(0);
+    let dir = tempfile::tempdir().expect("dir");
+    for (name, size, parts) in [
+        ("big", (12 << 20) + 1, Some(3)),
+        ("one-part", 5 << 20, None),
+    ] {
+        let data: Vec<u8> = (0..size).map(|i: usize| (i * 7 % 251) as u8).collect();
+        let path = dir.path().join(name);
+        std::fs::write(&path, &data).expect("write");
+        let key = format!("base/{name}/base.tar");
+        let sent = client
+            .put_file(&key, &path, &sha(&data))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(sent, size as u64, "{name}");
+        let (stored, sum) = object(&s3, &client, &key).await.expect("stored");
+        assert!(stored == data, "{name}: the stored bytes differ");
+        assert_eq!(sum, Some(sha(&data)), "{name}");
+        // A multipart object's ETag ends in its number of parts.
+        let etag = client.etag(&key).await.expect("head").expect("etag");
+        let in_parts = etag
+            .rsplit_once('-')
+            .and_then(|(_, n)| n.parse::<u32>().ok());
+        assert_eq!(in_parts, parts, "{name}: ETag {etag}");
+        // Read back as a restore does: the checksum, then the bytes.
+        let (read_sum, mut stream) = client.get(&key).await.expect("get").expect("the object");
+        assert_eq!(read_sum, sha(&data));
+        let mut read = Vec::with_capacity(size);
+        while let Some(chunk) = stream.next().await {
+            read.extend_from_slice(&chunk.expect("chunk"));
+        }
+        assert!(read == data, "{name}: the bytes read back differ");
+    }
+}
