@@ -7,7 +7,9 @@
 //! one node.
 //!
 //! Addresses: PostgreSQL on 127.0.44.10, the servers on 127.0.44.1 and .2,
-//! node records in 127.0.45.0/24 (no machines are made).
+//! node records in 127.0.45.0/24 (no machines are made). A test binary of
+//! its own: the testkit's PostgreSQL waits for its commands itself, which a
+//! process-wide reaper (the e2e cluster's, in the `browser` binary) breaks.
 
 use std::path::Path;
 use std::process::Stdio;
