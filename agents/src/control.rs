@@ -61,9 +61,7 @@ struct RawPoll {
 }
 
 pub struct ControlPlane {
-    /// The servers, tried in turn from `current`.
-    bases: Vec<String>,
-    current: AtomicUsize,
+    servers: Servers,
     node: String,
     secret: EnrollSecretSource,
     http: reqwest::Client,
@@ -98,53 +96,54 @@ pub fn pinned_client(
         .add_root_certificate(ca))
 }
 
-impl ControlPlane {
-    /// A client of the control plane at `servers` (at least one); `https://`
-    /// ones must come with the cluster CA (`ca_pem`), the only certificate
-    /// it trusts.
-    pub fn new(
-        servers: &[String],
-        node: &str,
-        secret: EnrollSecretSource,
-        ca_pem: Option<&[u8]>,
-        state: StateDir,
-    ) -> Result<Self, ControlError> {
-        let first = servers
+/// The control-plane servers a client was given, tried in turn: requests
+/// go to the current one, and on to the next ones while they cannot be
+/// reached or answer 5xx. The node agent's [`ControlPlane`] and the host
+/// agent share it.
+#[derive(Debug)]
+pub struct Servers {
+    bases: Vec<String>,
+    current: AtomicUsize,
+}
+
+impl Servers {
+    /// At least one server; blanks around and trailing slashes are
+    /// dropped (`--server "A, B"`).
+    pub fn new(servers: &[String]) -> Result<Self, String> {
+        let bases: Vec<String> = servers
             .iter()
-            .find(|s| s.starts_with("https://"))
-            .or(servers.first())
-            .ok_or_else(|| ControlError::Tls("no control plane server given".into()))?;
-        let http = pinned_client(first, ca_pem)
-            .map_err(ControlError::Tls)?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(75))
-            .build()
-            .map_err(|e| ControlError::Tls(format!("cannot build the HTTP client: {e}")))?;
-        let token = state.token();
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if bases.is_empty() {
+            return Err("no control plane server given".into());
+        }
         Ok(Self {
-            bases: servers
-                .iter()
-                .map(|s| s.trim_end_matches('/').to_string())
-                .collect(),
+            bases,
             current: AtomicUsize::new(0),
-            node: node.to_string(),
-            secret,
-            http,
-            state,
-            token: tokio::sync::Mutex::new(token),
         })
     }
 
+    /// The server that decides whether the client speaks TLS: the first
+    /// `https://` one, else the first.
+    pub fn tls_server(&self) -> &str {
+        self.bases
+            .iter()
+            .find(|s| s.starts_with("https://"))
+            .unwrap_or(&self.bases[0])
+    }
+
     /// The server requests go to now.
-    pub fn server(&self) -> &str {
+    pub fn current(&self) -> &str {
         let at = self.current.load(Ordering::Relaxed) % self.bases.len();
         &self.bases[at]
     }
 
     /// Sends the request `build` makes for a server's base URL to the
     /// current server, and on to the next ones while they cannot be reached
-    /// or answer 5xx; the last answer or failure is the outcome.
-    async fn to_a_server(
+    /// or answer 5xx; the last answer or failure is the outcome, and the
+    /// server that answered becomes the current one.
+    pub async fn send(
         &self,
         build: impl Fn(&str) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, reqwest::Error> {
@@ -169,15 +168,66 @@ impl ControlPlane {
                 self.current.store((start + 1) % count, Ordering::Relaxed);
                 return result;
             }
+            // Why this one is left (its answer is not the outcome).
+            let why = match result {
+                Ok(res) => {
+                    let status = res.status();
+                    format!("{status}: {}", res.text().await.unwrap_or_default())
+                }
+                Err(e) => e.to_string(),
+            };
             let pause = Duration::from_millis(rand::random_range(50..300));
             tracing::warn!(
                 from = %self.bases[at],
                 to = %self.bases[(at + 1) % count],
+                why = %why,
                 pause_ms = pause.as_millis() as u64,
                 "control plane server failed; moving to the next"
             );
             tokio::time::sleep(pause).await;
         }
+    }
+}
+
+impl ControlPlane {
+    /// A client of the control plane at `servers` (at least one); `https://`
+    /// ones must come with the cluster CA (`ca_pem`), the only certificate
+    /// it trusts.
+    pub fn new(
+        servers: &[String],
+        node: &str,
+        secret: EnrollSecretSource,
+        ca_pem: Option<&[u8]>,
+        state: StateDir,
+    ) -> Result<Self, ControlError> {
+        let servers = Servers::new(servers).map_err(ControlError::Tls)?;
+        let http = pinned_client(servers.tls_server(), ca_pem)
+            .map_err(ControlError::Tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(75))
+            .build()
+            .map_err(|e| ControlError::Tls(format!("cannot build the HTTP client: {e}")))?;
+        let token = state.token();
+        Ok(Self {
+            servers,
+            node: node.to_string(),
+            secret,
+            http,
+            state,
+            token: tokio::sync::Mutex::new(token),
+        })
+    }
+
+    /// The server requests go to now.
+    pub fn server(&self) -> &str {
+        self.servers.current()
+    }
+
+    async fn to_a_server(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        self.servers.send(build).await
     }
 
     /// Trades the node's enrollment secret for a node token and keeps it

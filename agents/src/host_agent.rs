@@ -22,6 +22,7 @@ use corral_proto::{
     HostMachine, HostOrders, HostPoll, MachineOrder, MachineResult, MachineSpec, Provider,
 };
 
+use crate::control::Servers;
 use crate::vbox::VBoxManage;
 use crate::virtualbox::{GuestBoot, MachineError, VirtualBox, VirtualBoxConfig};
 
@@ -102,9 +103,8 @@ impl HostConfig {
 }
 
 struct HostAgent {
-    /// The servers, polled in turn from `current`.
-    bases: Vec<String>,
-    current: std::sync::atomic::AtomicUsize,
+    /// Polled in turn until one answers: only the leader does.
+    servers: Servers,
     token: String,
     provider: Provider,
     http: reqwest::Client,
@@ -136,28 +136,19 @@ pub async fn run(config: HostConfig) -> anyhow::Result<()> {
     if token.is_empty() {
         anyhow::bail!("the token file {} is empty", config.token_file.display());
     }
-    let bases: Vec<String> = config
-        .servers
-        .iter()
-        .map(|s| s.trim().trim_end_matches('/').to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    if bases.is_empty() {
-        anyhow::bail!("--server names no server");
-    }
+    let servers = Servers::new(&config.servers).map_err(anyhow::Error::msg)?;
     let agent = Arc::new(HostAgent {
-        bases,
-        current: std::sync::atomic::AtomicUsize::new(0),
+        http: http_client(&config, &servers)?,
+        servers,
         token,
         provider: config.provider,
-        http: http_client(&config)?,
         machines: VirtualBox::new(config.virtualbox()),
         working: Mutex::new(HashSet::new()),
         nodes: Mutex::new(HashMap::new()),
         inventory_seq: AtomicU64::new(0),
         session: session_id(),
     });
-    tracing::info!(servers = %agent.bases.join(","), provider = %agent.provider, "host agent started");
+    tracing::info!(servers = %config.servers.join(","), provider = %agent.provider, "host agent started");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         () = agent.clone().poll_loop() => Ok(()),
@@ -182,20 +173,8 @@ impl HostAgent {
                 }
                 Err(e) => {
                     failures += 1;
-                    // The next server, at once while there are untried ones
-                    // in this round; then back off.
-                    let next = self.current.fetch_add(1, Ordering::SeqCst) + 1;
-                    let round = self.bases.len() as u32;
-                    let wait = if !failures.is_multiple_of(round) {
-                        Duration::from_millis(100)
-                    } else {
-                        Duration::from_millis(500 * u64::from((failures / round).min(10)))
-                    };
-                    tracing::warn!(
-                        error = %format!("{e:#}"),
-                        next = %self.bases[next % self.bases.len()],
-                        "poll failed; again in {wait:?}"
-                    );
+                    let wait = Duration::from_millis(500 * u64::from(failures.min(10)));
+                    tracing::warn!(error = %format!("{e:#}"), "poll failed; again in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -216,24 +195,27 @@ impl HostAgent {
     /// from (their results go back to it).
     async fn poll_once(&self) -> anyhow::Result<(HostOrders, String)> {
         let (machines, inventory_seq) = self.inventory().await.context("listing the VMs")?;
-        let working = self.working().iter().copied().collect();
-        let base = self.bases[self.current.load(Ordering::SeqCst) % self.bases.len()].clone();
+        let poll = HostPoll {
+            machines,
+            working: self.working().iter().copied().collect(),
+            inventory_seq,
+            session: self.session,
+        };
         let res = self
-            .http
-            .post(format!(
-                "{base}/api/v1/hosts/{}/poll?wait={}s",
-                self.provider,
-                POLL_WAIT.as_secs()
-            ))
-            .bearer_auth(&self.token)
-            .json(&HostPoll {
-                machines,
-                working,
-                inventory_seq,
-                session: self.session,
+            .servers
+            .send(|base| {
+                self.http
+                    .post(format!(
+                        "{base}/api/v1/hosts/{}/poll?wait={}s",
+                        self.provider,
+                        POLL_WAIT.as_secs()
+                    ))
+                    .bearer_auth(&self.token)
+                    .json(&poll)
             })
-            .send()
             .await?;
+        // The server that answered: its orders' results go back to it.
+        let base = self.servers.current().to_string();
         let status = res.status();
         if !status.is_success() {
             anyhow::bail!(
@@ -365,7 +347,7 @@ fn kind(spec: &MachineSpec) -> &'static str {
 
 /// The client of the control plane: over https it trusts the cluster CA
 /// and nothing else.
-fn http_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
+fn http_client(config: &HostConfig, servers: &Servers) -> anyhow::Result<reqwest::Client> {
     let pem = match &config.ca_file {
         Some(path) => Some(
             std::fs::read(path)
@@ -375,18 +357,10 @@ fn http_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
     };
     Ok(
         // One client for every server: pinned to the CA if any speaks TLS.
-        crate::control::pinned_client(
-            config
-                .servers
-                .iter()
-                .map(|s| s.trim())
-                .find(|s| s.starts_with("https://"))
-                .unwrap_or_default(),
-            pem.as_deref(),
-        )
-        .map_err(anyhow::Error::msg)?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(POLL_WAIT + Duration::from_secs(30))
-        .build()?,
+        crate::control::pinned_client(servers.tls_server(), pem.as_deref())
+            .map_err(anyhow::Error::msg)?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(POLL_WAIT + Duration::from_secs(30))
+            .build()?,
     )
 }
