@@ -564,16 +564,21 @@ impl S3Bucket {
             })
     }
 
-    /// The object's ETag, if it exists: `"<md5>-<parts>"` for one that went
-    /// up in parts.
-    pub async fn etag(&self, name: &str) -> Result<Option<String>, S3Error> {
+    /// `HEAD` of the object; `None` when there is no such object.
+    async fn head_object(&self, name: &str) -> Result<Option<reqwest::Response>, S3Error> {
         let key = self.key(name);
         let url = self
             .bucket
             .head_object(Some(&self.credentials), &key)
             .sign(URL_TTL);
         let request = self.http.head(url).timeout(CALL_TIMEOUT);
-        let Some(res) = self.found("HEAD", &key, request).await? else {
+        self.found("HEAD", &key, request).await
+    }
+
+    /// The object's ETag, if it exists: `"<md5>-<parts>"` for one that went
+    /// up in parts.
+    pub async fn etag(&self, name: &str) -> Result<Option<String>, S3Error> {
+        let Some(res) = self.head_object(name).await? else {
             return Ok(None);
         };
         Ok(res
@@ -585,13 +590,7 @@ impl S3Bucket {
 
     /// The object's size and SHA-256 (from its metadata), if it exists.
     pub async fn head(&self, name: &str) -> Result<Option<(u64, Option<String>)>, S3Error> {
-        let key = self.key(name);
-        let url = self
-            .bucket
-            .head_object(Some(&self.credentials), &key)
-            .sign(URL_TTL);
-        let request = self.http.head(url).timeout(CALL_TIMEOUT);
-        let Some(res) = self.found("HEAD", &key, request).await? else {
+        let Some(res) = self.head_object(name).await? else {
             return Ok(None);
         };
         let size = res

@@ -1134,23 +1134,18 @@ pub async fn host_agent_seen<C: ConnectionTrait>(
     provider: &str,
     at: DateTime<Utc>,
 ) -> Result<()> {
+    let mut upsert = sea_orm::sea_query::Query::insert();
+    upsert
+        .into_table("host_agents")
+        .columns(["provider", "seen_at"])
+        .values_panic([provider.into(), at.into()])
+        .on_conflict(
+            OnConflict::column("provider")
+                .update_column("seen_at")
+                .to_owned(),
+        );
     let backend = c.get_database_backend();
-    let sql = match backend {
-        DbBackend::Postgres => {
-            "INSERT INTO host_agents (provider, seen_at) VALUES ($1, $2) \
-             ON CONFLICT (provider) DO UPDATE SET seen_at = excluded.seen_at"
-        }
-        _ => {
-            "INSERT INTO host_agents (provider, seen_at) VALUES (?, ?) \
-             ON CONFLICT (provider) DO UPDATE SET seen_at = excluded.seen_at"
-        }
-    };
-    c.execute_raw(sea_orm::Statement::from_sql_and_values(
-        backend,
-        sql,
-        [provider.into(), at.into()],
-    ))
-    .await?;
+    c.execute_raw(backend.build(&upsert)).await?;
     Ok(())
 }
 
@@ -1159,19 +1154,13 @@ pub async fn host_agent_seen_at<C: ConnectionTrait>(
     c: &C,
     provider: &str,
 ) -> Result<Option<DateTime<Utc>>> {
+    let mut select = sea_orm::sea_query::Query::select();
+    select
+        .column("seen_at")
+        .from("host_agents")
+        .and_where(Expr::col("provider").eq(provider));
     let backend = c.get_database_backend();
-    let sql = match backend {
-        DbBackend::Postgres => "SELECT seen_at FROM host_agents WHERE provider = $1",
-        _ => "SELECT seen_at FROM host_agents WHERE provider = ?",
-    };
-    let row = c
-        .query_one_raw(sea_orm::Statement::from_sql_and_values(
-            backend,
-            sql,
-            [provider.into()],
-        ))
-        .await?;
-    Ok(match row {
+    Ok(match c.query_one_raw(backend.build(&select)).await? {
         Some(row) => Some(row.try_get::<DateTime<Utc>>("", "seen_at")?),
         None => None,
     })
