@@ -75,6 +75,35 @@ impl Fake {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// What a user does once (scripts/vbox-base.sh and the README): a base
+    /// VM with its snapshot, and the host-only network at 127.0.<octet>.1.
+    async fn make_base(&self, octet: u8) -> anyhow::Result<()> {
+        self.vbox(&[
+            "createvm",
+            "--name",
+            "corral-base",
+            "--groups",
+            "/corral-base",
+            "--register",
+        ])
+        .await?;
+        self.vbox(&["snapshot", "corral-base", "take", "base"])
+            .await?;
+        self.vbox(&["hostonlyif", "create"]).await?;
+        let host_ip = format!("127.0.{octet}.1");
+        self.vbox(&[
+            "hostonlyif",
+            "ipconfig",
+            "vboxnet0",
+            "--ip",
+            &host_ip,
+            "--netmask",
+            "255.255.255.0",
+        ])
+        .await?;
+        Ok(())
+    }
+
     fn calls(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.join("calls.log"))
             .unwrap_or_default()
@@ -296,15 +325,7 @@ async fn virtualbox_nodes_are_made_by_the_host_agent_through_vboxmanage() {
         fake_dir: fake.dir.clone(),
     };
     let outcome = async {
-        // What a user does once (scripts/vbox-base.sh and the README): a
-        // base VM with its snapshot, and the host-only network.
-        fake.vbox(&["createvm", "--name", "corral-base", "--groups", "/corral-base", "--register"])
-            .await?;
-        fake.vbox(&["snapshot", "corral-base", "take", "base"]).await?;
-        fake.vbox(&["hostonlyif", "create"]).await?;
-        let host_ip = format!("127.0.{OCTET}.1");
-        fake.vbox(&["hostonlyif", "ipconfig", "vboxnet0", "--ip", &host_ip, "--netmask", "255.255.255.0"])
-            .await?;
+        fake.make_base(OCTET).await?;
 
         // No host agent: refused, naming what is missing; nothing is made.
         let res = c
@@ -445,29 +466,7 @@ async fn with_two_servers_the_host_agent_finds_the_leader_and_either_server_adds
         fake_dir: fake.dir.clone(),
     };
     let outcome = async {
-        fake.vbox(&[
-            "createvm",
-            "--name",
-            "corral-base",
-            "--groups",
-            "/corral-base",
-            "--register",
-        ])
-        .await?;
-        fake.vbox(&["snapshot", "corral-base", "take", "base"])
-            .await?;
-        fake.vbox(&["hostonlyif", "create"]).await?;
-        let host_ip = format!("127.0.{OCTET}.1");
-        fake.vbox(&[
-            "hostonlyif",
-            "ipconfig",
-            "vboxnet0",
-            "--ip",
-            &host_ip,
-            "--netmask",
-            "255.255.255.0",
-        ])
-        .await?;
+        fake.make_base(OCTET).await?;
         let mut leader = None;
         let mut other = None;
         for address in [format!("127.0.{OCTET}.5"), format!("127.0.{OCTET}.6")] {

@@ -206,6 +206,28 @@ impl Browser {
         Ok(())
     }
 
+    /// Marks the page, so [`Self::assert_not_reloaded`] can tell whether it
+    /// was reloaded since.
+    pub async fn mark_page(&self) -> anyhow::Result<()> {
+        self.client
+            .execute(
+                "window.__corralTestMark = 'still here'; return null;",
+                vec![],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Fails if the page was reloaded since [`Self::mark_page`].
+    pub async fn assert_not_reloaded(&self) -> anyhow::Result<()> {
+        let mark = self
+            .client
+            .execute("return window.__corralTestMark || null;", vec![])
+            .await?;
+        anyhow::ensure!(mark == "still here", "the page was reloaded ({mark})");
+        Ok(())
+    }
+
     pub async fn path(&self) -> anyhow::Result<String> {
         Ok(self.client.current_url().await?.path().to_string())
     }

@@ -145,13 +145,7 @@ async fn walk_through(
     console.open("/").await?;
     console.sign_in(token).await?;
     browser.wait_text("header .stream", "live").await?;
-    browser
-        .client
-        .execute(
-            "window.__corralTestMark = 'still here'; return null;",
-            vec![],
-        )
-        .await?;
+    browser.mark_page().await?;
     // Filed on b, streamed by a.
     let first = add_via_b().await?;
     console.wait_node(&first).await?;
@@ -181,11 +175,7 @@ async fn walk_through(
         browser.find_all(&node(added)).await?.len() == 1,
         "{added} is shown more than once"
     );
-    let mark = browser
-        .client
-        .execute("return window.__corralTestMark || null;", vec![])
-        .await?;
-    anyhow::ensure!(mark == "still here", "the page was reloaded ({mark})");
+    browser.assert_not_reloaded().await?;
     Ok(())
 }
 

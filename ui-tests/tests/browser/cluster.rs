@@ -75,13 +75,7 @@ async fn walk_through(cluster: &Cluster, browser: &Browser) -> anyhow::Result<()
 
     // Add webserver: nginx3 appears at once and walks through its steps
     // live, without a reload.
-    browser
-        .client
-        .execute(
-            "window.__corralTestMark = 'still here'; return null;",
-            vec![],
-        )
-        .await?;
+    browser.mark_page().await?;
     browser.click_button("Add webserver").await?;
     console.wait_node("nginx3").await?;
     for step in [
@@ -93,11 +87,7 @@ async fn walk_through(cluster: &Cluster, browser: &Browser) -> anyhow::Result<()
         console.wait_step("nginx3", step, "done").await?;
     }
     console.wait_health("nginx3", "healthy").await?;
-    let mark = browser
-        .client
-        .execute("return window.__corralTestMark || null;", vec![])
-        .await?;
-    anyhow::ensure!(mark == "still here", "the page was reloaded");
+    browser.assert_not_reloaded().await?;
 
     // The load balancers route to it.
     let address = cluster.address("nginx3");

@@ -19,27 +19,6 @@ use corral_ui_tests::server::Server;
 
 const SEED: [&str; 5] = ["adm1", "nginx1", "nginx2", "pg1", "pg2"];
 
-/// Has the page been reloaded since `mark` was called?
-async fn mark(browser: &Browser) -> anyhow::Result<()> {
-    browser
-        .client
-        .execute(
-            "window.__corralTestMark = 'still here'; return null;",
-            vec![],
-        )
-        .await?;
-    Ok(())
-}
-
-async fn assert_not_reloaded(browser: &Browser) -> anyhow::Result<()> {
-    let mark = browser
-        .client
-        .execute("return window.__corralTestMark || null;", vec![])
-        .await?;
-    anyhow::ensure!(mark == "still here", "the page was reloaded ({mark})");
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_follows_a_simulated_cluster() -> anyhow::Result<()> {
     let server = Server::start().await?;
@@ -229,7 +208,7 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
 
     // Add webserver: the node appears at once and each step shows as the
     // agent gets there, without a reload.
-    mark(browser).await?;
+    browser.mark_page().await?;
     browser.click_button("Add webserver").await?;
     console.wait_node("nginx3").await?;
     console.wait_step("nginx3", "created", "done").await?;
@@ -255,7 +234,7 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
         .wait_step("nginx3", "in the load balancers", "done")
         .await?;
     agents.set_live("nginx3");
-    assert_not_reloaded(browser).await?;
+    browser.assert_not_reloaded().await?;
 
     // A replica whose PostgreSQL order fails shows the agent's words.
     browser.click_button("Add database replica").await?;
