@@ -158,6 +158,9 @@ impl Node {
         self.nginx.stop().await?;
         self.webapp.stop().await?;
         self.postgres.stop().await?;
+        if let Some(backups) = &self.backups {
+            backups.stop_restores().await?;
+        }
         self.consul.leave().await?;
         Ok("drained: services deregistered and stopped, consul left".into())
     }

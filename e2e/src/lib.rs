@@ -488,6 +488,9 @@ impl Cluster {
             corral_proto::Role::Adm => 5,
             corral_proto::Role::Db => 10 + index,
             corral_proto::Role::Web => 20 + index,
+            corral_proto::Role::Restore => {
+                panic!("{node} has a pool address: read it from GET /nodes/{node}")
+            }
         };
         format!("{}.{offset}", self.net)
     }

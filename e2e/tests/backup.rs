@@ -1,8 +1,9 @@
 //! Backups for real: `corral up` with one web and two db nodes, todos
 //! written through nginx, a base backup taken from the streaming standby
 //! with `corral db backup now`, the primary's WAL archived continuously,
-//! and `corral db restore --time T` into a new instance on adm1 that holds
-//! exactly the writes acknowledged before T. The server also copies every
+//! and `corral db restore --time T` into a new instance on adm1, then into
+//! a new node of its own (`--new-node`), each holding exactly the writes
+//! acknowledged before T. The server also copies every
 //! backup and segment to a real S3 server (s3s-fs on 127.0.33.2), and a
 //! last restore, with adm1's store gone, reads everything back from it.
 
@@ -67,13 +68,13 @@ fn sha256_of(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(hex::encode(sha2::Sha256::digest(&data)))
 }
 
-/// The titles in the restored instance on adm1, read as the app's user.
-async fn restored_titles(c: &Cluster, port: u16) -> anyhow::Result<Vec<String>> {
+/// The titles in a restored instance at `host:port`, read as the app's
+/// user.
+async fn restored_titles(c: &Cluster, host: &str, port: u16) -> anyhow::Result<Vec<String>> {
     let password = std::fs::read_to_string(c.state_dir().join("db-password"))?;
     let out = run(Command::new("/usr/lib/postgresql/15/bin/psql")
         .arg(format!(
-            "host={} port={port} user=todomvc dbname=todomvc connect_timeout=3",
-            c.address("adm1")
+            "host={host} port={port} user=todomvc dbname=todomvc connect_timeout=3"
         ))
         .env("PGPASSWORD", password.trim())
         .args(["-XAtc", "SELECT title FROM todos ORDER BY id"]))
@@ -278,7 +279,9 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
     assert!(report.contains("public.todos"), "{report}");
 
     let expected: Vec<String> = before_backup.iter().chain(&after_backup).cloned().collect();
-    let restored = restored_titles(&c, 5433).await.expect("restored rows");
+    let restored = restored_titles(&c, &c.address("adm1"), 5433)
+        .await
+        .expect("restored rows");
     assert_eq!(
         restored,
         expected,
@@ -299,7 +302,47 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
         "the report counts the rows: {report}"
     );
 
-    // The restored instance is no part of the cluster: the primary is
+    // The same restore into a new node of the cluster, made for it by the
+    // provider: restore1, at an address of its own, with its own agent.
+    let (ok, report) = corral(
+        &c,
+        &[
+            "db",
+            "restore",
+            "--to",
+            "copy",
+            "--time",
+            &t_arg,
+            "--new-node",
+        ],
+    )
+    .await
+    .expect("restore into a new node");
+    assert!(ok, "corral db restore --new-node: {report}");
+    let node: Value = c
+        .api(Method::GET, "/nodes/restore1")
+        .await
+        .send()
+        .await
+        .expect("node")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(node["role"], "restore", "{node}");
+    let restore_address = node["address"].as_str().expect("address").to_string();
+    assert!(
+        report.contains(&format!("{restore_address}:5432")),
+        "the report names where it listens: {report}"
+    );
+    assert_eq!(
+        restored_titles(&c, &restore_address, 5432)
+            .await
+            .expect("rows on restore1"),
+        expected,
+        "the restore on its own node holds the writes before T and none after"
+    );
+
+    // Neither restored instance is part of the cluster: the primary is
     // where it was, and Consul knows no third postgres.
     assert_eq!(sole_primary(&c).await.expect("primary"), primary);
     let consul: Vec<Value> = c
@@ -316,6 +359,37 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
         .await
         .expect("json");
     assert_eq!(consul.len(), 2, "{consul:?}");
+
+    // Removing the restore node drains it: its database stops, and the
+    // topology is as it was.
+    let (ok, out) = corral(&c, &["nodes", "remove", "restore1"])
+        .await
+        .expect("remove");
+    assert!(ok, "corral nodes remove restore1: {out}");
+    eventually("restore1 drained and removed", LONG, || async {
+        let res = c.api(Method::GET, "/nodes/restore1").await.send().await?;
+        Ok((res.status() == reqwest::StatusCode::NOT_FOUND).then_some(()))
+    })
+    .await
+    .expect("removed");
+    assert!(
+        !corral_e2e::faults::reachable(&format!("{restore_address}:5432"), Duration::from_secs(1))
+            .await,
+        "the removed node's restored database is stopped"
+    );
+    let topology_now: Value = c
+        .api(Method::GET, "/topology")
+        .await
+        .send()
+        .await
+        .expect("topology")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (topology_now["web"].as_u64(), topology_now["db"].as_u64()),
+        (Some(1), Some(2))
+    );
 
     // With the archived WAL out of reach (adm1's and the bucket's copy),
     // recovery cannot get to T: the restore fails with the reason, and
@@ -498,7 +572,9 @@ async fn a_restore_to_time_t_holds_exactly_the_writes_before_t() {
     assert!(ok, "corral db restore from S3: {report}");
     let everything: Vec<String> = expected.iter().chain(&after_t).cloned().collect();
     assert_eq!(
-        restored_titles(&c, 5435).await.expect("restored rows"),
+        restored_titles(&c, &c.address("adm1"), 5435)
+            .await
+            .expect("restored rows"),
         everything,
         "the restore from S3 holds every write"
     );

@@ -119,26 +119,37 @@ pub struct BackupReport {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
-    /// Name of the new instance the backup is restored into (on adm1, not
-    /// part of the cluster): 1-32 lower-case letters, digits and '-'.
+    /// Name of the new instance the backup is restored into (on adm1, or
+    /// on the new node with `new_node`; never part of the replicated
+    /// cluster): 1-32 lower-case letters, digits and '-'.
     #[cfg_attr(feature = "openapi", schema(example = "restore1", max_length = 32))]
     pub to: String,
     /// Restore to this moment (RFC 3339); absent: to the end of the
     /// archived WAL. A base backup must have finished before it.
     #[serde(default)]
     pub time: Option<DateTime<Utc>>,
-    /// Port of the restored instance on adm1's address (1024-65535;
-    /// default 5433).
+    /// Port of the restored instance (1024-65535; default 5433 on adm1,
+    /// 5432 on a new node).
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(minimum = 1024, maximum = 65535))]
     pub port: Option<u16>,
+    /// Restore into a new node of the cluster (`restoreN`, with its own
+    /// address, agent, Consul client and firewall) instead of adm1. Its
+    /// database never joins replication or failover; remove the node with
+    /// `DELETE /nodes/{name}` when done.
+    #[serde(default)]
+    pub new_node: bool,
+    /// The provider that makes the new node (default: the server's);
+    /// only with `new_node`.
+    #[serde(default)]
+    pub provider: Option<crate::node::Provider>,
 }
 
 /// The answer to a restore request: the order filed on the restoring node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RestoreAccepted {
-    /// The node that restores (adm1).
+    /// The node that restores: adm1, or the new `restoreN` node.
     pub node: String,
     /// Follow it in `GET /nodes/{node}/orders`; its result is the
     /// verification report.

@@ -20,16 +20,21 @@ pub enum Role {
     Db,
     /// The admin node: control plane and Consul UI.
     Adm,
+    /// A PostgreSQL instance restored from a backup (`POST /db/restore`
+    /// with `new_node`): a node of the cluster (agent, Consul client,
+    /// firewall) whose database never joins replication or failover.
+    Restore,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Web, Role::Db, Role::Adm];
+    pub const ALL: [Role; 4] = [Role::Web, Role::Db, Role::Adm, Role::Restore];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Web => "web",
             Role::Db => "db",
             Role::Adm => "adm",
+            Role::Restore => "restore",
         }
     }
 
@@ -39,6 +44,7 @@ impl Role {
             Role::Web => "nginx",
             Role::Db => "pg",
             Role::Adm => "adm",
+            Role::Restore => "restore",
         }
     }
 
@@ -70,7 +76,10 @@ impl FromStr for Role {
             "web" => Ok(Role::Web),
             "db" => Ok(Role::Db),
             "adm" => Ok(Role::Adm),
-            other => Err(format!("unknown role {other:?} (expected web, db or adm)")),
+            "restore" => Ok(Role::Restore),
+            other => Err(format!(
+                "unknown role {other:?} (expected web, db, adm or restore)"
+            )),
         }
     }
 }
@@ -275,6 +284,7 @@ mod tests {
         assert_eq!(Role::parse_node_name("nginx12"), Some((Role::Web, 12)));
         assert_eq!(Role::parse_node_name("pg1"), Some((Role::Db, 1)));
         assert_eq!(Role::parse_node_name("adm1"), Some((Role::Adm, 1)));
+        assert_eq!(Role::parse_node_name("restore3"), Some((Role::Restore, 3)));
         assert_eq!(Role::parse_node_name("nginx"), None);
         assert_eq!(Role::parse_node_name("nginx01"), None);
         assert_eq!(Role::parse_node_name("web1"), None);

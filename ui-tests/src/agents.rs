@@ -179,6 +179,7 @@ impl Agents {
         };
         let (services, replication) = match role {
             Role::Adm => (vec![running("consul", "server, ui on :8500")], None),
+            Role::Restore => (vec![running("consul", "")], None),
             Role::Web => (
                 vec![
                     running("consul", ""),

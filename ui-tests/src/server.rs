@@ -64,15 +64,29 @@ impl Server {
 
     /// `PUT` a JSON body as the admin.
     pub async fn put_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+        self.send_json(reqwest::Method::PUT, path, body).await
+    }
+
+    /// `POST` a JSON body as the admin.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+        self.send_json(reqwest::Method::POST, path, body).await
+    }
+
+    async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<()> {
         let res = reqwest::Client::new()
-            .put(format!("{}{path}", self.url))
+            .request(method.clone(), format!("{}{path}", self.url))
             .bearer_auth(&self.admin_token)
             .json(body)
             .send()
             .await?;
         anyhow::ensure!(
             res.status().is_success(),
-            "PUT {path}: {} {}",
+            "{method} {path}: {} {}",
             res.status(),
             res.text().await.unwrap_or_default()
         );

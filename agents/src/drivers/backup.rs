@@ -324,14 +324,7 @@ impl BackupDriver {
         if root.exists() {
             // An attempt that never finished (its agent died): stop what it
             // left running and start over.
-            let service = self.restore_spec(
-                spec,
-                &root.join("pgdata"),
-                &root.join("wal"),
-                &root.join("sock"),
-            );
-            let _ = self.ctx.host.adopt(&service).await;
-            let _ = self.ctx.host.stop(&service.name).await;
+            let _ = self.stop_restored(spec, &root).await;
             let _ = std::fs::remove_dir_all(&root);
         }
         let started = Instant::now();
@@ -342,6 +335,45 @@ impl BackupDriver {
             let _ = std::fs::remove_dir_all(&root);
         }
         result
+    }
+
+    /// Stops the instance of restore `spec.name` under `root`, also when
+    /// this agent did not start it (it restarted since).
+    async fn stop_restored(&self, spec: &RestoreSpec, root: &Path) -> Result<(), DriverError> {
+        let service = self.restore_spec(
+            spec,
+            &root.join("pgdata"),
+            &root.join("wal"),
+            &root.join("sock"),
+        );
+        let _ = self.ctx.host.adopt(&service).await;
+        self.ctx.host.stop(&service.name).await?;
+        Ok(())
+    }
+
+    /// Stops every restored instance on this node, as a drain does: what
+    /// was restored stays on disk until the machine goes.
+    pub async fn stop_restores(&self) -> Result<usize, DriverError> {
+        let Ok(entries) = std::fs::read_dir(self.ctx.path("restores")) else {
+            return Ok(0);
+        };
+        let mut stopped = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if corral_proto::backup::validate_restore_name(&name).is_err() {
+                continue;
+            }
+            let spec = RestoreSpec {
+                name,
+                backup_id: 0,
+                target_time: None,
+                port: 0,
+                database: String::new(),
+            };
+            self.stop_restored(&spec, &entry.path()).await?;
+            stopped += 1;
+        }
+        Ok(stopped)
     }
 
     async fn restore_into(
@@ -711,6 +743,34 @@ mod tests {
         );
         assert!(!root.exists(), "the failed attempt left {}", root.display());
         assert!(!err.to_string().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stopping_restores_stops_each_restored_instance_and_keeps_its_data() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (driver, host) = driver(dir.path());
+        assert_eq!(driver.stop_restores().await.expect("none"), 0);
+        for name in ["r1", "r2"] {
+            let root = dir.path().join("restores").join(name);
+            std::fs::create_dir_all(root.join("pgdata")).expect("mkdir");
+            let mut s = spec(3);
+            s.name = name.into();
+            let running = driver.restore_spec(
+                &s,
+                &root.join("pgdata"),
+                &root.join("wal"),
+                &root.join("sock"),
+            );
+            host.ensure(&running).await.expect("running");
+        }
+        // Not a restore's directory: left alone.
+        std::fs::create_dir_all(dir.path().join("restores/.partial")).expect("mkdir");
+        assert_eq!(driver.stop_restores().await.expect("stopped"), 2);
+        let calls = host.calls();
+        for name in ["restore-r1", "restore-r2"] {
+            assert!(calls.contains(&Call::Stop(name.into())), "{calls:?}");
+        }
+        assert!(dir.path().join("restores/r1/pgdata").exists());
     }
 
     #[test]

@@ -119,9 +119,12 @@ pub async fn backup_now(
 }
 
 /// Restores the newest backup finished before `time`, plus the archived
-/// WAL up to `time`, into a new PostgreSQL instance `to` on adm1, which
-/// never joins the cluster; its agent verifies it (row counts, the last
-/// replayed commit) and reports that as the order's result.
+/// WAL up to `time`, into a new PostgreSQL instance `to` on adm1 or, with
+/// `new_node`, on a new node `restoreN` made for it (its own address,
+/// agent, Consul client and firewall; not counted by the topology). The
+/// restored database never joins replication or failover. The restoring
+/// agent verifies it (row counts, the last replayed commit) and reports
+/// that as the order's result.
 #[utoipa::path(
     post,
     path = "/api/v1/db/restore",
@@ -129,14 +132,14 @@ pub async fn backup_now(
     security(("bearer" = [])),
     request_body = RestoreRequest,
     responses(
-        (status = 202, description = "The restore order is filed on adm1", body = RestoreAccepted),
+        (status = 202, description = "The restore order is filed on adm1, or on the new node", body = RestoreAccepted),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
         (status = 403, description = "An agent token", body = ErrorBody),
-        (status = 409, description = "`restore_in_progress`", body = ErrorBody),
+        (status = 409, description = "`restore_in_progress` (on adm1), `address_pool_exhausted`, `host_agent_missing`", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
-        (status = 422, description = "Bad name, port or time (in the future), or `no_backup_before`: no backup finished before that time", body = ErrorBody),
+        (status = 422, description = "Bad name, port or time (in the future), a provider without `new_node`, `provider_not_configured`, or `no_backup_before`: no backup finished before that time", body = ErrorBody),
     )
 )]
 pub async fn restore(

@@ -333,8 +333,9 @@ enum DbCommand {
     #[command(subcommand)]
     Backup(BackupCommand),
     /// Restore the newest backup finished before --time (plus the archived
-    /// WAL up to it) into a new instance on adm1, outside the cluster, and
-    /// print what it holds.
+    /// WAL up to it) into a new instance on adm1, or with --new-node on a
+    /// new node of its own, outside the replicated cluster, and print what
+    /// it holds.
     Restore {
         /// Name of the new instance, e.g. restore1.
         #[arg(long)]
@@ -343,9 +344,19 @@ enum DbCommand {
         /// default: to the end of the archived WAL.
         #[arg(long, value_parser = rfc3339)]
         time: Option<chrono::DateTime<chrono::Utc>>,
-        /// Port of the restored instance on adm1's address (default 5433).
+        /// Port of the restored instance (default 5433 on adm1, 5432 on a
+        /// new node).
         #[arg(long)]
         port: Option<u16>,
+        /// Make a new node (restoreN, with its own address and agent) and
+        /// restore there instead of on adm1; `corral nodes remove` it when
+        /// done.
+        #[arg(long)]
+        new_node: bool,
+        /// Where the new node comes from (default: the server's
+        /// --provider); only with --new-node.
+        #[arg(long, requires = "new_node")]
+        provider: Option<Provider>,
         /// Return as soon as the order is filed.
         #[arg(long)]
         no_wait: bool,
@@ -605,6 +616,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             time,
             port,
+            new_node,
+            provider,
             no_wait,
             timeout,
         }) => {
@@ -614,6 +627,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     to: to.clone(),
                     time: *time,
                     port: *port,
+                    new_node: *new_node,
+                    provider: *provider,
                 })
                 .await?;
             out.message(&format!(

@@ -214,6 +214,8 @@ pub fn expected_services(role: Role) -> &'static [&'static str] {
         Role::Web => &["consul", "todomvc", "nginx"],
         Role::Db => &["consul", "postgres"],
         Role::Adm => &["consul"],
+        // Its database comes with the restore order, and stays after it.
+        Role::Restore => &["consul"],
     }
 }
 

@@ -1,7 +1,8 @@
 //! Backups: taking one (a `backup` order on a streaming standby, else the
 //! primary), receiving its files and the archived WAL into adm1's store,
 //! recording how it went, and restoring one point-in-time into a new
-//! instance on adm1 (a `restore` order), which never joins the cluster.
+//! instance (a `restore` order) on adm1 or on a new `restoreN` node made
+//! for it; the restored database never joins the cluster.
 //! The copy to the offsite bucket is `offsite.rs`; a restore reads back
 //! from it the files the store lost.
 
@@ -12,8 +13,8 @@ use std::time::Duration;
 use corral_proto::backup::{DailyAt, is_backup_file_name, is_wal_file_name, validate_restore_name};
 use corral_proto::{
     Backup, BackupFile, BackupReport, BackupSpec, BackupStatus, BackupsStatus, NodeState,
-    ObservedState, Order, OrderKind, RESTORE_PORT, ReplicationRole, RestoreAccepted,
-    RestoreRequest, RestoreSpec, Role, WorkOrder,
+    ObservedState, Order, OrderKind, Provider, RESTORE_PORT, ReplicationRole, RestoreAccepted,
+    RestoreRequest, RestoreSpec, Role, WorkOrder, ports,
 };
 use futures_util::Stream;
 
@@ -23,8 +24,8 @@ use super::{Cluster, ClusterError};
 use crate::auth::Caller;
 use crate::backup_store::{BackupStore, MAX_WAL_BYTES, StoreFileError, is_sha256};
 use crate::bus::OrderBatch;
-use crate::reconcile::DB_NAME;
-use crate::store::{self, NewEvent, backup, node};
+use crate::reconcile::{self, DB_NAME};
+use crate::store::{self, NewEvent, NewNodeRow, backup, node};
 use crate::switchover::Standing;
 
 /// A scheduled backup counts as overdue this long after it was due.
@@ -238,6 +239,7 @@ impl Cluster {
         self.file_one(
             txn,
             &mut desired,
+            Outcome::default(),
             row,
             order,
             trigger,
@@ -265,12 +267,14 @@ impl Cluster {
             .collect()
     }
 
-    /// Files one order on `row` with the next seq and an event, and commits.
+    /// Files one order on `row` with the next seq and an event, and commits
+    /// it with what `outcome` already holds of the same change.
     #[allow(clippy::too_many_arguments)]
     async fn file_one(
         &self,
         txn: sea_orm::DatabaseTransaction,
         desired: &mut super::Desired,
+        mut outcome: Outcome,
         row: &node::Model,
         order: WorkOrder,
         actor: &str,
@@ -280,22 +284,21 @@ impl Cluster {
     ) -> Result<i64, ClusterError> {
         let seq = row.last_seq + 1;
         store::advance_last_seq(&txn, &[row.id], 1).await?;
-        let mut outcome = Outcome {
-            orders_filed: store::insert_orders(&txn, vec![order_row(row.id, seq, &order)?], now)
-                .await?,
-            ..Outcome::default()
-        };
-        outcome.events = store::insert_events(
-            &txn,
-            vec![NewEvent {
-                actor: actor.to_string(),
-                kind: kind.into(),
-                subject: row.name.clone(),
-                message,
-            }],
-            now,
-        )
-        .await?;
+        outcome.orders_filed +=
+            store::insert_orders(&txn, vec![order_row(row.id, seq, &order)?], now).await?;
+        outcome.events.extend(
+            store::insert_events(
+                &txn,
+                vec![NewEvent {
+                    actor: actor.to_string(),
+                    kind: kind.into(),
+                    subject: row.name.clone(),
+                    message,
+                }],
+                now,
+            )
+            .await?,
+        );
         outcome.filed.push((row.name.clone(), order.clone()));
         outcome.batches.push((
             row.id,
@@ -527,9 +530,10 @@ impl Cluster {
         Ok(())
     }
 
-    /// Files a restore of the newest backup finished before `req.time` on
-    /// adm1. No such backup, a time in the future, a bad name or port: 4xx
-    /// and nothing filed.
+    /// Files a restore of the newest backup finished before `req.time`: on
+    /// adm1, or, with `new_node`, on a new `restoreN` node made for it in
+    /// the same change. No such backup, a time in the future, a bad name,
+    /// port or provider: 4xx, and nothing filed or made.
     pub async fn restore(
         &self,
         req: RestoreRequest,
@@ -537,12 +541,35 @@ impl Cluster {
     ) -> Result<RestoreAccepted, ClusterError> {
         caller.require_admin()?;
         validate_restore_name(&req.to).map_err(ClusterError::Invalid)?;
-        let port = req.port.unwrap_or(RESTORE_PORT);
+        let port = req.port.unwrap_or(if req.new_node {
+            ports::POSTGRES
+        } else {
+            RESTORE_PORT
+        });
         if port < 1024 {
             return Err(ClusterError::Invalid(format!(
                 "port {port} is below 1024; choose 1024-65535"
             )));
         }
+        let provider = match (req.new_node, req.provider) {
+            (false, Some(p)) => {
+                return Err(ClusterError::Invalid(format!(
+                    "provider {p} applies only to a restore into a new node (new_node: true)"
+                )));
+            }
+            (false, None) => None,
+            (true, p) => {
+                let provider = p.unwrap_or(self.config.default_provider);
+                if !self.config.providers.contains(&provider) {
+                    return Err(ClusterError::ProviderNotConfigured {
+                        provider,
+                        configured: self.config.providers.clone(),
+                    });
+                }
+                self.require_host_agent(provider).await?;
+                Some(provider)
+            }
+        };
         let now = Utc::now();
         if let Some(t) = req.time
             && t > now
@@ -568,18 +595,30 @@ impl Cluster {
                         None => "there is no finished backup to restore".into(),
                     },
                 })?;
-        let row = self.node_row(&txn, RESTORE_NODE).await?;
-        if let Some(running) =
-            store::unfinished_order(&txn, row.id, OrderKind::Restore.into()).await?
-        {
-            return Err(ClusterError::Conflict {
-                code: "restore_in_progress",
-                message: format!(
-                    "{RESTORE_NODE} has not finished restore order {} yet",
-                    running.seq
-                ),
-            });
-        }
+        let actor = caller.actor();
+        let (row, outcome) = match provider {
+            None => {
+                let row = self.node_row(&txn, RESTORE_NODE).await?;
+                if let Some(running) =
+                    store::unfinished_order(&txn, row.id, OrderKind::Restore.into()).await?
+                {
+                    return Err(ClusterError::Conflict {
+                        code: "restore_in_progress",
+                        message: format!(
+                            "{RESTORE_NODE} has not finished restore order {} yet",
+                            running.seq
+                        ),
+                    });
+                }
+                (row, Outcome::default())
+            }
+            Some(provider) => {
+                let (name, outcome) = self
+                    .make_restore_node(&txn, &mut desired, provider, chosen.id, &actor, now)
+                    .await?;
+                (self.node_row(&txn, &name).await?, outcome)
+            }
+        };
         let order = WorkOrder::Restore(RestoreSpec {
             name: req.to.clone(),
             backup_id: chosen.id,
@@ -588,32 +627,96 @@ impl Cluster {
             database: DB_NAME.into(),
         });
         let message = format!(
-            "restore of backup {} into {} on {RESTORE_NODE}:{port}{} requested",
+            "restore of backup {} into {} on {}:{port}{} requested",
             chosen.id,
             req.to,
+            row.name,
             req.time
                 .map(|t| format!(" to {}", t.to_rfc3339()))
                 .unwrap_or_default()
         );
+        let node = row.name.clone();
         let seq = self
             .file_one(
                 txn,
                 &mut desired,
+                outcome,
                 &row,
                 order,
-                &caller.actor(),
+                &actor,
                 "db.restore_requested",
                 message,
                 now,
             )
             .await?;
         Ok(RestoreAccepted {
-            node: RESTORE_NODE.into(),
+            node,
             seq,
             backup_id: chosen.id,
             name: req.to,
             port,
         })
+    }
+
+    /// Writes a new restore node into `txn` and the orders every node has
+    /// (Consul as a client, the firewall); returns its name and the change
+    /// so far, for the restore order to join.
+    async fn make_restore_node(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        desired: &mut super::Desired,
+        provider: Provider,
+        backup_id: i64,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(String, Outcome), ClusterError> {
+        let rows = store::reconcile_nodes(txn).await?;
+        let views = rows
+            .iter()
+            .map(super::rows::node_view)
+            .collect::<Result<Vec<_>, _>>()?;
+        let new =
+            reconcile::restore_node(&views, &self.config.settings, provider).map_err(|e| {
+                ClusterError::Conflict {
+                    code: "address_pool_exhausted",
+                    message: format!("{e}; widen that network or remove nodes"),
+                }
+            })?;
+        store::insert_nodes(
+            txn,
+            vec![NewNodeRow {
+                name: &new.name,
+                role: new.role.into(),
+                address: new.address.to_string(),
+                provider: provider.into(),
+                state: node::State::Provisioning,
+            }],
+            now,
+        )
+        .await?;
+        let spec = self.spec(txn).await?;
+        let planned = self
+            .apply_plan(
+                txn,
+                desired,
+                &spec,
+                self.config.default_provider,
+                actor,
+                vec![NewEvent {
+                    actor: actor.into(),
+                    kind: "node.created".into(),
+                    subject: new.name.clone(),
+                    message: format!(
+                        "restore node {} at {} ({provider}) for a restore of backup {backup_id}; \
+                         its database never joins the cluster",
+                        new.name, new.address
+                    ),
+                }],
+            )
+            .await?;
+        let mut outcome = planned;
+        outcome.created.push(new.name.clone());
+        Ok((new.name, outcome))
     }
 
     /// What a node may read from the store: the admin anything, an agent

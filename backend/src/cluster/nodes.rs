@@ -120,7 +120,8 @@ impl Cluster {
             return Ok(Removal::Draining(Box::new(self.node_from_row(&row, now)?)));
         }
         let mut spec = self.spec(&txn).await?;
-        if state != NodeState::Draining {
+        // Restore nodes are not counted by the topology.
+        if state != NodeState::Draining && role != Role::Restore {
             let count = if role == Role::Web {
                 &mut spec.web
             } else {

@@ -167,8 +167,9 @@ pub fn plan(
     }
     plan.drain.sort();
 
-    // Consul servers: the first live node of each role.
-    let mut servers: Vec<Ipv4Addr> = Role::ALL
+    // Consul servers: the first live node of each role the topology
+    // counts (a restore node is there for a while only: a client).
+    let mut servers: Vec<Ipv4Addr> = [Role::Web, Role::Db, Role::Adm]
         .iter()
         .filter_map(|role| {
             live.range((*role, 0)..=(*role, u32::MAX))
@@ -279,7 +280,9 @@ pub fn plan(
                     }),
                 );
             }
-            Role::Adm => {}
+            // adm1's services are the control plane's; a restore node's
+            // database comes from its restore order, never from the plan.
+            Role::Adm | Role::Restore => {}
         }
     }
 
@@ -293,6 +296,41 @@ pub fn plan(
         file(&name, WorkOrder::Drain);
     }
     Ok(plan)
+}
+
+/// The node a restore into a new node makes: `restoreN` with the lowest
+/// index no node has, at a pool address of `provider`'s plan. The topology
+/// does not count restore nodes: [`plan`] neither makes nor drains them,
+/// and gives them the orders every node has (Consul as a client, the
+/// firewall) and nothing of their own.
+pub fn restore_node(
+    nodes: &[NodeView],
+    settings: &ClusterSettings,
+    provider: Provider,
+) -> Result<NewNode, PlanError> {
+    let taken: HashSet<u32> = nodes
+        .iter()
+        .filter(|n| n.role == Role::Restore)
+        .map(|n| n.index)
+        .collect();
+    let index = (1..).find(|i| !taken.contains(i)).unwrap_or(u32::MAX);
+    let name = format!("{}{index}", Role::Restore.name_prefix());
+    let network = settings.addressing.plan_for(provider);
+    let mut addresses = addressing::Allocator::new(nodes.iter().map(|n| n.address).collect());
+    let address = addresses
+        .allocate(network, Role::Restore, index)
+        .ok_or_else(|| PlanError::AddressPoolExhausted {
+            plan: network.to_string(),
+            provider,
+            name: name.clone(),
+        })?;
+    Ok(NewNode {
+        name,
+        role: Role::Restore,
+        index,
+        address,
+        provider,
+    })
 }
 
 /// What may reach a node of `role`. Consul's ports are open to the
@@ -322,7 +360,7 @@ pub fn firewall(
             public_tcp.push(ports::NGINX);
             cluster_tcp.extend([ports::WEBAPP, settings.ssh_port]);
         }
-        Role::Db => {
+        Role::Db | Role::Restore => {
             cluster_tcp.extend([ports::POSTGRES, settings.ssh_port]);
         }
     }
@@ -402,7 +440,9 @@ pub fn consul_node_rules(name: &str, role: Role) -> String {
         "node \"{name}\" {{ policy = \"write\" }}\nagent \"{name}\" {{ policy = \"write\" }}\n{CONSUL_READ_RULES}"
     );
     match role {
-        Role::Adm => {}
+        // A restore node writes no service and no key: its database can
+        // never register as PostgreSQL nor take the leader lock.
+        Role::Adm | Role::Restore => {}
         Role::Web => {
             rules += &format!(
                 "service \"{WEBAPP_SERVICE}\" {{ policy = \"write\" }}\nservice \"{NGINX_SERVICE}\" {{ policy = \"write\" }}\n"
@@ -542,6 +582,54 @@ mod tests {
         assert_eq!(orders_of(&plan, "nginx1").len(), 4);
         assert_eq!(orders_of(&plan, "pg2").len(), 3);
         assert_eq!(orders_of(&plan, "adm1").len(), 2);
+    }
+
+    #[test]
+    fn a_restore_node_is_a_consul_client_with_a_firewall_and_nothing_of_the_topology() {
+        let (mut nodes, mut last, _) = converge(&spec(2, 2));
+        let new = restore_node(&nodes, &settings(), Provider::Local).expect("restore node");
+        assert_eq!((new.name.as_str(), new.role), ("restore1", Role::Restore));
+        assert!(nodes.iter().all(|n| n.address != new.address));
+        nodes.push(NodeView {
+            name: new.name.clone(),
+            role: new.role,
+            index: new.index,
+            address: new.address,
+            provider: new.provider,
+            state: NodeState::Provisioning,
+            observed: None,
+        });
+        let p = plan(&spec(2, 2), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        // Not counted: nothing made or drained for it.
+        assert!(p.create.is_empty() && p.drain.is_empty(), "{p:?}");
+        let orders = orders_of(&p, "restore1");
+        assert_eq!(orders.len(), 2, "{orders:?}");
+        let Some(WorkOrder::Consul(consul)) = orders.iter().find(|o| o.kind() == OrderKind::Consul)
+        else {
+            panic!("no consul order: {orders:?}");
+        };
+        assert!(!consul.server, "a restore node is a Consul client");
+        assert!(!consul.retry_join.contains(&new.address.to_string()));
+        let Some(WorkOrder::Firewall(fw)) = orders.iter().find(|o| o.kind() == OrderKind::Firewall)
+        else {
+            panic!("no firewall order: {orders:?}");
+        };
+        assert!(fw.cluster_tcp.contains(&ports::POSTGRES));
+        assert!(fw.public_tcp.is_empty());
+        // No other node's orders change because of it.
+        assert!(p.orders.iter().all(|(n, _)| n == "restore1"), "{p:?}");
+        // Its token writes no service and no key: it can never register
+        // as PostgreSQL or take the leader lock.
+        let rules = consul_node_rules("restore1", Role::Restore);
+        assert!(!rules.contains("service \"postgres\""), "{rules}");
+        assert!(!rules.contains("key_prefix"), "{rules}");
+        apply(&mut nodes, &mut last, &p);
+        let second = restore_node(&nodes, &settings(), Provider::Local).expect("another");
+        assert_eq!(second.name, "restore2");
+        assert_ne!(second.address, new.address);
+        // Scaling the topology leaves it alone.
+        let down = plan(&spec(1, 1), &nodes, &last, &settings(), Provider::Local).expect("plan");
+        assert!(!down.drain.contains(&"restore1".to_string()), "{down:?}");
     }
 
     #[test]

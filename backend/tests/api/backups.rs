@@ -168,6 +168,65 @@ both_backends! {
         assert_eq!(app.get_json("/api/v1/backups").await, json!([]));
     }
 
+    async fn a_restore_into_a_new_node_makes_a_restore_node_the_topology_does_not_count(app) {
+        let (id, _, pg2) = ordered(&app).await;
+        let base = format!("/api/v1/agents/pg2/backups/{id}/files/base.tar");
+        assert_eq!(upload(&app, &pg2, &base, b"tar bytes", Some(&sha(b"tar bytes"))).await.status(), 201);
+        let report = json!({
+            "files": [{"name": "base.tar", "size": 9, "sha256": sha(b"tar bytes")}],
+            "wal_start_lsn": "0/3000028", "wal_end_lsn": "0/3000100", "timeline": 1,
+        });
+        let path = format!("/api/v1/agents/pg2/backups/{id}/report");
+        let res = app.as_token(&pg2, Method::POST, &path).json(&report).send().await.expect("report");
+        assert_eq!(res.status(), 200);
+        let topology = app.get_json("/api/v1/topology").await;
+        let nodes = app.get_json("/api/v1/nodes").await;
+
+        // Bad input makes no node and files nothing.
+        let restore = |body: Value| app.post("/api/v1/db/restore", body);
+        assert_error(restore(json!({"to": "r1", "provider": "local"})).await, 422, "unprocessable_entity").await;
+        assert_error(restore(json!({"to": "r1", "new_node": true, "provider": "virtualbox"})).await, 422, "provider_not_configured").await;
+        assert_error(restore(json!({"to": "R1", "new_node": true})).await, 422, "unprocessable_entity").await;
+        assert_error(restore(json!({"to": "r1", "new_node": "yes"})).await, 422, "unprocessable_entity").await;
+        assert_eq!(app.get_json("/api/v1/nodes").await, nodes);
+
+        let res = restore(json!({"to": "r1", "new_node": true})).await;
+        assert_eq!(res.status(), 202);
+        let accepted: Value = res.json().await.expect("json");
+        assert_eq!(accepted["node"], "restore1", "{accepted}");
+        assert_eq!(accepted["port"], 5432, "{accepted}");
+        assert_eq!(accepted["backup_id"], id);
+        let node = app.get_json("/api/v1/nodes/restore1").await;
+        assert_eq!(node["role"], "restore", "{node}");
+        assert_eq!(node["state"], "provisioning", "{node}");
+        // Every node's orders (Consul, firewall), then the restore: no
+        // PostgreSQL of the cluster, nothing on the other nodes.
+        let orders = app.get_json("/api/v1/nodes/restore1/orders").await;
+        let kinds: Vec<&str> = orders.as_array().expect("orders").iter().filter_map(|o| o["payload"]["kind"].as_str()).collect();
+        assert_eq!(kinds.len(), 3, "{orders}");
+        assert!(kinds.contains(&"consul") && kinds.contains(&"firewall"), "{kinds:?}");
+        assert_eq!(kinds.last(), Some(&"restore"), "{kinds:?}");
+        let restore_order = &orders[2]["payload"];
+        assert_eq!((restore_order["name"].as_str(), restore_order["port"].as_i64()), (Some("r1"), Some(5432)));
+        assert_eq!(app.get_json("/api/v1/topology").await, topology, "the topology does not count it");
+        let events = app.event_kinds().await;
+        assert!(events.contains(&"node.created restore1".to_string()), "{events:?}");
+        assert!(events.contains(&"db.restore_requested restore1".to_string()), "{events:?}");
+
+        // Another gets a node of its own, at another address.
+        let res = restore(json!({"to": "r2", "new_node": true})).await;
+        assert_eq!(res.status(), 202);
+        let second = app.get_json("/api/v1/nodes/restore2").await;
+        assert_ne!(second["address"], node["address"]);
+
+        // Removing one leaves the topology as it was.
+        let res = app.request(Method::DELETE, "/api/v1/nodes/restore1").send().await.expect("delete");
+        assert!(res.status().is_success(), "{}", res.status());
+        assert_eq!(app.get_json("/api/v1/topology").await, topology);
+        let names: Vec<Value> = app.get_json("/api/v1/nodes").await.as_array().expect("nodes").iter().map(|n| n["name"].clone()).collect();
+        assert!(!names.contains(&json!("restore1")) && names.contains(&json!("restore2")), "{names:?}");
+    }
+
     async fn a_backup_schedule_that_does_not_parse_is_refused(app) {
         let res = app
             .put(

@@ -53,7 +53,7 @@ fn charts_of(role: Role) -> Vec<(MetricName, &'static str)> {
             (MetricName::PgConnections, "Connections"),
             (MetricName::PgLagBytes, "Replication lag"),
         ]),
-        Role::Adm => charts.push((MetricName::DiskUsed, "Disk used")),
+        Role::Adm | Role::Restore => charts.push((MetricName::DiskUsed, "Disk used")),
     }
     charts
 }

@@ -70,6 +70,7 @@ pub fn Overview() -> Html {
     let adm = of_role(Role::Adm);
     let web = of_role(Role::Web);
     let db = of_role(Role::Db);
+    let restores = of_role(Role::Restore);
     // The primary is who reports it; before any report, the first db node.
     let primary = db
         .iter()
@@ -174,6 +175,14 @@ pub fn Overview() -> Html {
                                 }) }
                             </div>
                         </div>
+                        if !restores.is_empty() {
+                            <section class="restores" aria-labelledby="tier-restores">
+                                <h3 id="tier-restores">{ "Restored copies (outside replication)" }</h3>
+                                <div class="cards">
+                                    { for restores.iter().map(|n| card(n, Some("restored from a backup"), false)) }
+                                </div>
+                            </section>
+                        }
                         if !db.is_empty() {
                             <BackupPanel />
                         }

@@ -1,6 +1,7 @@
 //! The console against a real corral server whose agents are simulated
 //! through the real agent endpoints, so each step of a new node can be
 //! held and checked: sign in (and a refused token), the live overview,
+//! backups and a restore into a new node shown apart from the standbys,
 //! "Add webserver" progressing step by step without a reload, a failed
 //! order's text, a switchover asked from a standby's card, node detail
 //! with orders and a live log tail with search, a settings change with its orders (and strict
@@ -205,6 +206,22 @@ async fn walk_through(server: &Server, agents: &Agents, browser: &Browser) -> an
     browser.click_button("Back up now").await?;
     browser.wait_text(".backups .applied", "ordered on").await?;
     browser.screenshot("backups-1280", 1280, 1000).await?;
+
+    // A restore into a new node: restore1 shows under PostgreSQL as a
+    // restored copy, not among the standbys, and goes healthy like any
+    // node once its agent is up.
+    server
+        .post_json(
+            "/api/v1/db/restore",
+            &serde_json::json!({"to": "copy", "new_node": true}),
+        )
+        .await?;
+    console.wait_node("restore1").await?;
+    browser.wait_text(".tier-db .restores", "restore1").await?;
+    let standbys = browser.find(".tier-db .standbys").await?.text().await?;
+    anyhow::ensure!(!standbys.contains("restore1"), "standbys: {standbys}");
+    agents.bring_up("restore1").await?;
+    console.wait_health("restore1", "healthy").await?;
 
     // Add webserver: the node appears at once and each step shows as the
     // agent gets there, without a reload.

@@ -38,6 +38,8 @@ pub enum Role {
     Db,
     #[sea_orm(string_value = "adm")]
     Adm,
+    #[sea_orm(string_value = "restore")]
+    Restore,
 }
 
 /// [`corral_proto::Provider`] as stored.
@@ -66,7 +68,7 @@ pub enum State {
     Draining,
 }
 
-same_variants!(Role, corral_proto::Role, [Web, Db, Adm]);
+same_variants!(Role, corral_proto::Role, [Web, Db, Adm, Restore]);
 same_variants!(
     Provider,
     corral_proto::Provider,
