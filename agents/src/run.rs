@@ -358,6 +358,7 @@ mod tests {
             user: "todomvc".into(),
             password: "pw".into(),
             consul_token: None,
+            address_v6: None,
         }))
         .expect("json")
     }

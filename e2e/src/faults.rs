@@ -17,6 +17,18 @@ use anyhow::{Context, bail};
 use crate::{Cluster, Machines, run};
 
 impl Cluster {
+    /// A node's IPv6 address in a dual-stack cluster (the cluster's ULA
+    /// prefix, made in the state dir, with the IPv4 address as the low 32
+    /// bits); `None` when the cluster has no IPv6 prefix.
+    pub fn address_v6(&self, node: &str) -> Option<std::net::Ipv6Addr> {
+        let ula = std::fs::read_to_string(self.state_dir().join("ipv6-prefix")).ok()?;
+        let prefix: std::net::Ipv6Addr = ula.trim().strip_suffix("/64")?.parse().ok()?;
+        let v4: std::net::Ipv4Addr = self.address(node).parse().ok()?;
+        Some(std::net::Ipv6Addr::from(
+            u128::from(prefix) | u128::from(u32::from(v4)),
+        ))
+    }
+
     /// The nft tables' name for this cluster's fault rules.
     pub fn nft_table(&self) -> String {
         format!("corral_e2e_{}", self.net.replace('.', "_"))
@@ -70,17 +82,27 @@ impl Partition {
         let mut bridge_rules = String::new();
         let mut host_rules_in = String::new();
         let mut host_rules_out = String::new();
+        // Both families: a dual-stack cluster talks over IPv6.
+        let pairs = |a: &str, b: &str| {
+            let mut pairs = vec![("ip", c.address(a), c.address(b))];
+            if let (Some(va), Some(vb)) = (c.address_v6(a), c.address_v6(b)) {
+                pairs.push(("ip6", va.to_string(), vb.to_string()));
+            }
+            pairs
+        };
         for a in side {
             for b in others {
-                let (ia, ib) = (c.address(a), c.address(b));
-                if ia == host || ib == host {
-                    let other = if ia == host { ib } else { ia };
-                    host_rules_in.push_str(&format!("    ip saddr {other} drop\n"));
-                    host_rules_out.push_str(&format!("    ip daddr {other} drop\n"));
-                } else {
-                    bridge_rules.push_str(&format!(
-                        "    ip saddr {ia} ip daddr {ib} drop\n    ip saddr {ib} ip daddr {ia} drop\n"
-                    ));
+                let on_host = c.address(a) == host || c.address(b) == host;
+                for (family, ia, ib) in pairs(a, b) {
+                    if on_host {
+                        let other = if c.address(a) == host { ib } else { ia };
+                        host_rules_in.push_str(&format!("    {family} saddr {other} drop\n"));
+                        host_rules_out.push_str(&format!("    {family} daddr {other} drop\n"));
+                    } else {
+                        bridge_rules.push_str(&format!(
+                            "    {family} saddr {ia} {family} daddr {ib} drop\n    {family} saddr {ib} {family} daddr {ia} drop\n"
+                        ));
+                    }
                 }
             }
         }

@@ -262,14 +262,64 @@ async fn lxc_cluster_serves_scales_and_survives_partitions_freezes_and_a_lost_co
     // own IPv6 prefix (a ULA made once, in the state dir), and nginx
     // answers there too. A todo written through nginx1's IPv6 address
     // reads back through nginx2's IPv4 one.
-    let ula = std::fs::read_to_string(c.state_dir().join("ipv6-prefix")).expect("IPv6 prefix");
-    let prefix: std::net::Ipv6Addr = ula
-        .trim()
-        .strip_suffix("/64")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{ula:?} is not a /64"));
-    let v4: std::net::Ipv4Addr = c.address("nginx1").parse().expect("v4");
-    let nginx1_v6 = std::net::Ipv6Addr::from(u128::from(prefix) | u128::from(u32::from(v4)));
+    let nginx1_v6 = c.address_v6("nginx1").expect("the cluster's IPv6 prefix");
+    // Inside the cluster everything talks IPv6: Consul gossips between
+    // the nodes' IPv6 addresses, nginx routes to the webapps at theirs,
+    // and the standby replicates from the primary over IPv6.
+    let members: Vec<serde_json::Value> = http
+        .get(format!(
+            "http://{}:8500/v1/agent/members",
+            c.address("adm1")
+        ))
+        .header("X-Consul-Token", c.consul_token())
+        .send()
+        .await
+        .expect("consul members")
+        .json()
+        .await
+        .expect("json");
+    assert!(members.len() >= 4, "{members:?}");
+    for m in &members {
+        let addr = m["Addr"].as_str().unwrap_or_default();
+        assert!(
+            addr.parse::<std::net::Ipv6Addr>().is_ok(),
+            "{} gossips at {addr}",
+            m["Name"]
+        );
+    }
+    let webapps: Vec<serde_json::Value> = http
+        .get(format!(
+            "http://{}:8500/v1/catalog/service/todomvc",
+            c.address("adm1")
+        ))
+        .header("X-Consul-Token", c.consul_token())
+        .send()
+        .await
+        .expect("consul catalog")
+        .json()
+        .await
+        .expect("json");
+    assert!(!webapps.is_empty());
+    for w in &webapps {
+        let addr = w["ServiceAddress"].as_str().unwrap_or_default();
+        assert!(
+            addr.parse::<std::net::Ipv6Addr>().is_ok(),
+            "webapp at {addr}"
+        );
+    }
+    let primary = sole_primary(&c).await.expect("a primary");
+    let standby_v6 = c.address_v6(&other(&c, &primary)).expect("v6").to_string();
+    eventually("the standby streams over IPv6", LONG, || async {
+        let from = sql(
+            &c,
+            &primary,
+            "SELECT string_agg(host(client_addr), ',') FROM pg_stat_replication WHERE state = 'streaming'",
+        )
+        .await?;
+        Ok(from.split(',').any(|a| a == standby_v6).then_some(()))
+    })
+    .await
+    .expect("replication over IPv6");
     let title = format!("written over IPv6 to [{nginx1_v6}]");
     eventually(
         "a todo written through nginx1's IPv6 address",

@@ -196,6 +196,7 @@ mod tests {
                 user: "todo".into(),
                 password: "x".into(),
                 consul_token: None,
+                address_v6: None,
             }),
             status,
             result: result.map(String::from),

@@ -38,9 +38,9 @@ pub use node::{
     CreateNode, Node, NodeHealth, NodeState, Provider, Role, ScalableRole, validate_node_name,
 };
 pub use order::{
-    ConsulAcl, ConsulSpec, FirewallSpec, LoadBalancerSpec, Order, OrderKind, OrderOutcome,
-    OrderResult, OrderStatus, PollResponse, PostgresSpec, SwitchoverAccepted, SwitchoverRequest,
-    SwitchoverSpec, WebappSpec, WorkOrder,
+    ConsulAcl, ConsulIpv6, ConsulSpec, FirewallSpec, LoadBalancerSpec, Order, OrderKind,
+    OrderOutcome, OrderResult, OrderStatus, PollResponse, PostgresSpec, SwitchoverAccepted,
+    SwitchoverRequest, SwitchoverSpec, WebappSpec, WorkOrder,
 };
 pub use topology::{
     BackupSchedule, LbPolicy, MAX_NODES_PER_ROLE, ReplicationMode, Servers, Topology,

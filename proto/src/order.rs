@@ -133,6 +133,23 @@ pub struct ConsulSpec {
     /// them: such an agent runs Consul without ACLs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acl: Option<ConsulAcl>,
+    /// In a dual-stack cluster (every node has an IPv6 address: the LXC
+    /// provider's), Consul gossips and serves RPC over IPv6; absent: over
+    /// IPv4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<ConsulIpv6>,
+}
+
+/// A Consul agent's IPv6 side: it binds and advertises `bind` (and answers
+/// HTTP and DNS on both its addresses) and joins the servers at
+/// `retry_join`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ConsulIpv6 {
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "fd12:3456:789a::c0a8:b15"))]
+    pub bind: std::net::Ipv6Addr,
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
+    pub retry_join: Vec<std::net::Ipv6Addr>,
 }
 
 /// A node's part in Consul's ACL system. Every secret here is made by the
@@ -175,6 +192,12 @@ pub struct PostgresSpec {
     /// before it existed lack it: the application password then stands in.
     #[serde(default)]
     pub replication_password: String,
+    /// In a dual-stack cluster, the node's IPv6 address: PostgreSQL listens
+    /// there too and is known by it (Consul service, member record), so
+    /// standbys replicate and webapps connect over IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub address_v6: Option<std::net::Ipv6Addr>,
 }
 
 impl PostgresSpec {
@@ -250,6 +273,11 @@ pub struct WebappSpec {
     /// find the database). `None` in orders filed before Consul had ACLs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consul_token: Option<String>,
+    /// In a dual-stack cluster, the node's IPv6 address: the webapp listens
+    /// there too and registers it, so nginx reaches it over IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub address_v6: Option<std::net::Ipv6Addr>,
 }
 
 /// nginx fronting the passing instances of `service`.

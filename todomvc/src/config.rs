@@ -21,6 +21,11 @@ pub struct Config {
     #[arg(long, env = "TODOMVC_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// More addresses to listen on as well, e.g. the node's IPv6 one
+    /// (repeatable; comma-separated in the env).
+    #[arg(long, env = "TODOMVC_ALSO_LISTEN", value_delimiter = ',')]
+    pub also_listen: Vec<SocketAddr>,
+
     /// Name sent in the `X-Served-By` header and logs [default: host name].
     #[arg(long, env = "TODOMVC_NODE_NAME")]
     pub node_name: Option<String>,

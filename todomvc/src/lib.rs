@@ -115,6 +115,14 @@ impl Application {
         .shutdown_timeout(config.shutdown_timeout_secs)
         .listen(listener)
         .map_err(listen_error)?;
+        for also in &config.also_listen {
+            let listen_error = |source| StartError::Listen {
+                addr: *also,
+                source,
+            };
+            let listener = std::net::TcpListener::bind(also).map_err(listen_error)?;
+            server = server.listen(listener).map_err(listen_error)?;
+        }
         let workers = config
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

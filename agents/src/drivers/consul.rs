@@ -53,6 +53,19 @@ pub fn render_config(node: &str, address: &str, data_dir: &str, spec: &ConsulSpe
         "log_level": "INFO",
         "performance": { "raft_multiplier": 1 },
     });
+    if let Some(v6) = &spec.ipv6 {
+        // Gossip and RPC over IPv6; HTTP and DNS answer on both addresses
+        // (the agents and webapps call the local agent over IPv4).
+        config["bind_addr"] = json!(v6.bind.to_string());
+        config["advertise_addr"] = json!(v6.bind.to_string());
+        config["client_addr"] = json!(format!("{address} {}", v6.bind));
+        config["retry_join"] = json!(
+            v6.retry_join
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        );
+    }
     if spec.server {
         config["bootstrap_expect"] = json!(spec.bootstrap_expect);
     }
@@ -193,7 +206,22 @@ mod tests {
                 management: server.then(|| "management".into()),
                 default: None,
             }),
+            ipv6: None,
         }
+    }
+
+    #[test]
+    fn a_dual_stack_agent_gossips_over_ipv6_and_answers_http_on_both() {
+        let mut s = spec(false);
+        s.ipv6 = Some(corral_proto::ConsulIpv6 {
+            bind: "fd12::c0a8:b16".parse().expect("v6"),
+            retry_join: vec!["fd12::c0a8:b05".parse().expect("v6")],
+        });
+        let config = render_config("nginx2", "192.168.11.22", "/d", &s);
+        assert_eq!(config["bind_addr"], "fd12::c0a8:b16");
+        assert_eq!(config["advertise_addr"], "fd12::c0a8:b16");
+        assert_eq!(config["client_addr"], "192.168.11.22 fd12::c0a8:b16");
+        assert_eq!(config["retry_join"], json!(["fd12::c0a8:b05"]));
     }
 
     #[test]

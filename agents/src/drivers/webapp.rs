@@ -3,6 +3,7 @@
 //! HTTP check on `/healthz`. A keeper loop re-registers it whenever the
 //! local Consul agent has forgotten it (Consul restarted, data wiped).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,8 +18,9 @@ pub const SERVICE: &str = "todomvc";
 
 pub struct WebappDriver {
     ctx: Arc<NodeContext>,
-    /// The port to keep registered, while the webapp should run.
-    registered: Mutex<Option<u16>>,
+    /// The port and address to keep registered, while the webapp should
+    /// run.
+    registered: Mutex<Option<(u16, IpAddr)>>,
 }
 
 /// The Consul service definition of this node's webapp.
@@ -26,17 +28,17 @@ pub struct WebappDriver {
 /// A webapp that already answered its health check is registered passing, so
 /// load balancers route to a new node without waiting for Consul's first
 /// check rounds (about 1.5 s); Consul's check keeps it honest every second.
-pub fn registration(node: &str, address: &str, port: u16, healthy: bool) -> Value {
+pub fn registration(node: &str, address: IpAddr, port: u16, healthy: bool) -> Value {
     json!({
         "ID": format!("{WEBAPP_SERVICE}-{node}"),
         "Name": WEBAPP_SERVICE,
-        "Address": address,
+        "Address": address.to_string(),
         "Port": port,
         "Tags": [node],
         "Check": {
             "CheckID": format!("service:{WEBAPP_SERVICE}-{node}"),
             "Name": "todomvc /healthz",
-            "HTTP": format!("http://{address}:{port}/healthz"),
+            "HTTP": format!("http://{}/healthz", SocketAddr::new(address, port)),
             "Interval": "1s",
             "Timeout": "1s",
             "DeregisterCriticalServiceAfter": "30m",
@@ -59,17 +61,22 @@ impl WebappDriver {
 
     pub fn service_spec(&self, spec: &WebappSpec) -> ServiceSpec {
         let listen = format!("{}:{}", self.ctx.address, spec.port);
+        let mut args = vec![
+            "--listen".into(),
+            listen.clone(),
+            "--node-name".into(),
+            self.ctx.node.clone(),
+            "--consul".into(),
+            self.ctx.consul.url().to_string(),
+        ];
+        if let Some(v6) = spec.address_v6 {
+            args.push("--also-listen".into());
+            args.push(SocketAddr::new(v6.into(), spec.port).to_string());
+        }
         ServiceSpec {
             name: SERVICE.into(),
             program: self.ctx.bins.todomvc.clone(),
-            args: vec![
-                "--listen".into(),
-                listen.clone(),
-                "--node-name".into(),
-                self.ctx.node.clone(),
-                "--consul".into(),
-                self.ctx.consul.url().to_string(),
-            ],
+            args,
             env: {
                 let mut env = vec![
                     ("TODOMVC_DB_NAME".into(), spec.database.clone()),
@@ -91,9 +98,15 @@ impl WebappDriver {
     #[tracing::instrument(skip_all, fields(node = %self.ctx.node))]
     pub async fn apply(&self, spec: &WebappSpec) -> Result<String, DriverError> {
         let ensured = self.ctx.host.ensure(&self.service_spec(spec)).await?;
-        let previous = self.registered.lock().expect("lock").replace(spec.port);
-        if previous.is_some_and(|p| p != spec.port) {
-            // Port changed: the keeper registers the new definition.
+        let address = spec.address_v6.map_or(self.ctx.address, IpAddr::V6);
+        let previous = self
+            .registered
+            .lock()
+            .expect("lock")
+            .replace((spec.port, address));
+        if previous.is_some_and(|p| p != (spec.port, address)) {
+            // Port or address changed: the keeper registers the new
+            // definition.
             let _ = self.ctx.consul.deregister_service(&self.service_id()).await;
         }
         // Register once it answers its health check (briefly waited for);
@@ -134,7 +147,7 @@ impl WebappDriver {
 
     /// Registers the service unless the local agent already has it.
     async fn keep_registered(&self) -> Result<(), DriverError> {
-        let Some(port) = *self.registered.lock().expect("lock") else {
+        let Some((port, address)) = *self.registered.lock().expect("lock") else {
             return Ok(());
         };
         if self
@@ -148,7 +161,7 @@ impl WebappDriver {
                 .consul
                 .register_service(&registration(
                     &self.ctx.node,
-                    &self.ctx.address.to_string(),
+                    address,
                     port,
                     self.healthy(port).await,
                 ))
@@ -188,5 +201,22 @@ impl WebappDriver {
     pub async fn deregister(&self) {
         self.registered.lock().expect("lock").take();
         let _ = self.ctx.consul.deregister_service(&self.service_id()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dual_stack_webapp_is_registered_and_checked_at_its_ipv6_address() {
+        let v6: IpAddr = "fd12::c0a8:b15".parse().expect("v6");
+        let r = registration("nginx1", v6, 8080, true);
+        assert_eq!(r["Address"], "fd12::c0a8:b15");
+        assert_eq!(r["Check"]["HTTP"], "http://[fd12::c0a8:b15]:8080/healthz");
+        let v4: IpAddr = "127.0.11.21".parse().expect("v4");
+        let r = registration("nginx1", v4, 8080, false);
+        assert_eq!(r["Check"]["HTTP"], "http://127.0.11.21:8080/healthz");
+        assert_eq!(r["Check"]["Status"], "critical");
     }
 }

@@ -124,11 +124,12 @@ impl AddressPlans {
     }
 
     /// The IPv6 address of a `provider` node at `v4`, if its nodes are
-    /// dual-stack.
+    /// dual-stack; also of the host on a dual-stack provider's network
+    /// (adm1 on the LXC bridge, which carries the host's IPv6 address too).
     pub fn address_v6(&self, provider: Provider, v4: Ipv4Addr) -> Option<Ipv6Addr> {
         self.ipv6
             .iter()
-            .find(|(p, _)| *p == provider)
+            .find(|(p, _)| *p == provider || self.plan_for(*p).host_address() == v4)
             .map(|(_, ula)| ula.address(v4))
     }
 
@@ -324,6 +325,13 @@ mod tests {
             plans.networks(),
             ["127.0.11.0/24", "192.168.11.0/24", "fd12:3456:789a::/64"]
         );
+        // The host on the LXC bridge (adm1 there) is dual-stack too; a
+        // local node elsewhere in that network is not.
+        assert_eq!(
+            plans.address_v6(Provider::Local, ip("192.168.11.5")),
+            Some("fd12:3456:789a::c0a8:b05".parse().expect("v6"))
+        );
+        assert_eq!(plans.address_v6(Provider::Local, ip("192.168.11.30")), None);
     }
 
     #[test]

@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use corral_proto::{
-    ConsulAcl, ConsulSpec, FirewallSpec, LoadBalancerSpec, NGINX_SERVICE, NodeState, ObservedState,
-    OrderKind, POSTGRES_SERVICE, PostgresSpec, Provider, ReplicationRole, Role, TopologyUpdate,
-    WEBAPP_SERVICE, WebappSpec, WorkOrder, ports,
+    ConsulAcl, ConsulIpv6, ConsulSpec, FirewallSpec, LoadBalancerSpec, NGINX_SERVICE, NodeState,
+    ObservedState, OrderKind, POSTGRES_SERVICE, PostgresSpec, Provider, ReplicationRole, Role,
+    TopologyUpdate, WEBAPP_SERVICE, WebappSpec, WorkOrder, ports,
 };
 
 pub use addressing::{AddressPlan, AddressPlans, MAX_ADMIN_HOSTS};
@@ -167,17 +167,42 @@ pub fn plan(
     }
     plan.drain.sort();
 
+    // Cluster traffic (Consul, the webapps' upstreams, PostgreSQL) goes
+    // over IPv6 when every live node has an IPv6 address (the LXC
+    // provider's, adm1 on its bridge included); else all of it over IPv4.
+    let address_v6 = |name: &str, address: Ipv4Addr| {
+        providers
+            .get(name)
+            .and_then(|provider| settings.addressing.address_v6(*provider, address))
+    };
+    let cluster_v6 = !live.is_empty()
+        && live
+            .values()
+            .all(|(name, address)| address_v6(name, *address).is_some());
+    let internal_v6 = |name: &str, address: Ipv4Addr| {
+        if cluster_v6 {
+            address_v6(name, address)
+        } else {
+            None
+        }
+    };
+
     // Consul servers: the first live node of each role the topology
     // counts (a restore node is there for a while only: a client).
-    let mut servers: Vec<Ipv4Addr> = [Role::Web, Role::Db, Role::Adm]
+    let mut server_nodes: Vec<(Ipv4Addr, &str)> = [Role::Web, Role::Db, Role::Adm]
         .iter()
         .filter_map(|role| {
             live.range((*role, 0)..=(*role, u32::MAX))
                 .next()
-                .map(|(_, (_, addr))| *addr)
+                .map(|(_, (name, addr))| (*addr, name.as_str()))
         })
         .collect();
-    servers.sort();
+    server_nodes.sort();
+    let servers: Vec<Ipv4Addr> = server_nodes.iter().map(|(addr, _)| *addr).collect();
+    let servers_v6: Vec<std::net::Ipv6Addr> = server_nodes
+        .iter()
+        .filter_map(|(addr, name)| internal_v6(name, *addr))
+        .collect();
     let server_set: HashSet<Ipv4Addr> = servers.iter().copied().collect();
 
     // A new db node may bootstrap an empty cluster only if no db node has
@@ -212,6 +237,7 @@ pub fn plan(
 
     let cluster_networks = settings.addressing.networks();
     for ((role, _), (name, address)) in &live {
+        let v6 = internal_v6(name, *address);
         file(
             name,
             WorkOrder::Firewall(firewall(*role, cluster_networks.clone(), settings)),
@@ -233,6 +259,10 @@ pub fn plan(
                         .then(|| settings.consul_management.clone()),
                     default: (*role == Role::Adm).then(|| dns_token.clone()),
                 }),
+                ipv6: v6.map(|bind| ConsulIpv6 {
+                    bind,
+                    retry_join: servers_v6.clone(),
+                }),
             }),
         );
         match role {
@@ -245,6 +275,7 @@ pub fn plan(
                         user: DB_USER.into(),
                         password: settings.db_password.clone(),
                         consul_token: Some(webapp_token.clone()),
+                        address_v6: v6,
                     }),
                 );
                 file(
@@ -253,9 +284,9 @@ pub fn plan(
                         port: ports::NGINX,
                         service: WEBAPP_SERVICE.into(),
                         policy: spec.lb_policy,
-                        address_v6: providers.get(name).and_then(|provider| {
-                            settings.addressing.address_v6(*provider, *address)
-                        }),
+                        // nginx answers the public on both addresses,
+                        // even where cluster traffic stays on IPv4.
+                        address_v6: address_v6(name, *address),
                     }),
                 );
             }
@@ -277,6 +308,7 @@ pub fn plan(
                         user: DB_USER.into(),
                         password: settings.db_password.clone(),
                         replication_password: settings.replication_password.clone(),
+                        address_v6: v6,
                     }),
                 );
             }
@@ -929,7 +961,7 @@ mod tests {
     }
 
     #[test]
-    fn lxc_web_nodes_listen_on_their_ipv6_address_too() {
+    fn lxc_clusters_talk_over_ipv6_and_nginx_listens_on_both() {
         let mut s = lxc_settings();
         let ula: addressing::Ula = "fd12:3456:789a::/64".parse().expect("ula");
         s.addressing.set_ipv6(Provider::Lxc, ula);
@@ -953,10 +985,33 @@ mod tests {
                 );
             }
         }
-        // Local nodes stay IPv4-only.
+        // Every node is dual-stack (adm1 on the bridge too): Consul, the
+        // webapps and PostgreSQL talk over IPv6.
+        let v6 = |last: &str| -> std::net::Ipv6Addr {
+            format!("fd12:3456:789a::c0a8:{last}").parse().expect("v6")
+        };
+        for (node, order) in &p.orders {
+            match order {
+                WorkOrder::Consul(c) => {
+                    let ipv6 = c.ipv6.clone().unwrap_or_else(|| panic!("{node}: no IPv6"));
+                    // Servers: adm1 (.5), pg1 (.11), nginx1 (.21).
+                    assert_eq!(ipv6.retry_join, [v6("b05"), v6("b0b"), v6("b15")]);
+                    assert_eq!(
+                        c.retry_join,
+                        ["192.168.11.5", "192.168.11.11", "192.168.11.21"]
+                    );
+                }
+                WorkOrder::Webapp(w) => assert!(w.address_v6.is_some(), "{node}"),
+                WorkOrder::Postgres(pg) => assert_eq!(pg.address_v6, Some(v6("b0b"))),
+                _ => {}
+            }
+        }
+        // Local nodes stay IPv4-only, and so does every cluster with one.
         let local = plan(&spec(1, 0), &[], &LastOrders::new(), &s, Provider::Local).expect("plan");
         assert!(local.orders.iter().all(|(_, o)| match o {
             WorkOrder::LoadBalancer(lb) => lb.address_v6.is_none(),
+            WorkOrder::Consul(c) => c.ipv6.is_none(),
+            WorkOrder::Webapp(w) => w.address_v6.is_none(),
             _ => true,
         }));
     }

@@ -532,3 +532,24 @@ async fn healthz_is_503_and_writes_are_503_when_no_database_answers() -> anyhow:
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn also_listen_serves_the_same_app_on_another_address_such_as_ipv6() -> anyhow::Result<()> {
+    let db = corral_testkit::free_port("127.0.0.1")?;
+    let v6 = corral_testkit::free_port("::1")?;
+    let also = format!("[::1]:{v6}");
+    let app = TestApp::spawn(&[
+        "--db-primary",
+        &format!("127.0.0.1:{db}"),
+        "--also-listen",
+        &also,
+    ])
+    .await?;
+    let over_v6 = Session::new(&format!("http://{also}"));
+    let page = over_v6.get("/").await?;
+    assert_eq!(page.status, 200, "{}", page.text);
+    assert_eq!(page.header("x-served-by"), Some("test-node"));
+    // The same process: the IPv4 listener answers as well.
+    assert_eq!(app.session().get("/").await?.status, 200);
+    Ok(())
+}

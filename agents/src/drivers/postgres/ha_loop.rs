@@ -146,7 +146,7 @@ impl PostgresDriver {
         *self.seen_leader.lock().expect("lock") = view.holder().map(String::from);
         let me = ha::member_record(
             &self.ctx.node,
-            self.ctx.address,
+            self.cluster_address(),
             spec.port,
             local.sql.as_ref(),
             view.member(&self.ctx.node),

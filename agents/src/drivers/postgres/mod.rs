@@ -199,6 +199,17 @@ impl PostgresDriver {
         }
     }
 
+    /// The address the rest of the cluster knows this server by: its IPv6
+    /// one in a dual-stack cluster, else its IPv4 one.
+    pub(super) fn cluster_address(&self) -> IpAddr {
+        self.desired
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .and_then(|spec| spec.address_v6)
+            .map_or(self.ctx.address, IpAddr::V6)
+    }
+
     pub(crate) fn bin(&self, name: &str) -> PathBuf {
         self.ctx.bins.pg_bin.join(name)
     }
@@ -207,7 +218,13 @@ impl PostgresDriver {
         let pgdata = self.pgdata().display().to_string();
         let mut args = vec!["-D".to_string(), pgdata.clone()];
         for (k, v) in [
-            ("listen_addresses", self.ctx.address.to_string()),
+            (
+                "listen_addresses",
+                match spec.address_v6 {
+                    Some(v6) => format!("{},{v6}", self.ctx.address),
+                    None => self.ctx.address.to_string(),
+                },
+            ),
             ("port", spec.port.to_string()),
             (
                 "unix_socket_directories",
@@ -425,7 +442,7 @@ impl PostgresDriver {
             "service": {
                 "id": self.service_id(),
                 "name": POSTGRES_SERVICE,
-                "address": self.ctx.address,
+                "address": self.cluster_address().to_string(),
                 "port": port,
                 "tags": [role],
                 "check": {
