@@ -675,13 +675,8 @@ impl Cluster {
             .iter()
             .map(super::rows::node_view)
             .collect::<Result<Vec<_>, _>>()?;
-        let new =
-            reconcile::restore_node(&views, &self.config.settings, provider).map_err(|e| {
-                ClusterError::Conflict {
-                    code: "address_pool_exhausted",
-                    message: format!("{e}; widen that network or remove nodes"),
-                }
-            })?;
+        let new = reconcile::restore_node(&views, &self.config.settings, provider)
+            .map_err(super::change::plan_refused)?;
         store::insert_nodes(
             txn,
             vec![NewNodeRow {

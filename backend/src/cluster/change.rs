@@ -65,6 +65,16 @@ pub(super) struct Outcome {
     pub(super) timings: Timings,
 }
 
+/// What a plan that cannot be made means to the caller.
+pub(super) fn plan_refused(e: PlanError) -> ClusterError {
+    match e {
+        PlanError::AddressPoolExhausted { .. } => ClusterError::Conflict {
+            code: "address_pool_exhausted",
+            message: format!("{e}; widen that network or remove nodes"),
+        },
+    }
+}
+
 impl Cluster {
     /// Plans against the state inside `txn` and writes the plan there: new
     /// nodes, drains, orders (with their per-node `seq`) and audit events.
@@ -98,15 +108,8 @@ impl Cluster {
         }
         let last = &desired.last;
         let loaded = clock.elapsed();
-        let plan =
-            reconcile::plan(spec, &views, last, &self.config.settings, provider).map_err(|e| {
-                match e {
-                    PlanError::AddressPoolExhausted { .. } => ClusterError::Conflict {
-                        code: "address_pool_exhausted",
-                        message: format!("{e}; widen that network or remove nodes"),
-                    },
-                }
-            })?;
+        let plan = reconcile::plan(spec, &views, last, &self.config.settings, provider)
+            .map_err(plan_refused)?;
         let planned = clock.elapsed();
         let mut outcome = Outcome::default();
         if plan.is_empty() {

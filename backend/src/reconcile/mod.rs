@@ -622,15 +622,11 @@ mod tests {
         let new = restore_node(&nodes, &settings(), Provider::Local).expect("restore node");
         assert_eq!((new.name.as_str(), new.role), ("restore1", Role::Restore));
         assert!(nodes.iter().all(|n| n.address != new.address));
-        nodes.push(NodeView {
-            name: new.name.clone(),
-            role: new.role,
-            index: new.index,
-            address: new.address,
-            provider: new.provider,
-            state: NodeState::Provisioning,
-            observed: None,
-        });
+        let made = Plan {
+            create: vec![new.clone()],
+            ..Plan::default()
+        };
+        apply(&mut nodes, &mut last, &made);
         let p = plan(&spec(2, 2), &nodes, &last, &settings(), Provider::Local).expect("plan");
         // Not counted: nothing made or drained for it.
         assert!(p.create.is_empty() && p.drain.is_empty(), "{p:?}");
