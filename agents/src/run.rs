@@ -252,7 +252,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let sup = supervisor.clone();
     tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        let mut ticker = tokio::time::interval(crate::supervisor::TICK_EVERY);
         loop {
             ticker.tick().await;
             sup.tick();

@@ -21,12 +21,18 @@ use tokio::io::AsyncWriteExt;
 
 use crate::host::{Ensured, Host, HostError, OneShot, Output, ServiceInfo, ServiceSpec};
 
-const BACKOFF_START: Duration = Duration::from_secs(1);
+/// The first restart of a service that died young (systemd's default
+/// `RestartSec` too): a Consul agent back within a few hundred ms is back
+/// before gossip declares its node failed, which would end the primary's
+/// leader session. Doubled at each crash in a row.
+const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A run this long counts as healthy: the next crash restarts at once.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// How long a service gets to stop before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How often the agent calls [`Supervisor::tick`].
+pub const TICK_EVERY: Duration = Duration::from_millis(100);
 
 enum Proc {
     Child(Child),
@@ -220,7 +226,7 @@ impl Supervisor {
     }
 
     /// Restarts the services that died, once their backoff has passed.
-    /// Called every half second by the agent.
+    /// Called every [`TICK_EVERY`] by the agent.
     pub fn tick(&self) {
         let mut entries = self.entries.lock().expect("supervisor lock");
         self.rotate_logs(entries.keys().cloned());

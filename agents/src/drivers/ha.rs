@@ -17,13 +17,59 @@ use serde::{Deserialize, Serialize};
 
 /// How often the HA loop runs.
 pub const TICK: Duration = Duration::from_millis(500);
-/// A primary that has not confirmed its lock for this long stops itself
-/// (fencing): less than Consul needs to declare its node dead (serf
-/// suspicion, seconds) plus the lock-delay, so the old primary is down
-/// before anyone else can take the lock.
-pub const FENCE_AFTER: Duration = Duration::from_secs(2);
+
+// The timing the safety of fencing rests on (docs/ARCHITECTURE.md, "Timing
+// of a failover"). Consul's LAN gossip, as corral configures every agent
+// (`gossip_lan`): a node is probed every GOSSIP_PROBE_INTERVAL, a probe
+// fails after GOSSIP_PROBE_TIMEOUT (then indirect probes until the end of
+// the interval), and a suspected node is declared failed after at least
+// GOSSIP_SUSPICION_MULT intervals (for fewer than ten nodes; longer until
+// other nodes confirm the suspicion). Consul's defaults, 1 s / 500 ms / 4,
+// took 5.5-5.9 s to declare a frozen node failed; these 1.6-2.2 s.
+
+/// Consul's `gossip_lan.probe_interval`.
+pub const GOSSIP_PROBE_INTERVAL: Duration = Duration::from_millis(300);
+/// Consul's `gossip_lan.probe_timeout`.
+pub const GOSSIP_PROBE_TIMEOUT: Duration = Duration::from_millis(150);
+/// Consul's `gossip_lan.suspicion_mult`.
+pub const GOSSIP_SUSPICION_MULT: u32 = 3;
+/// The soonest gossip can declare a node failed after it went silent (and
+/// end its sessions): the probe sent just before, failed at the end of its
+/// interval, then the shortest suspicion.
+pub const SERF_DETECT_MIN: Duration = Duration::from_millis(
+    GOSSIP_PROBE_INTERVAL.as_millis() as u64 * (1 + GOSSIP_SUSPICION_MULT as u64),
+);
 /// After a leader session dies, nobody may take its lock for this long.
 pub const LOCK_DELAY: Duration = Duration::from_secs(1);
+/// A primary that has not confirmed its lock for this long stops itself
+/// (fencing).
+pub const FENCE_AFTER: Duration = Duration::from_millis(1500);
+/// How often the fencing watchdog looks.
+pub const WATCHDOG_EVERY: Duration = Duration::from_millis(100);
+/// How long a confirmation read through a Consul server (the local agent
+/// not answering: it is restarting) keeps a primary writable. The server
+/// answers "held" only while the session lives, and once it dies nobody may
+/// take the lock for [`LOCK_DELAY`]: a primary that goes on confirming this
+/// way serves for as long as the rest of the cluster sees it alive, yet
+/// fences within this (plus the watchdog's period) of its session's end.
+pub const REMOTE_CONFIRM_VALID: Duration = Duration::from_millis(700);
+
+/// The fence inequalities. A primary that went silent (its node frozen or
+/// cut off) confirmed its lock last before it did, and gossip needs at
+/// least [`SERF_DETECT_MIN`] to end its session, then the lock-delay: it has
+/// fenced by then. A primary confirming through a server fences within
+/// [`REMOTE_CONFIRM_VALID`] of its session's end, inside the lock-delay.
+pub const FENCED_WITHIN: Duration =
+    Duration::from_millis((FENCE_AFTER.as_millis() + WATCHDOG_EVERY.as_millis()) as u64);
+const _: () = assert!(
+    FENCED_WITHIN.as_millis() < SERF_DETECT_MIN.as_millis() + LOCK_DELAY.as_millis(),
+    "a cut-off primary must fence before its lock can be taken"
+);
+const _: () = assert!(
+    REMOTE_CONFIRM_VALID.as_millis() + WATCHDOG_EVERY.as_millis() < LOCK_DELAY.as_millis(),
+    "a primary confirming through a server must fence within the lock-delay"
+);
+
 /// A member record older than this is not trusted as current.
 pub const MEMBER_FRESH: Duration = Duration::from_secs(3);
 /// A switchover record older than this is ignored (its primary gave up).

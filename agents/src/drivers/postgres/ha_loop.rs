@@ -9,20 +9,13 @@ use corral_proto::PostgresSpec;
 
 use super::*;
 use crate::drivers::DriverError;
-use crate::drivers::ha::{self, FENCE_AFTER, Keys, Member, MemberRole};
+use crate::drivers::ha::{
+    self, FENCE_AFTER, Keys, Member, MemberRole, REMOTE_CONFIRM_VALID, WATCHDOG_EVERY,
+};
 use crate::drivers::leader::LockState;
 
 /// How often a primary confirms its lock apart from the HA step.
 const CONFIRM_EVERY: Duration = Duration::from_millis(250);
-/// How long after its local Consul agent stopped answering a primary may
-/// still confirm its lock through a Consul server. Its lock's session dies
-/// only once the cluster's gossip declares the node failed (with Consul's
-/// LAN defaults at least ~4.5 s after the agent went: a failed probe, then
-/// a 4 s suspicion), and nobody may take the lock for [`ha::LOCK_DELAY`]
-/// after that; so a primary whose agent is gone fences at the latest
-/// `REMOTE_GRACE + FENCE_AFTER` = 4 s after, before anyone can promote
-/// (≥ 5.5 s), yet rides out a local agent restart of a second or two.
-const REMOTE_GRACE: Duration = Duration::from_secs(2);
 
 impl PostgresDriver {
     /// Runs forever: the HA loop, the lock confirmer and the fencing
@@ -65,22 +58,23 @@ impl PostgresDriver {
             }
             let asked = Instant::now();
             let (held, local) = self.dcs.confirm_lock(&keys).await.unwrap_or((false, false));
-            // Through a server only within REMOTE_GRACE of the local agent's
-            // last answer (see there why that is safe).
-            let within_grace = {
-                let mut down = self.local_consul_down_since.lock().expect("lock");
-                if local {
-                    *down = None;
-                    true
+            if held {
+                // As of when we asked: a slow answer confirms no later. One
+                // read through a server (the local agent away) counts as
+                // older, so the watchdog fences REMOTE_CONFIRM_VALID after
+                // it unless another comes: the server said "held" while the
+                // session lived, and once it ends nobody may take the lock
+                // for the lock-delay, which is longer (ha::FENCED_WITHIN).
+                let at = if local {
+                    asked
                 } else {
-                    asked.duration_since(*down.get_or_insert(asked)) <= REMOTE_GRACE
-                }
-            };
-            if held && within_grace {
+                    asked
+                        .checked_sub(FENCE_AFTER - REMOTE_CONFIRM_VALID)
+                        .unwrap_or(asked)
+                };
                 let mut confirmed = self.confirmed.lock().expect("lock");
                 if let Some(last) = *confirmed {
-                    // As of when we asked: a slow answer confirms no later.
-                    *confirmed = Some(last.max(asked));
+                    *confirmed = Some(last.max(at));
                 }
             }
         }
@@ -90,7 +84,7 @@ impl PostgresDriver {
     /// — also while the HA step hangs on an unresponsive Consul.
     pub(super) async fn watchdog(self: Arc<Self>) {
         loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(WATCHDOG_EVERY).await;
             let confirmed = *self.confirmed.lock().expect("lock");
             let unconfirmed = *self.unconfirmed_since.lock().expect("lock");
             let stale = confirmed

@@ -79,8 +79,6 @@ pub struct PostgresDriver {
     /// agent restarted while Consul is unreachable cannot leave a writable
     /// primary behind.
     unconfirmed_since: Mutex<Option<Instant>>,
-    /// Since when the local Consul agent has not answered the confirmer.
-    local_consul_down_since: Mutex<Option<Instant>>,
     /// The lock holder as last seen, for the heartbeat.
     seen_leader: Mutex<Option<String>>,
     /// The latest answer to the status query, and when: the heartbeat
@@ -155,7 +153,6 @@ impl PostgresDriver {
             confirmed: Mutex::new(None),
             roles_made: std::sync::atomic::AtomicBool::new(false),
             unconfirmed_since: Mutex::new(None),
-            local_consul_down_since: Mutex::new(None),
             seen_leader: Mutex::new(None),
             last_sql: Mutex::new(None),
             streamed_at: Mutex::new(None),
