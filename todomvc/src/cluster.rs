@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use futures_util::future::{BoxFuture, join_all};
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{Connection, PgConnection};
@@ -67,6 +67,12 @@ impl DbSettings {
             options = options.password(password);
         }
         options
+    }
+
+    /// How long a probe round waits for a server that answered the last
+    /// one; past it the server counts as not answering for that round.
+    fn probe_wait(&self) -> Duration {
+        Duration::from_secs(1).min(self.statement_timeout)
     }
 
     /// The most one database operation may take from here, connecting
@@ -313,6 +319,9 @@ struct Inner {
     settings: DbSettings,
     topology: RwLock<Arc<Topology>>,
     reprobe: Notify,
+    /// The primary as the prober last decided it, for operations to notice
+    /// that theirs was replaced.
+    primary: tokio::sync::watch::Sender<Option<Endpoint>>,
     next_replica: AtomicUsize,
     lists: ListCache,
     /// Whole-list reads of clients without a position, shared by the calls
@@ -360,6 +369,7 @@ impl Cluster {
         let inner = Arc::new(Inner {
             topology: RwLock::new(Arc::new(Topology::empty())),
             reprobe: Notify::new(),
+            primary: tokio::sync::watch::Sender::new(None),
             next_replica: AtomicUsize::new(0),
             lists: ListCache::new(settings.list_cache_max_age),
             fresh_lists: Coalescer::default(),
@@ -403,7 +413,37 @@ impl Cluster {
             pool.release(pooled);
             Ok(value)
         };
-        match tokio::time::timeout(self.inner.settings.operation_timeout(), work).await {
+        // An operation on the primary ends as soon as another server is
+        // found to be the primary (a failover while this one hangs): its
+        // outcome is unknown either way, and the client may retry at once
+        // rather than wait out the timeout on a server that is gone.
+        let mut primary = self.inner.primary.subscribe();
+        let was_primary = primary.borrow_and_update().as_ref() == Some(&node.endpoint);
+        let replaced = async {
+            if !was_primary {
+                return std::future::pending().await;
+            }
+            loop {
+                if primary.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                let now = primary.borrow_and_update().clone();
+                if now.is_some_and(|p| p != node.endpoint) {
+                    return;
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout(self.inner.settings.operation_timeout(), work) => outcome,
+            () = replaced => {
+                tracing::warn!(server = %node.endpoint, "another server became the primary during an operation");
+                return Err(DbError::Unavailable(format!(
+                    "the database server {} stopped being the primary during the operation; its outcome is unknown",
+                    node.endpoint
+                )));
+            }
+        };
+        match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.classify(&node.endpoint, e)),
             Err(_) => {
@@ -798,6 +838,67 @@ fn tag_name(tag: Tag) -> &'static str {
     }
 }
 
+/// Probes in flight, one task per server; aborted when dropped (the prober
+/// stopped).
+/// A probe running on its task: the kept connection and the answer.
+type ProbeTask = tokio::task::JoinHandle<(Option<PgConnection>, Probe)>;
+
+#[derive(Default)]
+struct Probes(HashMap<Endpoint, (Instant, ProbeTask)>);
+
+impl Probes {
+    fn contains(&self, at: &Endpoint) -> bool {
+        self.0.contains_key(at)
+    }
+
+    fn start(&mut self, at: Endpoint, task: ProbeTask) {
+        self.0.insert(at, (Instant::now(), task));
+    }
+
+    fn retain(&mut self, keep: impl Fn(&Endpoint) -> bool) {
+        self.0.retain(|at, (_, task)| {
+            let kept = keep(at);
+            if !kept {
+                task.abort();
+            }
+            kept
+        });
+    }
+
+    /// The probe of `at` if it has finished, waiting until `deadline` if
+    /// one is given; otherwise how long it has been running.
+    async fn finish(
+        &mut self,
+        at: &Endpoint,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(Option<PgConnection>, Probe), Duration> {
+        let Some((since, task)) = self.0.get_mut(at) else {
+            return Err(Duration::ZERO);
+        };
+        let since = *since;
+        let done = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, &mut *task).await.ok(),
+            None if task.is_finished() => Some(task.await),
+            None => None,
+        };
+        match done {
+            None => Err(since.elapsed()),
+            Some(result) => {
+                self.0.remove(at);
+                Ok(result.unwrap_or_else(|e| (None, Err(format!("the probe failed: {e}")))))
+            }
+        }
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        for (_, task) in self.0.values() {
+            task.abort();
+        }
+    }
+}
+
 /// The prober: probe every candidate, decide roles, make sure the primary
 /// has the schema, publish; then wait for the interval, a reprobe request
 /// or a change of candidates.
@@ -808,6 +909,9 @@ async fn probe_forever(inner: Arc<Inner>, mut discovery: Discovery) {
     // Runs of servers (endpoint, start time) known to have the schema.
     let mut migrated: HashSet<(Endpoint, i64)> = HashSet::new();
     let mut last_primary: Option<Endpoint> = None;
+    let mut running = Probes::default();
+    // Servers whose last probe succeeded.
+    let mut answered: HashSet<Endpoint> = HashSet::new();
     loop {
         let Candidates {
             list,
@@ -823,17 +927,50 @@ async fn probe_forever(inner: Arc<Inner>, mut discovery: Discovery) {
                 .or_insert_with(|| Arc::new(Node::new(c.endpoint.clone(), settings)));
         }
 
-        let results = join_all(list.iter().map(|c| {
-            let conn = conns.remove(&c.endpoint);
-            async move { probe_one(settings, &c.endpoint, conn).await }
-        }))
-        .await;
-        let mut probes: Vec<Probe> = Vec::with_capacity(results.len());
-        for (c, (conn, probe)) in list.iter().zip(results) {
-            if let Some(conn) = conn {
-                conns.insert(c.endpoint.clone(), conn);
+        running.retain(|at| list.iter().any(|c| &c.endpoint == at));
+        // A probe runs on its own task and may outlive the round: a server
+        // that answered last time gets `probe_wait` to answer again, one
+        // that did not is not waited for at all, so a hung server (a frozen
+        // primary) never holds back what the others say (a promotion).
+        let deadline = tokio::time::Instant::now() + settings.probe_wait();
+        let mut waited = Vec::new();
+        for c in list.iter() {
+            if running.contains(&c.endpoint) {
+                continue;
             }
-            probes.push(probe);
+            let conn = conns.remove(&c.endpoint);
+            let (at, inner) = (c.endpoint.clone(), inner.clone());
+            running.start(
+                c.endpoint.clone(),
+                tokio::spawn(async move { probe_one(&inner.settings, &at, conn).await }),
+            );
+            if answered.contains(&c.endpoint) {
+                waited.push(c.endpoint.clone());
+            }
+        }
+        let mut probes: Vec<Probe> = Vec::with_capacity(list.len());
+        for c in list.iter() {
+            let wait = waited.contains(&c.endpoint);
+            match running.finish(&c.endpoint, wait.then_some(deadline)).await {
+                Ok((conn, probe)) => {
+                    if let Some(conn) = conn {
+                        conns.insert(c.endpoint.clone(), conn);
+                    }
+                    if probe.is_ok() {
+                        answered.insert(c.endpoint.clone());
+                    } else {
+                        answered.remove(&c.endpoint);
+                    }
+                    probes.push(probe);
+                }
+                Err(silent) => {
+                    answered.remove(&c.endpoint);
+                    probes.push(Err(format!(
+                        "has not answered the probe for {:.1} s",
+                        silent.as_secs_f64()
+                    )));
+                }
+            }
         }
 
         let pairs: Vec<(&Candidate, &Probe)> = list.iter().zip(probes.iter()).collect();
@@ -940,7 +1077,8 @@ async fn probe_forever(inner: Arc<Inner>, mut discovery: Discovery) {
             .collect();
 
         let now_primary = primary.as_ref().map(|n| n.endpoint.clone());
-        if now_primary != last_primary {
+        let primary_changed = now_primary != last_primary;
+        if primary_changed {
             match &now_primary {
                 Some(at) => tracing::info!(server = %at, "primary found"),
                 None => tracing::warn!(problem = ?roles.problem, "no primary"),
@@ -958,6 +1096,10 @@ async fn probe_forever(inner: Arc<Inner>, mut discovery: Discovery) {
             probed_at: Some(Instant::now()),
         };
         *inner.topology.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(topology);
+        if primary_changed {
+            // After the topology: an operation this ends may retry at once.
+            inner.primary.send_replace(last_primary.clone());
+        }
 
         let probed = tokio::time::Instant::now();
         tokio::select! {

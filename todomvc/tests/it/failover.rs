@@ -263,3 +263,77 @@ async fn requests_answer_503_in_bounded_time_when_the_primary_freezes() -> anyho
     );
     Ok(())
 }
+
+/// A hung primary (SIGSTOP: it keeps its sockets, answers nothing) replaced
+/// by a promoted replica, as corral's HA does it: the write hung on the old
+/// primary ends with a 503 once the app sees the new primary, and the next
+/// write lands there, both long before the 7.5 s an operation may take
+/// (connect 2 s + statement 5 s + margin) and the 5 s the hung server's
+/// probe takes to time out, which the app waited for before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_hung_on_a_frozen_primary_ends_once_a_replica_is_promoted() -> anyhow::Result<()> {
+    let (primary, replica) = primary_and_replica("todomvc")?;
+    let app = TestApp::spawn(&[
+        "--db-name",
+        "todomvc",
+        "--db-primary",
+        &endpoint(&primary),
+        "--db-replica",
+        &endpoint(&replica),
+    ])
+    .await?;
+    app.wait_writable().await?;
+    let s = app.session();
+    s.add("before").await?;
+    eventually(
+        "the replica has the write",
+        Duration::from_secs(30),
+        || async { Ok(replica.psql("todomvc", "SELECT count(*) FROM todos")? == "1") },
+    )
+    .await?;
+
+    let frozen = Frozen::freeze(&primary)?;
+    let frozen_at = Instant::now();
+    let hung = {
+        let s = Session::new(&app.base);
+        tokio::spawn(async move {
+            let r = s.post_json("/todos", &json!({"title": "hung"})).await;
+            (r, Instant::now())
+        })
+    };
+    replica.promote()?;
+    let (r, answered_at) = hung.await?;
+    let r = r?;
+    assert_eq!(r.status, 503, "{}", r.text);
+    let hung_for = answered_at - frozen_at;
+    assert!(
+        hung_for < Duration::from_secs(3),
+        "the hung write answered after {hung_for:?}"
+    );
+    eventually(
+        "a write lands on the promoted replica",
+        Duration::from_secs(30),
+        || async {
+            Ok(s.post_json("/todos", &json!({"title": "after"}))
+                .await?
+                .status
+                == 201)
+        },
+    )
+    .await?;
+    let resumed = frozen_at.elapsed();
+    println!("hung write answered after {hung_for:?}, writes resumed after {resumed:?}");
+    assert!(
+        resumed < Duration::from_secs(3),
+        "writes resumed {resumed:?} after the freeze"
+    );
+    assert_eq!(
+        replica.psql(
+            "todomvc",
+            "SELECT string_agg(title, ',' ORDER BY id) FROM todos"
+        )?,
+        "before,after"
+    );
+    drop(frozen);
+    Ok(())
+}
