@@ -13,6 +13,13 @@
 //!
 //!   cargo run --release -p corral-e2e --example failover_bench -- \
 //!       [ROUNDS] [MODES] [OCTET] [--kill postgres|node|agent+postgres|freeze|partition] [--lxc]
+//!   cargo run --release -p corral-e2e --example failover_bench -- \
+//!       --soak MINUTES [MODE] [OCTET] [--lxc]
+//!
+//! `--soak`: no fault at all, the same eight writers for MINUTES (the
+//! machine loaded by them and the cluster), to count false failovers: every
+//! change of primary or timeline, every fence the agents logged, the longest
+//! pause between two acknowledged writes, and the acknowledged writes lost.
 //!
 //! (defaults: 20 rounds, `sync,async`, cluster on 127.0.24.0/24, or on
 //! 192.168.OCTET.0/24 in containers with `--lxc`). Run it through
@@ -117,6 +124,41 @@ async fn direct_writer(
             _ => conn = None,
         }
     }
+}
+
+/// Four writers through nginx1 and four straight into PostgreSQL, ids
+/// starting with `prefix`, until `stop`.
+fn writers(
+    c: &Cluster,
+    prefix: &str,
+    password: &str,
+    acks: &Acks,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let nodes: Vec<(String, String)> = db_nodes(c)
+        .into_iter()
+        .map(|n| {
+            let a = c.address(&n);
+            (n, a)
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        tasks.push(tokio::spawn(web_writer(
+            c.lb("nginx1", "/todos"),
+            format!("{prefix}-web{w}"),
+            acks.clone(),
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(direct_writer(
+            nodes.clone(),
+            password.to_string(),
+            format!("{prefix}-sql{w}"),
+            acks.clone(),
+            stop.clone(),
+        )));
+    }
+    tasks
 }
 
 struct Round {
@@ -225,30 +267,8 @@ async fn round(
     let primary = healthy(c, synchronous).await?;
     let acks: Acks = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let nodes: Vec<(String, String)> = db_nodes(c)
-        .into_iter()
-        .map(|n| {
-            let a = c.address(&n);
-            (n, a)
-        })
-        .collect();
     let prefix = format!("bench-{mode}-{index}");
-    let mut tasks = Vec::new();
-    for w in 0..4 {
-        tasks.push(tokio::spawn(web_writer(
-            c.lb("nginx1", "/todos"),
-            format!("{prefix}-web{w}"),
-            acks.clone(),
-            stop.clone(),
-        )));
-        tasks.push(tokio::spawn(direct_writer(
-            nodes.clone(),
-            password.to_string(),
-            format!("{prefix}-sql{w}"),
-            acks.clone(),
-            stop.clone(),
-        )));
-    }
+    let tasks = writers(c, &prefix, password, &acks, &stop);
     let count = || acks.lock().expect("lock").len();
     eventually("writers to get going", LONG, || async {
         Ok((count() > 200).then_some(()))
@@ -321,10 +341,135 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The primary's name and timeline, as its own server says.
+async fn primary_and_timeline(c: &Cluster) -> anyhow::Result<(String, String)> {
+    let primary = sole_primary(c).await?;
+    let wal = sql(c, &primary, "SELECT pg_walfile_name(pg_current_wal_lsn())").await?;
+    Ok((primary, wal.chars().take(8).collect()))
+}
+
+/// Lines of the db nodes' agent logs that say a primary fenced itself.
+fn fences(c: &Cluster) -> Vec<String> {
+    db_nodes(c)
+        .iter()
+        .flat_map(|n| {
+            let text =
+                std::fs::read_to_string(c.node_root(n).join("agent.log")).unwrap_or_default();
+            text.lines()
+                .filter(|l| l.contains("fencing"))
+                .map(|l| format!("{n}: {l}"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// No fault: the writers for `minutes`, watching for failovers.
+async fn soak(c: &Cluster, mode: &str, minutes: u64, password: &str) -> anyhow::Result<()> {
+    let synchronous = mode != "async";
+    healthy(c, synchronous).await?;
+    let fences_before = fences(c).len();
+    let (first_primary, first_tl) = primary_and_timeline(c).await?;
+    let acks: Acks = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let prefix = format!("soak-{mode}");
+    let tasks = writers(c, &prefix, password, &acks, &stop);
+    let started = Instant::now();
+    let end = started + Duration::from_secs(minutes * 60);
+    let mut last = (first_primary.clone(), first_tl.clone());
+    let mut changes = Vec::new();
+    let mut unclear = 0usize;
+    let mut next_report = started + Duration::from_secs(300);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        match primary_and_timeline(c).await {
+            Ok(now) if now != last => {
+                let at = started.elapsed().as_secs();
+                println!(
+                    "{at:>5} s: primary {} timeline {} -> {} timeline {}",
+                    last.0, last.1, now.0, now.1
+                );
+                changes.push(at);
+                last = now;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                unclear += 1;
+                println!("{:>5} s: {e:#}", started.elapsed().as_secs());
+            }
+        }
+        if Instant::now() >= next_report {
+            next_report += Duration::from_secs(300);
+            println!(
+                "{:>5} s: {} writes acknowledged, {} primary changes so far",
+                started.elapsed().as_secs(),
+                acks.lock().expect("lock").len(),
+                changes.len()
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut acks = acks.lock().expect("lock").clone();
+    acks.sort_by_key(|a| a.acked);
+    let mut gaps: Vec<Duration> = acks.windows(2).map(|w| w[1].acked - w[0].acked).collect();
+    gaps.sort();
+    let longest = gaps.last().copied().unwrap_or_default();
+    let over_1s = gaps.iter().filter(|g| **g > Duration::from_secs(1)).count();
+    let primary = healthy(c, synchronous).await?;
+    let stored: std::collections::HashSet<String> = sql(
+        c,
+        &primary,
+        &format!("SELECT title FROM todos WHERE title LIKE '{prefix}-%'"),
+    )
+    .await?
+    .lines()
+    .map(String::from)
+    .collect();
+    let lost = acks.iter().filter(|a| !stored.contains(&a.id)).count();
+    let fenced: Vec<String> = fences(c).into_iter().skip(fences_before).collect();
+    for f in &fenced {
+        println!("fence: {f}");
+    }
+    println!(
+        "\nsoak ({mode} mode, no fault, 4 writers through nginx and 4 direct, {minutes} min): \
+         {} writes acknowledged ({:.0}/s), {lost} lost; {} primary/timeline changes, {} fences, \
+         {unclear} samples without a sole primary; longest pause between acknowledged writes \
+         {:.2} s, {over_1s} pauses over 1 s; primary {first_primary} -> {primary}",
+        acks.len(),
+        acks.len() as f64 / (minutes * 60) as f64,
+        changes.len(),
+        fenced.len(),
+        longest.as_secs_f64(),
+    );
+    if !changes.is_empty() || !fenced.is_empty() || lost > 0 {
+        bail!("false failovers or lost writes under no fault");
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let lxc = take_flag(&mut args, "--lxc");
+    if let Some(minutes) = take_value(&mut args, "--soak") {
+        let minutes: u64 = minutes.parse().context("--soak MINUTES")?;
+        let mode = args.first().cloned().unwrap_or_else(|| "sync".into());
+        let octet: u8 = args.get(1).map_or(Ok(24), |a| a.parse())?;
+        let c = if lxc {
+            eprintln!("==> corral up --provider lxc (1 web, 2 db) on 192.168.{octet}.0/24");
+            Cluster::up_lxc(octet, 1, 2).await?
+        } else {
+            eprintln!("==> corral up (1 web, 2 db) on 127.0.{octet}.0/24");
+            Cluster::up(octet, 1, 2).await?
+        };
+        let password = std::fs::read_to_string(c.state_dir().join("db-password"))?
+            .trim()
+            .to_string();
+        set_mode(&c, &mode).await?;
+        return soak(&c, &mode, minutes, &password).await;
+    }
     let fault = match take_value(&mut args, "--kill").as_deref() {
         None | Some("postgres") => Fault::Postgres,
         Some("node") => Fault::Node,
@@ -362,26 +507,7 @@ async fn main() -> anyhow::Result<()> {
     let seq = AtomicU64::new(0);
     let mut summary = Vec::new();
     for mode in &modes {
-        let res = c
-            .api(Method::PUT, "/topology")
-            .await
-            .json(&json!({"web": 1, "db": 2, "lb_policy": "round_robin", "replication": mode}))
-            .send()
-            .await?;
-        if !res.status().is_success() {
-            bail!(
-                "PUT topology {mode}: {} {}",
-                res.status(),
-                res.text().await?
-            );
-        }
-        let want_sync = mode != "async";
-        eventually(&format!("{mode} mode on the primary"), LONG, || async {
-            let p = sole_primary(&c).await?;
-            let names = sql(&c, &p, "SHOW synchronous_standby_names").await?;
-            Ok((names.is_empty() != want_sync).then_some(()))
-        })
-        .await?;
+        set_mode(&c, mode).await?;
         let mut outages = Vec::new();
         let (mut acked, mut lost) = (0, 0);
         for i in 0..rounds {
@@ -416,6 +542,32 @@ async fn main() -> anyhow::Result<()> {
     for line in summary {
         println!("{line}");
     }
+    Ok(())
+}
+
+/// Puts the cluster in replication `mode` and waits for the primary to
+/// agree.
+async fn set_mode(c: &Cluster, mode: &str) -> anyhow::Result<()> {
+    let res = c
+        .api(Method::PUT, "/topology")
+        .await
+        .json(&json!({"web": 1, "db": 2, "lb_policy": "round_robin", "replication": mode}))
+        .send()
+        .await?;
+    if !res.status().is_success() {
+        bail!(
+            "PUT topology {mode}: {} {}",
+            res.status(),
+            res.text().await?
+        );
+    }
+    let want_sync = mode != "async";
+    eventually(&format!("{mode} mode on the primary"), LONG, || async {
+        let p = sole_primary(c).await?;
+        let names = sql(c, &p, "SHOW synchronous_standby_names").await?;
+        Ok((names.is_empty() != want_sync).then_some(()))
+    })
+    .await?;
     Ok(())
 }
 
