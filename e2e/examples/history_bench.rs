@@ -91,8 +91,14 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_secs(round_seconds),
             fault,
         )
-        .await
-        .map_err(|e| anyhow::anyhow!("round {i} ({}): {e:#}\n{}", fault.name(), c.tail_logs()))?;
+        .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                let logs = c.logs_for_failure().await;
+                anyhow::bail!("round {i} ({}): {e:#}\n{logs}", fault.name());
+            }
+        };
         let s = &r.summary;
         println!(
             "[{:>3}:{:02}] round {i:>3} {:<24} {:>5} appends ok, {:>3} unknown ({} present), {} failed, {:>6} reads ({} from a replica), {} anomalies",

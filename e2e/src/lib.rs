@@ -455,6 +455,39 @@ impl Cluster {
         out
     }
 
+    /// [`Cluster::tail_logs`] and, for LXC nodes, whose agent and services
+    /// log to the container's journal, the last lines of that journal
+    /// (each read with a time limit: a frozen container must not hang the
+    /// report).
+    pub async fn logs_for_failure(&self) -> String {
+        use std::os::unix::process::CommandExt;
+        let mut out = self.tail_logs();
+        if self.machines != Machines::Lxc {
+            return out;
+        }
+        for node in self.machine_names() {
+            if node.starts_with("adm") {
+                continue;
+            }
+            let mut cmd = Command::new("lxc-attach");
+            cmd.arg("-P")
+                .arg(self.lxc_path())
+                .args(["-n", &node, "--", "journalctl", "--no-pager", "-o"])
+                .args(["short-precise", "-n", "150"])
+                .process_group(0);
+            let text = match Reaper::global()
+                .output_within(&mut cmd, Some(Duration::from_secs(10)))
+                .await
+            {
+                Ok(o) if o.timed_out => "(journalctl timed out)".to_string(),
+                Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+                Err(e) => format!("(journalctl: {e})"),
+            };
+            out.push_str(&format!("\n--- {node} journal ---\n{text}"));
+        }
+        out
+    }
+
     /// Stops `corral up` with SIGTERM (it stops the cluster) and waits.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         let Some(up) = self.up.take() else {

@@ -29,8 +29,15 @@ async fn appends_and_reads_check_clean_under_every_fault_of_the_schedule() {
             Duration::from_secs(24),
             fault,
         )
-        .await
-        .unwrap_or_else(|e| panic!("round {i} ({}): {e:#}\n{}", fault.name(), c.tail_logs()));
+        .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "round {i} ({}): {e:#}\n{}",
+                fault.name(),
+                c.logs_for_failure().await
+            ),
+        };
         eprintln!(
             "round {i} ({}): {:?}, {} anomalies",
             fault.name(),
