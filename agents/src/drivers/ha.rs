@@ -227,7 +227,11 @@ pub fn may_promote(
     for other in others.iter().filter(|o| o.node != me.node) {
         let running_standby = other.role == MemberRole::Replica && other.fresh(now_ms);
         if !running_standby {
-            let cannot_hold_newer = other.lsn == 0 || other.timeline < me.timeline;
+            // An older timeline says so only while the record is fresh: a
+            // standby cut off from Consul but not from the primary goes on
+            // streaming (and acknowledging) what its last record lacks.
+            let cannot_hold_newer =
+                other.lsn == 0 || (other.fresh(now_ms) && other.timeline < me.timeline);
             if mode.is_synchronous()
                 && last_leader != Some(other.node.as_str())
                 && !cannot_hold_newer
@@ -441,11 +445,29 @@ pub struct Memory {
     pub confirmed: bool,
     /// How long this standby has not streamed from the leader it follows.
     pub not_streaming_for: Duration,
+    /// How long postgres has run without answering and without its
+    /// recovery moving: the startup process on the same WAL segment and no
+    /// WAL receiver streaming (see [`recovery_progress`]).
+    pub stalled_for: Duration,
 }
 
 /// A standby that follows a leader but has not streamed from it for this
 /// long is rewound (its history forked) and restarted.
 pub const STUCK_AFTER: Duration = Duration::from_secs(15);
+
+/// What shows a recovery moving, from the process titles of a postmaster's
+/// children: the startup process names the WAL segment it replays, a WAL
+/// receiver the position it streamed to. The same answer for
+/// [`STUCK_AFTER`] while postgres does not answer is a stall.
+pub fn recovery_progress(titles: &[String]) -> String {
+    let mut moving: Vec<&str> = titles
+        .iter()
+        .map(|t| t.trim())
+        .filter(|t| t.contains("startup") || t.contains("walreceiver"))
+        .collect();
+    moving.sort_unstable();
+    moving.join(" | ")
+}
 
 /// What the HA loop does this tick: the one outcome of [`decide`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -477,6 +499,12 @@ pub enum Action {
     /// A standby that cannot follow the leader as it is (marked for rejoin,
     /// or not streaming for [`STUCK_AFTER`]): stop, to be rewound.
     StopToRewind { leader: String },
+    /// A standby that runs but never became consistent, its recovery
+    /// stalled for [`STUCK_AFTER`] (the WAL it waits for exists nowhere,
+    /// say after a rewind whose source had recycled it): stop it and clone
+    /// the leader afresh. Another node leads, promoted with every
+    /// acknowledged commit, so nothing acknowledged is lost.
+    StopToReclone { leader: String },
     /// Stream from the leader.
     Follow(Member),
     /// Sync and strict modes: the lock is free and this standby still
@@ -614,6 +642,17 @@ pub fn decide(view: &ClusterView, local: &LocalStatus, memory: &Memory) -> Actio
                         Err(why) => Action::Abstain(why),
                     }
                 }
+            }
+        }
+        // A standby whose recovery stalled before it could answer: what it
+        // waits for will not come.
+        None if local.running
+            && local.standby_signal
+            && memory.stalled_for > STUCK_AFTER
+            && leader_record().is_some() =>
+        {
+            Action::StopToReclone {
+                leader: holder.unwrap_or_default().to_string(),
             }
         }
         // Starting, or not answering: a hung primary is fenced by the
@@ -776,6 +815,34 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_standby_whose_last_record_had_an_older_timeline_still_blocks_in_sync_mode() {
+        // pg3 lagged when it last published (the promotion's timeline not
+        // yet received), then lost Consul but not the primary: it may have
+        // streamed and acknowledged commits since (found by the HA
+        // property tests).
+        let pg2 = Member {
+            timeline: 2,
+            ..member("pg2", MemberRole::Replica, 800, NOW)
+        };
+        let silent = Member {
+            timeline: 1,
+            ..member("pg3", MemberRole::Replica, 700, NOW - 10_000)
+        };
+        let all = [pg2.clone(), silent.clone()];
+        let why =
+            may_promote(&pg2, &all, ReplicationMode::Sync, None, Some("pg1"), NOW).unwrap_err();
+        assert!(why.contains("pg3 does not report"), "{why}");
+        // While its record is fresh, the older timeline settles it.
+        let fresh = Member {
+            role: MemberRole::Stopped,
+            at_ms: NOW,
+            ..silent
+        };
+        let all = [pg2.clone(), fresh];
+        assert!(may_promote(&pg2, &all, ReplicationMode::Sync, None, Some("pg1"), NOW).is_ok());
+    }
+
+    #[test]
     fn a_silent_standby_blocks_promotion_only_in_synchronous_modes() {
         let pg2 = member("pg2", MemberRole::Replica, 100, NOW);
         let silent = member("pg3", MemberRole::Replica, 50, NOW - 10_000);
@@ -899,7 +966,64 @@ mod tests {
             session: session.map(String::from),
             confirmed,
             not_streaming_for: Duration::ZERO,
+            stalled_for: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_standby_whose_recovery_stalled_is_cloned_afresh_but_not_a_primary_or_a_leaderless_one() {
+        let pg1 = member("pg1", MemberRole::Primary, 100, NOW);
+        let pg2 = member("pg2", MemberRole::Stopped, 90, NOW);
+        let v = view(Some(("pg1", Some("s1"))), vec![pg1.clone(), pg2.clone()]);
+        let starting = LocalStatus {
+            running: true,
+            sql: None,
+            data_dir: true,
+            standby_signal: true,
+            rejoin_marked: false,
+        };
+        let mut mem = memory("pg2", None, false);
+        mem.stalled_for = STUCK_AFTER;
+        assert!(matches!(decide(&v, &starting, &mem), Action::Wait(_)));
+        mem.stalled_for = STUCK_AFTER + Duration::from_millis(1);
+        assert_eq!(
+            decide(&v, &starting, &mem),
+            Action::StopToReclone {
+                leader: "pg1".into()
+            }
+        );
+        // A primary that does not answer is the watchdog's to fence; with
+        // nobody leading there is nothing to clone.
+        let primary = LocalStatus {
+            standby_signal: false,
+            ..starting.clone()
+        };
+        assert!(matches!(decide(&v, &primary, &mem), Action::Wait(_)));
+        let leaderless = view(None, vec![pg1, pg2]);
+        assert!(matches!(
+            decide(&leaderless, &starting, &mem),
+            Action::Wait(_)
+        ));
+    }
+
+    #[test]
+    fn recovery_progress_reads_the_startup_process_and_the_wal_receiver() {
+        let titles = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let waiting = recovery_progress(&titles(&[
+            "postgres: pg2: checkpointer ",
+            "postgres: pg2: startup recovering 00000015000000000000000A",
+            "postgres: pg2: background writer ",
+        ]));
+        assert_eq!(
+            waiting,
+            "postgres: pg2: startup recovering 00000015000000000000000A"
+        );
+        let streaming = recovery_progress(&titles(&[
+            "postgres: pg2: walreceiver streaming 0/B0000B8",
+            "postgres: pg2: startup recovering 00000015000000000000000A",
+        ]));
+        assert_ne!(streaming, waiting);
+        assert_eq!(recovery_progress(&titles(&["postgres: pg2: logger "])), "");
     }
 
     #[test]

@@ -117,6 +117,10 @@ struct Node {
     pg: Pg,
     agent: Agent,
     rejoin_marked: bool,
+    /// The last lock confirmation an agent kept on disk when it was
+    /// restarted (`run/postgres-confirmed-at`): the next life's fencing
+    /// clock starts there.
+    kept_confirmation: Option<u64>,
     /// The last status of `postgres-alive` the node's Consul agent sent.
     alive_check: bool,
     dcs: MemoryDcs,
@@ -209,6 +213,7 @@ impl Sim {
                         follows: (i != 1).then_some(0),
                         receiving: i != 1,
                     },
+                    kept_confirmation: None,
                     agent: Agent {
                         alive: true,
                         next_tick: START_MS + 100 * i as u64,
@@ -273,6 +278,7 @@ impl Sim {
             Fault::RestartAgent(i) => {
                 let n = &mut self.nodes[i];
                 if n.agent.alive && !n.frozen(t) {
+                    n.kept_confirmation = n.agent.confirmed;
                     n.agent = Agent {
                         alive: true,
                         next_tick: t + 300,
@@ -410,6 +416,7 @@ impl Sim {
         let n = &mut self.nodes[i];
         n.agent.confirmed = None;
         n.agent.unconfirmed_since = None;
+        n.kept_confirmation = None;
         n.rejoin_marked = true;
         n.pg.running = false;
         n.pg.standby_signal = true;
@@ -477,9 +484,10 @@ impl Sim {
         let local = self.local_status(i);
         {
             let primary = local.sql.as_ref().is_some_and(|l| !l.in_recovery);
+            let kept = self.nodes[i].kept_confirmation;
             let a = &mut self.nodes[i].agent;
             if primary && a.confirmed.is_none() {
-                a.unconfirmed_since.get_or_insert(t);
+                a.unconfirmed_since.get_or_insert(kept.unwrap_or(t));
             } else {
                 a.unconfirmed_since = None;
             }
@@ -518,6 +526,7 @@ impl Sim {
             session: n.dcs.session(),
             confirmed: n.agent.confirmed.is_some(),
             not_streaming_for,
+            stalled_for: Duration::ZERO,
         };
         let mut action = ha::decide(&view, &local, &memory);
         if let Action::Abstain(why) = &action
@@ -558,8 +567,14 @@ impl Sim {
             self.say(format!("{} {action:?}", self.nodes[i].name));
         }
         match &local.sql {
-            Some(sql) if sql.in_recovery => self.nodes[i].agent.confirmed = None,
-            None if !local.running => self.nodes[i].agent.confirmed = None,
+            Some(sql) if sql.in_recovery => {
+                self.nodes[i].agent.confirmed = None;
+                self.nodes[i].kept_confirmation = None;
+            }
+            None if !local.running => {
+                self.nodes[i].agent.confirmed = None;
+                self.nodes[i].kept_confirmation = None;
+            }
             _ => {}
         }
         let keys = self.keys.clone();
@@ -604,6 +619,22 @@ impl Sim {
                 let n = &mut self.nodes[i];
                 n.rejoin_marked = true;
                 n.pg.running = false;
+                n.agent.streamed_at = None;
+            }
+            Action::StopToReclone { leader } => {
+                // A fresh clone of the leader's files: it must answer.
+                let l = self.index(&leader);
+                let source = &self.nodes[l];
+                if !source.pg.running || source.frozen(t) {
+                    return;
+                }
+                let (wal, tl) = (source.pg.wal.clone(), source.pg.timeline);
+                let n = &mut self.nodes[i];
+                n.pg.wal = wal;
+                n.pg.timeline = tl;
+                n.pg.running = false;
+                n.pg.standby_signal = true;
+                n.rejoin_marked = false;
                 n.agent.streamed_at = None;
             }
             Action::Follow(leader) => {

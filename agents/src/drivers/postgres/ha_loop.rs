@@ -75,9 +75,51 @@ impl PostgresDriver {
                 let mut confirmed = self.confirmed.lock().expect("lock");
                 if let Some(last) = *confirmed {
                     *confirmed = Some(last.max(at));
+                    self.persist_confirmed(last.max(at));
                 }
             }
         }
+    }
+
+    fn confirmed_file(&self) -> std::path::PathBuf {
+        self.ctx.path("run/postgres-confirmed-at")
+    }
+
+    /// This primary's lock is confirmed as of `at`.
+    pub(super) fn set_confirmed(&self, at: Instant) {
+        let mut confirmed = self.confirmed.lock().expect("lock");
+        let at = confirmed.map_or(at, |last| last.max(at));
+        *confirmed = Some(at);
+        self.persist_confirmed(at);
+    }
+
+    /// Keeps the last confirmation (wall-clock ms) where the next life of
+    /// this agent finds it, should this one end: its fencing clock starts
+    /// there. Written every confirmation, without fsync: it only has to
+    /// outlive the agent process, not the machine (postgres does not
+    /// either).
+    fn persist_confirmed(&self, at: Instant) {
+        let ms = ha::now_ms().saturating_sub(at.elapsed().as_millis() as u64);
+        if let Err(e) = std::fs::write(self.confirmed_file(), ms.to_string()) {
+            tracing::warn!(error = %e, "cannot keep the last lock confirmation");
+        }
+    }
+
+    /// No longer a confirmed primary.
+    pub(super) fn forget_confirmed(&self) {
+        *self.confirmed.lock().expect("lock") = None;
+        let _ = std::fs::remove_file(self.confirmed_file());
+    }
+
+    /// The last confirmation an earlier life of this agent kept.
+    pub(super) fn persisted_confirmation(&self) -> Option<Instant> {
+        let ms: u64 = std::fs::read_to_string(self.confirmed_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let age = Duration::from_millis(ha::now_ms().saturating_sub(ms));
+        Some(Instant::now().checked_sub(age).unwrap_or_else(Instant::now))
     }
 
     /// Stops a primary whose lock has not been confirmed for [`FENCE_AFTER`]
@@ -102,7 +144,7 @@ impl PostgresDriver {
     /// Stops PostgreSQL at once: it may no longer take writes. It comes back
     /// as a standby, rewound first.
     pub(super) async fn fence(&self, why: &str) {
-        *self.confirmed.lock().expect("lock") = None;
+        self.forget_confirmed();
         *self.unconfirmed_since.lock().expect("lock") = None;
         tracing::error!(why, "fencing: stopping the primary");
         self.mark_rejoin();
@@ -130,7 +172,12 @@ impl PostgresDriver {
             let confirmed = self.confirmed.lock().expect("lock").is_some();
             let mut since = self.unconfirmed_since.lock().expect("lock");
             if primary && !confirmed {
-                since.get_or_insert_with(Instant::now);
+                // From the last confirmation a previous life of this agent
+                // kept, if any: a restart must not extend how long a
+                // primary cut off before it stays writable.
+                since.get_or_insert_with(|| {
+                    self.persisted_confirmation().unwrap_or_else(Instant::now)
+                });
             } else {
                 *since = None;
             }
@@ -164,6 +211,7 @@ impl PostgresDriver {
             session: self.dcs.session(),
             confirmed: self.confirmed.lock().expect("lock").is_some(),
             not_streaming_for,
+            stalled_for: self.stalled_for(&local),
         };
         let action = ha::decide(&view, &local, &memory);
         self.act(&spec, &keys, &view, &local, &me, action).await
@@ -182,11 +230,11 @@ impl PostgresDriver {
         use ha::Action;
         match &local.sql {
             Some(sql) if sql.in_recovery && !matches!(action, Action::EndStaleSession(_)) => {
-                *self.confirmed.lock().expect("lock") = None;
+                self.forget_confirmed();
                 *self.degraded.lock().expect("lock") = false;
                 self.register(spec.port, "replica").await?;
             }
-            None if !local.running => *self.confirmed.lock().expect("lock") = None,
+            None if !local.running => self.forget_confirmed(),
             _ => {}
         }
         match action {
@@ -259,6 +307,22 @@ impl PostgresDriver {
                 *self.streamed_at.lock().expect("lock") = None;
                 Ok(())
             }
+            Action::StopToReclone { leader } => {
+                tracing::warn!(
+                    %leader,
+                    progress = %ha::recovery_progress(&self.child_titles()),
+                    "postgres never became consistent, its recovery stalled for {:?}: cloning the leader afresh",
+                    ha::STUCK_AFTER
+                );
+                self.ctx.host.stop(SERVICE).await?;
+                *self.stalled.lock().expect("lock") = None;
+                *self.streamed_at.lock().expect("lock") = None;
+                let what = self.make_data_dir(spec).await?;
+                self.clear_rejoin();
+                *self.rewind_failures.lock().expect("lock") = 0;
+                tracing::warn!(%what, "re-cloned a stalled standby");
+                Ok(())
+            }
             Action::Follow(leader) => match &local.sql {
                 Some(sql) => self.follow(spec, sql, &leader).await,
                 None => Ok(()),
@@ -287,7 +351,7 @@ impl PostgresDriver {
                 Ok(())
             }
             Action::MakeDataDir => {
-                *self.confirmed.lock().expect("lock") = None;
+                self.forget_confirmed();
                 let what = self.make_data_dir(spec).await?;
                 tracing::info!(%what, "made the data dir");
                 Ok(())
@@ -318,7 +382,7 @@ impl PostgresDriver {
         let Some(local) = &local.sql else {
             return Ok(());
         };
-        *self.confirmed.lock().expect("lock") = Some(Instant::now());
+        self.set_confirmed(Instant::now());
         self.clear_rejoin();
         self.register(spec.port, "primary").await?;
         // A primary the HA loop started or promoted (its order applied
@@ -386,7 +450,7 @@ impl PostgresDriver {
     pub(super) async fn promote(&self, spec: &PostgresSpec) -> Result<(), DriverError> {
         let started = Instant::now();
         self.query(spec.port, "SELECT pg_promote(true, 60)").await?;
-        *self.confirmed.lock().expect("lock") = Some(Instant::now());
+        self.set_confirmed(Instant::now());
         self.clear_rejoin();
         // pg_rewind of the old primary reads the new timeline from the
         // control file, which the checkpoint brings up to date.

@@ -90,6 +90,9 @@ pub struct PostgresDriver {
     degraded: Mutex<bool>,
     /// pg_rewind attempts that failed in a row.
     rewind_failures: Mutex<u32>,
+    /// A running postgres that does not answer: its recovery's progress
+    /// ([`super::ha::recovery_progress`]) as last seen, and since when.
+    stalled: Mutex<Option<(String, Instant)>>,
 }
 
 /// A SQL string literal.
@@ -158,6 +161,7 @@ impl PostgresDriver {
             streamed_at: Mutex::new(None),
             degraded: Mutex::new(false),
             rewind_failures: Mutex::new(0),
+            stalled: Mutex::new(None),
         }
     }
 
@@ -557,7 +561,7 @@ impl PostgresDriver {
     pub async fn stop(&self) -> Result<(), DriverError> {
         let spec = self.desired.lock().expect("lock").take();
         let _ha = self.ha.lock().await;
-        *self.confirmed.lock().expect("lock") = None;
+        self.forget_confirmed();
         if let Some(spec) = spec {
             let _ = std::fs::remove_file(self.registration_file());
             let _ = self.ctx.consul.deregister_service(&self.service_id()).await;

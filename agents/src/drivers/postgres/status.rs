@@ -43,6 +43,60 @@ impl PostgresDriver {
         })
     }
 
+    /// The process titles of the postmaster's children (`postmaster.pid`
+    /// names it), as `/proc` shows them; empty when none runs.
+    pub(super) fn child_titles(&self) -> Vec<String> {
+        let Some(postmaster) = std::fs::read_to_string(self.pgdata().join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok())
+        else {
+            return Vec::new();
+        };
+        let mut titles = Vec::new();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return titles;
+        };
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid != Some(postmaster) {
+                continue;
+            }
+            if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                titles.push(
+                    String::from_utf8_lossy(&cmdline)
+                        .replace('\0', " ")
+                        .trim()
+                        .to_string(),
+                );
+            }
+        }
+        titles
+    }
+
+    /// How long a running postgres that does not answer has shown no
+    /// recovery progress; zero once it answers or stops.
+    pub(super) fn stalled_for(&self, local: &ha::LocalStatus) -> Duration {
+        let mut stalled = self.stalled.lock().expect("lock");
+        if !local.running || local.sql.is_some() {
+            *stalled = None;
+            return Duration::ZERO;
+        }
+        let progress = ha::recovery_progress(&self.child_titles());
+        match &*stalled {
+            Some((seen, since)) if *seen == progress => since.elapsed(),
+            _ => {
+                *stalled = Some((progress, Instant::now()));
+                Duration::ZERO
+            }
+        }
+    }
+
     /// What the metrics sampler reads: transactions committed so far (every
     /// database), client connections now, and replication lag in bytes (as
     /// in [`Self::replication`]). `None` while no postgres is ordered or it

@@ -110,7 +110,7 @@ impl PostgresDriver {
         };
         self.dcs.write_switchover(&keys, &record).await?;
         tracing::warn!(%to, "switchover: shutting down cleanly");
-        *self.confirmed.lock().expect("lock") = None;
+        self.forget_confirmed();
         self.ctx.host.stop(SERVICE).await?;
         let end = self.checkpoint_lsn().await?;
         // The target may promote only past this, even if the lock frees
@@ -188,7 +188,7 @@ impl PostgresDriver {
             if let Err(e) = self.ctx.host.ensure(&self.service_spec(spec)).await {
                 return e.into();
             }
-            *self.confirmed.lock().expect("lock") = Some(Instant::now());
+            self.set_confirmed(Instant::now());
             return DriverError::Refused(format!(
                 "{to} did not receive the final WAL within 15 s; {node} stays primary"
             ));
