@@ -141,6 +141,9 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("  anomalies: {}", anomalies.len());
     if !anomalies.is_empty() {
+        // exit() skips destructors: stop the cluster (containers, bridge,
+        // processes) first.
+        drop(c);
         std::process::exit(1);
     }
     Ok(())
