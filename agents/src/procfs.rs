@@ -7,6 +7,7 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcStat {
     pub state: char,
+    pub ppid: u32,
     pub pgrp: u32,
     /// User plus system CPU time, in clock ticks.
     pub cpu_ticks: u64,
@@ -28,12 +29,14 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     // flags, minflt, cminflt, majflt, cmajflt, utime, stime, cutime,
     // cstime, priority, nice, num_threads, itrealvalue, starttime, vsize, rss.
     let state = f.next()?.chars().next()?;
-    let pgrp = f.nth(1)?.parse().ok()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
     let utime: u64 = f.nth(8)?.parse().ok()?;
     let stime: u64 = f.next()?.parse().ok()?;
     let rss_pages = f.nth(8)?.parse::<i64>().ok()?.max(0) as u64;
     Some(ProcStat {
         state,
+        ppid,
         pgrp,
         cpu_ticks: utime + stime,
         rss_pages,
@@ -111,6 +114,7 @@ mod tests {
             s,
             ProcStat {
                 state: 'S',
+                ppid: 1,
                 pgrp: 4200,
                 cpu_ticks: 300,
                 rss_pages: 1234

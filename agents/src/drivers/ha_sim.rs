@@ -622,16 +622,11 @@ impl Sim {
                 n.agent.streamed_at = None;
             }
             Action::StopToReclone { leader } => {
-                // A fresh clone of the leader's files: it must answer.
-                let l = self.index(&leader);
-                let source = &self.nodes[l];
-                if !source.pg.running || source.frozen(t) {
+                // A fresh clone of the leader's files.
+                if !self.copy_files(i, self.index(&leader), t) {
                     return;
                 }
-                let (wal, tl) = (source.pg.wal.clone(), source.pg.timeline);
                 let n = &mut self.nodes[i];
-                n.pg.wal = wal;
-                n.pg.timeline = tl;
                 n.pg.running = false;
                 n.pg.standby_signal = true;
                 n.rejoin_marked = false;
@@ -661,16 +656,11 @@ impl Sim {
                 }
                 let leader = leader.map(|l| self.index(&l.node));
                 if rewind && let Some(l) = leader {
-                    // pg_rewind reads the leader's files: it must answer.
-                    let source = &self.nodes[l];
-                    if !source.pg.running || source.frozen(t) {
+                    // pg_rewind reads the leader's files.
+                    if !self.copy_files(i, l, t) {
                         return;
                     }
-                    let (wal, tl) = (source.pg.wal.clone(), source.pg.timeline);
-                    let n = &mut self.nodes[i];
-                    n.pg.wal = wal;
-                    n.pg.timeline = tl;
-                    n.rejoin_marked = false;
+                    self.nodes[i].rejoin_marked = false;
                 }
                 let n = &mut self.nodes[i];
                 n.pg.standby_signal = true;
@@ -680,6 +670,20 @@ impl Sim {
                 n.agent.streamed_at = Some(t);
             }
         }
+    }
+
+    /// Node `i` takes node `l`'s WAL and timeline (pg_rewind, a clone),
+    /// which only a running, unfrozen source can give: whether it did.
+    fn copy_files(&mut self, i: usize, l: usize, t: u64) -> bool {
+        let source = &self.nodes[l];
+        if !source.pg.running || source.frozen(t) {
+            return false;
+        }
+        let (wal, tl) = (source.pg.wal.clone(), source.pg.timeline);
+        let n = &mut self.nodes[i];
+        n.pg.wal = wal;
+        n.pg.timeline = tl;
+        true
     }
 
     fn index(&self, node: &str) -> usize {

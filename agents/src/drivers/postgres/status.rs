@@ -56,15 +56,12 @@ impl PostgresDriver {
         let Ok(procs) = std::fs::read_dir("/proc") else {
             return titles;
         };
+        let mut buf = String::new();
         for p in procs.flatten() {
             let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-            if ppid != Some(postmaster) {
+            if crate::procfs::read_stat(pid, &mut buf).is_none_or(|s| s.ppid != postmaster) {
                 continue;
             }
             if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
