@@ -711,6 +711,10 @@ async fn wake_ups_survive_a_postgres_crash_and_cut_listening_sessions() {
     // Every listening session cut and kept from coming back while an order
     // is filed on A (its pool's open connections still work): B hears
     // nothing of it, and finds it by reading again once it listens again.
+    // A's pool reopened connections lazily after the crash; requests side
+    // by side leave it enough open ones for filing the order once new
+    // connections are refused (else it answered 503 now and then).
+    futures_util::future::join_all((0..8).map(|_| admin.last_seqs(&a.url))).await;
     cluster
         .pg
         .psql(
